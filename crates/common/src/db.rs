@@ -1,0 +1,277 @@
+//! The control-plane database: one handle over the three supported backends (SQLite, the
+//! embedded default; PostgreSQL; MySQL/MariaDB), opened from a URL.
+
+use std::{fmt, str::FromStr, time::Duration};
+
+use sqlx::{
+    MySqlPool, PgPool, SqlitePool,
+    mysql::{MySqlConnectOptions, MySqlPoolOptions},
+    postgres::{PgConnectOptions, PgPoolOptions},
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
+};
+
+/// How long to wait for a connection (to open one, or to get one from the pool).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long SQLite waits on a lock held by another connection before `SQLITE_BUSY`.
+pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Which database server the control plane lives in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Backend {
+    /// SQLite file, the embedded default.
+    Sqlite,
+    /// PostgreSQL.
+    Postgres,
+    /// MySQL or MariaDB.
+    MySql,
+}
+
+impl Backend {
+    /// The backend a URL names, by its scheme.
+    pub fn from_url(url: &str) -> Result<Self, DbError> {
+        let scheme = url
+            .split_once(':')
+            .map(|(scheme, _)| scheme.to_ascii_lowercase())
+            .ok_or_else(|| DbError::InvalidUrl {
+                url: redact_url(url),
+                reason: "expected a URL like sqlite://fleetsync.db, postgres://... or mysql://..."
+                    .into(),
+            })?;
+        match scheme.as_str() {
+            "sqlite" => Ok(Self::Sqlite),
+            "postgres" | "postgresql" => Ok(Self::Postgres),
+            "mysql" | "mariadb" => Ok(Self::MySql),
+            other => Err(DbError::InvalidUrl {
+                url: redact_url(url),
+                reason: format!(
+                    "unsupported scheme `{other}`: use sqlite://, postgres:// or mysql://"
+                ),
+            }),
+        }
+    }
+
+    /// Short name: `sqlite`, `postgres` or `mysql`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sqlite => "sqlite",
+            Self::Postgres => "postgres",
+            Self::MySql => "mysql",
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why the database could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The URL is not one we can use.
+    #[error("invalid database URL {url}: {reason}")]
+    InvalidUrl {
+        /// The URL, password removed.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The database did not answer, or refused us.
+    #[error("cannot connect to {url}: {source}")]
+    Connect {
+        /// The URL, password removed.
+        url: String,
+        /// The driver's error.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// No connection within the timeout.
+    #[error("cannot connect to {url}: no connection within {timeout:?}")]
+    Timeout {
+        /// The URL, password removed.
+        url: String,
+        /// How long we waited.
+        timeout: Duration,
+    },
+}
+
+/// An open control-plane database: a connection pool for one of the three backends.
+///
+/// Cloning is cheap and shares the pool.
+#[derive(Clone)]
+pub enum Db {
+    /// SQLite file in WAL mode with a busy timeout.
+    Sqlite(SqlitePool),
+    /// PostgreSQL.
+    Postgres(PgPool),
+    /// MySQL or MariaDB.
+    MySql(MySqlPool),
+}
+
+impl fmt::Debug for Db {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Db").field(&self.backend()).finish()
+    }
+}
+
+impl Db {
+    /// Opens the database a URL names, with the default timeout.
+    ///
+    /// SQLite files are created if missing and opened in WAL mode with a busy timeout, so that
+    /// several processes can share one file.
+    pub async fn connect(url: &str) -> Result<Self, DbError> {
+        Self::connect_with_timeout(url, DEFAULT_CONNECT_TIMEOUT).await
+    }
+
+    /// Opens the database a URL names, waiting at most `timeout` for the first connection.
+    pub async fn connect_with_timeout(url: &str, timeout: Duration) -> Result<Self, DbError> {
+        let backend = Backend::from_url(url)?;
+        let redacted = redact_url(url);
+        let invalid = |source: sqlx::Error| DbError::InvalidUrl {
+            url: redacted.clone(),
+            reason: source.to_string(),
+        };
+        let connect = async {
+            match backend {
+                Backend::Sqlite => {
+                    let options = SqliteConnectOptions::from_str(url)
+                        .map_err(invalid)?
+                        .create_if_missing(true)
+                        .journal_mode(SqliteJournalMode::Wal)
+                        .synchronous(SqliteSynchronous::Normal)
+                        .busy_timeout(SQLITE_BUSY_TIMEOUT)
+                        .foreign_keys(true);
+                    SqlitePoolOptions::new()
+                        .max_connections(8)
+                        .acquire_timeout(timeout)
+                        .connect_with(options)
+                        .await
+                        .map(Self::Sqlite)
+                }
+                Backend::Postgres => {
+                    let options = PgConnectOptions::from_str(url).map_err(invalid)?;
+                    PgPoolOptions::new()
+                        .max_connections(16)
+                        .acquire_timeout(timeout)
+                        .connect_with(options)
+                        .await
+                        .map(Self::Postgres)
+                }
+                Backend::MySql => {
+                    let url = url.replacen("mariadb:", "mysql:", 1);
+                    let options = MySqlConnectOptions::from_str(&url).map_err(invalid)?;
+                    MySqlPoolOptions::new()
+                        .max_connections(16)
+                        .acquire_timeout(timeout)
+                        .connect_with(options)
+                        .await
+                        .map(Self::MySql)
+                }
+            }
+            .map_err(|source| match source {
+                sqlx::Error::PoolTimedOut => DbError::Timeout {
+                    url: redacted.clone(),
+                    timeout,
+                },
+                source => DbError::Connect {
+                    url: redacted.clone(),
+                    source,
+                },
+            })
+        };
+        // The pool's own timeout does not cover every stage (DNS, TLS): bound the whole thing.
+        match tokio::time::timeout(timeout + Duration::from_secs(1), connect).await {
+            Ok(result) => result,
+            Err(_) => Err(DbError::Timeout {
+                url: redacted,
+                timeout,
+            }),
+        }
+    }
+
+    /// Which backend this is.
+    pub fn backend(&self) -> Backend {
+        match self {
+            Self::Sqlite(_) => Backend::Sqlite,
+            Self::Postgres(_) => Backend::Postgres,
+            Self::MySql(_) => Backend::MySql,
+        }
+    }
+
+    /// Runs `SELECT 1`: succeeds if the database answers now.
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        match self {
+            Self::Sqlite(pool) => sqlx::query("SELECT 1").execute(pool).await.map(drop),
+            Self::Postgres(pool) => sqlx::query("SELECT 1").execute(pool).await.map(drop),
+            Self::MySql(pool) => sqlx::query("SELECT 1").execute(pool).await.map(drop),
+        }
+    }
+
+    /// Closes every connection of the pool, waiting for those in use to be returned.
+    pub async fn close(&self) {
+        match self {
+            Self::Sqlite(pool) => pool.close().await,
+            Self::Postgres(pool) => pool.close().await,
+            Self::MySql(pool) => pool.close().await,
+        }
+    }
+}
+
+/// The URL with its password replaced by `***`, fit for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_from_scheme() {
+        assert_eq!(Backend::from_url("sqlite://x.db").unwrap(), Backend::Sqlite);
+        assert_eq!(Backend::from_url("sqlite:x.db").unwrap(), Backend::Sqlite);
+        assert_eq!(
+            Backend::from_url("postgresql://h/db").unwrap(),
+            Backend::Postgres
+        );
+        assert_eq!(
+            Backend::from_url("postgres://h/db").unwrap(),
+            Backend::Postgres
+        );
+        assert_eq!(Backend::from_url("mariadb://h/db").unwrap(), Backend::MySql);
+        assert_eq!(Backend::from_url("MYSQL://h/db").unwrap(), Backend::MySql);
+        let err = Backend::from_url("redis://h").unwrap_err().to_string();
+        assert!(err.contains("unsupported scheme `redis`"), "{err}");
+        let err = Backend::from_url("fleetsync.db").unwrap_err().to_string();
+        assert!(err.contains("expected a URL"), "{err}");
+    }
+
+    #[test]
+    fn redacts_passwords_only() {
+        assert_eq!(
+            redact_url("postgres://app:s3cr:et@db.example:5432/cp?sslmode=require"),
+            "postgres://app:***@db.example:5432/cp?sslmode=require"
+        );
+        assert_eq!(
+            redact_url("mysql://root@127.0.0.1:3306/test"),
+            "mysql://root@127.0.0.1:3306/test"
+        );
+        assert_eq!(redact_url("sqlite://fleetsync.db"), "sqlite://fleetsync.db");
+        assert_eq!(
+            redact_url("postgres://u:p@h/db@x"),
+            "postgres://u:***@h/db@x"
+        );
+    }
+}

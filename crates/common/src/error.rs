@@ -1,0 +1,130 @@
+//! The one mapping from domain errors to gRPC status codes.
+//!
+//! Services return `ServiceError`; `From<ServiceError> for Status` decides the code. Internal
+//! details are logged where the error is handled and never sent to the client.
+
+use tonic::{Code, Status};
+
+/// An error a request can end with, as the client should see it.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The request is malformed; names the field.
+    #[error("invalid {field}: {reason}")]
+    InvalidArgument {
+        /// The request field, e.g. `spec.port`.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// What the request names does not exist.
+    #[error("{what} {id} not found")]
+    NotFound {
+        /// What kind of thing, e.g. `server`.
+        what: &'static str,
+        /// Its id as given.
+        id: String,
+    },
+    /// The request conflicts with existing state, e.g. a duplicate name.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The system is not in a state that allows this, e.g. the schema is too old.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A dependency (the database) is unavailable right now; retrying may help.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The RPC exists in the contract but arrives in a later version.
+    #[error("{0} is not implemented yet")]
+    Unimplemented(&'static str),
+    /// The caller has no valid credentials.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// A bug or an unexpected failure. The detail is logged, not sent.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ServiceError {
+    /// An invalid-argument error for `field`.
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field,
+            reason: reason.into(),
+        }
+    }
+
+    /// A not-found error for the `what` with id `id`.
+    pub fn not_found(what: &'static str, id: impl ToString) -> Self {
+        Self::NotFound {
+            what,
+            id: id.to_string(),
+        }
+    }
+
+    /// The gRPC code this error maps to.
+    pub fn code(&self) -> Code {
+        match self {
+            Self::InvalidArgument { .. } => Code::InvalidArgument,
+            Self::NotFound { .. } => Code::NotFound,
+            Self::AlreadyExists(_) => Code::AlreadyExists,
+            Self::FailedPrecondition(_) => Code::FailedPrecondition,
+            Self::Unavailable(_) => Code::Unavailable,
+            Self::Unimplemented(_) => Code::Unimplemented,
+            Self::Unauthenticated(_) => Code::Unauthenticated,
+            Self::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<sqlx::Error> for ServiceError {
+    fn from(err: sqlx::Error) -> Self {
+        match err {
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
+                tracing::warn!(error = %err, "database unavailable");
+                Self::Unavailable("control-plane database unavailable".into())
+            }
+            other => {
+                tracing::error!(error = %other, "database error");
+                Self::Internal("database error".into())
+            }
+        }
+    }
+}
+
+impl From<ServiceError> for Status {
+    fn from(err: ServiceError) -> Self {
+        let code = err.code();
+        let message = match &err {
+            // Internal details stay in the log.
+            ServiceError::Internal(_) => "internal error, see the server log".to_owned(),
+            other => other.to_string(),
+        };
+        Status::new(code, message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_codes_and_hides_internals() {
+        let status = Status::from(ServiceError::invalid("spec.port", "must be 1-65535, got 0"));
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(
+            status.message(),
+            "invalid spec.port: must be 1-65535, got 0"
+        );
+
+        let status = Status::from(ServiceError::not_found("server", 42));
+        assert_eq!(status.code(), Code::NotFound);
+        assert_eq!(status.message(), "server 42 not found");
+
+        let status = Status::from(ServiceError::Internal("secret detail".into()));
+        assert_eq!(status.code(), Code::Internal);
+        assert!(!status.message().contains("secret"));
+
+        let status = Status::from(ServiceError::from(sqlx::Error::PoolTimedOut));
+        assert_eq!(status.code(), Code::Unavailable);
+    }
+}

@@ -1,0 +1,14 @@
+//! Pieces both fleetsync services share: the generated gRPC code, the control-plane database
+//! connection, telemetry, shutdown, the gRPC server scaffolding and the error-to-`Status` mapping.
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod db;
+pub mod error;
+pub mod grpc;
+pub mod proto;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use db::{Backend, Db, DbError};
+pub use error::ServiceError;

@@ -1,0 +1,59 @@
+//! The fleetsync migrator: applies control-plane schema changes and records what must be
+//! re-synced. Its only network peer is the sync-agent; it never connects to a managed server.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod service;
+
+use anyhow::Context;
+use fleetsync_common::{
+    Db, grpc,
+    proto::{MIGRATOR_DESCRIPTOR_SET, migrator::v1::migrator_server::MigratorServer},
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
+
+use crate::service::MigratorService;
+
+/// What `run` needs, resolved from the command line (or built by tests).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Control-plane database URL.
+    pub database_url: String,
+}
+
+/// Serves the `Migrator` service on `listener` until `shutdown` is cancelled.
+///
+/// Health reports `SERVING` once the database answers, and `NOT_SERVING` as soon as shutdown
+/// begins; the function returns when calls in flight have ended.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let db = Db::connect(&config.database_url).await?;
+    let (router, health) = grpc::base_router(
+        &[MigratorServer::<MigratorService>::NAME],
+        MIGRATOR_DESCRIPTOR_SET,
+    )
+    .await
+    .context("building the gRPC server")?;
+    let router = router.add_service(MigratorServer::new(MigratorService::new(db.clone())));
+
+    db.ping()
+        .await
+        .context("checking the control-plane database")?;
+    health.serving().await;
+    let addr = listener
+        .local_addr()
+        .context("reading the listen address")?;
+    tracing::info!(%addr, backend = %db.backend(), "migrator listening");
+
+    grpc::serve(router, listener, health, shutdown)
+        .await
+        .context("serving gRPC")?;
+    db.close().await;
+    tracing::info!("migrator stopped");
+    Ok(())
+}

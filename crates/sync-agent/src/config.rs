@@ -1,0 +1,124 @@
+//! Command-line configuration of the sync-agent (clap, every flag also an environment variable).
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+use fleetsync_common::cli::CommonArgs;
+
+use crate::ssh::{DEFAULT_OUTPUT_CAP, Timeouts};
+
+/// The fleetsync sync-agent: owns every SSH connection to managed servers and syncs their
+/// database inventories, one outcome per server, over gRPC.
+#[derive(Debug, Parser)]
+#[command(name = "sync-agent", version, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The agent's subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the SyncAgent and Fleet gRPC services (with health and reflection).
+    Serve(ServeArgs),
+}
+
+/// `sync-agent serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on for gRPC.
+    #[arg(
+        long,
+        env = "FLEETSYNC_AGENT_LISTEN",
+        default_value = "127.0.0.1:50051"
+    )]
+    pub listen: SocketAddr,
+
+    #[command(flatten)]
+    pub common: CommonArgs,
+
+    #[command(flatten)]
+    pub ssh: SshArgs,
+}
+
+/// How the agent connects to managed servers.
+#[derive(Debug, Clone, Args)]
+pub struct SshArgs {
+    /// Private key file offered to servers (unencrypted OpenSSH format). May be repeated, or a
+    /// comma-separated list in the environment variable; keys are tried in order.
+    #[arg(long = "ssh-key", env = "FLEETSYNC_SSH_KEYS", value_delimiter = ',')]
+    pub ssh_keys: Vec<PathBuf>,
+
+    /// Timeout for DNS resolution and the TCP connection.
+    #[arg(long, env = "FLEETSYNC_CONNECT_TIMEOUT", default_value = "5s")]
+    pub connect_timeout: humantime::Duration,
+
+    /// Timeout for the SSH banner and key exchange.
+    #[arg(long, env = "FLEETSYNC_HANDSHAKE_TIMEOUT", default_value = "5s")]
+    pub handshake_timeout: humantime::Duration,
+
+    /// Timeout for public-key authentication.
+    #[arg(long, env = "FLEETSYNC_AUTH_TIMEOUT", default_value = "5s")]
+    pub auth_timeout: humantime::Duration,
+
+    /// Timeout for each command run on a server.
+    #[arg(long, env = "FLEETSYNC_COMMAND_TIMEOUT", default_value = "30s")]
+    pub command_timeout: humantime::Duration,
+
+    /// Most bytes a command may print on stdout (and, separately, stderr).
+    #[arg(long, env = "FLEETSYNC_OUTPUT_CAP", default_value_t = DEFAULT_OUTPUT_CAP)]
+    pub output_cap: usize,
+}
+
+impl SshArgs {
+    /// The stage timeouts these arguments set.
+    pub fn timeouts(&self) -> Timeouts {
+        Timeouts {
+            connect: self.connect_timeout.into(),
+            handshake: self.handshake_timeout.into(),
+            auth: self.auth_timeout.into(),
+            command: self.command_timeout.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_durations_and_repeated_keys() {
+        let cli = Cli::try_parse_from([
+            "sync-agent",
+            "serve",
+            "--ssh-key",
+            "/a",
+            "--ssh-key",
+            "/b",
+            "--connect-timeout",
+            "1500ms",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command;
+        assert_eq!(
+            args.ssh.ssh_keys,
+            [PathBuf::from("/a"), PathBuf::from("/b")]
+        );
+        assert_eq!(
+            args.ssh.timeouts().connect,
+            std::time::Duration::from_millis(1500)
+        );
+        assert_eq!(
+            args.ssh.timeouts().command,
+            std::time::Duration::from_secs(30)
+        );
+        assert_eq!(args.listen.to_string(), "127.0.0.1:50051");
+    }
+}

@@ -1,0 +1,485 @@
+//! The SSH client: connect, check the server's host key against the pinned one, authenticate
+//! with the agent's key files and run commands, every stage under a hard timeout.
+//!
+//! russh has no connect timeout of its own and no notion of a banner stage, so the TCP connect
+//! and the SSH identification line are handled here before russh takes the stream over.
+
+mod error;
+mod keys;
+mod stream;
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use russh::{
+    ChannelMsg, Disconnect,
+    client::{self, Handle},
+    keys::{HashAlg, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate},
+};
+use tokio::{io::AsyncReadExt, net::TcpStream, time::timeout};
+
+pub use error::{ConnectCause, SshError, Stage};
+pub use keys::{ClientKeys, KeyError};
+use stream::Prefixed;
+
+/// Hard timeouts for each stage of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// DNS resolution and TCP connect.
+    pub connect: Duration,
+    /// SSH identification line and key exchange, up to the host key check.
+    pub handshake: Duration,
+    /// Public-key authentication, all keys together.
+    pub auth: Duration,
+    /// One command, from opening its channel to its exit status.
+    pub command: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(5),
+            handshake: Duration::from_secs(5),
+            auth: Duration::from_secs(5),
+            command: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Default cap on what one command may print (stdout and stderr each).
+pub const DEFAULT_OUTPUT_CAP: usize = 1024 * 1024;
+
+/// Longest SSH identification line accepted (RFC 4253 allows 255 bytes; other lines may come
+/// before it, so allow some slack).
+const MAX_BANNER_BYTES: usize = 8 * 1024;
+
+/// What every connection shares: timeouts, output cap, keys and russh settings.
+#[derive(Clone)]
+pub struct SshClient {
+    timeouts: Timeouts,
+    output_cap: usize,
+    keys: ClientKeys,
+    config: Arc<client::Config>,
+}
+
+impl std::fmt::Debug for SshClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SshClient")
+            .field("timeouts", &self.timeouts)
+            .field("output_cap", &self.output_cap)
+            .field("keys", &self.keys)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where to connect and as whom.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    /// IP address or host name.
+    pub host: &'a str,
+    /// SSH port.
+    pub port: u16,
+    /// Login user.
+    pub user: &'a str,
+    /// The host key pinned for this server, if any. A different key is refused before
+    /// authentication; with `None`, any key is accepted and reported for pinning.
+    pub pinned: Option<&'a HostKeyInfo>,
+}
+
+/// A host key as it is pinned and compared: algorithm and SHA-256 fingerprint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostKeyInfo {
+    /// Algorithm name, e.g. `ssh-ed25519`.
+    pub algorithm: String,
+    /// OpenSSH-style fingerprint, `SHA256:...`.
+    pub fingerprint: String,
+}
+
+impl HostKeyInfo {
+    /// The algorithm and fingerprint of a public key.
+    pub fn of(key: &PublicKey) -> Self {
+        Self {
+            algorithm: key.algorithm().as_str().to_owned(),
+            fingerprint: key.fingerprint(HashAlg::Sha256).to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for HostKeyInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.algorithm, self.fingerprint)
+    }
+}
+
+/// What a command did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandOutput {
+    /// Exit status; `None` if the command was ended by a signal or the server sent none.
+    pub exit_status: Option<u32>,
+    /// Everything it printed on stdout.
+    pub stdout: Vec<u8>,
+    /// Everything it printed on stderr.
+    pub stderr: Vec<u8>,
+}
+
+impl CommandOutput {
+    /// True if the command exited with status 0.
+    pub fn success(&self) -> bool {
+        self.exit_status == Some(0)
+    }
+}
+
+/// An authenticated SSH connection to one server. Commands run over it one channel each.
+pub struct Connection {
+    handle: Handle<HostKeyCheck>,
+    host_key: HostKeyInfo,
+    banner: String,
+    connect_latency: Duration,
+    timeouts: Timeouts,
+    output_cap: usize,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("host_key", &self.host_key)
+            .field("banner", &self.banner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SshClient {
+    /// A client with these timeouts, output cap and keys.
+    pub fn new(timeouts: Timeouts, output_cap: usize, keys: ClientKeys) -> Self {
+        let config = client::Config {
+            nodelay: true,
+            // Stage timeouts below bound every wait; a connection lives for one run only.
+            inactivity_timeout: None,
+            ..Default::default()
+        };
+        Self {
+            timeouts,
+            output_cap,
+            keys,
+            config: Arc::new(config),
+        }
+    }
+
+    /// The stage timeouts.
+    pub fn timeouts(&self) -> Timeouts {
+        self.timeouts
+    }
+
+    /// Connects, checks the host key and authenticates, each stage under its timeout.
+    pub async fn connect(&self, target: Target<'_>) -> Result<Connection, SshError> {
+        let started = Instant::now();
+        let tcp = self.tcp_connect(target.host, target.port).await?;
+        let connect_latency = started.elapsed();
+
+        let (banner, handle, host_key) = self.handshake(tcp, target.pinned).await?;
+        let mut connection = Connection {
+            handle,
+            host_key,
+            banner,
+            connect_latency,
+            timeouts: self.timeouts,
+            output_cap: self.output_cap,
+        };
+        connection.authenticate(target.user, &self.keys).await?;
+        Ok(connection)
+    }
+
+    async fn tcp_connect(&self, host: &str, port: u16) -> Result<TcpStream, SshError> {
+        let limit = self.timeouts.connect;
+        let deadline = tokio::time::Instant::now() + limit;
+        let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, port)],
+            Err(_) => {
+                let resolved =
+                    tokio::time::timeout_at(deadline, tokio::net::lookup_host((host, port)))
+                        .await
+                        .map_err(|_| SshError::Timeout {
+                            stage: Stage::Connect,
+                            after: limit,
+                        })?;
+                let addrs: Vec<_> = resolved
+                    .map_err(|source| SshError::Dns {
+                        host: host.to_owned(),
+                        message: source.to_string(),
+                    })?
+                    .collect();
+                if addrs.is_empty() {
+                    return Err(SshError::Dns {
+                        host: host.to_owned(),
+                        message: "no addresses".into(),
+                    });
+                }
+                addrs
+            }
+        };
+
+        let mut last_error = None;
+        for addr in addrs {
+            match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
+                Ok(Ok(stream)) => {
+                    // Best effort: a socket without NODELAY still works, only slower.
+                    let _ = stream.set_nodelay(true);
+                    return Ok(stream);
+                }
+                Ok(Err(source)) => last_error = Some(SshError::connect(addr, source)),
+                Err(_) => {
+                    return Err(SshError::Timeout {
+                        stage: Stage::Connect,
+                        after: limit,
+                    });
+                }
+            }
+        }
+        Err(last_error.expect("at least one address was tried"))
+    }
+
+    async fn handshake(
+        &self,
+        mut tcp: TcpStream,
+        pinned: Option<&HostKeyInfo>,
+    ) -> Result<(String, Handle<HostKeyCheck>, HostKeyInfo), SshError> {
+        let limit = self.timeouts.handshake;
+        let deadline = tokio::time::Instant::now() + limit;
+
+        // The identification line, read here so that "accepted and never spoke" is told apart
+        // from a failed key exchange. Bytes read past it are handed to russh.
+        let (banner, rest) = tokio::time::timeout_at(deadline, read_banner(&mut tcp))
+            .await
+            .map_err(|_| SshError::Timeout {
+                stage: Stage::Banner,
+                after: limit,
+            })??;
+        let mut replay = format!("{banner}\r\n").into_bytes();
+        replay.extend_from_slice(&rest);
+
+        let seen = Arc::new(Mutex::new(None));
+        let handler = HostKeyCheck {
+            pinned: pinned.cloned(),
+            seen: Arc::clone(&seen),
+        };
+        let stream = Prefixed::new(replay, tcp);
+        let result = tokio::time::timeout_at(
+            deadline,
+            client::connect_stream(Arc::clone(&self.config), stream, handler),
+        )
+        .await
+        .map_err(|_| SshError::Timeout {
+            stage: Stage::Handshake,
+            after: limit,
+        })?;
+        let presented = seen.lock().expect("host key lock").clone();
+        match (result, presented) {
+            (Ok(handle), Some(presented)) => Ok((banner, handle, presented)),
+            (Ok(_), None) => Err(SshError::Handshake(
+                "server completed the handshake without presenting a host key".into(),
+            )),
+            (Err(_), Some(presented)) if pinned.is_some_and(|p| *p != presented) => {
+                Err(SshError::HostKeyMismatch {
+                    pinned: pinned.cloned().expect("checked above"),
+                    presented,
+                })
+            }
+            (Err(err), _) => Err(SshError::Handshake(err.to_string())),
+        }
+    }
+}
+
+/// Reads up to and including the server's `SSH-` identification line. Returns the line without
+/// its line end, and whatever was read after it.
+async fn read_banner(tcp: &mut TcpStream) -> Result<(String, Vec<u8>), SshError> {
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0_u8; 1024];
+    let mut line_start = 0;
+    loop {
+        let n = tcp
+            .read(&mut chunk)
+            .await
+            .map_err(|err| SshError::Handshake(format!("reading the SSH banner: {err}")))?;
+        if n == 0 {
+            return Err(SshError::Handshake(
+                "connection closed before the SSH banner".into(),
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        // RFC 4253 4.2: other lines may precede the identification line.
+        while let Some(offset) = buf[line_start..].iter().position(|&b| b == b'\n') {
+            let end = line_start + offset;
+            let line = &buf[line_start..end];
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if line.starts_with(b"SSH-") {
+                let banner = String::from_utf8_lossy(line).into_owned();
+                let rest = buf[end + 1..].to_vec();
+                return Ok((banner, rest));
+            }
+            line_start = end + 1;
+        }
+        if buf.len() > MAX_BANNER_BYTES {
+            return Err(SshError::Handshake(format!(
+                "no SSH banner in the first {MAX_BANNER_BYTES} bytes: not an SSH server"
+            )));
+        }
+    }
+}
+
+impl Connection {
+    /// The host key the server presented (equal to the pinned one, if one was given).
+    pub fn host_key(&self) -> &HostKeyInfo {
+        &self.host_key
+    }
+
+    /// The server's identification line, e.g. `SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3`.
+    pub fn banner(&self) -> &str {
+        &self.banner
+    }
+
+    /// How long the TCP connection took to establish.
+    pub fn connect_latency(&self) -> Duration {
+        self.connect_latency
+    }
+
+    async fn authenticate(&mut self, user: &str, keys: &ClientKeys) -> Result<(), SshError> {
+        let limit = self.timeouts.auth;
+        let attempt = async {
+            for key in keys.iter() {
+                let hash = if key.algorithm().is_rsa() {
+                    self.handle
+                        .best_supported_rsa_hash()
+                        .await
+                        .map_err(|err| SshError::Auth(err.to_string()))?
+                        .flatten()
+                } else {
+                    None
+                };
+                let key = PrivateKeyWithHashAlg::new(Arc::clone(key), hash);
+                let result = self
+                    .handle
+                    .authenticate_publickey(user, key)
+                    .await
+                    .map_err(|err| SshError::Auth(err.to_string()))?;
+                if result.success() {
+                    return Ok(());
+                }
+            }
+            Err(SshError::AuthRejected {
+                user: user.to_owned(),
+                keys: keys.len(),
+            })
+        };
+        timeout(limit, attempt)
+            .await
+            .map_err(|_| SshError::Timeout {
+                stage: Stage::Auth,
+                after: limit,
+            })?
+    }
+
+    /// Runs `command` through the login user's shell and collects its output and exit status,
+    /// under the command timeout. Output past the cap (stdout or stderr) ends the command with
+    /// [`SshError::OutputTooLarge`] without buffering the rest.
+    pub async fn run(&self, command: &str) -> Result<CommandOutput, SshError> {
+        let limit = self.timeouts.command;
+        let cap = self.output_cap;
+        let mut channel = timeout(limit, self.handle.channel_open_session())
+            .await
+            .map_err(|_| SshError::Timeout {
+                stage: Stage::Command,
+                after: limit,
+            })?
+            .map_err(|err| SshError::Channel(err.to_string()))?;
+
+        let collect = async {
+            channel
+                .exec(true, command)
+                .await
+                .map_err(|err| SshError::Channel(err.to_string()))?;
+            let mut output = CommandOutput {
+                exit_status: None,
+                stdout: Vec::new(),
+                stderr: Vec::new(),
+            };
+            while let Some(message) = channel.wait().await {
+                match message {
+                    ChannelMsg::Data { data } => append_capped(&mut output.stdout, &data, cap)?,
+                    ChannelMsg::ExtendedData { data, ext: 1 } => {
+                        append_capped(&mut output.stderr, &data, cap)?;
+                    }
+                    ChannelMsg::ExitStatus { exit_status } => {
+                        output.exit_status = Some(exit_status);
+                    }
+                    ChannelMsg::Failure => {
+                        return Err(SshError::Channel(
+                            "the server refused to run the command".into(),
+                        ));
+                    }
+                    ChannelMsg::Close => break,
+                    _ => {}
+                }
+            }
+            Ok(output)
+        };
+        let result = match timeout(limit, collect).await {
+            Ok(result) => result,
+            Err(_) => Err(SshError::Timeout {
+                stage: Stage::Command,
+                after: limit,
+            }),
+        };
+        if result.is_err() {
+            // Best effort: the connection is dropped after a failed run anyway.
+            let _ = channel.close().await;
+        }
+        result
+    }
+
+    /// Says goodbye to the server. Dropping a connection closes it too, less politely.
+    pub async fn close(self) {
+        let _ = self
+            .handle
+            .disconnect(Disconnect::ByApplication, "", "en")
+            .await;
+    }
+}
+
+fn append_capped(buf: &mut Vec<u8>, data: &[u8], cap: usize) -> Result<(), SshError> {
+    if buf.len() + data.len() > cap {
+        return Err(SshError::OutputTooLarge { limit: cap });
+    }
+    buf.extend_from_slice(data);
+    Ok(())
+}
+
+/// The russh handler: records the presented host key and refuses one that differs from the
+/// pinned key, so nothing (not even authentication) happens with an impostor.
+struct HostKeyCheck {
+    pinned: Option<HostKeyInfo>,
+    seen: Arc<Mutex<Option<HostKeyInfo>>>,
+}
+
+impl client::Handler for HostKeyCheck {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        server_public_key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        let PublicKeyOrCertificate::PublicKey { key, .. } = server_public_key else {
+            // Host certificates are not advertised, so a server cannot present one.
+            return Ok(false);
+        };
+        let presented = HostKeyInfo::of(key);
+        let accepted = self
+            .pinned
+            .as_ref()
+            .is_none_or(|pinned| *pinned == presented);
+        *self.seen.lock().expect("host key lock") = Some(presented);
+        Ok(accepted)
+    }
+}
