@@ -1,0 +1,239 @@
+//! The real services, started for a test on an ephemeral port (a listener bound to
+//! `127.0.0.1:0` is handed in: no port races), with typed gRPC clients. Also the real binaries,
+//! for tests of the command line, signals and grpcurl.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use fleetsync_common::proto::{
+    migrator::v1::migrator_client::MigratorClient,
+    sync::v1::{fleet_client::FleetClient, sync_agent_client::SyncAgentClient},
+};
+use fleetsync_sync_agent::ssh::SshClient;
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::process::bin_path;
+
+/// A service running in this process until [`stop`](Self::stop) or drop.
+#[derive(Debug)]
+pub struct Running {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// A channel to it.
+    pub channel: Channel,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Running {
+    async fn spawn<F>(run: impl FnOnce(TcpListener, CancellationToken) -> F) -> Self
+    where
+        F: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        crate::init_test_log();
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind ephemeral port");
+        let addr = listener.local_addr().expect("local addr");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run(listener, shutdown.clone()));
+        let channel = connect(addr).await;
+        Self {
+            addr,
+            channel,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    /// A health client.
+    pub fn health(&self) -> HealthClient<Channel> {
+        HealthClient::new(self.channel.clone())
+    }
+
+    /// Shuts the service down gracefully and returns how `run` ended.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        let task = self.task.take().expect("task present until stop");
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("service stops within 10s")
+            .expect("service task did not panic")
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A lazily connecting channel to `addr`.
+pub async fn connect(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .expect("valid uri")
+        .connect_timeout(Duration::from_secs(5))
+        .connect_lazy()
+}
+
+/// The sync-agent, in process.
+#[derive(Debug)]
+pub struct TestAgent {
+    /// The running service.
+    pub service: Running,
+}
+
+impl TestAgent {
+    /// Starts the agent on `database_url` with this SSH client.
+    pub async fn spawn(database_url: &str, ssh: SshClient) -> Self {
+        let config = fleetsync_sync_agent::Config {
+            database_url: database_url.to_owned(),
+            ssh,
+        };
+        let service = Running::spawn(move |listener, shutdown| {
+            fleetsync_sync_agent::run(config, listener, shutdown)
+        })
+        .await;
+        Self { service }
+    }
+
+    /// A `SyncAgent` client.
+    pub fn sync(&self) -> SyncAgentClient<Channel> {
+        SyncAgentClient::new(self.service.channel.clone())
+    }
+
+    /// A `Fleet` client.
+    pub fn fleet(&self) -> FleetClient<Channel> {
+        FleetClient::new(self.service.channel.clone())
+    }
+}
+
+/// The migrator's gRPC service, in process.
+#[derive(Debug)]
+pub struct TestMigrator {
+    /// The running service.
+    pub service: Running,
+}
+
+impl TestMigrator {
+    /// Starts the migrator's service on `database_url`.
+    pub async fn spawn(database_url: &str) -> Self {
+        let config = fleetsync_migrator::Config {
+            database_url: database_url.to_owned(),
+        };
+        let service = Running::spawn(move |listener, shutdown| {
+            fleetsync_migrator::run(config, listener, shutdown)
+        })
+        .await;
+        Self { service }
+    }
+
+    /// A `Migrator` client.
+    pub fn migrator(&self) -> MigratorClient<Channel> {
+        MigratorClient::new(self.service.channel.clone())
+    }
+}
+
+/// A real service binary (`sync-agent` or `migrator`) running `serve` on an ephemeral port.
+/// Killed on drop.
+#[derive(Debug)]
+pub struct ServeProcess {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    child: Child,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl ServeProcess {
+    /// Runs `BINARY serve --listen 127.0.0.1:0 ARGS...` and waits for its "listening" line.
+    pub fn start(binary: &str, args: &[&str], dir: &Path) -> Self {
+        let mut child = Command::new(bin_path(binary))
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(args)
+            .current_dir(dir)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|err| panic!("spawn {binary}: {err}"));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("listening")
+                    && let Some(addr) = json_field(&line, "addr")
+                {
+                    let _ = tx.send(addr);
+                }
+                let mut log = sink.lock().expect("log lock");
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("{binary} did not start listening within 20s"));
+        Self {
+            addr: addr.parse().expect("listen address"),
+            child,
+            log,
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything it logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().expect("log lock").clone()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -TERM failed");
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "process did not exit within {within:?} after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Pulls `"key":"value"` out of a JSON log line (values without escapes only).
+fn json_field(line: &str, key: &str) -> Option<String> {
+    let needle = format!("\"{key}\":\"");
+    let start = line.find(&needle)? + needle.len();
+    let end = line[start..].find('"')? + start;
+    Some(line[start..end].to_owned())
+}

@@ -1,0 +1,388 @@
+//! The SSH path against real OpenSSH servers: commands on healthy hosts, and every connection
+//! fault ending within its timeout with its own error kind, without holding up the others.
+
+use std::time::{Duration, Instant};
+
+use fleetsync_common::proto::sync::v1::{Outcome, UnreachableCause};
+use fleetsync_sync_agent::ssh::{
+    DEFAULT_OUTPUT_CAP, HostKeyInfo, SshClient, SshError, Stage, Timeouts,
+};
+use fleetsync_tests::{SshFleet, SshHost, fleet::Placement};
+
+fn timeouts() -> Timeouts {
+    Timeouts {
+        connect: Duration::from_secs(3),
+        handshake: Duration::from_secs(2),
+        auth: Duration::from_secs(3),
+        command: Duration::from_secs(5),
+    }
+}
+
+async fn connect(
+    client: &SshClient,
+    host: &SshHost,
+    pinned: Option<&HostKeyInfo>,
+) -> Result<fleetsync_sync_agent::ssh::Connection, SshError> {
+    let ip = host.addr().to_string();
+    client.connect(host.target(&ip, pinned)).await
+}
+
+#[tokio::test]
+async fn runs_commands_on_three_healthy_hosts() {
+    let fleet = SshFleet::start(3).await;
+    let client = fleet.client(timeouts(), DEFAULT_OUTPUT_CAP);
+
+    let runs = fleet.hosts().iter().map(|host| {
+        let client = client.clone();
+        let ip = host.addr().to_string();
+        let target_port = host.port();
+        let expected_key = host.host_key();
+        tokio::spawn(async move {
+            let target = fleetsync_sync_agent::ssh::Target {
+                host: &ip,
+                port: target_port,
+                user: fleetsync_tests::fleet::SSH_USER,
+                pinned: None,
+            };
+            let connection = client.connect(target).await.expect("connect");
+            // The key presented is the host's own, reported for pinning.
+            assert_eq!(*connection.host_key(), expected_key);
+            assert!(
+                connection.banner().starts_with("SSH-2.0-OpenSSH"),
+                "{}",
+                connection.banner()
+            );
+            // Several commands over one connection: output, stderr, exit status, sudo.
+            let out = connection
+                .run("id -un; echo to-stderr >&2; exit 3")
+                .await
+                .expect("run");
+            assert_eq!(String::from_utf8_lossy(&out.stdout), "fleetsync-test\n");
+            assert_eq!(String::from_utf8_lossy(&out.stderr), "to-stderr\n");
+            assert_eq!(out.exit_status, Some(3));
+            let sudo = connection.run("sudo -n id -u").await.expect("run sudo");
+            assert!(sudo.success(), "passwordless sudo: {sudo:?}");
+            assert_eq!(String::from_utf8_lossy(&sudo.stdout), "0\n");
+            connection.close().await;
+        })
+    });
+    // Spawned first, awaited after: the three hosts are served concurrently.
+    let handles: Vec<_> = runs.collect();
+    for handle in handles {
+        handle.await.expect("host task");
+    }
+}
+
+/// One fleet with one healthy host and one host per fault, all connected to at once.
+#[tokio::test]
+async fn each_fault_ends_within_its_timeout_with_its_own_kind() {
+    let fleet = SshFleet::start_with(&[
+        Placement::Loopback,  // 0 healthy
+        Placement::Loopback,  // 1 refused
+        Placement::Loopback,  // 2 frozen
+        Placement::Namespace, // 3 no route
+        Placement::Loopback,  // 4 host key changed
+        Placement::Loopback,  // 5 client key revoked
+    ])
+    .await;
+    let t = timeouts();
+    let client = fleet.client(t, DEFAULT_OUTPUT_CAP);
+
+    // Pin every host's key as a first sync would, before the faults.
+    let pinned: Vec<HostKeyInfo> = fleet.hosts().iter().map(SshHost::host_key).collect();
+    fleet.host(1).stop();
+    fleet.host(2).freeze();
+    fleet.host(3).cut_route();
+    fleet.host(4).rotate_host_key().await;
+    fleet.host(5).revoke_client_key();
+
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (host, pinned) in fleet.hosts().iter().zip(&pinned) {
+        let client = client.clone();
+        let ip = host.addr().to_string();
+        let port = host.port();
+        let pinned = pinned.clone();
+        tasks.push(tokio::spawn(async move {
+            let result = client
+                .connect(fleetsync_sync_agent::ssh::Target {
+                    host: &ip,
+                    port,
+                    user: fleetsync_tests::fleet::SSH_USER,
+                    pinned: Some(&pinned),
+                })
+                .await;
+            let elapsed = started.elapsed();
+            if let Ok(connection) = &result {
+                connection
+                    .run("true")
+                    .await
+                    .expect("healthy host runs a command");
+            }
+            (result.map(|c| c.host_key().clone()), elapsed)
+        }));
+    }
+    let mut results = Vec::new();
+    for task in tasks {
+        results.push(task.await.expect("task"));
+    }
+    fleet.host(2).thaw();
+
+    let slack = Duration::from_millis(750);
+    let (healthy, healthy_elapsed) = &results[0];
+    assert_eq!(healthy.as_ref().expect("healthy host connects"), &pinned[0]);
+    // The frozen host (2 s handshake timeout) does not hold the healthy one up.
+    assert!(
+        *healthy_elapsed < Duration::from_secs(1),
+        "healthy took {healthy_elapsed:?}"
+    );
+
+    let expect = |i: usize, outcome: Outcome, cause: UnreachableCause, limit: Duration| {
+        let (result, elapsed) = &results[i];
+        let err = result.as_ref().expect_err("faulty host must fail");
+        assert_eq!(err.outcome(), (outcome, cause), "host {i}: {err}");
+        assert!(
+            *elapsed <= limit + slack,
+            "host {i} took {elapsed:?}, limit {limit:?}: {err}"
+        );
+        err
+    };
+
+    let refused = expect(
+        1,
+        Outcome::Unreachable,
+        UnreachableCause::Refused,
+        Duration::ZERO,
+    );
+    assert!(refused.to_string().contains("refused"), "{refused}");
+
+    let frozen = expect(
+        2,
+        Outcome::Unreachable,
+        UnreachableCause::Timeout,
+        t.handshake,
+    );
+    assert!(
+        matches!(
+            frozen,
+            SshError::Timeout {
+                stage: Stage::Banner,
+                ..
+            }
+        ),
+        "{frozen:?}"
+    );
+    assert!(
+        results[2].1 >= t.handshake,
+        "frozen host ended before its timeout"
+    );
+
+    let no_route = expect(
+        3,
+        Outcome::Unreachable,
+        UnreachableCause::NoRoute,
+        t.connect,
+    );
+    assert!(
+        no_route.to_string().contains("No route to host"),
+        "{no_route}"
+    );
+
+    let changed = expect(
+        4,
+        Outcome::HostKeyMismatch,
+        UnreachableCause::Unspecified,
+        t.handshake,
+    );
+    match changed {
+        SshError::HostKeyMismatch {
+            pinned: was,
+            presented,
+        } => {
+            assert_eq!(was, &pinned[4]);
+            assert_eq!(presented, &fleet.host(4).host_key());
+            assert_ne!(was, presented);
+        }
+        other => panic!("expected a host key mismatch, got {other:?}"),
+    }
+
+    let denied = expect(
+        5,
+        Outcome::AuthFailed,
+        UnreachableCause::Unspecified,
+        t.handshake + t.auth,
+    );
+    assert!(
+        matches!(denied, SshError::AuthRejected { .. }),
+        "{denied:?}"
+    );
+}
+
+#[tokio::test]
+async fn faults_heal_when_the_host_recovers() {
+    let fleet = SshFleet::start_with(&[Placement::Loopback, Placement::Namespace]).await;
+    let client = fleet.client(timeouts(), DEFAULT_OUTPUT_CAP);
+    let (lo, ns) = (fleet.host(0), fleet.host(1));
+
+    // Frozen, then thawed.
+    lo.freeze();
+    let err = connect(&client, lo, None).await.expect_err("frozen");
+    assert!(
+        matches!(
+            err,
+            SshError::Timeout {
+                stage: Stage::Banner,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    lo.thaw();
+    connect(&client, lo, None)
+        .await
+        .expect("thawed host answers");
+
+    // Stopped, then started again with the same key.
+    let key = lo.host_key();
+    lo.stop();
+    assert_eq!(
+        connect(&client, lo, Some(&key))
+            .await
+            .expect_err("stopped")
+            .outcome()
+            .1,
+        UnreachableCause::Refused
+    );
+    lo.start().await;
+    connect(&client, lo, Some(&key))
+        .await
+        .expect("restarted host answers with the same key");
+
+    // A namespaced host, reachable, cut off, then back.
+    let ns_key = ns.host_key();
+    let conn = connect(&client, ns, Some(&ns_key))
+        .await
+        .expect("namespaced host answers");
+    assert!(conn.run("true").await.expect("run").success());
+    ns.cut_route();
+    assert_eq!(
+        connect(&client, ns, Some(&ns_key))
+            .await
+            .expect_err("cut off")
+            .outcome()
+            .1,
+        UnreachableCause::NoRoute
+    );
+    ns.restore_route();
+    connect(&client, ns, Some(&ns_key))
+        .await
+        .expect("route restored");
+
+    // Key revoked, then authorised again.
+    lo.revoke_client_key();
+    assert_eq!(
+        connect(&client, lo, None)
+            .await
+            .expect_err("revoked")
+            .outcome()
+            .0,
+        Outcome::AuthFailed
+    );
+    lo.authorize_client_key();
+    connect(&client, lo, None)
+        .await
+        .expect("key authorised again");
+}
+
+#[tokio::test]
+async fn command_timeout_and_output_cap() {
+    let fleet = SshFleet::start(1).await;
+    let client = fleet.client(
+        Timeouts {
+            command: Duration::from_secs(1),
+            ..timeouts()
+        },
+        64 * 1024,
+    );
+    let host = fleet.host(0);
+    let connection = connect(&client, host, None).await.expect("connect");
+
+    let started = Instant::now();
+    let err = connection.run("sleep 30").await.expect_err("hangs");
+    assert!(
+        matches!(
+            err,
+            SshError::Timeout {
+                stage: Stage::Command,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(err.outcome().0, Outcome::CommandFailed);
+
+    // 1 MiB of output against a 64 KiB cap: refused, not buffered.
+    let err = connection
+        .run("head -c 1048576 /dev/zero")
+        .await
+        .expect_err("over the cap");
+    assert!(
+        matches!(err, SshError::OutputTooLarge { limit: 65536 }),
+        "{err:?}"
+    );
+    assert_eq!(err.outcome().0, Outcome::ParseFailed);
+
+    // The connection still carries further commands, and output just under the cap passes.
+    let out = connection
+        .run("head -c 65536 /dev/zero")
+        .await
+        .expect("at the cap");
+    assert_eq!(out.stdout.len(), 65536);
+    assert!(out.success());
+}
+
+#[tokio::test]
+async fn host_name_that_does_not_resolve_is_a_dns_failure() {
+    let fleet = SshFleet::start(1).await;
+    let client = fleet.client(timeouts(), DEFAULT_OUTPUT_CAP);
+    let err = client
+        .connect(fleet.host(0).target("no-such-host.invalid", None))
+        .await
+        .expect_err("must not resolve");
+    assert_eq!(
+        err.outcome(),
+        (Outcome::Unreachable, UnreachableCause::Dns),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_non_ssh_listener_is_a_handshake_failure() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+        }
+    });
+    let fleet = SshFleet::start(0).await;
+    let client = fleet.client(timeouts(), DEFAULT_OUTPUT_CAP);
+    let err = client
+        .connect(fleetsync_sync_agent::ssh::Target {
+            host: "127.0.0.1",
+            port,
+            user: "x",
+            pinned: None,
+        })
+        .await
+        .expect_err("not ssh");
+    assert_eq!(err.outcome().0, Outcome::HandshakeFailed, "{err}");
+}
