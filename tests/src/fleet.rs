@@ -254,9 +254,8 @@ impl SshHost {
 
     /// The host key sshd presents now.
     pub fn host_key(&self) -> HostKeyInfo {
-        let public =
-            russh::keys::PublicKey::read_openssh_file(&self.host_key.with_extension("pub"))
-                .expect("read host public key");
+        let public = russh::keys::PublicKey::read_openssh_file(self.host_key.with_extension("pub"))
+            .expect("read host public key");
         HostKeyInfo::of(&public)
     }
 

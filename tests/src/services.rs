@@ -96,6 +96,7 @@ impl TestAgent {
     pub async fn spawn(database_url: &str, ssh: SshClient) -> Self {
         let config = fleetsync_sync_agent::Config {
             database_url: database_url.to_owned(),
+            shutdown_grace: Duration::from_secs(1),
             ssh,
         };
         let service = Running::spawn(move |listener, shutdown| {
@@ -128,6 +129,7 @@ impl TestMigrator {
     pub async fn spawn(database_url: &str) -> Self {
         let config = fleetsync_migrator::Config {
             database_url: database_url.to_owned(),
+            shutdown_grace: Duration::from_secs(1),
         };
         let service = Running::spawn(move |listener, shutdown| {
             fleetsync_migrator::run(config, listener, shutdown)
@@ -182,9 +184,14 @@ impl ServeProcess {
                 log.push('\n');
             }
         });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(20))
-            .unwrap_or_else(|_| panic!("{binary} did not start listening within 20s"));
+        let Ok(addr) = rx.recv_timeout(Duration::from_secs(20)) else {
+            let _ = child.kill();
+            let status = child.wait().expect("wait");
+            // Give the reader thread a moment to drain what the process printed.
+            std::thread::sleep(Duration::from_millis(100));
+            let log = log.lock().expect("log lock").clone();
+            panic!("{binary} did not start listening within 20s ({status}): {log}");
+        };
         Self {
             addr: addr.parse().expect("listen address"),
             child,

@@ -12,6 +12,11 @@ pub struct CommonArgs {
     #[arg(long, env = "DATABASE_URL", default_value = "sqlite://fleetsync.db")]
     pub database_url: String,
 
+    /// On SIGTERM or ctrl-c, how long calls in flight (streams included) may take to finish
+    /// before the server stops anyway. Health turns NOT_SERVING at once.
+    #[arg(long, env = "FLEETSYNC_SHUTDOWN_GRACE", default_value = "5s")]
+    pub shutdown_grace: humantime::Duration,
+
     /// Log format on stderr; the level comes from `RUST_LOG` (default `info`).
     #[arg(long, env = "FLEETSYNC_LOG_FORMAT", value_enum, default_value_t = LogFormatArg::Plain)]
     pub log_format: LogFormatArg,

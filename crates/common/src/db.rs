@@ -78,13 +78,14 @@ pub enum DbError {
         reason: String,
     },
     /// The database did not answer, or refused us.
-    #[error("cannot connect to {url}: {source}")]
+    // The driver's message already includes its causes: not a `#[source]`, so that error
+    // chains do not print them twice.
+    #[error("cannot connect to {url}: {error}")]
     Connect {
         /// The URL, password removed.
         url: String,
         /// The driver's error.
-        #[source]
-        source: sqlx::Error,
+        error: sqlx::Error,
     },
     /// No connection within the timeout.
     #[error("cannot connect to {url}: no connection within {timeout:?}")]
@@ -149,24 +150,30 @@ impl Db {
                         .await
                         .map(Self::Sqlite)
                 }
+                // One direct connection first: the pool would retry a refused connection until
+                // its timeout and then report only the timeout, not why.
                 Backend::Postgres => {
                     let options = PgConnectOptions::from_str(url).map_err(invalid)?;
-                    PgPoolOptions::new()
-                        .max_connections(16)
-                        .acquire_timeout(timeout)
-                        .connect_with(options)
-                        .await
-                        .map(Self::Postgres)
+                    probe::<sqlx::PgConnection>(&options).await.map(|()| {
+                        Self::Postgres(
+                            PgPoolOptions::new()
+                                .max_connections(16)
+                                .acquire_timeout(timeout)
+                                .connect_lazy_with(options),
+                        )
+                    })
                 }
                 Backend::MySql => {
                     let url = url.replacen("mariadb:", "mysql:", 1);
                     let options = MySqlConnectOptions::from_str(&url).map_err(invalid)?;
-                    MySqlPoolOptions::new()
-                        .max_connections(16)
-                        .acquire_timeout(timeout)
-                        .connect_with(options)
-                        .await
-                        .map(Self::MySql)
+                    probe::<sqlx::MySqlConnection>(&options).await.map(|()| {
+                        Self::MySql(
+                            MySqlPoolOptions::new()
+                                .max_connections(16)
+                                .acquire_timeout(timeout)
+                                .connect_lazy_with(options),
+                        )
+                    })
                 }
             }
             .map_err(|source| match source {
@@ -174,9 +181,9 @@ impl Db {
                     url: redacted.clone(),
                     timeout,
                 },
-                source => DbError::Connect {
+                error => DbError::Connect {
                     url: redacted.clone(),
-                    source,
+                    error,
                 },
             })
         };
@@ -216,6 +223,14 @@ impl Db {
             Self::MySql(pool) => pool.close().await,
         }
     }
+}
+
+/// Opens and closes one connection, to surface the real error (refused, bad password, unknown
+/// database) at once.
+async fn probe<C: sqlx::Connection>(options: &C::Options) -> Result<(), sqlx::Error> {
+    use sqlx::ConnectOptions;
+    let connection = options.connect().await?;
+    connection.close().await
 }
 
 /// The URL with its password replaced by `***`, fit for messages and logs.

@@ -71,20 +71,36 @@ pub async fn base_router(
 }
 
 /// Serves `router` on `listener` until `shutdown` is cancelled. Health turns `NOT_SERVING`
-/// first, then the server stops accepting and waits for calls in flight to end.
+/// first, then the server stops accepting and waits up to `grace` for calls in flight to end
+/// (a health watch or a sync stream may never end by itself); then it stops regardless.
 pub async fn serve(
     router: Router,
     listener: TcpListener,
     health: Health,
     shutdown: CancellationToken,
+    grace: Duration,
 ) -> Result<(), tonic::transport::Error> {
     let incoming = TcpListenerStream::new(listener);
-    let signal = async move {
-        shutdown.cancelled().await;
-        health.not_serving().await;
-        tracing::info!("health is NOT_SERVING, draining calls in flight");
+    let signal = {
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            health.not_serving().await;
+            tracing::info!(grace = %humantime::format_duration(grace), "health is NOT_SERVING, draining calls in flight");
+        }
     };
-    router.serve_with_incoming_shutdown(incoming, signal).await
+    let server = router.serve_with_incoming_shutdown(incoming, signal);
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => result,
+        () = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!("calls still in flight after the shutdown grace period, closing them");
+            Ok(())
+        }
+    }
 }
 
 /// The reflection service could not be built from the descriptor sets (a build bug).

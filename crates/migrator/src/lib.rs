@@ -21,6 +21,8 @@ use crate::service::MigratorService;
 pub struct Config {
     /// Control-plane database URL.
     pub database_url: String,
+    /// How long calls in flight may take to finish on shutdown.
+    pub shutdown_grace: std::time::Duration,
 }
 
 /// Serves the `Migrator` service on `listener` until `shutdown` is cancelled.
@@ -50,7 +52,7 @@ pub async fn run(
         .context("reading the listen address")?;
     tracing::info!(%addr, backend = %db.backend(), "migrator listening");
 
-    grpc::serve(router, listener, health, shutdown)
+    grpc::serve(router, listener, health, shutdown, config.shutdown_grace)
         .await
         .context("serving gRPC")?;
     db.close().await;

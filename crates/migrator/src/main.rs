@@ -33,6 +33,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let shutdown = shutdown::on_signals().context("installing signal handlers")?;
             let config = Config {
                 database_url: args.common.database_url,
+                shutdown_grace: args.common.shutdown_grace.into(),
             };
             fleetsync_migrator::run(config, listener, shutdown).await
         }

@@ -28,6 +28,8 @@ use crate::{
 pub struct Config {
     /// Control-plane database URL.
     pub database_url: String,
+    /// How long calls in flight may take to finish on shutdown.
+    pub shutdown_grace: std::time::Duration,
     /// SSH client with keys and timeouts.
     pub ssh: SshClient,
 }
@@ -42,6 +44,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let db = Db::connect(&config.database_url).await?;
+    let shutdown_grace = config.shutdown_grace;
     let state = AgentState {
         db: db.clone(),
         ssh: config.ssh,
@@ -68,7 +71,7 @@ pub async fn run(
         .context("reading the listen address")?;
     tracing::info!(%addr, backend = %db.backend(), "sync-agent listening");
 
-    grpc::serve(router, listener, health, shutdown)
+    grpc::serve(router, listener, health, shutdown, shutdown_grace)
         .await
         .context("serving gRPC")?;
     db.close().await;
@@ -88,6 +91,7 @@ pub fn config_from_args(args: &config::ServeArgs) -> anyhow::Result<Config> {
     };
     Ok(Config {
         database_url: args.common.database_url.clone(),
+        shutdown_grace: args.common.shutdown_grace.into(),
         ssh: SshClient::new(args.ssh.timeouts(), args.ssh.output_cap, keys),
     })
 }

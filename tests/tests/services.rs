@@ -1,0 +1,277 @@
+//! Both services serve over real gRPC: health, reflection (grpcurl, the real client), the full
+//! contract, graceful shutdown on SIGTERM, and a clear refusal when the database is down.
+
+use std::{process::Command, time::Duration};
+
+use fleetsync_common::proto::{
+    migrator::v1::GetStatusRequest,
+    sync::v1::{ListServersRequest, StartSyncRequest},
+};
+use fleetsync_sync_agent::ssh::{ClientKeys, SshClient, Timeouts};
+use fleetsync_tests::{TestAgent, TestDb, TestMigrator, process::bin_path, services::ServeProcess};
+use tokio_stream::StreamExt;
+use tonic::Code;
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+
+fn ssh_client() -> SshClient {
+    SshClient::new(Timeouts::default(), 1024, ClientKeys::default())
+}
+
+async fn health(
+    client: &mut tonic_health::pb::health_client::HealthClient<tonic::transport::Channel>,
+    service: &str,
+) -> ServingStatus {
+    let response = client
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .expect("health check");
+    response.into_inner().status()
+}
+
+#[tokio::test]
+async fn agent_serves_health_and_its_services_on_every_backend() {
+    for backend in fleetsync_tests::db::ALL_BACKENDS {
+        let db = TestDb::create(backend).await;
+        let agent = TestAgent::spawn(db.url(), ssh_client()).await;
+        let mut health_client = agent.service.health();
+        assert_eq!(
+            health(&mut health_client, "").await,
+            ServingStatus::Serving,
+            "{backend}"
+        );
+        for service in ["fleetsync.sync.v1.SyncAgent", "fleetsync.sync.v1.Fleet"] {
+            assert_eq!(
+                health(&mut health_client, service).await,
+                ServingStatus::Serving
+            );
+        }
+        let unknown = health_client
+            .check(HealthCheckRequest {
+                service: "fleetsync.migrator.v1.Migrator".into(),
+            })
+            .await
+            .expect_err("the agent does not serve the migrator");
+        assert_eq!(unknown.code(), Code::NotFound);
+
+        // RPCs whose behaviour is still to come say so, with the right code.
+        let status = agent
+            .fleet()
+            .list_servers(ListServersRequest::default())
+            .await
+            .expect_err("not yet");
+        assert_eq!(status.code(), Code::Unimplemented);
+        assert_eq!(status.message(), "Fleet/ListServers is not implemented yet");
+        let status = agent
+            .sync()
+            .start_sync(StartSyncRequest::default())
+            .await
+            .expect_err("not yet");
+        assert_eq!(status.code(), Code::Unimplemented);
+
+        agent.service.stop().await.expect("clean stop");
+    }
+}
+
+#[tokio::test]
+async fn migrator_serves_health_and_its_service() {
+    let db = TestDb::postgres().await;
+    let migrator = TestMigrator::spawn(db.url()).await;
+    let mut health_client = migrator.service.health();
+    assert_eq!(health(&mut health_client, "").await, ServingStatus::Serving);
+    assert_eq!(
+        health(&mut health_client, "fleetsync.migrator.v1.Migrator").await,
+        ServingStatus::Serving
+    );
+    let status = migrator
+        .migrator()
+        .get_status(GetStatusRequest {})
+        .await
+        .expect_err("not yet");
+    assert_eq!(status.code(), Code::Unimplemented);
+    migrator.service.stop().await.expect("clean stop");
+}
+
+fn grpcurl(args: &[&str]) -> String {
+    // `just test` points this at the grpcurl that `just setup` installs.
+    let program = std::env::var("FLEETSYNC_GRPCURL").unwrap_or_else(|_| "grpcurl".into());
+    let output = Command::new(&program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|err| panic!("cannot run {program} ({err}): run `just setup`"));
+    assert!(
+        output.status.success(),
+        "grpcurl {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("utf-8")
+}
+
+#[tokio::test]
+async fn grpcurl_lists_describes_and_checks_health_of_the_agent_binary() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = TestDb::sqlite().await;
+    let agent = ServeProcess::start("sync-agent", &["--database-url", db.url()], dir.path());
+    let addr = agent.addr.to_string();
+
+    let list = grpcurl(&["-plaintext", &addr, "list"]);
+    let services: Vec<&str> = list.lines().collect();
+    for expected in [
+        "fleetsync.sync.v1.Fleet",
+        "fleetsync.sync.v1.SyncAgent",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        assert!(
+            services.contains(&expected),
+            "{expected} missing from {services:?}"
+        );
+    }
+    assert!(
+        !list.contains("Migrator"),
+        "the agent must not advertise the migrator: {list}"
+    );
+
+    let health = grpcurl(&["-plaintext", &addr, "grpc.health.v1.Health/Check"]);
+    assert!(health.contains("\"status\": \"SERVING\""), "{health}");
+
+    // The proto comments reach users through describe.
+    let describe = grpcurl(&[
+        "-plaintext",
+        &addr,
+        "describe",
+        "fleetsync.sync.v1.SyncAgent.StartSync",
+    ]);
+    assert!(describe.contains("Idempotent"), "{describe}");
+    let message = grpcurl(&[
+        "-plaintext",
+        &addr,
+        "describe",
+        "fleetsync.sync.v1.ServerOutcome",
+    ]);
+    assert!(message.contains("UnreachableCause cause"), "{message}");
+}
+
+#[tokio::test]
+async fn grpcurl_lists_the_migrator_binary() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = TestDb::mariadb().await;
+    let migrator = ServeProcess::start("migrator", &["--database-url", db.url()], dir.path());
+    let addr = migrator.addr.to_string();
+    let list = grpcurl(&["-plaintext", &addr, "list"]);
+    assert!(
+        list.lines().any(|l| l == "fleetsync.migrator.v1.Migrator"),
+        "{list}"
+    );
+    assert!(list.lines().any(|l| l == "grpc.health.v1.Health"), "{list}");
+    assert!(!list.contains("fleetsync.sync"), "{list}");
+    let health = grpcurl(&[
+        "-plaintext",
+        "-d",
+        r#"{"service":"fleetsync.migrator.v1.Migrator"}"#,
+        &addr,
+        "grpc.health.v1.Health/Check",
+    ]);
+    assert!(health.contains("SERVING"), "{health}");
+}
+
+#[tokio::test]
+async fn sigterm_turns_health_not_serving_then_exits_cleanly() {
+    for binary in ["sync-agent", "migrator"] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = TestDb::sqlite().await;
+        let mut process = ServeProcess::start(
+            binary,
+            &["--database-url", db.url(), "--shutdown-grace", "1s"],
+            dir.path(),
+        );
+        let channel = fleetsync_tests::services::connect(process.addr).await;
+        let mut health_client = tonic_health::pb::health_client::HealthClient::new(channel);
+        let mut watch = health_client
+            .watch(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        let first = watch.next().await.expect("first status").expect("ok");
+        assert_eq!(first.status(), ServingStatus::Serving);
+
+        let status = process.terminate(Duration::from_secs(10));
+        assert!(
+            status.success(),
+            "{binary} exited with {status} after SIGTERM"
+        );
+        // NOT_SERVING reached the watcher before the server went away.
+        let mut saw_not_serving = false;
+        while let Some(Ok(update)) = watch.next().await {
+            saw_not_serving |= update.status() == ServingStatus::NotServing;
+        }
+        assert!(saw_not_serving, "{binary}: no NOT_SERVING before exit");
+        let log = process.log();
+        assert!(log.contains("shutting down"), "{log}");
+        // The open watch is closed after the grace period rather than holding the exit forever.
+        assert!(log.contains("after the shutdown grace period"), "{log}");
+    }
+}
+
+#[tokio::test]
+async fn a_database_that_is_down_is_a_clear_startup_error() {
+    // Port 1 on loopback: nothing listens, connection refused at once.
+    for (binary, url) in [
+        ("sync-agent", "postgres://postgres:hunter2@127.0.0.1:1/nope"),
+        ("migrator", "mysql://root:hunter2@127.0.0.1:1/nope"),
+    ] {
+        let output = Command::new(bin_path(binary))
+            .args(["serve", "--listen", "127.0.0.1:0", "--database-url", url])
+            .output()
+            .expect("run");
+        assert!(!output.status.success(), "{binary} must fail");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("cannot connect to"), "{stderr}");
+        assert!(stderr.contains("127.0.0.1:1"), "{stderr}");
+        assert!(!stderr.contains("hunter2"), "password leaked: {stderr}");
+    }
+    let output = Command::new(bin_path("sync-agent"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            "redis://x",
+        ])
+        .output()
+        .expect("run");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("unsupported scheme `redis`"), "{stderr}");
+}
+
+#[test]
+fn help_documents_every_flag_with_its_environment_variable() {
+    let output = Command::new(bin_path("sync-agent"))
+        .args(["serve", "--help"])
+        .output()
+        .expect("run");
+    let help = String::from_utf8_lossy(&output.stdout);
+    for flag in [
+        "--listen",
+        "--database-url",
+        "--ssh-key",
+        "--connect-timeout",
+        "--command-timeout",
+        "--output-cap",
+        "[env: DATABASE_URL=",
+        "[env: FLEETSYNC_SSH_KEYS=",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from:\n{help}");
+    }
+    let output = Command::new(bin_path("migrator"))
+        .args(["serve", "--help"])
+        .output()
+        .expect("run");
+    let help = String::from_utf8_lossy(&output.stdout);
+    assert!(help.contains("[default: 127.0.0.1:50052]"), "{help}");
+}
