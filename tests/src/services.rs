@@ -130,6 +130,7 @@ impl TestMigrator {
         let config = fleetsync_migrator::Config {
             database_url: database_url.to_owned(),
             shutdown_grace: Duration::from_secs(1),
+            lock_timeout: Duration::from_secs(60),
         };
         let service = Running::spawn(move |listener, shutdown| {
             fleetsync_migrator::run(config, listener, shutdown)

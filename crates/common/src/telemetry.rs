@@ -16,7 +16,13 @@ pub enum LogFormat {
 /// Installs the global subscriber. Does nothing if one is installed already (tests call it
 /// more than once).
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    init_with_default(format, "info");
+}
+
+/// Like [`init`], with another level when `RUST_LOG` is not set (command-line tools that print
+/// their own output use `warn`).
+pub fn init_with_default(format: LogFormat, default: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let registry = tracing_subscriber::registry().with(filter);
     let ansi = std::io::stderr().is_terminal();
     let result = match format {

@@ -2,11 +2,15 @@
 
 use std::net::SocketAddr;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use fleetsync_common::cli::CommonArgs;
 
 /// The fleetsync migrator: applies the control-plane schema atomically and retryably, and never
 /// connects to a managed server.
+///
+/// Exit status: 0 success; 1 failure (database unreachable, a migration failed, lock timeout);
+/// 2 bad command line; 3 the database and this binary disagree (an applied migration was
+/// edited, the database has versions this binary does not know, `verify` found problems).
 #[derive(Debug, Parser)]
 #[command(name = "migrator", version, propagate_version = true)]
 pub struct Cli {
@@ -18,8 +22,84 @@ pub struct Cli {
 /// The migrator's subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Apply pending migrations, then hand their sync requests to the sync-agent (best effort:
+    /// an unreachable agent is a warning, the requests stay pending, the exit status stays 0).
+    Migrate(MigrateArgs),
+    /// Show every migration's state, and the pending sync requests.
+    Status(ReadArgs),
+    /// Print the exact SQL that `migrate` would run, without running it.
+    Plan(PlanArgs),
+    /// Check applied migrations against this binary: edited, unknown, missing, partial, failed.
+    Verify(ReadArgs),
     /// Serve the Migrator gRPC service (with health and reflection).
     Serve(ServeArgs),
+}
+
+/// Output format of the commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Lines for people.
+    Human,
+    /// One JSON document on stdout, for scripts.
+    Json,
+}
+
+/// Arguments of commands that only read.
+#[derive(Debug, Clone, Args)]
+pub struct ReadArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+
+    /// Output format.
+    #[arg(long, short, env = "FLEETSYNC_OUTPUT", value_enum, default_value_t = Output::Human)]
+    pub output: Output,
+}
+
+/// `migrator plan`.
+#[derive(Debug, Clone, Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub read: ReadArgs,
+
+    /// Plan up to and including this version (default: the latest).
+    #[arg(long)]
+    pub target: Option<i64>,
+}
+
+/// `migrator migrate`.
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub read: ReadArgs,
+
+    /// Apply up to and including this version (default: the latest).
+    #[arg(long)]
+    pub target: Option<i64>,
+
+    /// The sync-agent to hand sync requests to.
+    #[arg(
+        long,
+        env = "FLEETSYNC_AGENT_URL",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub agent_url: String,
+
+    /// Deadline for handing sync requests to the agent; past it the requests stay pending.
+    #[arg(long, env = "FLEETSYNC_AGENT_TIMEOUT", default_value = "2s")]
+    pub agent_timeout: humantime::Duration,
+
+    /// Record sync requests but do not contact the agent (it picks them up itself).
+    #[arg(long, env = "FLEETSYNC_NO_DISPATCH")]
+    pub no_dispatch: bool,
+
+    /// Longest wait for another migrator holding the migration lock.
+    #[arg(long, env = "FLEETSYNC_LOCK_TIMEOUT", default_value = "60s")]
+    pub lock_timeout: humantime::Duration,
+
+    /// Test hook: SIGKILL this process at a crash point (`VERSION:STATEMENT`,
+    /// `VERSION:STATEMENT:journal` or `VERSION:commit`).
+    #[arg(long, env = "FLEETSYNC_CRASH_AT", hide = true)]
+    pub crash_at: Option<String>,
 }
 
 /// `migrator serve`.
@@ -35,6 +115,10 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub common: CommonArgs,
+
+    /// Longest wait for another migrator holding the migration lock.
+    #[arg(long, env = "FLEETSYNC_LOCK_TIMEOUT", default_value = "60s")]
+    pub lock_timeout: humantime::Duration,
 }
 
 #[cfg(test)]
@@ -46,7 +130,20 @@ mod tests {
     fn cli_is_consistent() {
         Cli::command().debug_assert();
         let cli = Cli::try_parse_from(["migrator", "serve"]).unwrap();
-        let Command::Serve(args) = cli.command;
+        let Command::Serve(args) = cli.command else {
+            panic!("serve")
+        };
         assert_eq!(args.listen.to_string(), "127.0.0.1:50052");
+        let cli =
+            Cli::try_parse_from(["migrator", "migrate", "--target", "5", "-o", "json"]).unwrap();
+        let Command::Migrate(args) = cli.command else {
+            panic!("migrate")
+        };
+        assert_eq!(args.target, Some(5));
+        assert_eq!(args.read.output, Output::Json);
+        assert_eq!(
+            std::time::Duration::from(args.agent_timeout),
+            std::time::Duration::from_secs(2)
+        );
     }
 }

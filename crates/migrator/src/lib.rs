@@ -2,7 +2,12 @@
 //! re-synced. Its only network peer is the sync-agent; it never connects to a managed server.
 #![forbid(unsafe_code)]
 
+pub mod commands;
 pub mod config;
+mod conn;
+pub mod engine;
+pub mod migration;
+pub mod outbox;
 pub mod service;
 
 use anyhow::Context;
@@ -23,6 +28,8 @@ pub struct Config {
     pub database_url: String,
     /// How long calls in flight may take to finish on shutdown.
     pub shutdown_grace: std::time::Duration,
+    /// Longest wait for another migrator's lock.
+    pub lock_timeout: std::time::Duration,
 }
 
 /// Serves the `Migrator` service on `listener` until `shutdown` is cancelled.
@@ -41,7 +48,10 @@ pub async fn run(
     )
     .await
     .context("building the gRPC server")?;
-    let router = router.add_service(MigratorServer::new(MigratorService::new(db.clone())));
+    let router = router.add_service(MigratorServer::new(MigratorService::new(
+        db.clone(),
+        config.lock_timeout,
+    )));
 
     db.ping()
         .await

@@ -5,9 +5,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use fleetsync_common::{shutdown, telemetry};
+use fleetsync_common::{Db, shutdown, telemetry};
 use fleetsync_migrator::{
-    Config,
+    Config, commands,
     config::{Cli, Command},
 };
 
@@ -15,7 +15,7 @@ use fleetsync_migrator::{
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
@@ -23,7 +23,7 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => {
             telemetry::init(args.common.log_format.into());
@@ -34,8 +34,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = Config {
                 database_url: args.common.database_url,
                 shutdown_grace: args.common.shutdown_grace.into(),
+                lock_timeout: args.lock_timeout.into(),
             };
-            fleetsync_migrator::run(config, listener, shutdown).await
+            fleetsync_migrator::run(config, listener, shutdown).await?;
+            Ok(ExitCode::SUCCESS)
         }
+        Command::Migrate(args) => {
+            let db = open(&args.read.common).await?;
+            commands::migrate(db, &args).await
+        }
+        Command::Status(args) => commands::status(open(&args.common).await?, &args).await,
+        Command::Plan(args) => commands::plan(open(&args.read.common).await?, &args).await,
+        Command::Verify(args) => commands::verify(open(&args.common).await?, &args).await,
     }
+}
+
+async fn open(common: &fleetsync_common::cli::CommonArgs) -> anyhow::Result<Db> {
+    telemetry::init_with_default(common.log_format.into(), "warn");
+    Ok(Db::connect(&common.database_url).await?)
 }

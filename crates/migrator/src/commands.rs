@@ -1,0 +1,326 @@
+//! The command-line commands (`migrate`, `status`, `plan`, `verify`) with human and JSON output.
+
+use std::{
+    process::ExitCode,
+    time::{Duration, UNIX_EPOCH},
+};
+
+use fleetsync_common::Db;
+use serde_json::{Value, json};
+
+use crate::{
+    config::{MigrateArgs, Output, PlanArgs, ReadArgs},
+    engine::{Engine, EngineError, Event, Options, Status},
+    outbox::{AgentTarget, dispatch_pending},
+};
+
+/// Exit status for refusals where the database and the binary disagree.
+pub const EXIT_VERIFICATION: u8 = 3;
+
+fn exit_for(err: &EngineError) -> ExitCode {
+    if err.is_verification() {
+        ExitCode::from(EXIT_VERIFICATION)
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn print_json(value: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("JSON values serialise")
+    );
+}
+
+fn time(ms: Option<i64>) -> String {
+    ms.and_then(|ms| u64::try_from(ms).ok())
+        .map(|ms| {
+            humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+        })
+        .unwrap_or_default()
+}
+
+/// `migrator status`.
+pub async fn status(db: Db, args: &ReadArgs) -> anyhow::Result<ExitCode> {
+    let engine = Engine::new(db, Options::default());
+    let status = engine.status().await?;
+    match args.output {
+        Output::Json => print_json(&status_json(&status)),
+        Output::Human => print_status(&status),
+    }
+    Ok(if status.unknown_versions.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_VERIFICATION)
+    })
+}
+
+fn status_json(status: &Status) -> Value {
+    json!({
+        "backend": status.backend.as_str(),
+        "current_version": status.current_version,
+        "latest_version": status.latest_version,
+        "unknown_versions": status.unknown_versions,
+        "pending_sync_requests": status.pending_sync_requests,
+        "migrations": status.migrations.iter().map(|m| {
+            let h = m.history.as_ref();
+            json!({
+                "version": m.migration.version,
+                "name": m.migration.name,
+                "state": m.state.as_str(),
+                "checksum": m.migration.checksum,
+                "applied_checksum": h.map(|h| h.checksum.clone()),
+                "statements_applied": h.map_or(0, |h| h.statements_applied),
+                "statements_total": m.migration.statements.len(),
+                "resync": m.migration.resync.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+                "started_at": h.and_then(|h| h.started_at),
+                "finished_at": h.and_then(|h| h.finished_at),
+                "duration_ms": h.and_then(|h| h.duration_ms),
+                "installed_by": h.map(|h| h.installed_by.clone()),
+                "error": h.and_then(|h| h.error.clone()),
+                "failing_statement": h.and_then(|h| h.failing_statement.clone()),
+            })
+        }).collect::<Vec<_>>(),
+    })
+}
+
+fn print_status(status: &Status) {
+    println!(
+        "backend {}: at version {} of {}",
+        status.backend, status.current_version, status.latest_version
+    );
+    println!("{:<16} {:<8} {:<40} APPLIED", "VERSION", "STATE", "NAME");
+    for m in &status.migrations {
+        let h = m.history.as_ref();
+        let when = match h {
+            Some(h) if m.state == crate::engine::State::Applied => format!(
+                "{} ({} ms)",
+                time(h.finished_at),
+                h.duration_ms.unwrap_or_default()
+            ),
+            Some(h) => format!(
+                "{}/{} statements{}",
+                h.statements_applied,
+                m.migration.statements.len(),
+                h.error
+                    .as_deref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            ),
+            None => String::new(),
+        };
+        println!(
+            "{:<16} {:<8} {:<40} {}",
+            m.migration.version,
+            m.state.as_str(),
+            m.migration.name,
+            when
+        );
+    }
+    for version in &status.unknown_versions {
+        println!("{version:<16} unknown  (recorded in the database, not in this binary)");
+    }
+    println!("pending sync requests: {}", status.pending_sync_requests);
+}
+
+/// `migrator plan`.
+pub async fn plan(db: Db, args: &PlanArgs) -> anyhow::Result<ExitCode> {
+    let engine = Engine::new(db, Options::default());
+    let planned = match engine.plan(args.target.unwrap_or(0)).await {
+        Ok(planned) => planned,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return Ok(exit_for(&err));
+        }
+    };
+    match args.read.output {
+        Output::Json => print_json(&json!({
+            "migrations": planned.iter().map(|p| json!({
+                "version": p.version,
+                "name": p.name,
+                "transactional": p.transactional,
+                "statements": p.statements,
+                "resync": p.resync,
+            })).collect::<Vec<_>>(),
+        })),
+        Output::Human => {
+            if planned.is_empty() {
+                println!("-- nothing to migrate");
+            }
+            for p in &planned {
+                println!("-- {} {}", p.version, p.name);
+                if !p.resync.is_empty() {
+                    println!("-- then re-sync: {}", p.resync.join(", "));
+                }
+                if p.transactional {
+                    println!("BEGIN;");
+                }
+                for statement in &p.statements {
+                    println!("{statement};");
+                }
+                if p.transactional {
+                    println!("COMMIT;");
+                }
+                println!();
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `migrator verify`.
+pub async fn verify(db: Db, args: &ReadArgs) -> anyhow::Result<ExitCode> {
+    let engine = Engine::new(db, Options::default());
+    let problems = engine.verify().await?;
+    match args.output {
+        Output::Json => print_json(&json!({
+            "ok": problems.is_empty(),
+            "problems": problems.iter().map(|p| json!({"version": p.version, "problem": p.problem})).collect::<Vec<_>>(),
+        })),
+        Output::Human if problems.is_empty() => {
+            println!("ok: every applied migration matches this binary")
+        }
+        Output::Human => {
+            for p in &problems {
+                println!("{}: {}", p.version, p.problem);
+            }
+        }
+    }
+    Ok(if problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_VERIFICATION)
+    })
+}
+
+/// `migrator migrate`.
+pub async fn migrate(db: Db, args: &MigrateArgs) -> anyhow::Result<ExitCode> {
+    let human = args.read.output == Output::Human;
+    let options = Options {
+        lock_timeout: args.lock_timeout.into(),
+        crash_at: args.crash_at.clone(),
+        ..Options::default()
+    };
+    let engine = Engine::new(db.clone(), options);
+    let mut events = Vec::new();
+    let result = engine
+        .migrate(args.target.unwrap_or(0), &mut |event| {
+            if human {
+                print_event(&event);
+            }
+            events.push(event);
+        })
+        .await;
+
+    // Whatever happened, requests that did commit are handed over (best effort).
+    let dispatches = if args.no_dispatch {
+        Vec::new()
+    } else {
+        let agent = AgentTarget {
+            url: args.agent_url.clone(),
+            timeout: args.agent_timeout.into(),
+        };
+        match dispatch_pending(&db, &agent).await {
+            Ok(dispatches) => dispatches,
+            Err(err) => {
+                eprintln!("warning: could not read the sync requests to hand over: {err}");
+                Vec::new()
+            }
+        }
+    };
+    if human {
+        match &result {
+            Ok(report) if report.applied.is_empty() => {
+                println!(
+                    "nothing to migrate: the database is at version {}",
+                    report.current_version
+                );
+            }
+            Ok(report) => println!(
+                "done: {} migration(s) applied, the database is at version {}",
+                report.applied.len(),
+                report.current_version
+            ),
+            Err(err) => eprintln!("error: {err}"),
+        }
+        for d in &dispatches {
+            match &d.result {
+                Ok(job) => println!(
+                    "sync request {} handed to the sync-agent: job {job}",
+                    d.request_id
+                ),
+                Err(why) => eprintln!(
+                    "warning: sync request {} stays pending ({why}); the sync-agent takes it when it runs",
+                    d.request_id
+                ),
+            }
+        }
+    } else {
+        print_json(&json!({
+            "success": result.is_ok(),
+            "error": result.as_ref().err().map(ToString::to_string),
+            "applied": result.as_ref().map(|r| r.applied.clone()).unwrap_or_default(),
+            "current_version": result.as_ref().map(|r| r.current_version).ok(),
+            "sync_requests": result.as_ref().map(|r| r.sync_requests.clone()).unwrap_or_default(),
+            "events": events.iter().map(event_json).collect::<Vec<_>>(),
+            "dispatch": dispatches.iter().map(|d| json!({
+                "request_id": d.request_id,
+                "job_id": d.result.as_ref().ok(),
+                "error": d.result.as_ref().err(),
+            })).collect::<Vec<_>>(),
+        }));
+    }
+    Ok(match &result {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(err) => exit_for(err),
+    })
+}
+
+fn print_event(event: &Event) {
+    match event {
+        Event::Started {
+            version,
+            name,
+            statements,
+        } => println!("applying {version} {name} ({statements} statement(s))"),
+        Event::Applied {
+            version,
+            duration,
+            sync_request,
+        } => {
+            let ms = duration.as_millis();
+            match sync_request {
+                Some(id) => println!("  applied {version} in {ms} ms; recorded sync request {id}"),
+                None => println!("  applied {version} in {ms} ms"),
+            }
+        }
+        Event::Failed { version, .. } => println!("  {version} failed"),
+    }
+}
+
+fn event_json(event: &Event) -> Value {
+    match event {
+        Event::Started {
+            version,
+            name,
+            statements,
+        } => {
+            json!({"event": "started", "version": version, "name": name, "statements": statements})
+        }
+        Event::Applied {
+            version,
+            duration,
+            sync_request,
+        } => {
+            json!({"event": "applied", "version": version, "duration_ms": duration.as_millis() as u64, "sync_request": sync_request})
+        }
+        Event::Failed {
+            version,
+            duration,
+            error,
+            statement,
+        } => {
+            json!({"event": "failed", "version": version, "duration_ms": duration.as_millis() as u64, "error": error, "statement": statement})
+        }
+    }
+}

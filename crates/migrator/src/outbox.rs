@@ -1,0 +1,204 @@
+//! The outbox of sync requests that migrations record, and the best-effort fast path that hands
+//! them to the sync-agent right after migrating. A request the agent did not take stays
+//! pending: the agent drains pending requests when it starts and periodically.
+
+use std::time::Duration;
+
+use fleetsync_common::{
+    Db,
+    proto::sync::v1::{StartSyncRequest, SyncScope, sync_agent_client::SyncAgentClient},
+};
+use tonic::transport::Endpoint;
+
+use crate::{
+    conn::{Arg, Conn, OUTBOX_TABLE},
+    engine::now_ms,
+};
+
+/// Where the sync-agent is.
+#[derive(Debug, Clone)]
+pub struct AgentTarget {
+    /// gRPC URL, e.g. `http://127.0.0.1:50051`.
+    pub url: String,
+    /// Deadline for the whole hand-over (connect included).
+    pub timeout: Duration,
+}
+
+/// What became of one pending request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dispatch {
+    /// The request's id.
+    pub request_id: String,
+    /// The agent's job id, or why the agent did not take it.
+    pub result: Result<String, String>,
+}
+
+/// A pending sync request.
+#[derive(Debug, Clone)]
+struct Pending {
+    id: String,
+    scopes: String,
+    reason: String,
+}
+
+/// Hands every pending request to the agent within the deadline. Never fails the caller for the
+/// agent's sake: an unreachable, slow or refusing agent yields `Err` results, and the requests
+/// stay pending. Only the database's own errors are returned as `Err`.
+pub async fn dispatch_pending(db: &Db, agent: &AgentTarget) -> Result<Vec<Dispatch>, sqlx::Error> {
+    let mut conn = Conn::open(db).await?;
+    let pending = read_pending(&mut conn).await;
+    let pending = match pending {
+        Ok(p) => p,
+        Err(err) => {
+            conn.close().await;
+            return Err(err);
+        }
+    };
+    if pending.is_empty() {
+        conn.close().await;
+        return Ok(Vec::new());
+    }
+
+    let results = match tokio::time::timeout(agent.timeout, hand_over(&pending, agent)).await {
+        Ok(results) => results,
+        Err(_) => pending
+            .iter()
+            .map(|p| Dispatch {
+                request_id: p.id.clone(),
+                result: Err(format!(
+                    "the sync-agent at {} did not answer within {}",
+                    agent.url,
+                    humantime::format_duration(agent.timeout)
+                )),
+            })
+            .collect(),
+    };
+
+    for dispatch in &results {
+        let update = match &dispatch.result {
+            Ok(job_id) => {
+                conn.exec(
+                    &format!(
+                        "UPDATE {OUTBOX_TABLE} SET state = 'dispatched', job_id = ?, \
+                         dispatched_at = ?, last_error = NULL WHERE id = ? AND state = 'pending'"
+                    ),
+                    vec![
+                        Arg::Str(job_id.clone()),
+                        Arg::I64(now_ms()),
+                        Arg::Str(dispatch.request_id.clone()),
+                    ],
+                )
+                .await
+            }
+            Err(error) => {
+                conn.exec(
+                    &format!("UPDATE {OUTBOX_TABLE} SET last_error = ? WHERE id = ?"),
+                    vec![
+                        Arg::Str(error.clone()),
+                        Arg::Str(dispatch.request_id.clone()),
+                    ],
+                )
+                .await
+            }
+        };
+        if let Err(err) = update {
+            conn.close().await;
+            return Err(err);
+        }
+    }
+    conn.close().await;
+    Ok(results)
+}
+
+async fn read_pending(conn: &mut Conn) -> Result<Vec<Pending>, sqlx::Error> {
+    if !conn.table_exists(OUTBOX_TABLE).await? {
+        return Ok(Vec::new());
+    }
+    let rows = conn.pending_requests().await?;
+    let pending = rows
+        .into_iter()
+        .map(|(id, scopes, reason)| Pending { id, scopes, reason })
+        .collect();
+    Ok(pending)
+}
+
+async fn hand_over(pending: &[Pending], agent: &AgentTarget) -> Vec<Dispatch> {
+    let failed_all = |error: String| {
+        pending
+            .iter()
+            .map(|p| Dispatch {
+                request_id: p.id.clone(),
+                result: Err(error.clone()),
+            })
+            .collect::<Vec<_>>()
+    };
+    let endpoint = match Endpoint::from_shared(agent.url.clone()) {
+        Ok(endpoint) => endpoint
+            .connect_timeout(agent.timeout)
+            .timeout(agent.timeout),
+        Err(err) => return failed_all(format!("invalid agent URL {}: {err}", agent.url)),
+    };
+    let channel = match endpoint.connect().await {
+        Ok(channel) => channel,
+        Err(err) => {
+            return failed_all(format!(
+                "cannot reach the sync-agent at {}: {}",
+                agent.url,
+                error_chain(&err)
+            ));
+        }
+    };
+    let mut client = SyncAgentClient::new(channel);
+    let mut results = Vec::with_capacity(pending.len());
+    for request in pending {
+        let scopes = request
+            .scopes
+            .split(',')
+            .filter_map(|s| match s {
+                "databases" => Some(SyncScope::Databases as i32),
+                "charsets" => Some(SyncScope::Charsets as i32),
+                "users" => Some(SyncScope::Users as i32),
+                _ => None,
+            })
+            .collect();
+        let result = client
+            .start_sync(StartSyncRequest {
+                request_id: request.id.clone(),
+                server_ids: Vec::new(),
+                all_servers: true,
+                scopes,
+                force: false,
+                reason: request.reason.clone(),
+            })
+            .await
+            .map(|response| response.into_inner().job_id)
+            .map_err(|status| {
+                format!(
+                    "the sync-agent at {} refused: {:?}: {}",
+                    agent.url,
+                    status.code(),
+                    status.message()
+                )
+            });
+        results.push(Dispatch {
+            request_id: request.id.clone(),
+            result,
+        });
+    }
+    results
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        // Transport errors repeat their cause in their own message.
+        if !message.ends_with(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message
+}
