@@ -3,8 +3,10 @@
 //! and the real services spawned on ephemeral ports with typed gRPC clients.
 #![forbid(unsafe_code)]
 
+pub mod catalog;
 pub mod db;
 pub mod fleet;
+pub mod migrator;
 pub mod netns;
 pub mod process;
 pub mod services;

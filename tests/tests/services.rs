@@ -4,7 +4,9 @@
 use std::{process::Command, time::Duration};
 
 use fleetsync_common::proto::{
-    migrator::v1::GetStatusRequest,
+    migrator::v1::{
+        GetStatusRequest, MigrateRequest, MigrationState, PlanRequest, VerifyRequest, migrate_event,
+    },
     sync::v1::{ListServersRequest, StartSyncRequest},
 };
 use fleetsync_sync_agent::ssh::{ClientKeys, SshClient, Timeouts};
@@ -75,7 +77,7 @@ async fn agent_serves_health_and_its_services_on_every_backend() {
 }
 
 #[tokio::test]
-async fn migrator_serves_health_and_its_service() {
+async fn migrator_service_reports_plans_and_migrates_alongside_the_cli() {
     let db = TestDb::postgres().await;
     let migrator = TestMigrator::spawn(db.url()).await;
     let mut health_client = migrator.service.health();
@@ -84,12 +86,98 @@ async fn migrator_serves_health_and_its_service() {
         health(&mut health_client, "fleetsync.migrator.v1.Migrator").await,
         ServingStatus::Serving
     );
-    let status = migrator
-        .migrator()
+    let mut client = migrator.migrator();
+
+    let status = client
         .get_status(GetStatusRequest {})
         .await
-        .expect_err("not yet");
-    assert_eq!(status.code(), Code::Unimplemented);
+        .expect("status")
+        .into_inner();
+    assert_eq!(status.backend, "postgres");
+    assert_eq!(status.current_version, 0);
+    assert_eq!(status.migrations.len(), 7);
+    let plan = client
+        .plan(PlanRequest { target_version: 0 })
+        .await
+        .expect("plan")
+        .into_inner();
+    assert_eq!(plan.migrations.len(), 7);
+    assert!(plan.migrations[0].statements[0].starts_with("CREATE TABLE servers"));
+
+    // Bad targets are the caller's fault.
+    let err = client
+        .plan(PlanRequest { target_version: -1 })
+        .await
+        .expect_err("negative");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = client
+        .plan(PlanRequest { target_version: 42 })
+        .await
+        .expect_err("unknown");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("no migration has version 42"),
+        "{}",
+        err.message()
+    );
+
+    // The RPC and the CLI at once: serialised by the lock, each migration applied once.
+    let url = db.url().to_owned();
+    let cli = tokio::spawn(async move {
+        fleetsync_tests::migrator::migrator(&url, &["migrate", "--no-dispatch"]).await
+    });
+    let mut stream = client
+        .migrate(MigrateRequest { target_version: 0 })
+        .await
+        .expect("migrate")
+        .into_inner();
+    let mut rpc_applied = Vec::new();
+    let mut summary = None;
+    while let Some(event) = stream.next().await {
+        match event.expect("event").event.expect("event body") {
+            migrate_event::Event::Finished(f) => {
+                assert_eq!(f.state(), MigrationState::Applied, "{f:?}");
+                rpc_applied.push(f.version);
+            }
+            migrate_event::Event::Summary(s) => summary = Some(s),
+            migrate_event::Event::Started(_) => {}
+        }
+    }
+    let summary = summary.expect("the stream ends with a summary");
+    assert!(summary.success, "{}", summary.error);
+    assert_eq!(summary.applied, rpc_applied);
+    let cli = cli.await.expect("cli task");
+    assert_eq!(cli.code(), 0, "{}", cli.stderr);
+    let cli_applied = cli
+        .stdout
+        .lines()
+        .filter(|l| l.trim_start().starts_with("applied "))
+        .count();
+    assert_eq!(
+        rpc_applied.len() + cli_applied,
+        7,
+        "each migration applied exactly once"
+    );
+
+    let verify = client
+        .verify(VerifyRequest {})
+        .await
+        .expect("verify")
+        .into_inner();
+    assert!(verify.ok, "{:?}", verify.problems);
+    let status = client
+        .get_status(GetStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!(status.current_version, status.latest_version);
+    assert_eq!(status.pending_sync_requests, 1);
+    assert!(
+        status
+            .migrations
+            .iter()
+            .all(|m| m.state() == MigrationState::Applied)
+    );
     migrator.service.stop().await.expect("clean stop");
 }
 

@@ -172,13 +172,18 @@ async fn hand_over(pending: &[Pending], agent: &AgentTarget) -> Vec<Dispatch> {
             })
             .await
             .map(|response| response.into_inner().job_id)
-            .map_err(|status| {
-                format!(
-                    "the sync-agent at {} refused: {:?}: {}",
+            .map_err(|status| match status.code() {
+                // The client-side deadline ends a call as Cancelled.
+                tonic::Code::Cancelled | tonic::Code::DeadlineExceeded => format!(
+                    "the sync-agent at {} did not answer within {}",
                     agent.url,
-                    status.code(),
+                    humantime::format_duration(agent.timeout)
+                ),
+                code => format!(
+                    "the sync-agent at {} refused: {code:?}: {}",
+                    agent.url,
                     status.message()
-                )
+                ),
             });
         results.push(Dispatch {
             request_id: request.id.clone(),

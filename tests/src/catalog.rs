@@ -1,0 +1,94 @@
+//! Catalog dumps: the schema of a control-plane database as sorted text lines, to compare two
+//! databases (a clean run against one recovered from a crash), plus the engine's own records.
+
+use fleetsync_common::{Backend, Db};
+use sqlx::AssertSqlSafe;
+
+/// Everything that defines the schema and the migration records, one fact per line.
+pub async fn dump(db: &Db) -> Vec<String> {
+    let queries: &[&str] = match db.backend() {
+        Backend::Sqlite => &[
+            "SELECT type || ' ' || name || ' ' || tbl_name || ' ' || COALESCE(sql, '') \
+             FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY type, name",
+        ],
+        Backend::Postgres => &[
+            "SELECT table_name || '.' || column_name || ' ' || ordinal_position || ' ' || \
+             data_type || ' ' || is_nullable || ' ' || COALESCE(column_default, 'NULL') \
+             FROM information_schema.columns WHERE table_schema = current_schema() \
+             ORDER BY table_name, ordinal_position",
+            "SELECT indexdef FROM pg_indexes WHERE schemaname = current_schema() ORDER BY indexname",
+            "SELECT conrelid::regclass::text || ' ' || conname || ' ' || pg_get_constraintdef(oid) \
+             FROM pg_constraint WHERE connamespace = current_schema()::regnamespace \
+             ORDER BY conrelid::regclass::text, conname",
+        ],
+        Backend::MySql => &[
+            "SELECT CONCAT_WS(' ', table_name, column_name, ordinal_position, column_type, \
+             is_nullable, IFNULL(column_default, 'NULL'), IFNULL(collation_name, '-')) \
+             FROM information_schema.columns WHERE table_schema = DATABASE() \
+             ORDER BY table_name, ordinal_position",
+            "SELECT CONCAT_WS(' ', table_name, index_name, non_unique, seq_in_index, column_name) \
+             FROM information_schema.statistics WHERE table_schema = DATABASE() \
+             ORDER BY table_name, index_name, seq_in_index",
+            "SELECT CONCAT_WS(' ', constraint_name, table_name, referenced_table_name, \
+             delete_rule) FROM information_schema.referential_constraints \
+             WHERE constraint_schema = DATABASE() ORDER BY constraint_name",
+        ],
+    };
+    let mut lines = Vec::new();
+    for query in queries {
+        lines.extend(strings(db, query).await);
+    }
+    lines.extend(
+        strings(
+            db,
+            "SELECT CONCAT(version, ' ', state, ' ', statements_applied, ' ', checksum) \
+             FROM fleetsync_schema_history ORDER BY version",
+        )
+        .await
+        .into_iter()
+        .map(|l| format!("history {l}")),
+    );
+    lines.extend(
+        strings(
+            db,
+            "SELECT CONCAT(id, ' ', scopes, ' ', state) FROM sync_requests ORDER BY id",
+        )
+        .await
+        .into_iter()
+        .map(|l| format!("outbox {l}")),
+    );
+    lines
+}
+
+/// Rows of one text column.
+pub async fn strings(db: &Db, sql: &str) -> Vec<String> {
+    let sql = AssertSqlSafe(sql.to_owned());
+    let result = match db {
+        Db::Sqlite(pool) => sqlx::query_scalar(sql).fetch_all(pool).await,
+        Db::Postgres(pool) => sqlx::query_scalar(sql).fetch_all(pool).await,
+        Db::MySql(pool) => sqlx::query_scalar(sql).fetch_all(pool).await,
+    };
+    result.unwrap_or_else(|err| panic!("catalog query failed: {err}"))
+}
+
+/// Runs one statement (test setup: registering servers, faking history).
+pub async fn execute(db: &Db, sql: &str) {
+    let sql = AssertSqlSafe(sql.to_owned());
+    let result = match db {
+        Db::Sqlite(pool) => sqlx::raw_sql(sql).execute(pool).await.map(drop),
+        Db::Postgres(pool) => sqlx::raw_sql(sql).execute(pool).await.map(drop),
+        Db::MySql(pool) => sqlx::raw_sql(sql).execute(pool).await.map(drop),
+    };
+    result.unwrap_or_else(|err| panic!("statement failed: {err}"));
+}
+
+/// One integer.
+pub async fn count(db: &Db, sql: &str) -> i64 {
+    let sql = AssertSqlSafe(sql.to_owned());
+    let result = match db {
+        Db::Sqlite(pool) => sqlx::query_scalar(sql).fetch_one(pool).await,
+        Db::Postgres(pool) => sqlx::query_scalar(sql).fetch_one(pool).await,
+        Db::MySql(pool) => sqlx::query_scalar(sql).fetch_one(pool).await,
+    };
+    result.unwrap_or_else(|err| panic!("count failed: {err}"))
+}

@@ -1,0 +1,61 @@
+//! Running the real `migrator` binary from tests.
+
+use std::{
+    os::unix::process::ExitStatusExt,
+    process::{ExitStatus, Stdio},
+    time::Duration,
+};
+
+use crate::process::bin_path;
+
+/// What a `migrator` run did.
+#[derive(Debug)]
+pub struct Run {
+    /// Exit status (a signal if it was killed).
+    pub status: ExitStatus,
+    /// Everything on stdout.
+    pub stdout: String,
+    /// Everything on stderr.
+    pub stderr: String,
+}
+
+impl Run {
+    /// The exit code; panics if the process was killed.
+    pub fn code(&self) -> i32 {
+        self.status.code().unwrap_or_else(|| {
+            panic!(
+                "killed by signal {:?}: {}",
+                self.status.signal(),
+                self.stderr
+            )
+        })
+    }
+
+    /// True if SIGKILL ended it.
+    pub fn killed(&self) -> bool {
+        self.status.signal() == Some(9)
+    }
+}
+
+/// Runs `migrator ARGS... --database-url URL` (a minute at most).
+pub async fn migrator(url: &str, args: &[&str]) -> Run {
+    let child = tokio::process::Command::new(bin_path("migrator"))
+        .args(args)
+        .args(["--database-url", url])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn migrator");
+    let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("migrator finishes within 60s")
+        .expect("wait for migrator");
+    Run {
+        status: output.status,
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
