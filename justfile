@@ -54,6 +54,11 @@ build:
 test: setup build
     cargo test --workspace --locked
 
+# Benchmark: migrate time with 0, 1,000 and 10,000 unreachable servers on each backend (BENCH_RUNS=7)
+bench-migrate: setup
+    cargo build --release --locked --bins
+    cargo bench --locked -p fleetsync-tests --bench migrate
+
 # Format check and clippy with warnings as errors
 lint:
     cargo fmt --all -- --check

@@ -8,6 +8,7 @@ pub mod error;
 pub mod grpc;
 pub mod proto;
 pub mod shutdown;
+pub mod sql;
 pub mod telemetry;
 
 pub use db::{Backend, Db, DbError};

@@ -1,41 +1,13 @@
-//! One dedicated connection to the control-plane database, whatever the backend: the engine's
-//! lock, transactions and history live on it. It is detached from the pool, so if the process
-//! or the task dies, closing it releases the lock and rolls back an open transaction.
+//! The engine's reads over its dedicated connection (`common::sql::Conn`, detached from the
+//! pool: if the process or the task dies, closing it releases the lock and rolls back an open
+//! transaction): history, outbox and catalog checks, and the DDL of the engine's own tables.
 
-use fleetsync_common::{Backend, Db};
-use sqlx::{AssertSqlSafe, Connection, MySqlConnection, PgConnection, SqliteConnection};
+use fleetsync_common::{
+    Backend,
+    sql::{Row, Value},
+};
 
-/// A bind argument.
-#[derive(Debug, Clone)]
-pub(crate) enum Arg {
-    I64(i64),
-    OptI64(Option<i64>),
-    Str(String),
-    OptStr(Option<String>),
-}
-
-/// A dedicated connection.
-pub(crate) enum Conn {
-    Sqlite(SqliteConnection),
-    Postgres(PgConnection),
-    MySql(MySqlConnection),
-}
-
-/// Binds `args` to a query, whatever its database.
-macro_rules! bind_all {
-    ($query:expr, $args:expr) => {{
-        let mut query = $query;
-        for arg in $args {
-            query = match arg {
-                Arg::I64(v) => query.bind(v),
-                Arg::OptI64(v) => query.bind(v),
-                Arg::Str(v) => query.bind(v),
-                Arg::OptStr(v) => query.bind(v),
-            };
-        }
-        query
-    }};
-}
+pub(crate) use fleetsync_common::sql::Conn;
 
 /// A row of `fleetsync_schema_history`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,47 +29,31 @@ pub(crate) struct HistoryRow {
     pub resync: String,
 }
 
-type HistoryTuple = (
-    i64,
-    String,
-    String,
-    String,
-    i64,
-    i64,
-    Option<String>,
-    Option<i64>,
-    Option<i64>,
-    Option<i64>,
-    String,
-    String,
-    Option<String>,
-    Option<String>,
-    String,
-);
-
 const HISTORY_COLUMNS: &str = "version, name, checksum, state, statements_applied, \
     statements_total, prefix_checksum, started_at, finished_at, duration_ms, installed_by, run_id, \
     error, failing_statement, resync";
 
-impl From<HistoryTuple> for HistoryRow {
-    fn from(t: HistoryTuple) -> Self {
-        Self {
-            version: t.0,
-            name: t.1,
-            checksum: t.2,
-            state: t.3,
-            statements_applied: t.4,
-            statements_total: t.5,
-            prefix_checksum: t.6,
-            started_at: t.7,
-            finished_at: t.8,
-            duration_ms: t.9,
-            installed_by: t.10,
-            run_id: t.11,
-            error: t.12,
-            failing_statement: t.13,
-            resync: t.14,
-        }
+impl TryFrom<&Row> for HistoryRow {
+    type Error = sqlx::Error;
+
+    fn try_from(r: &Row) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            version: r.int(0)?,
+            name: r.text(1)?,
+            checksum: r.text(2)?,
+            state: r.text(3)?,
+            statements_applied: r.int(4)?,
+            statements_total: r.int(5)?,
+            prefix_checksum: r.opt_text(6)?,
+            started_at: r.opt_int(7)?,
+            finished_at: r.opt_int(8)?,
+            duration_ms: r.opt_int(9)?,
+            installed_by: r.text(10)?,
+            run_id: r.text(11)?,
+            error: r.opt_text(12)?,
+            failing_statement: r.opt_text(13)?,
+            resync: r.text(14)?,
+        })
     }
 }
 
@@ -107,215 +63,113 @@ pub(crate) const HISTORY_TABLE: &str = "fleetsync_schema_history";
 /// records a request runs.
 pub(crate) const OUTBOX_TABLE: &str = "sync_requests";
 
-impl Conn {
-    /// Opens a connection of its own (taken from the pool and detached from it).
-    pub async fn open(db: &Db) -> Result<Self, sqlx::Error> {
-        Ok(match db {
-            Db::Sqlite(pool) => Self::Sqlite(pool.acquire().await?.detach()),
-            Db::Postgres(pool) => Self::Postgres(pool.acquire().await?.detach()),
-            Db::MySql(pool) => Self::MySql(pool.acquire().await?.detach()),
-        })
+/// Every history row, by version. Empty if the table does not exist yet.
+pub(crate) async fn history(conn: &mut Conn) -> Result<Vec<HistoryRow>, sqlx::Error> {
+    if !table_exists(conn, HISTORY_TABLE).await? {
+        return Ok(Vec::new());
     }
+    history_where(conn, "", &[]).await
+}
 
-    pub fn backend(&self) -> Backend {
-        match self {
-            Self::Sqlite(_) => Backend::Sqlite,
-            Self::Postgres(_) => Backend::Postgres,
-            Self::MySql(_) => Backend::MySql,
-        }
-    }
-
-    /// Runs SQL text as is (simple protocol): migration statements, `BEGIN`, `COMMIT`.
-    pub async fn raw(&mut self, sql: &str) -> Result<(), sqlx::Error> {
-        let sql = AssertSqlSafe(sql.to_owned());
-        match self {
-            Self::Sqlite(c) => sqlx::raw_sql(sql).execute(c).await.map(drop),
-            Self::Postgres(c) => sqlx::raw_sql(sql).execute(c).await.map(drop),
-            Self::MySql(c) => sqlx::raw_sql(sql).execute(c).await.map(drop),
-        }
-    }
-
-    /// Runs a statement with `?` placeholders and bind arguments; returns rows affected.
-    pub async fn exec(&mut self, sql: &str, args: Vec<Arg>) -> Result<u64, sqlx::Error> {
-        let sql = self.placeholders(sql);
-        match self {
-            Self::Sqlite(c) => bind_all!(sqlx::query(AssertSqlSafe(sql)), args)
-                .execute(c)
-                .await
-                .map(|r| r.rows_affected()),
-            Self::Postgres(c) => bind_all!(sqlx::query(AssertSqlSafe(sql)), args)
-                .execute(c)
-                .await
-                .map(|r| r.rows_affected()),
-            Self::MySql(c) => bind_all!(sqlx::query(AssertSqlSafe(sql)), args)
-                .execute(c)
-                .await
-                .map(|r| r.rows_affected()),
-        }
-    }
-
-    /// Runs a query that returns one integer (a count, a lock result). NULL is `None`.
-    pub async fn scalar(&mut self, sql: &str, args: Vec<Arg>) -> Result<Option<i64>, sqlx::Error> {
-        let sql = self.placeholders(sql);
-        match self {
-            Self::Sqlite(c) => {
-                bind_all!(sqlx::query_scalar(AssertSqlSafe(sql)), args)
-                    .fetch_one(c)
-                    .await
-            }
-            Self::Postgres(c) => {
-                bind_all!(sqlx::query_scalar(AssertSqlSafe(sql)), args)
-                    .fetch_one(c)
-                    .await
-            }
-            Self::MySql(c) => {
-                bind_all!(sqlx::query_scalar(AssertSqlSafe(sql)), args)
-                    .fetch_one(c)
-                    .await
-            }
-        }
-    }
-
-    /// Pending outbox requests as (id, scopes, reason), oldest first.
-    pub async fn pending_requests(&mut self) -> Result<Vec<(String, String, String)>, sqlx::Error> {
-        let sql = AssertSqlSafe(format!(
-            "SELECT id, scopes, reason FROM {OUTBOX_TABLE} WHERE state = 'pending' \
-             ORDER BY created_at, id"
-        ));
-        match self {
-            Self::Sqlite(c) => sqlx::query_as(sql).fetch_all(c).await,
-            Self::Postgres(c) => sqlx::query_as(sql).fetch_all(c).await,
-            Self::MySql(c) => sqlx::query_as(sql).fetch_all(c).await,
-        }
-    }
-
-    /// Every history row, by version. Empty if the table does not exist yet.
-    pub async fn history(&mut self) -> Result<Vec<HistoryRow>, sqlx::Error> {
-        if !self.table_exists(HISTORY_TABLE).await? {
-            return Ok(Vec::new());
-        }
-        self.history_where("", Vec::new()).await
-    }
-
-    /// The history row of one version.
-    pub async fn history_row(&mut self, version: i64) -> Result<Option<HistoryRow>, sqlx::Error> {
-        Ok(self
-            .history_where("WHERE version = ?", vec![Arg::I64(version)])
+/// The history row of one version.
+pub(crate) async fn history_row(
+    conn: &mut Conn,
+    version: i64,
+) -> Result<Option<HistoryRow>, sqlx::Error> {
+    Ok(
+        history_where(conn, "WHERE version = ?", &[Value::Int(version)])
             .await?
-            .pop())
-    }
+            .pop(),
+    )
+}
 
-    async fn history_where(
-        &mut self,
-        filter: &str,
-        args: Vec<Arg>,
-    ) -> Result<Vec<HistoryRow>, sqlx::Error> {
-        let sql = self.placeholders(&format!(
-            "SELECT {HISTORY_COLUMNS} FROM {HISTORY_TABLE} {filter} ORDER BY version"
-        ));
-        let rows: Vec<HistoryTuple> = match self {
-            Self::Sqlite(c) => {
-                bind_all!(sqlx::query_as(AssertSqlSafe(sql)), args)
-                    .fetch_all(c)
-                    .await?
-            }
-            Self::Postgres(c) => {
-                bind_all!(sqlx::query_as(AssertSqlSafe(sql)), args)
-                    .fetch_all(c)
-                    .await?
-            }
-            Self::MySql(c) => {
-                bind_all!(sqlx::query_as(AssertSqlSafe(sql)), args)
-                    .fetch_all(c)
-                    .await?
-            }
-        };
-        Ok(rows.into_iter().map(HistoryRow::from).collect())
-    }
+async fn history_where(
+    conn: &mut Conn,
+    filter: &str,
+    args: &[Value],
+) -> Result<Vec<HistoryRow>, sqlx::Error> {
+    let sql = format!("SELECT {HISTORY_COLUMNS} FROM {HISTORY_TABLE} {filter} ORDER BY version");
+    conn.fetch(&sql, args)
+        .await?
+        .iter()
+        .map(HistoryRow::try_from)
+        .collect()
+}
 
-    /// True if a table of this name exists in the current schema.
-    pub async fn table_exists(&mut self, table: &str) -> Result<bool, sqlx::Error> {
-        let sql = match self.backend() {
-            Backend::Sqlite => {
-                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?"
-            }
-            Backend::Postgres => {
-                "SELECT COUNT(*) FROM information_schema.tables \
-                 WHERE table_schema = current_schema() AND table_name = ?"
-            }
-            Backend::MySql => {
-                "SELECT COUNT(*) FROM information_schema.tables \
-                 WHERE table_schema = DATABASE() AND table_name = ?"
-            }
-        };
-        Ok(self.scalar(sql, vec![Arg::Str(table.to_owned())]).await? > Some(0))
-    }
+/// Pending outbox requests as (id, scopes, reason), oldest first.
+pub(crate) async fn pending_requests(
+    conn: &mut Conn,
+) -> Result<Vec<(String, String, String)>, sqlx::Error> {
+    let sql = format!(
+        "SELECT id, scopes, reason FROM {OUTBOX_TABLE} WHERE state = 'pending' \
+         ORDER BY created_at, id"
+    );
+    conn.fetch(&sql, &[])
+        .await?
+        .iter()
+        .map(|r| Ok((r.text(0)?, r.text(1)?, r.text(2)?)))
+        .collect()
+}
 
-    /// True if `table` has a column `column`.
-    pub async fn column_exists(&mut self, table: &str, column: &str) -> Result<bool, sqlx::Error> {
-        let sql = match self.backend() {
-            Backend::Sqlite => "SELECT COUNT(*) FROM pragma_table_info(?) WHERE name = ?",
-            Backend::Postgres => {
-                "SELECT COUNT(*) FROM information_schema.columns \
-                 WHERE table_schema = current_schema() AND table_name = ? AND column_name = ?"
-            }
-            Backend::MySql => {
-                "SELECT COUNT(*) FROM information_schema.columns \
-                 WHERE table_schema = DATABASE() AND table_name = ? AND column_name = ?"
-            }
-        };
-        let args = vec![Arg::Str(table.to_owned()), Arg::Str(column.to_owned())];
-        Ok(self.scalar(sql, args).await? > Some(0))
-    }
-
-    /// True if an index of this name exists (on `table`, for MySQL where names are per table).
-    pub async fn index_exists(&mut self, table: &str, index: &str) -> Result<bool, sqlx::Error> {
-        let (sql, args) = match self.backend() {
-            Backend::Sqlite => (
-                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name = ?",
-                vec![Arg::Str(index.to_owned())],
-            ),
-            Backend::Postgres => (
-                "SELECT COUNT(*) FROM pg_indexes WHERE schemaname = current_schema() \
-                 AND indexname = ?",
-                vec![Arg::Str(index.to_owned())],
-            ),
-            Backend::MySql => (
-                "SELECT COUNT(*) FROM information_schema.statistics \
-                 WHERE table_schema = DATABASE() AND table_name = ? AND index_name = ?",
-                vec![Arg::Str(table.to_owned()), Arg::Str(index.to_owned())],
-            ),
-        };
-        Ok(self.scalar(sql, args).await? > Some(0))
-    }
-
-    /// `?` placeholders as the backend wants them (`$1`, `$2`, ... on PostgreSQL).
-    fn placeholders(&self, sql: &str) -> String {
-        if self.backend() != Backend::Postgres {
-            return sql.to_owned();
+/// True if a table of this name exists in the current schema.
+pub(crate) async fn table_exists(conn: &mut Conn, table: &str) -> Result<bool, sqlx::Error> {
+    let sql = match conn.backend() {
+        Backend::Sqlite => "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?",
+        Backend::Postgres => {
+            "SELECT COUNT(*) FROM information_schema.tables \
+             WHERE table_schema = current_schema() AND table_name = ?"
         }
-        let mut out = String::with_capacity(sql.len() + 8);
-        let mut n = 0;
-        for c in sql.chars() {
-            if c == '?' {
-                n += 1;
-                out.push('$');
-                out.push_str(&n.to_string());
-            } else {
-                out.push(c);
-            }
+        Backend::MySql => {
+            "SELECT COUNT(*) FROM information_schema.tables \
+             WHERE table_schema = DATABASE() AND table_name = ?"
         }
-        out
-    }
+    };
+    Ok(conn.scalar(sql, &[table.into()]).await? > Some(0))
+}
 
-    /// Closes the connection (releasing any session lock it holds).
-    pub async fn close(self) {
-        let _ = match self {
-            Self::Sqlite(c) => c.close().await,
-            Self::Postgres(c) => c.close().await,
-            Self::MySql(c) => c.close().await,
-        };
-    }
+/// True if `table` has a column `column`.
+pub(crate) async fn column_exists(
+    conn: &mut Conn,
+    table: &str,
+    column: &str,
+) -> Result<bool, sqlx::Error> {
+    let sql = match conn.backend() {
+        Backend::Sqlite => "SELECT COUNT(*) FROM pragma_table_info(?) WHERE name = ?",
+        Backend::Postgres => {
+            "SELECT COUNT(*) FROM information_schema.columns \
+             WHERE table_schema = current_schema() AND table_name = ? AND column_name = ?"
+        }
+        Backend::MySql => {
+            "SELECT COUNT(*) FROM information_schema.columns \
+             WHERE table_schema = DATABASE() AND table_name = ? AND column_name = ?"
+        }
+    };
+    Ok(conn.scalar(sql, &[table.into(), column.into()]).await? > Some(0))
+}
+
+/// True if an index of this name exists (on `table`, for MySQL where names are per table).
+pub(crate) async fn index_exists(
+    conn: &mut Conn,
+    table: &str,
+    index: &str,
+) -> Result<bool, sqlx::Error> {
+    let (sql, args): (&str, Vec<Value>) = match conn.backend() {
+        Backend::Sqlite => (
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name = ?",
+            vec![index.into()],
+        ),
+        Backend::Postgres => (
+            "SELECT COUNT(*) FROM pg_indexes WHERE schemaname = current_schema() \
+             AND indexname = ?",
+            vec![index.into()],
+        ),
+        Backend::MySql => (
+            "SELECT COUNT(*) FROM information_schema.statistics \
+             WHERE table_schema = DATABASE() AND table_name = ? AND index_name = ?",
+            vec![table.into(), index.into()],
+        ),
+    };
+    Ok(conn.scalar(sql, &args).await? > Some(0))
 }
 
 /// DDL of the engine's own tables, per backend. Idempotent.

@@ -16,10 +16,10 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use fleetsync_common::{Backend, Db};
+use fleetsync_common::{Backend, Db, sql::Value};
 
 use crate::{
-    conn::{Arg, Conn, HistoryRow, OUTBOX_TABLE, bootstrap_sql},
+    conn::{self, Conn, HistoryRow, OUTBOX_TABLE, bootstrap_sql},
     migration::{Migration, MigrationSet},
 };
 
@@ -400,17 +400,18 @@ impl Engine {
     /// The schema state. Writes nothing.
     pub async fn status(&self) -> Result<Status, EngineError> {
         let mut conn = Conn::open(&self.db).await.map_err(db_err("connecting"))?;
-        let history = conn.history().await.map_err(db_err("reading history"));
+        let history = conn::history(&mut conn)
+            .await
+            .map_err(db_err("reading history"));
         let pending = match &history {
             Ok(_)
-                if conn
-                    .table_exists(OUTBOX_TABLE)
+                if conn::table_exists(&mut conn, OUTBOX_TABLE)
                     .await
                     .map_err(db_err("reading outbox"))? =>
             {
                 conn.scalar(
                     &format!("SELECT COUNT(*) FROM {OUTBOX_TABLE} WHERE state = 'pending'"),
-                    vec![],
+                    &[],
                 )
                 .await
                 .map_err(db_err("reading outbox"))?
@@ -458,7 +459,9 @@ impl Engine {
     pub async fn plan(&self, target: i64) -> Result<Vec<Planned>, EngineError> {
         let target = self.resolve_target(target)?;
         let mut conn = Conn::open(&self.db).await.map_err(db_err("connecting"))?;
-        let history = conn.history().await.map_err(db_err("reading history"));
+        let history = conn::history(&mut conn)
+            .await
+            .map_err(db_err("reading history"));
         conn.close().await;
         let history = history?;
         self.check(&history)?;
@@ -488,7 +491,9 @@ impl Engine {
     /// nothing.
     pub async fn verify(&self) -> Result<Vec<Problem>, EngineError> {
         let mut conn = Conn::open(&self.db).await.map_err(db_err("connecting"))?;
-        let history = conn.history().await.map_err(db_err("reading history"));
+        let history = conn::history(&mut conn)
+            .await
+            .map_err(db_err("reading history"));
         conn.close().await;
         let history = history?;
         let mut problems = Vec::new();
@@ -607,7 +612,9 @@ impl Engine {
     ) -> Result<Report, EngineError> {
         self.lock(conn).await?;
         self.bootstrap(conn).await?;
-        let history = conn.history().await.map_err(db_err("reading history"))?;
+        let history = conn::history(conn)
+            .await
+            .map_err(db_err("reading history"))?;
         self.check(&history)?;
         let run_id = format!("{:x}-{:x}", now_ms(), std::process::id());
 
@@ -652,7 +659,9 @@ impl Engine {
                 }
             }
         }
-        let history = conn.history().await.map_err(db_err("reading history"))?;
+        let history = conn::history(conn)
+            .await
+            .map_err(db_err("reading history"))?;
         report.current_version = current_version(&history);
         Ok(report)
     }
@@ -666,7 +675,7 @@ impl Engine {
                 let got = conn
                     .scalar(
                         "SELECT CAST(CASE WHEN pg_try_advisory_lock(?) THEN 1 ELSE 0 END AS BIGINT)",
-                        vec![Arg::I64(PG_LOCK_KEY)],
+                        &[Value::Int(PG_LOCK_KEY)],
                     )
                     .await
                     .map_err(db_err("taking the migration lock"))?;
@@ -683,7 +692,7 @@ impl Engine {
                 let got = conn
                     .scalar(
                         "SELECT GET_LOCK(?, ?)",
-                        vec![Arg::Str(LOCK_NAME.into()), Arg::I64(seconds)],
+                        &[Value::Text(LOCK_NAME.into()), Value::Int(seconds)],
                     )
                     .await
                     .map_err(db_err("taking the migration lock"))?;
@@ -702,12 +711,12 @@ impl Engine {
             Backend::Postgres => conn
                 .scalar(
                     "SELECT CAST(CASE WHEN pg_advisory_unlock(?) THEN 1 ELSE 0 END AS BIGINT)",
-                    vec![Arg::I64(PG_LOCK_KEY)],
+                    &[Value::Int(PG_LOCK_KEY)],
                 )
                 .await
                 .map(drop),
             Backend::MySql => conn
-                .scalar("SELECT RELEASE_LOCK(?)", vec![Arg::Str(LOCK_NAME.into())])
+                .scalar("SELECT RELEASE_LOCK(?)", &[Value::Text(LOCK_NAME.into())])
                 .await
                 .map(drop),
         };
@@ -769,7 +778,7 @@ impl Engine {
             .await
             .map_err(db_err("starting a transaction"))?;
         // Under the lock: another migrator may have applied it since history was read.
-        let row = match conn.history_row(m.version).await {
+        let row = match conn::history_row(conn, m.version).await {
             Ok(row) => row,
             Err(err) => return Err(rollback(conn, db_err("reading history")(err)).await),
         };
@@ -795,9 +804,9 @@ impl Engine {
             self.crash_point(&format!("{}:{}", m.version, i + 1));
         }
         let finish = async {
-            conn.exec(
+            conn.execute(
                 "DELETE FROM fleetsync_schema_history WHERE version = ?",
-                vec![Arg::I64(m.version)],
+                &[Value::Int(m.version)],
             )
             .await?;
             insert_history(
@@ -810,12 +819,12 @@ impl Engine {
                 &self.options.installed_by,
             )
             .await?;
-            conn.exec(
+            conn.execute(
                 "UPDATE fleetsync_schema_history SET finished_at = ?, duration_ms = ? WHERE version = ?",
-                vec![
-                    Arg::I64(now_ms()),
-                    Arg::I64(started.elapsed().as_millis() as i64),
-                    Arg::I64(m.version),
+                &[
+                    Value::Int(now_ms()),
+                    Value::Int(started.elapsed().as_millis() as i64),
+                    Value::Int(m.version),
                 ],
             )
             .await?;
@@ -837,8 +846,7 @@ impl Engine {
         run_id: &str,
         on_event: &mut (dyn FnMut(Event) + Send),
     ) -> Result<Applied, EngineError> {
-        let row = conn
-            .history_row(m.version)
+        let row = conn::history_row(conn, m.version)
             .await
             .map_err(db_err("reading history"))?;
         if row.as_ref().is_some_and(|r| r.state == state::APPLIED) {
@@ -851,17 +859,17 @@ impl Engine {
             .as_ref()
             .map_or(0, |r| r.statements_applied.max(0) as usize);
         if resuming {
-            conn.exec(
+            conn.execute(
                 "UPDATE fleetsync_schema_history SET state = ?, started_at = ?, run_id = ?, \
                  installed_by = ?, checksum = ?, statements_total = ? WHERE version = ?",
-                vec![
-                    Arg::Str(state::PARTIAL.into()),
-                    Arg::I64(started_at),
-                    Arg::Str(run_id.into()),
-                    Arg::Str(self.options.installed_by.clone()),
-                    Arg::Str(m.checksum.clone()),
-                    Arg::I64(m.statements.len() as i64),
-                    Arg::I64(m.version),
+                &[
+                    Value::Text(state::PARTIAL.into()),
+                    Value::Int(started_at),
+                    Value::Text(run_id.into()),
+                    Value::Text(self.options.installed_by.clone()),
+                    Value::Text(m.checksum.clone()),
+                    Value::Int(m.statements.len() as i64),
+                    Value::Int(m.version),
                 ],
             )
             .await
@@ -900,13 +908,13 @@ impl Engine {
                 return Err(err);
             }
             self.crash_point(&format!("{}:{}", m.version, i + 1));
-            conn.exec(
+            conn.execute(
                 "UPDATE fleetsync_schema_history SET statements_applied = ?, prefix_checksum = ?, \
                  error = NULL, failing_statement = NULL WHERE version = ?",
-                vec![
-                    Arg::I64(i as i64 + 1),
-                    Arg::Str(m.prefix_checksum(i + 1)),
-                    Arg::I64(m.version),
+                &[
+                    Value::Int(i as i64 + 1),
+                    Value::Text(m.prefix_checksum(i + 1)),
+                    Value::Int(m.version),
                 ],
             )
             .await
@@ -918,14 +926,14 @@ impl Engine {
             .await
             .map_err(db_err("starting a transaction"))?;
         let finish = async {
-            conn.exec(
+            conn.execute(
                 "UPDATE fleetsync_schema_history SET state = ?, finished_at = ?, duration_ms = ? \
                  WHERE version = ?",
-                vec![
-                    Arg::Str(state::APPLIED.into()),
-                    Arg::I64(now_ms()),
-                    Arg::I64(started.elapsed().as_millis() as i64),
-                    Arg::I64(m.version),
+                &[
+                    Value::Text(state::APPLIED.into()),
+                    Value::Int(now_ms()),
+                    Value::Int(started.elapsed().as_millis() as i64),
+                    Value::Int(m.version),
                 ],
             )
             .await?;
@@ -961,7 +969,7 @@ impl Engine {
             let exists = conn
                 .scalar(
                     "SELECT COUNT(*) FROM fleetsync_schema_history WHERE version = ?",
-                    vec![Arg::I64(m.version)],
+                    &[Value::Int(m.version)],
                 )
                 .await?
                 > Some(0);
@@ -977,15 +985,15 @@ impl Engine {
                 )
                 .await?;
             }
-            conn.exec(
+            conn.execute(
                 "UPDATE fleetsync_schema_history SET state = ?, error = ?, failing_statement = ?, \
                  finished_at = ? WHERE version = ?",
-                vec![
-                    Arg::Str(state::FAILED.into()),
-                    Arg::Str(error.clone()),
-                    Arg::Str(statement.clone()),
-                    Arg::I64(now_ms()),
-                    Arg::I64(m.version),
+                &[
+                    Value::Text(state::FAILED.into()),
+                    Value::Text(error.clone()),
+                    Value::Text(statement.clone()),
+                    Value::Int(now_ms()),
+                    Value::Int(m.version),
                 ],
             )
             .await
@@ -1041,22 +1049,22 @@ async fn insert_history(
     installed_by: &str,
 ) -> Result<u64, sqlx::Error> {
     let resync: BTreeSet<&str> = m.resync.iter().map(|s| s.as_str()).collect();
-    conn.exec(
+    conn.execute(
         "INSERT INTO fleetsync_schema_history (version, name, checksum, state, \
          statements_applied, statements_total, prefix_checksum, started_at, installed_by, run_id, \
          resync) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        vec![
-            Arg::I64(m.version),
-            Arg::Str(m.name.clone()),
-            Arg::Str(m.checksum.clone()),
-            Arg::Str(state.into()),
-            Arg::I64(done as i64),
-            Arg::I64(m.statements.len() as i64),
-            Arg::OptStr(Some(m.prefix_checksum(done))),
-            Arg::OptI64(Some(started_at)),
-            Arg::Str(installed_by.into()),
-            Arg::Str(run_id.into()),
-            Arg::Str(resync.into_iter().collect::<Vec<_>>().join(",")),
+        &[
+            Value::Int(m.version),
+            Value::Text(m.name.clone()),
+            Value::Text(m.checksum.clone()),
+            Value::Text(state.into()),
+            Value::Int(done as i64),
+            Value::Int(m.statements.len() as i64),
+            Value::Text(m.prefix_checksum(done)),
+            Value::Int(started_at),
+            Value::Text(installed_by.into()),
+            Value::Text(run_id.into()),
+            Value::Text(resync.into_iter().collect::<Vec<_>>().join(",")),
         ],
     )
     .await
@@ -1080,23 +1088,23 @@ async fn record_sync_request(
     let exists = conn
         .scalar(
             &format!("SELECT COUNT(*) FROM {OUTBOX_TABLE} WHERE id = ?"),
-            vec![Arg::Str(id.clone())],
+            &[Value::Text(id.clone())],
         )
         .await?
         > Some(0);
     if !exists {
         let scopes: Vec<&str> = m.resync.iter().map(|s| s.as_str()).collect();
-        conn.exec(
+        conn.execute(
             &format!(
                 "INSERT INTO {OUTBOX_TABLE} (id, origin, migration_version, scopes, reason, state, \
                  created_at) VALUES (?, 'migration', ?, ?, ?, 'pending', ?)"
             ),
-            vec![
-                Arg::Str(id.clone()),
-                Arg::I64(m.version),
-                Arg::Str(scopes.join(",")),
-                Arg::Str(format!("migration {} {}", m.version, m.name)),
-                Arg::I64(now_ms()),
+            &[
+                Value::Text(id.clone()),
+                Value::Int(m.version),
+                Value::Text(scopes.join(",")),
+                Value::Text(format!("migration {} {}", m.version, m.name)),
+                Value::Int(now_ms()),
             ],
         )
         .await?;
@@ -1112,9 +1120,9 @@ async fn already_applied(conn: &mut Conn, statement: &str) -> Result<bool, Engin
         return Ok(false);
     };
     let result = match &effect {
-        Effect::Table(table) => conn.table_exists(table).await,
-        Effect::Column(table, column) => conn.column_exists(table, column).await,
-        Effect::Index(table, index) => conn.index_exists(table, index).await,
+        Effect::Table(table) => conn::table_exists(conn, table).await,
+        Effect::Column(table, column) => conn::column_exists(conn, table, column).await,
+        Effect::Index(table, index) => conn::index_exists(conn, table, index).await,
     };
     result.map_err(db_err("checking the catalog"))
 }

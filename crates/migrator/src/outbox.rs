@@ -7,11 +7,12 @@ use std::time::Duration;
 use fleetsync_common::{
     Db,
     proto::sync::v1::{StartSyncRequest, SyncScope, sync_agent_client::SyncAgentClient},
+    sql::Value,
 };
 use tonic::transport::Endpoint;
 
 use crate::{
-    conn::{Arg, Conn, OUTBOX_TABLE},
+    conn::{self, Conn, OUTBOX_TABLE},
     engine::now_ms,
 };
 
@@ -77,25 +78,25 @@ pub async fn dispatch_pending(db: &Db, agent: &AgentTarget) -> Result<Vec<Dispat
     for dispatch in &results {
         let update = match &dispatch.result {
             Ok(job_id) => {
-                conn.exec(
+                conn.execute(
                     &format!(
                         "UPDATE {OUTBOX_TABLE} SET state = 'dispatched', job_id = ?, \
                          dispatched_at = ?, last_error = NULL WHERE id = ? AND state = 'pending'"
                     ),
-                    vec![
-                        Arg::Str(job_id.clone()),
-                        Arg::I64(now_ms()),
-                        Arg::Str(dispatch.request_id.clone()),
+                    &[
+                        Value::Text(job_id.clone()),
+                        Value::Int(now_ms()),
+                        Value::Text(dispatch.request_id.clone()),
                     ],
                 )
                 .await
             }
             Err(error) => {
-                conn.exec(
+                conn.execute(
                     &format!("UPDATE {OUTBOX_TABLE} SET last_error = ? WHERE id = ?"),
-                    vec![
-                        Arg::Str(error.clone()),
-                        Arg::Str(dispatch.request_id.clone()),
+                    &[
+                        Value::Text(error.clone()),
+                        Value::Text(dispatch.request_id.clone()),
                     ],
                 )
                 .await
@@ -111,10 +112,10 @@ pub async fn dispatch_pending(db: &Db, agent: &AgentTarget) -> Result<Vec<Dispat
 }
 
 async fn read_pending(conn: &mut Conn) -> Result<Vec<Pending>, sqlx::Error> {
-    if !conn.table_exists(OUTBOX_TABLE).await? {
+    if !conn::table_exists(conn, OUTBOX_TABLE).await? {
         return Ok(Vec::new());
     }
-    let rows = conn.pending_requests().await?;
+    let rows = conn::pending_requests(conn).await?;
     let pending = rows
         .into_iter()
         .map(|(id, scopes, reason)| Pending { id, scopes, reason })

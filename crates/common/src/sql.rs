@@ -1,0 +1,441 @@
+//! Portable SQL over the three backends: `?` placeholders (rewritten to `$n` for PostgreSQL),
+//! bind values, rows of plain values, and transactions. fleetsync's tables use only integers
+//! (`BIGINT`) and text, so two value kinds cover every column.
+
+use sqlx::{
+    AssertSqlSafe, Column, MySql, Postgres, Row as _, Sqlite, Transaction, TypeInfo,
+    mysql::MySqlRow, postgres::PgRow, sqlite::SqliteRow,
+};
+
+use crate::{Backend, Db};
+
+/// A value bound to a placeholder or read from a column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Value {
+    /// SQL NULL.
+    Null,
+    /// An integer.
+    Int(i64),
+    /// Text.
+    Text(String),
+}
+
+impl From<i64> for Value {
+    fn from(v: i64) -> Self {
+        Self::Int(v)
+    }
+}
+
+impl From<u32> for Value {
+    fn from(v: u32) -> Self {
+        Self::Int(i64::from(v))
+    }
+}
+
+impl From<bool> for Value {
+    fn from(v: bool) -> Self {
+        Self::Int(i64::from(v))
+    }
+}
+
+impl From<&str> for Value {
+    fn from(v: &str) -> Self {
+        Self::Text(v.to_owned())
+    }
+}
+
+impl From<String> for Value {
+    fn from(v: String) -> Self {
+        Self::Text(v)
+    }
+}
+
+impl From<&String> for Value {
+    fn from(v: &String) -> Self {
+        Self::Text(v.clone())
+    }
+}
+
+impl<T: Into<Value>> From<Option<T>> for Value {
+    fn from(v: Option<T>) -> Self {
+        v.map_or(Self::Null, Into::into)
+    }
+}
+
+/// A row of plain values, by column position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row(pub Vec<Value>);
+
+fn decode_error(index: usize, expected: &str, got: &Value) -> sqlx::Error {
+    sqlx::Error::ColumnDecode {
+        index: index.to_string(),
+        source: format!("expected {expected}, got {got:?}").into(),
+    }
+}
+
+impl Row {
+    fn value(&self, index: usize) -> Result<&Value, sqlx::Error> {
+        self.0
+            .get(index)
+            .ok_or_else(|| sqlx::Error::ColumnIndexOutOfBounds {
+                index,
+                len: self.0.len(),
+            })
+    }
+
+    /// An integer column that is not NULL.
+    pub fn int(&self, index: usize) -> Result<i64, sqlx::Error> {
+        match self.value(index)? {
+            Value::Int(v) => Ok(*v),
+            other => Err(decode_error(index, "an integer", other)),
+        }
+    }
+
+    /// An integer column that may be NULL.
+    pub fn opt_int(&self, index: usize) -> Result<Option<i64>, sqlx::Error> {
+        match self.value(index)? {
+            Value::Null => Ok(None),
+            Value::Int(v) => Ok(Some(*v)),
+            other => Err(decode_error(index, "an integer or NULL", other)),
+        }
+    }
+
+    /// A text column that is not NULL.
+    pub fn text(&self, index: usize) -> Result<String, sqlx::Error> {
+        match self.value(index)? {
+            Value::Text(v) => Ok(v.clone()),
+            other => Err(decode_error(index, "text", other)),
+        }
+    }
+
+    /// A text column that may be NULL.
+    pub fn opt_text(&self, index: usize) -> Result<Option<String>, sqlx::Error> {
+        match self.value(index)? {
+            Value::Null => Ok(None),
+            Value::Text(v) => Ok(Some(v.clone())),
+            other => Err(decode_error(index, "text or NULL", other)),
+        }
+    }
+}
+
+/// `?` placeholders as the backend wants them: `$1`, `$2`, ... on PostgreSQL. Statements given
+/// here must not contain `?` inside string literals.
+pub fn placeholders(backend: Backend, sql: &str) -> String {
+    if backend != Backend::Postgres {
+        return sql.to_owned();
+    }
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut n = 0;
+    for c in sql.chars() {
+        if c == '?' {
+            n += 1;
+            out.push('$');
+            out.push_str(&n.to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The SQL expression for "now" in milliseconds since the Unix epoch, by the database's clock
+/// (so that agents on several machines agree on lease expiry).
+pub fn now_ms_sql(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)",
+        Backend::Postgres => "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
+        Backend::MySql => "CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)",
+    }
+}
+
+macro_rules! bind_values {
+    ($query:expr, $args:expr) => {{
+        let mut query = $query;
+        for arg in $args {
+            query = match arg {
+                Value::Null => query.bind(None::<i64>),
+                Value::Int(v) => query.bind(*v),
+                Value::Text(v) => query.bind(v.clone()),
+            };
+        }
+        query
+    }};
+}
+
+macro_rules! decode_row {
+    ($row:expr) => {{
+        let row = $row;
+        let mut values = Vec::with_capacity(row.columns().len());
+        for (i, column) in row.columns().iter().enumerate() {
+            let value = if let Ok(v) = row.try_get::<Option<i64>, _>(i) {
+                v.map_or(Value::Null, Value::Int)
+            } else if let Ok(v) = row.try_get::<Option<String>, _>(i) {
+                v.map_or(Value::Null, Value::Text)
+            } else if let Ok(v) = row.try_get::<Option<Vec<u8>>, _>(i) {
+                v.map_or(Value::Null, |b| {
+                    Value::Text(String::from_utf8_lossy(&b).into_owned())
+                })
+            } else {
+                return Err(sqlx::Error::ColumnDecode {
+                    index: column.name().to_owned(),
+                    source: format!("unsupported column type {}", column.type_info().name()).into(),
+                });
+            };
+            values.push(value);
+        }
+        Row(values)
+    }};
+}
+
+fn sqlite_row(row: &SqliteRow) -> Result<Row, sqlx::Error> {
+    Ok(decode_row!(row))
+}
+
+fn pg_row(row: &PgRow) -> Result<Row, sqlx::Error> {
+    Ok(decode_row!(row))
+}
+
+fn mysql_row(row: &MySqlRow) -> Result<Row, sqlx::Error> {
+    Ok(decode_row!(row))
+}
+
+/// Runs one statement with `?` placeholders on an executor of the given database type.
+macro_rules! dispatch {
+    ($backend:expr, $sql:expr, $args:expr, $exec:expr, execute) => {{
+        let sql = AssertSqlSafe(placeholders($backend, $sql));
+        bind_values!(sqlx::query(sql), $args)
+            .execute($exec)
+            .await
+            .map(|r| r.rows_affected())
+    }};
+    ($backend:expr, $sql:expr, $args:expr, $exec:expr, fetch, $decode:ident) => {{
+        let sql = AssertSqlSafe(placeholders($backend, $sql));
+        bind_values!(sqlx::query(sql), $args)
+            .fetch_all($exec)
+            .await?
+            .iter()
+            .map($decode)
+            .collect::<Result<Vec<Row>, sqlx::Error>>()
+    }};
+}
+
+impl Db {
+    /// Runs a statement; returns the rows it affected.
+    pub async fn execute(&self, sql: &str, args: &[Value]) -> Result<u64, sqlx::Error> {
+        let backend = self.backend();
+        match self {
+            Self::Sqlite(pool) => dispatch!(backend, sql, args, pool, execute),
+            Self::Postgres(pool) => dispatch!(backend, sql, args, pool, execute),
+            Self::MySql(pool) => dispatch!(backend, sql, args, pool, execute),
+        }
+    }
+
+    /// Runs a query; returns its rows.
+    pub async fn fetch(&self, sql: &str, args: &[Value]) -> Result<Vec<Row>, sqlx::Error> {
+        let backend = self.backend();
+        match self {
+            Self::Sqlite(pool) => dispatch!(backend, sql, args, pool, fetch, sqlite_row),
+            Self::Postgres(pool) => dispatch!(backend, sql, args, pool, fetch, pg_row),
+            Self::MySql(pool) => dispatch!(backend, sql, args, pool, fetch, mysql_row),
+        }
+    }
+
+    /// Runs a query; returns its first row, if any.
+    pub async fn fetch_optional(
+        &self,
+        sql: &str,
+        args: &[Value],
+    ) -> Result<Option<Row>, sqlx::Error> {
+        Ok(self.fetch(sql, args).await?.into_iter().next())
+    }
+
+    /// Starts a transaction (SQLite: `BEGIN IMMEDIATE`, so that it holds the write lock from
+    /// the start and never fails to upgrade later). Dropping it rolls back.
+    pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
+        Ok(match self {
+            Self::Sqlite(pool) => Tx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?),
+            Self::Postgres(pool) => Tx::Postgres(pool.begin().await?),
+            Self::MySql(pool) => Tx::MySql(pool.begin().await?),
+        })
+    }
+}
+
+/// A transaction on one of the three backends. Dropping it without `commit` rolls back.
+pub enum Tx {
+    /// SQLite.
+    Sqlite(Transaction<'static, Sqlite>),
+    /// PostgreSQL.
+    Postgres(Transaction<'static, Postgres>),
+    /// MySQL or MariaDB.
+    MySql(Transaction<'static, MySql>),
+}
+
+impl std::fmt::Debug for Tx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Tx").field(&self.backend()).finish()
+    }
+}
+
+impl Tx {
+    /// The backend.
+    pub fn backend(&self) -> Backend {
+        match self {
+            Self::Sqlite(_) => Backend::Sqlite,
+            Self::Postgres(_) => Backend::Postgres,
+            Self::MySql(_) => Backend::MySql,
+        }
+    }
+
+    /// Runs a statement; returns the rows it affected.
+    pub async fn execute(&mut self, sql: &str, args: &[Value]) -> Result<u64, sqlx::Error> {
+        let backend = self.backend();
+        match self {
+            Self::Sqlite(tx) => dispatch!(backend, sql, args, &mut **tx, execute),
+            Self::Postgres(tx) => dispatch!(backend, sql, args, &mut **tx, execute),
+            Self::MySql(tx) => dispatch!(backend, sql, args, &mut **tx, execute),
+        }
+    }
+
+    /// Runs a query; returns its rows.
+    pub async fn fetch(&mut self, sql: &str, args: &[Value]) -> Result<Vec<Row>, sqlx::Error> {
+        let backend = self.backend();
+        match self {
+            Self::Sqlite(tx) => dispatch!(backend, sql, args, &mut **tx, fetch, sqlite_row),
+            Self::Postgres(tx) => dispatch!(backend, sql, args, &mut **tx, fetch, pg_row),
+            Self::MySql(tx) => dispatch!(backend, sql, args, &mut **tx, fetch, mysql_row),
+        }
+    }
+
+    /// Runs a query; returns its first row, if any.
+    pub async fn fetch_optional(
+        &mut self,
+        sql: &str,
+        args: &[Value],
+    ) -> Result<Option<Row>, sqlx::Error> {
+        Ok(self.fetch(sql, args).await?.into_iter().next())
+    }
+
+    /// Commits.
+    pub async fn commit(self) -> Result<(), sqlx::Error> {
+        match self {
+            Self::Sqlite(tx) => tx.commit().await,
+            Self::Postgres(tx) => tx.commit().await,
+            Self::MySql(tx) => tx.commit().await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rewrites_placeholders_for_postgres_only() {
+        let sql = "SELECT a FROM t WHERE b = ? AND c IN (?, ?)";
+        assert_eq!(placeholders(Backend::Sqlite, sql), sql);
+        assert_eq!(placeholders(Backend::MySql, sql), sql);
+        assert_eq!(
+            placeholders(Backend::Postgres, sql),
+            "SELECT a FROM t WHERE b = $1 AND c IN ($2, $3)"
+        );
+    }
+
+    #[test]
+    fn rows_decode_by_kind() {
+        let row = Row(vec![Value::Int(7), Value::Null, Value::Text("x".into())]);
+        assert_eq!(row.int(0).unwrap(), 7);
+        assert_eq!(row.opt_int(1).unwrap(), None);
+        assert_eq!(row.opt_text(1).unwrap(), None);
+        assert_eq!(row.text(2).unwrap(), "x");
+        assert!(row.int(2).is_err());
+        assert!(row.text(3).is_err());
+        assert_eq!(Value::from(Some(3_i64)), Value::Int(3));
+        assert_eq!(Value::from(None::<String>), Value::Null);
+    }
+}
+
+/// A dedicated connection, taken from the pool and detached from it: session state (an
+/// advisory lock, a transaction begun by hand) lives exactly as long as it, and closing or
+/// dropping it releases that state on the server.
+pub enum Conn {
+    /// SQLite.
+    Sqlite(sqlx::SqliteConnection),
+    /// PostgreSQL.
+    Postgres(sqlx::PgConnection),
+    /// MySQL or MariaDB.
+    MySql(sqlx::MySqlConnection),
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Conn").field(&self.backend()).finish()
+    }
+}
+
+impl Conn {
+    /// Opens a connection of its own.
+    pub async fn open(db: &Db) -> Result<Self, sqlx::Error> {
+        Ok(match db {
+            Db::Sqlite(pool) => Self::Sqlite(pool.acquire().await?.detach()),
+            Db::Postgres(pool) => Self::Postgres(pool.acquire().await?.detach()),
+            Db::MySql(pool) => Self::MySql(pool.acquire().await?.detach()),
+        })
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> Backend {
+        match self {
+            Self::Sqlite(_) => Backend::Sqlite,
+            Self::Postgres(_) => Backend::Postgres,
+            Self::MySql(_) => Backend::MySql,
+        }
+    }
+
+    /// Runs SQL text as is, with the simple protocol (DDL, `BEGIN`, `COMMIT`).
+    pub async fn raw(&mut self, sql: &str) -> Result<(), sqlx::Error> {
+        let sql = AssertSqlSafe(sql.to_owned());
+        match self {
+            Self::Sqlite(c) => sqlx::raw_sql(sql).execute(c).await.map(drop),
+            Self::Postgres(c) => sqlx::raw_sql(sql).execute(c).await.map(drop),
+            Self::MySql(c) => sqlx::raw_sql(sql).execute(c).await.map(drop),
+        }
+    }
+
+    /// Runs a statement; returns the rows it affected.
+    pub async fn execute(&mut self, sql: &str, args: &[Value]) -> Result<u64, sqlx::Error> {
+        let backend = self.backend();
+        match self {
+            Self::Sqlite(c) => dispatch!(backend, sql, args, &mut *c, execute),
+            Self::Postgres(c) => dispatch!(backend, sql, args, &mut *c, execute),
+            Self::MySql(c) => dispatch!(backend, sql, args, &mut *c, execute),
+        }
+    }
+
+    /// Runs a query; returns its rows.
+    pub async fn fetch(&mut self, sql: &str, args: &[Value]) -> Result<Vec<Row>, sqlx::Error> {
+        let backend = self.backend();
+        match self {
+            Self::Sqlite(c) => dispatch!(backend, sql, args, &mut *c, fetch, sqlite_row),
+            Self::Postgres(c) => dispatch!(backend, sql, args, &mut *c, fetch, pg_row),
+            Self::MySql(c) => dispatch!(backend, sql, args, &mut *c, fetch, mysql_row),
+        }
+    }
+
+    /// Runs a query that returns one integer (a count, a lock result); NULL is `None`.
+    pub async fn scalar(&mut self, sql: &str, args: &[Value]) -> Result<Option<i64>, sqlx::Error> {
+        match self.fetch(sql, args).await?.first() {
+            Some(row) => row.opt_int(0),
+            None => Ok(None),
+        }
+    }
+
+    /// Closes the connection.
+    pub async fn close(self) {
+        use sqlx::Connection;
+        let _ = match self {
+            Self::Sqlite(c) => c.close().await,
+            Self::Postgres(c) => c.close().await,
+            Self::MySql(c) => c.close().await,
+        };
+    }
+}
