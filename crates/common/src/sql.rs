@@ -325,35 +325,6 @@ impl Tx {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rewrites_placeholders_for_postgres_only() {
-        let sql = "SELECT a FROM t WHERE b = ? AND c IN (?, ?)";
-        assert_eq!(placeholders(Backend::Sqlite, sql), sql);
-        assert_eq!(placeholders(Backend::MySql, sql), sql);
-        assert_eq!(
-            placeholders(Backend::Postgres, sql),
-            "SELECT a FROM t WHERE b = $1 AND c IN ($2, $3)"
-        );
-    }
-
-    #[test]
-    fn rows_decode_by_kind() {
-        let row = Row(vec![Value::Int(7), Value::Null, Value::Text("x".into())]);
-        assert_eq!(row.int(0).unwrap(), 7);
-        assert_eq!(row.opt_int(1).unwrap(), None);
-        assert_eq!(row.opt_text(1).unwrap(), None);
-        assert_eq!(row.text(2).unwrap(), "x");
-        assert!(row.int(2).is_err());
-        assert!(row.text(3).is_err());
-        assert_eq!(Value::from(Some(3_i64)), Value::Int(3));
-        assert_eq!(Value::from(None::<String>), Value::Null);
-    }
-}
-
 /// A dedicated connection, taken from the pool and detached from it: session state (an
 /// advisory lock, a transaction begun by hand) lives exactly as long as it, and closing or
 /// dropping it releases that state on the server.
@@ -437,5 +408,34 @@ impl Conn {
             Self::Postgres(c) => c.close().await,
             Self::MySql(c) => c.close().await,
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rewrites_placeholders_for_postgres_only() {
+        let sql = "SELECT a FROM t WHERE b = ? AND c IN (?, ?)";
+        assert_eq!(placeholders(Backend::Sqlite, sql), sql);
+        assert_eq!(placeholders(Backend::MySql, sql), sql);
+        assert_eq!(
+            placeholders(Backend::Postgres, sql),
+            "SELECT a FROM t WHERE b = $1 AND c IN ($2, $3)"
+        );
+    }
+
+    #[test]
+    fn rows_decode_by_kind() {
+        let row = Row(vec![Value::Int(7), Value::Null, Value::Text("x".into())]);
+        assert_eq!(row.int(0).unwrap(), 7);
+        assert_eq!(row.opt_int(1).unwrap(), None);
+        assert_eq!(row.opt_text(1).unwrap(), None);
+        assert_eq!(row.text(2).unwrap(), "x");
+        assert!(row.int(2).is_err());
+        assert!(row.text(3).is_err());
+        assert_eq!(Value::from(Some(3_i64)), Value::Int(3));
+        assert_eq!(Value::from(None::<String>), Value::Null);
     }
 }
