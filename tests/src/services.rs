@@ -14,7 +14,7 @@ use fleetsync_common::proto::{
     migrator::v1::migrator_client::MigratorClient,
     sync::v1::{fleet_client::FleetClient, sync_agent_client::SyncAgentClient},
 };
-use fleetsync_sync_agent::ssh::SshClient;
+use fleetsync_sync_agent::{runner::RunnerConfig, ssh::SshClient};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -91,13 +91,41 @@ pub struct TestAgent {
     pub service: Running,
 }
 
+/// Scheduler settings for tests: quick polls, so that cross-agent work shows up fast.
+pub fn test_runner_config() -> RunnerConfig {
+    RunnerConfig {
+        concurrency: 64,
+        lease_ttl: Duration::from_secs(30),
+        poll_interval: Duration::from_millis(100),
+        outbox_interval: Duration::from_millis(500),
+    }
+}
+
+/// Applies every migration to the database at `url` (what `migrator migrate` does, without
+/// contacting an agent).
+pub async fn migrate(url: &str) {
+    let db = fleetsync_common::Db::connect(url)
+        .await
+        .expect("connect to migrate");
+    let engine = fleetsync_migrator::engine::Engine::new(db.clone(), Default::default());
+    engine.migrate(0, &mut |_| {}).await.expect("migrate");
+    db.close().await;
+}
+
 impl TestAgent {
-    /// Starts the agent on `database_url` with this SSH client.
+    /// Migrates the database, then starts the agent on it with this SSH client.
     pub async fn spawn(database_url: &str, ssh: SshClient) -> Self {
+        migrate(database_url).await;
+        Self::spawn_with(database_url, ssh, test_runner_config()).await
+    }
+
+    /// Starts the agent on an already migrated database with these scheduler settings.
+    pub async fn spawn_with(database_url: &str, ssh: SshClient, runner: RunnerConfig) -> Self {
         let config = fleetsync_sync_agent::Config {
             database_url: database_url.to_owned(),
             shutdown_grace: Duration::from_secs(1),
             ssh,
+            runner,
         };
         let service = Running::spawn(move |listener, shutdown| {
             fleetsync_sync_agent::run(config, listener, shutdown)

@@ -10,7 +10,11 @@ use fleetsync_common::proto::{
     sync::v1::{ListServersRequest, StartSyncRequest},
 };
 use fleetsync_sync_agent::ssh::{ClientKeys, SshClient, Timeouts};
-use fleetsync_tests::{TestAgent, TestDb, TestMigrator, process::bin_path, services::ServeProcess};
+use fleetsync_tests::{
+    TestAgent, TestDb, TestMigrator,
+    process::bin_path,
+    services::{ServeProcess, migrate},
+};
 use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
@@ -57,20 +61,24 @@ async fn agent_serves_health_and_its_services_on_every_backend() {
             .expect_err("the agent does not serve the migrator");
         assert_eq!(unknown.code(), Code::NotFound);
 
-        // RPCs whose behaviour is still to come say so, with the right code.
-        let status = agent
+        let servers = agent
             .fleet()
             .list_servers(ListServersRequest::default())
             .await
-            .expect_err("not yet");
-        assert_eq!(status.code(), Code::Unimplemented);
-        assert_eq!(status.message(), "Fleet/ListServers is not implemented yet");
+            .expect("list")
+            .into_inner();
+        assert!(servers.servers.is_empty());
         let status = agent
             .sync()
             .start_sync(StartSyncRequest::default())
             .await
-            .expect_err("not yet");
-        assert_eq!(status.code(), Code::Unimplemented);
+            .expect_err("empty selection");
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(
+            status.message().contains("empty selection"),
+            "{}",
+            status.message()
+        );
 
         agent.service.stop().await.expect("clean stop");
     }
@@ -201,6 +209,7 @@ fn grpcurl(args: &[&str]) -> String {
 async fn grpcurl_lists_describes_and_checks_health_of_the_agent_binary() {
     let dir = tempfile::tempdir().expect("temp dir");
     let db = TestDb::sqlite().await;
+    migrate(db.url()).await;
     let agent = ServeProcess::start("sync-agent", &["--database-url", db.url()], dir.path());
     let addr = agent.addr.to_string();
 
@@ -270,6 +279,7 @@ async fn sigterm_turns_health_not_serving_then_exits_cleanly() {
     for binary in ["sync-agent", "migrator"] {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = TestDb::sqlite().await;
+        migrate(db.url()).await;
         let mut process = ServeProcess::start(
             binary,
             &["--database-url", db.url(), "--shutdown-grace", "1s"],
@@ -335,6 +345,34 @@ async fn a_database_that_is_down_is_a_clear_startup_error() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("unsupported scheme `redis`"), "{stderr}");
+}
+
+#[tokio::test]
+async fn the_agent_refuses_a_schema_older_than_it_needs() {
+    let db = TestDb::sqlite().await;
+    let run = fleetsync_tests::migrator::migrator(
+        db.url(),
+        &["migrate", "--no-dispatch", "--target", "20250215120213"],
+    )
+    .await;
+    assert_eq!(run.code(), 0, "{}", run.stderr);
+    let output = Command::new(bin_path("sync-agent"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            db.url(),
+        ])
+        .output()
+        .expect("run");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("schema is at version 20250215120213"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("run `migrator migrate"), "{stderr}");
 }
 
 #[test]

@@ -33,6 +33,9 @@ pub enum ServiceError {
     /// A dependency (the database) is unavailable right now; retrying may help.
     #[error("{0}")]
     Unavailable(String),
+    /// A position (a cursor) past the end of what exists.
+    #[error("{0}")]
+    OutOfRange(String),
     /// The RPC exists in the contract but arrives in a later version.
     #[error("{0} is not implemented yet")]
     Unimplemented(&'static str),
@@ -69,6 +72,7 @@ impl ServiceError {
             Self::AlreadyExists(_) => Code::AlreadyExists,
             Self::FailedPrecondition(_) => Code::FailedPrecondition,
             Self::Unavailable(_) => Code::Unavailable,
+            Self::OutOfRange(_) => Code::OutOfRange,
             Self::Unimplemented(_) => Code::Unimplemented,
             Self::Unauthenticated(_) => Code::Unauthenticated,
             Self::Internal(_) => Code::Internal,

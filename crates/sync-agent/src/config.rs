@@ -22,6 +22,24 @@ pub struct Cli {
 pub enum Command {
     /// Serve the SyncAgent and Fleet gRPC services (with health and reflection).
     Serve(ServeArgs),
+    /// Forget a server's pinned host key (after a legitimate re-install), through a running
+    /// agent; the next sync pins the key the server presents.
+    ResetHostKey(ResetHostKeyArgs),
+}
+
+/// `sync-agent reset-host-key`.
+#[derive(Debug, Clone, Args)]
+pub struct ResetHostKeyArgs {
+    /// The server's id.
+    pub server_id: i64,
+
+    /// The agent to ask.
+    #[arg(
+        long,
+        env = "FLEETSYNC_AGENT_URL",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub agent_url: String,
 }
 
 /// `sync-agent serve`.
@@ -40,6 +58,23 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub ssh: SshArgs,
+
+    /// Servers synced at once.
+    #[arg(long, env = "FLEETSYNC_CONCURRENCY", default_value_t = 64)]
+    pub concurrency: usize,
+
+    /// Lease on a server while it is synced; renewed during the run, taken over by another
+    /// agent if this one dies.
+    #[arg(long, env = "FLEETSYNC_LEASE_TTL", default_value = "60s")]
+    pub lease_ttl: humantime::Duration,
+
+    /// How often the database is polled for work and outcomes made by other agents.
+    #[arg(long, env = "FLEETSYNC_POLL_INTERVAL", default_value = "500ms")]
+    pub poll_interval: humantime::Duration,
+
+    /// How often sync requests recorded by migrations are taken (also at start).
+    #[arg(long, env = "FLEETSYNC_OUTBOX_INTERVAL", default_value = "10s")]
+    pub outbox_interval: humantime::Duration,
 }
 
 /// How the agent connects to managed servers.
@@ -106,7 +141,9 @@ mod tests {
             "1500ms",
         ])
         .unwrap();
-        let Command::Serve(args) = cli.command;
+        let Command::Serve(args) = cli.command else {
+            panic!("serve")
+        };
         assert_eq!(
             args.ssh.ssh_keys,
             [PathBuf::from("/a"), PathBuf::from("/b")]

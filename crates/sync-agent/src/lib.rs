@@ -1,10 +1,19 @@
 //! The fleetsync sync-agent: the one component that opens SSH connections to managed servers.
-//! It serves `SyncAgent` and `Fleet` over gRPC, with health and reflection.
+//! It serves `SyncAgent` and `Fleet` over gRPC (with health and reflection), schedules syncs
+//! through leases in the control-plane database, and drains the outbox of sync requests that
+//! migrations record.
 #![forbid(unsafe_code)]
 
+pub mod client;
 pub mod config;
+pub mod inventory;
+pub mod runner;
+pub mod schema;
 pub mod service;
 pub mod ssh;
+pub mod store;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use fleetsync_common::{
@@ -19,8 +28,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
 
 use crate::{
+    runner::{Runner, RunnerConfig, Signals},
     service::{AgentState, FleetService, SyncAgentService},
     ssh::SshClient,
+    store::Store,
 };
 
 /// What `run` needs, resolved from the command line (or built by tests).
@@ -29,25 +40,41 @@ pub struct Config {
     /// Control-plane database URL.
     pub database_url: String,
     /// How long calls in flight may take to finish on shutdown.
-    pub shutdown_grace: std::time::Duration,
+    pub shutdown_grace: Duration,
     /// SSH client with keys and timeouts.
     pub ssh: SshClient,
+    /// Scheduler settings.
+    pub runner: RunnerConfig,
 }
 
 /// Runs the agent on `listener` until `shutdown` is cancelled.
 ///
-/// Health reports `SERVING` once the database answers, and `NOT_SERVING` as soon as shutdown
-/// begins; the function returns when calls in flight have ended.
+/// Refuses to start on a schema older than it needs. Health reports `SERVING` once the
+/// database answers and the schema is current, and `NOT_SERVING` as soon as shutdown begins.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let db = Db::connect(&config.database_url).await?;
-    let shutdown_grace = config.shutdown_grace;
+    let version = schema::check(&db).await?;
+    let store = Store::new(db.clone());
+    let signals = Signals::default();
+    let holder = format!("{}-{}-{}", hostname(), std::process::id(), &new_id()[..8]);
+    let runner = Runner::new(
+        store.clone(),
+        config.ssh.clone(),
+        holder.clone(),
+        config.runner.clone(),
+        signals.clone(),
+        shutdown.clone(),
+    );
     let state = AgentState {
-        db: db.clone(),
+        store,
         ssh: config.ssh,
+        signals,
+        shutdown: shutdown.clone(),
+        watch_poll: config.runner.poll_interval.max(Duration::from_millis(100)),
     };
     let (router, health) = grpc::base_router(
         &[
@@ -62,18 +89,31 @@ pub async fn run(
         .add_service(SyncAgentServer::new(SyncAgentService::new(state.clone())))
         .add_service(FleetServer::new(FleetService::new(state)));
 
-    db.ping()
-        .await
-        .context("checking the control-plane database")?;
+    let scheduler = tokio::spawn(runner.run());
     health.serving().await;
     let addr = listener
         .local_addr()
         .context("reading the listen address")?;
-    tracing::info!(%addr, backend = %db.backend(), "sync-agent listening");
+    tracing::info!(%addr, backend = %db.backend(), schema = version, %holder, "sync-agent listening");
 
-    grpc::serve(router, listener, health, shutdown, shutdown_grace)
+    let served = grpc::serve(
+        router,
+        listener,
+        health,
+        shutdown.clone(),
+        config.shutdown_grace,
+    )
+    .await;
+    shutdown.cancel();
+    if tokio::time::timeout(config.shutdown_grace.max(Duration::from_secs(1)), scheduler)
         .await
-        .context("serving gRPC")?;
+        .is_err()
+    {
+        tracing::warn!(
+            "runs still in flight after the grace period; their leases expire by themselves"
+        );
+    }
+    served.context("serving gRPC")?;
     db.close().await;
     tracing::info!("sync-agent stopped");
     Ok(())
@@ -93,5 +133,48 @@ pub fn config_from_args(args: &config::ServeArgs) -> anyhow::Result<Config> {
         database_url: args.common.database_url.clone(),
         shutdown_grace: args.common.shutdown_grace.into(),
         ssh: SshClient::new(args.ssh.timeouts(), args.ssh.output_cap, keys),
+        runner: RunnerConfig {
+            concurrency: args.concurrency.max(1),
+            lease_ttl: args.lease_ttl.into(),
+            poll_interval: args.poll_interval.into(),
+            outbox_interval: args.outbox_interval.into(),
+        },
     })
+}
+
+/// Milliseconds since the Unix epoch now (this machine's clock; leases use the database's).
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// A random 128-bit id as 32 hex digits.
+pub fn new_id() -> String {
+    use std::{
+        collections::hash_map::RandomState,
+        hash::{BuildHasher, Hasher},
+        sync::atomic::{AtomicU64, Ordering},
+    };
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut out = String::with_capacity(32);
+    for _ in 0..2 {
+        let mut hasher = RandomState::new().build_hasher();
+        hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+        hasher.write_u128(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        out.push_str(&format!("{:016x}", hasher.finish()));
+    }
+    out
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "agent".into())
 }

@@ -31,5 +31,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let shutdown = shutdown::on_signals().context("installing signal handlers")?;
             fleetsync_sync_agent::run(config, listener, shutdown).await
         }
+        Command::ResetHostKey(args) => fleetsync_sync_agent::client::reset_host_key(&args).await,
     }
 }

@@ -385,6 +385,16 @@ impl Connection {
     /// under the command timeout. Output past the cap (stdout or stderr) ends the command with
     /// [`SshError::OutputTooLarge`] without buffering the rest.
     pub async fn run(&self, command: &str) -> Result<CommandOutput, SshError> {
+        self.run_with_input(command, &[]).await
+    }
+
+    /// Like [`run`](Self::run), with `input` on the command's stdin (then end of file). Used
+    /// to hand a query to a database client without any shell quoting.
+    pub async fn run_with_input(
+        &self,
+        command: &str,
+        input: &[u8],
+    ) -> Result<CommandOutput, SshError> {
         let limit = self.timeouts.command;
         let cap = self.output_cap;
         let mut channel = timeout(limit, self.handle.channel_open_session())
@@ -398,6 +408,16 @@ impl Connection {
         let collect = async {
             channel
                 .exec(true, command)
+                .await
+                .map_err(|err| SshError::Channel(err.to_string()))?;
+            if !input.is_empty() {
+                channel
+                    .data(input)
+                    .await
+                    .map_err(|err| SshError::Channel(err.to_string()))?;
+            }
+            channel
+                .eof()
                 .await
                 .map_err(|err| SshError::Channel(err.to_string()))?;
             let mut output = CommandOutput {

@@ -1,0 +1,340 @@
+//! Inventory probes: the command run on a server for its database service, and the parser of
+//! its output.
+//!
+//! The query goes to the service's own client on stdin (never through the shell's quoting),
+//! and asks the server for one JSON document, so that any name (quotes, tabs, `|`, newlines,
+//! unicode) round-trips exactly. Nothing read from a server is interpolated anywhere: it is
+//! parsed, validated and bound as SQL parameters.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_json::Value as Json;
+
+use crate::store::{DatabaseService, InventoryWrite};
+
+/// The command and its stdin for a service.
+pub fn probe(service: DatabaseService) -> (&'static str, &'static str) {
+    match service {
+        DatabaseService::Mysql => (
+            "sudo -n mysql --batch --raw --skip-column-names --default-character-set=utf8mb4",
+            MYSQL_QUERY,
+        ),
+        DatabaseService::Mariadb => (
+            "sudo -n mariadb --batch --raw --skip-column-names --default-character-set=utf8mb4",
+            MYSQL_QUERY,
+        ),
+        DatabaseService::Postgresql => (
+            "sudo -n -u postgres psql -X -q -A -t -v ON_ERROR_STOP=1 -d postgres",
+            POSTGRES_QUERY,
+        ),
+    }
+}
+
+/// One JSON document: version, default charset, databases, collations, users and their grants.
+const MYSQL_QUERY: &str = "SELECT JSON_OBJECT(
+  'version', VERSION(),
+  'default_charset', @@character_set_server,
+  'databases', (SELECT JSON_ARRAYAGG(JSON_OBJECT('name', SCHEMA_NAME,
+      'charset', DEFAULT_CHARACTER_SET_NAME, 'collation', DEFAULT_COLLATION_NAME))
+    FROM information_schema.SCHEMATA
+    WHERE SCHEMA_NAME NOT IN ('information_schema', 'performance_schema', 'mysql', 'sys')),
+  'collations', (SELECT JSON_ARRAYAGG(JSON_OBJECT('charset', CHARACTER_SET_NAME,
+      'collation', COLLATION_NAME, 'default', IS_DEFAULT))
+    FROM information_schema.COLLATIONS WHERE CHARACTER_SET_NAME IS NOT NULL),
+  'users', (SELECT JSON_ARRAYAGG(JSON_OBJECT('user', User, 'host', Host)) FROM mysql.user),
+  'grants', (SELECT JSON_ARRAYAGG(JSON_OBJECT('user', User, 'host', Host, 'db', Db)) FROM mysql.db)
+);
+";
+
+/// One JSON document, as for MySQL. Roles have no host: the host is empty.
+const POSTGRES_QUERY: &str = "SELECT json_build_object(
+  'version', current_setting('server_version'),
+  'default_charset', current_setting('server_encoding'),
+  'databases', (SELECT coalesce(json_agg(json_build_object('name', datname,
+      'charset', pg_encoding_to_char(encoding), 'collation', datcollate) ORDER BY datname), '[]'::json)
+    FROM pg_database WHERE datname NOT IN ('template0', 'template1', 'postgres')),
+  'collations', (SELECT coalesce(json_agg(json_build_object(
+      'charset', CASE WHEN collencoding = -1 THEN '' ELSE pg_encoding_to_char(collencoding) END,
+      'collation', collname) ORDER BY collname), '[]'::json) FROM pg_collation),
+  'users', (SELECT coalesce(json_agg(json_build_object('user', r.rolname, 'host', '',
+      'databases', (SELECT coalesce(json_agg(d.datname ORDER BY d.datname), '[]'::json)
+        FROM pg_database d
+        WHERE NOT d.datistemplate AND d.datname <> 'postgres'
+          AND has_database_privilege(r.oid, d.oid, 'CONNECT'))) ORDER BY r.rolname), '[]'::json)
+    FROM pg_roles r WHERE r.rolcanlogin)
+);
+";
+
+/// System databases, never stored (also filtered here, whatever the server sends).
+const SYSTEM_DATABASES: &[&str] = &[
+    "information_schema",
+    "performance_schema",
+    "mysql",
+    "sys",
+    "template0",
+    "template1",
+    "postgres",
+];
+
+/// Longest name accepted from a server (MySQL allows 64 characters, PostgreSQL 63 bytes).
+const MAX_NAME: usize = 255;
+
+/// Why a probe's output was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct ParseError(pub String);
+
+#[derive(Debug, Deserialize)]
+struct Document {
+    version: Option<String>,
+    default_charset: Option<String>,
+    #[serde(default)]
+    databases: Json,
+    #[serde(default)]
+    collations: Json,
+    #[serde(default)]
+    users: Json,
+    #[serde(default)]
+    grants: Json,
+}
+
+#[derive(Debug, Deserialize)]
+struct DatabaseRow {
+    name: String,
+    charset: Option<String>,
+    collation: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct CollationRow {
+    charset: Option<String>,
+    collation: String,
+    #[serde(default)]
+    default: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct UserRow {
+    user: String,
+    #[serde(default)]
+    host: Option<String>,
+    #[serde(default)]
+    databases: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct GrantRow {
+    user: String,
+    host: String,
+    db: String,
+}
+
+/// A JSON array, wherever it may hide: MariaDB can hand a nested aggregate back as a string,
+/// and an aggregate over no rows is NULL.
+fn array<T: for<'de> Deserialize<'de>>(value: Json, what: &str) -> Result<Vec<T>, ParseError> {
+    let value = match value {
+        Json::Null => return Ok(Vec::new()),
+        Json::String(text) => {
+            serde_json::from_str(&text).map_err(|e| ParseError(format!("{what}: not JSON: {e}")))?
+        }
+        other => other,
+    };
+    match value {
+        Json::Null => Ok(Vec::new()),
+        value @ Json::Array(_) => {
+            serde_json::from_value(value).map_err(|e| ParseError(format!("{what}: {e}")))
+        }
+        other => Err(ParseError(format!(
+            "{what}: expected a list, got {}",
+            kind(&other)
+        ))),
+    }
+}
+
+fn kind(value: &Json) -> &'static str {
+    match value {
+        Json::Null => "null",
+        Json::Bool(_) => "a boolean",
+        Json::Number(_) => "a number",
+        Json::String(_) => "a string",
+        Json::Array(_) => "a list",
+        Json::Object(_) => "an object",
+    }
+}
+
+fn check_name(what: &str, name: &str) -> Result<(), ParseError> {
+    if name.is_empty() {
+        return Err(ParseError(format!("{what} with an empty name")));
+    }
+    if name.len() > MAX_NAME {
+        return Err(ParseError(format!(
+            "{what} name of {} bytes (at most {MAX_NAME})",
+            name.len()
+        )));
+    }
+    if name.contains('\0') {
+        return Err(ParseError(format!("{what} name contains a NUL byte")));
+    }
+    Ok(())
+}
+
+/// Parses a probe's stdout into what to store.
+pub fn parse(service: DatabaseService, stdout: &[u8]) -> Result<InventoryWrite, ParseError> {
+    let text = std::str::from_utf8(stdout)
+        .map_err(|e| ParseError(format!("output is not UTF-8: {e}")))?
+        .trim();
+    if text.is_empty() {
+        return Err(ParseError("the probe printed nothing".into()));
+    }
+    let document: Document = serde_json::from_str(text)
+        .map_err(|e| ParseError(format!("output is not the expected JSON: {e}")))?;
+
+    let default_charset = document.default_charset.unwrap_or_else(|| match service {
+        DatabaseService::Postgresql => "UTF8".into(),
+        _ => "utf8mb3".into(),
+    });
+
+    let mut databases = BTreeMap::new();
+    for row in array::<DatabaseRow>(document.databases, "databases")? {
+        check_name("database", &row.name)?;
+        if SYSTEM_DATABASES.contains(&row.name.as_str()) {
+            continue;
+        }
+        let charset = row.charset.unwrap_or_else(|| default_charset.clone());
+        let collation = row.collation.unwrap_or_default();
+        databases.insert(row.name, (charset, collation));
+    }
+
+    // charset -> {"default": collation, "list": [collations]}
+    let mut charsets: BTreeMap<String, (Option<String>, Vec<String>)> = BTreeMap::new();
+    for row in array::<CollationRow>(document.collations, "collations")? {
+        check_name("collation", &row.collation)?;
+        // PostgreSQL collations for any encoding apply to the server's.
+        let charset = match row.charset {
+            Some(c) if !c.is_empty() => c,
+            _ => default_charset.clone(),
+        };
+        let entry = charsets.entry(charset).or_default();
+        if row.default.as_deref() == Some("Yes") {
+            entry.0 = Some(row.collation.clone());
+        }
+        entry.1.push(row.collation);
+    }
+    let charset_count = u32::try_from(charsets.len()).unwrap_or(u32::MAX);
+    let type_data = serde_json::json!({
+        "charsets": charsets.iter().map(|(name, (default, list))| {
+            let mut list = list.clone();
+            list.sort();
+            list.dedup();
+            (name.clone(), serde_json::json!({"default": default, "list": list}))
+        }).collect::<serde_json::Map<_, _>>(),
+        "defaultCharset": default_charset,
+    })
+    .to_string();
+
+    let mut users: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    for row in array::<UserRow>(document.users, "users")? {
+        check_name("user", &row.user)?;
+        let host = row.host.unwrap_or_default();
+        let entry = users.entry((row.user, host)).or_default();
+        entry.extend(row.databases.unwrap_or_default());
+    }
+    for grant in array::<GrantRow>(document.grants, "grants")? {
+        if let Some(databases) = users.get_mut(&(grant.user, grant.host)) {
+            databases.push(grant.db);
+        }
+    }
+
+    Ok(InventoryWrite {
+        version: document.version,
+        type_data,
+        charsets: charset_count,
+        databases: databases
+            .into_iter()
+            .map(|(name, (charset, collation))| (name, charset, collation))
+            .collect(),
+        users: users
+            .into_iter()
+            .map(|((user, host), databases)| (user, host, databases))
+            .collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_mariadb_output_with_nested_strings_and_hostile_names() {
+        let out = r#"{"version": "10.11.6-MariaDB", "default_charset": "utf8mb4",
+            "databases": "[{\"name\": \"app\", \"charset\": \"utf8mb4\", \"collation\": \"utf8mb4_bin\"}, {\"name\": \"we'ird\\t|\\nname ü\", \"charset\": \"latin1\", \"collation\": \"latin1_swedish_ci\"}, {\"name\": \"mysql\", \"charset\": \"utf8mb4\", \"collation\": \"x\"}]",
+            "collations": [{"charset": "utf8mb4", "collation": "utf8mb4_general_ci", "default": "Yes"},
+                           {"charset": "utf8mb4", "collation": "utf8mb4_bin", "default": ""}],
+            "users": [{"user": "app", "host": "%"}, {"user": "root", "host": "localhost"}],
+            "grants": [{"user": "app", "host": "%", "db": "app"}]}"#;
+        let inv = parse(DatabaseService::Mariadb, out.as_bytes()).unwrap();
+        assert_eq!(inv.version.as_deref(), Some("10.11.6-MariaDB"));
+        assert_eq!(
+            inv.databases,
+            [
+                ("app".into(), "utf8mb4".into(), "utf8mb4_bin".into()),
+                (
+                    "we'ird\t|\nname ü".into(),
+                    "latin1".into(),
+                    "latin1_swedish_ci".into()
+                ),
+            ]
+        );
+        assert_eq!(
+            inv.users[0],
+            ("app".into(), "%".into(), vec!["app".to_owned()])
+        );
+        assert_eq!(inv.users[1], ("root".into(), "localhost".into(), vec![]));
+        assert_eq!(inv.charsets, 1);
+        let type_data: Json = serde_json::from_str(&inv.type_data).unwrap();
+        assert_eq!(type_data["defaultCharset"], "utf8mb4");
+        assert_eq!(
+            type_data["charsets"]["utf8mb4"]["default"],
+            "utf8mb4_general_ci"
+        );
+        assert_eq!(type_data["charsets"]["utf8mb4"]["list"][0], "utf8mb4_bin");
+    }
+
+    #[test]
+    fn empty_aggregates_are_empty_lists() {
+        let out = r#"{"version": "16", "default_charset": null, "databases": null, "collations": null, "users": null}"#;
+        let inv = parse(DatabaseService::Postgresql, out.as_bytes()).unwrap();
+        assert!(inv.databases.is_empty() && inv.users.is_empty());
+        let type_data: Json = serde_json::from_str(&inv.type_data).unwrap();
+        assert_eq!(type_data["defaultCharset"], "UTF8");
+    }
+
+    #[test]
+    fn hostile_output_is_refused_with_a_reason() {
+        for (out, expected) in [
+            ("", "printed nothing"),
+            ("ERROR 1045 (28000): Access denied", "not the expected JSON"),
+            (r#"{"databases": 5}"#, "expected a list, got a number"),
+            (r#"{"databases": [{"nome": "x"}]}"#, "missing field `name`"),
+            (r#"{"databases": [{"name": ""}]}"#, "empty name"),
+            (r#"{"databases": [{"name": "a\u0000b"}]}"#, "NUL"),
+        ] {
+            let err = parse(DatabaseService::Mysql, out.as_bytes()).unwrap_err();
+            assert!(err.0.contains(expected), "{out}: {err}");
+        }
+        let long = format!(r#"{{"databases": [{{"name": "{}"}}]}}"#, "x".repeat(300));
+        assert!(
+            parse(DatabaseService::Mysql, long.as_bytes())
+                .unwrap_err()
+                .0
+                .contains("300 bytes")
+        );
+        assert!(
+            parse(DatabaseService::Mysql, &[0xff, 0xfe])
+                .unwrap_err()
+                .0
+                .contains("UTF-8")
+        );
+    }
+}

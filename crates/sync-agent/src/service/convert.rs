@@ -1,0 +1,259 @@
+//! Conversions between stored records and protobuf messages.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use fleetsync_common::proto::sync::v1 as pb;
+
+use crate::store::{
+    DatabaseService, HostKeyRecord, Inventory, JobOrigin, JobRecord, OutcomeRecord, RunResult,
+    ServerRecord,
+};
+
+/// Milliseconds since the epoch as a timestamp.
+pub fn timestamp(ms: i64) -> Option<prost_types::Timestamp> {
+    let ms = u64::try_from(ms).ok()?;
+    Some((UNIX_EPOCH + Duration::from_millis(ms)).into())
+}
+
+/// Milliseconds as a duration.
+pub fn duration(ms: i64) -> Option<prost_types::Duration> {
+    prost_types::Duration::try_from(Duration::from_millis(u64::try_from(ms).ok()?)).ok()
+}
+
+/// A stored outcome name as the enum.
+pub fn outcome(name: &str) -> pb::Outcome {
+    pb::Outcome::from_str_name(&format!("OUTCOME_{name}")).unwrap_or(pb::Outcome::Unspecified)
+}
+
+fn cause(name: Option<&str>) -> pb::UnreachableCause {
+    name.and_then(|n| pb::UnreachableCause::from_str_name(&format!("UNREACHABLE_CAUSE_{n}")))
+        .unwrap_or(pb::UnreachableCause::Unspecified)
+}
+
+/// A run's result as a server outcome.
+pub fn server_outcome(
+    server_id: i64,
+    server_name: &str,
+    result: &RunResult,
+    finished_at: i64,
+) -> pb::ServerOutcome {
+    pb::ServerOutcome {
+        server_id,
+        server_name: server_name.to_owned(),
+        outcome: outcome(&result.outcome) as i32,
+        cause: cause(result.cause.as_deref()) as i32,
+        message: result.message.clone(),
+        exit_status: result.exit_status.map_or(0, |s| s as i32),
+        duration: duration(result.duration_ms),
+        finished_at: timestamp(finished_at),
+        next_probe_at: result.next_probe_at.and_then(timestamp),
+        counts: result.counts.map(|c| pb::SyncCounts {
+            databases_added: c.databases_added,
+            databases_updated: c.databases_updated,
+            databases_gone: c.databases_gone,
+            users_added: c.users_added,
+            users_updated: c.users_updated,
+            users_gone: c.users_gone,
+            charsets: c.charsets,
+        }),
+    }
+}
+
+/// A stored outcome as a stream event.
+pub fn outcome_event(record: &OutcomeRecord) -> pb::SyncEvent {
+    pb::SyncEvent {
+        cursor: record.seq as u64,
+        event: Some(pb::sync_event::Event::Outcome(server_outcome(
+            record.server_id,
+            &record.server_name,
+            &record.result,
+            record.finished_at,
+        ))),
+    }
+}
+
+/// Scope names as enums.
+pub fn scopes(names: &str) -> Vec<i32> {
+    names
+        .split(',')
+        .filter_map(|s| match s {
+            "databases" => Some(pb::SyncScope::Databases as i32),
+            "charsets" => Some(pb::SyncScope::Charsets as i32),
+            "users" => Some(pb::SyncScope::Users as i32),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A job as its summary.
+pub fn summary(job: &JobRecord) -> pb::JobSummary {
+    let state = match job.state() {
+        crate::store::JobState::Pending => pb::JobState::Pending,
+        crate::store::JobState::Running => pb::JobState::Running,
+        crate::store::JobState::Done => pb::JobState::Done,
+    };
+    pb::JobSummary {
+        job_id: job.id.clone(),
+        request_id: job.request_id.clone(),
+        origin: match job.origin {
+            JobOrigin::Rpc => pb::JobOrigin::Rpc,
+            JobOrigin::Migration => pb::JobOrigin::Migration,
+            JobOrigin::Schedule => pb::JobOrigin::Schedule,
+            JobOrigin::Recovery => pb::JobOrigin::Recovery,
+        } as i32,
+        state: state as i32,
+        scopes: scopes(&job.scopes),
+        force: job.force,
+        reason: job.reason.clone(),
+        total: job.total as u32,
+        finished: job.finished as u32,
+        outcome_counts: job
+            .outcome_counts
+            .iter()
+            .map(|(name, count)| pb::OutcomeCount {
+                outcome: outcome(name) as i32,
+                count: *count as u32,
+            })
+            .collect(),
+        created_at: timestamp(job.created_at),
+        finished_at: job.finished_at.and_then(timestamp),
+        duration: job.finished_at.and_then(|f| duration(f - job.created_at)),
+    }
+}
+
+/// The summary event that ends a job's stream (its cursor is one past the last outcome).
+pub fn summary_event(job: &JobRecord) -> pb::SyncEvent {
+    pb::SyncEvent {
+        cursor: job.total as u64 + 1,
+        event: Some(pb::sync_event::Event::Summary(summary(job))),
+    }
+}
+
+/// The service enum of a registered service.
+pub fn database_service(service: Option<DatabaseService>) -> pb::DatabaseService {
+    match service {
+        None => pb::DatabaseService::None,
+        Some(DatabaseService::Mysql) => pb::DatabaseService::Mysql,
+        Some(DatabaseService::Mariadb) => pb::DatabaseService::Mariadb,
+        Some(DatabaseService::Postgresql) => pb::DatabaseService::Postgresql,
+    }
+}
+
+fn status(name: &str) -> pb::ServerStatus {
+    pb::ServerStatus::from_str_name(&format!("SERVER_STATUS_{}", name.to_ascii_uppercase()))
+        .unwrap_or(pb::ServerStatus::Unspecified)
+}
+
+fn reachability(name: &str) -> pb::Reachability {
+    match name {
+        "online" => pb::Reachability::Online,
+        "offline" => pb::Reachability::Offline,
+        _ => pb::Reachability::Unknown,
+    }
+}
+
+fn host_key(key: &HostKeyRecord) -> pb::HostKey {
+    pb::HostKey {
+        algorithm: key.algorithm.clone(),
+        fingerprint: key.fingerprint.clone(),
+        pinned_at: timestamp(key.pinned_at),
+    }
+}
+
+/// A server with its last outcome.
+pub fn server(record: &ServerRecord, last: Option<&(RunResult, i64)>) -> pb::Server {
+    pb::Server {
+        id: record.id,
+        spec: Some(pb::ServerSpec {
+            name: record.name.clone(),
+            ip: record.ip.clone(),
+            port: u32::from(record.port),
+            ssh_user: record.ssh_user.clone(),
+            database_service: database_service(record.database_service) as i32,
+            database_version: record.database_version.clone(),
+            status: status(&record.status) as i32,
+        }),
+        reachability: reachability(&record.reachability) as i32,
+        last_seen_at: record.last_seen_at.and_then(timestamp),
+        consecutive_failures: record.consecutive_failures.max(0) as u32,
+        next_probe_at: record.next_probe_at.and_then(timestamp),
+        host_key: record.host_key.as_ref().map(host_key),
+        last_outcome: last.map(|(result, at)| server_outcome(record.id, &record.name, result, *at)),
+        created_at: timestamp(record.created_at),
+        updated_at: timestamp(record.updated_at),
+    }
+}
+
+/// A pinned key as the reset response's previous key.
+pub fn previous_key(key: Option<&HostKeyRecord>) -> Option<pb::HostKey> {
+    key.map(host_key)
+}
+
+/// What the syncs stored, as the inventory message (`None` before the first successful sync).
+pub fn inventory(service: Option<DatabaseService>, inventory: &Inventory) -> Option<pb::Inventory> {
+    let type_data: serde_json::Value = inventory
+        .type_data
+        .as_deref()
+        .and_then(|t| serde_json::from_str(t).ok())?;
+    let charsets = type_data["charsets"]
+        .as_object()
+        .map(|map| {
+            map.iter()
+                .map(|(name, entry)| pb::Charset {
+                    name: name.clone(),
+                    collations: entry["list"]
+                        .as_array()
+                        .map(|l| {
+                            l.iter()
+                                .filter_map(|c| c.as_str().map(str::to_owned))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    default_collation: entry["default"].as_str().unwrap_or_default().to_owned(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let state = |status: &str| {
+        if status == "gone" {
+            pb::DatabaseState::Gone
+        } else {
+            pb::DatabaseState::Ready
+        }
+    };
+    Some(pb::Inventory {
+        database_service: database_service(service) as i32,
+        default_charset: type_data["defaultCharset"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+        charsets,
+        databases: inventory
+            .databases
+            .iter()
+            .map(|d| pb::Database {
+                name: d.name.clone(),
+                charset: d.charset.clone().unwrap_or_default(),
+                collation: d.collation.clone().unwrap_or_default(),
+                state: state(&d.status) as i32,
+                synced_at: timestamp(d.updated_at),
+            })
+            .collect(),
+        users: inventory
+            .users
+            .iter()
+            .map(|u| pb::DatabaseUser {
+                username: u.username.clone(),
+                host: u.host.clone(),
+                databases: u.databases.clone(),
+                state: state(&u.status) as i32,
+            })
+            .collect(),
+        synced_at: inventory
+            .databases
+            .iter()
+            .map(|d| d.updated_at)
+            .max()
+            .and_then(timestamp),
+    })
+}

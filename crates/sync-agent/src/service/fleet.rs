@@ -1,0 +1,408 @@
+//! `fleetsync.sync.v1.Fleet`: registering servers and reading back what the agent knows.
+
+use std::net::IpAddr;
+
+use fleetsync_common::{
+    ServiceError,
+    proto::sync::v1::{
+        self as pb, DeleteServerRequest, DeleteServerResponse, GetServerRequest, GetServerResponse,
+        ListServersRequest, ListServersResponse, ResetHostKeyRequest, ResetHostKeyResponse,
+        UpsertServerRequest, UpsertServerResponse, fleet_server::Fleet,
+    },
+};
+use tonic::{Request, Response, Status};
+
+use super::{AgentState, convert};
+use crate::store::{DatabaseService, ServerSpec};
+
+/// `fleetsync.sync.v1.Fleet`.
+#[derive(Debug, Clone)]
+pub struct FleetService {
+    state: AgentState,
+}
+
+impl FleetService {
+    /// The service over shared agent state.
+    pub fn new(state: AgentState) -> Self {
+        Self { state }
+    }
+}
+
+fn id(value: i64, field: &'static str) -> Result<i64, ServiceError> {
+    if value <= 0 {
+        return Err(ServiceError::invalid(
+            field,
+            format!("must be a positive server id, got {value}"),
+        ));
+    }
+    Ok(value)
+}
+
+fn text(value: &str, field: &'static str, max: usize) -> Result<(), ServiceError> {
+    if value.chars().count() > max {
+        return Err(ServiceError::invalid(
+            field,
+            format!("longer than {max} characters"),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(ServiceError::invalid(field, "contains control characters"));
+    }
+    Ok(())
+}
+
+/// Validates a registration; every error names its field.
+pub fn validate_spec(spec: Option<pb::ServerSpec>) -> Result<ServerSpec, ServiceError> {
+    let spec = spec.ok_or_else(|| ServiceError::invalid("spec", "required"))?;
+    let name = spec.name.trim().to_owned();
+    if name.is_empty() {
+        return Err(ServiceError::invalid("spec.name", "required"));
+    }
+    text(&name, "spec.name", 255)?;
+    let ip = spec.ip.trim().to_owned();
+    if ip.is_empty() {
+        return Err(ServiceError::invalid("spec.ip", "required"));
+    }
+    let is_host_name = ip.len() <= 253
+        && ip.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        });
+    if ip.parse::<IpAddr>().is_err() && !is_host_name {
+        return Err(ServiceError::invalid(
+            "spec.ip",
+            format!("{ip:?} is neither an IP address nor a host name"),
+        ));
+    }
+    let port = match spec.port {
+        0 => 22,
+        p @ 1..=65535 => p as u16,
+        p => {
+            return Err(ServiceError::invalid(
+                "spec.port",
+                format!("must be 1-65535, got {p}"),
+            ));
+        }
+    };
+    let ssh_user = match spec.ssh_user.trim() {
+        "" => "vito".to_owned(),
+        user => {
+            let valid = user.len() <= 32
+                && user
+                    .bytes()
+                    .next()
+                    .is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+                && user.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'
+                });
+            if !valid {
+                return Err(ServiceError::invalid(
+                    "spec.ssh_user",
+                    format!("{user:?} is not a valid login name ([a-z_][a-z0-9_-]*, at most 32)"),
+                ));
+            }
+            user.to_owned()
+        }
+    };
+    let database_service = match pb::DatabaseService::try_from(spec.database_service) {
+        Ok(pb::DatabaseService::Unspecified) => {
+            return Err(ServiceError::invalid(
+                "spec.database_service",
+                "required: MYSQL, MARIADB, POSTGRESQL or NONE",
+            ));
+        }
+        Ok(pb::DatabaseService::None) => None,
+        Ok(pb::DatabaseService::Mysql) => Some(DatabaseService::Mysql),
+        Ok(pb::DatabaseService::Mariadb) => Some(DatabaseService::Mariadb),
+        Ok(pb::DatabaseService::Postgresql) => Some(DatabaseService::Postgresql),
+        Err(_) => {
+            return Err(ServiceError::invalid(
+                "spec.database_service",
+                format!("unknown value {}", spec.database_service),
+            ));
+        }
+    };
+    text(&spec.database_version, "spec.database_version", 64)?;
+    let status = match pb::ServerStatus::try_from(spec.status) {
+        Ok(pb::ServerStatus::Unspecified) => None,
+        Ok(status) => Some(
+            status
+                .as_str_name()
+                .trim_start_matches("SERVER_STATUS_")
+                .to_ascii_lowercase(),
+        ),
+        Err(_) => {
+            return Err(ServiceError::invalid(
+                "spec.status",
+                format!("unknown value {}", spec.status),
+            ));
+        }
+    };
+    Ok(ServerSpec {
+        name,
+        ip,
+        port,
+        ssh_user,
+        database_service,
+        database_version: spec.database_version,
+        status,
+    })
+}
+
+#[tonic::async_trait]
+impl Fleet for FleetService {
+    async fn upsert_server(
+        &self,
+        request: Request<UpsertServerRequest>,
+    ) -> Result<Response<UpsertServerResponse>, Status> {
+        let request = request.into_inner();
+        let target = match request.id {
+            0 => None,
+            value => Some(id(value, "id")?),
+        };
+        let spec = validate_spec(request.spec)?;
+        let upserted = self.state.store.upsert_server(target, &spec).await?;
+        Ok(Response::new(UpsertServerResponse {
+            server: Some(convert::server(&upserted.server, None)),
+            created: upserted.created,
+        }))
+    }
+
+    async fn delete_server(
+        &self,
+        request: Request<DeleteServerRequest>,
+    ) -> Result<Response<DeleteServerResponse>, Status> {
+        let server = id(request.into_inner().id, "id")?;
+        if !self
+            .state
+            .store
+            .delete_server(server)
+            .await
+            .map_err(ServiceError::from)?
+        {
+            return Err(ServiceError::not_found("server", server).into());
+        }
+        Ok(Response::new(DeleteServerResponse {}))
+    }
+
+    async fn list_servers(
+        &self,
+        request: Request<ListServersRequest>,
+    ) -> Result<Response<ListServersResponse>, Status> {
+        let request = request.into_inner();
+        let reachability = match pb::Reachability::try_from(request.reachability) {
+            Ok(pb::Reachability::Unspecified) => None,
+            Ok(pb::Reachability::Unknown) => Some("unknown"),
+            Ok(pb::Reachability::Online) => Some("online"),
+            Ok(pb::Reachability::Offline) => Some("offline"),
+            Err(_) => {
+                return Err(ServiceError::invalid(
+                    "reachability",
+                    format!("unknown value {}", request.reachability),
+                )
+                .into());
+            }
+        };
+        let page_size = match request.page_size {
+            0 => 100,
+            n @ 1..=1000 => n,
+            n => {
+                return Err(
+                    ServiceError::invalid("page_size", format!("at most 1000, got {n}")).into(),
+                );
+            }
+        };
+        let after = match request.page_token.as_str() {
+            "" => 0,
+            token => token
+                .parse::<i64>()
+                .ok()
+                .filter(|t| *t > 0)
+                .ok_or_else(|| {
+                    ServiceError::invalid("page_token", "not a token from a previous page")
+                })?,
+        };
+        let servers = self
+            .state
+            .store
+            .servers(reachability, after, page_size + 1)
+            .await
+            .map_err(ServiceError::from)?;
+        let more = servers.len() > page_size as usize;
+        let servers = &servers[..servers.len().min(page_size as usize)];
+        let ids: Vec<i64> = servers.iter().map(|s| s.id).collect();
+        let last = self
+            .state
+            .store
+            .last_runs(&ids)
+            .await
+            .map_err(ServiceError::from)?;
+        Ok(Response::new(ListServersResponse {
+            servers: servers
+                .iter()
+                .map(|s| convert::server(s, last.get(&s.id)))
+                .collect(),
+            next_page_token: if more {
+                servers.last().map(|s| s.id.to_string()).unwrap_or_default()
+            } else {
+                String::new()
+            },
+        }))
+    }
+
+    async fn get_server(
+        &self,
+        request: Request<GetServerRequest>,
+    ) -> Result<Response<GetServerResponse>, Status> {
+        let server_id = id(request.into_inner().id, "id")?;
+        let store = &self.state.store;
+        let server = store
+            .server(server_id)
+            .await
+            .map_err(ServiceError::from)?
+            .ok_or_else(|| ServiceError::not_found("server", server_id))?;
+        let last = store
+            .last_runs(&[server_id])
+            .await
+            .map_err(ServiceError::from)?;
+        let inventory = store
+            .inventory(server_id)
+            .await
+            .map_err(ServiceError::from)?;
+        Ok(Response::new(GetServerResponse {
+            inventory: convert::inventory(server.database_service, &inventory),
+            server: Some(convert::server(&server, last.get(&server_id))),
+        }))
+    }
+
+    async fn reset_host_key(
+        &self,
+        request: Request<ResetHostKeyRequest>,
+    ) -> Result<Response<ResetHostKeyResponse>, Status> {
+        let server_id = id(request.into_inner().id, "id")?;
+        let previous = self
+            .state
+            .store
+            .reset_host_key(server_id)
+            .await
+            .map_err(ServiceError::from)?
+            .ok_or_else(|| ServiceError::not_found("server", server_id))?;
+        if let Some(key) = &previous {
+            tracing::info!(server_id, fingerprint = %key.fingerprint, "pinned host key forgotten");
+        }
+        Ok(Response::new(ResetHostKeyResponse {
+            previous: convert::previous_key(previous.as_ref()),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> pb::ServerSpec {
+        pb::ServerSpec {
+            name: "db-1".into(),
+            ip: "10.0.0.1".into(),
+            port: 0,
+            ssh_user: String::new(),
+            database_service: pb::DatabaseService::Mariadb as i32,
+            database_version: "10.11".into(),
+            status: 0,
+        }
+    }
+
+    fn field_of(spec: pb::ServerSpec) -> String {
+        match validate_spec(Some(spec)).unwrap_err() {
+            ServiceError::InvalidArgument { field, .. } => field.to_owned(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_and_field_names_in_errors() {
+        let ok = validate_spec(Some(spec())).unwrap();
+        assert_eq!((ok.port, ok.ssh_user.as_str()), (22, "vito"));
+        assert_eq!(ok.database_service, Some(DatabaseService::Mariadb));
+        assert!(
+            validate_spec(Some(pb::ServerSpec {
+                ip: "db.example.com".into(),
+                ..spec()
+            }))
+            .is_ok()
+        );
+        assert!(
+            validate_spec(Some(pb::ServerSpec {
+                ip: "::1".into(),
+                ..spec()
+            }))
+            .is_ok()
+        );
+
+        assert_eq!(
+            field_of(pb::ServerSpec {
+                name: " ".into(),
+                ..spec()
+            }),
+            "spec.name"
+        );
+        assert_eq!(
+            field_of(pb::ServerSpec {
+                ip: "not an ip!".into(),
+                ..spec()
+            }),
+            "spec.ip"
+        );
+        assert_eq!(
+            field_of(pb::ServerSpec {
+                port: 65536,
+                ..spec()
+            }),
+            "spec.port"
+        );
+        assert_eq!(
+            field_of(pb::ServerSpec {
+                ssh_user: "Root;rm".into(),
+                ..spec()
+            }),
+            "spec.ssh_user"
+        );
+        assert_eq!(
+            field_of(pb::ServerSpec {
+                database_service: 0,
+                ..spec()
+            }),
+            "spec.database_service"
+        );
+        assert_eq!(
+            field_of(pb::ServerSpec {
+                database_service: 42,
+                ..spec()
+            }),
+            "spec.database_service"
+        );
+        assert_eq!(
+            field_of(pb::ServerSpec {
+                status: 99,
+                ..spec()
+            }),
+            "spec.status"
+        );
+        assert_eq!(
+            field_of(pb::ServerSpec {
+                name: "a\nb".into(),
+                ..spec()
+            }),
+            "spec.name"
+        );
+        assert!(matches!(
+            validate_spec(None),
+            Err(ServiceError::InvalidArgument { field: "spec", .. })
+        ));
+    }
+}

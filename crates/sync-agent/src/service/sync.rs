@@ -1,0 +1,378 @@
+//! `fleetsync.sync.v1.SyncAgent`: starting jobs, streaming their outcomes from a cursor, and
+//! reading them back.
+
+use std::collections::BTreeSet;
+
+use fleetsync_common::{
+    ServiceError,
+    proto::sync::v1::{
+        self as pb, CheckConnectionRequest, CheckConnectionResponse, GetSyncJobRequest,
+        GetSyncJobResponse, StartSyncRequest, StartSyncResponse, WatchSyncRequest,
+        sync_agent_server::SyncAgent,
+    },
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::{AgentState, EventStream, convert};
+use crate::store::{JobOrigin, JobRecord, NewJob, Selection};
+
+/// Most server ids in one request.
+pub const MAX_SERVER_IDS: usize = 10_000;
+/// Outcomes read per database round trip while streaming.
+const BATCH: i64 = 256;
+
+/// `fleetsync.sync.v1.SyncAgent`.
+#[derive(Debug, Clone)]
+pub struct SyncAgentService {
+    state: AgentState,
+}
+
+impl SyncAgentService {
+    /// The service over shared agent state.
+    pub fn new(state: AgentState) -> Self {
+        Self { state }
+    }
+
+    async fn start(&self, request: StartSyncRequest) -> Result<(JobRecord, bool), ServiceError> {
+        let job = validate_start(request)?;
+        let (record, created) = self.state.store.create_job(&job).await?;
+        if created {
+            tracing::info!(job_id = %record.id, servers = record.total, origin = job.origin.as_str(), "sync job accepted");
+            self.state.signals.wake.notify_one();
+        }
+        Ok((record, created))
+    }
+
+    async fn job(&self, job_id: &str) -> Result<JobRecord, ServiceError> {
+        if job_id.is_empty() {
+            return Err(ServiceError::invalid("job_id", "required"));
+        }
+        if job_id.len() > 128 {
+            return Err(ServiceError::invalid(
+                "job_id",
+                "longer than 128 characters",
+            ));
+        }
+        self.state
+            .store
+            .job(job_id)
+            .await?
+            .ok_or_else(|| ServiceError::not_found("job", job_id))
+    }
+
+    /// Streams a job's events after `cursor`, then its summary.
+    fn stream(&self, job: JobRecord, cursor: u64) -> EventStream {
+        let (tx, rx) = mpsc::channel(64);
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            let mut cursor = cursor as i64;
+            let mut changed = state.signals.changed.subscribe();
+            let job_id = job.id;
+            loop {
+                changed.mark_unchanged();
+                let batch = match state.store.outcomes_after(&job_id, cursor, BATCH).await {
+                    Ok(batch) => batch,
+                    Err(err) => {
+                        let _ = tx.send(Err(ServiceError::from(err).into())).await;
+                        return;
+                    }
+                };
+                for record in &batch {
+                    cursor = record.seq;
+                    if tx.send(Ok(convert::outcome_event(record))).await.is_err() {
+                        return; // The client left.
+                    }
+                }
+                if batch.len() as i64 == BATCH {
+                    continue;
+                }
+                let job = match state.store.job(&job_id).await {
+                    Ok(Some(job)) => job,
+                    Ok(None) => {
+                        let _ = tx
+                            .send(Err(ServiceError::not_found("job", &job_id).into()))
+                            .await;
+                        return;
+                    }
+                    Err(err) => {
+                        let _ = tx.send(Err(ServiceError::from(err).into())).await;
+                        return;
+                    }
+                };
+                if job.finished >= job.total && cursor >= job.finished {
+                    let _ = tx.send(Ok(convert::summary_event(&job))).await;
+                    return;
+                }
+                tokio::select! {
+                    _ = changed.changed() => {}
+                    () = tokio::time::sleep(state.watch_poll) => {}
+                    () = tx.closed() => return,
+                    () = state.shutdown.cancelled() => {
+                        let status = Status::unavailable(format!(
+                            "the sync-agent is shutting down; resume with WatchSync from cursor {cursor}"
+                        ));
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Box::pin(ReceiverStream::new(rx))
+    }
+}
+
+/// Validates a start request; every error names its field.
+pub fn validate_start(request: StartSyncRequest) -> Result<NewJob, ServiceError> {
+    let request_id = match request.request_id.as_str() {
+        "" => format!("rpc-{}", crate::new_id()),
+        id if id.len() > 128 => {
+            return Err(ServiceError::invalid(
+                "request_id",
+                "longer than 128 characters",
+            ));
+        }
+        id if id.chars().any(char::is_control) => {
+            return Err(ServiceError::invalid(
+                "request_id",
+                "contains control characters",
+            ));
+        }
+        id => id.to_owned(),
+    };
+    let selection = match (request.all_servers, request.server_ids.is_empty()) {
+        (true, false) => {
+            return Err(ServiceError::invalid(
+                "server_ids",
+                "give either server_ids or all_servers, not both",
+            ));
+        }
+        (false, true) => {
+            return Err(ServiceError::invalid(
+                "server_ids",
+                "empty selection: give server_ids or set all_servers",
+            ));
+        }
+        (true, true) => Selection::All,
+        (false, false) => {
+            if request.server_ids.len() > MAX_SERVER_IDS {
+                return Err(ServiceError::invalid(
+                    "server_ids",
+                    format!(
+                        "{} ids; at most {MAX_SERVER_IDS} per request (use all_servers for the whole fleet)",
+                        request.server_ids.len()
+                    ),
+                ));
+            }
+            if let Some(bad) = request.server_ids.iter().find(|id| **id <= 0) {
+                return Err(ServiceError::invalid(
+                    "server_ids",
+                    format!("{bad} is not a server id"),
+                ));
+            }
+            let unique: BTreeSet<i64> = request.server_ids.iter().copied().collect();
+            Selection::Ids(unique.into_iter().collect())
+        }
+    };
+    let mut scopes = BTreeSet::new();
+    for (i, scope) in request.scopes.iter().enumerate() {
+        let name = match pb::SyncScope::try_from(*scope) {
+            Ok(pb::SyncScope::Databases) => "databases",
+            Ok(pb::SyncScope::Charsets) => "charsets",
+            Ok(pb::SyncScope::Users) => "users",
+            Ok(pb::SyncScope::Unspecified) | Err(_) => {
+                return Err(ServiceError::InvalidArgument {
+                    field: "scopes",
+                    reason: format!("scopes[{i}]: unknown value {scope}"),
+                });
+            }
+        };
+        scopes.insert(name);
+    }
+    if scopes.is_empty() {
+        scopes.extend(["databases", "charsets", "users"]);
+    }
+    if request.reason.chars().count() > 1024 {
+        return Err(ServiceError::invalid(
+            "reason",
+            "longer than 1024 characters",
+        ));
+    }
+    Ok(NewJob {
+        request_id,
+        origin: JobOrigin::Rpc,
+        selection,
+        scopes: scopes.into_iter().collect::<Vec<_>>().join(","),
+        force: request.force,
+        reason: request.reason,
+    })
+}
+
+#[tonic::async_trait]
+impl SyncAgent for SyncAgentService {
+    type WatchSyncStream = EventStream;
+    type SyncStream = EventStream;
+
+    async fn start_sync(
+        &self,
+        request: Request<StartSyncRequest>,
+    ) -> Result<Response<StartSyncResponse>, Status> {
+        let (job, created) = self.start(request.into_inner()).await?;
+        Ok(Response::new(StartSyncResponse {
+            job_id: job.id,
+            created,
+            server_count: job.total as u32,
+        }))
+    }
+
+    async fn watch_sync(
+        &self,
+        request: Request<WatchSyncRequest>,
+    ) -> Result<Response<Self::WatchSyncStream>, Status> {
+        let request = request.into_inner();
+        let job = self.job(&request.job_id).await?;
+        // Cursors run 1..=total for outcomes; total + 1 is the summary.
+        if request.cursor > job.total as u64 + 1 {
+            return Err(ServiceError::OutOfRange(format!(
+                "cursor {} is past the end of job {} (its stream ends at {})",
+                request.cursor,
+                job.id,
+                job.total + 1
+            ))
+            .into());
+        }
+        Ok(Response::new(self.stream(job, request.cursor)))
+    }
+
+    async fn sync(
+        &self,
+        request: Request<StartSyncRequest>,
+    ) -> Result<Response<Self::SyncStream>, Status> {
+        let (job, _) = self.start(request.into_inner()).await?;
+        Ok(Response::new(self.stream(job, 0)))
+    }
+
+    async fn get_sync_job(
+        &self,
+        request: Request<GetSyncJobRequest>,
+    ) -> Result<Response<GetSyncJobResponse>, Status> {
+        let request = request.into_inner();
+        let job = self.job(&request.job_id).await?;
+        let outcomes = if request.include_outcomes {
+            self.state
+                .store
+                .outcomes_after(&job.id, 0, job.total.max(1))
+                .await
+                .map_err(ServiceError::from)?
+                .iter()
+                .map(|o| {
+                    convert::server_outcome(o.server_id, &o.server_name, &o.result, o.finished_at)
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Response::new(GetSyncJobResponse {
+            job: Some(convert::summary(&job)),
+            outcomes,
+        }))
+    }
+
+    async fn check_connection(
+        &self,
+        _request: Request<CheckConnectionRequest>,
+    ) -> Result<Response<CheckConnectionResponse>, Status> {
+        Err(ServiceError::Unimplemented("SyncAgent/CheckConnection").into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> StartSyncRequest {
+        StartSyncRequest {
+            request_id: "r1".into(),
+            server_ids: vec![3, 1, 3],
+            all_servers: false,
+            scopes: vec![],
+            force: false,
+            reason: String::new(),
+        }
+    }
+
+    #[test]
+    fn validates_selection_scopes_and_sizes() {
+        let job = validate_start(request()).unwrap();
+        assert_eq!(job.selection, Selection::Ids(vec![1, 3]));
+        assert_eq!(job.scopes, "charsets,databases,users");
+        let generated = validate_start(StartSyncRequest {
+            request_id: String::new(),
+            ..request()
+        })
+        .unwrap();
+        assert!(generated.request_id.starts_with("rpc-"));
+
+        let field = |r: StartSyncRequest| match validate_start(r).unwrap_err() {
+            ServiceError::InvalidArgument { field, reason } => format!("{field}: {reason}"),
+            other => panic!("{other:?}"),
+        };
+        assert!(
+            field(StartSyncRequest {
+                server_ids: vec![],
+                ..request()
+            })
+            .contains("empty selection")
+        );
+        assert!(
+            field(StartSyncRequest {
+                all_servers: true,
+                ..request()
+            })
+            .contains("not both")
+        );
+        assert!(
+            field(StartSyncRequest {
+                server_ids: (1..=100_000).collect(),
+                ..request()
+            })
+            .contains("at most 10000")
+        );
+        assert!(
+            field(StartSyncRequest {
+                server_ids: vec![0],
+                ..request()
+            })
+            .contains("0 is not a server id")
+        );
+        assert!(
+            field(StartSyncRequest {
+                scopes: vec![1, 77],
+                ..request()
+            })
+            .contains("scopes[1]: unknown value 77")
+        );
+        assert!(
+            field(StartSyncRequest {
+                scopes: vec![0],
+                ..request()
+            })
+            .contains("scopes[0]")
+        );
+        assert!(
+            field(StartSyncRequest {
+                request_id: "x".repeat(129),
+                ..request()
+            })
+            .starts_with("request_id")
+        );
+        assert!(
+            field(StartSyncRequest {
+                reason: "r".repeat(1025),
+                ..request()
+            })
+            .starts_with("reason")
+        );
+    }
+}

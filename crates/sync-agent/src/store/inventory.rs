@@ -1,0 +1,218 @@
+//! Writing what a sync read from a server: databases, users and charsets, diffed against what
+//! is stored (new ones added, changed ones updated, vanished ones marked gone, never deleted).
+
+use std::collections::BTreeMap;
+
+use fleetsync_common::sql::Tx;
+
+use super::quote_identifiers;
+
+/// What a sync read, ready to store.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct InventoryWrite {
+    /// The service's version as it reports it.
+    pub version: Option<String>,
+    /// `services.type_data`: `{"charsets": {charset: [collations]}, "defaultCharset": ...}`.
+    pub type_data: String,
+    /// How many charsets that holds.
+    pub charsets: u32,
+    /// (name, charset, collation), system databases excluded.
+    pub databases: Vec<(String, String, String)>,
+    /// (username, host, databases).
+    pub users: Vec<(String, String, Vec<String>)>,
+}
+
+/// What a write changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct InventoryCounts {
+    /// Databases seen for the first time.
+    pub databases_added: u32,
+    /// Databases whose charset or collation changed, or that came back.
+    pub databases_updated: u32,
+    /// Databases marked gone.
+    pub databases_gone: u32,
+    /// Users seen for the first time.
+    pub users_added: u32,
+    /// Users whose databases changed, or that came back.
+    pub users_updated: u32,
+    /// Users marked gone.
+    pub users_gone: u32,
+    /// Charsets read.
+    pub charsets: u32,
+}
+
+/// Writes `inventory` for `server_id` inside `tx`; returns what changed.
+pub(super) async fn write(
+    tx: &mut Tx,
+    server_id: i64,
+    inventory: &InventoryWrite,
+    now: i64,
+) -> Result<InventoryCounts, sqlx::Error> {
+    let backend = tx.backend();
+    let q = |sql: &'static str| quote_identifiers(backend, sql).into_owned();
+    let mut counts = InventoryCounts {
+        charsets: inventory.charsets,
+        ..InventoryCounts::default()
+    };
+
+    tx.execute(
+        "UPDATE services SET type_data = ?, version = COALESCE(?, version), updated_at = ? \
+         WHERE server_id = ? AND type = 'database'",
+        &[
+            inventory.type_data.as_str().into(),
+            inventory.version.clone().into(),
+            now.into(),
+            server_id.into(),
+        ],
+    )
+    .await?;
+
+    // Databases, by name.
+    let mut stored: BTreeMap<String, (Option<String>, Option<String>, String)> = BTreeMap::new();
+    for row in tx
+        .fetch(
+            &q("SELECT name, charset, \"collation\", status FROM \"databases\" WHERE server_id = ?"),
+            &[server_id.into()],
+        )
+        .await?
+    {
+        stored.insert(row.text(0)?, (row.opt_text(1)?, row.opt_text(2)?, row.text(3)?));
+    }
+    let seen: BTreeMap<&str, (&str, &str)> = inventory
+        .databases
+        .iter()
+        .map(|(n, c, co)| (n.as_str(), (c.as_str(), co.as_str())))
+        .collect();
+    for (name, (charset, collation)) in &seen {
+        match stored.get(*name) {
+            None => {
+                tx.execute(
+                    &q("INSERT INTO \"databases\" (server_id, name, status, charset, \"collation\", \
+                        created_at, updated_at) VALUES (?, ?, 'ready', ?, ?, ?, ?)"),
+                    &[
+                        server_id.into(),
+                        (*name).into(),
+                        (*charset).into(),
+                        (*collation).into(),
+                        now.into(),
+                        now.into(),
+                    ],
+                )
+                .await?;
+                counts.databases_added += 1;
+            }
+            Some((c, co, status)) => {
+                let changed = c.as_deref() != Some(*charset)
+                    || co.as_deref() != Some(*collation)
+                    || status != "ready";
+                let sql = if changed {
+                    counts.databases_updated += 1;
+                    q(
+                        "UPDATE \"databases\" SET charset = ?, \"collation\" = ?, status = 'ready', \
+                       updated_at = ? WHERE server_id = ? AND name = ?",
+                    )
+                } else {
+                    q(
+                        "UPDATE \"databases\" SET charset = ?, \"collation\" = ?, updated_at = ? \
+                       WHERE server_id = ? AND name = ?",
+                    )
+                };
+                tx.execute(
+                    &sql,
+                    &[
+                        (*charset).into(),
+                        (*collation).into(),
+                        now.into(),
+                        server_id.into(),
+                        (*name).into(),
+                    ],
+                )
+                .await?;
+            }
+        }
+    }
+    for (name, (_, _, status)) in &stored {
+        if status != "gone" && !seen.contains_key(name.as_str()) {
+            tx.execute(
+                &q("UPDATE \"databases\" SET status = 'gone', updated_at = ? WHERE server_id = ? AND name = ?"),
+                &[now.into(), server_id.into(), name.as_str().into()],
+            )
+            .await?;
+            counts.databases_gone += 1;
+        }
+    }
+
+    // Users, by (username, host).
+    let mut stored: BTreeMap<(String, String), (String, String)> = BTreeMap::new();
+    for row in tx
+        .fetch(
+            &q("SELECT username, host, \"databases\", status FROM database_users WHERE server_id = ?"),
+            &[server_id.into()],
+        )
+        .await?
+    {
+        stored.insert((row.text(0)?, row.text(1)?), (row.text(2)?, row.text(3)?));
+    }
+    let mut seen: BTreeMap<(&str, &str), String> = BTreeMap::new();
+    for (user, host, databases) in &inventory.users {
+        let mut databases = databases.clone();
+        databases.sort();
+        databases.dedup();
+        let json = serde_json::to_string(&databases).expect("strings serialise");
+        seen.insert((user.as_str(), host.as_str()), json);
+    }
+    for ((user, host), databases) in &seen {
+        match stored.get(&((*user).to_owned(), (*host).to_owned())) {
+            None => {
+                tx.execute(
+                    &q("INSERT INTO database_users (server_id, username, host, \"databases\", status, \
+                        created_at, updated_at) VALUES (?, ?, ?, ?, 'ready', ?, ?)"),
+                    &[
+                        server_id.into(),
+                        (*user).into(),
+                        (*host).into(),
+                        databases.as_str().into(),
+                        now.into(),
+                        now.into(),
+                    ],
+                )
+                .await?;
+                counts.users_added += 1;
+            }
+            Some((stored_databases, status)) => {
+                if stored_databases != databases || status != "ready" {
+                    counts.users_updated += 1;
+                }
+                tx.execute(
+                    &q("UPDATE database_users SET \"databases\" = ?, status = 'ready', updated_at = ? \
+                        WHERE server_id = ? AND username = ? AND host = ?"),
+                    &[
+                        databases.as_str().into(),
+                        now.into(),
+                        server_id.into(),
+                        (*user).into(),
+                        (*host).into(),
+                    ],
+                )
+                .await?;
+            }
+        }
+    }
+    for ((user, host), (_, status)) in &stored {
+        if status != "gone" && !seen.contains_key(&(user.as_str(), host.as_str())) {
+            tx.execute(
+                "UPDATE database_users SET status = 'gone', updated_at = ? \
+                 WHERE server_id = ? AND username = ? AND host = ?",
+                &[
+                    now.into(),
+                    server_id.into(),
+                    user.as_str().into(),
+                    host.as_str().into(),
+                ],
+            )
+            .await?;
+            counts.users_gone += 1;
+        }
+    }
+    Ok(counts)
+}

@@ -1,0 +1,73 @@
+//! Everything the agent reads and writes in the control-plane database, over the three
+//! backends: servers and their inventory, jobs and outcomes, leases, and the outbox.
+//!
+//! SQL here uses `?` placeholders and double-quoted identifiers where a name is a reserved word
+//! somewhere (`"databases"`, `"collation"`); [`Store::sql`] adapts both per backend.
+
+mod inventory;
+mod jobs;
+mod servers;
+
+use std::borrow::Cow;
+
+use fleetsync_common::{Backend, Db};
+
+pub use inventory::{InventoryCounts, InventoryWrite};
+pub use jobs::{
+    JobOrigin, JobRecord, JobState, NewJob, OutcomeRecord, PendingWork, RunResult, Selection,
+};
+pub use servers::{
+    DatabaseRecord, DatabaseService, HostKeyRecord, Inventory, ServerRecord, ServerSpec,
+    UpsertOutcome, UserRecord,
+};
+
+/// The agent's view of the control-plane database.
+#[derive(Debug, Clone)]
+pub struct Store {
+    db: Db,
+}
+
+impl Store {
+    /// A store over an open database.
+    pub fn new(db: Db) -> Self {
+        Self { db }
+    }
+
+    /// The database.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> Backend {
+        self.db.backend()
+    }
+
+    /// `sql` with double-quoted identifiers as the backend wants them (backticks on MySQL).
+    /// Statements given here use single quotes for every string literal.
+    pub fn sql<'a>(&self, sql: &'a str) -> Cow<'a, str> {
+        quote_identifiers(self.backend(), sql)
+    }
+}
+
+/// Double-quoted identifiers become backtick-quoted on MySQL.
+pub(crate) fn quote_identifiers(backend: Backend, sql: &str) -> Cow<'_, str> {
+    match backend {
+        Backend::MySql => Cow::Owned(sql.replace('"', "`")),
+        _ => Cow::Borrowed(sql),
+    }
+}
+
+/// `(?, ?, ?)` with `n` placeholders.
+pub(crate) fn list(n: usize) -> String {
+    let mut s = String::with_capacity(n * 3 + 2);
+    s.push('(');
+    for i in 0..n {
+        if i > 0 {
+            s.push_str(", ");
+        }
+        s.push('?');
+    }
+    s.push(')');
+    s
+}

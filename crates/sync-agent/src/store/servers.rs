@@ -1,0 +1,467 @@
+//! Servers as registered through the `Fleet` API, with their database service, pinned host key,
+//! reachability and inventory.
+
+use fleetsync_common::{
+    ServiceError,
+    sql::{Row, Value},
+};
+
+use super::Store;
+
+/// The database service registered for a server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatabaseService {
+    /// MySQL (`sudo mysql`).
+    Mysql,
+    /// MariaDB (`sudo mariadb`).
+    Mariadb,
+    /// PostgreSQL (`sudo -u postgres psql`).
+    Postgresql,
+}
+
+impl DatabaseService {
+    /// Name stored in `services.name`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Mysql => "mysql",
+            Self::Mariadb => "mariadb",
+            Self::Postgresql => "postgresql",
+        }
+    }
+
+    /// Parses `services.name`.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "mysql" => Some(Self::Mysql),
+            "mariadb" => Some(Self::Mariadb),
+            "postgresql" => Some(Self::Postgresql),
+            _ => None,
+        }
+    }
+}
+
+/// What an operator registers (validated).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSpec {
+    /// Unique name.
+    pub name: String,
+    /// Address or host name.
+    pub ip: String,
+    /// SSH port.
+    pub port: u16,
+    /// Login user.
+    pub ssh_user: String,
+    /// Database service, if any.
+    pub database_service: Option<DatabaseService>,
+    /// Its version as registered.
+    pub database_version: String,
+    /// Lifecycle status; `None` keeps the current one.
+    pub status: Option<String>,
+}
+
+/// A pinned host key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostKeyRecord {
+    /// Algorithm.
+    pub algorithm: String,
+    /// `SHA256:...`.
+    pub fingerprint: String,
+    /// When it was pinned (ms).
+    pub pinned_at: i64,
+}
+
+/// A server row with its database service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerRecord {
+    /// Id.
+    pub id: i64,
+    /// Name.
+    pub name: String,
+    /// Address.
+    pub ip: String,
+    /// SSH port.
+    pub port: u16,
+    /// Login user.
+    pub ssh_user: String,
+    /// Lifecycle status.
+    pub status: String,
+    /// `unknown`, `online`, `offline`.
+    pub reachability: String,
+    /// Last successful contact (ms).
+    pub last_seen_at: Option<i64>,
+    /// Failed attempts since the last success.
+    pub consecutive_failures: i64,
+    /// Next probe of an offline server (ms).
+    pub next_probe_at: Option<i64>,
+    /// Pinned host key.
+    pub host_key: Option<HostKeyRecord>,
+    /// Registered (ms).
+    pub created_at: i64,
+    /// Registration changed (ms).
+    pub updated_at: i64,
+    /// Database service.
+    pub database_service: Option<DatabaseService>,
+    /// Its version.
+    pub database_version: String,
+}
+
+const SERVER_COLUMNS: &str = "s.id, s.name, s.ip, s.port, s.ssh_user, s.status, s.reachability, \
+    s.last_seen_at, s.consecutive_failures, s.next_probe_at, s.host_key_algorithm, \
+    s.host_key_fingerprint, s.host_key_pinned_at, s.created_at, s.updated_at, sv.name, sv.version";
+const SERVER_FROM: &str =
+    "servers s LEFT JOIN services sv ON sv.server_id = s.id AND sv.type = 'database'";
+
+impl TryFrom<&Row> for ServerRecord {
+    type Error = sqlx::Error;
+
+    fn try_from(r: &Row) -> Result<Self, sqlx::Error> {
+        let host_key = match (r.opt_text(10)?, r.opt_text(11)?) {
+            (Some(algorithm), Some(fingerprint)) => Some(HostKeyRecord {
+                algorithm,
+                fingerprint,
+                pinned_at: r.opt_int(12)?.unwrap_or(0),
+            }),
+            _ => None,
+        };
+        Ok(Self {
+            id: r.int(0)?,
+            name: r.text(1)?,
+            ip: r.text(2)?,
+            port: u16::try_from(r.int(3)?).unwrap_or(22),
+            ssh_user: r.text(4)?,
+            status: r.text(5)?,
+            reachability: r.text(6)?,
+            last_seen_at: r.opt_int(7)?,
+            consecutive_failures: r.int(8)?,
+            next_probe_at: r.opt_int(9)?,
+            host_key,
+            created_at: r.int(13)?,
+            updated_at: r.int(14)?,
+            database_service: r.opt_text(15)?.as_deref().and_then(DatabaseService::parse),
+            database_version: r.opt_text(16)?.unwrap_or_default(),
+        })
+    }
+}
+
+/// Whether an upsert created or updated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpsertOutcome {
+    /// The server as stored.
+    pub server: ServerRecord,
+    /// True if it was created.
+    pub created: bool,
+}
+
+/// A database as last read from a server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatabaseRecord {
+    /// Name, byte for byte.
+    pub name: String,
+    /// Charset.
+    pub charset: Option<String>,
+    /// Collation.
+    pub collation: Option<String>,
+    /// `ready` or `gone`.
+    pub status: String,
+    /// Last seen (ms).
+    pub updated_at: i64,
+}
+
+/// A database user as last read from a server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRecord {
+    /// User name.
+    pub username: String,
+    /// Host part.
+    pub host: String,
+    /// Databases it can use.
+    pub databases: Vec<String>,
+    /// `ready` or `gone`.
+    pub status: String,
+}
+
+/// What the last syncs stored about a server's database service.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Inventory {
+    /// `services.type_data` as stored (JSON), if a sync wrote it.
+    pub type_data: Option<String>,
+    /// Databases.
+    pub databases: Vec<DatabaseRecord>,
+    /// Users.
+    pub users: Vec<UserRecord>,
+}
+
+impl Store {
+    /// One server.
+    pub async fn server(&self, id: i64) -> Result<Option<ServerRecord>, sqlx::Error> {
+        let sql = format!("SELECT {SERVER_COLUMNS} FROM {SERVER_FROM} WHERE s.id = ?");
+        self.db
+            .fetch_optional(&sql, &[id.into()])
+            .await?
+            .as_ref()
+            .map(ServerRecord::try_from)
+            .transpose()
+    }
+
+    /// Servers by ascending id after `after_id`, optionally with one reachability.
+    pub async fn servers(
+        &self,
+        reachability: Option<&str>,
+        after_id: i64,
+        limit: u32,
+    ) -> Result<Vec<ServerRecord>, sqlx::Error> {
+        let (filter, mut args): (&str, Vec<Value>) = match reachability {
+            Some(r) => ("AND s.reachability = ?", vec![r.into()]),
+            None => ("", vec![]),
+        };
+        let sql = format!(
+            "SELECT {SERVER_COLUMNS} FROM {SERVER_FROM} WHERE s.id > ? {filter} ORDER BY s.id LIMIT ?"
+        );
+        args.insert(0, after_id.into());
+        args.push(i64::from(limit).into());
+        self.db
+            .fetch(&sql, &args)
+            .await?
+            .iter()
+            .map(ServerRecord::try_from)
+            .collect()
+    }
+
+    /// Creates or updates a server: by id if given (NOT_FOUND if absent), else by name.
+    pub async fn upsert_server(
+        &self,
+        id: Option<i64>,
+        spec: &ServerSpec,
+    ) -> Result<UpsertOutcome, ServiceError> {
+        let now = crate::now_ms();
+        let mut tx = self.db.begin().await?;
+        let existing = match id {
+            Some(id) => {
+                let found = tx
+                    .fetch_optional("SELECT id FROM servers WHERE id = ?", &[id.into()])
+                    .await?;
+                if found.is_none() {
+                    return Err(ServiceError::not_found("server", id));
+                }
+                let clash = tx
+                    .fetch_optional(
+                        "SELECT id FROM servers WHERE name = ? AND id <> ?",
+                        &[spec.name.as_str().into(), id.into()],
+                    )
+                    .await?;
+                if let Some(other) = clash {
+                    return Err(ServiceError::AlreadyExists(format!(
+                        "another server (id {}) is named {:?}",
+                        other.int(0)?,
+                        spec.name
+                    )));
+                }
+                Some(id)
+            }
+            None => tx
+                .fetch_optional(
+                    "SELECT id FROM servers WHERE name = ?",
+                    &[spec.name.as_str().into()],
+                )
+                .await?
+                .map(|r| r.int(0))
+                .transpose()?,
+        };
+        let status = spec.status.clone();
+        let id = match existing {
+            Some(id) => {
+                tx.execute(
+                    "UPDATE servers SET name = ?, ip = ?, port = ?, ssh_user = ?, \
+                     status = COALESCE(?, status), updated_at = ? WHERE id = ?",
+                    &[
+                        spec.name.as_str().into(),
+                        spec.ip.as_str().into(),
+                        i64::from(spec.port).into(),
+                        spec.ssh_user.as_str().into(),
+                        status.into(),
+                        now.into(),
+                        id.into(),
+                    ],
+                )
+                .await?;
+                id
+            }
+            None => {
+                tx.execute(
+                    "INSERT INTO servers (name, ip, port, ssh_user, status, created_at, updated_at) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    &[
+                        spec.name.as_str().into(),
+                        spec.ip.as_str().into(),
+                        i64::from(spec.port).into(),
+                        spec.ssh_user.as_str().into(),
+                        status.unwrap_or_else(|| "ready".into()).into(),
+                        now.into(),
+                        now.into(),
+                    ],
+                )
+                .await?;
+                let row = tx
+                    .fetch_optional(
+                        "SELECT id FROM servers WHERE name = ?",
+                        &[spec.name.as_str().into()],
+                    )
+                    .await?
+                    .ok_or_else(|| ServiceError::Internal("inserted server vanished".into()))?;
+                let id = row.int(0)?;
+                tx.execute(
+                    "INSERT INTO server_leases (server_id, token) VALUES (?, 0)",
+                    &[id.into()],
+                )
+                .await?;
+                id
+            }
+        };
+        // The database service: kept (with its stored charsets) if unchanged.
+        let current = tx
+            .fetch_optional(
+                "SELECT name FROM services WHERE server_id = ? AND type = 'database'",
+                &[id.into()],
+            )
+            .await?
+            .map(|r| r.text(0))
+            .transpose()?;
+        let wanted = spec.database_service.map(DatabaseService::as_str);
+        if current.as_deref() == wanted {
+            if wanted.is_some() {
+                tx.execute(
+                    "UPDATE services SET version = ?, updated_at = ? WHERE server_id = ? AND type = 'database'",
+                    &[spec.database_version.as_str().into(), now.into(), id.into()],
+                )
+                .await?;
+            }
+        } else {
+            tx.execute(
+                "DELETE FROM services WHERE server_id = ? AND type = 'database'",
+                &[id.into()],
+            )
+            .await?;
+            if let Some(name) = wanted {
+                tx.execute(
+                    "INSERT INTO services (server_id, type, name, version, status, created_at, updated_at) \
+                     VALUES (?, 'database', ?, ?, 'ready', ?, ?)",
+                    &[
+                        id.into(),
+                        name.into(),
+                        spec.database_version.as_str().into(),
+                        now.into(),
+                        now.into(),
+                    ],
+                )
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        let server = self
+            .server(id)
+            .await?
+            .ok_or_else(|| ServiceError::not_found("server", id))?;
+        Ok(UpsertOutcome {
+            server,
+            created: existing.is_none(),
+        })
+    }
+
+    /// Deletes a server with its inventory and lease. False if there was none.
+    pub async fn delete_server(&self, id: i64) -> Result<bool, sqlx::Error> {
+        let mut tx = self.db.begin().await?;
+        // Explicit deletes: MySQL and PostgreSQL cascade, SQLite only with foreign keys on.
+        for sql in [
+            "DELETE FROM server_leases WHERE server_id = ?",
+            "DELETE FROM sync_runs WHERE server_id = ?",
+            "DELETE FROM database_users WHERE server_id = ?",
+            "DELETE FROM \"databases\" WHERE server_id = ?",
+            "DELETE FROM services WHERE server_id = ?",
+        ] {
+            tx.execute(&self.sql(sql), &[id.into()]).await?;
+        }
+        let deleted = tx
+            .execute("DELETE FROM servers WHERE id = ?", &[id.into()])
+            .await?;
+        tx.commit().await?;
+        Ok(deleted > 0)
+    }
+
+    /// Forgets a server's pinned host key; returns the one that was pinned.
+    pub async fn reset_host_key(
+        &self,
+        id: i64,
+    ) -> Result<Option<Option<HostKeyRecord>>, sqlx::Error> {
+        let Some(server) = self.server(id).await? else {
+            return Ok(None);
+        };
+        self.db
+            .execute(
+                "UPDATE servers SET host_key_algorithm = NULL, host_key_fingerprint = NULL, \
+                 host_key_pinned_at = NULL WHERE id = ?",
+                &[id.into()],
+            )
+            .await?;
+        Ok(Some(server.host_key))
+    }
+
+    /// What the syncs stored about a server.
+    pub async fn inventory(&self, id: i64) -> Result<Inventory, sqlx::Error> {
+        let type_data = self
+            .db
+            .fetch_optional(
+                "SELECT type_data FROM services WHERE server_id = ? AND type = 'database'",
+                &[id.into()],
+            )
+            .await?
+            .map(|r| r.opt_text(0))
+            .transpose()?
+            .flatten();
+        let databases = self
+            .db
+            .fetch(
+                &self.sql(
+                    "SELECT name, charset, \"collation\", status, updated_at FROM \"databases\" \
+                     WHERE server_id = ? ORDER BY name",
+                ),
+                &[id.into()],
+            )
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(DatabaseRecord {
+                    name: r.text(0)?,
+                    charset: r.opt_text(1)?,
+                    collation: r.opt_text(2)?,
+                    status: r.text(3)?,
+                    updated_at: r.int(4)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()?;
+        let users = self
+            .db
+            .fetch(
+                &self.sql(
+                    "SELECT username, host, \"databases\", status FROM database_users \
+                     WHERE server_id = ? ORDER BY username, host",
+                ),
+                &[id.into()],
+            )
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(UserRecord {
+                    username: r.text(0)?,
+                    host: r.text(1)?,
+                    databases: serde_json::from_str(&r.text(2)?).unwrap_or_default(),
+                    status: r.text(3)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()?;
+        Ok(Inventory {
+            type_data,
+            databases,
+            users,
+        })
+    }
+}
