@@ -26,8 +26,10 @@ use crate::{
     process::{Cgroup, run},
 };
 
-/// The login user on every test host.
+/// The login user on every test host (shell `/bin/sh`, passwordless sudo).
 pub const SSH_USER: &str = "fleetsync-test";
+/// A second login user that may not use sudo: its probes fail.
+pub const NO_SUDO_USER: &str = "fleetsync-nosudo";
 
 const SSHD: &str = "/usr/sbin/sshd";
 
@@ -186,6 +188,8 @@ impl SshHost {
             netns,
         };
         keygen(&host.host_key);
+        fs::create_dir(host.dir.join("bin")).expect("create host bin dir");
+        make_readable(&host.dir.join("bin"));
         host.authorize_client_key();
         host.write_config();
         host
@@ -197,13 +201,14 @@ impl SshHost {
              HostKey {key}\n\
              PidFile {dir}/sshd.pid\n\
              AuthorizedKeysFile {auth}\n\
-             AllowUsers {SSH_USER}\n\
+             AllowUsers {SSH_USER} {NO_SUDO_USER}\n\
              PasswordAuthentication no\n\
              KbdInteractiveAuthentication no\n\
              UsePAM no\n\
              StrictModes no\n\
              MaxStartups 200:30:400\n\
              MaxSessions 64\n\
+             SetEnv PATH={dir}/bin:/usr/local/bin:/usr/bin:/bin\n\
              LogLevel ERROR\n",
             listen = self.socket_addr(),
             key = self.host_key.display(),
@@ -382,6 +387,19 @@ impl SshHost {
             .expect("chmod authorized_keys");
     }
 
+    /// Puts a program named `name` first on the PATH of this host's sessions: a fake `sudo`,
+    /// say, that makes the host hang, print garbage or fail, as a hostile server would.
+    pub fn install_program(&self, name: &str, script: &str) {
+        let path = self.dir.join("bin").join(name);
+        fs::write(&path, script).expect("write program");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod program");
+    }
+
+    /// Removes a program put there by [`install_program`](Self::install_program).
+    pub fn remove_program(&self, name: &str) {
+        let _ = fs::remove_file(self.dir.join("bin").join(name));
+    }
+
     /// Cuts the host's network: connecting fails with "no route to host". Only for hosts
     /// placed in a namespace.
     pub fn cut_route(&self) {
@@ -462,16 +480,18 @@ fn prepare_machine() {
                 .status()
                 .is_ok_and(|s| s.success())
         };
-        if !exists(SSH_USER) {
-            let created = Command::new("useradd")
-                .args(["--system", "--create-home", "--shell", "/bin/sh", SSH_USER])
-                .status()
-                .is_ok_and(|s| s.success());
-            // Another test process may have created it at the same moment.
-            assert!(created || exists(SSH_USER), "cannot create user {SSH_USER}");
+        for user in [SSH_USER, NO_SUDO_USER] {
+            if !exists(user) {
+                let created = Command::new("useradd")
+                    .args(["--system", "--create-home", "--shell", "/bin/sh", user])
+                    .status()
+                    .is_ok_and(|s| s.success());
+                // Another test process may have created it at the same moment.
+                assert!(created || exists(user), "cannot create user {user}");
+            }
+            // `useradd` leaves the password field at `!`, which sshd without PAM treats as locked.
+            run("usermod", &["-p", "*", user]);
         }
-        // `useradd` leaves the password field at `!`, which sshd without PAM treats as locked.
-        run("usermod", &["-p", "*", SSH_USER]);
         let sudoers = format!("/etc/sudoers.d/{SSH_USER}");
         if !Path::new(&sudoers).exists() {
             let tmp = format!("{sudoers}.{}.tmp", std::process::id());

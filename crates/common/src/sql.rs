@@ -12,8 +12,10 @@ use crate::{Backend, Db};
 /// A value bound to a placeholder or read from a column.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Value {
-    /// SQL NULL.
+    /// SQL NULL, bound as an integer (PostgreSQL types every parameter, NULL included).
     Null,
+    /// SQL NULL, bound as text.
+    NullText,
     /// An integer.
     Int(i64),
     /// Text.
@@ -56,9 +58,21 @@ impl From<&String> for Value {
     }
 }
 
-impl<T: Into<Value>> From<Option<T>> for Value {
-    fn from(v: Option<T>) -> Self {
-        v.map_or(Self::Null, Into::into)
+impl From<Option<i64>> for Value {
+    fn from(v: Option<i64>) -> Self {
+        v.map_or(Self::Null, Self::Int)
+    }
+}
+
+impl From<Option<String>> for Value {
+    fn from(v: Option<String>) -> Self {
+        v.map_or(Self::NullText, Self::Text)
+    }
+}
+
+impl From<Option<&str>> for Value {
+    fn from(v: Option<&str>) -> Self {
+        v.map_or(Self::NullText, |t| Self::Text(t.to_owned()))
     }
 }
 
@@ -94,7 +108,7 @@ impl Row {
     /// An integer column that may be NULL.
     pub fn opt_int(&self, index: usize) -> Result<Option<i64>, sqlx::Error> {
         match self.value(index)? {
-            Value::Null => Ok(None),
+            Value::Null | Value::NullText => Ok(None),
             Value::Int(v) => Ok(Some(*v)),
             other => Err(decode_error(index, "an integer or NULL", other)),
         }
@@ -111,7 +125,7 @@ impl Row {
     /// A text column that may be NULL.
     pub fn opt_text(&self, index: usize) -> Result<Option<String>, sqlx::Error> {
         match self.value(index)? {
-            Value::Null => Ok(None),
+            Value::Null | Value::NullText => Ok(None),
             Value::Text(v) => Ok(Some(v.clone())),
             other => Err(decode_error(index, "text or NULL", other)),
         }
@@ -154,6 +168,7 @@ macro_rules! bind_values {
         for arg in $args {
             query = match arg {
                 Value::Null => query.bind(None::<i64>),
+                Value::NullText => query.bind(None::<String>),
                 Value::Int(v) => query.bind(*v),
                 Value::Text(v) => query.bind(v.clone()),
             };
@@ -436,6 +451,7 @@ mod tests {
         assert!(row.int(2).is_err());
         assert!(row.text(3).is_err());
         assert_eq!(Value::from(Some(3_i64)), Value::Int(3));
-        assert_eq!(Value::from(None::<String>), Value::Null);
+        assert_eq!(Value::from(None::<String>), Value::NullText);
+        assert_eq!(Value::from(None::<i64>), Value::Null);
     }
 }

@@ -157,8 +157,14 @@ impl Runner {
     }
 
     async fn run_server(&self, server_id: i64, token: i64) {
+        use tracing::Instrument;
         let span = tracing::info_span!("sync", server_id, token);
-        let _enter = span.enter();
+        self.run_server_inner(server_id, token)
+            .instrument(span)
+            .await;
+    }
+
+    async fn run_server_inner(&self, server_id: i64, token: i64) {
         let heartbeat = self.spawn_heartbeat(server_id, token);
         let outcome = tokio::select! {
             () = self.shutdown.cancelled() => None,
