@@ -20,9 +20,7 @@ use fleetsync_sync_agent::ssh::{DEFAULT_OUTPUT_CAP, Timeouts};
 use fleetsync_tests::{
     SshFleet, SshHost, TestAgent, TestDb,
     catalog::{count, execute},
-    db::ALL_BACKENDS,
     fleet::{NO_SUDO_USER, Placement, SSH_USER},
-    migrator::migrator,
     services::{migrate, test_runner_config},
 };
 use tokio_stream::StreamExt;
@@ -347,4 +345,746 @@ async fn every_fault_yields_its_outcome_postgres() {
 #[tokio::test]
 async fn every_fault_yields_its_outcome_mariadb() {
     every_fault(Backend::MySql).await;
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}_{:x}", fleetsync_tests::random_u64() >> 24)
+}
+
+#[tokio::test]
+async fn databases_appear_change_and_go_and_hostile_names_round_trip() {
+    let fleet = SshFleet::start(2).await;
+    let db = TestDb::sqlite().await;
+    let agent = TestAgent::spawn(db.url(), fleet.client(timeouts(), DEFAULT_OUTPUT_CAP)).await;
+    let (mut fleet_api, mut sync_api) = (agent.fleet(), agent.sync());
+    let maria = register(
+        &mut fleet_api,
+        "maria",
+        fleet.host(0),
+        SSH_USER,
+        DatabaseService::Mariadb,
+    )
+    .await;
+    let pg = register(
+        &mut fleet_api,
+        "pg",
+        fleet.host(1),
+        SSH_USER,
+        DatabaseService::Postgresql,
+    )
+    .await;
+
+    let tag = unique("fst");
+    let plain = format!("{tag}_plain");
+    // Quotes, a tab, a pipe, a newline, unicode, and the 64-character limit.
+    let hostile = [
+        format!("{tag} it's \"quoted\""),
+        format!("{tag}\ttab|pipe"),
+        format!("{tag}\nnewline"),
+        format!("{tag} é日本"),
+        format!("{tag}{}", "x".repeat(64 - tag.len())),
+    ];
+    // PostgreSQL names stop at 63 bytes.
+    let pg_names: Vec<String> = hostile
+        .iter()
+        .map(|n| {
+            if n.len() > 63 {
+                n[..63].to_owned()
+            } else {
+                n.clone()
+            }
+        })
+        .collect();
+    let mysql_ident = |name: &str| format!("`{}`", name.replace('`', "``"));
+    let pg_ident = |name: &str| format!("\"{}\"", name.replace('"', "\"\""));
+    mariadb_exec(&format!(
+        "CREATE DATABASE {} CHARACTER SET latin1 COLLATE latin1_swedish_ci",
+        mysql_ident(&plain)
+    ))
+    .await;
+    for name in &hostile {
+        mariadb_exec(&format!("CREATE DATABASE {}", mysql_ident(name))).await;
+    }
+    for name in &pg_names {
+        postgres_exec(&format!("CREATE DATABASE {}", pg_ident(name))).await;
+    }
+    let user = format!("{tag}_user");
+    mariadb_exec(&format!("CREATE USER '{user}'@'10.%' IDENTIFIED BY 'x'")).await;
+    mariadb_exec(&format!(
+        "GRANT ALL ON {}.* TO '{user}'@'10.%'",
+        mysql_ident(&plain)
+    ))
+    .await;
+
+    let first = outcomes(&sync(&mut sync_api, &[maria, pg], &unique("first")).await);
+    assert_eq!(
+        first[&maria].outcome(),
+        Outcome::Ok,
+        "{}",
+        first[&maria].message
+    );
+    assert_eq!(first[&pg].outcome(), Outcome::Ok, "{}", first[&pg].message);
+
+    let inventory = |id| {
+        let mut client = fleet_api.clone();
+        async move {
+            client
+                .get_server(GetServerRequest { id })
+                .await
+                .expect("get")
+                .into_inner()
+                .inventory
+                .expect("inventory")
+        }
+    };
+    let maria_inv = inventory(maria).await;
+    let found = maria_inv
+        .databases
+        .iter()
+        .find(|d| d.name == plain)
+        .expect("plain database");
+    assert_eq!(
+        (found.charset.as_str(), found.collation.as_str()),
+        ("latin1", "latin1_swedish_ci")
+    );
+    let pg_inv = inventory(pg).await;
+    for name in &hostile {
+        assert!(
+            maria_inv.databases.iter().any(|d| &d.name == name),
+            "MariaDB lost {name:?}"
+        );
+    }
+    for name in &pg_names {
+        let d = pg_inv.databases.iter().find(|d| &d.name == name);
+        let d = d.unwrap_or_else(|| panic!("PostgreSQL lost {name:?}"));
+        assert_eq!(d.charset, "UTF8");
+        assert_eq!(d.state(), pb::DatabaseState::Ready);
+    }
+    let u = maria_inv
+        .users
+        .iter()
+        .find(|u| u.username == user)
+        .expect("user");
+    assert_eq!(
+        (u.host.as_str(), u.databases.clone()),
+        ("10.%", vec![plain.clone()])
+    );
+
+    // Changed, dropped and new, between two syncs.
+    mariadb_exec(&format!(
+        "ALTER DATABASE {} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin",
+        mysql_ident(&plain)
+    ))
+    .await;
+    mariadb_exec(&format!("DROP DATABASE {}", mysql_ident(&hostile[0]))).await;
+    let newer = format!("{tag}_new");
+    mariadb_exec(&format!("CREATE DATABASE {}", mysql_ident(&newer))).await;
+    mariadb_exec(&format!("DROP USER '{user}'@'10.%'")).await;
+    let second = outcomes(&sync(&mut sync_api, &[maria], &unique("second")).await);
+    let counts = second[&maria].counts.expect("counts");
+    assert!(
+        counts.databases_added >= 1 && counts.databases_updated >= 1 && counts.databases_gone >= 1,
+        "{counts:?}"
+    );
+    assert!(counts.users_gone >= 1, "{counts:?}");
+    let maria_inv = inventory(maria).await;
+    let state = |name: &str| {
+        maria_inv
+            .databases
+            .iter()
+            .find(|d| d.name == name)
+            .map(|d| (d.state(), d.collation.clone()))
+    };
+    assert_eq!(
+        state(&plain),
+        Some((pb::DatabaseState::Ready, "utf8mb4_bin".into()))
+    );
+    assert_eq!(
+        state(&hostile[0]).map(|s| s.0),
+        Some(pb::DatabaseState::Gone),
+        "dropped is marked gone, kept"
+    );
+    assert_eq!(state(&newer).map(|s| s.0), Some(pb::DatabaseState::Ready));
+    let gone_user = maria_inv
+        .users
+        .iter()
+        .find(|u| u.username == user)
+        .expect("user kept");
+    assert_eq!(gone_user.state(), pb::DatabaseState::Gone);
+
+    // A third sync with no change changes nothing.
+    let third = outcomes(&sync(&mut sync_api, &[maria], &unique("third")).await);
+    let c = third[&maria].counts.expect("counts");
+    assert_eq!(
+        (c.databases_added, c.databases_updated, c.databases_gone),
+        (0, 0, 0),
+        "idempotent: {c:?}"
+    );
+
+    for name in hostile.iter().skip(1).chain([&plain, &newer]) {
+        mariadb_exec(&format!("DROP DATABASE IF EXISTS {}", mysql_ident(name))).await;
+    }
+    for name in &pg_names {
+        postgres_exec(&format!("DROP DATABASE IF EXISTS {}", pg_ident(name))).await;
+    }
+    agent.service.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn output_over_the_cap_is_a_parse_failure_and_a_hung_probe_a_command_failure() {
+    let fleet = SshFleet::start(2).await;
+    let db = TestDb::sqlite().await;
+    let mut t = timeouts();
+    t.command = Duration::from_secs(1);
+    let agent = TestAgent::spawn(db.url(), fleet.client(t, 64 * 1024)).await;
+    let (mut fleet_api, mut sync_api) = (agent.fleet(), agent.sync());
+    let flood = register(
+        &mut fleet_api,
+        "flood",
+        fleet.host(0),
+        SSH_USER,
+        DatabaseService::Mariadb,
+    )
+    .await;
+    let hang = register(
+        &mut fleet_api,
+        "hang",
+        fleet.host(1),
+        SSH_USER,
+        DatabaseService::Mariadb,
+    )
+    .await;
+    // 200 MiB of output against a 64 KiB cap; and a probe that never ends.
+    fleet
+        .host(0)
+        .install_program("sudo", "#!/bin/sh\nexec head -c 209715200 /dev/zero\n");
+    fleet
+        .host(1)
+        .install_program("sudo", "#!/bin/sh\nexec sleep 30\n");
+    let started = Instant::now();
+    let got = outcomes(&sync(&mut sync_api, &[flood, hang], "cap").await);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        got[&flood].outcome(),
+        Outcome::ParseFailed,
+        "{}",
+        got[&flood].message
+    );
+    assert!(
+        got[&flood].message.contains("65536-byte cap"),
+        "{}",
+        got[&flood].message
+    );
+    assert_eq!(
+        got[&hang].outcome(),
+        Outcome::CommandFailed,
+        "{}",
+        got[&hang].message
+    );
+    assert_eq!(got[&hang].exit_status, -1);
+    assert!(
+        got[&hang].message.contains("command timed out after 1s"),
+        "{}",
+        got[&hang].message
+    );
+    agent.service.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn concurrent_requests_for_one_server_share_one_run_and_repeat_requests_one_job() {
+    let fleet = SshFleet::start(1).await;
+    let db = TestDb::sqlite().await;
+    let agent = TestAgent::spawn(db.url(), fleet.client(timeouts(), DEFAULT_OUTPUT_CAP)).await;
+    let (mut fleet_api, mut sync_api) = (agent.fleet(), agent.sync());
+    let id = register(
+        &mut fleet_api,
+        "slow",
+        fleet.host(0),
+        SSH_USER,
+        DatabaseService::Mariadb,
+    )
+    .await;
+    // A slow server: the probe takes a second before answering for real.
+    fleet
+        .host(0)
+        .install_program("sudo", "#!/bin/sh\nsleep 1\nexec /usr/bin/sudo \"$@\"\n");
+
+    let start = |request_id: &str| StartSyncRequest {
+        request_id: request_id.into(),
+        server_ids: vec![id],
+        ..Default::default()
+    };
+    let a = sync_api
+        .start_sync(start("a"))
+        .await
+        .expect("a")
+        .into_inner();
+    // Wait until the run is in flight (its lease is held), then ask again.
+    let conn = db.connect().await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while count(
+        &conn,
+        "SELECT COUNT(*) FROM server_leases WHERE holder IS NOT NULL",
+    )
+    .await
+        == 0
+    {
+        assert!(Instant::now() < deadline, "the run never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let b = sync_api
+        .start_sync(start("b"))
+        .await
+        .expect("b")
+        .into_inner();
+    assert_ne!(a.job_id, b.job_id);
+    // The same request id is the same job, however often it is sent.
+    let a_again = sync_api
+        .start_sync(start("a"))
+        .await
+        .expect("a again")
+        .into_inner();
+    assert_eq!(
+        (a_again.job_id.as_str(), a_again.created),
+        (a.job_id.as_str(), false)
+    );
+
+    for job in [&a.job_id, &b.job_id] {
+        let events = watch(&mut sync_api, job, 0).await;
+        assert_eq!(outcomes(&events)[&id].outcome(), Outcome::Ok);
+    }
+    assert_eq!(
+        count(&conn, "SELECT COUNT(*) FROM sync_runs").await,
+        1,
+        "one SSH run served both jobs"
+    );
+    assert_eq!(
+        count(&conn, "SELECT COUNT(*) FROM sync_jobs WHERE origin = 'rpc'").await,
+        2
+    );
+    agent.service.stop().await.expect("clean stop");
+}
+
+async fn watch(client: &mut SyncAgentClient<Channel>, job_id: &str, cursor: u64) -> Vec<SyncEvent> {
+    let stream = client
+        .watch_sync(WatchSyncRequest {
+            job_id: job_id.into(),
+            cursor,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        stream.map(|e| e.expect("event")).collect::<Vec<_>>(),
+    )
+    .await
+    .expect("the watch ends within 30s")
+}
+
+#[tokio::test]
+async fn a_watch_resumes_from_its_cursor_and_jobs_read_back() {
+    let fleet = SshFleet::start(3).await;
+    let db = TestDb::postgres().await;
+    let agent = TestAgent::spawn(db.url(), fleet.client(timeouts(), DEFAULT_OUTPUT_CAP)).await;
+    let (mut fleet_api, mut sync_api) = (agent.fleet(), agent.sync());
+    let mut ids = Vec::new();
+    for (i, host) in fleet.hosts().iter().enumerate() {
+        ids.push(
+            register(
+                &mut fleet_api,
+                &format!("h{i}"),
+                host,
+                SSH_USER,
+                DatabaseService::Mariadb,
+            )
+            .await,
+        );
+    }
+    let all = sync(&mut sync_api, &ids, "full").await;
+    let job_id = summary(&all).job_id;
+    // From cursor 2: the third outcome, then the summary.
+    let tail = watch(&mut sync_api, &job_id, 2).await;
+    assert_eq!(tail.iter().map(|e| e.cursor).collect::<Vec<_>>(), [3, 4]);
+    assert_eq!(tail[0], all[2]);
+    // From the summary's own cursor: nothing more than the summary.
+    let end = watch(&mut sync_api, &job_id, 4).await;
+    assert_eq!(end.len(), 1);
+    let read = sync_api
+        .get_sync_job(GetSyncJobRequest {
+            job_id: job_id.clone(),
+            include_outcomes: true,
+        })
+        .await
+        .expect("get job")
+        .into_inner();
+    let job = read.job.expect("job");
+    assert_eq!(
+        (job.total, job.finished, job.state()),
+        (3, 3, pb::JobState::Done)
+    );
+    assert_eq!(
+        job.outcome_counts,
+        [pb::OutcomeCount {
+            outcome: Outcome::Ok as i32,
+            count: 3
+        }]
+    );
+    assert_eq!(read.outcomes.len(), 3);
+    agent.service.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn malformed_and_hostile_requests_get_the_right_status() {
+    let db = TestDb::sqlite().await;
+    let fleet = SshFleet::start(1).await;
+    let agent = TestAgent::spawn(db.url(), fleet.client(timeouts(), DEFAULT_OUTPUT_CAP)).await;
+    let (mut fleet_api, mut sync_api) = (agent.fleet(), agent.sync());
+    let id = register(
+        &mut fleet_api,
+        "one",
+        fleet.host(0),
+        SSH_USER,
+        DatabaseService::Mariadb,
+    )
+    .await;
+    let deadline = Duration::from_secs(10);
+    fn code<T: std::fmt::Debug>(
+        result: Result<tonic::Response<T>, tonic::Status>,
+    ) -> (Code, String) {
+        match result {
+            Ok(r) => panic!("expected an error, got {r:?}"),
+            Err(status) => (status.code(), status.message().to_owned()),
+        }
+    }
+    let start = |r: StartSyncRequest| {
+        let mut client = sync_api.clone();
+        async move {
+            tokio::time::timeout(deadline, client.start_sync(r))
+                .await
+                .expect("answers in time")
+        }
+    };
+
+    let (c, m) = code(
+        start(StartSyncRequest {
+            server_ids: vec![id, 424242, 9],
+            ..Default::default()
+        })
+        .await,
+    );
+    assert_eq!(c, Code::NotFound);
+    assert!(m.contains("424242") && m.contains('9'), "{m}");
+    let (c, m) = code(start(StartSyncRequest::default()).await);
+    assert_eq!(
+        (c, m.contains("empty selection")),
+        (Code::InvalidArgument, true),
+        "{m}"
+    );
+    let (c, m) = code(
+        start(StartSyncRequest {
+            server_ids: (1..=100_000).collect(),
+            ..Default::default()
+        })
+        .await,
+    );
+    assert_eq!(
+        (c, m.contains("at most 10000")),
+        (Code::InvalidArgument, true),
+        "{m}"
+    );
+    let (c, m) = code(
+        start(StartSyncRequest {
+            all_servers: true,
+            scopes: vec![99],
+            ..Default::default()
+        })
+        .await,
+    );
+    assert_eq!(
+        (c, m.contains("unknown value 99")),
+        (Code::InvalidArgument, true),
+        "{m}"
+    );
+    let (c, _) = code(
+        start(StartSyncRequest {
+            server_ids: vec![-5],
+            ..Default::default()
+        })
+        .await,
+    );
+    assert_eq!(c, Code::InvalidArgument);
+
+    let job = sync_api
+        .start_sync(StartSyncRequest {
+            server_ids: vec![id],
+            ..Default::default()
+        })
+        .await
+        .expect("start")
+        .into_inner();
+    let watch_err = |job_id: &str, cursor: u64| {
+        let mut client = sync_api.clone();
+        let job_id = job_id.to_owned();
+        async move {
+            let result = tokio::time::timeout(
+                deadline,
+                client.watch_sync(WatchSyncRequest { job_id, cursor }),
+            )
+            .await
+            .expect("answers in time");
+            result.map(|_| ()).expect_err("must fail").code()
+        }
+    };
+    assert_eq!(
+        watch_err(&job.job_id, 3).await,
+        Code::OutOfRange,
+        "a bogus cursor"
+    );
+    assert_eq!(watch_err(&job.job_id, u64::MAX).await, Code::OutOfRange);
+    assert_eq!(watch_err("no-such-job", 0).await, Code::NotFound);
+    assert_eq!(watch_err("", 0).await, Code::InvalidArgument);
+    let (c, _) = code(
+        sync_api
+            .get_sync_job(GetSyncJobRequest {
+                job_id: "nope".into(),
+                include_outcomes: true,
+            })
+            .await,
+    );
+    assert_eq!(c, Code::NotFound);
+
+    // Fleet: unknown ids, bad fields (each named), unknown enum values, bad page tokens.
+    let (c, m) = code(fleet_api.get_server(GetServerRequest { id: 987654 }).await);
+    assert_eq!((c, m.as_str()), (Code::NotFound, "server 987654 not found"));
+    let (c, _) = code(
+        fleet_api
+            .delete_server(pb::DeleteServerRequest { id: 987654 })
+            .await,
+    );
+    assert_eq!(c, Code::NotFound);
+    let (c, _) = code(
+        fleet_api
+            .reset_host_key(ResetHostKeyRequest { id: 0 })
+            .await,
+    );
+    assert_eq!(c, Code::InvalidArgument);
+    let bad = |spec: ServerSpec| {
+        let mut client = fleet_api.clone();
+        async move {
+            let status = client
+                .upsert_server(UpsertServerRequest {
+                    id: 0,
+                    spec: Some(spec),
+                })
+                .await
+                .expect_err("invalid");
+            (status.code(), status.message().to_owned())
+        }
+    };
+    let good = ServerSpec {
+        name: "x".into(),
+        ip: "127.0.0.1".into(),
+        port: 22,
+        ssh_user: "vito".into(),
+        database_service: DatabaseService::Mysql as i32,
+        database_version: String::new(),
+        status: 0,
+    };
+    for (spec, field) in [
+        (
+            ServerSpec {
+                name: String::new(),
+                ..good.clone()
+            },
+            "spec.name",
+        ),
+        (
+            ServerSpec {
+                ip: "300.1.1.1 ; rm -rf /".into(),
+                ..good.clone()
+            },
+            "spec.ip",
+        ),
+        (
+            ServerSpec {
+                port: 70000,
+                ..good.clone()
+            },
+            "spec.port",
+        ),
+        (
+            ServerSpec {
+                database_service: 17,
+                ..good.clone()
+            },
+            "spec.database_service",
+        ),
+        (
+            ServerSpec {
+                database_service: 0,
+                ..good.clone()
+            },
+            "spec.database_service",
+        ),
+    ] {
+        let (c, m) = bad(spec).await;
+        assert_eq!(c, Code::InvalidArgument);
+        assert!(m.contains(field), "{m}");
+    }
+    let (c, _) = code(
+        fleet_api
+            .upsert_server(UpsertServerRequest {
+                id: 555,
+                spec: Some(good.clone()),
+            })
+            .await,
+    );
+    assert_eq!(c, Code::NotFound, "update of an unknown id");
+    let (c, _) = code(
+        fleet_api
+            .list_servers(ListServersRequest {
+                reachability: 9,
+                ..Default::default()
+            })
+            .await,
+    );
+    assert_eq!(c, Code::InvalidArgument);
+    let (c, _) = code(
+        fleet_api
+            .list_servers(ListServersRequest {
+                page_token: "abc".into(),
+                ..Default::default()
+            })
+            .await,
+    );
+    assert_eq!(c, Code::InvalidArgument);
+    let (c, _) = code(
+        fleet_api
+            .list_servers(ListServersRequest {
+                page_size: 5000,
+                ..Default::default()
+            })
+            .await,
+    );
+    assert_eq!(c, Code::InvalidArgument);
+
+    // The agent is still fine.
+    let list = fleet_api
+        .list_servers(ListServersRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(list.servers.len(), 1);
+    agent.service.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn fleet_upserts_by_name_pages_and_deletes() {
+    let db = TestDb::mariadb().await;
+    migrate(db.url()).await;
+    let agent = TestAgent::spawn_with(
+        db.url(),
+        fleetsync_sync_agent::ssh::SshClient::new(timeouts(), 1024, Default::default()),
+        test_runner_config(),
+    )
+    .await;
+    let mut fleet_api = agent.fleet();
+    let spec = |name: &str, service: DatabaseService| ServerSpec {
+        name: name.into(),
+        ip: "192.0.2.10".into(),
+        port: 0,
+        ssh_user: String::new(),
+        database_service: service as i32,
+        database_version: "10.11".into(),
+        status: 0,
+    };
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let r = fleet_api
+            .upsert_server(UpsertServerRequest {
+                id: 0,
+                spec: Some(spec(&format!("s{i}"), DatabaseService::Mariadb)),
+            })
+            .await
+            .expect("create")
+            .into_inner();
+        assert!(r.created);
+        ids.push(r.server.expect("server").id);
+    }
+    // Same name: an update, not a second server; the service can change.
+    let r = fleet_api
+        .upsert_server(UpsertServerRequest {
+            id: 0,
+            spec: Some(spec("s0", DatabaseService::Postgresql)),
+        })
+        .await
+        .expect("update")
+        .into_inner();
+    assert!(!r.created);
+    let s0 = r.server.expect("server");
+    assert_eq!(s0.id, ids[0]);
+    let s0_spec = s0.spec.clone().expect("spec");
+    assert_eq!((s0_spec.port, s0_spec.ssh_user.as_str()), (22, "vito"));
+    assert_eq!(s0_spec.database_service(), DatabaseService::Postgresql);
+    assert_eq!(s0.reachability(), pb::Reachability::Unknown);
+    // Renaming onto another server's name is refused.
+    let status = fleet_api
+        .upsert_server(UpsertServerRequest {
+            id: ids[1],
+            spec: Some(spec("s2", DatabaseService::None)),
+        })
+        .await
+        .expect_err("clash");
+    assert_eq!(status.code(), Code::AlreadyExists);
+
+    let page = fleet_api
+        .list_servers(ListServersRequest {
+            page_size: 2,
+            ..Default::default()
+        })
+        .await
+        .expect("page 1")
+        .into_inner();
+    assert_eq!(
+        page.servers.iter().map(|s| s.id).collect::<Vec<_>>(),
+        ids[..2]
+    );
+    let page2 = fleet_api
+        .list_servers(ListServersRequest {
+            page_size: 2,
+            page_token: page.next_page_token,
+            ..Default::default()
+        })
+        .await
+        .expect("page 2")
+        .into_inner();
+    assert_eq!(
+        page2.servers.iter().map(|s| s.id).collect::<Vec<_>>(),
+        ids[2..4]
+    );
+    let offline = fleet_api
+        .list_servers(ListServersRequest {
+            reachability: pb::Reachability::Offline as i32,
+            ..Default::default()
+        })
+        .await
+        .expect("filter")
+        .into_inner();
+    assert!(offline.servers.is_empty());
+
+    fleet_api
+        .delete_server(pb::DeleteServerRequest { id: ids[4] })
+        .await
+        .expect("delete");
+    let status = fleet_api
+        .get_server(GetServerRequest { id: ids[4] })
+        .await
+        .expect_err("gone");
+    assert_eq!(status.code(), Code::NotFound);
+    agent.service.stop().await.expect("clean stop");
 }
