@@ -21,6 +21,7 @@ use fleetsync_tests::{
     SshFleet, SshHost, TestAgent, TestDb,
     catalog::{count, execute},
     fleet::{NO_SUDO_USER, Placement, SSH_USER},
+    migrator::migrator,
     services::{migrate, test_runner_config},
 };
 use tokio_stream::StreamExt;
@@ -1087,4 +1088,387 @@ async fn fleet_upserts_by_name_pages_and_deletes() {
         .expect_err("gone");
     assert_eq!(status.code(), Code::NotFound);
     agent.service.stop().await.expect("clean stop");
+}
+
+/// The incident with the agent: servers registered before the charset/collation migration,
+/// half of them offline, the agent down while `migrate` runs. The request waits in the outbox,
+/// and the agent serves it once when it starts: one outcome per server, charset and collation
+/// filled in on the online ones. A later `migrate` hands the same request to the running agent
+/// and gets the same job back.
+async fn migration_with_half_the_fleet_offline(backend: Backend) {
+    let fleet = SshFleet::start(4).await;
+    let db = TestDb::create(backend).await;
+    let run = migrator(
+        db.url(),
+        &["migrate", "--no-dispatch", "--target", "20240101000004"],
+    )
+    .await;
+    assert_eq!(run.code(), 0, "{}", run.stderr);
+    let conn = db.connect().await;
+    for (i, host) in fleet.hosts().iter().enumerate() {
+        execute(
+            &conn,
+            &format!(
+                "INSERT INTO servers (name, ip, port, ssh_user, status, created_at, updated_at) \
+                 VALUES ('vito-{i}', '{}', {}, '{SSH_USER}', 'ready', 0, 0)",
+                host.addr(),
+                host.port()
+            ),
+        )
+        .await;
+        execute(
+            &conn,
+            &format!(
+                "INSERT INTO services (server_id, type, name, version, status, created_at, updated_at) \
+                 SELECT id, 'database', 'mariadb', '10.11', 'ready', 0, 0 FROM servers WHERE name = 'vito-{i}'"
+            ),
+        )
+        .await;
+    }
+    let (databases, collation) = if backend == Backend::MySql {
+        ("`databases`", "`collation`")
+    } else {
+        ("databases", "\"collation\"")
+    };
+    execute(
+        &conn,
+        &format!(
+            "INSERT INTO {databases} (server_id, name, status, created_at, updated_at) \
+             SELECT id, 'test', 'ready', 0, 0 FROM servers"
+        ),
+    )
+    .await;
+    fleet.host(2).stop();
+    fleet.host(3).stop();
+
+    // The agent is not running: migrate exits 0 at once, the request waits.
+    let started = Instant::now();
+    let run = migrator(db.url(), &["migrate", "--agent-url", "http://127.0.0.1:1"]).await;
+    assert_eq!(run.code(), 0, "{}{}", run.stdout, run.stderr);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(run.stderr.contains("stays pending"), "{}", run.stderr);
+
+    let agent = TestAgent::spawn_with(
+        db.url(),
+        fleet.client(timeouts(), DEFAULT_OUTPUT_CAP),
+        test_runner_config(),
+    )
+    .await;
+    let mut sync_api = agent.sync();
+    // The agent drains the outbox as it starts: find the job of the migration's request.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let job_id = loop {
+        let taken = conn
+            .fetch_optional(
+                "SELECT job_id FROM sync_requests WHERE state = 'taken'",
+                &[],
+            )
+            .await
+            .expect("outbox");
+        if let Some(row) = taken {
+            break row.text(0).expect("job id");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent never took the request"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let events = watch(&mut sync_api, &job_id, 0).await;
+    let got = outcomes(&events);
+    assert_eq!(got.len(), 4, "one outcome per server");
+    let by_name: BTreeMap<&str, Outcome> = got
+        .values()
+        .map(|o| (o.server_name.as_str(), o.outcome()))
+        .collect();
+    assert_eq!(by_name["vito-0"], Outcome::Ok);
+    assert_eq!(by_name["vito-1"], Outcome::Ok);
+    assert_eq!(by_name["vito-2"], Outcome::Unreachable);
+    assert_eq!(by_name["vito-3"], Outcome::Unreachable);
+    let s = summary(&events);
+    assert_eq!(s.origin(), pb::JobOrigin::Migration);
+    assert_eq!(s.request_id, "migration-20250215120213");
+    let filled = count(
+        &conn,
+        &format!(
+            "SELECT COUNT(*) FROM {databases} WHERE name = 'test' AND charset IS NOT NULL \
+             AND {collation} IS NOT NULL"
+        ),
+    )
+    .await;
+    assert_eq!(filled, 2, "the online servers have charset and collation");
+
+    // Handed over again by a later migrate: the same job, not a second one.
+    let run = migrator(
+        db.url(),
+        &[
+            "migrate",
+            "--agent-url",
+            &format!("http://{}", agent.service.addr),
+        ],
+    )
+    .await;
+    assert_eq!(run.code(), 0, "{}", run.stderr);
+    assert_eq!(
+        count(
+            &conn,
+            "SELECT COUNT(*) FROM sync_jobs WHERE origin = 'migration'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(
+            &conn,
+            "SELECT COUNT(*) FROM sync_requests WHERE state = 'taken'"
+        )
+        .await,
+        1
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await; // one more outbox drain
+    assert_eq!(
+        count(
+            &conn,
+            "SELECT COUNT(*) FROM sync_jobs WHERE origin = 'migration'"
+        )
+        .await,
+        1,
+        "exactly once"
+    );
+    agent.service.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn migration_with_half_the_fleet_offline_sqlite() {
+    migration_with_half_the_fleet_offline(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn migration_with_half_the_fleet_offline_postgres() {
+    migration_with_half_the_fleet_offline(Backend::Postgres).await;
+}
+
+#[tokio::test]
+async fn migration_with_half_the_fleet_offline_mariadb() {
+    migration_with_half_the_fleet_offline(Backend::MySql).await;
+}
+
+#[tokio::test]
+async fn migrate_hands_its_request_to_a_running_agent() {
+    // A database migrated but for the incident migration cannot run an agent; so the agent
+    // runs on a fully migrated database whose request is still pending, as after a dispatch
+    // that failed, and `migrate` (a no-op) hands the request over.
+    let db = TestDb::sqlite().await;
+    let run = migrator(db.url(), &["migrate", "--no-dispatch"]).await;
+    assert_eq!(run.code(), 0);
+    let mut config = test_runner_config();
+    config.outbox_interval = Duration::from_secs(3600);
+    let conn = db.connect().await;
+    // Pretend the agent already drained once: only the dispatch can deliver the request now.
+    let agent = TestAgent::spawn_with(
+        db.url(),
+        fleetsync_sync_agent::ssh::SshClient::new(timeouts(), 1024, Default::default()),
+        config,
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while count(
+        &conn,
+        "SELECT COUNT(*) FROM sync_requests WHERE state = 'taken'",
+    )
+    .await
+        == 0
+    {
+        assert!(Instant::now() < deadline, "the start-up drain took nothing");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    execute(&conn, "UPDATE sync_requests SET state = 'pending'").await;
+    let run = migrator(
+        db.url(),
+        &[
+            "migrate",
+            "--agent-url",
+            &format!("http://{}", agent.service.addr),
+        ],
+    )
+    .await;
+    assert_eq!(run.code(), 0, "{}", run.stderr);
+    assert!(
+        run.stdout.contains("handed to the sync-agent: job"),
+        "{}{}",
+        run.stdout,
+        run.stderr
+    );
+    assert_eq!(
+        count(
+            &conn,
+            "SELECT COUNT(*) FROM sync_jobs WHERE origin = 'migration'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(
+            &conn,
+            "SELECT COUNT(*) FROM sync_requests WHERE state = 'taken'"
+        )
+        .await,
+        1
+    );
+    agent.service.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn an_agent_that_lost_its_lease_writes_nothing() {
+    use fleetsync_sync_agent::store::{RunRecord, RunResult, Store};
+    for backend in [Backend::Sqlite, Backend::Postgres, Backend::MySql] {
+        let db = TestDb::create(backend).await;
+        migrate(db.url()).await;
+        let conn = db.connect().await;
+        let store = Store::new(conn.clone());
+        let spec = fleetsync_sync_agent::store::ServerSpec {
+            name: "leased".into(),
+            ip: "192.0.2.1".into(),
+            port: 22,
+            ssh_user: "vito".into(),
+            database_service: None,
+            database_version: String::new(),
+            status: None,
+        };
+        let server = store
+            .upsert_server(None, &spec)
+            .await
+            .expect("server")
+            .server
+            .id;
+        let (job, _) = store
+            .create_job(&fleetsync_sync_agent::store::NewJob {
+                request_id: "fenced".into(),
+                origin: fleetsync_sync_agent::store::JobOrigin::Rpc,
+                selection: fleetsync_sync_agent::store::Selection::Ids(vec![server]),
+                scopes: "databases".into(),
+                force: false,
+                reason: String::new(),
+            })
+            .await
+            .expect("job");
+
+        let a = store
+            .claim_lease(server, "agent-a", 60_000)
+            .await
+            .expect("claim")
+            .expect("free lease");
+        assert_eq!(
+            store
+                .claim_lease(server, "agent-b", 60_000)
+                .await
+                .expect("claim"),
+            None,
+            "held"
+        );
+        // Agent A stalls past its lease; agent B takes over with a newer token.
+        execute(&conn, "UPDATE server_leases SET expires_at = 0").await;
+        let b = store
+            .claim_lease(server, "agent-b", 60_000)
+            .await
+            .expect("claim")
+            .expect("expired lease");
+        assert!(b > a, "tokens grow on every claim");
+
+        let result = |outcome: &str| RunResult {
+            outcome: outcome.into(),
+            ..RunResult::default()
+        };
+        fn run(result: &RunResult, reachable: bool) -> RunRecord<'_> {
+            RunRecord {
+                result,
+                inventory: None,
+                pin: None,
+                reachable: Some(reachable),
+            }
+        }
+        let stale = store
+            .record_run(server, "agent-a", a, run(&result("AUTH_FAILED"), false))
+            .await
+            .expect("record");
+        assert_eq!(stale, None, "{backend}: the stale agent is fenced off");
+        assert_eq!(count(&conn, "SELECT COUNT(*) FROM sync_runs").await, 0);
+        let fresh = store
+            .record_run(server, "agent-b", b, run(&result("OK"), true))
+            .await
+            .expect("record");
+        assert_eq!(fresh, Some(vec![job.id.clone()]));
+        let job = store.job(&job.id).await.expect("job").expect("exists");
+        assert_eq!(job.outcome_counts, [("OK".to_owned(), 1)], "{backend}");
+    }
+}
+
+#[tokio::test]
+async fn grpcurl_syncs_one_server_and_streams_its_outcome() {
+    let fleet = SshFleet::start(1).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = TestDb::sqlite().await;
+    migrate(db.url()).await;
+    let key = fleet.client_key().to_str().expect("utf-8 path").to_owned();
+    let agent = fleetsync_tests::services::ServeProcess::start(
+        "sync-agent",
+        &["--database-url", db.url(), "--ssh-key", &key],
+        dir.path(),
+    );
+    let addr = agent.addr.to_string();
+    let grpcurl = std::env::var("FLEETSYNC_GRPCURL").unwrap_or_else(|_| "grpcurl".into());
+    let run = |args: Vec<String>| {
+        let output = std::process::Command::new(&grpcurl)
+            .args(&args)
+            .output()
+            .expect("run grpcurl (`just setup`)");
+        assert!(
+            output.status.success(),
+            "grpcurl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).expect("utf-8")
+    };
+    let host = fleet.host(0);
+    let registered = run(vec![
+        "-plaintext".into(),
+        "-d".into(),
+        format!(
+            r#"{{"spec": {{"name": "db-1", "ip": "{}", "port": {}, "sshUser": "{SSH_USER}", "databaseService": "DATABASE_SERVICE_MARIADB"}}}}"#,
+            host.addr(),
+            host.port()
+        ),
+        addr.clone(),
+        "fleetsync.sync.v1.Fleet/UpsertServer".into(),
+    ]);
+    assert!(registered.contains("\"created\": true"), "{registered}");
+    let streamed = run(vec![
+        "-plaintext".into(),
+        "-d".into(),
+        r#"{"serverIds": ["1"], "reason": "manual"}"#.into(),
+        addr.clone(),
+        "fleetsync.sync.v1.SyncAgent/Sync".into(),
+    ]);
+    assert!(
+        streamed.contains("\"outcome\": \"OUTCOME_OK\""),
+        "{streamed}"
+    );
+    assert!(streamed.contains("\"serverName\": \"db-1\""), "{streamed}");
+    assert!(
+        streamed.contains("\"state\": \"JOB_STATE_DONE\""),
+        "{streamed}"
+    );
+    let server = run(vec![
+        "-plaintext".into(),
+        "-d".into(),
+        r#"{"id": "1"}"#.into(),
+        addr,
+        "fleetsync.sync.v1.Fleet/GetServer".into(),
+    ]);
+    assert!(server.contains("\"name\": \"test\""), "{server}");
+    assert!(server.contains("REACHABILITY_ONLINE"), "{server}");
 }

@@ -14,7 +14,9 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     inventory,
     ssh::{HostKeyInfo, SshClient, SshError, Target},
-    store::{InventoryWrite, JobOrigin, NewJob, RunResult, Selection, ServerRecord, Store},
+    store::{
+        InventoryWrite, JobOrigin, NewJob, RunRecord, RunResult, Selection, ServerRecord, Store,
+    },
 };
 
 /// Scheduler settings.
@@ -199,10 +201,12 @@ impl Runner {
                 server_id,
                 &self.holder,
                 token,
-                &result,
-                inventory.as_ref(),
-                pin,
-                reachable,
+                RunRecord {
+                    result: &result,
+                    inventory: inventory.as_ref(),
+                    pin,
+                    reachable,
+                },
             )
             .await
         {

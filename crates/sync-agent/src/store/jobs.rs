@@ -159,6 +159,19 @@ pub struct RunResult {
     pub counts: Option<InventoryCounts>,
 }
 
+/// What one server's run produced, to record.
+#[derive(Debug, Clone, Copy)]
+pub struct RunRecord<'a> {
+    /// The outcome.
+    pub result: &'a RunResult,
+    /// The inventory read (OK only).
+    pub inventory: Option<&'a InventoryWrite>,
+    /// The host key to pin, on first contact: (algorithm, fingerprint).
+    pub pin: Option<(&'a str, &'a str)>,
+    /// Whether the server answered (`None`: not tried).
+    pub reachable: Option<bool>,
+}
+
 /// A server with job rows waiting, and whether it still exists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PendingWork {
@@ -467,11 +480,14 @@ impl Store {
         server_id: i64,
         holder: &str,
         token: i64,
-        result: &RunResult,
-        inventory: Option<&InventoryWrite>,
-        pin: Option<(&str, &str)>,
-        reachable: Option<bool>,
+        run: RunRecord<'_>,
     ) -> Result<Option<Vec<String>>, sqlx::Error> {
+        let RunRecord {
+            result,
+            inventory,
+            pin,
+            reachable,
+        } = run;
         let backend = self.backend();
         let lock = if backend == Backend::Sqlite {
             ""
