@@ -98,6 +98,10 @@ pub fn test_runner_config() -> RunnerConfig {
         lease_ttl: Duration::from_secs(30),
         poll_interval: Duration::from_millis(100),
         outbox_interval: Duration::from_millis(500),
+        backoff_base: Duration::from_secs(1),
+        backoff_max: Duration::from_secs(4),
+        probe_interval: Duration::from_millis(200),
+        sync_interval: None,
     }
 }
 

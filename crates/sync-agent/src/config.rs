@@ -21,7 +21,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the SyncAgent and Fleet gRPC services (with health and reflection).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Forget a server's pinned host key (after a legitimate re-install), through a running
     /// agent; the next sync pins the key the server presents.
     ResetHostKey(ResetHostKeyArgs),
@@ -75,6 +75,22 @@ pub struct ServeArgs {
     /// How often sync requests recorded by migrations are taken (also at start).
     #[arg(long, env = "FLEETSYNC_OUTBOX_INTERVAL", default_value = "10s")]
     pub outbox_interval: humantime::Duration,
+
+    /// Every server is synced this often; 0 turns the periodic sync off.
+    #[arg(long, env = "FLEETSYNC_SYNC_INTERVAL", default_value = "1h")]
+    pub sync_interval: humantime::Duration,
+
+    /// Backoff after a server's first failed connection; doubles with each failure (±20%).
+    #[arg(long, env = "FLEETSYNC_BACKOFF_BASE", default_value = "5s")]
+    pub backoff_base: humantime::Duration,
+
+    /// Longest backoff between probes of an offline server.
+    #[arg(long, env = "FLEETSYNC_BACKOFF_MAX", default_value = "10m")]
+    pub backoff_max: humantime::Duration,
+
+    /// How often offline servers due for a probe are checked (TCP connect and SSH banner).
+    #[arg(long, env = "FLEETSYNC_PROBE_INTERVAL", default_value = "5s")]
+    pub probe_interval: humantime::Duration,
 }
 
 /// How the agent connects to managed servers.

@@ -138,6 +138,10 @@ pub fn config_from_args(args: &config::ServeArgs) -> anyhow::Result<Config> {
             lease_ttl: args.lease_ttl.into(),
             poll_interval: args.poll_interval.into(),
             outbox_interval: args.outbox_interval.into(),
+            backoff_base: args.backoff_base.into(),
+            backoff_max: args.backoff_max.into(),
+            probe_interval: args.probe_interval.into(),
+            sync_interval: Some(args.sync_interval.into()).filter(|i: &Duration| !i.is_zero()),
         },
     })
 }
@@ -149,26 +153,33 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// A random 128-bit id as 32 hex digits.
-pub fn new_id() -> String {
+/// A random number (no extra dependency: std's per-process random hasher keys).
+pub fn random_u64() -> u64 {
     use std::{
         collections::hash_map::RandomState,
         hash::{BuildHasher, Hasher},
         sync::atomic::{AtomicU64, Ordering},
     };
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut out = String::with_capacity(32);
-    for _ in 0..2 {
-        let mut hasher = RandomState::new().build_hasher();
-        hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-        hasher.write_u128(
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos()),
-        );
-        out.push_str(&format!("{:016x}", hasher.finish()));
-    }
-    out
+    let mut hasher = RandomState::new().build_hasher();
+    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    hasher.write_u128(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    hasher.finish()
+}
+
+/// A time in milliseconds since the epoch, as RFC 3339 (UTC, seconds).
+pub fn format_ms(ms: i64) -> String {
+    let ms = u64::try_from(ms).unwrap_or(0);
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+/// A random 128-bit id as 32 hex digits.
+pub fn new_id() -> String {
+    format!("{:016x}{:016x}", random_u64(), random_u64())
 }
 
 fn hostname() -> String {

@@ -30,6 +30,14 @@ pub struct RunnerConfig {
     pub poll_interval: Duration,
     /// How often the outbox of migration sync requests is drained.
     pub outbox_interval: Duration,
+    /// Backoff after the first failed connection to a server; doubles with each failure.
+    pub backoff_base: Duration,
+    /// Longest backoff.
+    pub backoff_max: Duration,
+    /// How often offline servers whose backoff ended are probed (TCP connect and banner).
+    pub probe_interval: Duration,
+    /// Every server is synced this often (`None`: only on request).
+    pub sync_interval: Option<Duration>,
 }
 
 impl Default for RunnerConfig {
@@ -39,6 +47,10 @@ impl Default for RunnerConfig {
             lease_ttl: Duration::from_secs(60),
             poll_interval: Duration::from_millis(500),
             outbox_interval: Duration::from_secs(10),
+            backoff_base: Duration::from_secs(5),
+            backoff_max: Duration::from_secs(600),
+            probe_interval: Duration::from_secs(5),
+            sync_interval: Some(Duration::from_secs(3600)),
         }
     }
 }
@@ -103,6 +115,8 @@ impl Runner {
     pub async fn run(self) {
         let this = Arc::new(self);
         let outbox = tokio::spawn(Arc::clone(&this).drain_outbox_forever());
+        let prober = tokio::spawn(Arc::clone(&this).probe_offline_forever());
+        let scheduler = tokio::spawn(Arc::clone(&this).schedule_forever());
         let permits = Arc::new(Semaphore::new(this.config.concurrency));
         let mut runs = tokio::task::JoinSet::new();
         loop {
@@ -118,7 +132,7 @@ impl Runner {
         }
         // Runs watch the same token; wait for them to release their leases.
         while runs.join_next().await.is_some() {}
-        let _ = outbox.await;
+        let _ = tokio::join!(outbox, prober, scheduler);
     }
 
     async fn fill(
@@ -277,7 +291,29 @@ impl Runner {
             );
             return Some((finish(result, started), None, None, None));
         };
-        let (result, inventory, pin, reachable) = self.probe(&server, service).await;
+        if let Some(until) = server.next_probe_at
+            && server.reachability == "offline"
+            && until > crate::now_ms()
+        {
+            let forced = self.store.forced(server_id).await.unwrap_or(false);
+            if !forced {
+                let mut result = failure(
+                    Outcome::SkippedOffline,
+                    None,
+                    format!(
+                        "offline since {} failed attempt(s); next probe {}",
+                        server.consecutive_failures,
+                        crate::format_ms(until)
+                    ),
+                );
+                result.next_probe_at = Some(until);
+                return Some((finish(result, started), None, None, None));
+            }
+        }
+        let (mut result, inventory, pin, reachable) = self.probe(&server, service).await;
+        if reachable == Some(false) {
+            result.next_probe_at = Some(self.next_probe(server.consecutive_failures + 1));
+        }
         Some((finish(result, started), inventory, pin, reachable))
     }
 
@@ -356,6 +392,124 @@ impl Runner {
             },
         };
         (result.0, result.1, pin, Some(true))
+    }
+
+    /// When a server that failed `failures` times in a row is probed next: exponential backoff
+    /// from `backoff_base`, capped at `backoff_max`, with ±20% jitter so that a fleet that went
+    /// down together does not come back in lockstep.
+    fn next_probe(&self, failures: i64) -> i64 {
+        let exponent = failures.clamp(1, 32) - 1;
+        let base = self.config.backoff_base.as_millis() as f64;
+        let delay =
+            (base * 2f64.powi(exponent as i32)).min(self.config.backoff_max.as_millis() as f64);
+        let jitter = 0.8 + 0.4 * (crate::random_u64() as f64 / u64::MAX as f64);
+        crate::now_ms() + (delay * jitter) as i64
+    }
+
+    /// Probes offline servers whose backoff ended: TCP connect and SSH banner, no login. A server
+    /// that answers gets a recovery sync (the syncs it missed); one that does not backs off
+    /// further.
+    async fn probe_offline_forever(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                () = tokio::time::sleep(self.config.probe_interval) => {}
+            }
+            let due = match self.store.due_offline(self.config.concurrency as i64).await {
+                Ok(due) => due,
+                Err(err) => {
+                    tracing::warn!(error = %err, "could not read offline servers; retrying");
+                    continue;
+                }
+            };
+            for server in due {
+                let ttl = self.config.lease_ttl.as_millis() as i64;
+                let Ok(Some(token)) = self.store.claim_lease(server.id, &self.holder, ttl).await
+                else {
+                    continue;
+                };
+                let probed = tokio::select! {
+                    () = self.shutdown.cancelled() => None,
+                    probed = self.ssh.probe(&server.ip, server.port) => Some(probed),
+                };
+                let Some(probed) = probed else {
+                    let _ = self
+                        .store
+                        .release_lease(server.id, &self.holder, token)
+                        .await;
+                    return;
+                };
+                let next = match &probed {
+                    Ok(_) => None,
+                    Err(_) => Some(self.next_probe(server.consecutive_failures + 1)),
+                };
+                match self
+                    .store
+                    .record_probe(server.id, &self.holder, token, next)
+                    .await
+                {
+                    Ok(true) if probed.is_ok() => {
+                        tracing::info!(
+                            server_id = server.id,
+                            "server is back: syncing what it missed"
+                        );
+                        let job = NewJob {
+                            request_id: format!("recovery-{}-{}", server.id, crate::now_ms()),
+                            origin: JobOrigin::Recovery,
+                            selection: Selection::Ids(vec![server.id]),
+                            scopes: "charsets,databases,users".into(),
+                            force: true,
+                            reason: "the server is reachable again".into(),
+                        };
+                        if let Err(err) = self.store.create_job(&job).await {
+                            tracing::warn!(server_id = server.id, error = %err, "could not start the recovery sync");
+                        }
+                        self.signals.wake.notify_one();
+                    }
+                    Ok(_) => {
+                        if let Err(err) = &probed {
+                            tracing::debug!(server_id = server.id, error = %err, "still offline");
+                        }
+                    }
+                    Err(err) => {
+                        tracing::warn!(server_id = server.id, error = %err, "could not record the probe")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Syncs every server each `sync_interval`. The job's request id is the interval's number,
+    /// so agents running side by side make one job per interval, not one each.
+    async fn schedule_forever(self: Arc<Self>) {
+        let Some(interval) = self.config.sync_interval.filter(|i| !i.is_zero()) else {
+            return;
+        };
+        let interval_ms = interval.as_millis().max(1) as i64;
+        loop {
+            let bucket = crate::now_ms() / interval_ms;
+            let job = NewJob {
+                request_id: format!("schedule-{interval_ms}-{bucket}"),
+                origin: JobOrigin::Schedule,
+                selection: Selection::All,
+                scopes: "charsets,databases,users".into(),
+                force: false,
+                reason: format!(
+                    "periodic sync every {}",
+                    humantime::format_duration(interval)
+                ),
+            };
+            match self.store.create_job(&job).await {
+                Ok((_, true)) => self.signals.wake.notify_one(),
+                Ok((_, false)) => {}
+                Err(err) => tracing::warn!(error = %err, "could not start the periodic sync"),
+            }
+            let next = (bucket + 1) * interval_ms - crate::now_ms();
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_millis(next.max(1) as u64)) => {}
+            }
+        }
     }
 
     async fn drain_outbox_forever(self: Arc<Self>) {

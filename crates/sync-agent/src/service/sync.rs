@@ -16,7 +16,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::{AgentState, EventStream, convert};
-use crate::store::{JobOrigin, JobRecord, NewJob, Selection};
+use crate::{
+    ssh::{HostKeyInfo, Target},
+    store::{JobOrigin, JobRecord, NewJob, Selection},
+};
 
 /// Most server ids in one request.
 pub const MAX_SERVER_IDS: usize = 10_000;
@@ -281,9 +284,73 @@ impl SyncAgent for SyncAgentService {
 
     async fn check_connection(
         &self,
-        _request: Request<CheckConnectionRequest>,
+        request: Request<CheckConnectionRequest>,
     ) -> Result<Response<CheckConnectionResponse>, Status> {
-        Err(ServiceError::Unimplemented("SyncAgent/CheckConnection").into())
+        let server_id = request.into_inner().server_id;
+        if server_id <= 0 {
+            return Err(ServiceError::invalid(
+                "server_id",
+                format!("must be a positive server id, got {server_id}"),
+            )
+            .into());
+        }
+        let server = self
+            .state
+            .store
+            .server(server_id)
+            .await
+            .map_err(ServiceError::from)?
+            .ok_or_else(|| ServiceError::not_found("server", server_id))?;
+        let pinned = server.host_key.as_ref().map(|k| HostKeyInfo {
+            algorithm: k.algorithm.clone(),
+            fingerprint: k.fingerprint.clone(),
+        });
+        let check = self
+            .state
+            .ssh
+            .check(Target {
+                host: &server.ip,
+                port: server.port,
+                user: &server.ssh_user,
+                pinned: pinned.as_ref(),
+            })
+            .await;
+        let (outcome, cause) = match &check.error {
+            None => (pb::Outcome::Ok, pb::UnreachableCause::Unspecified),
+            Some(err) => err.outcome(),
+        };
+        let host_key_check = match (&check.host_key, &pinned) {
+            (None, _) => pb::HostKeyCheck::Unspecified,
+            (Some(_), None) => pb::HostKeyCheck::NotPinned,
+            (Some(presented), Some(pinned)) if presented == pinned => pb::HostKeyCheck::Match,
+            (Some(_), Some(_)) => pb::HostKeyCheck::Mismatch,
+        };
+        Ok(Response::new(CheckConnectionResponse {
+            server_id,
+            outcome: outcome as i32,
+            cause: cause as i32,
+            message: check
+                .error
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            connect_latency: check
+                .connect_latency
+                .and_then(|d| prost_types::Duration::try_from(d).ok()),
+            banner: check.banner.unwrap_or_default(),
+            host_key_algorithm: check
+                .host_key
+                .as_ref()
+                .map(|k| k.algorithm.clone())
+                .unwrap_or_default(),
+            host_key_fingerprint: check
+                .host_key
+                .as_ref()
+                .map(|k| k.fingerprint.clone())
+                .unwrap_or_default(),
+            host_key_check: host_key_check as i32,
+            authenticated: check.authenticated,
+        }))
     }
 }
 

@@ -114,6 +114,21 @@ impl std::fmt::Display for HostKeyInfo {
     }
 }
 
+/// What [`SshClient::check`] found, stage by stage.
+#[derive(Debug, Default)]
+pub struct Check {
+    /// Time to establish the TCP connection, if it was.
+    pub connect_latency: Option<Duration>,
+    /// The server's identification line, if it sent one.
+    pub banner: Option<String>,
+    /// The host key it presented, if the key exchange got that far.
+    pub host_key: Option<HostKeyInfo>,
+    /// Whether one of the keys was accepted.
+    pub authenticated: bool,
+    /// The first stage that failed.
+    pub error: Option<SshError>,
+}
+
 /// What a command did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommandOutput {
@@ -190,6 +205,70 @@ impl SshClient {
         };
         connection.authenticate(target.user, &self.keys).await?;
         Ok(connection)
+    }
+
+    /// The cheap reachability probe: TCP connect and the SSH banner, no key exchange, no login.
+    /// Returns the connect latency and the banner.
+    pub async fn probe(&self, host: &str, port: u16) -> Result<(Duration, String), SshError> {
+        let started = Instant::now();
+        let mut tcp = self.tcp_connect(host, port).await?;
+        let latency = started.elapsed();
+        let limit = self.timeouts.handshake;
+        let (banner, _) = tokio::time::timeout(limit, read_banner(&mut tcp))
+            .await
+            .map_err(|_| SshError::Timeout {
+                stage: Stage::Banner,
+                after: limit,
+            })??;
+        Ok((latency, banner))
+    }
+
+    /// Checks a server stage by stage without running anything: connect, banner, host key
+    /// (compared with `target.pinned`, never pinned here), and authentication, which is only
+    /// tried if the key matches or none is pinned.
+    pub async fn check(&self, target: Target<'_>) -> Check {
+        let mut check = Check::default();
+        let started = Instant::now();
+        let tcp = match self.tcp_connect(target.host, target.port).await {
+            Ok(tcp) => tcp,
+            Err(err) => {
+                check.error = Some(err);
+                return check;
+            }
+        };
+        check.connect_latency = Some(started.elapsed());
+        let (banner, handle, presented) = match self.handshake(tcp, None).await {
+            Ok(parts) => parts,
+            Err(err) => {
+                check.error = Some(err);
+                return check;
+            }
+        };
+        check.banner = Some(banner.clone());
+        check.host_key = Some(presented.clone());
+        if let Some(pinned) = target.pinned
+            && *pinned != presented
+        {
+            check.error = Some(SshError::HostKeyMismatch {
+                pinned: pinned.clone(),
+                presented,
+            });
+            return check;
+        }
+        let mut connection = Connection {
+            handle,
+            host_key: presented,
+            banner,
+            connect_latency: check.connect_latency.unwrap_or_default(),
+            timeouts: self.timeouts,
+            output_cap: self.output_cap,
+        };
+        match connection.authenticate(target.user, &self.keys).await {
+            Ok(()) => check.authenticated = true,
+            Err(err) => check.error = Some(err),
+        }
+        connection.close().await;
+        check
     }
 
     async fn tcp_connect(&self, host: &str, port: u16) -> Result<TcpStream, SshError> {

@@ -761,3 +761,103 @@ impl Store {
         Ok(out)
     }
 }
+
+impl Store {
+    /// True if any job waiting for this server asked to force past a backoff.
+    pub async fn forced(&self, server_id: i64) -> Result<bool, sqlx::Error> {
+        Ok(self
+            .db
+            .fetch_optional(
+                "SELECT COUNT(*) FROM sync_job_servers js JOIN sync_jobs j ON j.id = js.job_id \
+                 WHERE js.server_id = ? AND js.outcome IS NULL AND j.force_offline <> 0",
+                &[server_id.into()],
+            )
+            .await?
+            .map(|r| r.int(0))
+            .transpose()?
+            .unwrap_or(0)
+            > 0)
+    }
+
+    /// Offline servers whose backoff has ended (by the database's clock), not leased.
+    pub async fn due_offline(&self, limit: i64) -> Result<Vec<super::ServerRecord>, sqlx::Error> {
+        let now = now_ms_sql(self.backend());
+        let ids: Vec<i64> = self
+            .db
+            .fetch(
+                &format!(
+                    "SELECT s.id FROM servers s LEFT JOIN server_leases l ON l.server_id = s.id \
+                     WHERE s.reachability = 'offline' AND s.next_probe_at <= {now} \
+                     AND (l.holder IS NULL OR l.expires_at < {now}) ORDER BY s.next_probe_at LIMIT ?"
+                ),
+                &[limit.into()],
+            )
+            .await?
+            .iter()
+            .map(|r| r.int(0))
+            .collect::<Result<_, _>>()?;
+        let mut servers = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(server) = self.server(id).await? {
+                servers.push(server);
+            }
+        }
+        Ok(servers)
+    }
+
+    /// Records a reachability probe (fenced like a run) and releases the lease: back online
+    /// (`next_probe_at` `None`) or one more failure with the next probe time. False if the
+    /// lease was lost.
+    pub async fn record_probe(
+        &self,
+        server_id: i64,
+        holder: &str,
+        token: i64,
+        next_probe_at: Option<i64>,
+    ) -> Result<bool, sqlx::Error> {
+        let lock = if self.backend() == Backend::Sqlite {
+            ""
+        } else {
+            " FOR UPDATE"
+        };
+        let mut tx = self.db.begin().await?;
+        let lease = tx
+            .fetch_optional(
+                &format!("SELECT token, holder FROM server_leases WHERE server_id = ?{lock}"),
+                &[server_id.into()],
+            )
+            .await?;
+        let ours = match &lease {
+            Some(row) => row.int(0)? == token && row.opt_text(1)?.as_deref() == Some(holder),
+            None => false,
+        };
+        if !ours {
+            return Ok(false);
+        }
+        match next_probe_at {
+            None => {
+                tx.execute(
+                    "UPDATE servers SET reachability = 'online', last_seen_at = ?, \
+                     consecutive_failures = 0, next_probe_at = NULL WHERE id = ?",
+                    &[crate::now_ms().into(), server_id.into()],
+                )
+                .await?
+            }
+            Some(next) => {
+                tx.execute(
+                    "UPDATE servers SET consecutive_failures = consecutive_failures + 1, \
+                     next_probe_at = ? WHERE id = ?",
+                    &[next.into(), server_id.into()],
+                )
+                .await?
+            }
+        };
+        tx.execute(
+            "UPDATE server_leases SET holder = NULL, expires_at = NULL WHERE server_id = ? AND token = ?",
+            &[server_id.into(), token.into()],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+}

@@ -1,0 +1,296 @@
+//! Offline tracking against real sshd processes: backoff, skipping, probing on schedule,
+//! recovery, forced syncs, and `CheckConnection`.
+
+use std::time::{Duration, Instant};
+
+use fleetsync_common::proto::sync::v1::{
+    self as pb, CheckConnectionRequest, DatabaseService, GetServerRequest, HostKeyCheck, Outcome,
+    ServerSpec, StartSyncRequest, UnreachableCause, UpsertServerRequest, fleet_client::FleetClient,
+    sync_agent_client::SyncAgentClient, sync_event,
+};
+use fleetsync_sync_agent::ssh::{DEFAULT_OUTPUT_CAP, Timeouts};
+use fleetsync_tests::{SshFleet, TestAgent, TestDb, catalog::count, fleet::SSH_USER};
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+fn timeouts() -> Timeouts {
+    Timeouts {
+        connect: Duration::from_secs(2),
+        handshake: Duration::from_secs(2),
+        auth: Duration::from_secs(2),
+        command: Duration::from_secs(10),
+    }
+}
+
+async fn sync_all(client: &mut SyncAgentClient<Channel>, force: bool) -> Vec<pb::ServerOutcome> {
+    let stream = client
+        .sync(StartSyncRequest {
+            all_servers: true,
+            force,
+            ..Default::default()
+        })
+        .await
+        .expect("sync")
+        .into_inner();
+    let events: Vec<_> = tokio::time::timeout(
+        Duration::from_secs(20),
+        stream.map(|e| e.expect("event")).collect::<Vec<_>>(),
+    )
+    .await
+    .expect("job ends");
+    events
+        .into_iter()
+        .filter_map(|e| match e.event {
+            Some(sync_event::Event::Outcome(o)) => Some(o),
+            _ => None,
+        })
+        .collect()
+}
+
+async fn server(fleet: &mut FleetClient<Channel>, id: i64) -> pb::Server {
+    fleet
+        .get_server(GetServerRequest { id })
+        .await
+        .expect("get")
+        .into_inner()
+        .server
+        .expect("server")
+}
+
+fn ms(t: Option<&prost_types::Timestamp>) -> i64 {
+    let t = t.expect("timestamp");
+    t.seconds * 1000 + i64::from(t.nanos) / 1_000_000
+}
+
+#[tokio::test]
+async fn an_offline_server_is_skipped_probed_on_schedule_and_synced_when_back() {
+    let fleet = SshFleet::start(2).await;
+    let db = TestDb::sqlite().await;
+    let agent = TestAgent::spawn(db.url(), fleet.client(timeouts(), DEFAULT_OUTPUT_CAP)).await;
+    let (mut fleet_api, mut sync_api) = (agent.fleet(), agent.sync());
+    let mut ids = Vec::new();
+    for (i, host) in fleet.hosts().iter().enumerate() {
+        let r = fleet_api
+            .upsert_server(UpsertServerRequest {
+                id: 0,
+                spec: Some(ServerSpec {
+                    name: format!("h{i}"),
+                    ip: host.addr().to_string(),
+                    port: u32::from(host.port()),
+                    ssh_user: SSH_USER.into(),
+                    database_service: DatabaseService::Mariadb as i32,
+                    ..Default::default()
+                }),
+            })
+            .await
+            .expect("register")
+            .into_inner();
+        ids.push(r.server.expect("server").id);
+    }
+    let (up, down) = (ids[0], ids[1]);
+    assert!(
+        sync_all(&mut sync_api, false)
+            .await
+            .iter()
+            .all(|o| o.outcome() == Outcome::Ok)
+    );
+
+    // Taken offline: the next bulk sync tries, fails, and schedules a probe.
+    fleet.host(1).stop();
+    let before = fleetsync_sync_agent::now_ms();
+    let outcomes = sync_all(&mut sync_api, false).await;
+    let failed = outcomes
+        .iter()
+        .find(|o| o.server_id == down)
+        .expect("outcome");
+    assert_eq!(
+        (failed.outcome(), failed.cause()),
+        (Outcome::Unreachable, UnreachableCause::Refused)
+    );
+    let next = ms(failed.next_probe_at.as_ref());
+    // Backoff 1 s ±20%.
+    assert!(
+        next >= before + 800 && next <= fleetsync_sync_agent::now_ms() + 1200,
+        "next probe {next}, now {before}"
+    );
+    let s = server(&mut fleet_api, down).await;
+    assert_eq!(
+        (s.reachability(), s.consecutive_failures),
+        (pb::Reachability::Offline, 1)
+    );
+
+    // Bulk syncs while it is in backoff skip it, with its next probe time, without connecting.
+    for _ in 0..3 {
+        let outcomes = sync_all(&mut sync_api, false).await;
+        let skipped = outcomes
+            .iter()
+            .find(|o| o.server_id == down)
+            .expect("outcome");
+        if fleetsync_sync_agent::now_ms() < next - 100 {
+            assert_eq!(
+                skipped.outcome(),
+                Outcome::SkippedOffline,
+                "{}",
+                skipped.message
+            );
+            assert_eq!(ms(skipped.next_probe_at.as_ref()), next);
+            assert_eq!(skipped.duration.as_ref().map_or(0, |d| d.seconds), 0);
+        }
+        assert_eq!(
+            outcomes
+                .iter()
+                .find(|o| o.server_id == up)
+                .map(|o| o.outcome()),
+            Some(Outcome::Ok)
+        );
+    }
+
+    // Probed on schedule, not on every sync: after a few seconds of probes with backoff, the
+    // failures grow by the schedule (1 s, 2 s, 4 s: about three), not by the syncs.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let failures = server(&mut fleet_api, down).await.consecutive_failures;
+    assert!(
+        (2..=4).contains(&failures),
+        "{failures} failures after 3.5 s of backoff"
+    );
+
+    // A forced sync tries it right away.
+    let forced = sync_all(&mut sync_api, true).await;
+    assert_eq!(
+        forced
+            .iter()
+            .find(|o| o.server_id == down)
+            .map(|o| o.outcome()),
+        Some(Outcome::Unreachable)
+    );
+
+    // Back up: the probe finds it and a recovery sync runs, within the backoff (at most 4 s
+    // +20%) plus one probe interval.
+    fleet.host(1).start().await;
+    let back = Instant::now();
+    let conn = db.connect().await;
+    loop {
+        let s = server(&mut fleet_api, down).await;
+        let recovered = count(
+            &conn,
+            "SELECT COUNT(*) FROM sync_jobs WHERE origin = 'recovery'",
+        )
+        .await;
+        if s.reachability() == pb::Reachability::Online
+            && recovered == 1
+            && s.last_outcome.as_ref().map(|o| o.outcome()) == Some(Outcome::Ok)
+        {
+            assert_eq!(s.consecutive_failures, 0);
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(7),
+            "not synced {:?} after it came back: {s:?}",
+            back.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    agent.service.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn check_connection_reports_each_stage() {
+    let fleet = SshFleet::start(2).await;
+    let db = TestDb::postgres().await;
+    let agent = TestAgent::spawn(db.url(), fleet.client(timeouts(), DEFAULT_OUTPUT_CAP)).await;
+    let (mut fleet_api, mut sync_api) = (agent.fleet(), agent.sync());
+    let mut ids = Vec::new();
+    for (i, host) in fleet.hosts().iter().enumerate() {
+        let r = fleet_api
+            .upsert_server(UpsertServerRequest {
+                id: 0,
+                spec: Some(ServerSpec {
+                    name: format!("c{i}"),
+                    ip: host.addr().to_string(),
+                    port: u32::from(host.port()),
+                    ssh_user: SSH_USER.into(),
+                    database_service: DatabaseService::None as i32,
+                    ..Default::default()
+                }),
+            })
+            .await
+            .expect("register")
+            .into_inner();
+        ids.push(r.server.expect("server").id);
+    }
+    let check = |id| {
+        let mut client = sync_api.clone();
+        async move {
+            client
+                .check_connection(CheckConnectionRequest { server_id: id })
+                .await
+                .expect("check")
+                .into_inner()
+        }
+    };
+    let fresh = check(ids[0]).await;
+    assert_eq!(fresh.outcome(), Outcome::Ok, "{}", fresh.message);
+    assert!(
+        fresh.authenticated && fresh.banner.starts_with("SSH-2.0-OpenSSH"),
+        "{fresh:?}"
+    );
+    assert_eq!(fresh.host_key_check(), HostKeyCheck::NotPinned);
+    assert_eq!(
+        fresh.host_key_fingerprint,
+        fleet.host(0).host_key().fingerprint
+    );
+    assert!(fresh.connect_latency.is_some());
+    // The check never pins; a sync does (even of a server without a database service? no: it is
+    // skipped without connecting), so pin by syncing a server that has one.
+    let s = server(&mut fleet_api, ids[0]).await;
+    assert!(s.host_key.is_none(), "a check does not pin");
+
+    fleet.host(1).stop();
+    let down = check(ids[1]).await;
+    assert_eq!(
+        (down.outcome(), down.cause()),
+        (Outcome::Unreachable, UnreachableCause::Refused)
+    );
+    assert!(!down.authenticated && down.banner.is_empty());
+
+    // Pinned by a sync, then the key changes: the check says so and does not log in.
+    fleet_api
+        .upsert_server(UpsertServerRequest {
+            id: ids[0],
+            spec: Some(ServerSpec {
+                name: "c0".into(),
+                ip: fleet.host(0).addr().to_string(),
+                port: u32::from(fleet.host(0).port()),
+                ssh_user: SSH_USER.into(),
+                database_service: DatabaseService::Mariadb as i32,
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("update");
+    let synced = sync_api
+        .clone()
+        .sync(StartSyncRequest {
+            server_ids: vec![ids[0]],
+            ..Default::default()
+        })
+        .await
+        .expect("sync")
+        .into_inner()
+        .collect::<Vec<_>>()
+        .await;
+    assert!(!synced.is_empty());
+    assert_eq!(check(ids[0]).await.host_key_check(), HostKeyCheck::Match);
+    fleet.host(0).rotate_host_key().await;
+    let changed = check(ids[0]).await;
+    assert_eq!(changed.outcome(), Outcome::HostKeyMismatch);
+    assert_eq!(changed.host_key_check(), HostKeyCheck::Mismatch);
+    assert!(!changed.authenticated);
+
+    let status = sync_api
+        .check_connection(CheckConnectionRequest { server_id: 777 })
+        .await
+        .expect_err("unknown");
+    assert_eq!(status.code(), tonic::Code::NotFound);
+    agent.service.stop().await.expect("clean stop");
+}
