@@ -10,6 +10,7 @@ pub mod migrator;
 pub mod netns;
 pub mod process;
 pub mod services;
+pub mod tls;
 
 pub use db::TestDb;
 pub use fleet::{SshFleet, SshHost};

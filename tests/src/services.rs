@@ -130,6 +130,7 @@ impl TestAgent {
             shutdown_grace: Duration::from_secs(1),
             ssh,
             runner,
+            security: Default::default(),
         };
         let service = Running::spawn(move |listener, shutdown| {
             fleetsync_sync_agent::run(config, listener, shutdown)
@@ -163,6 +164,7 @@ impl TestMigrator {
             database_url: database_url.to_owned(),
             shutdown_grace: Duration::from_secs(1),
             lock_timeout: Duration::from_secs(60),
+            security: Default::default(),
         };
         let service = Running::spawn(move |listener, shutdown| {
             fleetsync_migrator::run(config, listener, shutdown)

@@ -22,6 +22,27 @@ pub struct CommonArgs {
     pub log_format: LogFormatArg,
 }
 
+/// Who may call a gRPC server: bearer token and TLS.
+#[derive(Debug, Clone, Args)]
+pub struct SecurityArgs {
+    /// File holding a bearer token every RPC but health must present (`authorization: Bearer
+    /// TOKEN`). Without it, anyone who can reach the port can call every RPC.
+    #[arg(long, env = "FLEETSYNC_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<std::path::PathBuf>,
+
+    /// PEM certificate (chain) to serve TLS with; needs --tls-key.
+    #[arg(long, env = "FLEETSYNC_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "FLEETSYNC_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+
+    /// Listen beyond loopback without a token (refused otherwise).
+    #[arg(long, env = "FLEETSYNC_ALLOW_UNAUTHENTICATED")]
+    pub allow_unauthenticated: bool,
+}
+
 /// Log format as a command-line value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormatArg {

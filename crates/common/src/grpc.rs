@@ -1,13 +1,158 @@
 //! gRPC server scaffolding both services use: health, reflection (v1 and v1alpha, so that
 //! grpcurl 1.8 works as well as newer clients), and serving until shutdown.
 
-use std::time::Duration;
+use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Server, server::Router};
+use tonic::{
+    Request, Status,
+    service::interceptor::InterceptedService,
+    transport::{Identity, Server, ServerTlsConfig, server::Router},
+};
 use tonic_health::{ServingStatus, server::HealthReporter};
+
+use crate::cli::SecurityArgs;
+
+/// How a server is protected: an optional bearer token (every RPC but health) and optional TLS.
+#[derive(Clone, Default)]
+pub struct Security {
+    token: Option<Arc<str>>,
+    tls: Option<ServerTlsConfig>,
+}
+
+impl std::fmt::Debug for Security {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token itself.
+        f.debug_struct("Security")
+            .field("token", &self.token.is_some())
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+/// Why the security settings could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SecurityError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The token file is empty.
+    #[error("the token file {0} is empty")]
+    EmptyToken(String),
+    /// Listening beyond loopback without a token.
+    #[error(
+        "refusing to listen on {0} without --auth-token-file: anyone who can reach it could \
+         drive the fleet. Give a token, listen on loopback, or pass --allow-unauthenticated"
+    )]
+    Exposed(SocketAddr),
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, SecurityError> {
+    std::fs::read(path).map_err(|source| SecurityError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Reads a bearer token file (trimmed; empty is an error).
+pub fn read_token(path: &Path) -> Result<String, SecurityError> {
+    let token = String::from_utf8_lossy(&read(path)?).trim().to_owned();
+    if token.is_empty() {
+        return Err(SecurityError::EmptyToken(path.display().to_string()));
+    }
+    Ok(token)
+}
+
+impl Security {
+    /// Security from the command line, checked against the address the server will listen on.
+    pub fn from_args(args: &SecurityArgs, listen: SocketAddr) -> Result<Self, SecurityError> {
+        let token = args
+            .auth_token_file
+            .as_deref()
+            .map(read_token)
+            .transpose()?;
+        if token.is_none() && !listen.ip().is_loopback() && !args.allow_unauthenticated {
+            return Err(SecurityError::Exposed(listen));
+        }
+        let tls = match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => {
+                Some(ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?)))
+            }
+            _ => None,
+        };
+        Ok(Self {
+            token: token.map(Arc::from),
+            tls,
+        })
+    }
+
+    /// Only a token (tests).
+    pub fn with_token(token: &str) -> Self {
+        Self {
+            token: Some(Arc::from(token)),
+            tls: None,
+        }
+    }
+
+    /// True if a token is required.
+    pub fn has_token(&self) -> bool {
+        self.token.is_some()
+    }
+
+    /// The interceptor that checks the bearer token (or lets everything through without one).
+    pub fn interceptor(&self) -> Auth {
+        Auth {
+            token: self.token.clone(),
+        }
+    }
+
+    /// Wraps a service in the token check.
+    pub fn protect<S>(&self, service: S) -> InterceptedService<S, Auth> {
+        InterceptedService::new(service, self.interceptor())
+    }
+}
+
+/// Checks `authorization: Bearer TOKEN` in constant time.
+#[derive(Clone)]
+pub struct Auth {
+    token: Option<Arc<str>>,
+}
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(expected) = &self.token else {
+            return Ok(request);
+        };
+        let given = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+            Ok(request)
+        } else {
+            Err(Status::unauthenticated(
+                "missing or wrong bearer token (send `authorization: Bearer TOKEN`)",
+            ))
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
 
 /// The health statuses of one server: the whole server (`""`) and each named service.
 #[derive(Clone, Debug)]
@@ -44,6 +189,7 @@ impl Health {
 pub async fn base_router(
     services: &[&'static str],
     descriptor_set: &'static [u8],
+    security: &Security,
 ) -> Result<(Router, Health), BuildError> {
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let health = Health {
@@ -61,12 +207,17 @@ pub async fn base_router(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let router = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = &security.tls {
+        builder = builder.tls_config(tls.clone()).map_err(BuildError::Tls)?;
+    }
+    // Health answers everyone (load balancers, orchestrators); reflection needs the token.
+    let router = builder
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha);
+        .add_service(security.protect(reflection_v1))
+        .add_service(security.protect(reflection_v1alpha));
     Ok((router, health))
 }
 
@@ -103,5 +254,69 @@ pub async fn serve(
     }
 }
 
-/// The reflection service could not be built from the descriptor sets (a build bug).
-pub type BuildError = tonic_reflection::server::Error;
+/// The server could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The reflection service could not be built from the descriptor sets (a build bug).
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The TLS certificate or key is unusable.
+    #[error("TLS: {0}")]
+    Tls(tonic::transport::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::service::Interceptor;
+
+    #[test]
+    fn token_check() {
+        let mut auth = Security::with_token("s3cret").interceptor();
+        let mut request = Request::new(());
+        assert_eq!(
+            auth.call(Request::new(())).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+        request
+            .metadata_mut()
+            .insert("authorization", "Bearer s3cret".parse().unwrap());
+        assert!(auth.call(request).is_ok());
+        let mut wrong = Request::new(());
+        wrong
+            .metadata_mut()
+            .insert("authorization", "Bearer s3cres".parse().unwrap());
+        assert!(auth.call(wrong).is_err());
+        assert!(
+            Security::default()
+                .interceptor()
+                .call(Request::new(()))
+                .is_ok()
+        );
+        assert!(format!("{:?}", Security::with_token("s3cret")).contains("token: true"));
+        assert!(!format!("{:?}", Security::with_token("s3cret")).contains("s3cret"));
+    }
+
+    #[test]
+    fn exposure_needs_a_token() {
+        let args = SecurityArgs {
+            auth_token_file: None,
+            tls_cert: None,
+            tls_key: None,
+            allow_unauthenticated: false,
+        };
+        let err = Security::from_args(&args, "0.0.0.0:50051".parse().unwrap()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("refusing to listen on 0.0.0.0:50051"),
+            "{err}"
+        );
+        assert!(Security::from_args(&args, "127.0.0.1:50051".parse().unwrap()).is_ok());
+        assert!(Security::from_args(&args, "[::1]:50051".parse().unwrap()).is_ok());
+        let allowed = SecurityArgs {
+            allow_unauthenticated: true,
+            ..args
+        };
+        assert!(Security::from_args(&allowed, "0.0.0.0:50051".parse().unwrap()).is_ok());
+    }
+}

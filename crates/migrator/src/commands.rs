@@ -216,9 +216,23 @@ pub async fn migrate(db: Db, args: &MigrateArgs) -> anyhow::Result<ExitCode> {
     let dispatches = if args.no_dispatch {
         Vec::new()
     } else {
+        let token = args
+            .agent_token_file
+            .as_deref()
+            .map(fleetsync_common::grpc::read_token)
+            .transpose()?;
+        let ca_pem = match &args.agent_ca {
+            Some(path) => Some(
+                std::fs::read(path)
+                    .map_err(|err| anyhow::anyhow!("cannot read {}: {err}", path.display()))?,
+            ),
+            None => None,
+        };
         let agent = AgentTarget {
             url: args.agent_url.clone(),
             timeout: args.agent_timeout.into(),
+            token,
+            ca_pem,
         };
         match dispatch_pending(&db, &agent).await {
             Ok(dispatches) => dispatches,

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use fleetsync_common::cli::CommonArgs;
+use fleetsync_common::cli::{CommonArgs, SecurityArgs};
 
 /// The fleetsync migrator: applies the control-plane schema atomically and retryably, and never
 /// connects to a managed server.
@@ -88,6 +88,15 @@ pub struct MigrateArgs {
     #[arg(long, env = "FLEETSYNC_AGENT_TIMEOUT", default_value = "2s")]
     pub agent_timeout: humantime::Duration,
 
+    /// File holding the agent's bearer token, if it requires one.
+    #[arg(long, env = "FLEETSYNC_AGENT_TOKEN_FILE")]
+    pub agent_token_file: Option<std::path::PathBuf>,
+
+    /// PEM certificate of the authority that signed the agent's TLS certificate (for an
+    /// `https://` agent URL with a private CA).
+    #[arg(long, env = "FLEETSYNC_AGENT_CA")]
+    pub agent_ca: Option<std::path::PathBuf>,
+
     /// Record sync requests but do not contact the agent (it picks them up itself).
     #[arg(long, env = "FLEETSYNC_NO_DISPATCH")]
     pub no_dispatch: bool,
@@ -115,6 +124,9 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub common: CommonArgs,
+
+    #[command(flatten)]
+    pub security: SecurityArgs,
 
     /// Longest wait for another migrator holding the migration lock.
     #[arg(long, env = "FLEETSYNC_LOCK_TIMEOUT", default_value = "60s")]

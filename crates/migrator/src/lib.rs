@@ -30,6 +30,8 @@ pub struct Config {
     pub shutdown_grace: std::time::Duration,
     /// Longest wait for another migrator's lock.
     pub lock_timeout: std::time::Duration,
+    /// Bearer token and TLS.
+    pub security: grpc::Security,
 }
 
 /// Serves the `Migrator` service on `listener` until `shutdown` is cancelled.
@@ -45,12 +47,12 @@ pub async fn run(
     let (router, health) = grpc::base_router(
         &[MigratorServer::<MigratorService>::NAME],
         MIGRATOR_DESCRIPTOR_SET,
+        &config.security,
     )
     .await
     .context("building the gRPC server")?;
-    let router = router.add_service(MigratorServer::new(MigratorService::new(
-        db.clone(),
-        config.lock_timeout,
+    let router = router.add_service(config.security.protect(MigratorServer::new(
+        MigratorService::new(db.clone(), config.lock_timeout),
     )));
 
     db.ping()

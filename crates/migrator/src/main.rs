@@ -27,6 +27,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => {
             telemetry::init(args.common.log_format.into());
+            let security =
+                fleetsync_common::grpc::Security::from_args(&args.security, args.listen)?;
             let listener = tokio::net::TcpListener::bind(args.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -35,6 +37,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 database_url: args.common.database_url,
                 shutdown_grace: args.common.shutdown_grace.into(),
                 lock_timeout: args.lock_timeout.into(),
+                security,
             };
             fleetsync_migrator::run(config, listener, shutdown).await?;
             Ok(ExitCode::SUCCESS)

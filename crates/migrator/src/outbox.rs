@@ -9,7 +9,7 @@ use fleetsync_common::{
     proto::sync::v1::{StartSyncRequest, SyncScope, sync_agent_client::SyncAgentClient},
     sql::Value,
 };
-use tonic::transport::Endpoint;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 use crate::{
     conn::{self, Conn, OUTBOX_TABLE},
@@ -23,6 +23,10 @@ pub struct AgentTarget {
     pub url: String,
     /// Deadline for the whole hand-over (connect included).
     pub timeout: Duration,
+    /// Bearer token the agent requires, if any.
+    pub token: Option<String>,
+    /// PEM of the CA that signed the agent's certificate, for a private CA.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 /// What became of one pending request.
@@ -133,12 +137,28 @@ async fn hand_over(pending: &[Pending], agent: &AgentTarget) -> Vec<Dispatch> {
             })
             .collect::<Vec<_>>()
     };
-    let endpoint = match Endpoint::from_shared(agent.url.clone()) {
+    let mut endpoint = match Endpoint::from_shared(agent.url.clone()) {
         Ok(endpoint) => endpoint
             .connect_timeout(agent.timeout)
             .timeout(agent.timeout),
         Err(err) => return failed_all(format!("invalid agent URL {}: {err}", agent.url)),
     };
+    if agent.url.starts_with("https://") || agent.ca_pem.is_some() {
+        let mut tls = ClientTlsConfig::new();
+        if let Some(ca) = &agent.ca_pem {
+            tls = tls.ca_certificate(Certificate::from_pem(ca));
+        }
+        endpoint = match endpoint.tls_config(tls) {
+            Ok(endpoint) => endpoint,
+            Err(err) => {
+                return failed_all(format!(
+                    "TLS settings for {}: {}",
+                    agent.url,
+                    error_chain(&err)
+                ));
+            }
+        };
+    }
     let channel = match endpoint.connect().await {
         Ok(channel) => channel,
         Err(err) => {
@@ -149,7 +169,22 @@ async fn hand_over(pending: &[Pending], agent: &AgentTarget) -> Vec<Dispatch> {
             ));
         }
     };
-    let mut client = SyncAgentClient::new(channel);
+    let token = match agent.token.as_deref().map(|t| {
+        format!("Bearer {t}").parse::<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>()
+    }) {
+        Some(Ok(value)) => Some(value),
+        Some(Err(_)) => return failed_all("the agent token is not a valid header value".into()),
+        None => None,
+    };
+    let mut client =
+        SyncAgentClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
+            if let Some(value) = &token {
+                request
+                    .metadata_mut()
+                    .insert("authorization", value.clone());
+            }
+            Ok(request)
+        });
     let mut results = Vec::with_capacity(pending.len());
     for request in pending {
         let scopes = request

@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand};
-use fleetsync_common::cli::CommonArgs;
+use fleetsync_common::cli::{CommonArgs, SecurityArgs};
 
 use crate::ssh::{DEFAULT_OUTPUT_CAP, Timeouts};
 
@@ -55,6 +55,9 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub common: CommonArgs,
+
+    #[command(flatten)]
+    pub security: SecurityArgs,
 
     #[command(flatten)]
     pub ssh: SshArgs,

@@ -45,6 +45,8 @@ pub struct Config {
     pub ssh: SshClient,
     /// Scheduler settings.
     pub runner: RunnerConfig,
+    /// Bearer token and TLS.
+    pub security: grpc::Security,
 }
 
 /// Runs the agent on `listener` until `shutdown` is cancelled.
@@ -82,12 +84,14 @@ pub async fn run(
             FleetServer::<FleetService>::NAME,
         ],
         SYNC_DESCRIPTOR_SET,
+        &config.security,
     )
     .await
     .context("building the gRPC server")?;
+    let security = &config.security;
     let router = router
-        .add_service(SyncAgentServer::new(SyncAgentService::new(state.clone())))
-        .add_service(FleetServer::new(FleetService::new(state)));
+        .add_service(security.protect(SyncAgentServer::new(SyncAgentService::new(state.clone()))))
+        .add_service(security.protect(FleetServer::new(FleetService::new(state))));
 
     let scheduler = tokio::spawn(runner.run());
     health.serving().await;
@@ -129,7 +133,9 @@ pub fn config_from_args(args: &config::ServeArgs) -> anyhow::Result<Config> {
         tracing::info!(keys = ?keys.fingerprints(), "loaded ssh keys");
         keys
     };
+    let security = grpc::Security::from_args(&args.security, args.listen)?;
     Ok(Config {
+        security,
         database_url: args.common.database_url.clone(),
         shutdown_grace: args.common.shutdown_grace.into(),
         ssh: SshClient::new(args.ssh.timeouts(), args.ssh.output_cap, keys),

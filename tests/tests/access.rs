@@ -1,0 +1,240 @@
+//! Access control on the agent (and the migrator's client of it): bearer token on every RPC
+//! but health, TLS, and no unauthenticated listening beyond loopback.
+
+use std::{path::Path, process::Command};
+
+use fleetsync_common::proto::sync::v1::{ListServersRequest, fleet_client::FleetClient};
+use fleetsync_tests::{
+    TestDb,
+    migrator::migrator,
+    process::bin_path,
+    services::{ServeProcess, migrate},
+    tls::TestTls,
+};
+use tonic::{
+    Code,
+    transport::{Certificate, Channel, ClientTlsConfig},
+};
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+fn grpcurl(args: &[&str]) -> std::process::Output {
+    let program = std::env::var("FLEETSYNC_GRPCURL").unwrap_or_else(|_| "grpcurl".into());
+    Command::new(&program)
+        .args(args)
+        .output()
+        .expect("run grpcurl (`just setup`)")
+}
+
+fn write_token(dir: &Path) -> String {
+    let path = dir.join("token");
+    std::fs::write(&path, "s3cret-token\n").expect("write token");
+    path.to_str().expect("utf-8").to_owned()
+}
+
+#[tokio::test]
+async fn without_the_token_every_rpc_but_health_is_unauthenticated() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = TestDb::sqlite().await;
+    migrate(db.url()).await;
+    let token = write_token(dir.path());
+    let agent = ServeProcess::start(
+        "sync-agent",
+        &["--database-url", db.url(), "--auth-token-file", &token],
+        dir.path(),
+    );
+    let channel = fleetsync_tests::services::connect(agent.addr).await;
+
+    // Health answers anyone.
+    let health = HealthClient::new(channel.clone())
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health without a token")
+        .into_inner();
+    assert_eq!(health.status, 1);
+
+    let err = FleetClient::new(channel.clone())
+        .list_servers(ListServersRequest::default())
+        .await
+        .expect_err("no token");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let mut wrong = tonic::Request::new(ListServersRequest::default());
+    wrong
+        .metadata_mut()
+        .insert("authorization", "Bearer nope".parse().expect("header"));
+    assert_eq!(
+        FleetClient::new(channel.clone())
+            .list_servers(wrong)
+            .await
+            .expect_err("wrong")
+            .code(),
+        Code::Unauthenticated
+    );
+    let mut right = tonic::Request::new(ListServersRequest::default());
+    right.metadata_mut().insert(
+        "authorization",
+        "Bearer s3cret-token".parse().expect("header"),
+    );
+    FleetClient::new(channel)
+        .list_servers(right)
+        .await
+        .expect("the right token");
+
+    // Reflection too: grpcurl needs the header.
+    let addr = agent.addr.to_string();
+    let denied = grpcurl(&["-plaintext", &addr, "list"]);
+    assert!(!denied.status.success());
+    assert!(
+        String::from_utf8_lossy(&denied.stderr).contains("Unauthenticated"),
+        "{}",
+        String::from_utf8_lossy(&denied.stderr)
+    );
+    let allowed = grpcurl(&[
+        "-plaintext",
+        "-H",
+        "authorization: Bearer s3cret-token",
+        &addr,
+        "list",
+    ]);
+    assert!(
+        allowed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&allowed.stderr)
+    );
+    assert!(String::from_utf8_lossy(&allowed.stdout).contains("fleetsync.sync.v1.Fleet"));
+    assert!(
+        !agent.log().contains("s3cret-token"),
+        "the token must never be logged"
+    );
+}
+
+#[tokio::test]
+async fn with_tls_plaintext_fails_and_the_ca_works() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let tls = TestTls::create(dir.path());
+    let db = TestDb::sqlite().await;
+    migrate(db.url()).await;
+    let token = write_token(dir.path());
+    let agent = ServeProcess::start(
+        "sync-agent",
+        &[
+            "--database-url",
+            db.url(),
+            "--auth-token-file",
+            &token,
+            "--tls-cert",
+            tls.cert.to_str().expect("utf-8"),
+            "--tls-key",
+            tls.key.to_str().expect("utf-8"),
+        ],
+        dir.path(),
+    );
+    let addr = agent.addr.to_string();
+    let auth = "authorization: Bearer s3cret-token";
+    let plain = grpcurl(&[
+        "-plaintext",
+        "-H",
+        auth,
+        &addr,
+        "grpc.health.v1.Health/Check",
+    ]);
+    assert!(!plain.status.success(), "plaintext must fail against TLS");
+    let ca_path = tls.ca.to_str().expect("utf-8");
+    let secure = grpcurl(&[
+        "-cacert",
+        ca_path,
+        "-H",
+        auth,
+        &addr,
+        "grpc.health.v1.Health/Check",
+    ]);
+    assert!(
+        secure.status.success(),
+        "{}",
+        String::from_utf8_lossy(&secure.stderr)
+    );
+    assert!(String::from_utf8_lossy(&secure.stdout).contains("SERVING"));
+    let untrusted = grpcurl(&["-H", auth, &addr, "grpc.health.v1.Health/Check"]);
+    assert!(
+        !untrusted.status.success(),
+        "a certificate from an unknown CA must be refused"
+    );
+
+    // A typed client with the CA.
+    let ca = std::fs::read(&tls.ca).expect("read ca");
+    let channel = Channel::from_shared(format!("https://{addr}"))
+        .expect("uri")
+        .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)))
+        .expect("tls")
+        .connect()
+        .await
+        .expect("connect over TLS");
+    let mut request = tonic::Request::new(ListServersRequest::default());
+    request.metadata_mut().insert(
+        "authorization",
+        "Bearer s3cret-token".parse().expect("header"),
+    );
+    FleetClient::new(channel)
+        .list_servers(request)
+        .await
+        .expect("list over TLS");
+
+    // The migrator hands its request over through TLS with the token.
+    let run = migrator(
+        db.url(),
+        &[
+            "migrate",
+            "--agent-url",
+            &format!("https://{addr}"),
+            "--agent-ca",
+            tls.ca.to_str().expect("utf-8"),
+            "--agent-token-file",
+            &token,
+        ],
+    )
+    .await;
+    assert_eq!(run.code(), 0, "{}", run.stderr);
+    assert!(
+        !run.stderr.contains("stays pending"),
+        "{}{}",
+        run.stdout,
+        run.stderr
+    );
+    // Without the token it stays pending, with a clear reason, and still exits 0.
+    let conn = db.connect().await;
+    fleetsync_tests::catalog::execute(&conn, "UPDATE sync_requests SET state = 'pending'").await;
+    let run = migrator(
+        db.url(),
+        &[
+            "migrate",
+            "--agent-url",
+            &format!("https://{addr}"),
+            "--agent-ca",
+            tls.ca.to_str().expect("utf-8"),
+        ],
+    )
+    .await;
+    assert_eq!(run.code(), 0);
+    assert!(run.stderr.contains("Unauthenticated"), "{}", run.stderr);
+}
+
+#[test]
+fn listening_beyond_loopback_without_a_token_is_refused() {
+    let output = Command::new(bin_path("sync-agent"))
+        .args([
+            "serve",
+            "--listen",
+            "0.0.0.0:0",
+            "--database-url",
+            "sqlite:///nonexistent/never-opened.db",
+        ])
+        .output()
+        .expect("run");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("refusing to listen on 0.0.0.0:0 without --auth-token-file"),
+        "{stderr}"
+    );
+}
