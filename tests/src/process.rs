@@ -45,12 +45,12 @@ pub fn pid_alive(pid: u32) -> bool {
 
 /// Path of a binary of this workspace (`sync-agent`, `migrator`), built by `cargo test`.
 pub fn bin_path(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current test executable");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("test executable lives in target/<profile>/deps");
+    let exe = std::env::current_exe().expect("current executable");
+    // Tests live in target/<profile>/deps/, binaries (the demo) in target/<profile>/.
+    let mut dir = exe.parent().expect("executable has a directory");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target/<profile>");
+    }
     let path = dir.join(name);
     assert!(
         path.exists(),

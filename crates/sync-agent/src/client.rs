@@ -1,19 +1,478 @@
-//! Operator commands of the agent binary that talk to a running agent over gRPC.
+//! Operator commands of the agent binary, for people without grpcurl: they talk to a running
+//! agent over gRPC (token and TLS as configured), print tables and a live progress bar, or JSON.
+
+use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::Context;
-use fleetsync_common::proto::sync::v1::{ResetHostKeyRequest, fleet_client::FleetClient};
+use fleetsync_common::proto::sync::v1::{
+    self as pb, CheckConnectionRequest, GetSyncJobRequest, ListServersRequest, ResetHostKeyRequest,
+    StartSyncRequest, WatchSyncRequest, fleet_client::FleetClient,
+    sync_agent_client::SyncAgentClient, sync_event,
+};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{Value, json};
+use tokio_stream::StreamExt;
+use tonic::{
+    metadata::{Ascii, MetadataValue},
+    service::interceptor::InterceptedService,
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
+};
 
-use crate::config::ResetHostKeyArgs;
+use crate::config::{
+    AgentArgs, CheckArgs, JobArgs, Output, ResetHostKeyArgs, ServersArgs, SyncArgs,
+};
+
+type Authed = InterceptedService<Channel, Bearer>;
+
+/// Adds the bearer token, if any, to every call.
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+async fn connect(
+    args: &AgentArgs,
+) -> anyhow::Result<(SyncAgentClient<Authed>, FleetClient<Authed>)> {
+    let mut endpoint = Endpoint::from_shared(args.agent_url.clone())
+        .with_context(|| format!("invalid agent URL {}", args.agent_url))?
+        .connect_timeout(Duration::from_secs(5));
+    if args.agent_url.starts_with("https://") || args.agent_ca.is_some() {
+        let mut tls = ClientTlsConfig::new();
+        if let Some(ca) = &args.agent_ca {
+            let pem = std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
+            tls = tls.ca_certificate(Certificate::from_pem(pem));
+        }
+        endpoint = endpoint.tls_config(tls).context("TLS settings")?;
+    }
+    let channel = endpoint
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the sync-agent at {}", args.agent_url))?;
+    let token = match &args.agent_token_file {
+        Some(path) => {
+            let token = fleetsync_common::grpc::read_token(path)?;
+            Some(
+                format!("Bearer {token}")
+                    .parse()
+                    .context("the token is not a valid header value")?,
+            )
+        }
+        None => None,
+    };
+    let bearer = Bearer(token);
+    Ok((
+        SyncAgentClient::with_interceptor(channel.clone(), bearer.clone()),
+        FleetClient::with_interceptor(channel, bearer),
+    ))
+}
+
+fn status(err: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", err.code(), err.message())
+}
+
+fn short(name: &str, prefix: &str) -> String {
+    name.trim_start_matches(prefix).to_owned()
+}
+
+fn outcome_name(o: &pb::ServerOutcome) -> String {
+    let name = short(o.outcome().as_str_name(), "OUTCOME_");
+    match o.cause() {
+        pb::UnreachableCause::Unspecified => name,
+        cause => format!(
+            "{name} ({})",
+            short(cause.as_str_name(), "UNREACHABLE_CAUSE_").to_lowercase()
+        ),
+    }
+}
+
+fn millis(d: Option<&prost_types::Duration>) -> u64 {
+    d.map_or(0, |d| {
+        d.seconds.max(0) as u64 * 1000 + (d.nanos.max(0) as u64) / 1_000_000
+    })
+}
+
+fn time(t: Option<&prost_types::Timestamp>) -> String {
+    t.map(|t| crate::format_ms(t.seconds * 1000 + i64::from(t.nanos) / 1_000_000))
+        .unwrap_or_default()
+}
+
+fn outcome_json(o: &pb::ServerOutcome) -> Value {
+    json!({
+        "server_id": o.server_id,
+        "server": o.server_name,
+        "outcome": short(o.outcome().as_str_name(), "OUTCOME_"),
+        "cause": (o.cause() != pb::UnreachableCause::Unspecified)
+            .then(|| short(o.cause().as_str_name(), "UNREACHABLE_CAUSE_")),
+        "message": o.message,
+        "exit_status": (o.outcome() == pb::Outcome::CommandFailed).then_some(o.exit_status),
+        "duration_ms": millis(o.duration.as_ref()),
+        "next_probe_at": o.next_probe_at.as_ref().map(|t| time(Some(t))),
+        "counts": o.counts.map(|c| json!({
+            "databases_added": c.databases_added, "databases_updated": c.databases_updated,
+            "databases_gone": c.databases_gone, "users_added": c.users_added,
+            "users_updated": c.users_updated, "users_gone": c.users_gone, "charsets": c.charsets,
+        })),
+    })
+}
+
+fn summary_json(s: &pb::JobSummary) -> Value {
+    json!({
+        "job_id": s.job_id,
+        "request_id": s.request_id,
+        "origin": short(s.origin().as_str_name(), "JOB_ORIGIN_").to_lowercase(),
+        "state": short(s.state().as_str_name(), "JOB_STATE_").to_lowercase(),
+        "total": s.total,
+        "finished": s.finished,
+        "outcomes": s.outcome_counts.iter().map(|c| (short(c.outcome().as_str_name(), "OUTCOME_"), c.count)).collect::<BTreeMap<_, _>>(),
+        "created_at": time(s.created_at.as_ref()),
+        "finished_at": s.finished_at.as_ref().map(|t| time(Some(t))),
+        "duration_ms": s.duration.as_ref().map(|d| millis(Some(d))),
+    })
+}
+
+fn print_outcomes(outcomes: &[pb::ServerOutcome]) {
+    let width = outcomes
+        .iter()
+        .map(|o| o.server_name.chars().count())
+        .max()
+        .unwrap_or(6)
+        .max(6);
+    println!(
+        "{:<width$}  {:<30} {:>8}  DETAIL",
+        "SERVER", "OUTCOME", "TIME"
+    );
+    for o in outcomes {
+        let detail = match o.outcome() {
+            pb::Outcome::Ok => o
+                .counts
+                .map(|c| {
+                    format!(
+                        "{}; databases +{} ~{} -{}, users +{} ~{} -{}",
+                        o.message,
+                        c.databases_added,
+                        c.databases_updated,
+                        c.databases_gone,
+                        c.users_added,
+                        c.users_updated,
+                        c.users_gone
+                    )
+                })
+                .unwrap_or_else(|| o.message.clone()),
+            _ => o.message.replace('\n', " "),
+        };
+        println!(
+            "{:<width$}  {:<30} {:>6}ms  {}",
+            o.server_name,
+            outcome_name(o),
+            millis(o.duration.as_ref()),
+            detail
+        );
+    }
+}
+
+fn print_summary(s: &pb::JobSummary) {
+    let counts: Vec<String> = s
+        .outcome_counts
+        .iter()
+        .map(|c| {
+            format!(
+                "{} {}",
+                c.count,
+                short(c.outcome().as_str_name(), "OUTCOME_")
+            )
+        })
+        .collect();
+    println!(
+        "job {}: {} of {} server(s) finished in {} ms: {}",
+        s.job_id,
+        s.finished,
+        s.total,
+        s.duration.as_ref().map_or(0, |d| millis(Some(d))),
+        if counts.is_empty() {
+            "nothing to do".into()
+        } else {
+            counts.join(", ")
+        }
+    );
+}
+
+/// Follows a job's stream from the start, with a progress bar on a terminal.
+async fn follow(
+    client: &mut SyncAgentClient<Authed>,
+    job_id: &str,
+    total: u64,
+    output: Output,
+) -> anyhow::Result<(Vec<pb::ServerOutcome>, Option<pb::JobSummary>)> {
+    let bar = if output == Output::Human {
+        let bar = ProgressBar::new(total);
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} servers {msg}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        bar.enable_steady_tick(Duration::from_millis(120));
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    let mut stream = client
+        .watch_sync(WatchSyncRequest {
+            job_id: job_id.into(),
+            cursor: 0,
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let mut outcomes = Vec::new();
+    let mut summary = None;
+    while let Some(event) = stream.next().await {
+        match event.map_err(status)?.event {
+            Some(sync_event::Event::Outcome(o)) => {
+                bar.set_message(format!("{}: {}", o.server_name, outcome_name(&o)));
+                bar.inc(1);
+                outcomes.push(o);
+            }
+            Some(sync_event::Event::Summary(s)) => summary = Some(s),
+            None => {}
+        }
+    }
+    bar.finish_and_clear();
+    outcomes.sort_by(|a, b| a.server_name.cmp(&b.server_name));
+    Ok((outcomes, summary))
+}
+
+fn report(outcomes: &[pb::ServerOutcome], summary: Option<&pb::JobSummary>, output: Output) {
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "job": summary.map(summary_json),
+                "outcomes": outcomes.iter().map(outcome_json).collect::<Vec<_>>(),
+            }))
+            .expect("JSON")
+        ),
+        Output::Human => {
+            print_outcomes(outcomes);
+            if let Some(s) = summary {
+                print_summary(s);
+            }
+        }
+    }
+}
+
+/// `sync-agent sync`.
+pub async fn sync(args: &SyncArgs) -> anyhow::Result<()> {
+    let (mut client, _) = connect(&args.agent).await?;
+    let started = client
+        .start_sync(StartSyncRequest {
+            request_id: args.request_id.clone().unwrap_or_default(),
+            server_ids: args.servers.clone(),
+            all_servers: args.all,
+            scopes: Vec::new(),
+            force: args.force,
+            reason: args.reason.clone(),
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    if !args.watch {
+        match args.agent.output {
+            Output::Json => println!(
+                "{}",
+                json!({"job_id": started.job_id, "created": started.created, "servers": started.server_count})
+            ),
+            Output::Human => println!(
+                "job {} {} for {} server(s); follow it with `sync-agent job {} --watch`",
+                started.job_id,
+                if started.created {
+                    "started"
+                } else {
+                    "already exists"
+                },
+                started.server_count,
+                started.job_id
+            ),
+        }
+        return Ok(());
+    }
+    let (outcomes, summary) = follow(
+        &mut client,
+        &started.job_id,
+        u64::from(started.server_count),
+        args.agent.output,
+    )
+    .await?;
+    report(&outcomes, summary.as_ref(), args.agent.output);
+    Ok(())
+}
+
+/// `sync-agent job`.
+pub async fn job(args: &JobArgs) -> anyhow::Result<()> {
+    let (mut client, _) = connect(&args.agent).await?;
+    let read = client
+        .get_sync_job(GetSyncJobRequest {
+            job_id: args.job_id.clone(),
+            include_outcomes: !args.watch,
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let job = read.job.context("the agent sent no job")?;
+    if args.watch {
+        let (outcomes, summary) = follow(
+            &mut client,
+            &job.job_id,
+            u64::from(job.total),
+            args.agent.output,
+        )
+        .await?;
+        report(&outcomes, summary.as_ref(), args.agent.output);
+    } else {
+        let mut outcomes = read.outcomes;
+        outcomes.sort_by(|a, b| a.server_name.cmp(&b.server_name));
+        report(&outcomes, Some(&job), args.agent.output);
+    }
+    Ok(())
+}
+
+/// `sync-agent servers`.
+pub async fn servers(args: &ServersArgs) -> anyhow::Result<()> {
+    let (_, mut fleet) = connect(&args.agent).await?;
+    let reachability = match args.reachability.as_deref() {
+        Some("online") => pb::Reachability::Online,
+        Some("offline") => pb::Reachability::Offline,
+        Some(_) => pb::Reachability::Unknown,
+        None => pb::Reachability::Unspecified,
+    } as i32;
+    let mut servers = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = fleet
+            .list_servers(ListServersRequest {
+                reachability,
+                page_size: 1000,
+                page_token,
+            })
+            .await
+            .map_err(status)?
+            .into_inner();
+        servers.extend(page.servers);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    if args.agent.output == Output::Json {
+        let list: Vec<Value> = servers
+            .iter()
+            .map(|s| {
+                let spec = s.spec.clone().unwrap_or_default();
+                json!({
+                    "id": s.id, "name": spec.name, "ip": spec.ip, "port": spec.port,
+                    "ssh_user": spec.ssh_user,
+                    "database_service": short(spec.database_service().as_str_name(), "DATABASE_SERVICE_").to_lowercase(),
+                    "reachability": short(s.reachability().as_str_name(), "REACHABILITY_").to_lowercase(),
+                    "consecutive_failures": s.consecutive_failures,
+                    "next_probe_at": s.next_probe_at.as_ref().map(|t| time(Some(t))),
+                    "host_key": s.host_key.as_ref().map(|k| k.fingerprint.clone()),
+                    "last_outcome": s.last_outcome.as_ref().map(outcome_json),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&list).expect("JSON"));
+        return Ok(());
+    }
+    println!(
+        "{:>5}  {:<20} {:<22} {:<11} {:<8} {:<26} NEXT PROBE",
+        "ID", "NAME", "ADDRESS", "SERVICE", "STATE", "LAST OUTCOME"
+    );
+    for s in &servers {
+        let spec = s.spec.clone().unwrap_or_default();
+        println!(
+            "{:>5}  {:<20} {:<22} {:<11} {:<8} {:<26} {}",
+            s.id,
+            spec.name,
+            format!("{}:{}", spec.ip, spec.port),
+            short(spec.database_service().as_str_name(), "DATABASE_SERVICE_").to_lowercase(),
+            short(s.reachability().as_str_name(), "REACHABILITY_").to_lowercase(),
+            s.last_outcome
+                .as_ref()
+                .map(outcome_name)
+                .unwrap_or_else(|| "-".into()),
+            time(s.next_probe_at.as_ref()),
+        );
+    }
+    println!("{} server(s)", servers.len());
+    Ok(())
+}
+
+/// `sync-agent check`.
+pub async fn check(args: &CheckArgs) -> anyhow::Result<()> {
+    let (mut client, _) = connect(&args.agent).await?;
+    let c = client
+        .check_connection(CheckConnectionRequest {
+            server_id: args.server_id,
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let outcome = short(c.outcome().as_str_name(), "OUTCOME_");
+    let key_check = short(c.host_key_check().as_str_name(), "HOST_KEY_CHECK_").to_lowercase();
+    if args.agent.output == Output::Json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "server_id": c.server_id, "outcome": outcome, "message": c.message,
+                "connect_ms": c.connect_latency.as_ref().map(|d| millis(Some(d))),
+                "banner": c.banner, "host_key": format!("{} {}", c.host_key_algorithm, c.host_key_fingerprint).trim(),
+                "host_key_check": key_check, "authenticated": c.authenticated,
+            }))
+            .expect("JSON")
+        );
+        return Ok(());
+    }
+    println!("server {}: {outcome}", c.server_id);
+    if let Some(d) = &c.connect_latency {
+        println!("  connect        {} ms", millis(Some(d)));
+    }
+    if !c.banner.is_empty() {
+        println!("  banner         {}", c.banner);
+    }
+    if !c.host_key_fingerprint.is_empty() {
+        println!(
+            "  host key       {} {} ({key_check})",
+            c.host_key_algorithm, c.host_key_fingerprint
+        );
+    }
+    println!(
+        "  authenticated  {}",
+        if c.authenticated { "yes" } else { "no" }
+    );
+    if !c.message.is_empty() {
+        println!("  problem        {}", c.message);
+    }
+    Ok(())
+}
 
 /// `sync-agent reset-host-key ID`.
 pub async fn reset_host_key(args: &ResetHostKeyArgs) -> anyhow::Result<()> {
-    let mut client = FleetClient::connect(args.agent_url.clone())
-        .await
-        .with_context(|| format!("cannot reach the sync-agent at {}", args.agent_url))?;
-    let response = client
+    let (_, mut fleet) = connect(&args.agent).await?;
+    let response = fleet
         .reset_host_key(ResetHostKeyRequest { id: args.server_id })
         .await
-        .map_err(|status| anyhow::anyhow!("{:?}: {}", status.code(), status.message()))?
+        .map_err(status)?
         .into_inner();
     match response.previous {
         Some(key) => println!(

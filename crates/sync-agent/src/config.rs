@@ -22,24 +22,126 @@ pub struct Cli {
 pub enum Command {
     /// Serve the SyncAgent and Fleet gRPC services (with health and reflection).
     Serve(Box<ServeArgs>),
-    /// Forget a server's pinned host key (after a legitimate re-install), through a running
-    /// agent; the next sync pins the key the server presents.
+    /// List registered servers with their reachability and last outcome.
+    Servers(ServersArgs),
+    /// Sync some servers (or all), and with --watch follow the job live.
+    Sync(SyncArgs),
+    /// Show a job: summary and per-server outcomes; with --watch, follow it.
+    Job(JobArgs),
+    /// Check one server now: connect, banner, host key, authentication (runs nothing).
+    Check(CheckArgs),
+    /// Forget a server's pinned host key (after a legitimate re-install); the next sync pins
+    /// the key the server presents.
     ResetHostKey(ResetHostKeyArgs),
 }
 
-/// `sync-agent reset-host-key`.
+/// How the operator commands reach a running agent.
 #[derive(Debug, Clone, Args)]
-pub struct ResetHostKeyArgs {
-    /// The server's id.
-    pub server_id: i64,
-
-    /// The agent to ask.
+pub struct AgentArgs {
+    /// The agent's gRPC URL (`https://` for TLS).
     #[arg(
         long,
         env = "FLEETSYNC_AGENT_URL",
         default_value = "http://127.0.0.1:50051"
     )]
     pub agent_url: String,
+
+    /// File holding the agent's bearer token, if it requires one.
+    #[arg(long, env = "FLEETSYNC_AGENT_TOKEN_FILE")]
+    pub agent_token_file: Option<PathBuf>,
+
+    /// PEM certificate of the CA that signed the agent's certificate (private CA).
+    #[arg(long, env = "FLEETSYNC_AGENT_CA")]
+    pub agent_ca: Option<PathBuf>,
+
+    /// Output format.
+    #[arg(long, short, env = "FLEETSYNC_OUTPUT", value_enum, default_value_t = Output::Human)]
+    pub output: Output,
+}
+
+/// Output format of the operator commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// Tables and a live progress bar.
+    Human,
+    /// JSON on stdout, for scripts.
+    Json,
+}
+
+/// `sync-agent servers`.
+#[derive(Debug, Clone, Args)]
+pub struct ServersArgs {
+    #[command(flatten)]
+    pub agent: AgentArgs,
+
+    /// Only servers with this reachability.
+    #[arg(long, value_parser = ["online", "offline", "unknown"])]
+    pub reachability: Option<String>,
+}
+
+/// `sync-agent sync`.
+#[derive(Debug, Clone, Args)]
+pub struct SyncArgs {
+    #[command(flatten)]
+    pub agent: AgentArgs,
+
+    /// Server ids to sync.
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    pub servers: Vec<i64>,
+
+    /// Sync every registered server.
+    #[arg(long)]
+    pub all: bool,
+
+    /// Also try servers that are offline and in backoff.
+    #[arg(long)]
+    pub force: bool,
+
+    /// Why (stored with the job).
+    #[arg(long, default_value = "manual sync")]
+    pub reason: String,
+
+    /// Idempotency key: the same key returns the same job.
+    #[arg(long)]
+    pub request_id: Option<String>,
+
+    /// Follow the job: live progress, then a summary table.
+    #[arg(long, short)]
+    pub watch: bool,
+}
+
+/// `sync-agent job`.
+#[derive(Debug, Clone, Args)]
+pub struct JobArgs {
+    #[command(flatten)]
+    pub agent: AgentArgs,
+
+    /// The job's id.
+    pub job_id: String,
+
+    /// Follow the job until it is done.
+    #[arg(long, short)]
+    pub watch: bool,
+}
+
+/// `sync-agent check`.
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub agent: AgentArgs,
+
+    /// The server's id.
+    pub server_id: i64,
+}
+
+/// `sync-agent reset-host-key`.
+#[derive(Debug, Clone, Args)]
+pub struct ResetHostKeyArgs {
+    #[command(flatten)]
+    pub agent: AgentArgs,
+
+    /// The server's id.
+    pub server_id: i64,
 }
 
 /// `sync-agent serve`.

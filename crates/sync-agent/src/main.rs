@@ -6,7 +6,10 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use fleetsync_common::{shutdown, telemetry};
-use fleetsync_sync_agent::config::{Cli, Command};
+use fleetsync_sync_agent::{
+    client,
+    config::{Cli, Command},
+};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -31,6 +34,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let shutdown = shutdown::on_signals().context("installing signal handlers")?;
             fleetsync_sync_agent::run(config, listener, shutdown).await
         }
-        Command::ResetHostKey(args) => fleetsync_sync_agent::client::reset_host_key(&args).await,
+        Command::Servers(args) => client::servers(&args).await,
+        Command::Sync(args) => client::sync(&args).await,
+        Command::Job(args) => client::job(&args).await,
+        Command::Check(args) => client::check(&args).await,
+        Command::ResetHostKey(args) => client::reset_host_key(&args).await,
     }
 }
