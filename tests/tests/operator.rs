@@ -19,7 +19,11 @@ fn the_demo_runs_clean_twice() {
             .output()
             .expect("run the demo (built by `just build`)");
         let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-        assert!(output.status.success(), "demo failed: {stdout}{}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "demo failed: {stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         stdout
     };
     let first = run();
@@ -32,11 +36,22 @@ fn the_demo_runs_clean_twice() {
         "7 of 7 server(s) finished",
         "every sshd and the agent are stopped",
     ] {
-        assert!(first.contains(expected), "first run lacks {expected:?}:\n{first}");
+        assert!(
+            first.contains(expected),
+            "first run lacks {expected:?}:\n{first}"
+        );
     }
     let second = run();
-    for expected in ["nothing to migrate", "SKIPPED_OFFLINE", "HOST_KEY_MISMATCH", "db-3    OK"] {
-        assert!(second.contains(expected), "second run lacks {expected:?}:\n{second}");
+    for expected in [
+        "nothing to migrate",
+        "SKIPPED_OFFLINE",
+        "HOST_KEY_MISMATCH",
+        "db-3    OK",
+    ] {
+        assert!(
+            second.contains(expected),
+            "second run lacks {expected:?}:\n{second}"
+        );
     }
     assert!(dir.path().join("demo/fleetsync.db").exists());
 }
@@ -48,7 +63,11 @@ async fn the_agent_cli_speaks_json_for_scripts() {
     let db = TestDb::sqlite().await;
     migrate(db.url()).await;
     let key = fleet.client_key().to_str().expect("utf-8").to_owned();
-    let agent = ServeProcess::start("sync-agent", &["--database-url", db.url(), "--ssh-key", &key], dir.path());
+    let agent = ServeProcess::start(
+        "sync-agent",
+        &["--database-url", db.url(), "--ssh-key", &key],
+        dir.path(),
+    );
     let url = format!("http://{}", agent.addr);
     let cli = |args: &[&str]| -> Value {
         let output = Command::new(bin_path("sync-agent"))
@@ -56,13 +75,18 @@ async fn the_agent_cli_speaks_json_for_scripts() {
             .args(["--agent-url", &url, "-o", "json"])
             .output()
             .expect("run sync-agent");
-        assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         serde_json::from_slice(&output.stdout).expect("JSON on stdout")
     };
 
-    let mut fleet_api = fleetsync_common::proto::sync::v1::fleet_client::FleetClient::connect(url.clone())
-        .await
-        .expect("connect");
+    let mut fleet_api =
+        fleetsync_common::proto::sync::v1::fleet_client::FleetClient::connect(url.clone())
+            .await
+            .expect("connect");
     let host = fleet.host(0);
     fleet_api
         .upsert_server(fleetsync_common::proto::sync::v1::UpsertServerRequest {
@@ -72,7 +96,8 @@ async fn the_agent_cli_speaks_json_for_scripts() {
                 ip: host.addr().to_string(),
                 port: u32::from(host.port()),
                 ssh_user: SSH_USER.into(),
-                database_service: fleetsync_common::proto::sync::v1::DatabaseService::Mariadb as i32,
+                database_service: fleetsync_common::proto::sync::v1::DatabaseService::Mariadb
+                    as i32,
                 ..Default::default()
             }),
         })
@@ -90,7 +115,10 @@ async fn the_agent_cli_speaks_json_for_scripts() {
     assert_eq!(servers[0]["reachability"], "online");
     assert_eq!(servers[0]["last_outcome"]["outcome"], "OK");
     let check = cli(&["check", "1"]);
-    assert_eq!((check["outcome"].as_str(), check["host_key_check"].as_str()), (Some("OK"), Some("match")));
+    assert_eq!(
+        (check["outcome"].as_str(), check["host_key_check"].as_str()),
+        (Some("OK"), Some("match"))
+    );
     assert_eq!(check["authenticated"], true);
 
     // A clear error for an agent that is not there.
@@ -99,5 +127,8 @@ async fn the_agent_cli_speaks_json_for_scripts() {
         .output()
         .expect("run");
     assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stderr).contains("cannot reach the sync-agent at http://127.0.0.1:1"));
+    assert!(
+        String::from_utf8_lossy(&output.stderr)
+            .contains("cannot reach the sync-agent at http://127.0.0.1:1")
+    );
 }

@@ -488,24 +488,8 @@ impl Store {
             pin,
             reachable,
         } = run;
-        let backend = self.backend();
-        let lock = if backend == Backend::Sqlite {
-            ""
-        } else {
-            " FOR UPDATE"
-        };
         let mut tx = self.db.begin().await?;
-        let lease = tx
-            .fetch_optional(
-                &format!("SELECT token, holder FROM server_leases WHERE server_id = ?{lock}"),
-                &[server_id.into()],
-            )
-            .await?;
-        let ours = match &lease {
-            Some(row) => row.int(0)? == token && row.opt_text(1)?.as_deref() == Some(holder),
-            None => false,
-        };
-        if !ours {
+        if !lease_is_ours(&mut tx, server_id, holder, token).await? {
             return Ok(None);
         }
         let now = crate::now_ms();
@@ -610,6 +594,31 @@ impl Store {
             .map(|r| Ok((r.text(0)?, r.text(1)?, r.text(2)?)))
             .collect()
     }
+}
+
+/// True if the lease of `server_id` is still `(holder, token)`; locks the lease row until the
+/// transaction ends (`FOR UPDATE`; SQLite's transaction holds the write lock already).
+async fn lease_is_ours(
+    tx: &mut Tx,
+    server_id: i64,
+    holder: &str,
+    token: i64,
+) -> Result<bool, sqlx::Error> {
+    let lock = if tx.backend() == Backend::Sqlite {
+        ""
+    } else {
+        " FOR UPDATE"
+    };
+    let lease = tx
+        .fetch_optional(
+            &format!("SELECT token, holder FROM server_leases WHERE server_id = ?{lock}"),
+            &[server_id.into()],
+        )
+        .await?;
+    Ok(match &lease {
+        Some(row) => row.int(0)? == token && row.opt_text(1)?.as_deref() == Some(holder),
+        None => false,
+    })
 }
 
 /// Gives every waiting job row of `server_id` the run's outcome and the next sequence number of
@@ -815,23 +824,8 @@ impl Store {
         token: i64,
         next_probe_at: Option<i64>,
     ) -> Result<bool, sqlx::Error> {
-        let lock = if self.backend() == Backend::Sqlite {
-            ""
-        } else {
-            " FOR UPDATE"
-        };
         let mut tx = self.db.begin().await?;
-        let lease = tx
-            .fetch_optional(
-                &format!("SELECT token, holder FROM server_leases WHERE server_id = ?{lock}"),
-                &[server_id.into()],
-            )
-            .await?;
-        let ours = match &lease {
-            Some(row) => row.int(0)? == token && row.opt_text(1)?.as_deref() == Some(holder),
-            None => false,
-        };
-        if !ours {
+        if !lease_is_ours(&mut tx, server_id, holder, token).await? {
             return Ok(false);
         }
         match next_probe_at {
