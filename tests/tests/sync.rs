@@ -1472,3 +1472,67 @@ async fn grpcurl_syncs_one_server_and_streams_its_outcome() {
     assert!(server.contains("\"name\": \"test\""), "{server}");
     assert!(server.contains("REACHABILITY_ONLINE"), "{server}");
 }
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+#[tokio::test]
+async fn a_flood_of_output_does_not_grow_the_agents_memory() {
+    let fleet = SshFleet::start(1).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = TestDb::sqlite().await;
+    migrate(db.url()).await;
+    let key = fleet.client_key().to_str().expect("utf-8").to_owned();
+    let agent = fleetsync_tests::services::ServeProcess::start(
+        "sync-agent",
+        &[
+            "--database-url",
+            db.url(),
+            "--ssh-key",
+            &key,
+            "--output-cap",
+            "65536",
+        ],
+        dir.path(),
+    );
+    let channel = fleetsync_tests::services::connect(agent.addr).await;
+    let mut fleet_api = FleetClient::new(channel.clone());
+    let mut sync_api = SyncAgentClient::new(channel);
+    let id = register(
+        &mut fleet_api,
+        "flood",
+        fleet.host(0),
+        SSH_USER,
+        DatabaseService::Mariadb,
+    )
+    .await;
+    // A first, normal sync: the agent's working set with a real inventory.
+    assert_eq!(
+        outcomes(&sync(&mut sync_api, &[id], "warm").await)[&id].outcome(),
+        Outcome::Ok
+    );
+    let before = peak_rss_kib(agent.pid());
+    // 512 MiB of output against a 64 KiB cap.
+    fleet
+        .host(0)
+        .install_program("sudo", "#!/bin/sh\nexec head -c 536870912 /dev/zero\n");
+    let got = outcomes(&sync(&mut sync_api, &[id], "flood").await);
+    assert_eq!(
+        got[&id].outcome(),
+        Outcome::ParseFailed,
+        "{}",
+        got[&id].message
+    );
+    let after = peak_rss_kib(agent.pid());
+    eprintln!("agent peak RSS: {before} KiB before, {after} KiB after 512 MiB of output");
+    assert!(
+        after < before + 32 * 1024,
+        "peak RSS grew from {before} KiB to {after} KiB for 512 MiB of output"
+    );
+}
