@@ -244,6 +244,18 @@ impl ServeProcess {
         self.log.lock().expect("log lock").clone()
     }
 
+    /// Waits (up to 10 s) for a process that was signalled elsewhere to exit.
+    pub fn terminate_wait(&mut self) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
         let sent = Command::new("kill")

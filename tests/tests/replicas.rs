@@ -1,0 +1,197 @@
+//! Several agents side by side on one PostgreSQL control plane: work divided by leases, every
+//! server synced once per job, watches served by any agent, and a killed agent's servers taken
+//! over when its leases expire.
+
+use std::time::{Duration, Instant};
+
+use fleetsync_common::proto::sync::v1::{
+    DatabaseService, Outcome, ServerSpec, StartSyncRequest, UpsertServerRequest, WatchSyncRequest,
+    fleet_client::FleetClient, sync_agent_client::SyncAgentClient, sync_event,
+};
+use fleetsync_tests::{
+    SshFleet, TestDb,
+    catalog::count,
+    fleet::SSH_USER,
+    services::{ServeProcess, connect, migrate},
+};
+use tokio_stream::StreamExt;
+
+fn agent(db: &TestDb, key: &str, dir: &std::path::Path) -> ServeProcess {
+    ServeProcess::start(
+        "sync-agent",
+        &[
+            "--database-url",
+            db.url(),
+            "--ssh-key",
+            key,
+            "--lease-ttl",
+            "3s",
+            "--poll-interval",
+            "100ms",
+            "--sync-interval",
+            "0s",
+            "--concurrency",
+            "4",
+        ],
+        dir,
+    )
+}
+
+#[tokio::test]
+async fn agents_share_the_work_and_take_over_from_a_dead_one() {
+    let fleet = SshFleet::start(8).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = TestDb::postgres().await;
+    migrate(db.url()).await;
+    let key = fleet.client_key().to_str().expect("utf-8").to_owned();
+    let mut a = agent(&db, &key, dir.path());
+    let b = agent(&db, &key, dir.path());
+    let (channel_a, channel_b) = (connect(a.addr).await, connect(b.addr).await);
+
+    let mut fleet_api = FleetClient::new(channel_a.clone());
+    let mut ids = Vec::new();
+    for (i, host) in fleet.hosts().iter().enumerate() {
+        let r = fleet_api
+            .upsert_server(UpsertServerRequest {
+                id: 0,
+                spec: Some(ServerSpec {
+                    name: format!("r{i}"),
+                    ip: host.addr().to_string(),
+                    port: u32::from(host.port()),
+                    ssh_user: SSH_USER.into(),
+                    database_service: DatabaseService::Mariadb as i32,
+                    ..Default::default()
+                }),
+            })
+            .await
+            .expect("register")
+            .into_inner();
+        ids.push(r.server.expect("server").id);
+        // Every probe takes half a second, so that both agents get work.
+        host.install_program("sudo", "#!/bin/sh\nsleep 0.5\nexec /usr/bin/sudo \"$@\"\n");
+    }
+
+    // Started on A, watched on B: 8 outcomes, each server synced exactly once.
+    let job = SyncAgentClient::new(channel_a.clone())
+        .start_sync(StartSyncRequest {
+            all_servers: true,
+            request_id: "shared".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("start")
+        .into_inner();
+    let events: Vec<_> = tokio::time::timeout(
+        Duration::from_secs(30),
+        SyncAgentClient::new(channel_b.clone())
+            .watch_sync(WatchSyncRequest {
+                job_id: job.job_id.clone(),
+                cursor: 0,
+            })
+            .await
+            .expect("watch on B")
+            .into_inner()
+            .map(|e| e.expect("event"))
+            .collect::<Vec<_>>(),
+    )
+    .await
+    .expect("done in time");
+    let oks = events
+        .iter()
+        .filter(|e| matches!(&e.event, Some(sync_event::Event::Outcome(o)) if o.outcome() == Outcome::Ok))
+        .count();
+    assert_eq!(oks, 8);
+    let conn = db.connect().await;
+    assert_eq!(
+        count(&conn, "SELECT COUNT(*) FROM sync_runs").await,
+        8,
+        "each server once"
+    );
+    assert_eq!(
+        count(&conn, "SELECT COUNT(DISTINCT holder) FROM sync_runs").await,
+        2,
+        "both agents worked"
+    );
+
+    // Kill A (SIGKILL) in the middle of a job: its leases expire and B finishes the job.
+    for host in fleet.hosts() {
+        host.install_program("sudo", "#!/bin/sh\nsleep 2\nexec /usr/bin/sudo \"$@\"\n");
+    }
+    let job = SyncAgentClient::new(channel_a)
+        .start_sync(StartSyncRequest {
+            all_servers: true,
+            request_id: "failover".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("start")
+        .into_inner();
+    // With 4 runs each and 8 servers, all 8 leases held means A holds 4 of them.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count(
+        &conn,
+        "SELECT COUNT(*) FROM server_leases WHERE holder IS NOT NULL",
+    )
+    .await
+        < 8
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the agents did not take every lease"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &a.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let _ = a.terminate_wait();
+    let started = Instant::now();
+    let events: Vec<_> = tokio::time::timeout(
+        Duration::from_secs(30),
+        SyncAgentClient::new(channel_b)
+            .watch_sync(WatchSyncRequest {
+                job_id: job.job_id.clone(),
+                cursor: 0,
+            })
+            .await
+            .expect("watch on B")
+            .into_inner()
+            .map(|e| e.expect("event"))
+            .collect::<Vec<_>>(),
+    )
+    .await
+    .expect("B finishes the job after A died");
+    let outcomes: Vec<_> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(sync_event::Event::Outcome(o)) => Some(o.outcome()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        outcomes.len(),
+        8,
+        "one outcome per server, none lost, none twice"
+    );
+    assert!(outcomes.iter().all(|o| *o == Outcome::Ok), "{outcomes:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    // The job's rows were filled once each: cursors 1..=8.
+    assert_eq!(
+        count(
+            &conn,
+            &format!(
+                "SELECT COUNT(DISTINCT seq) FROM sync_job_servers WHERE job_id = '{}'",
+                job.job_id
+            )
+        )
+        .await,
+        8
+    );
+    drop(b);
+}
