@@ -72,6 +72,7 @@ async fn agents_share_the_work_and_take_over_from_a_dead_one() {
     }
 
     // Started on A, watched on B: 8 outcomes, each server synced exactly once.
+    let started = Instant::now();
     let job = SyncAgentClient::new(channel_a.clone())
         .start_sync(StartSyncRequest {
             all_servers: true,
@@ -101,6 +102,13 @@ async fn agents_share_the_work_and_take_over_from_a_dead_one() {
         .filter(|e| matches!(&e.event, Some(sync_event::Event::Outcome(o)) if o.outcome() == Outcome::Ok))
         .count();
     assert_eq!(oks, 8);
+    // Two agents, four runs each, half a second per server: about a second, far below the
+    // 10 s poll: B learned of A's job and outcomes through NOTIFY.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     let conn = db.connect().await;
     assert_eq!(
         count(&conn, "SELECT COUNT(*) FROM sync_runs").await,

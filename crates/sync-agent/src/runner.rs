@@ -117,6 +117,7 @@ impl Runner {
         let outbox = tokio::spawn(Arc::clone(&this).drain_outbox_forever());
         let prober = tokio::spawn(Arc::clone(&this).probe_offline_forever());
         let scheduler = tokio::spawn(Arc::clone(&this).schedule_forever());
+        let listener = tokio::spawn(Arc::clone(&this).listen_forever());
         let permits = Arc::new(Semaphore::new(this.config.concurrency));
         let mut runs = tokio::task::JoinSet::new();
         loop {
@@ -124,15 +125,17 @@ impl Runner {
                 tracing::warn!(error = %err, "scheduler could not read pending work; retrying");
             }
             while runs.try_join_next().is_some() {}
+            // Expired leases of a dead agent announce nothing: look at least twice per TTL.
+            let nap = this.config.poll_interval.min(this.config.lease_ttl / 2);
             tokio::select! {
                 () = this.shutdown.cancelled() => break,
                 () = this.signals.wake.notified() => {}
-                () = tokio::time::sleep(this.config.poll_interval) => {}
+                () = tokio::time::sleep(nap) => {}
             }
         }
         // Runs watch the same token; wait for them to release their leases.
         while runs.join_next().await.is_some() {}
-        let _ = tokio::join!(outbox, prober, scheduler);
+        let _ = tokio::join!(outbox, prober, scheduler, listener);
     }
 
     async fn fill(
@@ -508,6 +511,46 @@ impl Runner {
             tokio::select! {
                 () = self.shutdown.cancelled() => return,
                 () = tokio::time::sleep(Duration::from_millis(next.max(1) as u64)) => {}
+            }
+        }
+    }
+
+    /// On PostgreSQL, wakes this agent's scheduler and watchers as soon as another agent
+    /// creates a job or records an outcome (`LISTEN`). Notifications can be missed (a dropped
+    /// connection), so polling stays the ground truth; this only makes replicas quick.
+    async fn listen_forever(self: Arc<Self>) {
+        let fleetsync_common::Db::Postgres(pool) = self.store.db() else {
+            return;
+        };
+        use crate::store::{OUTCOMES_CHANNEL, WORK_CHANNEL};
+        loop {
+            let listening = async {
+                let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
+                listener
+                    .listen_all([OUTCOMES_CHANNEL, WORK_CHANNEL])
+                    .await?;
+                loop {
+                    let notification = listener.recv().await?;
+                    if notification.channel() == WORK_CHANNEL {
+                        self.signals.wake.notify_one();
+                    } else {
+                        self.signals.bump();
+                    }
+                }
+                #[allow(unreachable_code)]
+                Ok::<(), sqlx::Error>(())
+            };
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                result = listening => {
+                    if let Err(err) = result {
+                        tracing::warn!(error = %err, "LISTEN connection lost; polling meanwhile");
+                    }
+                }
+            }
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
     }

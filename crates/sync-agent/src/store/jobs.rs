@@ -291,6 +291,7 @@ impl Store {
             ],
         )
         .await?;
+        notify(&mut tx, WORK_CHANNEL).await?;
         // A migration's request is taken once its job exists.
         tx.execute(
             "UPDATE sync_requests SET state = 'taken', job_id = ? WHERE id = ? AND state <> 'taken'",
@@ -552,6 +553,7 @@ impl Store {
         )
         .await?;
         let jobs = fill_waiting(&mut tx, server_id, &result, counts, now).await?;
+        notify(&mut tx, OUTCOMES_CHANNEL).await?;
         tx.execute(
             "UPDATE server_leases SET holder = NULL, expires_at = NULL WHERE server_id = ? AND token = ?",
             &[server_id.into(), token.into()],
@@ -594,6 +596,24 @@ impl Store {
             .map(|r| Ok((r.text(0)?, r.text(1)?, r.text(2)?)))
             .collect()
     }
+}
+
+/// PostgreSQL channel told when outcomes are recorded (watchers on other agents wake up).
+pub const OUTCOMES_CHANNEL: &str = "fleetsync_outcomes";
+/// PostgreSQL channel told when a job is created (schedulers on other agents wake up).
+pub const WORK_CHANNEL: &str = "fleetsync_work";
+
+/// `NOTIFY` on PostgreSQL (delivered when the transaction commits); nothing elsewhere, where
+/// other agents' changes are found by polling.
+async fn notify(tx: &mut Tx, channel: &str) -> Result<(), sqlx::Error> {
+    if tx.backend() == Backend::Postgres {
+        tx.execute(
+            "SELECT CAST(1 AS BIGINT) FROM pg_notify(?, '')",
+            &[channel.into()],
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// True if the lease of `server_id` is still `(holder, token)`; locks the lease row until the

@@ -14,8 +14,8 @@ use fleetsync_common::{Backend, Db};
 
 pub use inventory::{InventoryCounts, InventoryWrite};
 pub use jobs::{
-    JobOrigin, JobRecord, JobState, NewJob, OutcomeRecord, PendingWork, RunRecord, RunResult,
-    Selection,
+    JobOrigin, JobRecord, JobState, NewJob, OUTCOMES_CHANNEL, OutcomeRecord, PendingWork,
+    RunRecord, RunResult, Selection, WORK_CHANNEL,
 };
 pub use servers::{
     DatabaseRecord, DatabaseService, HostKeyRecord, Inventory, ServerRecord, ServerSpec,
