@@ -294,3 +294,59 @@ async fn check_connection_reports_each_stage() {
     assert_eq!(status.code(), tonic::Code::NotFound);
     agent.service.stop().await.expect("clean stop");
 }
+
+#[tokio::test]
+async fn servers_that_are_up_are_resynced_every_interval() {
+    let fleet = SshFleet::start(1).await;
+    let db = TestDb::sqlite().await;
+    fleetsync_tests::services::migrate(db.url()).await;
+    let mut config = fleetsync_tests::services::test_runner_config();
+    config.sync_interval = Some(Duration::from_secs(1));
+    let agent = TestAgent::spawn_with(
+        db.url(),
+        fleet.client(timeouts(), DEFAULT_OUTPUT_CAP),
+        config,
+    )
+    .await;
+    let mut fleet_api = agent.fleet();
+    let host = fleet.host(0);
+    fleet_api
+        .upsert_server(UpsertServerRequest {
+            id: 0,
+            spec: Some(ServerSpec {
+                name: "periodic".into(),
+                ip: host.addr().to_string(),
+                port: u32::from(host.port()),
+                ssh_user: SSH_USER.into(),
+                database_service: DatabaseService::Mariadb as i32,
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("register");
+    // No request at all: the schedule alone syncs it, once per interval.
+    let conn = db.connect().await;
+    let deadline = Instant::now() + Duration::from_secs(8);
+    loop {
+        let runs = count(&conn, "SELECT COUNT(*) FROM sync_runs WHERE outcome = 'OK'").await;
+        if runs >= 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {runs} periodic sync(s) in 8 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let jobs = count(
+        &conn,
+        "SELECT COUNT(*) FROM sync_jobs WHERE origin = 'schedule'",
+    )
+    .await;
+    let elapsed_intervals = 8;
+    assert!(
+        (2..=elapsed_intervals + 1).contains(&jobs),
+        "{jobs} schedule jobs"
+    );
+    agent.service.stop().await.expect("clean stop");
+}
