@@ -1,8 +1,6 @@
 //! The fixtures themselves: a fleet leaves no process, namespace, cgroup or temp dir behind,
 //! also when the test using it panics; each backend gives every test a database of its own.
 
-use std::time::Duration;
-
 use fleetsync_common::Backend;
 use fleetsync_sync_agent::ssh::{DEFAULT_OUTPUT_CAP, Timeouts};
 use fleetsync_tests::{
@@ -236,6 +234,5 @@ async fn sqlite_test_database_is_a_removed_temp_file() {
     assert!(std::path::Path::new(&path).exists(), "created if missing");
     conn.close().await;
     drop(db);
-    tokio::time::sleep(Duration::from_millis(1)).await;
     assert!(!std::path::Path::new(&path).exists(), "{path} left behind");
 }
