@@ -20,6 +20,7 @@ setup:
     command -v ip >/dev/null || missing+=(iproute2)
     command -v ssh-keygen >/dev/null || missing+=(openssh-client)
     command -v setpriv >/dev/null || missing+=(util-linux)
+    command -v openssl >/dev/null || missing+=(openssl)
     if [ ${#missing[@]} -gt 0 ]; then
         echo "setup: installing ${missing[*]}"
         if [ "$(id -u)" -ne 0 ]; then echo "setup: run as root to install packages" >&2; exit 1; fi
