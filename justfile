@@ -47,7 +47,7 @@ setup:
     [ "$ok" = 1 ] || exit 1
     echo "setup: ready (sshd $(/usr/sbin/sshd -V 2>&1 | head -1 | cut -d, -f1), grpcurl, PostgreSQL, MariaDB)"
 
-# Build both binaries (debug)
+# Build the binaries: migrator, sync-agent and the demo (debug)
 build:
     cargo build --workspace --locked --bins
 
@@ -73,7 +73,11 @@ fmt:
 demo: setup build
     ./target/debug/demo
 
-# Run the sync-agent on ./fleetsync.db (pass more flags after, e.g. `just agent --ssh-key ~/.ssh/id_ed25519`)
+# Apply the control-plane migrations to ./fleetsync.db (or DATABASE_URL); flags pass through
+migrate *ARGS: build
+    ./target/debug/migrator migrate {{ARGS}}
+
+# Run the sync-agent on ./fleetsync.db, migrated first (pass flags, e.g. `just agent --ssh-key ~/.ssh/id_ed25519`)
 agent *ARGS: build
     ./target/debug/sync-agent serve {{ARGS}}
 
