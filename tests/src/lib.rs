@@ -9,6 +9,7 @@ pub mod fleet;
 pub mod migrator;
 pub mod netns;
 pub mod process;
+pub mod proxy;
 pub mod services;
 pub mod tls;
 

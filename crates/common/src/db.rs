@@ -10,8 +10,9 @@ use sqlx::{
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
 };
 
-/// How long to wait for a connection (to open one, or to get one from the pool).
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait for a connection (to open one, or to get one from the pool): a call made
+/// while the database is down fails with UNAVAILABLE after this long.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long SQLite waits on a lock held by another connection before `SQLITE_BUSY`.
 pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -172,6 +172,44 @@ impl Health {
         self.set(ServingStatus::NotServing).await;
     }
 
+    /// Keeps health in step with the database until `shutdown`: `NOT_SERVING` while `ping`
+    /// fails (or takes more than two seconds), `SERVING` again when it answers. Health reports
+    /// what the service can do: without its database it can do nothing useful.
+    pub fn follow_database(
+        &self,
+        db: crate::Db,
+        every: Duration,
+        shutdown: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let health = self.clone();
+        tokio::spawn(async move {
+            let mut serving = true;
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(every) => {}
+                }
+                let ok = matches!(
+                    tokio::time::timeout(Duration::from_secs(2), db.ping()).await,
+                    Ok(Ok(()))
+                );
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                if ok != serving {
+                    serving = ok;
+                    if ok {
+                        tracing::info!("control-plane database answers again: SERVING");
+                        health.serving().await;
+                    } else {
+                        tracing::warn!("control-plane database does not answer: NOT_SERVING");
+                        health.not_serving().await;
+                    }
+                }
+            }
+        })
+    }
+
     async fn set(&self, status: ServingStatus) {
         self.reporter.set_service_status("", status).await;
         for service in &self.services {

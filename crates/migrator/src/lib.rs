@@ -59,6 +59,11 @@ pub async fn run(
         .await
         .context("checking the control-plane database")?;
     health.serving().await;
+    health.follow_database(
+        db.clone(),
+        std::time::Duration::from_secs(2),
+        shutdown.clone(),
+    );
     let addr = listener
         .local_addr()
         .context("reading the listen address")?;

@@ -95,6 +95,7 @@ pub async fn run(
 
     let scheduler = tokio::spawn(runner.run());
     health.serving().await;
+    health.follow_database(db.clone(), Duration::from_secs(2), shutdown.clone());
     let addr = listener
         .local_addr()
         .context("reading the listen address")?;
