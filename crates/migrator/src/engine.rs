@@ -803,7 +803,8 @@ impl Engine {
             }
             self.crash_point(&format!("{}:{}", m.version, i + 1));
         }
-        let finish = async {
+        // A row left by a failed attempt is replaced.
+        let record = async {
             conn.execute(
                 "DELETE FROM fleetsync_schema_history WHERE version = ?",
                 &[Value::Int(m.version)],
@@ -818,25 +819,12 @@ impl Engine {
                 started_at,
                 &self.options.installed_by,
             )
-            .await?;
-            conn.execute(
-                "UPDATE fleetsync_schema_history SET finished_at = ?, duration_ms = ? WHERE version = ?",
-                &[
-                    Value::Int(now_ms()),
-                    Value::Int(started.elapsed().as_millis() as i64),
-                    Value::Int(m.version),
-                ],
-            )
-            .await?;
-            record_sync_request(conn, m).await
+            .await
         };
-        let sync_request = match finish.await {
-            Ok(id) => id,
-            Err(err) => return Err(rollback(conn, db_err("recording the migration")(err)).await),
-        };
-        conn.raw("COMMIT").await.map_err(db_err("committing"))?;
-        self.crash_point(&format!("{}:commit", m.version));
-        Ok(Applied::Now { sync_request })
+        if let Err(err) = record.await {
+            return Err(rollback(conn, db_err("recording the migration")(err)).await);
+        }
+        self.commit_applied(conn, m, started).await
     }
 
     async fn apply_journaled(
@@ -925,6 +913,17 @@ impl Engine {
         conn.raw("BEGIN")
             .await
             .map_err(db_err("starting a transaction"))?;
+        self.commit_applied(conn, m, started).await
+    }
+
+    /// Inside the migration's open transaction: marks it applied, records its sync request,
+    /// commits. The history row and the outbox row commit together or not at all.
+    async fn commit_applied(
+        &self,
+        conn: &mut Conn,
+        m: &Migration,
+        started: Instant,
+    ) -> Result<Applied, EngineError> {
         let finish = async {
             conn.execute(
                 "UPDATE fleetsync_schema_history SET state = ?, finished_at = ?, duration_ms = ? \
