@@ -291,3 +291,32 @@ fn json_field(line: &str, key: &str) -> Option<String> {
     let end = line[start..].find('"')? + start;
     Some(line[start..end].to_owned())
 }
+
+/// Registers a sshd host of a fleet as a server through `Fleet/UpsertServer`; returns its id.
+pub async fn register_server(
+    fleet: &mut FleetClient<Channel>,
+    name: &str,
+    host: &crate::SshHost,
+    user: &str,
+    service: fleetsync_common::proto::sync::v1::DatabaseService,
+) -> i64 {
+    use fleetsync_common::proto::sync::v1::{ServerSpec, UpsertServerRequest};
+    fleet
+        .upsert_server(UpsertServerRequest {
+            id: 0,
+            spec: Some(ServerSpec {
+                name: name.into(),
+                ip: host.addr().to_string(),
+                port: u32::from(host.port()),
+                ssh_user: user.into(),
+                database_service: service as i32,
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("register server")
+        .into_inner()
+        .server
+        .expect("server")
+        .id
+}

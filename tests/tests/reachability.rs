@@ -9,7 +9,9 @@ use fleetsync_common::proto::sync::v1::{
     sync_agent_client::SyncAgentClient, sync_event,
 };
 use fleetsync_sync_agent::ssh::{DEFAULT_OUTPUT_CAP, Timeouts};
-use fleetsync_tests::{SshFleet, TestAgent, TestDb, catalog::count, fleet::SSH_USER};
+use fleetsync_tests::{
+    SshFleet, TestAgent, TestDb, catalog::count, fleet::SSH_USER, services::register_server,
+};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
@@ -70,22 +72,16 @@ async fn an_offline_server_is_skipped_probed_on_schedule_and_synced_when_back() 
     let (mut fleet_api, mut sync_api) = (agent.fleet(), agent.sync());
     let mut ids = Vec::new();
     for (i, host) in fleet.hosts().iter().enumerate() {
-        let r = fleet_api
-            .upsert_server(UpsertServerRequest {
-                id: 0,
-                spec: Some(ServerSpec {
-                    name: format!("h{i}"),
-                    ip: host.addr().to_string(),
-                    port: u32::from(host.port()),
-                    ssh_user: SSH_USER.into(),
-                    database_service: DatabaseService::Mariadb as i32,
-                    ..Default::default()
-                }),
-            })
-            .await
-            .expect("register")
-            .into_inner();
-        ids.push(r.server.expect("server").id);
+        ids.push(
+            register_server(
+                &mut fleet_api,
+                &format!("h{i}"),
+                host,
+                SSH_USER,
+                DatabaseService::Mariadb,
+            )
+            .await,
+        );
     }
     let (up, down) = (ids[0], ids[1]);
     assert!(
@@ -201,22 +197,16 @@ async fn check_connection_reports_each_stage() {
     let (mut fleet_api, mut sync_api) = (agent.fleet(), agent.sync());
     let mut ids = Vec::new();
     for (i, host) in fleet.hosts().iter().enumerate() {
-        let r = fleet_api
-            .upsert_server(UpsertServerRequest {
-                id: 0,
-                spec: Some(ServerSpec {
-                    name: format!("c{i}"),
-                    ip: host.addr().to_string(),
-                    port: u32::from(host.port()),
-                    ssh_user: SSH_USER.into(),
-                    database_service: DatabaseService::None as i32,
-                    ..Default::default()
-                }),
-            })
-            .await
-            .expect("register")
-            .into_inner();
-        ids.push(r.server.expect("server").id);
+        ids.push(
+            register_server(
+                &mut fleet_api,
+                &format!("c{i}"),
+                host,
+                SSH_USER,
+                DatabaseService::None,
+            )
+            .await,
+        );
     }
     let check = |id| {
         let mut client = sync_api.clone();
@@ -310,20 +300,14 @@ async fn servers_that_are_up_are_resynced_every_interval() {
     .await;
     let mut fleet_api = agent.fleet();
     let host = fleet.host(0);
-    fleet_api
-        .upsert_server(UpsertServerRequest {
-            id: 0,
-            spec: Some(ServerSpec {
-                name: "periodic".into(),
-                ip: host.addr().to_string(),
-                port: u32::from(host.port()),
-                ssh_user: SSH_USER.into(),
-                database_service: DatabaseService::Mariadb as i32,
-                ..Default::default()
-            }),
-        })
-        .await
-        .expect("register");
+    register_server(
+        &mut fleet_api,
+        "periodic",
+        host,
+        SSH_USER,
+        DatabaseService::Mariadb,
+    )
+    .await;
     // No request at all: the schedule alone syncs it, once per interval.
     let conn = db.connect().await;
     let deadline = Instant::now() + Duration::from_secs(8);

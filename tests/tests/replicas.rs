@@ -5,14 +5,14 @@
 use std::time::{Duration, Instant};
 
 use fleetsync_common::proto::sync::v1::{
-    DatabaseService, Outcome, ServerSpec, StartSyncRequest, UpsertServerRequest, WatchSyncRequest,
-    fleet_client::FleetClient, sync_agent_client::SyncAgentClient, sync_event,
+    DatabaseService, Outcome, StartSyncRequest, WatchSyncRequest, fleet_client::FleetClient,
+    sync_agent_client::SyncAgentClient, sync_event,
 };
 use fleetsync_tests::{
     SshFleet, TestDb,
     catalog::count,
     fleet::SSH_USER,
-    services::{ServeProcess, connect, migrate},
+    services::{ServeProcess, connect, migrate, register_server},
 };
 use tokio_stream::StreamExt;
 
@@ -51,22 +51,16 @@ async fn agents_share_the_work_and_take_over_from_a_dead_one() {
     let mut fleet_api = FleetClient::new(channel_a.clone());
     let mut ids = Vec::new();
     for (i, host) in fleet.hosts().iter().enumerate() {
-        let r = fleet_api
-            .upsert_server(UpsertServerRequest {
-                id: 0,
-                spec: Some(ServerSpec {
-                    name: format!("r{i}"),
-                    ip: host.addr().to_string(),
-                    port: u32::from(host.port()),
-                    ssh_user: SSH_USER.into(),
-                    database_service: DatabaseService::Mariadb as i32,
-                    ..Default::default()
-                }),
-            })
-            .await
-            .expect("register")
-            .into_inner();
-        ids.push(r.server.expect("server").id);
+        ids.push(
+            register_server(
+                &mut fleet_api,
+                &format!("r{i}"),
+                host,
+                SSH_USER,
+                DatabaseService::Mariadb,
+            )
+            .await,
+        );
         // Every probe takes half a second, so that both agents get work.
         host.install_program("sudo", "#!/bin/sh\nsleep 0.5\nexec /usr/bin/sudo \"$@\"\n");
     }

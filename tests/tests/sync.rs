@@ -18,11 +18,11 @@ use fleetsync_common::{
 };
 use fleetsync_sync_agent::ssh::{DEFAULT_OUTPUT_CAP, Timeouts};
 use fleetsync_tests::{
-    SshFleet, SshHost, TestAgent, TestDb,
+    SshFleet, TestAgent, TestDb,
     catalog::{count, execute},
     fleet::{NO_SUDO_USER, Placement, SSH_USER},
     migrator::migrator,
-    services::{migrate, test_runner_config},
+    services::{migrate, register_server, test_runner_config},
 };
 use tokio_stream::StreamExt;
 use tonic::{Code, transport::Channel};
@@ -34,33 +34,6 @@ fn timeouts() -> Timeouts {
         auth: Duration::from_secs(3),
         command: Duration::from_secs(10),
     }
-}
-
-async fn register(
-    fleet: &mut FleetClient<Channel>,
-    name: &str,
-    host: &SshHost,
-    user: &str,
-    service: DatabaseService,
-) -> i64 {
-    let response = fleet
-        .upsert_server(UpsertServerRequest {
-            id: 0,
-            spec: Some(ServerSpec {
-                name: name.into(),
-                ip: host.addr().to_string(),
-                port: u32::from(host.port()),
-                ssh_user: user.into(),
-                database_service: service as i32,
-                database_version: String::new(),
-                status: 0,
-            }),
-        })
-        .await
-        .expect("register server")
-        .into_inner();
-    assert!(response.created);
-    response.server.expect("server").id
 }
 
 /// Runs `Sync` for these servers and collects its events (with a deadline).
@@ -145,7 +118,7 @@ async fn every_fault(backend: Backend) {
             8 => (SSH_USER, DatabaseService::None),
             _ => (SSH_USER, DatabaseService::Mariadb),
         };
-        ids.push(register(&mut fleet_api, &format!("host-{i}"), host, user, service).await);
+        ids.push(register_server(&mut fleet_api, &format!("host-{i}"), host, user, service).await);
     }
 
     // First contact pins every host key.
@@ -358,7 +331,7 @@ async fn databases_appear_change_and_go_and_hostile_names_round_trip() {
     let db = TestDb::sqlite().await;
     let agent = TestAgent::spawn(db.url(), fleet.client(timeouts(), DEFAULT_OUTPUT_CAP)).await;
     let (mut fleet_api, mut sync_api) = (agent.fleet(), agent.sync());
-    let maria = register(
+    let maria = register_server(
         &mut fleet_api,
         "maria",
         fleet.host(0),
@@ -366,7 +339,7 @@ async fn databases_appear_change_and_go_and_hostile_names_round_trip() {
         DatabaseService::Mariadb,
     )
     .await;
-    let pg = register(
+    let pg = register_server(
         &mut fleet_api,
         "pg",
         fleet.host(1),
@@ -539,7 +512,7 @@ async fn output_over_the_cap_is_a_parse_failure_and_a_hung_probe_a_command_failu
     t.command = Duration::from_secs(1);
     let agent = TestAgent::spawn(db.url(), fleet.client(t, 64 * 1024)).await;
     let (mut fleet_api, mut sync_api) = (agent.fleet(), agent.sync());
-    let flood = register(
+    let flood = register_server(
         &mut fleet_api,
         "flood",
         fleet.host(0),
@@ -547,7 +520,7 @@ async fn output_over_the_cap_is_a_parse_failure_and_a_hung_probe_a_command_failu
         DatabaseService::Mariadb,
     )
     .await;
-    let hang = register(
+    let hang = register_server(
         &mut fleet_api,
         "hang",
         fleet.host(1),
@@ -601,7 +574,7 @@ async fn concurrent_requests_for_one_server_share_one_run_and_repeat_requests_on
     let db = TestDb::sqlite().await;
     let agent = TestAgent::spawn(db.url(), fleet.client(timeouts(), DEFAULT_OUTPUT_CAP)).await;
     let (mut fleet_api, mut sync_api) = (agent.fleet(), agent.sync());
-    let id = register(
+    let id = register_server(
         &mut fleet_api,
         "slow",
         fleet.host(0),
@@ -696,7 +669,7 @@ async fn a_watch_resumes_from_its_cursor_and_jobs_read_back() {
     let mut ids = Vec::new();
     for (i, host) in fleet.hosts().iter().enumerate() {
         ids.push(
-            register(
+            register_server(
                 &mut fleet_api,
                 &format!("h{i}"),
                 host,
@@ -745,7 +718,7 @@ async fn malformed_and_hostile_requests_get_the_right_status() {
     let fleet = SshFleet::start(1).await;
     let agent = TestAgent::spawn(db.url(), fleet.client(timeouts(), DEFAULT_OUTPUT_CAP)).await;
     let (mut fleet_api, mut sync_api) = (agent.fleet(), agent.sync());
-    let id = register(
+    let id = register_server(
         &mut fleet_api,
         "one",
         fleet.host(0),
@@ -1504,7 +1477,7 @@ async fn a_flood_of_output_does_not_grow_the_agents_memory() {
     let channel = fleetsync_tests::services::connect(agent.addr).await;
     let mut fleet_api = FleetClient::new(channel.clone());
     let mut sync_api = SyncAgentClient::new(channel);
-    let id = register(
+    let id = register_server(
         &mut fleet_api,
         "flood",
         fleet.host(0),
