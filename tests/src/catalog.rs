@@ -92,3 +92,26 @@ pub async fn count(db: &Db, sql: &str) -> i64 {
     };
     result.unwrap_or_else(|err| panic!("count failed: {err}"))
 }
+
+/// Waits (polling every 20 ms, at most `within`) until the integer `sql` returns satisfies
+/// `done`; returns it. Panics with `what` and the last value if it never does.
+pub async fn wait_for_count(
+    db: &Db,
+    sql: &str,
+    done: impl Fn(i64) -> bool,
+    within: std::time::Duration,
+    what: &str,
+) -> i64 {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let value = count(db, sql).await;
+        if done(value) {
+            return value;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: still {value} after {within:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

@@ -320,3 +320,27 @@ pub async fn register_server(
         .expect("server")
         .id
 }
+
+/// Registers every host of a fleet as `{prefix}{index}` with the same service; returns the ids
+/// in host order.
+pub async fn register_fleet(
+    fleet: &mut FleetClient<Channel>,
+    hosts: &crate::SshFleet,
+    prefix: &str,
+    service: fleetsync_common::proto::sync::v1::DatabaseService,
+) -> Vec<i64> {
+    let mut ids = Vec::with_capacity(hosts.hosts().len());
+    for (i, host) in hosts.hosts().iter().enumerate() {
+        ids.push(
+            register_server(
+                fleet,
+                &format!("{prefix}{i}"),
+                host,
+                crate::fleet::SSH_USER,
+                service,
+            )
+            .await,
+        );
+    }
+    ids
+}

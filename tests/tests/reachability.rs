@@ -10,7 +10,10 @@ use fleetsync_common::proto::sync::v1::{
 };
 use fleetsync_sync_agent::ssh::{DEFAULT_OUTPUT_CAP, Timeouts};
 use fleetsync_tests::{
-    SshFleet, TestAgent, TestDb, catalog::count, fleet::SSH_USER, services::register_server,
+    SshFleet, TestAgent, TestDb,
+    catalog::{count, wait_for_count},
+    fleet::SSH_USER,
+    services::{register_fleet, register_server},
 };
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
@@ -70,19 +73,7 @@ async fn an_offline_server_is_skipped_probed_on_schedule_and_synced_when_back() 
     let db = TestDb::sqlite().await;
     let agent = TestAgent::spawn(db.url(), fleet.client(timeouts(), DEFAULT_OUTPUT_CAP)).await;
     let (mut fleet_api, mut sync_api) = (agent.fleet(), agent.sync());
-    let mut ids = Vec::new();
-    for (i, host) in fleet.hosts().iter().enumerate() {
-        ids.push(
-            register_server(
-                &mut fleet_api,
-                &format!("h{i}"),
-                host,
-                SSH_USER,
-                DatabaseService::Mariadb,
-            )
-            .await,
-        );
-    }
+    let ids = register_fleet(&mut fleet_api, &fleet, "h", DatabaseService::Mariadb).await;
     let (up, down) = (ids[0], ids[1]);
     assert!(
         sync_all(&mut sync_api, false)
@@ -195,19 +186,7 @@ async fn check_connection_reports_each_stage() {
     let db = TestDb::postgres().await;
     let agent = TestAgent::spawn(db.url(), fleet.client(timeouts(), DEFAULT_OUTPUT_CAP)).await;
     let (mut fleet_api, mut sync_api) = (agent.fleet(), agent.sync());
-    let mut ids = Vec::new();
-    for (i, host) in fleet.hosts().iter().enumerate() {
-        ids.push(
-            register_server(
-                &mut fleet_api,
-                &format!("c{i}"),
-                host,
-                SSH_USER,
-                DatabaseService::None,
-            )
-            .await,
-        );
-    }
+    let ids = register_fleet(&mut fleet_api, &fleet, "c", DatabaseService::None).await;
     let check = |id| {
         let mut client = sync_api.clone();
         async move {
@@ -310,18 +289,14 @@ async fn servers_that_are_up_are_resynced_every_interval() {
     .await;
     // No request at all: the schedule alone syncs it, once per interval.
     let conn = db.connect().await;
-    let deadline = Instant::now() + Duration::from_secs(8);
-    loop {
-        let runs = count(&conn, "SELECT COUNT(*) FROM sync_runs WHERE outcome = 'OK'").await;
-        if runs >= 2 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "only {runs} periodic sync(s) in 8 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_count(
+        &conn,
+        "SELECT COUNT(*) FROM sync_runs WHERE outcome = 'OK'",
+        |runs| runs >= 2,
+        Duration::from_secs(8),
+        "periodic syncs",
+    )
+    .await;
     let jobs = count(
         &conn,
         "SELECT COUNT(*) FROM sync_jobs WHERE origin = 'schedule'",

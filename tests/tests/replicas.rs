@@ -10,7 +10,7 @@ use fleetsync_common::proto::sync::v1::{
 };
 use fleetsync_tests::{
     SshFleet, TestDb,
-    catalog::count,
+    catalog::{count, wait_for_count},
     fleet::SSH_USER,
     services::{ServeProcess, connect, migrate, register_server},
 };
@@ -129,20 +129,14 @@ async fn agents_share_the_work_and_take_over_from_a_dead_one() {
         .expect("start")
         .into_inner();
     // With 4 runs each and 8 servers, all 8 leases held means A holds 4 of them.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while count(
+    wait_for_count(
         &conn,
         "SELECT COUNT(*) FROM server_leases WHERE holder IS NOT NULL",
+        |held| held == 8,
+        Duration::from_secs(10),
+        "the agents did not take every lease",
     )
-    .await
-        < 8
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the agents did not take every lease"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    .await;
     let killed = std::process::Command::new("kill")
         .args(["-KILL", &a.pid().to_string()])
         .status()

@@ -19,10 +19,10 @@ use fleetsync_common::{
 use fleetsync_sync_agent::ssh::{DEFAULT_OUTPUT_CAP, Timeouts};
 use fleetsync_tests::{
     SshFleet, TestAgent, TestDb,
-    catalog::{count, execute},
+    catalog::{count, execute, wait_for_count},
     fleet::{NO_SUDO_USER, Placement, SSH_USER},
     migrator::migrator,
-    services::{migrate, register_server, test_runner_config},
+    services::{migrate, register_fleet, register_server, test_runner_config},
 };
 use tokio_stream::StreamExt;
 use tonic::{Code, transport::Channel};
@@ -599,17 +599,14 @@ async fn concurrent_requests_for_one_server_share_one_run_and_repeat_requests_on
         .into_inner();
     // Wait until the run is in flight (its lease is held), then ask again.
     let conn = db.connect().await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while count(
+    wait_for_count(
         &conn,
         "SELECT COUNT(*) FROM server_leases WHERE holder IS NOT NULL",
+        |n| n > 0,
+        Duration::from_secs(5),
+        "the run never started",
     )
-    .await
-        == 0
-    {
-        assert!(Instant::now() < deadline, "the run never started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    .await;
     let b = sync_api
         .start_sync(start("b"))
         .await
@@ -666,19 +663,7 @@ async fn a_watch_resumes_from_its_cursor_and_jobs_read_back() {
     let db = TestDb::postgres().await;
     let agent = TestAgent::spawn(db.url(), fleet.client(timeouts(), DEFAULT_OUTPUT_CAP)).await;
     let (mut fleet_api, mut sync_api) = (agent.fleet(), agent.sync());
-    let mut ids = Vec::new();
-    for (i, host) in fleet.hosts().iter().enumerate() {
-        ids.push(
-            register_server(
-                &mut fleet_api,
-                &format!("h{i}"),
-                host,
-                SSH_USER,
-                DatabaseService::Mariadb,
-            )
-            .await,
-        );
-    }
+    let ids = register_fleet(&mut fleet_api, &fleet, "h", DatabaseService::Mariadb).await;
     let all = sync(&mut sync_api, &ids, "full").await;
     let job_id = summary(&all).job_id;
     // From cursor 2: the third outcome, then the summary.
@@ -1248,17 +1233,14 @@ async fn migrate_hands_its_request_to_a_running_agent() {
         config,
     )
     .await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while count(
+    wait_for_count(
         &conn,
         "SELECT COUNT(*) FROM sync_requests WHERE state = 'taken'",
+        |n| n > 0,
+        Duration::from_secs(5),
+        "the start-up drain took nothing",
     )
-    .await
-        == 0
-    {
-        assert!(Instant::now() < deadline, "the start-up drain took nothing");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    .await;
     execute(&conn, "UPDATE sync_requests SET state = 'pending'").await;
     let run = migrator(
         db.url(),
