@@ -60,6 +60,11 @@ bench-migrate: setup
     cargo build --release --locked --bins
     cargo bench --locked -p fleetsync-tests --bench migrate
 
+# Benchmark: the work path at 1k-100k servers on each backend, 1 and 3 agents, registration (writes bench/scale.md)
+bench-scale: setup
+    cargo build --release --locked --bins
+    cargo bench --locked -p fleetsync-tests --bench scale
+
 # Format check and clippy with warnings as errors
 lint:
     cargo fmt --all -- --check

@@ -6,7 +6,12 @@
 use std::time::{Duration, Instant};
 
 use fleetsync_common::Backend;
-use fleetsync_tests::{TestDb, catalog::execute, db::ALL_BACKENDS, migrator::migrator};
+use fleetsync_tests::{
+    TestDb,
+    catalog::{execute, insert_servers},
+    db::ALL_BACKENDS,
+    migrator::migrator,
+};
 
 const PRE_INCIDENT: &str = "20240101000004";
 const FLEETS: [usize; 3] = [0, 1_000, 10_000];
@@ -32,20 +37,7 @@ async fn one_run(backend: Backend, servers: usize, agent_url: &str) -> Duration 
     } else {
         "databases"
     };
-    for chunk_start in (0..servers).step_by(1000) {
-        let values: Vec<String> = (chunk_start..(chunk_start + 1000).min(servers))
-            .map(|i| format!("('srv-{i}', '127.0.0.1', 1, 'vito', 'ready', 0, 0)"))
-            .collect();
-        execute(
-            &conn,
-            &format!(
-                "INSERT INTO servers (name, ip, port, ssh_user, status, created_at, updated_at) \
-                 VALUES {}",
-                values.join(", ")
-            ),
-        )
-        .await;
-    }
+    insert_servers(&conn, servers, 1, |_| "127.0.0.1".into()).await;
     if servers > 0 {
         execute(
             &conn,

@@ -82,6 +82,25 @@ pub async fn execute(db: &Db, sql: &str) {
     result.unwrap_or_else(|err| panic!("statement failed: {err}"));
 }
 
+/// Inserts `n` servers named `srv-{i}` at `ip(i)`:`port` with plain SQL, a thousand per
+/// statement (fleets for benchmarks and migrations; the Fleet API is measured elsewhere).
+pub async fn insert_servers(db: &Db, n: usize, port: u16, ip: impl Fn(usize) -> String) {
+    for start in (0..n).step_by(1000) {
+        let values: Vec<String> = (start..(start + 1000).min(n))
+            .map(|i| format!("('srv-{i}', '{}', {port}, 'vito', 'ready', 0, 0)", ip(i)))
+            .collect();
+        execute(
+            db,
+            &format!(
+                "INSERT INTO servers (name, ip, port, ssh_user, status, created_at, updated_at) \
+                 VALUES {}",
+                values.join(", ")
+            ),
+        )
+        .await;
+    }
+}
+
 /// One integer.
 pub async fn count(db: &Db, sql: &str) -> i64 {
     let sql = AssertSqlSafe(sql.to_owned());

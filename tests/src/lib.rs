@@ -30,16 +30,4 @@ pub fn init_test_log() {
     }
 }
 
-/// A random number, different in every call and every process (no extra dependency).
-pub fn random_u64() -> u64 {
-    use std::{
-        collections::hash_map::RandomState,
-        hash::{BuildHasher, Hasher},
-        sync::atomic::{AtomicU64, Ordering},
-    };
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut hasher = RandomState::new().build_hasher();
-    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-    hasher.write_u32(std::process::id());
-    hasher.finish()
-}
+pub use fleetsync_common::clock::random_u64;

@@ -102,6 +102,7 @@ pub fn test_runner_config() -> RunnerConfig {
         backoff_max: Duration::from_secs(4),
         probe_interval: Duration::from_millis(200),
         sync_interval: None,
+        ..RunnerConfig::default()
     }
 }
 
@@ -131,6 +132,8 @@ impl TestAgent {
             ssh,
             runner,
             security: Default::default(),
+            db_pool_size: 16,
+            max_streams: 1024,
         };
         let service = Running::spawn(move |listener, shutdown| {
             fleetsync_sync_agent::run(config, listener, shutdown)
@@ -343,4 +346,29 @@ pub async fn register_fleet(
         );
     }
     ids
+}
+
+/// Runs `Sync` for these servers and collects its events; panics unless the job ends within
+/// 30 s.
+pub async fn sync_events(
+    client: &mut SyncAgentClient<Channel>,
+    ids: &[i64],
+    request_id: &str,
+) -> Vec<fleetsync_common::proto::sync::v1::SyncEvent> {
+    use tokio_stream::StreamExt;
+    let stream = client
+        .sync(fleetsync_common::proto::sync::v1::StartSyncRequest {
+            request_id: request_id.into(),
+            server_ids: ids.to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("sync")
+        .into_inner();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        stream.map(|e| e.expect("event")).collect::<Vec<_>>(),
+    )
+    .await
+    .expect("the job finishes within 30s")
 }

@@ -43,7 +43,10 @@ async fn fresh_run(backend: Backend) {
     let first = migrator(url, &["migrate", "--no-dispatch"]).await;
     assert_eq!(first.code(), 0, "{}", first.stderr);
     assert!(
-        first.stdout.contains("done: 7 migration(s) applied"),
+        first.stdout.contains(&format!(
+            "done: {} migration(s) applied",
+            MigrationSet::embedded(backend).len()
+        )),
         "{}",
         first.stdout
     );
@@ -283,7 +286,11 @@ async fn five_migrators_at_once_apply_each_migration_exactly_once() {
                 *applied.entry(version).or_default() += 1;
             }
         }
-        assert_eq!(applied.len(), 7, "{backend}: {applied:?}");
+        assert_eq!(
+            applied.len(),
+            MigrationSet::embedded(backend).len(),
+            "{backend}: {applied:?}"
+        );
         assert!(applied.values().all(|n| *n == 1), "{backend}: {applied:?}");
         let outbox = count(&db.connect().await, "SELECT COUNT(*) FROM sync_requests").await;
         assert_eq!(outbox, 1, "{backend}: exactly one sync request");

@@ -103,13 +103,16 @@ async fn migrator_service_reports_plans_and_migrates_alongside_the_cli() {
         .into_inner();
     assert_eq!(status.backend, "postgres");
     assert_eq!(status.current_version, 0);
-    assert_eq!(status.migrations.len(), 7);
+    let embedded =
+        fleetsync_migrator::migration::MigrationSet::embedded(fleetsync_common::Backend::Postgres)
+            .len();
+    assert_eq!(status.migrations.len(), embedded);
     let plan = client
         .plan(PlanRequest { target_version: 0 })
         .await
         .expect("plan")
         .into_inner();
-    assert_eq!(plan.migrations.len(), 7);
+    assert_eq!(plan.migrations.len(), embedded);
     assert!(plan.migrations[0].statements[0].starts_with("CREATE TABLE servers"));
 
     // Bad targets are the caller's fault.
@@ -163,7 +166,7 @@ async fn migrator_service_reports_plans_and_migrates_alongside_the_cli() {
         .count();
     assert_eq!(
         rpc_applied.len() + cli_applied,
-        7,
+        embedded,
         "each migration applied exactly once"
     );
 

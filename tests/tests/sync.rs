@@ -22,7 +22,7 @@ use fleetsync_tests::{
     catalog::{count, execute, wait_for_count},
     fleet::{NO_SUDO_USER, Placement, SSH_USER},
     migrator::migrator,
-    services::{migrate, register_fleet, register_server, test_runner_config},
+    services::{migrate, register_fleet, register_server, sync_events as sync, test_runner_config},
 };
 use tokio_stream::StreamExt;
 use tonic::{Code, transport::Channel};
@@ -34,29 +34,6 @@ fn timeouts() -> Timeouts {
         auth: Duration::from_secs(3),
         command: Duration::from_secs(10),
     }
-}
-
-/// Runs `Sync` for these servers and collects its events (with a deadline).
-async fn sync(
-    client: &mut SyncAgentClient<Channel>,
-    ids: &[i64],
-    request_id: &str,
-) -> Vec<SyncEvent> {
-    let stream = client
-        .sync(StartSyncRequest {
-            request_id: request_id.into(),
-            server_ids: ids.to_vec(),
-            ..Default::default()
-        })
-        .await
-        .expect("sync")
-        .into_inner();
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        stream.map(|e| e.expect("event")).collect::<Vec<_>>(),
-    )
-    .await
-    .expect("the job finishes within 30s")
 }
 
 fn outcomes(events: &[SyncEvent]) -> BTreeMap<i64, pb::ServerOutcome> {
@@ -569,7 +546,7 @@ async fn output_over_the_cap_is_a_parse_failure_and_a_hung_probe_a_command_failu
 }
 
 #[tokio::test]
-async fn concurrent_requests_for_one_server_share_one_run_and_repeat_requests_one_job() {
+async fn a_request_during_a_run_gets_a_run_of_its_own_and_repeat_requests_one_job() {
     let fleet = SshFleet::start(1).await;
     let db = TestDb::sqlite().await;
     let agent = TestAgent::spawn(db.url(), fleet.client(timeouts(), DEFAULT_OUTPUT_CAP)).await;
@@ -624,15 +601,22 @@ async fn concurrent_requests_for_one_server_share_one_run_and_repeat_requests_on
         (a.job_id.as_str(), false)
     );
 
+    let mut finished = Vec::new();
     for job in [&a.job_id, &b.job_id] {
         let events = watch(&mut sync_api, job, 0).await;
-        assert_eq!(outcomes(&events)[&id].outcome(), Outcome::Ok);
+        let outcome = &outcomes(&events)[&id];
+        assert_eq!(outcome.outcome(), Outcome::Ok);
+        let at = outcome.finished_at.as_ref().expect("finished_at");
+        finished.push((at.seconds, at.nanos));
     }
+    // B arrived while A's run was reading the server: what that run read may predate B (a
+    // "sync after restore"), so B gets a run of its own, which finishes later.
     assert_eq!(
         count(&conn, "SELECT COUNT(*) FROM sync_runs").await,
-        1,
-        "one SSH run served both jobs"
+        2,
+        "the request made during a run is served by the next run"
     );
+    assert!(finished[1] > finished[0], "{finished:?}");
     assert_eq!(
         count(&conn, "SELECT COUNT(*) FROM sync_jobs WHERE origin = 'rpc'").await,
         2
@@ -670,13 +654,15 @@ async fn a_watch_resumes_from_its_cursor_and_jobs_read_back() {
     let tail = watch(&mut sync_api, &job_id, 2).await;
     assert_eq!(tail.iter().map(|e| e.cursor).collect::<Vec<_>>(), [3, 4]);
     assert_eq!(tail[0], all[2]);
-    // From the summary's own cursor: nothing more than the summary.
+    // From the summary's own cursor: nothing more, the stream just ends.
     let end = watch(&mut sync_api, &job_id, 4).await;
-    assert_eq!(end.len(), 1);
+    assert!(end.is_empty(), "{end:?}");
     let read = sync_api
         .get_sync_job(GetSyncJobRequest {
             job_id: job_id.clone(),
             include_outcomes: true,
+            page_size: 0,
+            page_token: String::new(),
         })
         .await
         .expect("get job")
@@ -812,6 +798,8 @@ async fn malformed_and_hostile_requests_get_the_right_status() {
             .get_sync_job(GetSyncJobRequest {
                 job_id: "nope".into(),
                 include_outcomes: true,
+                page_size: 0,
+                page_token: String::new(),
             })
             .await,
     );
@@ -1278,8 +1266,8 @@ async fn migrate_hands_its_request_to_a_running_agent() {
 }
 
 #[tokio::test]
-async fn an_agent_that_lost_its_lease_writes_nothing() {
-    use fleetsync_sync_agent::store::{RunRecord, RunResult, Store};
+async fn an_agent_that_lost_its_lease_writes_nothing_and_runs_serve_only_older_requests() {
+    use fleetsync_sync_agent::store::{Completion, Reach, Recorded, RunResult, Store};
     for backend in [Backend::Sqlite, Backend::Postgres, Backend::MySql] {
         let db = TestDb::create(backend).await;
         migrate(db.url()).await;
@@ -1300,65 +1288,116 @@ async fn an_agent_that_lost_its_lease_writes_nothing() {
             .expect("server")
             .server
             .id;
-        let (job, _) = store
-            .create_job(&fleetsync_sync_agent::store::NewJob {
-                request_id: "fenced".into(),
-                origin: fleetsync_sync_agent::store::JobOrigin::Rpc,
-                selection: fleetsync_sync_agent::store::Selection::Ids(vec![server]),
-                scopes: "databases".into(),
-                force: false,
-                reason: String::new(),
-            })
-            .await
-            .expect("job");
+        let job = |request: &str| fleetsync_sync_agent::store::NewJob {
+            request_id: request.into(),
+            origin: fleetsync_sync_agent::store::JobOrigin::Rpc,
+            selection: fleetsync_sync_agent::store::Selection::Ids(vec![server]),
+            scopes: "databases".into(),
+            force: false,
+            reason: String::new(),
+        };
+        let (before, _) = store.create_job(&job("before")).await.expect("job");
 
-        let a = store
-            .claim_lease(server, "agent-a", 60_000)
-            .await
-            .expect("claim")
-            .expect("free lease");
-        assert_eq!(
+        let a = store.claim("agent-a", 60_000, 10).await.expect("claim");
+        assert_eq!(a.len(), 1, "{backend}: the waiting server is claimed");
+        let a = a[0].claim;
+        assert!(
             store
-                .claim_lease(server, "agent-b", 60_000)
+                .claim("agent-b", 60_000, 10)
                 .await
-                .expect("claim"),
-            None,
-            "held"
+                .expect("claim")
+                .is_empty(),
+            "{backend}: a held lease is not claimed again"
         );
+        // A request that arrives while A's run is in flight ("sync after restore") must not be
+        // answered with what A read before it.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let (during, _) = store.create_job(&job("during")).await.expect("job");
+        // (A claim serves requests up to its own millisecond.)
+        tokio::time::sleep(Duration::from_millis(5)).await;
+
         // Agent A stalls past its lease; agent B takes over with a newer token.
         execute(&conn, "UPDATE server_leases SET expires_at = 0").await;
-        let b = store
-            .claim_lease(server, "agent-b", 60_000)
-            .await
-            .expect("claim")
-            .expect("expired lease");
-        assert!(b > a, "tokens grow on every claim");
+        let b = store.claim("agent-b", 60_000, 10).await.expect("claim");
+        assert_eq!(b.len(), 1, "{backend}: an expired lease is claimed");
+        let b = b[0].claim;
+        assert!(b.token > a.token, "tokens grow on every claim");
 
-        let result = |outcome: &str| RunResult {
-            outcome: outcome.into(),
-            ..RunResult::default()
+        let completion = |claim, outcome: &str| Completion {
+            claim,
+            result: RunResult {
+                outcome: outcome.into(),
+                ..RunResult::default()
+            },
+            inventory: None,
+            pin: None,
+            reach: Reach::Online,
         };
-        fn run(result: &RunResult, reachable: bool) -> RunRecord<'_> {
-            RunRecord {
-                result,
-                inventory: None,
-                pin: None,
-                reachable: Some(reachable),
-            }
-        }
         let stale = store
-            .record_run(server, "agent-a", a, run(&result("AUTH_FAILED"), false))
+            .complete("agent-a", &[completion(a, "AUTH_FAILED")])
             .await
             .expect("record");
-        assert_eq!(stale, None, "{backend}: the stale agent is fenced off");
+        assert_eq!(
+            stale,
+            [Recorded::LeaseLost],
+            "{backend}: the stale agent is fenced off"
+        );
         assert_eq!(count(&conn, "SELECT COUNT(*) FROM sync_runs").await, 0);
+
+        // B's claim came after both requests: its run serves both.
         let fresh = store
-            .record_run(server, "agent-b", b, run(&result("OK"), true))
+            .complete("agent-b", &[completion(b, "OK")])
             .await
             .expect("record");
-        assert_eq!(fresh, Some(vec![job.id.clone()]));
-        let job = store.job(&job.id).await.expect("job").expect("exists");
+        let Recorded::Stored { jobs, .. } = &fresh[0] else {
+            panic!("{backend}: {fresh:?}")
+        };
+        let mut expected = vec![before.id.clone(), during.id.clone()];
+        expected.sort();
+        assert_eq!(*jobs, expected, "{backend}");
+
+        // Now a run that started before a request: the request waits for the next run.
+        let c = store.claim("agent-c", 60_000, 10).await.expect("claim");
+        assert!(c.is_empty(), "{backend}: nothing waits");
+        let (first, _) = store.create_job(&job("first")).await.expect("job");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let c = store.claim("agent-c", 60_000, 10).await.expect("claim")[0].claim;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let (late, _) = store.create_job(&job("late")).await.expect("job");
+        let served = store
+            .complete("agent-c", &[completion(c, "OK")])
+            .await
+            .expect("record");
+        assert!(
+            matches!(&served[0], Recorded::Stored { jobs, .. } if *jobs == [first.id.clone()]),
+            "{backend}: only the request older than the claim is served: {served:?}"
+        );
+        let late_job = store.job(&late.id).await.expect("job").expect("exists");
+        assert_eq!(late_job.finished, 0, "{backend}: the late request waits");
+        let again = store.claim("agent-c", 60_000, 10).await.expect("claim");
+        assert_eq!(
+            again.len(),
+            1,
+            "{backend}: the server waits again for the late request"
+        );
+        let served = store
+            .complete("agent-c", &[completion(again[0].claim, "OK")])
+            .await
+            .expect("record");
+        assert!(
+            matches!(&served[0], Recorded::Stored { jobs, .. } if *jobs == [late.id.clone()]),
+            "{backend}: {served:?}"
+        );
+        let job = store.job(&before.id).await.expect("job").expect("exists");
         assert_eq!(job.outcome_counts, [("OK".to_owned(), 1)], "{backend}");
+        assert!(
+            store
+                .claim("agent-c", 60_000, 10)
+                .await
+                .expect("claim")
+                .is_empty(),
+            "{backend}: nothing waits once every request is served"
+        );
     }
 }
 

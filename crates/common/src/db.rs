@@ -15,6 +15,26 @@ use sqlx::{
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long SQLite waits on a lock held by another connection before `SQLITE_BUSY`.
 pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections in a PostgreSQL or MySQL pool unless the caller says otherwise.
+pub const DEFAULT_POOL_SIZE: u32 = 16;
+
+/// How to open the control-plane database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DbOptions {
+    /// How long to wait for a connection (to open one, or to get one from the pool).
+    pub connect_timeout: Duration,
+    /// Most connections in the pool (PostgreSQL and MySQL; SQLite has one writer and keeps 8).
+    pub pool_size: u32,
+}
+
+impl Default for DbOptions {
+    fn default() -> Self {
+        Self {
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            pool_size: DEFAULT_POOL_SIZE,
+        }
+    }
+}
 
 /// Which database server the control plane lives in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -128,6 +148,24 @@ impl Db {
 
     /// Opens the database a URL names, waiting at most `timeout` for the first connection.
     pub async fn connect_with_timeout(url: &str, timeout: Duration) -> Result<Self, DbError> {
+        Self::connect_with(
+            url,
+            DbOptions {
+                connect_timeout: timeout,
+                ..DbOptions::default()
+            },
+        )
+        .await
+    }
+
+    /// Opens the database a URL names with these options.
+    ///
+    /// MySQL sessions run at `READ COMMITTED`: every statement sees what is committed when it
+    /// starts, as on PostgreSQL, and InnoDB takes no gap locks (the source of most deadlocks
+    /// between concurrent inserts).
+    pub async fn connect_with(url: &str, options: DbOptions) -> Result<Self, DbError> {
+        let timeout = options.connect_timeout;
+        let pool_size = options.pool_size.max(2);
         let backend = Backend::from_url(url)?;
         let redacted = redact_url(url);
         let invalid = |source: sqlx::Error| DbError::InvalidUrl {
@@ -158,7 +196,7 @@ impl Db {
                     probe::<sqlx::PgConnection>(&options).await.map(|()| {
                         Self::Postgres(
                             PgPoolOptions::new()
-                                .max_connections(16)
+                                .max_connections(pool_size)
                                 .acquire_timeout(timeout)
                                 .connect_lazy_with(options),
                         )
@@ -170,8 +208,18 @@ impl Db {
                     probe::<sqlx::MySqlConnection>(&options).await.map(|()| {
                         Self::MySql(
                             MySqlPoolOptions::new()
-                                .max_connections(16)
+                                .max_connections(pool_size)
                                 .acquire_timeout(timeout)
+                                .after_connect(|conn, _| {
+                                    Box::pin(async move {
+                                        use sqlx::Executor;
+                                        conn.execute(
+                                            "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
+                                        )
+                                        .await
+                                        .map(drop)
+                                    })
+                                })
                                 .connect_lazy_with(options),
                         )
                     })

@@ -33,6 +33,13 @@ pub enum ServiceError {
     /// A dependency (the database) is unavailable right now; retrying may help.
     #[error("{0}")]
     Unavailable(String),
+    /// A concurrency conflict in the database that persisted through every retry; the
+    /// client may try again.
+    #[error("{0}")]
+    Aborted(String),
+    /// A limit on open streams or calls is reached; retry later.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// A position (a cursor) past the end of what exists.
     #[error("{0}")]
     OutOfRange(String),
@@ -72,6 +79,8 @@ impl ServiceError {
             Self::AlreadyExists(_) => Code::AlreadyExists,
             Self::FailedPrecondition(_) => Code::FailedPrecondition,
             Self::Unavailable(_) => Code::Unavailable,
+            Self::Aborted(_) => Code::Aborted,
+            Self::ResourceExhausted(_) => Code::ResourceExhausted,
             Self::OutOfRange(_) => Code::OutOfRange,
             Self::Unimplemented(_) => Code::Unimplemented,
             Self::Unauthenticated(_) => Code::Unauthenticated,
@@ -82,15 +91,15 @@ impl ServiceError {
 
 impl From<sqlx::Error> for ServiceError {
     fn from(err: sqlx::Error) -> Self {
-        match err {
-            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
-                tracing::warn!(error = %err, "database unavailable");
-                Self::Unavailable("control-plane database unavailable".into())
+        use crate::sql::{Failure, classify};
+        match classify(&err) {
+            Failure::Unavailable => {
+                Self::Unavailable(format!("control-plane database unavailable: {err}"))
             }
-            other => {
-                tracing::error!(error = %other, "database error");
-                Self::Internal("database error".into())
-            }
+            Failure::Conflict => Self::Aborted(format!(
+                "the control-plane database reported a conflict with concurrent writes: {err}"
+            )),
+            Failure::Permanent => Self::Internal(format!("database error: {err}")),
         }
     }
 }
@@ -99,8 +108,11 @@ impl From<ServiceError> for Status {
     fn from(err: ServiceError) -> Self {
         let code = err.code();
         let message = match &err {
-            // Internal details stay in the log.
-            ServiceError::Internal(_) => "internal error, see the server log".to_owned(),
+            // Internal details stay in the log: logged here, once, where the call ends.
+            ServiceError::Internal(detail) => {
+                tracing::error!(error = %detail, "request failed");
+                "internal error, see the server log".to_owned()
+            }
             other => other.to_string(),
         };
         Status::new(code, message)

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod clock;
 pub mod db;
 pub mod error;
 pub mod grpc;
@@ -11,5 +12,5 @@ pub mod shutdown;
 pub mod sql;
 pub mod telemetry;
 
-pub use db::{Backend, Db, DbError};
+pub use db::{Backend, Db, DbError, DbOptions};
 pub use error::ServiceError;

@@ -162,6 +162,101 @@ pub fn now_ms_sql(backend: Backend) -> &'static str {
     }
 }
 
+/// What a failed statement means for whoever runs it again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The database chose this transaction as a victim of concurrency (deadlock, serialisation
+    /// failure, lock wait timeout, SQLite busy): running it again at once is the cure.
+    Conflict,
+    /// The database is out of reach (pool timeout, connection lost): retry later.
+    Unavailable,
+    /// Anything else: the same statement with the same data fails the same way.
+    Permanent,
+}
+
+/// Classifies a database error (PostgreSQL 40001/40P01/55P03, MySQL 1213/1205, SQLite
+/// BUSY/LOCKED are conflicts).
+pub fn classify(err: &sqlx::Error) -> Failure {
+    match err {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => Failure::Unavailable,
+        sqlx::Error::Database(db) => {
+            if let Some(my) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+                return match my.number() {
+                    1213 | 1205 => Failure::Conflict,
+                    // Server gone / lost / shutting down / too many connections.
+                    2006 | 2013 | 1053 | 1040 => Failure::Unavailable,
+                    _ => Failure::Permanent,
+                };
+            }
+            match db.code().as_deref() {
+                Some("40001" | "40P01" | "55P03") => Failure::Conflict,
+                // SQLite: BUSY, LOCKED and their extended codes.
+                Some("5" | "6" | "261" | "262" | "517") => Failure::Conflict,
+                Some(code) if code.starts_with("08") || code.starts_with("57P") => {
+                    Failure::Unavailable
+                }
+                _ => Failure::Permanent,
+            }
+        }
+        _ => Failure::Permanent,
+    }
+}
+
+/// True if the error is a unique-key violation (a concurrent twin inserted the same key).
+pub fn is_unique_violation(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+/// Errors that can say whether running the same transaction again may succeed.
+pub trait Retryable {
+    /// True for a concurrency conflict (deadlock, serialisation failure, busy).
+    fn is_conflict(&self) -> bool;
+}
+
+impl Retryable for sqlx::Error {
+    fn is_conflict(&self) -> bool {
+        classify(self) == Failure::Conflict
+    }
+}
+
+impl Retryable for crate::ServiceError {
+    fn is_conflict(&self) -> bool {
+        matches!(self, Self::Aborted(_))
+    }
+}
+
+/// How many times a transaction is tried before its conflict reaches the caller.
+pub const MAX_ATTEMPTS: u32 = 12;
+
+/// Runs `attempt` (one whole transaction) until it ends without a concurrency conflict, at
+/// most [`MAX_ATTEMPTS`] times, with a growing jittered pause between tries. Deadlocks and
+/// serialisation failures are normal under concurrency; callers never see them unless the
+/// conflict persists.
+pub async fn retry<T, E, F, Fut>(what: &'static str, mut attempt: F) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: Retryable + std::fmt::Display,
+{
+    let mut pause = std::time::Duration::from_millis(2);
+    let mut tries = 1;
+    loop {
+        match attempt().await {
+            Err(err) if tries < MAX_ATTEMPTS && err.is_conflict() => {
+                tracing::debug!(what, tries, error = %err, "transaction conflict; trying again");
+                tokio::time::sleep(crate::clock::jitter(pause, 0.5)).await;
+                pause = (pause * 2).min(std::time::Duration::from_millis(250));
+                tries += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
 macro_rules! bind_values {
     ($query:expr, $args:expr) => {{
         let mut query = $query;

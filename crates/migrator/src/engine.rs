@@ -13,7 +13,7 @@
 
 use std::{
     collections::BTreeSet,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use fleetsync_common::{Backend, Db, sql::Value};
@@ -338,12 +338,7 @@ pub fn default_installed_by() -> String {
     format!("{user}@{host}")
 }
 
-/// Milliseconds since the Unix epoch now.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
+pub use fleetsync_common::clock::now_ms;
 
 /// The migration engine over one database and one migration set.
 #[derive(Debug, Clone)]

@@ -300,6 +300,7 @@ const SOURCES: &[Source] = &[
     source!(20250215120213, "add_charset_collation_to_databases"),
     source!(20250301000001, "add_reachability_to_servers"),
     source!(20250301000002, "create_sync_bookkeeping"),
+    source!(20250401000001, "create_sync_work_queue"),
 ];
 
 /// The version that adds `charset` and `collation` to `databases` (Vito's incident).

@@ -321,15 +321,32 @@ pub async fn sync(args: &SyncArgs) -> anyhow::Result<()> {
 /// `sync-agent job`.
 pub async fn job(args: &JobArgs) -> anyhow::Result<()> {
     let (mut client, _) = connect(&args.agent).await?;
-    let read = client
+    let mut read = client
         .get_sync_job(GetSyncJobRequest {
             job_id: args.job_id.clone(),
             include_outcomes: !args.watch,
+            page_size: 10_000,
+            page_token: String::new(),
         })
         .await
         .map_err(status)?
         .into_inner();
-    let job = read.job.context("the agent sent no job")?;
+    let job = read.job.clone().context("the agent sent no job")?;
+    // Outcomes come a page at a time: a job of any size fits.
+    while !read.next_page_token.is_empty() {
+        let mut next = client
+            .get_sync_job(GetSyncJobRequest {
+                job_id: args.job_id.clone(),
+                include_outcomes: true,
+                page_size: 10_000,
+                page_token: read.next_page_token.clone(),
+            })
+            .await
+            .map_err(status)?
+            .into_inner();
+        next.outcomes.splice(0..0, read.outcomes);
+        read = next;
+    }
     if args.watch {
         let (outcomes, summary) = follow(
             &mut client,

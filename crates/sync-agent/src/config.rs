@@ -196,6 +196,21 @@ pub struct ServeArgs {
     /// How often offline servers due for a probe are checked (TCP connect and SSH banner).
     #[arg(long, env = "FLEETSYNC_PROBE_INTERVAL", default_value = "5s")]
     pub probe_interval: humantime::Duration,
+
+    /// Finished jobs, their outcomes and the run history are deleted this long after they
+    /// finished.
+    #[arg(long, env = "FLEETSYNC_RETENTION", default_value = "7d")]
+    pub retention: humantime::Duration,
+
+    /// Connections to the control-plane database (PostgreSQL, MySQL). The agent's work path
+    /// uses a few (claims, batched completions, one heartbeat); the rest serve RPCs and watch
+    /// streams.
+    #[arg(long, env = "FLEETSYNC_DB_POOL_SIZE", default_value_t = 32)]
+    pub db_pool_size: u32,
+
+    /// Most WatchSync/Sync streams open at once; more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "FLEETSYNC_MAX_STREAMS", default_value_t = 1024)]
+    pub max_streams: usize,
 }
 
 /// How the agent connects to managed servers.

@@ -77,8 +77,13 @@ const SYSTEM_DATABASES: &[&str] = &[
     "postgres",
 ];
 
-/// Longest name accepted from a server (MySQL allows 64 characters, PostgreSQL 63 bytes).
+/// Longest name accepted from a server (MySQL allows 64 characters, PostgreSQL 63 bytes), and
+/// the width of the control-plane columns that hold names, users and hosts.
 const MAX_NAME: usize = 255;
+/// Width of the control-plane columns for charsets, collations and versions (`VARCHAR(64)`).
+const MAX_SHORT: usize = 64;
+/// Most databases, users, grants or collations accepted from one server.
+const MAX_ITEMS: usize = 100_000;
 
 /// Why a probe's output was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -179,6 +184,30 @@ fn check_name(what: &str, name: &str) -> Result<(), ParseError> {
     Ok(())
 }
 
+/// Every other text a server sends (charset, collation, version, host) must fit the column that
+/// stores it and hold no NUL byte (which PostgreSQL cannot store): a value that cannot be
+/// stored is refused here, with its field named, instead of failing the write every time.
+fn check_text(what: &str, value: &str, max_chars: usize) -> Result<(), ParseError> {
+    if value.contains('\0') {
+        return Err(ParseError(format!("{what} contains a NUL byte")));
+    }
+    let chars = value.chars().count();
+    if chars > max_chars {
+        return Err(ParseError(format!(
+            "{what} of {chars} characters (at most {max_chars}): {:?}…",
+            value.chars().take(32).collect::<String>()
+        )));
+    }
+    Ok(())
+}
+
+fn check_count(what: &str, n: usize) -> Result<(), ParseError> {
+    if n > MAX_ITEMS {
+        return Err(ParseError(format!("{n} {what} (at most {MAX_ITEMS})")));
+    }
+    Ok(())
+}
+
 /// Parses a probe's stdout into what to store.
 pub fn parse(service: DatabaseService, stdout: &[u8]) -> Result<InventoryWrite, ParseError> {
     let text = std::str::from_utf8(stdout)
@@ -194,27 +223,47 @@ pub fn parse(service: DatabaseService, stdout: &[u8]) -> Result<InventoryWrite, 
         DatabaseService::Postgresql => "UTF8".into(),
         _ => "utf8mb3".into(),
     });
+    check_text("default charset", &default_charset, MAX_SHORT)?;
+    if let Some(version) = &document.version {
+        check_text("version", version, MAX_SHORT)?;
+    }
 
     let mut databases = BTreeMap::new();
-    for row in array::<DatabaseRow>(document.databases, "databases")? {
+    let rows = array::<DatabaseRow>(document.databases, "databases")?;
+    check_count("databases", rows.len())?;
+    for row in rows {
         check_name("database", &row.name)?;
         if SYSTEM_DATABASES.contains(&row.name.as_str()) {
             continue;
         }
         let charset = row.charset.unwrap_or_else(|| default_charset.clone());
         let collation = row.collation.unwrap_or_default();
+        check_text(
+            &format!("charset of database {:?}", row.name),
+            &charset,
+            MAX_SHORT,
+        )?;
+        check_text(
+            &format!("collation of database {:?}", row.name),
+            &collation,
+            MAX_SHORT,
+        )?;
         databases.insert(row.name, (charset, collation));
     }
 
     // charset -> {"default": collation, "list": [collations]}
     let mut charsets: BTreeMap<String, (Option<String>, Vec<String>)> = BTreeMap::new();
-    for row in array::<CollationRow>(document.collations, "collations")? {
+    let rows = array::<CollationRow>(document.collations, "collations")?;
+    check_count("collations", rows.len())?;
+    for row in rows {
         check_name("collation", &row.collation)?;
+        check_text("collation", &row.collation, MAX_SHORT)?;
         // PostgreSQL collations for any encoding apply to the server's.
         let charset = match row.charset {
             Some(c) if !c.is_empty() => c,
             _ => default_charset.clone(),
         };
+        check_text("charset", &charset, MAX_SHORT)?;
         let entry = charsets.entry(charset).or_default();
         if row.default.as_deref() == Some("Yes") {
             entry.0 = Some(row.collation.clone());
@@ -234,14 +283,25 @@ pub fn parse(service: DatabaseService, stdout: &[u8]) -> Result<InventoryWrite, 
     .to_string();
 
     let mut users: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
-    for row in array::<UserRow>(document.users, "users")? {
+    let rows = array::<UserRow>(document.users, "users")?;
+    check_count("users", rows.len())?;
+    for row in rows {
         check_name("user", &row.user)?;
         let host = row.host.unwrap_or_default();
+        check_text(&format!("host of user {:?}", row.user), &host, MAX_NAME)?;
+        let granted = row.databases.unwrap_or_default();
+        check_count("databases of one user", granted.len())?;
+        for db in &granted {
+            check_name("granted database", db)?;
+        }
         let entry = users.entry((row.user, host)).or_default();
-        entry.extend(row.databases.unwrap_or_default());
+        entry.extend(granted);
     }
-    for grant in array::<GrantRow>(document.grants, "grants")? {
+    let grants = array::<GrantRow>(document.grants, "grants")?;
+    check_count("grants", grants.len())?;
+    for grant in grants {
         if let Some(databases) = users.get_mut(&(grant.user, grant.host)) {
+            check_name("granted database", &grant.db)?;
             databases.push(grant.db);
         }
     }
@@ -323,6 +383,34 @@ mod tests {
             let err = parse(DatabaseService::Mysql, out.as_bytes()).unwrap_err();
             assert!(err.0.contains(expected), "{out}: {err}");
         }
+        for (out, expected) in [
+            (
+                r#"{"databases": [{"name": "a", "charset": "utf8\u0000"}]}"#,
+                "charset of database \"a\" contains a NUL byte",
+            ),
+            (r#"{"version": "1\u0000"}"#, "version contains a NUL byte"),
+            (
+                r#"{"users": [{"user": "u", "host": "h\u0000"}]}"#,
+                "host of user \"u\" contains a NUL byte",
+            ),
+            (
+                r#"{"collations": [{"charset": "utf8mb4\u0000", "collation": "c"}]}"#,
+                "charset contains a NUL byte",
+            ),
+        ] {
+            let err = parse(DatabaseService::Mysql, out.as_bytes()).unwrap_err();
+            assert!(err.0.contains(expected), "{out}: {err}");
+        }
+        let wide = format!(
+            r#"{{"databases": [{{"name": "a", "collation": "{}"}}]}}"#,
+            "c".repeat(65)
+        );
+        let err = parse(DatabaseService::Mysql, wide.as_bytes()).unwrap_err();
+        assert!(err.0.contains("of 65 characters (at most 64)"), "{err}");
+        let wide = format!(r#"{{"version": "{}"}}"#, "ü".repeat(65));
+        assert!(parse(DatabaseService::Mysql, wide.as_bytes()).is_err());
+        let fits = format!(r#"{{"version": "{}"}}"#, "ü".repeat(64));
+        assert!(parse(DatabaseService::Mysql, fits.as_bytes()).is_ok());
         let long = format!(r#"{{"databases": [{{"name": "{}"}}]}}"#, "x".repeat(300));
         assert!(
             parse(DatabaseService::Mysql, long.as_bytes())

@@ -13,11 +13,11 @@ pub mod service;
 pub mod ssh;
 pub mod store;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context;
 use fleetsync_common::{
-    Db, grpc,
+    Db, DbOptions, grpc,
     proto::{
         SYNC_DESCRIPTOR_SET,
         sync::v1::{fleet_server::FleetServer, sync_agent_server::SyncAgentServer},
@@ -47,6 +47,10 @@ pub struct Config {
     pub runner: RunnerConfig,
     /// Bearer token and TLS.
     pub security: grpc::Security,
+    /// Connections to the control-plane database.
+    pub db_pool_size: u32,
+    /// Most event streams open at once.
+    pub max_streams: usize,
 }
 
 /// Runs the agent on `listener` until `shutdown` is cancelled.
@@ -58,9 +62,26 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let db = Db::connect(&config.database_url).await?;
+    let db = Db::connect_with(
+        &config.database_url,
+        DbOptions {
+            pool_size: config.db_pool_size,
+            ..DbOptions::default()
+        },
+    )
+    .await?;
     let version = schema::check(&db).await?;
     let store = Store::new(db.clone());
+    let marked = store
+        .repair_queue()
+        .await
+        .context("marking the servers that wait for a sync")?;
+    if marked > 0 {
+        tracing::info!(
+            servers = marked,
+            "servers waiting from before this agent's schema"
+        );
+    }
     let signals = Signals::default();
     let holder = format!("{}-{}-{}", hostname(), std::process::id(), &new_id()[..8]);
     let runner = Runner::new(
@@ -77,6 +98,7 @@ pub async fn run(
         signals,
         shutdown: shutdown.clone(),
         watch_poll: config.runner.poll_interval.max(Duration::from_millis(100)),
+        streams: std::sync::Arc::new(tokio::sync::Semaphore::new(config.max_streams.max(1))),
     };
     let (router, health) = grpc::base_router(
         &[
@@ -135,7 +157,40 @@ pub fn config_from_args(args: &config::ServeArgs) -> anyhow::Result<Config> {
         keys
     };
     let security = grpc::Security::from_args(&args.security, args.listen)?;
+    let at_least = |flag: &str, value: Duration, min: Duration| {
+        anyhow::ensure!(
+            value >= min,
+            "--{flag} {} is too short: at least {}",
+            humantime::format_duration(value),
+            humantime::format_duration(min)
+        );
+        Ok(())
+    };
+    at_least("lease-ttl", args.lease_ttl.into(), Duration::from_secs(1))?;
+    at_least(
+        "poll-interval",
+        args.poll_interval.into(),
+        Duration::from_millis(10),
+    )?;
+    at_least(
+        "outbox-interval",
+        args.outbox_interval.into(),
+        Duration::from_millis(100),
+    )?;
+    at_least(
+        "probe-interval",
+        args.probe_interval.into(),
+        Duration::from_millis(10),
+    )?;
+    at_least(
+        "backoff-base",
+        args.backoff_base.into(),
+        Duration::from_millis(1),
+    )?;
+    at_least("retention", args.retention.into(), Duration::from_secs(60))?;
     Ok(Config {
+        db_pool_size: args.db_pool_size,
+        max_streams: args.max_streams,
         security,
         database_url: args.common.database_url.clone(),
         shutdown_grace: args.common.shutdown_grace.into(),
@@ -149,45 +204,12 @@ pub fn config_from_args(args: &config::ServeArgs) -> anyhow::Result<Config> {
             backoff_max: args.backoff_max.into(),
             probe_interval: args.probe_interval.into(),
             sync_interval: Some(args.sync_interval.into()).filter(|i: &Duration| !i.is_zero()),
+            retention: args.retention.into(),
         },
     })
 }
 
-/// Milliseconds since the Unix epoch now (this machine's clock; leases use the database's).
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
-/// A random number (no extra dependency: std's per-process random hasher keys).
-pub fn random_u64() -> u64 {
-    use std::{
-        collections::hash_map::RandomState,
-        hash::{BuildHasher, Hasher},
-        sync::atomic::{AtomicU64, Ordering},
-    };
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut hasher = RandomState::new().build_hasher();
-    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-    hasher.write_u128(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    hasher.finish()
-}
-
-/// A time in milliseconds since the epoch, as RFC 3339 (UTC, seconds).
-pub fn format_ms(ms: i64) -> String {
-    let ms = u64::try_from(ms).unwrap_or(0);
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
-}
-
-/// A random 128-bit id as 32 hex digits.
-pub fn new_id() -> String {
-    format!("{:016x}{:016x}", random_u64(), random_u64())
-}
+pub use fleetsync_common::clock::{format_ms, new_id, now_ms, random_u64};
 
 fn hostname() -> String {
     std::fs::read_to_string("/etc/hostname")

@@ -1,28 +1,37 @@
-//! The scheduler: finds servers with job rows waiting, claims their leases, and runs one SSH
-//! sync per server (bounded concurrency), recording one outcome that satisfies every job
-//! waiting for that server. Also drains the outbox of sync requests recorded by migrations.
+//! The scheduler: claims waiting servers in batches, runs one SSH sync per server (bounded
+//! concurrency, no database access during the run), and records finished runs in batches
+//! (group commit), one outcome serving every job that waited for that server since before the
+//! claim. One heartbeat renews every lease the agent holds. Also drains the outbox of sync
+//! requests recorded by migrations, probes offline servers in parallel, starts the periodic
+//! sync and prunes old history.
 
 use std::{
-    sync::Arc,
+    collections::HashMap,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use fleetsync_common::proto::sync::v1::{Outcome, UnreachableCause};
-use tokio::sync::{Notify, Semaphore, watch};
+use fleetsync_common::{
+    clock::jitter,
+    proto::sync::v1::{Outcome, UnreachableCause},
+    sql::{Failure, classify},
+};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     inventory,
     ssh::{HostKeyInfo, SshClient, SshError, Target},
     store::{
-        InventoryWrite, JobOrigin, NewJob, RunRecord, RunResult, Selection, ServerRecord, Store,
+        Claim, ClaimedServer, Completion, InventoryWrite, JobOrigin, NewJob, Pruned, Reach,
+        Recorded, RunResult, Selection, ServerRecord, Store,
     },
 };
 
 /// Scheduler settings.
 #[derive(Debug, Clone)]
 pub struct RunnerConfig {
-    /// Servers synced at once.
+    /// Servers synced at once (SSH sessions in flight).
     pub concurrency: usize,
     /// Lease length; renewed while a run lasts.
     pub lease_ttl: Duration,
@@ -38,6 +47,8 @@ pub struct RunnerConfig {
     pub probe_interval: Duration,
     /// Every server is synced this often (`None`: only on request).
     pub sync_interval: Option<Duration>,
+    /// Finished jobs and runs are deleted this long after they finished.
+    pub retention: Duration,
 }
 
 impl Default for RunnerConfig {
@@ -51,16 +62,24 @@ impl Default for RunnerConfig {
             backoff_max: Duration::from_secs(600),
             probe_interval: Duration::from_secs(5),
             sync_interval: Some(Duration::from_secs(3600)),
+            retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
+
+/// Most servers claimed in one transaction.
+const CLAIM_BATCH: usize = 256;
+/// Most runs recorded in one transaction.
+const COMPLETE_BATCH: usize = 256;
+/// How often finished jobs and runs past the retention are pruned.
+const RETENTION_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Handles shared by the scheduler and the services.
 #[derive(Debug, Clone)]
 pub struct Signals {
     /// Wakes the scheduler (new work).
     pub wake: Arc<Notify>,
-    /// Bumped after every recorded outcome; watchers wait on it.
+    /// Bumped after every batch of recorded outcomes; watchers wait on it.
     pub changed: watch::Sender<u64>,
 }
 
@@ -79,6 +98,53 @@ impl Signals {
     }
 }
 
+/// The leases this agent holds for runs in flight or waiting to be recorded: the heartbeat
+/// renews exactly these. A lease leaves the set when its guard drops, whatever ends the run
+/// (recorded, released, or a panic), so no lease is renewed past the run that holds it.
+#[derive(Debug, Default)]
+struct HeldLeases(Mutex<HashMap<i64, i64>>);
+
+impl HeldLeases {
+    fn hold(self: &Arc<Self>, claim: Claim) -> LeaseGuard {
+        self.0
+            .lock()
+            .expect("lease set")
+            .insert(claim.server_id, claim.token);
+        LeaseGuard {
+            leases: Arc::clone(self),
+            claim,
+        }
+    }
+
+    fn server_ids(&self) -> Vec<i64> {
+        self.0.lock().expect("lease set").keys().copied().collect()
+    }
+}
+
+/// Holds one lease in [`HeldLeases`] until dropped.
+#[derive(Debug)]
+struct LeaseGuard {
+    leases: Arc<HeldLeases>,
+    claim: Claim,
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        let mut held = self.leases.0.lock().expect("lease set");
+        if held.get(&self.claim.server_id) == Some(&self.claim.token) {
+            held.remove(&self.claim.server_id);
+        }
+    }
+}
+
+/// A finished run on its way to the database, with the lease it holds and its slot.
+#[derive(Debug)]
+struct Finished {
+    completion: Completion,
+    _guard: LeaseGuard,
+    _slot: OwnedSemaphorePermit,
+}
+
 /// The scheduler of one agent.
 #[derive(Debug, Clone)]
 pub struct Runner {
@@ -88,6 +154,7 @@ pub struct Runner {
     config: RunnerConfig,
     signals: Signals,
     shutdown: CancellationToken,
+    held: Arc<HeldLeases>,
 }
 
 impl Runner {
@@ -107,184 +174,296 @@ impl Runner {
             config,
             signals,
             shutdown,
+            held: Arc::default(),
         }
     }
 
     /// Runs until shutdown; runs in flight are stopped and their servers left for the next
-    /// agent (their leases released, their job rows still waiting).
+    /// agent (their leases released, their job rows still waiting). Runs already finished are
+    /// recorded first.
     pub async fn run(self) {
         let this = Arc::new(self);
-        let outbox = tokio::spawn(Arc::clone(&this).drain_outbox_forever());
-        let prober = tokio::spawn(Arc::clone(&this).probe_offline_forever());
-        let scheduler = tokio::spawn(Arc::clone(&this).schedule_forever());
-        let listener = tokio::spawn(Arc::clone(&this).listen_forever());
-        let permits = Arc::new(Semaphore::new(this.config.concurrency));
+        let background = [
+            tokio::spawn(Arc::clone(&this).drain_outbox_forever()),
+            tokio::spawn(Arc::clone(&this).probe_offline_forever()),
+            tokio::spawn(Arc::clone(&this).schedule_forever()),
+            tokio::spawn(Arc::clone(&this).listen_forever()),
+            tokio::spawn(Arc::clone(&this).heartbeat_forever()),
+            tokio::spawn(Arc::clone(&this).prune_forever()),
+        ];
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let completer = tokio::spawn(Arc::clone(&this).complete_forever(done_rx));
+        let ssh_slots = Arc::new(Semaphore::new(this.config.concurrency));
+        // Leases held: runs in flight plus finished runs waiting to be recorded.
+        let lease_slots = Arc::new(Semaphore::new(
+            this.config.concurrency + this.config.concurrency.max(COMPLETE_BATCH),
+        ));
         let mut runs = tokio::task::JoinSet::new();
         loop {
-            if let Err(err) = this.fill(&permits, &mut runs).await {
-                tracing::warn!(error = %err, "scheduler could not read pending work; retrying");
+            let claimed = match this
+                .fill(&ssh_slots, &lease_slots, &done_tx, &mut runs)
+                .await
+            {
+                Ok(claimed) => claimed,
+                Err(err) => {
+                    tracing::warn!(error = %err, "scheduler could not claim work; retrying");
+                    0
+                }
+            };
+            while let Some(joined) = runs.try_join_next() {
+                if let Err(err) = joined
+                    && err.is_panic()
+                {
+                    tracing::error!(error = %err, "a run panicked; its lease expires by itself");
+                }
             }
-            while runs.try_join_next().is_some() {}
+            if claimed > 0 && ssh_slots.available_permits() > 0 {
+                // A full batch: there may be more work right away.
+                continue;
+            }
             // Expired leases of a dead agent announce nothing: look at least twice per TTL.
             let nap = this.config.poll_interval.min(this.config.lease_ttl / 2);
             tokio::select! {
                 () = this.shutdown.cancelled() => break,
-                () = this.signals.wake.notified() => {}
+                () = this.signals.wake.notified() => {
+                    // Let a few more runs finish, so that claims come in batches.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
                 () = tokio::time::sleep(nap) => {}
             }
         }
-        // Runs watch the same token; wait for them to release their leases.
+        // Runs watch the same token; wait for them to release their leases or hand their
+        // results over, then for the completer to record what finished.
         while runs.join_next().await.is_some() {}
-        let _ = tokio::join!(outbox, prober, scheduler, listener);
+        drop(done_tx);
+        let _ = completer.await;
+        for task in background {
+            let _ = task.await;
+        }
     }
 
+    /// Claims as many waiting servers as there are free slots and starts their runs. Returns
+    /// how many it claimed.
     async fn fill(
         self: &Arc<Self>,
-        permits: &Arc<Semaphore>,
+        ssh_slots: &Arc<Semaphore>,
+        lease_slots: &Arc<Semaphore>,
+        done: &mpsc::UnboundedSender<Finished>,
         runs: &mut tokio::task::JoinSet<()>,
-    ) -> Result<(), sqlx::Error> {
-        let free = permits.available_permits();
+    ) -> Result<usize, sqlx::Error> {
+        let free = ssh_slots
+            .available_permits()
+            .min(lease_slots.available_permits())
+            .min(CLAIM_BATCH);
         if free == 0 {
-            return Ok(());
+            return Ok(0);
         }
-        for work in self.store.pending_work(free as i64).await? {
-            if !work.exists {
-                if !self.store.cancel_deleted(work.server_id).await?.is_empty() {
-                    self.signals.bump();
-                }
-                continue;
-            }
-            let Ok(permit) = Arc::clone(permits).try_acquire_owned() else {
-                break;
-            };
-            let ttl = self.config.lease_ttl.as_millis() as i64;
-            let Some(token) = self
-                .store
-                .claim_lease(work.server_id, &self.holder, ttl)
-                .await?
-            else {
-                continue;
+        let ttl = self.config.lease_ttl.as_millis() as i64;
+        let claimed = self.store.claim(&self.holder, ttl, free).await?;
+        let n = claimed.len();
+        for work in claimed {
+            let guard = self.held.hold(work.claim);
+            let (Ok(ssh), Ok(slot)) = (
+                Arc::clone(ssh_slots).try_acquire_owned(),
+                Arc::clone(lease_slots).try_acquire_owned(),
+            ) else {
+                unreachable!("claims never exceed the free slots");
             };
             let this = Arc::clone(self);
+            let done = done.clone();
             runs.spawn(async move {
-                this.run_server(work.server_id, token).await;
-                drop(permit);
+                use tracing::Instrument;
+                let span = tracing::info_span!("sync", server_id = work.claim.server_id, token = work.claim.token);
+                let completion = tokio::select! {
+                    () = this.shutdown.cancelled() => None,
+                    completion = this.sync_server(&work).instrument(span) => Some(completion),
+                };
+                drop(ssh);
                 this.signals.wake.notify_one();
+                match completion {
+                    Some(completion) => {
+                        let _ = done.send(Finished {
+                            completion,
+                            _guard: guard,
+                            _slot: slot,
+                        });
+                    }
+                    None => {
+                        // Shutting down: leave the server to whoever runs next.
+                        if let Err(err) = this.store.release(&this.holder, &[work.claim]).await {
+                            tracing::warn!(error = %err, "could not release a lease; it expires by itself");
+                        }
+                    }
+                }
             });
         }
-        Ok(())
+        Ok(n)
     }
 
-    async fn run_server(&self, server_id: i64, token: i64) {
-        use tracing::Instrument;
-        let span = tracing::info_span!("sync", server_id, token);
-        self.run_server_inner(server_id, token)
-            .instrument(span)
-            .await;
+    /// Records finished runs in batches: everything that finished while the previous batch was
+    /// being written goes into the next transaction.
+    async fn complete_forever(self: Arc<Self>, mut done: mpsc::UnboundedReceiver<Finished>) {
+        while let Some(first) = done.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < COMPLETE_BATCH {
+                match done.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
+            }
+            self.record(batch).await;
+        }
     }
 
-    async fn run_server_inner(&self, server_id: i64, token: i64) {
-        let heartbeat = self.spawn_heartbeat(server_id, token);
-        let outcome = tokio::select! {
-            () = self.shutdown.cancelled() => None,
-            outcome = self.sync_server(server_id) => Some(outcome),
-        };
-        heartbeat.cancel();
-        let Some(outcome) = outcome else {
-            // Shutting down: leave the server to whoever runs next.
-            if let Err(err) = self
-                .store
-                .release_lease(server_id, &self.holder, token)
-                .await
-            {
-                tracing::warn!(error = %err, "could not release the lease; it expires by itself");
-            }
-            return;
-        };
-        let Some((result, inventory, pin, reachable)) = outcome else {
-            // The server was deleted meanwhile.
-            let _ = self
-                .store
-                .release_lease(server_id, &self.holder, token)
-                .await;
-            return;
-        };
-        let pin = pin
-            .as_ref()
-            .map(|k| (k.algorithm.as_str(), k.fingerprint.as_str()));
-        match self
-            .store
-            .record_run(
-                server_id,
-                &self.holder,
-                token,
-                RunRecord {
-                    result: &result,
-                    inventory: inventory.as_ref(),
-                    pin,
-                    reachable,
-                },
-            )
-            .await
-        {
-            Ok(Some(jobs)) => {
-                tracing::info!(outcome = %result.outcome, jobs = jobs.len(), duration_ms = result.duration_ms, "server synced");
-                self.signals.bump();
-            }
-            Ok(None) => tracing::warn!("lease lost during the run: result discarded"),
-            Err(err) => {
-                tracing::error!(error = %err, "could not record the run; the server will be synced again")
+    /// Writes one batch. Conflicts are retried inside; while the database is unreachable the
+    /// batch waits (its leases still renewed); a batch refused for a reason that will not go
+    /// away is written item by item, and an item the database refuses is recorded as
+    /// `PARSE_FAILED` with the reason instead of being retried forever.
+    async fn record(&self, batch: Vec<Finished>) {
+        let items: Vec<Completion> = batch.iter().map(|f| f.completion.clone()).collect();
+        let mut pause = Duration::from_millis(200);
+        loop {
+            match self.store.complete(&self.holder, &items).await {
+                Ok(recorded) => {
+                    self.report(&items, recorded);
+                    return;
+                }
+                Err(err) if classify(&err) != Failure::Permanent => {
+                    if self.shutdown.is_cancelled() {
+                        tracing::warn!(error = %err, runs = items.len(), "could not record runs before stopping; their servers will be synced again");
+                        return;
+                    }
+                    tracing::warn!(error = %err, runs = items.len(), "could not record runs; retrying");
+                    tokio::time::sleep(jitter(pause, 0.2)).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                Err(err) if items.len() > 1 => {
+                    tracing::warn!(error = %err, runs = items.len(), "a batch of runs was refused; recording them one by one");
+                    for item in &items {
+                        self.record_one(item.clone()).await;
+                    }
+                    return;
+                }
+                Err(err) => {
+                    let item = items.into_iter().next().expect("one item");
+                    self.record_degraded(unstorable(item, &err)).await;
+                    return;
+                }
             }
         }
     }
 
-    fn spawn_heartbeat(&self, server_id: i64, token: i64) -> CancellationToken {
-        let stop = CancellationToken::new();
-        let store = self.store.clone();
-        let holder = self.holder.clone();
-        let ttl = self.config.lease_ttl;
-        let guard = stop.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    () = guard.cancelled() => return,
-                    () = tokio::time::sleep(ttl / 3) => {}
-                }
-                match store
-                    .heartbeat(server_id, &holder, token, ttl.as_millis() as i64)
-                    .await
-                {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        tracing::warn!(server_id, "lease lost");
-                        return;
-                    }
-                    Err(err) => tracing::warn!(server_id, error = %err, "lease heartbeat failed"),
-                }
+    async fn record_one(&self, item: Completion) {
+        match self
+            .store
+            .complete(&self.holder, std::slice::from_ref(&item))
+            .await
+        {
+            Ok(recorded) => self.report(std::slice::from_ref(&item), recorded),
+            Err(err) if classify(&err) == Failure::Permanent => {
+                self.record_degraded(unstorable(item, &err)).await;
             }
-        });
-        stop
+            Err(err) => {
+                tracing::warn!(error = %err, server_id = item.claim.server_id, "could not record a run; its lease expires and the server is synced again");
+            }
+        }
     }
 
-    /// One server: connect, probe, parse. `None` if the server no longer exists.
-    #[allow(clippy::type_complexity)]
-    async fn sync_server(
-        &self,
-        server_id: i64,
-    ) -> Option<(
-        RunResult,
-        Option<InventoryWrite>,
-        Option<HostKeyInfo>,
-        Option<bool>,
-    )> {
-        let started = Instant::now();
-        let server = match self.store.server(server_id).await {
-            Ok(Some(server)) => server,
-            Ok(None) => return None,
+    async fn record_degraded(&self, item: Completion) {
+        match self
+            .store
+            .complete(&self.holder, std::slice::from_ref(&item))
+            .await
+        {
+            Ok(recorded) => self.report(std::slice::from_ref(&item), recorded),
             Err(err) => {
-                let result = failure(Outcome::Cancelled, None, format!("database error: {err}"));
-                return Some((finish(result, started), None, None, None));
+                tracing::error!(error = %err, server_id = item.claim.server_id, "could not record a run even without its inventory; its lease expires");
             }
+        }
+    }
+
+    fn report(&self, items: &[Completion], recorded: Vec<Recorded>) {
+        let mut any = false;
+        for (item, recorded) in items.iter().zip(recorded) {
+            let server_id = item.claim.server_id;
+            match recorded {
+                Recorded::Stored { result, jobs } => {
+                    any |= !jobs.is_empty();
+                    tracing::info!(server_id, outcome = %result.outcome, jobs = jobs.len(), duration_ms = result.duration_ms, "server synced");
+                }
+                Recorded::LeaseLost => {
+                    tracing::warn!(server_id, "lease lost during the run: result discarded")
+                }
+            }
+        }
+        if any {
+            self.signals.bump();
+        }
+    }
+
+    /// Renews every lease this agent holds, a third of the TTL apart, in one statement.
+    async fn heartbeat_forever(self: Arc<Self>) {
+        let ttl = self.config.lease_ttl;
+        loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                () = tokio::time::sleep(ttl / 3) => {}
+            }
+            let ids = self.held.server_ids();
+            if ids.is_empty() {
+                continue;
+            }
+            match self
+                .store
+                .renew(&self.holder, &ids, ttl.as_millis() as i64)
+                .await
+            {
+                Ok(n) if (n as usize) < ids.len() => {
+                    tracing::warn!(held = ids.len(), renewed = n, "some leases were lost");
+                }
+                Ok(_) => {}
+                Err(err) => tracing::warn!(error = %err, "lease heartbeat failed"),
+            }
+        }
+    }
+
+    /// Deletes finished jobs and runs past the retention, every minute.
+    async fn prune_forever(self: Arc<Self>) {
+        loop {
+            let cutoff = crate::now_ms() - self.config.retention.as_millis() as i64;
+            match self.store.prune(cutoff, 20).await {
+                Ok(pruned) if pruned != Pruned::default() => {
+                    tracing::info!(
+                        jobs = pruned.jobs,
+                        runs = pruned.runs,
+                        orphans = pruned.orphans,
+                        "pruned history past the retention"
+                    );
+                    if pruned.orphans > 0 {
+                        self.signals.bump();
+                    }
+                }
+                Ok(_) => {}
+                Err(err) => tracing::warn!(error = %err, "could not prune history; retrying"),
+            }
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                () = tokio::time::sleep(RETENTION_INTERVAL) => {}
+            }
+        }
+    }
+
+    /// One server: skip it, or connect, read its inventory and parse it. No database access:
+    /// everything it needs came with the claim.
+    async fn sync_server(&self, work: &ClaimedServer) -> Completion {
+        let started = Instant::now();
+        let server = &work.server;
+        let done = |result: RunResult, reach: Reach| Completion {
+            claim: work.claim,
+            result: finish(result, started),
+            inventory: None,
+            pin: None,
+            reach,
         };
         let Some(service) = server.database_service else {
             let result = failure(
@@ -292,44 +471,50 @@ impl Runner {
                 None,
                 "no database service registered".into(),
             );
-            return Some((finish(result, started), None, None, None));
+            return done(result, Reach::Untried);
         };
+        // Backoff is judged by the database's clock (the claim time), as it was written.
         if let Some(until) = server.next_probe_at
             && server.reachability == "offline"
-            && until > crate::now_ms()
+            && until > work.claim.claimed_at
+            && !work.forced
         {
-            let forced = self.store.forced(server_id).await.unwrap_or(false);
-            if !forced {
-                let mut result = failure(
-                    Outcome::SkippedOffline,
-                    None,
-                    format!(
-                        "offline since {} failed attempt(s); next probe {}",
-                        server.consecutive_failures,
-                        crate::format_ms(until)
-                    ),
-                );
-                result.next_probe_at = Some(until);
-                return Some((finish(result, started), None, None, None));
+            let mut result = failure(
+                Outcome::SkippedOffline,
+                None,
+                format!(
+                    "offline since {} failed attempt(s); next probe {}",
+                    server.consecutive_failures,
+                    crate::format_ms(until)
+                ),
+            );
+            result.next_probe_at = Some(until);
+            return done(result, Reach::Untried);
+        }
+        let (result, inventory, pin, reachable) = self.probe(server, service).await;
+        let reach = if reachable {
+            Reach::Online
+        } else {
+            Reach::Offline {
+                backoff_ms: self.backoff_ms(server.consecutive_failures + 1),
             }
+        };
+        Completion {
+            claim: work.claim,
+            result: finish(result, started),
+            inventory,
+            pin: pin.map(|k| (k.algorithm, k.fingerprint)),
+            reach,
         }
-        let (mut result, inventory, pin, reachable) = self.probe(&server, service).await;
-        if reachable == Some(false) {
-            result.next_probe_at = Some(self.next_probe(server.consecutive_failures + 1));
-        }
-        Some((finish(result, started), inventory, pin, reachable))
     }
 
+    /// Connects and reads the inventory: the result, what was read, the host key to pin on
+    /// first contact, and whether the server answered at all.
     async fn probe(
         &self,
         server: &ServerRecord,
         service: crate::store::DatabaseService,
-    ) -> (
-        RunResult,
-        Option<InventoryWrite>,
-        Option<HostKeyInfo>,
-        Option<bool>,
-    ) {
+    ) -> (RunResult, Option<InventoryWrite>, Option<HostKeyInfo>, bool) {
         let pinned = server.host_key.as_ref().map(|k| HostKeyInfo {
             algorithm: k.algorithm.clone(),
             fingerprint: k.fingerprint.clone(),
@@ -342,16 +527,13 @@ impl Runner {
         };
         let connection = match self.ssh.connect(target).await {
             Ok(connection) => connection,
-            Err(err) => {
-                let reachable = !err.is_unreachable();
-                return (ssh_failure(&err), None, None, Some(reachable));
-            }
+            Err(err) => return (ssh_failure(&err), None, None, !err.is_unreachable()),
         };
         let pin = pinned.is_none().then(|| connection.host_key().clone());
         let (command, input) = inventory::probe(service);
         let output = connection.run_with_input(command, input.as_bytes()).await;
         connection.close().await;
-        let result = match output {
+        let (result, inventory) = match output {
             Err(err) => (ssh_failure(&err), None),
             Ok(out) if !out.success() => {
                 let stderr = String::from_utf8_lossy(&out.stderr);
@@ -394,89 +576,96 @@ impl Runner {
                 Err(err) => (failure(Outcome::ParseFailed, None, err.0), None),
             },
         };
-        (result.0, result.1, pin, Some(true))
+        (result, inventory, pin, true)
     }
 
-    /// When a server that failed `failures` times in a row is probed next: exponential backoff
-    /// from `backoff_base`, capped at `backoff_max`, with ±20% jitter so that a fleet that went
-    /// down together does not come back in lockstep.
-    fn next_probe(&self, failures: i64) -> i64 {
+    /// How long a server that failed `failures` times in a row waits before its next probe:
+    /// exponential backoff from `backoff_base`, capped at `backoff_max`, with ±20% jitter so
+    /// that a fleet that went down together does not come back in lockstep. Added to the
+    /// database's clock when written.
+    fn backoff_ms(&self, failures: i64) -> i64 {
         let exponent = failures.clamp(1, 32) - 1;
         let base = self.config.backoff_base.as_millis() as f64;
         let delay =
             (base * 2f64.powi(exponent as i32)).min(self.config.backoff_max.as_millis() as f64);
-        let jitter = 0.8 + 0.4 * (crate::random_u64() as f64 / u64::MAX as f64);
-        crate::now_ms() + (delay * jitter) as i64
+        jitter(Duration::from_millis(delay as u64), 0.2).as_millis() as i64
     }
 
-    /// Probes offline servers whose backoff ended: TCP connect and SSH banner, no login. A server
-    /// that answers gets a recovery sync (the syncs it missed); one that does not backs off
-    /// further.
+    /// Probes offline servers whose backoff ended, all of a batch at once: TCP connect and SSH
+    /// banner, no login. Servers that answer get one recovery sync (the syncs they missed);
+    /// the others back off further.
     async fn probe_offline_forever(self: Arc<Self>) {
         loop {
             tokio::select! {
                 () = self.shutdown.cancelled() => return,
                 () = tokio::time::sleep(self.config.probe_interval) => {}
             }
-            let due = match self.store.due_offline(self.config.concurrency as i64).await {
-                Ok(due) => due,
-                Err(err) => {
-                    tracing::warn!(error = %err, "could not read offline servers; retrying");
-                    continue;
-                }
-            };
-            for server in due {
+            loop {
                 let ttl = self.config.lease_ttl.as_millis() as i64;
-                let Ok(Some(token)) = self.store.claim_lease(server.id, &self.holder, ttl).await
-                else {
-                    continue;
+                let limit = self.config.concurrency.clamp(1, 1024);
+                let due = match self.store.claim_due_offline(&self.holder, ttl, limit).await {
+                    Ok(due) => due,
+                    Err(err) => {
+                        tracing::warn!(error = %err, "could not read offline servers; retrying");
+                        break;
+                    }
                 };
+                let full = due.len() == limit;
+                if due.is_empty() {
+                    break;
+                }
+                let guards: Vec<LeaseGuard> = due
+                    .iter()
+                    .map(|(claim, _)| self.held.hold(*claim))
+                    .collect();
+                let this = &*self;
+                let probes = due.iter().map(|(claim, server)| async move {
+                    let probed = this.ssh.probe(&server.ip, server.port).await;
+                    if let Err(err) = &probed {
+                        tracing::debug!(server_id = server.id, error = %err, "still offline");
+                    }
+                    let backoff = probed
+                        .is_err()
+                        .then(|| this.backoff_ms(server.consecutive_failures + 1));
+                    (*claim, backoff)
+                });
                 let probed = tokio::select! {
                     () = self.shutdown.cancelled() => None,
-                    probed = self.ssh.probe(&server.ip, server.port) => Some(probed),
+                    probed = futures_util::future::join_all(probes) => Some(probed),
                 };
                 let Some(probed) = probed else {
-                    let _ = self
-                        .store
-                        .release_lease(server.id, &self.holder, token)
-                        .await;
+                    let claims: Vec<Claim> = due.iter().map(|(c, _)| *c).collect();
+                    let _ = self.store.release(&self.holder, &claims).await;
                     return;
                 };
-                let next = match &probed {
-                    Ok(_) => None,
-                    Err(_) => Some(self.next_probe(server.consecutive_failures + 1)),
-                };
-                match self
-                    .store
-                    .record_probe(server.id, &self.holder, token, next)
-                    .await
-                {
-                    Ok(true) if probed.is_ok() => {
-                        tracing::info!(
-                            server_id = server.id,
-                            "server is back: syncing what it missed"
-                        );
-                        let job = NewJob {
-                            request_id: format!("recovery-{}-{}", server.id, crate::now_ms()),
-                            origin: JobOrigin::Recovery,
-                            selection: Selection::Ids(vec![server.id]),
-                            scopes: "charsets,databases,users".into(),
-                            force: true,
-                            reason: "the server is reachable again".into(),
-                        };
-                        if let Err(err) = self.store.create_job(&job).await {
-                            tracing::warn!(server_id = server.id, error = %err, "could not start the recovery sync");
-                        }
-                        self.signals.wake.notify_one();
-                    }
-                    Ok(_) => {
-                        if let Err(err) = &probed {
-                            tracing::debug!(server_id = server.id, error = %err, "still offline");
-                        }
-                    }
+                let back = match self.store.record_probes(&self.holder, &probed).await {
+                    Ok(back) => back,
                     Err(err) => {
-                        tracing::warn!(server_id = server.id, error = %err, "could not record the probe")
+                        tracing::warn!(error = %err, "could not record probes; their leases expire");
+                        break;
                     }
+                };
+                drop(guards);
+                if !back.is_empty() {
+                    tracing::info!(
+                        servers = back.len(),
+                        "servers are back: syncing what they missed"
+                    );
+                    let job = NewJob {
+                        request_id: format!("recovery-{}-{}", self.holder, crate::new_id()),
+                        origin: JobOrigin::Recovery,
+                        selection: Selection::Ids(back),
+                        scopes: "charsets,databases,users".into(),
+                        force: true,
+                        reason: "the server is reachable again".into(),
+                    };
+                    if let Err(err) = self.store.create_job(&job).await {
+                        tracing::warn!(error = %err, "could not start the recovery sync");
+                    }
+                    self.signals.wake.notify_one();
+                }
+                if !full {
+                    break;
                 }
             }
         }
@@ -590,6 +779,22 @@ impl Runner {
         }
         Ok(n)
     }
+}
+
+/// A run whose results the database refused for good: `PARSE_FAILED` with the reason, without
+/// the inventory (the server did answer: reachability and the host key pin still count).
+fn unstorable(mut item: Completion, err: &sqlx::Error) -> Completion {
+    item.result = RunResult {
+        outcome: name(Outcome::ParseFailed),
+        message: truncate(
+            &format!("what the server reported cannot be stored: {err}"),
+            1000,
+        ),
+        duration_ms: item.result.duration_ms,
+        ..RunResult::default()
+    };
+    item.inventory = None;
+    item
 }
 
 /// Stored name of an outcome (`OK`, `UNREACHABLE`, ...).

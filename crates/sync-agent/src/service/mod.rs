@@ -34,4 +34,6 @@ pub struct AgentState {
     /// How often watchers re-read the database when nothing woke them (outcomes recorded by
     /// other agents).
     pub watch_poll: Duration,
+    /// One permit per open event stream: streams are capped.
+    pub streams: std::sync::Arc<tokio::sync::Semaphore>,
 }

@@ -1,7 +1,7 @@
 //! `fleetsync.sync.v1.SyncAgent`: starting jobs, streaming their outcomes from a cursor, and
 //! reading them back.
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, sync::Arc};
 
 use fleetsync_common::{
     ServiceError,
@@ -25,6 +25,10 @@ use crate::{
 pub const MAX_SERVER_IDS: usize = 10_000;
 /// Outcomes read per database round trip while streaming.
 const BATCH: i64 = 256;
+/// Outcomes per `GetSyncJob` page unless the caller says otherwise.
+const DEFAULT_PAGE: i64 = 1000;
+/// Most outcomes per `GetSyncJob` page (about 2 MiB: well under the 4 MiB message limit).
+const MAX_PAGE: i64 = 10_000;
 
 /// `fleetsync.sync.v1.SyncAgent`.
 #[derive(Debug, Clone)]
@@ -65,14 +69,30 @@ impl SyncAgentService {
             .ok_or_else(|| ServiceError::not_found("job", job_id))
     }
 
-    /// Streams a job's events after `cursor`, then its summary.
-    fn stream(&self, job: JobRecord, cursor: u64) -> EventStream {
+    /// Streams a job's events after `cursor`, then its summary. Each wake-up reads only the
+    /// outcomes after the cursor (an index range) and the job's row; the outcome counts are
+    /// read once, for the summary.
+    fn stream(&self, job: JobRecord, cursor: u64) -> Result<EventStream, ServiceError> {
+        let permit = Arc::clone(&self.state.streams)
+            .try_acquire_owned()
+            .map_err(|_| {
+                ServiceError::ResourceExhausted(
+                    "too many event streams are open on this sync-agent; retry later or raise \
+                     --max-streams"
+                        .into(),
+                )
+            })?;
         let (tx, rx) = mpsc::channel(64);
         let state = self.state.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let mut cursor = cursor as i64;
             let mut changed = state.signals.changed.subscribe();
             let job_id = job.id;
+            let total = job.total;
+            if cursor > total {
+                return; // After the summary: nothing more.
+            }
             loop {
                 changed.mark_unchanged();
                 let batch = match state.store.outcomes_after(&job_id, cursor, BATCH).await {
@@ -91,21 +111,13 @@ impl SyncAgentService {
                 if batch.len() as i64 == BATCH {
                     continue;
                 }
-                let job = match state.store.job(&job_id).await {
-                    Ok(Some(job)) => job,
-                    Ok(None) => {
-                        let _ = tx
-                            .send(Err(ServiceError::not_found("job", &job_id).into()))
-                            .await;
-                        return;
-                    }
-                    Err(err) => {
-                        let _ = tx.send(Err(ServiceError::from(err).into())).await;
-                        return;
-                    }
-                };
-                if job.finished >= job.total && cursor >= job.finished {
-                    let _ = tx.send(Ok(convert::summary_event(&job))).await;
+                if cursor >= total {
+                    let summary = match state.store.job(&job_id).await {
+                        Ok(Some(job)) => Ok(convert::summary_event(&job)),
+                        Ok(None) => Err(ServiceError::not_found("job", &job_id).into()),
+                        Err(err) => Err(ServiceError::from(err).into()),
+                    };
+                    let _ = tx.send(summary).await;
                     return;
                 }
                 tokio::select! {
@@ -122,7 +134,7 @@ impl SyncAgentService {
                 }
             }
         });
-        Box::pin(ReceiverStream::new(rx))
+        Ok(Box::pin(ReceiverStream::new(rx)))
     }
 }
 
@@ -245,7 +257,7 @@ impl SyncAgent for SyncAgentService {
             ))
             .into());
         }
-        Ok(Response::new(self.stream(job, request.cursor)))
+        Ok(Response::new(self.stream(job, request.cursor)?))
     }
 
     async fn sync(
@@ -253,7 +265,7 @@ impl SyncAgent for SyncAgentService {
         request: Request<StartSyncRequest>,
     ) -> Result<Response<Self::SyncStream>, Status> {
         let (job, _) = self.start(request.into_inner()).await?;
-        Ok(Response::new(self.stream(job, 0)))
+        Ok(Response::new(self.stream(job, 0)?))
     }
 
     async fn get_sync_job(
@@ -262,23 +274,54 @@ impl SyncAgent for SyncAgentService {
     ) -> Result<Response<GetSyncJobResponse>, Status> {
         let request = request.into_inner();
         let job = self.job(&request.job_id).await?;
-        let outcomes = if request.include_outcomes {
-            self.state
+        let (outcomes, next_page_token) = if request.include_outcomes {
+            let size = match request.page_size {
+                0 => DEFAULT_PAGE,
+                n if n as i64 > MAX_PAGE => {
+                    return Err(ServiceError::invalid(
+                        "page_size",
+                        format!("{n}; at most {MAX_PAGE}"),
+                    )
+                    .into());
+                }
+                n => i64::from(n),
+            };
+            let after = match request.page_token.as_str() {
+                "" => 0,
+                token => token
+                    .parse::<i64>()
+                    .ok()
+                    .filter(|c| *c >= 0 && *c <= job.total)
+                    .ok_or_else(|| {
+                        ServiceError::invalid("page_token", "not a token this job returned")
+                    })?,
+            };
+            let page = self
+                .state
                 .store
-                .outcomes_after(&job.id, 0, job.total.max(1))
+                .outcomes_after(&job.id, after, size)
                 .await
-                .map_err(ServiceError::from)?
+                .map_err(ServiceError::from)?;
+            let next = match page.last() {
+                Some(last) if page.len() as i64 == size && last.seq < job.total => {
+                    last.seq.to_string()
+                }
+                _ => String::new(),
+            };
+            let outcomes = page
                 .iter()
                 .map(|o| {
                     convert::server_outcome(o.server_id, &o.server_name, &o.result, o.finished_at)
                 })
-                .collect()
+                .collect();
+            (outcomes, next)
         } else {
-            Vec::new()
+            (Vec::new(), String::new())
         };
         Ok(Response::new(GetSyncJobResponse {
             job: Some(convert::summary(&job)),
             outcomes,
+            next_page_token,
         }))
     }
 

@@ -1,18 +1,17 @@
-//! Jobs, their servers and outcomes, the per-server leases that divide work between agents,
-//! and the outbox of sync requests recorded by migrations.
+//! Jobs and their per-server rows: creating a job (idempotent by request id, marking its
+//! servers as waiting on the lease table), reading jobs and their outcomes in stream order, and
+//! the outbox of sync requests recorded by migrations.
 //!
-//! A job has one row per server; a server's outcome fills every job row of that server still
-//! waiting, so concurrent requests for one server share one SSH run. Each filled row gets the
-//! next sequence number of its job (the watch cursor), under the job row's lock, so sequence
-//! numbers commit in order. Every write for a leased server checks the lease token first: an
-//! agent that lost its lease writes nothing.
+//! A job has one row per server; a run's outcome fills every row of that server that was
+//! waiting when the run was claimed (`complete`), so concurrent requests for one server share
+//! one SSH run, and a request that arrives during a run waits for the next one.
 
 use fleetsync_common::{
     Backend, ServiceError,
-    sql::{Row, Tx, Value, now_ms_sql},
+    sql::{Row, Tx, Value, is_unique_violation, now_ms_sql, retry},
 };
 
-use super::{InventoryCounts, InventoryWrite, Store, inventory, list};
+use super::{InventoryCounts, Store, list};
 
 /// Where a job came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,12 +37,15 @@ impl JobOrigin {
         }
     }
 
-    fn parse(s: &str) -> Self {
+    fn parse(s: &str) -> Result<Self, sqlx::Error> {
         match s {
-            "migration" => Self::Migration,
-            "schedule" => Self::Schedule,
-            "recovery" => Self::Recovery,
-            _ => Self::Rpc,
+            "rpc" => Ok(Self::Rpc),
+            "migration" => Ok(Self::Migration),
+            "schedule" => Ok(Self::Schedule),
+            "recovery" => Ok(Self::Recovery),
+            other => Err(sqlx::Error::Decode(
+                format!("unknown job origin {other:?} in sync_jobs").into(),
+            )),
         }
     }
 }
@@ -159,28 +161,6 @@ pub struct RunResult {
     pub counts: Option<InventoryCounts>,
 }
 
-/// What one server's run produced, to record.
-#[derive(Debug, Clone, Copy)]
-pub struct RunRecord<'a> {
-    /// The outcome.
-    pub result: &'a RunResult,
-    /// The inventory read (OK only).
-    pub inventory: Option<&'a InventoryWrite>,
-    /// The host key to pin, on first contact: (algorithm, fingerprint).
-    pub pin: Option<(&'a str, &'a str)>,
-    /// Whether the server answered (`None`: not tried).
-    pub reachable: Option<bool>,
-}
-
-/// A server with job rows waiting, and whether it still exists.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PendingWork {
-    /// The server.
-    pub server_id: i64,
-    /// False if it was deleted after the job was made.
-    pub exists: bool,
-}
-
 const JOB_COLUMNS: &str = "id, request_id, origin, scopes, force_offline, reason, total, finished, \
                            created_at, finished_at";
 
@@ -188,7 +168,7 @@ fn job_from(r: &Row) -> Result<JobRecord, sqlx::Error> {
     Ok(JobRecord {
         id: r.text(0)?,
         request_id: r.text(1)?,
-        origin: JobOrigin::parse(&r.text(2)?),
+        origin: JobOrigin::parse(&r.text(2)?)?,
         scopes: r.text(3)?,
         force: r.int(4)? != 0,
         reason: r.text(5)?,
@@ -201,40 +181,51 @@ fn job_from(r: &Row) -> Result<JobRecord, sqlx::Error> {
 }
 
 /// Largest id list per statement.
-const CHUNK: usize = 500;
+pub(super) const CHUNK: usize = 500;
+
+/// A unique-key violation while creating a job means a concurrent twin won: the retry finds it.
+fn twin(err: sqlx::Error) -> ServiceError {
+    if is_unique_violation(&err) {
+        ServiceError::Aborted(format!("a concurrent request created the same rows: {err}"))
+    } else {
+        err.into()
+    }
+}
 
 impl Store {
     /// Creates a job, or returns the one with the same request id (`created` false). Unknown
-    /// server ids are NOT_FOUND, listed.
+    /// server ids are NOT_FOUND, listed. Concurrent calls with one request id all get the one
+    /// job; deadlocks and serialisation failures are retried.
     pub async fn create_job(&self, job: &NewJob) -> Result<(JobRecord, bool), ServiceError> {
-        if let Some(existing) = self.job_by_request(&job.request_id).await? {
-            // The migrator handed this request over itself: it is taken all the same.
+        let (id, created) = retry("create job", || self.create_job_once(job)).await?;
+        // The migrator handed this request over itself: it is taken all the same.
+        if !created {
             self.db
                 .execute(
                     "UPDATE sync_requests SET state = 'taken', job_id = ? WHERE id = ? AND state <> 'taken'",
-                    &[existing.id.as_str().into(), job.request_id.as_str().into()],
+                    &[id.as_str().into(), job.request_id.as_str().into()],
                 )
                 .await?;
+        }
+        let record = self
+            .job(&id)
+            .await?
+            .ok_or_else(|| ServiceError::Internal(format!("job {id} vanished after insert")))?;
+        Ok((record, created))
+    }
+
+    async fn create_job_once(&self, job: &NewJob) -> Result<(String, bool), ServiceError> {
+        if let Some(existing) = self.job_id_by_request(&job.request_id).await? {
             return Ok((existing, false));
         }
         let id = crate::new_id();
+        let now_sql = now_ms_sql(self.backend());
         let mut tx = self.db.begin().await?;
-        // Re-checked under the transaction: a concurrent twin may have won.
-        if tx
-            .fetch_optional(
-                "SELECT id FROM sync_jobs WHERE request_id = ?",
-                &[job.request_id.as_str().into()],
-            )
+        let now = tx
+            .fetch_optional(&format!("SELECT {now_sql}"), &[])
             .await?
-            .is_some()
-        {
-            drop(tx);
-            let existing = self.job_by_request(&job.request_id).await?.ok_or_else(|| {
-                ServiceError::Internal("job vanished after a concurrent insert".into())
-            })?;
-            return Ok((existing, false));
-        }
-        let now = crate::now_ms();
+            .ok_or(sqlx::Error::RowNotFound)?
+            .int(0)?;
         tx.execute(
             "INSERT INTO sync_jobs (id, request_id, origin, state, scopes, force_offline, reason, \
              total, finished, created_at) VALUES (?, ?, ?, 'pending', ?, ?, ?, 0, 0, ?)",
@@ -248,7 +239,8 @@ impl Store {
                 now.into(),
             ],
         )
-        .await?;
+        .await
+        .map_err(twin)?;
         let total = match &job.selection {
             Selection::All => {
                 tx.execute(
@@ -280,6 +272,25 @@ impl Store {
                 inserted
             }
         };
+        if total > 0 {
+            // Servers inserted by hand (not through Fleet) may have no lease row yet.
+            tx.execute(
+                "INSERT INTO server_leases (server_id, token) SELECT js.server_id, 0 \
+                 FROM sync_job_servers js WHERE js.job_id = ? AND NOT EXISTS \
+                 (SELECT 1 FROM server_leases l WHERE l.server_id = js.server_id)",
+                &[id.as_str().into()],
+            )
+            .await
+            .map_err(twin)?;
+            // Mark the servers as waiting. This takes each lease row's lock, so it waits for a
+            // completion in flight on that server, which then cannot clear the mark after us.
+            tx.execute(
+                "UPDATE server_leases SET pending_since = COALESCE(pending_since, ?) \
+                 WHERE server_id IN (SELECT server_id FROM sync_job_servers WHERE job_id = ?)",
+                &[now.into(), id.as_str().into()],
+            )
+            .await?;
+        }
         let done = (total == 0).then_some(now);
         tx.execute(
             "UPDATE sync_jobs SET total = ?, state = ?, finished_at = ? WHERE id = ?",
@@ -299,39 +310,41 @@ impl Store {
         )
         .await?;
         tx.commit().await?;
-        let record = self
-            .job(&id)
-            .await?
-            .ok_or_else(|| ServiceError::Internal("job vanished after insert".into()))?;
-        Ok((record, true))
+        Ok((id, true))
     }
 
-    async fn job_by_request(&self, request_id: &str) -> Result<Option<JobRecord>, sqlx::Error> {
-        let row = self
-            .db
+    async fn job_id_by_request(&self, request_id: &str) -> Result<Option<String>, sqlx::Error> {
+        self.db
             .fetch_optional(
                 "SELECT id FROM sync_jobs WHERE request_id = ?",
                 &[request_id.into()],
             )
-            .await?;
-        match row {
-            Some(row) => self.job(&row.text(0)?).await,
-            None => Ok(None),
-        }
+            .await?
+            .map(|row| row.text(0))
+            .transpose()
+    }
+
+    /// A job's row (no outcome counts: one primary-key read, cheap enough to poll).
+    pub async fn job_progress(&self, id: &str) -> Result<Option<JobRecord>, sqlx::Error> {
+        let sql = format!("SELECT {JOB_COLUMNS} FROM sync_jobs WHERE id = ?");
+        self.db
+            .fetch_optional(&sql, &[id.into()])
+            .await?
+            .as_ref()
+            .map(job_from)
+            .transpose()
     }
 
     /// A job with its outcome counts.
     pub async fn job(&self, id: &str) -> Result<Option<JobRecord>, sqlx::Error> {
-        let sql = format!("SELECT {JOB_COLUMNS} FROM sync_jobs WHERE id = ?");
-        let Some(row) = self.db.fetch_optional(&sql, &[id.into()]).await? else {
+        let Some(mut job) = self.job_progress(id).await? else {
             return Ok(None);
         };
-        let mut job = job_from(&row)?;
         job.outcome_counts = self
             .db
             .fetch(
                 "SELECT outcome, COUNT(*) FROM sync_job_servers WHERE job_id = ? \
-                 AND outcome IS NOT NULL GROUP BY outcome ORDER BY outcome",
+                 AND seq IS NOT NULL GROUP BY outcome ORDER BY outcome",
                 &[id.into()],
             )
             .await?
@@ -341,7 +354,8 @@ impl Store {
         Ok(Some(job))
     }
 
-    /// A job's outcomes after `cursor`, in stream order, at most `limit`.
+    /// A job's outcomes after `cursor`, in stream order, at most `limit` (an index range read:
+    /// the cost is the rows returned, whatever the job's size).
     pub async fn outcomes_after(
         &self,
         job_id: &str,
@@ -377,212 +391,6 @@ impl Store {
             .collect()
     }
 
-    /// Servers with job rows waiting and no live lease, lowest id first.
-    pub async fn pending_work(&self, limit: i64) -> Result<Vec<PendingWork>, sqlx::Error> {
-        let now = now_ms_sql(self.backend());
-        let sql = format!(
-            "SELECT DISTINCT js.server_id, s.id FROM sync_job_servers js \
-             LEFT JOIN servers s ON s.id = js.server_id \
-             LEFT JOIN server_leases l ON l.server_id = js.server_id \
-             WHERE js.outcome IS NULL AND (l.holder IS NULL OR l.expires_at < {now}) \
-             ORDER BY js.server_id LIMIT ?"
-        );
-        self.db
-            .fetch(&sql, &[limit.into()])
-            .await?
-            .iter()
-            .map(|r| {
-                Ok(PendingWork {
-                    server_id: r.int(0)?,
-                    exists: r.opt_int(1)?.is_some(),
-                })
-            })
-            .collect()
-    }
-
-    /// Claims a server's lease for `holder`: succeeds if nobody holds it or the holder's lease
-    /// expired. Returns the new token (incremented on every claim).
-    pub async fn claim_lease(
-        &self,
-        server_id: i64,
-        holder: &str,
-        ttl_ms: i64,
-    ) -> Result<Option<i64>, sqlx::Error> {
-        let now = now_ms_sql(self.backend());
-        let mut tx = self.db.begin().await?;
-        // A server registered before the lease table existed gets its row now.
-        let exists = tx
-            .fetch_optional(
-                "SELECT token FROM server_leases WHERE server_id = ?",
-                &[server_id.into()],
-            )
-            .await?
-            .is_some();
-        if !exists {
-            tx.execute(
-                "INSERT INTO server_leases (server_id, token) SELECT id, 0 FROM servers WHERE id = ?",
-                &[server_id.into()],
-            )
-            .await?;
-        }
-        let claimed = tx
-            .execute(
-                &format!(
-                    "UPDATE server_leases SET token = token + 1, holder = ?, \
-                     expires_at = {now} + ?, heartbeat_at = {now} \
-                     WHERE server_id = ? AND (holder IS NULL OR expires_at < {now})"
-                ),
-                &[holder.into(), ttl_ms.into(), server_id.into()],
-            )
-            .await?;
-        if claimed == 0 {
-            return Ok(None);
-        }
-        let token = tx
-            .fetch_optional(
-                "SELECT token FROM server_leases WHERE server_id = ? AND holder = ?",
-                &[server_id.into(), holder.into()],
-            )
-            .await?
-            .map(|r| r.int(0))
-            .transpose()?;
-        tx.commit().await?;
-        Ok(token)
-    }
-
-    /// Extends a held lease. False if it was lost.
-    pub async fn heartbeat(
-        &self,
-        server_id: i64,
-        holder: &str,
-        token: i64,
-        ttl_ms: i64,
-    ) -> Result<bool, sqlx::Error> {
-        let now = now_ms_sql(self.backend());
-        let updated = self
-            .db
-            .execute(
-                &format!(
-                    "UPDATE server_leases SET expires_at = {now} + ?, heartbeat_at = {now} \
-                     WHERE server_id = ? AND holder = ? AND token = ?"
-                ),
-                &[ttl_ms.into(), server_id.into(), holder.into(), token.into()],
-            )
-            .await?;
-        Ok(updated > 0)
-    }
-
-    /// Records a server's run: its inventory (if any), host key pin, reachability, and its
-    /// outcome in every job row of that server still waiting; releases the lease. Fenced: if
-    /// the lease is no longer `(holder, token)`, nothing is written and `Ok(None)` is returned.
-    /// Returns the ids of the jobs that got an outcome.
-    pub async fn record_run(
-        &self,
-        server_id: i64,
-        holder: &str,
-        token: i64,
-        run: RunRecord<'_>,
-    ) -> Result<Option<Vec<String>>, sqlx::Error> {
-        let RunRecord {
-            result,
-            inventory,
-            pin,
-            reachable,
-        } = run;
-        let mut tx = self.db.begin().await?;
-        if !lease_is_ours(&mut tx, server_id, holder, token).await? {
-            return Ok(None);
-        }
-        let now = crate::now_ms();
-        let mut result = result.clone();
-        if let Some(inventory) = inventory {
-            result.counts = Some(inventory::write(&mut tx, server_id, inventory, now).await?);
-        }
-        if let Some((algorithm, fingerprint)) = pin {
-            tx.execute(
-                "UPDATE servers SET host_key_algorithm = ?, host_key_fingerprint = ?, \
-                 host_key_pinned_at = ? WHERE id = ? AND host_key_fingerprint IS NULL",
-                &[
-                    algorithm.into(),
-                    fingerprint.into(),
-                    now.into(),
-                    server_id.into(),
-                ],
-            )
-            .await?;
-        }
-        match reachable {
-            Some(true) => {
-                tx.execute(
-                    "UPDATE servers SET reachability = 'online', last_seen_at = ?, \
-                     consecutive_failures = 0, next_probe_at = NULL WHERE id = ?",
-                    &[now.into(), server_id.into()],
-                )
-                .await?;
-            }
-            Some(false) => {
-                tx.execute(
-                    "UPDATE servers SET reachability = 'offline', \
-                     consecutive_failures = consecutive_failures + 1, next_probe_at = ? WHERE id = ?",
-                    &[result.next_probe_at.into(), server_id.into()],
-                )
-                .await?;
-            }
-            None => {}
-        }
-        let counts = result
-            .counts
-            .map(|c| serde_json::to_string(&c).expect("counts serialise"));
-        tx.execute(
-            "INSERT INTO sync_runs (server_id, lease_token, holder, scopes, started_at, finished_at, \
-             outcome, cause, message, exit_status, duration_ms, counts) \
-             VALUES (?, ?, ?, 'all', ?, ?, ?, ?, ?, ?, ?, ?)",
-            &[
-                server_id.into(),
-                token.into(),
-                holder.into(),
-                (now - result.duration_ms).into(),
-                now.into(),
-                result.outcome.as_str().into(),
-                result.cause.clone().into(),
-                result.message.as_str().into(),
-                result.exit_status.into(),
-                result.duration_ms.into(),
-                counts.clone().into(),
-            ],
-        )
-        .await?;
-        let jobs = fill_waiting(&mut tx, server_id, &result, counts, now).await?;
-        notify(&mut tx, OUTCOMES_CHANNEL).await?;
-        tx.execute(
-            "UPDATE server_leases SET holder = NULL, expires_at = NULL WHERE server_id = ? AND token = ?",
-            &[server_id.into(), token.into()],
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(Some(jobs))
-    }
-
-    /// Ends the waiting job rows of a server that no longer exists (no lease: nothing to fence).
-    pub async fn cancel_deleted(&self, server_id: i64) -> Result<Vec<String>, sqlx::Error> {
-        let mut tx = self.db.begin().await?;
-        if tx
-            .fetch_optional("SELECT id FROM servers WHERE id = ?", &[server_id.into()])
-            .await?
-            .is_some()
-        {
-            return Ok(Vec::new());
-        }
-        let result = RunResult {
-            outcome: "CANCELLED".into(),
-            message: "the server was deleted before it was synced".into(),
-            ..RunResult::default()
-        };
-        let jobs = fill_waiting(&mut tx, server_id, &result, None, crate::now_ms()).await?;
-        tx.commit().await?;
-        Ok(jobs)
-    }
-
     /// Sync requests recorded by migrations that no job has taken yet: (id, scopes, reason).
     pub async fn untaken_requests(&self) -> Result<Vec<(String, String, String)>, sqlx::Error> {
         self.db
@@ -605,7 +413,7 @@ pub const WORK_CHANNEL: &str = "fleetsync_work";
 
 /// `NOTIFY` on PostgreSQL (delivered when the transaction commits); nothing elsewhere, where
 /// other agents' changes are found by polling.
-async fn notify(tx: &mut Tx, channel: &str) -> Result<(), sqlx::Error> {
+pub(super) async fn notify(tx: &mut Tx, channel: &str) -> Result<(), sqlx::Error> {
     if tx.backend() == Backend::Postgres {
         tx.execute(
             "SELECT CAST(1 AS BIGINT) FROM pg_notify(?, '')",
@@ -614,102 +422,6 @@ async fn notify(tx: &mut Tx, channel: &str) -> Result<(), sqlx::Error> {
         .await?;
     }
     Ok(())
-}
-
-/// True if the lease of `server_id` is still `(holder, token)`; locks the lease row until the
-/// transaction ends (`FOR UPDATE`; SQLite's transaction holds the write lock already).
-async fn lease_is_ours(
-    tx: &mut Tx,
-    server_id: i64,
-    holder: &str,
-    token: i64,
-) -> Result<bool, sqlx::Error> {
-    let lock = if tx.backend() == Backend::Sqlite {
-        ""
-    } else {
-        " FOR UPDATE"
-    };
-    let lease = tx
-        .fetch_optional(
-            &format!("SELECT token, holder FROM server_leases WHERE server_id = ?{lock}"),
-            &[server_id.into()],
-        )
-        .await?;
-    Ok(match &lease {
-        Some(row) => row.int(0)? == token && row.opt_text(1)?.as_deref() == Some(holder),
-        None => false,
-    })
-}
-
-/// Gives every waiting job row of `server_id` the run's outcome and the next sequence number of
-/// its job; marks jobs done when their last server finishes.
-async fn fill_waiting(
-    tx: &mut Tx,
-    server_id: i64,
-    result: &RunResult,
-    counts: Option<String>,
-    now: i64,
-) -> Result<Vec<String>, sqlx::Error> {
-    let lock = if tx.backend() == Backend::Sqlite {
-        ""
-    } else {
-        " FOR UPDATE"
-    };
-    let waiting: Vec<String> = tx
-        .fetch(
-            &format!(
-                "SELECT job_id FROM sync_job_servers WHERE server_id = ? AND outcome IS NULL \
-                 ORDER BY job_id{lock}"
-            ),
-            &[server_id.into()],
-        )
-        .await?
-        .iter()
-        .map(|r| r.text(0))
-        .collect::<Result<_, _>>()?;
-    for job_id in &waiting {
-        // The job row's lock orders sequence numbers: they commit in the order they are given.
-        tx.execute(
-            "UPDATE sync_jobs SET finished = finished + 1, state = 'running' WHERE id = ?",
-            &[job_id.as_str().into()],
-        )
-        .await?;
-        let row = tx
-            .fetch_optional(
-                "SELECT finished, total FROM sync_jobs WHERE id = ?",
-                &[job_id.as_str().into()],
-            )
-            .await?
-            .ok_or(sqlx::Error::RowNotFound)?;
-        let (seq, total) = (row.int(0)?, row.int(1)?);
-        tx.execute(
-            "UPDATE sync_job_servers SET seq = ?, outcome = ?, cause = ?, message = ?, \
-             exit_status = ?, duration_ms = ?, finished_at = ?, next_probe_at = ?, counts = ? \
-             WHERE job_id = ? AND server_id = ?",
-            &[
-                seq.into(),
-                result.outcome.as_str().into(),
-                result.cause.clone().into(),
-                result.message.as_str().into(),
-                result.exit_status.into(),
-                result.duration_ms.into(),
-                now.into(),
-                result.next_probe_at.into(),
-                counts.clone().into(),
-                job_id.as_str().into(),
-                server_id.into(),
-            ],
-        )
-        .await?;
-        if seq >= total {
-            tx.execute(
-                "UPDATE sync_jobs SET state = 'done', finished_at = ? WHERE id = ?",
-                &[now.into(), job_id.as_str().into()],
-            )
-            .await?;
-        }
-    }
-    Ok(waiting)
 }
 
 async fn missing_ids(tx: &mut Tx, ids: &[i64]) -> Result<Vec<i64>, sqlx::Error> {
@@ -738,23 +450,6 @@ fn describe_ids(ids: &[i64]) -> String {
 }
 
 impl Store {
-    /// Gives a lease back without recording anything (the agent is stopping).
-    pub async fn release_lease(
-        &self,
-        server_id: i64,
-        holder: &str,
-        token: i64,
-    ) -> Result<(), sqlx::Error> {
-        self.db
-            .execute(
-                "UPDATE server_leases SET holder = NULL, expires_at = NULL \
-                 WHERE server_id = ? AND holder = ? AND token = ?",
-                &[server_id.into(), holder.into(), token.into()],
-            )
-            .await
-            .map(drop)
-    }
-
     /// The latest run of each of these servers: server id -> (result, finished_at).
     pub async fn last_runs(
         &self,
@@ -788,90 +483,5 @@ impl Store {
             }
         }
         Ok(out)
-    }
-}
-
-impl Store {
-    /// True if any job waiting for this server asked to force past a backoff.
-    pub async fn forced(&self, server_id: i64) -> Result<bool, sqlx::Error> {
-        Ok(self
-            .db
-            .fetch_optional(
-                "SELECT COUNT(*) FROM sync_job_servers js JOIN sync_jobs j ON j.id = js.job_id \
-                 WHERE js.server_id = ? AND js.outcome IS NULL AND j.force_offline <> 0",
-                &[server_id.into()],
-            )
-            .await?
-            .map(|r| r.int(0))
-            .transpose()?
-            .unwrap_or(0)
-            > 0)
-    }
-
-    /// Offline servers whose backoff has ended (by the database's clock), not leased.
-    pub async fn due_offline(&self, limit: i64) -> Result<Vec<super::ServerRecord>, sqlx::Error> {
-        let now = now_ms_sql(self.backend());
-        let ids: Vec<i64> = self
-            .db
-            .fetch(
-                &format!(
-                    "SELECT s.id FROM servers s LEFT JOIN server_leases l ON l.server_id = s.id \
-                     WHERE s.reachability = 'offline' AND s.next_probe_at <= {now} \
-                     AND (l.holder IS NULL OR l.expires_at < {now}) ORDER BY s.next_probe_at LIMIT ?"
-                ),
-                &[limit.into()],
-            )
-            .await?
-            .iter()
-            .map(|r| r.int(0))
-            .collect::<Result<_, _>>()?;
-        let mut servers = Vec::with_capacity(ids.len());
-        for id in ids {
-            if let Some(server) = self.server(id).await? {
-                servers.push(server);
-            }
-        }
-        Ok(servers)
-    }
-
-    /// Records a reachability probe (fenced like a run) and releases the lease: back online
-    /// (`next_probe_at` `None`) or one more failure with the next probe time. False if the
-    /// lease was lost.
-    pub async fn record_probe(
-        &self,
-        server_id: i64,
-        holder: &str,
-        token: i64,
-        next_probe_at: Option<i64>,
-    ) -> Result<bool, sqlx::Error> {
-        let mut tx = self.db.begin().await?;
-        if !lease_is_ours(&mut tx, server_id, holder, token).await? {
-            return Ok(false);
-        }
-        match next_probe_at {
-            None => {
-                tx.execute(
-                    "UPDATE servers SET reachability = 'online', last_seen_at = ?, \
-                     consecutive_failures = 0, next_probe_at = NULL WHERE id = ?",
-                    &[crate::now_ms().into(), server_id.into()],
-                )
-                .await?
-            }
-            Some(next) => {
-                tx.execute(
-                    "UPDATE servers SET consecutive_failures = consecutive_failures + 1, \
-                     next_probe_at = ? WHERE id = ?",
-                    &[next.into(), server_id.into()],
-                )
-                .await?
-            }
-        };
-        tx.execute(
-            "UPDATE server_leases SET holder = NULL, expires_at = NULL WHERE server_id = ? AND token = ?",
-            &[server_id.into(), token.into()],
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(true)
     }
 }

@@ -1,22 +1,31 @@
 //! Everything the agent reads and writes in the control-plane database, over the three
-//! backends: servers and their inventory, jobs and outcomes, leases, and the outbox.
+//! backends: servers and their inventory (`servers`, `inventory`), jobs and their outcomes
+//! (`jobs`), the work queue and its fenced leases (`queue`), batched completion of runs
+//! (`complete`), reachability probes (`reachability`) and pruning of old history (`retention`).
 //!
 //! SQL here uses `?` placeholders and double-quoted identifiers where a name is a reserved word
 //! somewhere (`"databases"`, `"collation"`); [`Store::sql`] adapts both per backend.
 
+mod complete;
 mod inventory;
 mod jobs;
+mod queue;
+mod reachability;
+mod retention;
 mod servers;
 
 use std::borrow::Cow;
 
 use fleetsync_common::{Backend, Db};
 
+pub use complete::{Completion, Reach, Recorded};
 pub use inventory::{InventoryCounts, InventoryWrite};
 pub use jobs::{
-    JobOrigin, JobRecord, JobState, NewJob, OUTCOMES_CHANNEL, OutcomeRecord, PendingWork,
-    RunRecord, RunResult, Selection, WORK_CHANNEL,
+    JobOrigin, JobRecord, JobState, NewJob, OUTCOMES_CHANNEL, OutcomeRecord, RunResult, Selection,
+    WORK_CHANNEL,
 };
+pub use queue::{Claim, ClaimedServer};
+pub use retention::Pruned;
 pub use servers::{
     DatabaseRecord, DatabaseService, HostKeyRecord, Inventory, ServerRecord, ServerSpec,
     UpsertOutcome, UserRecord,

@@ -3,7 +3,7 @@
 
 use fleetsync_common::{
     ServiceError,
-    sql::{Row, Value},
+    sql::{Row, Value, is_unique_violation, retry},
 };
 
 use super::Store;
@@ -105,10 +105,12 @@ pub struct ServerRecord {
     pub database_version: String,
 }
 
-const SERVER_COLUMNS: &str = "s.id, s.name, s.ip, s.port, s.ssh_user, s.status, s.reachability, \
+pub(super) const SERVER_COLUMNS: &str = "s.id, s.name, s.ip, s.port, s.ssh_user, s.status, s.reachability, \
     s.last_seen_at, s.consecutive_failures, s.next_probe_at, s.host_key_algorithm, \
     s.host_key_fingerprint, s.host_key_pinned_at, s.created_at, s.updated_at, sv.name, sv.version";
-const SERVER_FROM: &str =
+/// How many columns [`SERVER_COLUMNS`] has.
+pub(super) const SERVER_COLUMN_COUNT: usize = 17;
+pub(super) const SERVER_FROM: &str =
     "servers s LEFT JOIN services sv ON sv.server_id = s.id AND sv.type = 'database'";
 
 impl TryFrom<&Row> for ServerRecord {
@@ -191,6 +193,16 @@ pub struct Inventory {
     pub users: Vec<UserRecord>,
 }
 
+/// A unique violation on the name means a concurrent call took it: a conflict, retried (the
+/// next attempt sees the other server and updates it or reports the clash).
+fn name_taken(err: sqlx::Error, name: &str) -> ServiceError {
+    if is_unique_violation(&err) {
+        ServiceError::Aborted(format!("a concurrent call registered {name:?}"))
+    } else {
+        err.into()
+    }
+}
+
 impl Store {
     /// One server.
     pub async fn server(&self, id: i64) -> Result<Option<ServerRecord>, sqlx::Error> {
@@ -233,6 +245,21 @@ impl Store {
         id: Option<i64>,
         spec: &ServerSpec,
     ) -> Result<UpsertOutcome, ServiceError> {
+        let (id, created) = retry("upsert server", || self.upsert_server_once(id, spec)).await?;
+        let server = self
+            .server(id)
+            .await?
+            .ok_or_else(|| ServiceError::not_found("server", id))?;
+        Ok(UpsertOutcome { server, created })
+    }
+
+    /// One attempt: the server's id and whether it was created. A concurrent twin inserting the
+    /// same name makes this a conflict, retried (the next attempt updates the twin's row).
+    async fn upsert_server_once(
+        &self,
+        id: Option<i64>,
+        spec: &ServerSpec,
+    ) -> Result<(i64, bool), ServiceError> {
         let now = crate::now_ms();
         let mut tx = self.db.begin().await?;
         let existing = match id {
@@ -283,7 +310,8 @@ impl Store {
                         id.into(),
                     ],
                 )
-                .await?;
+                .await
+                .map_err(|err| name_taken(err, &spec.name))?;
                 id
             }
             None => {
@@ -300,7 +328,8 @@ impl Store {
                         now.into(),
                     ],
                 )
-                .await?;
+                .await
+                .map_err(|err| name_taken(err, &spec.name))?;
                 let row = tx
                     .fetch_optional(
                         "SELECT id FROM servers WHERE name = ?",
@@ -357,19 +386,18 @@ impl Store {
             }
         }
         tx.commit().await?;
-        let server = self
-            .server(id)
-            .await?
-            .ok_or_else(|| ServiceError::not_found("server", id))?;
-        Ok(UpsertOutcome {
-            server,
-            created: existing.is_none(),
-        })
+        Ok((id, existing.is_none()))
     }
 
-    /// Deletes a server with its inventory and lease. False if there was none.
+    /// Deletes a server with its inventory and lease; the job rows waiting for it end as
+    /// `CANCELLED`, in the same transaction. False if there was none.
     pub async fn delete_server(&self, id: i64) -> Result<bool, sqlx::Error> {
+        retry("delete server", || self.delete_server_once(id)).await
+    }
+
+    async fn delete_server_once(&self, id: i64) -> Result<bool, sqlx::Error> {
         let mut tx = self.db.begin().await?;
+        super::complete::cancel_waiting(&mut tx, id).await?;
         // Explicit deletes: MySQL and PostgreSQL cascade, SQLite only with foreign keys on.
         for sql in [
             "DELETE FROM server_leases WHERE server_id = ?",

@@ -1,0 +1,521 @@
+//! Recording finished runs, many per transaction ("group commit"): the inventory each run read,
+//! host keys pinned on first contact, reachability, the run history, and the outcome of every
+//! job row the run serves, with each job's stream cursor.
+//!
+//! Every write is fenced: the batch first locks the lease rows of its servers and drops the
+//! items whose lease is no longer `(holder, token)`. A run serves only the job rows created
+//! by its claim; rows that arrived during the run keep the server waiting for the next one.
+//! Sequence numbers are given per job and per batch under the job row's lock, taken last and in
+//! job-id order, so cursors commit in order without holding agents on one job for long.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use fleetsync_common::{
+    Backend,
+    sql::{Tx, Value, retry},
+};
+
+use super::{
+    InventoryWrite, RunResult, Store, inventory,
+    jobs::{CHUNK, OUTCOMES_CHANNEL, notify},
+    list,
+    queue::{Claim, db_now},
+};
+
+/// What a run learned about reaching its server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// Not tried (skipped, no database service): reachability unchanged.
+    Untried,
+    /// The server answered.
+    Online,
+    /// The server did not answer; try again after this long (ms, from the write).
+    Offline {
+        /// Backoff before the next probe.
+        backoff_ms: i64,
+    },
+}
+
+/// One finished run, to record.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    /// The lease the run held.
+    pub claim: Claim,
+    /// Its result.
+    pub result: RunResult,
+    /// The inventory it read (OK only).
+    pub inventory: Option<InventoryWrite>,
+    /// The host key to pin on first contact: (algorithm, fingerprint).
+    pub pin: Option<(String, String)>,
+    /// Reachability.
+    pub reach: Reach,
+}
+
+/// What became of one completion.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recorded {
+    /// Stored: the final result (with counts and the next probe time) and the jobs it served.
+    Stored {
+        /// The result as stored.
+        result: RunResult,
+        /// Jobs that got this outcome.
+        jobs: Vec<String>,
+    },
+    /// The lease was lost (expired and taken by another agent): nothing written.
+    LeaseLost,
+}
+
+/// One server's outcome to give to the job rows waiting for it.
+pub(super) struct Fill<'a> {
+    pub server_id: i64,
+    /// Only rows of jobs created up to this time (ms, database clock) are served.
+    pub served_before: i64,
+    pub result: &'a RunResult,
+    pub counts: Option<String>,
+}
+
+/// Which jobs each server served.
+#[derive(Debug, Default)]
+pub(super) struct FillReport {
+    pub jobs: HashMap<i64, Vec<String>>,
+}
+
+impl Store {
+    /// Records a batch of finished runs in one transaction (conflicts retried). Items whose
+    /// lease was lost are skipped. A failure leaves everything as it was.
+    pub async fn complete(
+        &self,
+        holder: &str,
+        batch: &[Completion],
+    ) -> Result<Vec<Recorded>, sqlx::Error> {
+        retry("record runs", || self.complete_once(holder, batch)).await
+    }
+
+    async fn complete_once(
+        &self,
+        holder: &str,
+        batch: &[Completion],
+    ) -> Result<Vec<Recorded>, sqlx::Error> {
+        let backend = self.backend();
+        let mut tx = self.db.begin().await?;
+        let now = db_now(&mut tx).await?;
+
+        // Fence: lock the leases, keep the items still ours.
+        let ids: Vec<i64> = batch.iter().map(|c| c.claim.server_id).collect();
+        let lock = if backend == Backend::Sqlite {
+            ""
+        } else {
+            " FOR UPDATE"
+        };
+        let mut held = HashMap::with_capacity(ids.len());
+        let mut sorted = ids.clone();
+        sorted.sort_unstable();
+        for chunk in sorted.chunks(CHUNK) {
+            let sql = format!(
+                "SELECT server_id, token, holder FROM server_leases WHERE server_id IN {} \
+                 ORDER BY server_id{lock}",
+                list(chunk.len())
+            );
+            let args: Vec<Value> = chunk.iter().map(|&id| Value::Int(id)).collect();
+            for row in tx.fetch(&sql, &args).await? {
+                held.insert(row.int(0)?, (row.int(1)?, row.opt_text(2)?));
+            }
+        }
+        let mut results: Vec<Option<RunResult>> = vec![None; batch.len()];
+        for (i, item) in batch.iter().enumerate() {
+            let ours = held.get(&item.claim.server_id).is_some_and(|(token, h)| {
+                *token == item.claim.token && h.as_deref() == Some(holder)
+            });
+            if !ours {
+                continue;
+            }
+            let mut result = item.result.clone();
+            if let Reach::Offline { backoff_ms } = item.reach {
+                result.next_probe_at = Some(now + backoff_ms);
+            }
+            if let Some(inventory) = &item.inventory {
+                result.counts =
+                    Some(inventory::write(&mut tx, item.claim.server_id, inventory, now).await?);
+            }
+            results[i] = Some(result);
+        }
+        let stored: Vec<(&Completion, &RunResult)> = batch
+            .iter()
+            .zip(&results)
+            .filter_map(|(item, r)| r.as_ref().map(|r| (item, r)))
+            .collect();
+
+        // Host keys pinned on first contact.
+        let pins: Vec<(i64, &str, &str)> = stored
+            .iter()
+            .filter_map(|(item, _)| {
+                item.pin
+                    .as_ref()
+                    .map(|(a, f)| (item.claim.server_id, a.as_str(), f.as_str()))
+            })
+            .collect();
+        for chunk in pins.chunks(CHUNK / 2) {
+            let mut args: Vec<Value> = Vec::with_capacity(chunk.len() * 5 + 1);
+            let algorithm = case(chunk.len());
+            for (id, a, _) in chunk {
+                args.extend([Value::Int(*id), (*a).into()]);
+            }
+            let fingerprint = case(chunk.len());
+            for (id, _, f) in chunk {
+                args.extend([Value::Int(*id), (*f).into()]);
+            }
+            args.push(now.into());
+            args.extend(chunk.iter().map(|(id, _, _)| Value::Int(*id)));
+            tx.execute(
+                &format!(
+                    "UPDATE servers SET host_key_algorithm = {algorithm}, \
+                     host_key_fingerprint = {fingerprint}, host_key_pinned_at = ? \
+                     WHERE host_key_fingerprint IS NULL AND id IN {}",
+                    list(chunk.len())
+                ),
+                &args,
+            )
+            .await?;
+        }
+
+        // Reachability.
+        let online: Vec<i64> = stored
+            .iter()
+            .filter(|(item, _)| item.reach == Reach::Online)
+            .map(|(item, _)| item.claim.server_id)
+            .collect();
+        for chunk in online.chunks(CHUNK) {
+            let mut args: Vec<Value> = vec![now.into()];
+            args.extend(chunk.iter().map(|&id| Value::Int(id)));
+            tx.execute(
+                &format!(
+                    "UPDATE servers SET reachability = 'online', last_seen_at = ?, \
+                     consecutive_failures = 0, next_probe_at = NULL WHERE id IN {}",
+                    list(chunk.len())
+                ),
+                &args,
+            )
+            .await?;
+        }
+        let offline: Vec<(i64, i64)> = stored
+            .iter()
+            .filter(|(item, _)| matches!(item.reach, Reach::Offline { .. }))
+            .map(|(item, r)| (item.claim.server_id, r.next_probe_at.unwrap_or(now)))
+            .collect();
+        for chunk in offline.chunks(CHUNK / 2) {
+            let next = case(chunk.len());
+            let mut args: Vec<Value> = Vec::with_capacity(chunk.len() * 3);
+            for (id, at) in chunk {
+                args.extend([Value::Int(*id), Value::Int(*at)]);
+            }
+            args.extend(chunk.iter().map(|(id, _)| Value::Int(*id)));
+            tx.execute(
+                &format!(
+                    "UPDATE servers SET reachability = 'offline', \
+                     consecutive_failures = consecutive_failures + 1, next_probe_at = {next} \
+                     WHERE id IN {}",
+                    list(chunk.len())
+                ),
+                &args,
+            )
+            .await?;
+        }
+
+        // Run history.
+        let counts: Vec<Option<String>> = stored
+            .iter()
+            .map(|(_, r)| {
+                r.counts
+                    .map(|c| serde_json::to_string(&c).expect("counts serialise"))
+            })
+            .collect();
+        const RUN_COLUMNS: usize = 12;
+        for (chunk, chunk_counts) in stored.chunks(200).zip(counts.chunks(200)) {
+            let mut args: Vec<Value> = Vec::with_capacity(chunk.len() * RUN_COLUMNS);
+            for ((item, r), counts) in chunk.iter().zip(chunk_counts) {
+                args.extend([
+                    Value::Int(item.claim.server_id),
+                    Value::Int(item.claim.token),
+                    holder.into(),
+                    "all".into(),
+                    Value::Int(now - r.duration_ms),
+                    Value::Int(now),
+                    r.outcome.as_str().into(),
+                    r.cause.clone().into(),
+                    r.message.as_str().into(),
+                    r.exit_status.into(),
+                    Value::Int(r.duration_ms),
+                    counts.clone().into(),
+                ]);
+            }
+            tx.execute(
+                &format!(
+                    "INSERT INTO sync_runs (server_id, lease_token, holder, scopes, started_at, \
+                     finished_at, outcome, cause, message, exit_status, duration_ms, counts) \
+                     VALUES {}",
+                    rows(chunk.len(), RUN_COLUMNS)
+                ),
+                &args,
+            )
+            .await?;
+        }
+
+        // Outcomes for the job rows each run serves; leases released.
+        let fills: Vec<Fill<'_>> = stored
+            .iter()
+            .zip(counts)
+            .map(|((item, r), counts)| Fill {
+                server_id: item.claim.server_id,
+                served_before: item.claim.claimed_at,
+                result: r,
+                counts,
+            })
+            .collect();
+        let waiting = waiting_rows(&mut tx, &fills).await?;
+        let ours: Vec<i64> = stored
+            .iter()
+            .map(|(item, _)| item.claim.server_id)
+            .collect();
+        release_served(&mut tx, &ours, &waiting.still_waiting).await?;
+        let mut report = fill(&mut tx, now, &fills, waiting).await?;
+        if !report.jobs.is_empty() {
+            notify(&mut tx, OUTCOMES_CHANNEL).await?;
+        }
+        tx.commit().await?;
+
+        Ok(batch
+            .iter()
+            .zip(results)
+            .map(|(item, result)| match result {
+                Some(result) => Recorded::Stored {
+                    result,
+                    jobs: report
+                        .jobs
+                        .remove(&item.claim.server_id)
+                        .unwrap_or_default(),
+                },
+                None => Recorded::LeaseLost,
+            })
+            .collect())
+    }
+}
+
+/// `CASE id WHEN ? THEN ? ... END` with `n` branches.
+fn case(n: usize) -> String {
+    let mut s = String::with_capacity(n * 16 + 16);
+    s.push_str("CASE id");
+    for _ in 0..n {
+        s.push_str(" WHEN ? THEN ?");
+    }
+    s.push_str(" END");
+    s
+}
+
+/// `(?, ?), (?, ?)`: `n` rows of `columns` placeholders.
+fn rows(n: usize, columns: usize) -> String {
+    let row = list(columns);
+    let mut s = String::with_capacity(n * (row.len() + 2));
+    for i in 0..n {
+        if i > 0 {
+            s.push_str(", ");
+        }
+        s.push_str(&row);
+    }
+    s
+}
+
+/// The job rows waiting for these servers, split into those each run serves (by job) and the
+/// servers that keep rows waiting for a later run.
+pub(super) struct Waiting {
+    /// job id -> (server id, server name), ascending server id.
+    served: BTreeMap<String, Vec<(i64, String)>>,
+    still_waiting: BTreeSet<i64>,
+}
+
+pub(super) async fn waiting_rows(tx: &mut Tx, fills: &[Fill<'_>]) -> Result<Waiting, sqlx::Error> {
+    let before: HashMap<i64, i64> = fills
+        .iter()
+        .map(|f| (f.server_id, f.served_before))
+        .collect();
+    let ids: Vec<i64> = fills.iter().map(|f| f.server_id).collect();
+    let mut waiting = Waiting {
+        served: BTreeMap::new(),
+        still_waiting: BTreeSet::new(),
+    };
+    for chunk in ids.chunks(CHUNK) {
+        let sql = format!(
+            "SELECT js.job_id, js.server_id, js.server_name, j.created_at FROM sync_job_servers js \
+             JOIN sync_jobs j ON j.id = js.job_id WHERE js.outcome IS NULL AND js.server_id IN {}",
+            list(chunk.len())
+        );
+        let args: Vec<Value> = chunk.iter().map(|&id| Value::Int(id)).collect();
+        for row in tx.fetch(&sql, &args).await? {
+            let (job, server, name, created) =
+                (row.text(0)?, row.int(1)?, row.text(2)?, row.int(3)?);
+            // A request made in the claim's own millisecond is served: the run reads the server
+            // only after connecting and logging in, milliseconds after the claim.
+            if created <= before.get(&server).copied().unwrap_or(i64::MIN) {
+                waiting.served.entry(job).or_default().push((server, name));
+            } else {
+                waiting.still_waiting.insert(server);
+            }
+        }
+    }
+    for servers in waiting.served.values_mut() {
+        servers.sort_unstable_by_key(|(id, _)| *id);
+    }
+    Ok(waiting)
+}
+
+/// Releases the leases of `ids`; servers with no row left waiting stop waiting.
+async fn release_served(
+    tx: &mut Tx,
+    ids: &[i64],
+    still_waiting: &BTreeSet<i64>,
+) -> Result<(), sqlx::Error> {
+    let (keep, done): (Vec<i64>, Vec<i64>) = ids.iter().partition(|id| still_waiting.contains(id));
+    for (group, pending) in [(done, "NULL"), (keep, "pending_since")] {
+        for chunk in group.chunks(CHUNK) {
+            let args: Vec<Value> = chunk.iter().map(|&id| Value::Int(id)).collect();
+            tx.execute(
+                &format!(
+                    "UPDATE server_leases SET holder = NULL, expires_at = NULL, \
+                     pending_since = {pending} WHERE server_id IN {}",
+                    list(chunk.len())
+                ),
+                &args,
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Gives the served rows their outcome and their job's next sequence numbers (one counter
+/// update per job, in job-id order); marks jobs done when their last server finishes.
+pub(super) async fn fill(
+    tx: &mut Tx,
+    now: i64,
+    fills: &[Fill<'_>],
+    waiting: Waiting,
+) -> Result<FillReport, sqlx::Error> {
+    let by_server: HashMap<i64, &Fill<'_>> = fills.iter().map(|f| (f.server_id, f)).collect();
+    let mut report = FillReport::default();
+    let mut values: Vec<Value> = Vec::new();
+    let mut pending_rows = 0;
+    let upsert = match tx.backend() {
+        Backend::MySql => {
+            "ON DUPLICATE KEY UPDATE seq = VALUES(seq), outcome = VALUES(outcome), \
+             cause = VALUES(cause), message = VALUES(message), exit_status = VALUES(exit_status), \
+             duration_ms = VALUES(duration_ms), finished_at = VALUES(finished_at), \
+             next_probe_at = VALUES(next_probe_at), counts = VALUES(counts)"
+        }
+        _ => {
+            "ON CONFLICT (job_id, server_id) DO UPDATE SET seq = excluded.seq, \
+             outcome = excluded.outcome, cause = excluded.cause, message = excluded.message, \
+             exit_status = excluded.exit_status, duration_ms = excluded.duration_ms, \
+             finished_at = excluded.finished_at, next_probe_at = excluded.next_probe_at, \
+             counts = excluded.counts"
+        }
+    };
+    for (job_id, servers) in &waiting.served {
+        let n = servers.len() as i64;
+        // MySQL assigns left to right: `finished` last, so the CASEs see the old value.
+        tx.execute(
+            "UPDATE sync_jobs SET \
+             state = CASE WHEN finished + ? >= total THEN 'done' ELSE 'running' END, \
+             finished_at = CASE WHEN finished + ? >= total THEN ? ELSE finished_at END, \
+             finished = finished + ? WHERE id = ?",
+            &[
+                n.into(),
+                n.into(),
+                now.into(),
+                n.into(),
+                job_id.as_str().into(),
+            ],
+        )
+        .await?;
+        let finished = tx
+            .fetch_optional(
+                "SELECT finished FROM sync_jobs WHERE id = ?",
+                &[job_id.as_str().into()],
+            )
+            .await?
+            .ok_or(sqlx::Error::RowNotFound)?
+            .int(0)?;
+        let mut seq = finished - n;
+        for (server_id, name) in servers {
+            seq += 1;
+            let f = by_server[server_id];
+            values.extend([
+                job_id.as_str().into(),
+                Value::Int(*server_id),
+                name.as_str().into(),
+                Value::Int(seq),
+                f.result.outcome.as_str().into(),
+                f.result.cause.clone().into(),
+                f.result.message.as_str().into(),
+                f.result.exit_status.into(),
+                Value::Int(f.result.duration_ms),
+                Value::Int(now),
+                f.result.next_probe_at.into(),
+                f.counts.clone().into(),
+            ]);
+            pending_rows += 1;
+            report
+                .jobs
+                .entry(*server_id)
+                .or_default()
+                .push(job_id.clone());
+            if pending_rows == 200 {
+                upsert_rows(tx, &mut values, pending_rows, upsert).await?;
+                pending_rows = 0;
+            }
+        }
+    }
+    if pending_rows > 0 {
+        upsert_rows(tx, &mut values, pending_rows, upsert).await?;
+    }
+    Ok(report)
+}
+
+/// Columns of one `sync_job_servers` row as [`fill`] writes it.
+const JOB_ROW_COLUMNS: usize = 12;
+
+async fn upsert_rows(
+    tx: &mut Tx,
+    values: &mut Vec<Value>,
+    n: usize,
+    upsert: &str,
+) -> Result<(), sqlx::Error> {
+    let sql = format!(
+        "INSERT INTO sync_job_servers (job_id, server_id, server_name, seq, outcome, cause, \
+         message, exit_status, duration_ms, finished_at, next_probe_at, counts) VALUES {} {upsert}",
+        rows(n, JOB_ROW_COLUMNS)
+    );
+    tx.execute(&sql, values).await?;
+    values.clear();
+    Ok(())
+}
+
+/// Ends the waiting rows of a server about to be deleted with `CANCELLED`.
+pub(super) async fn cancel_waiting(tx: &mut Tx, server_id: i64) -> Result<usize, sqlx::Error> {
+    let now = db_now(tx).await?;
+    let result = RunResult {
+        outcome: "CANCELLED".into(),
+        message: "the server was deleted before it was synced".into(),
+        ..RunResult::default()
+    };
+    let fills = [Fill {
+        server_id,
+        served_before: i64::MAX,
+        result: &result,
+        counts: None,
+    }];
+    let waiting = waiting_rows(tx, &fills).await?;
+    let report = fill(tx, now, &fills, waiting).await?;
+    if !report.jobs.is_empty() {
+        notify(tx, OUTCOMES_CHANNEL).await?;
+    }
+    Ok(report.jobs.values().map(Vec::len).sum())
+}

@@ -1,0 +1,232 @@
+//! The work queue: which servers wait for a sync, and the per-server leases that divide them
+//! between agents.
+//!
+//! A server waits while its lease row has `pending_since` set (by `create_job`, cleared by the
+//! completion that serves its last waiting request). Agents claim waiting servers in batches:
+//! one short transaction picks up to k of them whose lease is free or expired, oldest request
+//! first, skipping rows another agent is claiming right now (`FOR UPDATE SKIP LOCKED`; SQLite
+//! has one writer), and bumps each lease's fencing token. A claim remembers when it was made by
+//! the database's clock: only requests older than that are served by the run.
+
+use fleetsync_common::{
+    Backend,
+    sql::{Tx, Value, now_ms_sql},
+};
+
+use super::{
+    ServerRecord, Store,
+    jobs::CHUNK,
+    list,
+    servers::{SERVER_COLUMN_COUNT, SERVER_COLUMNS, SERVER_FROM},
+};
+
+/// A lease this agent holds on one server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim {
+    /// The server.
+    pub server_id: i64,
+    /// The fencing token: every write for this run checks it.
+    pub token: i64,
+    /// When the lease was taken, by the database's clock (ms).
+    pub claimed_at: i64,
+}
+
+/// A claimed server with what its run needs.
+#[derive(Debug, Clone)]
+pub struct ClaimedServer {
+    /// The lease.
+    pub claim: Claim,
+    /// The server as registered.
+    pub server: ServerRecord,
+    /// True if a waiting request asked to try it even while it is backing off.
+    pub forced: bool,
+}
+
+/// `FOR UPDATE SKIP LOCKED` where the backend has it (SQLite's write transaction is exclusive).
+fn skip_locked(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Sqlite => "",
+        _ => " FOR UPDATE SKIP LOCKED",
+    }
+}
+
+/// The database's clock now, read inside the transaction (one value for a whole batch).
+pub(super) async fn db_now(tx: &mut Tx) -> Result<i64, sqlx::Error> {
+    let sql = format!("SELECT {}", now_ms_sql(tx.backend()));
+    tx.fetch_optional(&sql, &[])
+        .await?
+        .ok_or(sqlx::Error::RowNotFound)?
+        .int(0)
+}
+
+impl Store {
+    /// Claims up to `limit` waiting servers whose lease is free or expired, oldest request
+    /// first, for `holder`; returns them with their registration. Servers claimed by other
+    /// agents at this moment are skipped, not waited for.
+    pub async fn claim(
+        &self,
+        holder: &str,
+        ttl_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<ClaimedServer>, sqlx::Error> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.db.begin().await?;
+        let now = db_now(&mut tx).await?;
+        let ids: Vec<i64> = tx
+            .fetch(
+                &format!(
+                    "SELECT server_id FROM server_leases WHERE pending_since IS NOT NULL \
+                     AND (holder IS NULL OR expires_at < ?) ORDER BY pending_since LIMIT ?{}",
+                    skip_locked(self.backend())
+                ),
+                &[now.into(), (limit as i64).into()],
+            )
+            .await?
+            .iter()
+            .map(|r| r.int(0))
+            .collect::<Result<_, _>>()?;
+        let claims = take_leases(&mut tx, &ids, holder, ttl_ms, now).await?;
+        let servers = servers_for_run(&mut tx, &ids).await?;
+        tx.commit().await?;
+        Ok(claims
+            .into_iter()
+            .filter_map(|claim| {
+                let (server, forced) = servers.get(&claim.server_id)?.clone();
+                Some(ClaimedServer {
+                    claim,
+                    server,
+                    forced,
+                })
+            })
+            .collect())
+    }
+
+    /// Makes the queue agree with the job rows, once at start-up: every server gets a lease row,
+    /// and every server with rows waiting (recorded before this schema, or by hand) is marked as
+    /// waiting. Returns how many servers it marked.
+    pub async fn repair_queue(&self) -> Result<u64, sqlx::Error> {
+        fleetsync_common::sql::retry("repair queue", || async {
+            let mut tx = self.db.begin().await?;
+            tx.execute(
+                "INSERT INTO server_leases (server_id, token) SELECT s.id, 0 FROM servers s \
+                 WHERE NOT EXISTS (SELECT 1 FROM server_leases l WHERE l.server_id = s.id)",
+                &[],
+            )
+            .await?;
+            let marked = tx
+                .execute(
+                    "UPDATE server_leases SET pending_since = (SELECT MIN(j.created_at) \
+                     FROM sync_job_servers js JOIN sync_jobs j ON j.id = js.job_id \
+                     WHERE js.server_id = server_leases.server_id AND js.outcome IS NULL) \
+                     WHERE pending_since IS NULL AND server_id IN \
+                     (SELECT server_id FROM sync_job_servers WHERE outcome IS NULL)",
+                    &[],
+                )
+                .await?;
+            tx.commit().await?;
+            Ok(marked)
+        })
+        .await
+    }
+
+    /// Extends the leases `holder` holds on these servers; returns how many it still holds.
+    pub async fn renew(
+        &self,
+        holder: &str,
+        server_ids: &[i64],
+        ttl_ms: i64,
+    ) -> Result<u64, sqlx::Error> {
+        let now = now_ms_sql(self.backend());
+        let mut renewed = 0;
+        for chunk in server_ids.chunks(CHUNK) {
+            let sql = format!(
+                "UPDATE server_leases SET expires_at = {now} + ?, heartbeat_at = {now} \
+                 WHERE holder = ? AND server_id IN {}",
+                list(chunk.len())
+            );
+            let mut args: Vec<Value> = vec![ttl_ms.into(), holder.into()];
+            args.extend(chunk.iter().map(|&id| Value::Int(id)));
+            renewed += self.db.execute(&sql, &args).await?;
+        }
+        Ok(renewed)
+    }
+
+    /// Gives leases back without recording anything (the agent is stopping): the servers stay
+    /// waiting for whoever runs next.
+    pub async fn release(&self, holder: &str, claims: &[Claim]) -> Result<(), sqlx::Error> {
+        for chunk in claims.chunks(CHUNK) {
+            let sql = format!(
+                "UPDATE server_leases SET holder = NULL, expires_at = NULL \
+                 WHERE holder = ? AND server_id IN {}",
+                list(chunk.len())
+            );
+            let mut args: Vec<Value> = vec![holder.into()];
+            args.extend(chunk.iter().map(|c| Value::Int(c.server_id)));
+            self.db.execute(&sql, &args).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Takes the leases of `ids` (already chosen as free under this transaction): token + 1,
+/// holder, expiry and claim time by the database's clock.
+pub(super) async fn take_leases(
+    tx: &mut Tx,
+    ids: &[i64],
+    holder: &str,
+    ttl_ms: i64,
+    now: i64,
+) -> Result<Vec<Claim>, sqlx::Error> {
+    let mut claims = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(CHUNK) {
+        let sql = format!(
+            "UPDATE server_leases SET token = token + 1, holder = ?, claimed_at = ?, \
+             expires_at = ?, heartbeat_at = ? WHERE server_id IN {}",
+            list(chunk.len())
+        );
+        let mut args: Vec<Value> =
+            vec![holder.into(), now.into(), (now + ttl_ms).into(), now.into()];
+        args.extend(chunk.iter().map(|&id| Value::Int(id)));
+        tx.execute(&sql, &args).await?;
+        let sql = format!(
+            "SELECT server_id, token FROM server_leases WHERE server_id IN {}",
+            list(chunk.len())
+        );
+        let args: Vec<Value> = chunk.iter().map(|&id| Value::Int(id)).collect();
+        for row in tx.fetch(&sql, &args).await? {
+            claims.push(Claim {
+                server_id: row.int(0)?,
+                token: row.int(1)?,
+                claimed_at: now,
+            });
+        }
+    }
+    claims.sort_by_key(|c| c.server_id);
+    Ok(claims)
+}
+
+/// The registration of each server and whether a waiting request forces past its backoff.
+async fn servers_for_run(
+    tx: &mut Tx,
+    ids: &[i64],
+) -> Result<std::collections::HashMap<i64, (ServerRecord, bool)>, sqlx::Error> {
+    let mut out = std::collections::HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(CHUNK) {
+        let sql = format!(
+            "SELECT {SERVER_COLUMNS}, (SELECT COUNT(*) FROM sync_job_servers js \
+             JOIN sync_jobs j ON j.id = js.job_id WHERE js.server_id = s.id \
+             AND js.outcome IS NULL AND j.force_offline <> 0) FROM {SERVER_FROM} \
+             WHERE s.id IN {}",
+            list(chunk.len())
+        );
+        let args: Vec<Value> = chunk.iter().map(|&id| Value::Int(id)).collect();
+        for row in tx.fetch(&sql, &args).await? {
+            let server = ServerRecord::try_from(&row)?;
+            let forced = row.int(SERVER_COLUMN_COUNT)? > 0;
+            out.insert(server.id, (server, forced));
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,138 @@
+//! Reachability of offline servers: which ones are due for a probe (their backoff ended, by the
+//! database's clock), claimed in batches under the same fenced leases as syncs, and what a
+//! probe found (back online, or one more failure with the next probe time).
+
+use fleetsync_common::{Backend, sql::Value};
+
+use super::{
+    ServerRecord, Store,
+    jobs::CHUNK,
+    list,
+    queue::{Claim, db_now, take_leases},
+    servers::{SERVER_COLUMNS, SERVER_FROM},
+};
+
+impl Store {
+    /// Claims up to `limit` offline servers whose backoff has ended and whose lease is free,
+    /// soonest due first.
+    pub async fn claim_due_offline(
+        &self,
+        holder: &str,
+        ttl_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<(Claim, ServerRecord)>, sqlx::Error> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.db.begin().await?;
+        let now = db_now(&mut tx).await?;
+        let skip = match self.backend() {
+            Backend::Sqlite => "",
+            // Only the lease rows: registrations stay free for Fleet calls.
+            Backend::Postgres => " FOR UPDATE OF l SKIP LOCKED",
+            // MariaDB has no `OF`: the joined server rows are locked too, briefly.
+            Backend::MySql => " FOR UPDATE SKIP LOCKED",
+        };
+        let ids: Vec<i64> = tx
+            .fetch(
+                &format!(
+                    "SELECT l.server_id FROM servers s JOIN server_leases l ON l.server_id = s.id \
+                     WHERE s.next_probe_at <= ? AND s.reachability = 'offline' \
+                     AND (l.holder IS NULL OR l.expires_at < ?) ORDER BY s.next_probe_at LIMIT ?{skip}"
+                ),
+                &[now.into(), now.into(), (limit as i64).into()],
+            )
+            .await?
+            .iter()
+            .map(|r| r.int(0))
+            .collect::<Result<_, _>>()?;
+        let claims = take_leases(&mut tx, &ids, holder, ttl_ms, now).await?;
+        let mut servers = std::collections::HashMap::new();
+        for chunk in ids.chunks(CHUNK) {
+            let sql = format!(
+                "SELECT {SERVER_COLUMNS} FROM {SERVER_FROM} WHERE s.id IN {}",
+                list(chunk.len())
+            );
+            let args: Vec<Value> = chunk.iter().map(|&id| Value::Int(id)).collect();
+            for row in tx.fetch(&sql, &args).await? {
+                let server = ServerRecord::try_from(&row)?;
+                servers.insert(server.id, server);
+            }
+        }
+        tx.commit().await?;
+        Ok(claims
+            .into_iter()
+            .filter_map(|c| servers.remove(&c.server_id).map(|s| (c, s)))
+            .collect())
+    }
+
+    /// Records probes (fenced like runs) and releases their leases: `None` is back online,
+    /// `Some(backoff_ms)` one more failure, probed again that long after now (database clock).
+    /// Returns the servers that came back (whose lease was still ours).
+    pub async fn record_probes(
+        &self,
+        holder: &str,
+        probes: &[(Claim, Option<i64>)],
+    ) -> Result<Vec<i64>, sqlx::Error> {
+        fleetsync_common::sql::retry("record probes", || self.record_probes_once(holder, probes))
+            .await
+    }
+
+    async fn record_probes_once(
+        &self,
+        holder: &str,
+        probes: &[(Claim, Option<i64>)],
+    ) -> Result<Vec<i64>, sqlx::Error> {
+        let mut tx = self.db.begin().await?;
+        let now = db_now(&mut tx).await?;
+        let lock = if self.backend() == Backend::Sqlite {
+            ""
+        } else {
+            " FOR UPDATE"
+        };
+        let mut back = Vec::new();
+        for (claim, backoff) in probes {
+            let held = tx
+                .fetch_optional(
+                    &format!("SELECT token, holder FROM server_leases WHERE server_id = ?{lock}"),
+                    &[claim.server_id.into()],
+                )
+                .await?;
+            let ours = match &held {
+                Some(row) => {
+                    row.int(0)? == claim.token && row.opt_text(1)?.as_deref() == Some(holder)
+                }
+                None => false,
+            };
+            if !ours {
+                continue;
+            }
+            match backoff {
+                None => {
+                    tx.execute(
+                        "UPDATE servers SET reachability = 'online', last_seen_at = ?, \
+                         consecutive_failures = 0, next_probe_at = NULL WHERE id = ?",
+                        &[now.into(), claim.server_id.into()],
+                    )
+                    .await?;
+                    back.push(claim.server_id);
+                }
+                Some(backoff) => {
+                    tx.execute(
+                        "UPDATE servers SET consecutive_failures = consecutive_failures + 1, \
+                         next_probe_at = ? WHERE id = ?",
+                        &[(now + backoff).into(), claim.server_id.into()],
+                    )
+                    .await?;
+                }
+            }
+            tx.execute(
+                "UPDATE server_leases SET holder = NULL, expires_at = NULL WHERE server_id = ?",
+                &[claim.server_id.into()],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(back)
+    }
+}

@@ -1,0 +1,506 @@
+//! `just bench-scale`: the control plane's work path at fleet scale. Agents are the real release
+//! binaries, the databases the machine's real SQLite, PostgreSQL and MariaDB.
+//!
+//! - refused servers (127.0.0.1:1: the connect fails at once, so the time is all control-plane
+//!   work), one agent, 1,000 / 10,000 / 100,000 servers on each backend;
+//! - 10,000 refused servers on PostgreSQL and MariaDB with 1 and 3 agents;
+//! - a latency-bound fleet: 3,000 addresses that accept TCP and never send a banner (one
+//!   listener on the wildcard address serves 127.1.x.y), `--handshake-timeout 1s`, fixed
+//!   concurrency per agent, 1 and 3 agents: where agents, not the database, are the limit;
+//! - registration: 10,000 `Fleet/UpsertServer` calls with 64 in flight, per backend.
+//!
+//! Each figure is the median of `BENCH_RUNS` (default 3) jobs: `StartSync` of every server with
+//! `force`, watched to the summary. Prints a markdown table and writes it to `bench/scale.md`
+//! with the machine's description. `BENCH_SIZES=1000,10000` limits the refused sizes.
+
+use std::{
+    fmt::Write as _,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Instant,
+};
+
+use fleetsync_common::{
+    Backend,
+    proto::sync::v1::{
+        DatabaseService, ServerSpec, StartSyncRequest, UpsertServerRequest, WatchSyncRequest,
+        fleet_client::FleetClient, sync_agent_client::SyncAgentClient, sync_event,
+    },
+};
+use fleetsync_tests::{
+    TestDb,
+    catalog::{execute, insert_servers},
+    db::ALL_BACKENDS,
+    services::{ServeProcess, migrate},
+};
+use tokio_stream::StreamExt;
+
+fn runs() -> usize {
+    std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3)
+}
+
+fn sizes() -> Vec<usize> {
+    std::env::var("BENCH_SIZES")
+        .ok()
+        .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1_000, 10_000, 100_000])
+}
+
+fn median(mut samples: Vec<f64>) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc stat");
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 =
+        fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
+    ticks / 100.0
+}
+
+/// Peak resident set size of a process, in MiB.
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .expect("VmHWM")
+        / 1024.0
+}
+
+/// Inserts `n` servers (bulk SQL: registration is measured on its own) with a MariaDB service,
+/// at `addr(i)`:`port`.
+async fn insert_fleet(db: &TestDb, n: usize, port: u16, addr: impl Fn(usize) -> String) {
+    let conn = db.connect().await;
+    insert_servers(&conn, n, port, addr).await;
+    execute(
+        &conn,
+        "INSERT INTO services (server_id, type, name, version, status, created_at, updated_at) \
+         SELECT id, 'database', 'mariadb', '10.11', 'ready', 0, 0 FROM servers",
+    )
+    .await;
+    conn.close().await;
+}
+
+struct Agents {
+    procs: Vec<ServeProcess>,
+    _dir: tempfile::TempDir,
+}
+
+impl Agents {
+    fn start(db: &TestDb, n: usize, extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut args = vec![
+            "--database-url",
+            db.url(),
+            "--sync-interval",
+            "0s",
+            "--probe-interval",
+            "1h",
+            "--backoff-base",
+            "1h",
+        ];
+        args.extend_from_slice(extra);
+        let procs = (0..n)
+            .map(|_| ServeProcess::start("sync-agent", &args, dir.path()))
+            .collect();
+        Self { procs, _dir: dir }
+    }
+
+    fn cpu(&self) -> f64 {
+        self.procs.iter().map(|p| cpu_seconds(p.pid())).sum()
+    }
+
+    fn peak_rss(&self) -> f64 {
+        self.procs
+            .iter()
+            .map(|p| peak_rss_mib(p.pid()))
+            .fold(0.0, f64::max)
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.procs[0].addr
+    }
+}
+
+/// One job of every server, forced, watched to its summary: (seconds, agent CPU seconds).
+async fn one_job(agents: &Agents, servers: usize) -> (f64, f64) {
+    let mut client = SyncAgentClient::connect(format!("http://{}", agents.addr()))
+        .await
+        .expect("connect")
+        .max_decoding_message_size(64 << 20);
+    let cpu_before = agents.cpu();
+    let started = Instant::now();
+    let job = client
+        .start_sync(StartSyncRequest {
+            all_servers: true,
+            force: true,
+            reason: "bench".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("start")
+        .into_inner();
+    assert_eq!(job.server_count as usize, servers);
+    let mut stream = client
+        .watch_sync(WatchSyncRequest {
+            job_id: job.job_id.clone(),
+            cursor: 0,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut outcomes = 0;
+    let mut summary = None;
+    while let Some(event) = stream.next().await {
+        match event.expect("event").event {
+            Some(sync_event::Event::Outcome(_)) => outcomes += 1,
+            Some(sync_event::Event::Summary(s)) => summary = Some(s),
+            None => {}
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let summary = summary.expect("summary");
+    assert_eq!(outcomes, servers, "one outcome per server");
+    assert_eq!(summary.finished as usize, servers);
+    (elapsed, agents.cpu() - cpu_before)
+}
+
+#[derive(Debug)]
+struct Row {
+    scenario: String,
+    backend: Backend,
+    agents: usize,
+    servers: usize,
+    seconds: f64,
+    cpu: f64,
+    rss: f64,
+}
+
+impl Row {
+    fn rate(&self) -> f64 {
+        self.servers as f64 / self.seconds
+    }
+    fn cpu_per_server_us(&self) -> f64 {
+        self.cpu / self.servers as f64 * 1e6
+    }
+}
+
+async fn job_scenario(
+    scenario: &str,
+    backend: Backend,
+    servers: usize,
+    agents: usize,
+    port: u16,
+    addr: impl Fn(usize) -> String,
+    extra: &[&str],
+) -> Row {
+    let db = TestDb::create(backend).await;
+    migrate(db.url()).await;
+    insert_fleet(&db, servers, port, addr).await;
+    let running = Agents::start(&db, agents, extra);
+    let mut seconds = Vec::new();
+    let mut cpu = Vec::new();
+    for _ in 0..runs() {
+        let (s, c) = one_job(&running, servers).await;
+        seconds.push(s);
+        cpu.push(c);
+    }
+    let row = Row {
+        scenario: scenario.into(),
+        backend,
+        agents,
+        servers,
+        seconds: median(seconds),
+        cpu: median(cpu),
+        rss: running.peak_rss(),
+    };
+    eprintln!(
+        "{:<16} {:<8} agents={} servers={:>6}: {:>7.2} s, {:>8.0}/s, {:>6.1} µs CPU/server, {:>6.1} MiB",
+        row.scenario,
+        row.backend.as_str(),
+        row.agents,
+        row.servers,
+        row.seconds,
+        row.rate(),
+        row.cpu_per_server_us(),
+        row.rss
+    );
+    row
+}
+
+/// Accepts every connection on the wildcard address and never answers: each connection is
+/// held until the client closes it.
+async fn silent_listener() -> (u16, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut buf = [0u8; 1024];
+                while matches!(socket.read(&mut buf).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    (port, task)
+}
+
+/// 10,000 registrations, 64 in flight: (calls per second, errors).
+async fn registration(backend: Backend) -> (f64, usize) {
+    const CALLS: usize = 10_000;
+    let db = TestDb::create(backend).await;
+    migrate(db.url()).await;
+    let agents = Agents::start(&db, 1, &[]);
+    let client = FleetClient::connect(format!("http://{}", agents.addr()))
+        .await
+        .expect("connect");
+    let next = Arc::new(AtomicUsize::new(0));
+    let errors = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..64)
+        .map(|_| {
+            let (mut client, next, errors) = (client.clone(), next.clone(), errors.clone());
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= CALLS {
+                        return;
+                    }
+                    let result = client
+                        .upsert_server(UpsertServerRequest {
+                            id: 0,
+                            spec: Some(ServerSpec {
+                                name: format!("reg-{i}"),
+                                ip: "127.0.0.1".into(),
+                                port: 1,
+                                ssh_user: "vito".into(),
+                                database_service: DatabaseService::Mariadb as i32,
+                                ..Default::default()
+                            }),
+                        })
+                        .await;
+                    if let Err(status) = result
+                        && errors.fetch_add(1, Ordering::Relaxed) < 3
+                    {
+                        eprintln!("registration error: {status}");
+                    }
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.await.expect("worker");
+    }
+    let rate = CALLS as f64 / started.elapsed().as_secs_f64();
+    (rate, errors.load(Ordering::Relaxed))
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_owned())
+        })
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
+    let version = |cmd: &str, args: &[&str]| {
+        std::process::Command::new(cmd)
+            .args(args)
+            .output()
+            .ok()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_owned()
+            })
+            .unwrap_or_default()
+    };
+    format!(
+        "{cores} cores ({cpu}), {mem:.0} GiB RAM; {}; {}; SQLite bundled with sqlx; release build",
+        version("psql", &["--version"]),
+        version("mariadb", &["--version"]),
+    )
+}
+
+#[tokio::main]
+async fn main() {
+    let runs = runs();
+    let mut table = String::new();
+    let mut rows = Vec::new();
+
+    // 1. Refused servers, one agent, every backend and size.
+    for backend in ALL_BACKENDS {
+        for &n in &sizes() {
+            rows.push(job_scenario("refused", backend, n, 1, 1, |_| "127.0.0.1".into(), &[]).await);
+        }
+    }
+    // 2. 10,000 refused servers, 3 agents (1 agent is in the rows above).
+    for backend in [Backend::Postgres, Backend::MySql] {
+        rows.push(
+            job_scenario(
+                "refused",
+                backend,
+                10_000,
+                3,
+                1,
+                |_| "127.0.0.1".into(),
+                &[],
+            )
+            .await,
+        );
+    }
+    // 3. Latency-bound: 3,000 silent addresses, 1 and 3 agents.
+    let (port, listener) = silent_listener().await;
+    let silent = |i: usize| format!("127.1.{}.{}", i / 250, i % 250 + 1);
+    let latency_flags = ["--handshake-timeout", "1s", "--concurrency", "200"];
+    let mut latency = Vec::new();
+    for backend in [Backend::Postgres, Backend::MySql] {
+        for agents in [1, 3] {
+            latency.push(
+                job_scenario(
+                    "silent (1 s)",
+                    backend,
+                    3_000,
+                    agents,
+                    port,
+                    silent,
+                    &latency_flags,
+                )
+                .await,
+            );
+        }
+    }
+    listener.abort();
+    // 4. Registration.
+    let mut registrations = Vec::new();
+    for backend in ALL_BACKENDS {
+        let (rate, errors) = registration(backend).await;
+        eprintln!(
+            "registration {:<8}: {rate:>7.0} calls/s, {errors} errors",
+            backend.as_str()
+        );
+        registrations.push((backend, rate, errors));
+    }
+
+    writeln!(table, "# `just bench-scale`\n").unwrap();
+    writeln!(table, "Machine: {}.\n", machine()).unwrap();
+    writeln!(
+        table,
+        "Each job: `StartSync` of every server with `force`, watched over `WatchSync` to the \
+         summary; median of {runs} jobs. Agent CPU is user + system of every agent process; peak \
+         RSS is the largest agent's `VmHWM`. Servers are inserted with SQL (registration through \
+         the API is measured separately below).\n"
+    )
+    .unwrap();
+    writeln!(table, "| fleet | backend | agents | servers | time to settle | servers/s | agent CPU per server | agent peak RSS |").unwrap();
+    writeln!(table, "|---|---|---|---|---|---|---|---|").unwrap();
+    for row in rows.iter().chain(&latency) {
+        writeln!(
+            table,
+            "| {} | {} | {} | {} | {:.2} s | {:.0} | {:.0} µs | {:.0} MiB |",
+            row.scenario,
+            row.backend.as_str(),
+            row.agents,
+            row.servers,
+            row.seconds,
+            row.rate(),
+            row.cpu_per_server_us(),
+            row.rss
+        )
+        .unwrap();
+    }
+    writeln!(table, "\nRatios:\n").unwrap();
+    let find = |scenario: &str, backend: Backend, agents: usize, servers: usize| {
+        rows.iter().chain(&latency).find(|r| {
+            r.scenario == scenario
+                && r.backend == backend
+                && r.agents == agents
+                && r.servers == servers
+        })
+    };
+    for backend in [Backend::Postgres, Backend::MySql] {
+        if let (Some(one), Some(three)) = (
+            find("refused", backend, 1, 10_000),
+            find("refused", backend, 3, 10_000),
+        ) {
+            writeln!(
+                table,
+                "- refused, 10,000 servers, {}: 3 agents take {:.2}x the time of 1 (target ≤ 1.1)",
+                backend.as_str(),
+                three.seconds / one.seconds
+            )
+            .unwrap();
+        }
+        if let (Some(one), Some(three)) = (
+            find("silent (1 s)", backend, 1, 3_000),
+            find("silent (1 s)", backend, 3, 3_000),
+        ) {
+            writeln!(
+                table,
+                "- silent fleet, 3,000 addresses, {}: 3 agents reach {:.2}x the throughput of 1 (target ≥ 2.7)",
+                backend.as_str(),
+                three.rate() / one.rate()
+            )
+            .unwrap();
+        }
+    }
+    for backend in ALL_BACKENDS {
+        if let (Some(small), Some(large)) = (
+            find("refused", backend, 1, 10_000),
+            find("refused", backend, 1, 100_000),
+        ) {
+            writeln!(
+                table,
+                "- refused, {}: time per server at 100,000 is {:.2}x that at 10,000 (target ≤ 1.3)",
+                backend.as_str(),
+                (large.seconds / large.servers as f64) / (small.seconds / small.servers as f64)
+            )
+            .unwrap();
+        }
+    }
+    writeln!(
+        table,
+        "\nRegistration: 10,000 `Fleet/UpsertServer` calls, 64 in flight, one agent:\n"
+    )
+    .unwrap();
+    writeln!(table, "| backend | calls/s | errors |\n|---|---|---|").unwrap();
+    for (backend, rate, errors) in &registrations {
+        writeln!(table, "| {} | {rate:.0} | {errors} |", backend.as_str()).unwrap();
+    }
+    print!("{table}");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/scale.md");
+    std::fs::write(&path, &table).expect("write bench/scale.md");
+    eprintln!("wrote {}", path.display());
+}
