@@ -395,6 +395,12 @@ impl SshHost {
         fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod program");
     }
 
+    /// The directory of the programs put first on the PATH (a fake program may keep files
+    /// there: a log of the sessions it saw, say).
+    pub fn program_dir(&self) -> PathBuf {
+        self.dir.join("bin")
+    }
+
     /// Removes a program put there by [`install_program`](Self::install_program).
     pub fn remove_program(&self, name: &str) {
         let _ = fs::remove_file(self.dir.join("bin").join(name));

@@ -1,0 +1,287 @@
+//! Three agents on one PostgreSQL control plane and 300 real sshd hosts, some of them faulty:
+//! one job gives exactly one outcome per server, and no host ever sees two SSH sessions at once
+//! (checked on the host: every session takes a lock directory, and a session that finds it taken
+//! records an overlap). Then the agents fail the ways agents fail: one is SIGKILLed mid-job and
+//! another SIGSTOPped past its lease and resumed: the job completes, nothing is lost or
+//! recorded twice (the stale agent's late results are fenced off). Then every agent is
+//! restarted mid-job: the job completes and the watcher resumes from its cursor on a new agent.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use fleetsync_common::proto::sync::v1::{
+    DatabaseService, Outcome, StartSyncRequest, UnreachableCause, WatchSyncRequest,
+    sync_agent_client::SyncAgentClient, sync_event,
+};
+use fleetsync_tests::{
+    SshFleet, TestDb,
+    catalog::{count, wait_for_count},
+    services::{ServeProcess, connect, migrate, register_fleet},
+};
+use tokio_stream::StreamExt;
+
+const HOSTS: usize = 300;
+/// Hosts 270..290 are stopped (refused), 290..300 frozen (no banner).
+const HEALTHY: usize = 270;
+const REFUSED: usize = 20;
+
+/// A fake `sudo` that takes a lock directory for the length of the session (records an overlap
+/// if another session holds it), takes a while, and answers like a MariaDB server.
+const SESSION: &str = r#"#!/bin/sh
+D=$(dirname "$0")
+cat >/dev/null
+if mkdir "$D/session.lock" 2>/dev/null; then
+    trap 'rmdir "$D/session.lock"' EXIT
+else
+    echo overlap >> "$D/overlaps"
+fi
+trap '' PIPE HUP
+echo session >> "$D/sessions"
+sleep 0.6
+printf '%s\n' '{"version": "10.11", "databases": [{"name": "app", "charset": "utf8mb4", "collation": "utf8mb4_bin"}]}'
+"#;
+
+fn agent(db: &TestDb, key: &str, dir: &std::path::Path) -> ServeProcess {
+    ServeProcess::start(
+        "sync-agent",
+        &[
+            "--database-url",
+            db.url(),
+            "--ssh-key",
+            key,
+            "--lease-ttl",
+            "2s",
+            "--poll-interval",
+            "100ms",
+            "--sync-interval",
+            "0s",
+            "--concurrency",
+            "20",
+            "--connect-timeout",
+            "2s",
+            "--handshake-timeout",
+            "2s",
+            "--probe-interval",
+            "1h",
+            "--backoff-base",
+            "1h",
+        ],
+        dir,
+    )
+}
+
+fn signal(process: &ServeProcess, sig: &str) {
+    let sent = std::process::Command::new("kill")
+        .args([&format!("-{sig}"), &process.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success(), "kill -{sig}");
+}
+
+/// Watches a job to its summary, resuming from the last cursor on whichever agent in `agents`
+/// answers when a stream breaks. Returns every outcome event as (cursor, server, outcome, cause).
+async fn watch_resumably(
+    agents: Arc<Mutex<Vec<SocketAddr>>>,
+    job_id: String,
+) -> (Vec<(u64, i64, Outcome, UnreachableCause)>, usize) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut cursor = 0;
+    let mut events = Vec::new();
+    let mut resumed = 0;
+    let mut attempt = 0usize;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "the job did not finish within 90 s"
+        );
+        let addrs = agents.lock().expect("agents").clone();
+        let addr = addrs[attempt % addrs.len()];
+        attempt += 1;
+        let stream = SyncAgentClient::new(connect(addr).await)
+            .watch_sync(WatchSyncRequest {
+                job_id: job_id.clone(),
+                cursor,
+            })
+            .await;
+        let Ok(stream) = stream else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let mut stream = stream.into_inner();
+        loop {
+            match stream.next().await {
+                Some(Ok(event)) => {
+                    assert_eq!(event.cursor, cursor + 1, "no gap, no duplicate");
+                    cursor = event.cursor;
+                    match event.event {
+                        Some(sync_event::Event::Outcome(o)) => {
+                            events.push((event.cursor, o.server_id, o.outcome(), o.cause()));
+                        }
+                        Some(sync_event::Event::Summary(s)) => {
+                            assert_eq!(s.finished, s.total);
+                            return (events, resumed);
+                        }
+                        None => {}
+                    }
+                }
+                Some(Err(_)) | None => {
+                    resumed += 1;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn check_outcomes(events: &[(u64, i64, Outcome, UnreachableCause)], ids: &[i64], phase: &str) {
+    let by_server: BTreeMap<i64, (Outcome, UnreachableCause)> =
+        events.iter().map(|(_, id, o, c)| (*id, (*o, *c))).collect();
+    assert_eq!(events.len(), HOSTS, "{phase}: one event per server");
+    assert_eq!(
+        by_server.len(),
+        HOSTS,
+        "{phase}: one outcome per server, none twice"
+    );
+    for (i, id) in ids.iter().enumerate() {
+        let expected = if i < HEALTHY {
+            (Outcome::Ok, UnreachableCause::Unspecified)
+        } else if i < HEALTHY + REFUSED {
+            (Outcome::Unreachable, UnreachableCause::Refused)
+        } else {
+            (Outcome::Unreachable, UnreachableCause::Timeout)
+        };
+        assert_eq!(by_server[id], expected, "{phase}: host {i}");
+    }
+}
+
+fn overlaps(fleet: &SshFleet) -> Vec<usize> {
+    (0..HEALTHY)
+        .filter(|&i| fleet.host(i).program_dir().join("overlaps").exists())
+        .collect()
+}
+
+#[tokio::test]
+async fn three_agents_share_300_hosts_and_survive_kill_stop_and_restart() {
+    let fleet = SshFleet::start(HOSTS).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = TestDb::postgres().await;
+    migrate(db.url()).await;
+    let conn = db.connect().await;
+    let key = fleet.client_key().to_str().expect("utf-8").to_owned();
+    for host in &fleet.hosts()[..HEALTHY] {
+        host.install_program("sudo", SESSION);
+    }
+    let mut a = agent(&db, &key, dir.path());
+    let mut b = agent(&db, &key, dir.path());
+    let mut c = agent(&db, &key, dir.path());
+    let ids = register_fleet(
+        &mut fleetsync_common::proto::sync::v1::fleet_client::FleetClient::new(
+            connect(a.addr).await,
+        ),
+        &fleet,
+        "h",
+        DatabaseService::Mariadb,
+    )
+    .await;
+    for host in &fleet.hosts()[HEALTHY..HEALTHY + REFUSED] {
+        host.stop();
+    }
+    for host in &fleet.hosts()[HEALTHY + REFUSED..] {
+        host.freeze();
+    }
+
+    // Phase 1: kill A, stop B past its lease, resume B.
+    let live = Arc::new(Mutex::new(vec![c.addr, b.addr, a.addr]));
+    let job = SyncAgentClient::new(connect(a.addr).await)
+        .start_sync(StartSyncRequest {
+            all_servers: true,
+            request_id: "phase-1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("start")
+        .into_inner();
+    let watcher = tokio::spawn(watch_resumably(live.clone(), job.job_id.clone()));
+    let finished = format!(
+        "SELECT COUNT(*) FROM sync_job_servers WHERE job_id = '{}' AND seq IS NOT NULL",
+        job.job_id
+    );
+    wait_for_count(
+        &conn,
+        &finished,
+        |n| n >= 30,
+        Duration::from_secs(30),
+        "no progress",
+    )
+    .await;
+    signal(&a, "KILL");
+    let _ = a.terminate_wait();
+    signal(&b, "STOP");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    signal(&b, "CONT");
+    let (events, _) = watcher.await.expect("watcher");
+    check_outcomes(&events, &ids, "phase 1");
+    assert_eq!(
+        count(&conn, "SELECT COUNT(*) FROM sync_runs").await,
+        HOSTS as i64,
+        "each server recorded once: the dead agent's runs were redone, the stopped one's fenced off"
+    );
+    assert_eq!(
+        overlaps(&fleet),
+        Vec::<usize>::new(),
+        "hosts that saw two sessions at once"
+    );
+
+    // Phase 2: restart every agent mid-job; the watcher resumes on the new ones.
+    let job = SyncAgentClient::new(connect(c.addr).await)
+        .start_sync(StartSyncRequest {
+            all_servers: true,
+            force: true,
+            request_id: "phase-2".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("start")
+        .into_inner();
+    *live.lock().expect("agents") = vec![c.addr, b.addr];
+    let watcher = tokio::spawn(watch_resumably(live.clone(), job.job_id.clone()));
+    let finished = format!(
+        "SELECT COUNT(*) FROM sync_job_servers WHERE job_id = '{}' AND seq IS NOT NULL",
+        job.job_id
+    );
+    wait_for_count(
+        &conn,
+        &finished,
+        |n| n >= 30,
+        Duration::from_secs(30),
+        "no progress",
+    )
+    .await;
+    for old in [&mut b, &mut c] {
+        old.terminate(Duration::from_secs(15));
+    }
+    let fresh: Vec<ServeProcess> = (0..3).map(|_| agent(&db, &key, dir.path())).collect();
+    *live.lock().expect("agents") = fresh.iter().map(|p| p.addr).collect();
+    let (events, resumed) = watcher.await.expect("watcher");
+    check_outcomes(&events, &ids, "phase 2");
+    assert!(resumed >= 1, "the watch was cut by the restart and resumed");
+    assert_eq!(
+        count(&conn, "SELECT COUNT(*) FROM sync_runs").await,
+        2 * HOSTS as i64,
+        "each server recorded once more"
+    );
+    assert_eq!(
+        overlaps(&fleet),
+        Vec::<usize>::new(),
+        "hosts that saw two sessions at once"
+    );
+    for host in &fleet.hosts()[HEALTHY + REFUSED..] {
+        host.thaw();
+    }
+    drop(fresh);
+}
