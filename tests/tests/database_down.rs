@@ -92,3 +92,90 @@ async fn the_agent_survives_its_database_going_down() {
     );
     agent.service.stop().await.expect("clean stop");
 }
+
+/// Runs that finish while the database is down wait for it: their outcomes are the real ones
+/// once it is back (never CANCELLED or SKIPPED for a pool timeout), and the job completes.
+#[tokio::test]
+async fn runs_that_end_while_the_database_is_down_are_recorded_when_it_is_back() {
+    use fleetsync_common::proto::sync::v1::{
+        Outcome, StartSyncRequest, WatchSyncRequest, sync_event,
+    };
+    use fleetsync_tests::{SshFleet, catalog::wait_for_count, fleet::SSH_USER};
+    use tokio_stream::StreamExt;
+
+    let fleet = SshFleet::start(3).await;
+    for host in fleet.hosts() {
+        // Each run takes a second and a half: long enough to cut the database under it.
+        host.install_program("sudo", "#!/bin/sh\nsleep 1.5\nexec /usr/bin/sudo \"$@\"\n");
+    }
+    let db = TestDb::postgres().await;
+    migrate(db.url()).await;
+    let proxy = TcpProxy::start("127.0.0.1:5432".parse().expect("addr")).await;
+    let url = db.url().replace("127.0.0.1:5432", &proxy.addr.to_string());
+    let ssh = fleet.client(Timeouts::default(), 1 << 20);
+    let agent = TestAgent::spawn_with(&url, ssh, test_runner_config()).await;
+    let mut fleet_api = agent.fleet();
+    let mut ids = Vec::new();
+    for (i, host) in fleet.hosts().iter().enumerate() {
+        ids.push(
+            fleetsync_tests::services::register_server(
+                &mut fleet_api,
+                &format!("t{i}"),
+                host,
+                SSH_USER,
+                DatabaseService::Mariadb,
+            )
+            .await,
+        );
+    }
+    let mut sync = agent.sync();
+    let job = sync
+        .start_sync(StartSyncRequest {
+            server_ids: ids.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("start")
+        .into_inner();
+    let direct = db.connect().await;
+    wait_for_count(
+        &direct,
+        "SELECT COUNT(*) FROM server_leases WHERE holder IS NOT NULL",
+        |n| n == 3,
+        Duration::from_secs(10),
+        "the runs never started",
+    )
+    .await;
+    proxy.cut();
+    // The runs end while the database is unreachable; their results wait.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        fleetsync_tests::catalog::count(&direct, "SELECT COUNT(*) FROM sync_runs").await,
+        0,
+        "nothing could be written meanwhile"
+    );
+    proxy.restore().await;
+    let events: Vec<_> = tokio::time::timeout(
+        Duration::from_secs(30),
+        sync.watch_sync(WatchSyncRequest {
+            job_id: job.job_id,
+            cursor: 0,
+        })
+        .await
+        .expect("watch")
+        .into_inner()
+        .map(|e| e.expect("event"))
+        .collect::<Vec<_>>(),
+    )
+    .await
+    .expect("the job completes once the database is back");
+    let outcomes: Vec<Outcome> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(sync_event::Event::Outcome(o)) => Some(o.outcome()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(outcomes, [Outcome::Ok; 3], "the real outcomes, once each");
+    agent.service.stop().await.expect("clean stop");
+}

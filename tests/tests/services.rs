@@ -404,3 +404,39 @@ fn help_documents_every_flag_with_its_environment_variable() {
     let help = String::from_utf8_lossy(&output.stdout);
     assert!(help.contains("[default: 127.0.0.1:50052]"), "{help}");
 }
+
+#[test]
+fn intervals_that_would_busy_loop_are_refused_at_start() {
+    for (flag, value, says) in [
+        (
+            "--lease-ttl",
+            "0s",
+            "--lease-ttl 0s is too short: at least 1s",
+        ),
+        (
+            "--poll-interval",
+            "0s",
+            "--poll-interval 0s is too short: at least 10ms",
+        ),
+        (
+            "--probe-interval",
+            "1ms",
+            "--probe-interval 1ms is too short",
+        ),
+    ] {
+        let output = Command::new(bin_path("sync-agent"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--database-url",
+                "sqlite://unused.db",
+            ])
+            .args([flag, value])
+            .output()
+            .expect("run");
+        assert!(!output.status.success(), "{flag} {value} was accepted");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(says), "{flag} {value}: {stderr}");
+    }
+}
