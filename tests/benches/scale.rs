@@ -134,6 +134,33 @@ impl Agents {
     }
 }
 
+/// One job of one server on every agent: connections opened, code paths warm.
+async fn warm_up(agents: &Agents) {
+    for agent in &agents.procs {
+        let mut client = SyncAgentClient::connect(format!("http://{}", agent.addr))
+            .await
+            .expect("connect");
+        let job = client
+            .start_sync(StartSyncRequest {
+                server_ids: vec![1],
+                force: true,
+                ..Default::default()
+            })
+            .await
+            .expect("warm-up")
+            .into_inner();
+        let mut stream = client
+            .watch_sync(WatchSyncRequest {
+                job_id: job.job_id,
+                cursor: 0,
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        while stream.next().await.is_some() {}
+    }
+}
+
 /// One job of every server, forced, watched to its summary: (seconds, agent CPU seconds).
 async fn one_job(agents: &Agents, servers: usize) -> (f64, f64) {
     let mut client = SyncAgentClient::connect(format!("http://{}", agents.addr()))
@@ -210,6 +237,7 @@ async fn job_scenario(
     migrate(db.url()).await;
     insert_fleet(&db, servers, port, addr).await;
     let running = Agents::start(&db, agents, extra);
+    warm_up(&running).await;
     let mut seconds = Vec::new();
     let mut cpu = Vec::new();
     for _ in 0..runs() {

@@ -51,16 +51,30 @@ async fn old_history_is_pruned_and_open_work_is_kept() {
         let recorded = store.complete("agent", &done).await.expect("complete");
         assert!(matches!(recorded[0], Recorded::Stored { .. }), "{backend}");
         // The finished job and its run are a month old; the open job is as old but unfinished.
-        execute(&conn, "UPDATE sync_jobs SET finished_at = 1000, created_at = 1000").await;
+        execute(
+            &conn,
+            "UPDATE sync_jobs SET finished_at = 1000, created_at = 1000",
+        )
+        .await;
         execute(&conn, "UPDATE sync_runs SET finished_at = 1000").await;
         // Server 3 is deleted behind the API's back with a row waiting for it.
-        let (orphaned, _) = store.create_job(&job("orphan", vec![3])).await.expect("job");
+        let (orphaned, _) = store
+            .create_job(&job("orphan", vec![3]))
+            .await
+            .expect("job");
         execute(&conn, "DELETE FROM server_leases WHERE server_id = 3").await;
         execute(&conn, "DELETE FROM servers WHERE id = 3").await;
 
         let pruned = store.prune(2000, 10).await.expect("prune");
-        assert_eq!((pruned.jobs, pruned.runs, pruned.orphans), (1, 1, 1), "{backend}");
-        assert!(store.job(&old.id).await.expect("read").is_none(), "{backend}");
+        assert_eq!(
+            (pruned.jobs, pruned.runs, pruned.orphans),
+            (1, 1, 1),
+            "{backend}"
+        );
+        assert!(
+            store.job(&old.id).await.expect("read").is_none(),
+            "{backend}"
+        );
         assert_eq!(
             count(
                 &conn,
@@ -74,7 +88,10 @@ async fn old_history_is_pruned_and_open_work_is_kept() {
             "{backend}: the pruned job's rows go with it"
         );
         let kept = store.job(&open.id).await.expect("read").expect("kept");
-        assert_eq!(kept.finished, 0, "{backend}: unfinished work is never pruned");
+        assert_eq!(
+            kept.finished, 0,
+            "{backend}: unfinished work is never pruned"
+        );
         let orphaned = store.job(&orphaned.id).await.expect("read").expect("kept");
         assert_eq!(
             orphaned.outcome_counts,
@@ -82,6 +99,10 @@ async fn old_history_is_pruned_and_open_work_is_kept() {
             "{backend}: the orphan row ended"
         );
         let again = store.prune(2000, 10).await.expect("prune");
-        assert_eq!((again.jobs, again.runs, again.orphans), (0, 0, 0), "{backend}");
+        assert_eq!(
+            (again.jobs, again.runs, again.orphans),
+            (0, 0, 0),
+            "{backend}"
+        );
     }
 }

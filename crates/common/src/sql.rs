@@ -312,21 +312,36 @@ fn mysql_row(row: &MySqlRow) -> Result<Row, sqlx::Error> {
 /// Runs one statement with `?` placeholders on an executor of the given database type.
 macro_rules! dispatch {
     ($backend:expr, $sql:expr, $args:expr, $exec:expr, execute) => {{
+        let started = std::time::Instant::now();
         let sql = AssertSqlSafe(placeholders($backend, $sql));
-        bind_values!(sqlx::query(sql), $args)
+        let result = bind_values!(sqlx::query(sql), $args)
             .execute($exec)
             .await
-            .map(|r| r.rows_affected())
+            .map(|r| r.rows_affected());
+        slow($sql, $args.len(), started);
+        result
     }};
     ($backend:expr, $sql:expr, $args:expr, $exec:expr, fetch, $decode:ident) => {{
+        let started = std::time::Instant::now();
         let sql = AssertSqlSafe(placeholders($backend, $sql));
-        bind_values!(sqlx::query(sql), $args)
-            .fetch_all($exec)
-            .await?
+        let rows = bind_values!(sqlx::query(sql), $args).fetch_all($exec).await;
+        slow($sql, $args.len(), started);
+        rows?
             .iter()
             .map($decode)
             .collect::<Result<Vec<Row>, sqlx::Error>>()
     }};
+}
+
+/// Statements slower than this are logged at debug level, with their first words.
+const SLOW_STATEMENT: std::time::Duration = std::time::Duration::from_millis(25);
+
+fn slow(sql: &str, binds: usize, started: std::time::Instant) {
+    let took = started.elapsed();
+    if took >= SLOW_STATEMENT {
+        let head: String = sql.chars().take(72).collect();
+        tracing::debug!(took_ms = took.as_millis() as u64, binds, sql = %head, "slow statement");
+    }
 }
 
 impl Db {

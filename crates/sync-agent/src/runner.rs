@@ -259,8 +259,15 @@ impl Runner {
             return Ok(0);
         }
         let ttl = self.config.lease_ttl.as_millis() as i64;
+        let started = Instant::now();
         let claimed = self.store.claim(&self.holder, ttl, free).await?;
         let n = claimed.len();
+        tracing::debug!(
+            asked = free,
+            claimed = n,
+            took_ms = started.elapsed().as_millis() as u64,
+            "claimed"
+        );
         for work in claimed {
             let guard = self.held.hold(work.claim);
             let (Ok(ssh), Ok(slot)) = (
@@ -312,6 +319,8 @@ impl Runner {
                 }
             }
             self.record(batch).await;
+            // The batch's lease slots are free again: the scheduler may claim more.
+            self.signals.wake.notify_one();
         }
     }
 
@@ -323,7 +332,14 @@ impl Runner {
         let items: Vec<Completion> = batch.iter().map(|f| f.completion.clone()).collect();
         let mut pause = Duration::from_millis(200);
         loop {
-            match self.store.complete(&self.holder, &items).await {
+            let started = Instant::now();
+            let written = self.store.complete(&self.holder, &items).await;
+            tracing::debug!(
+                runs = items.len(),
+                took_ms = started.elapsed().as_millis() as u64,
+                "recorded a batch"
+            );
+            match written {
                 Ok(recorded) => {
                     self.report(&items, recorded);
                     return;
