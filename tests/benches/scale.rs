@@ -52,6 +52,18 @@ fn sizes() -> Vec<usize> {
         .unwrap_or_else(|| vec![1_000, 10_000, 100_000])
 }
 
+/// Which parts to run (`BENCH_ONLY=refused,three,silent,registration`); all by default. A
+/// partial run prints its table and leaves `bench/scale.md` alone.
+fn only() -> Option<Vec<String>> {
+    std::env::var("BENCH_ONLY")
+        .ok()
+        .map(|s| s.split(',').map(|p| p.trim().to_owned()).collect())
+}
+
+fn wanted(part: &str) -> bool {
+    only().is_none_or(|parts| parts.iter().any(|p| p == part))
+}
+
 fn median(mut samples: Vec<f64>) -> f64 {
     samples.sort_by(f64::total_cmp);
     samples[samples.len() / 2]
@@ -271,9 +283,13 @@ async fn job_scenario(
 /// Accepts every connection on the wildcard address and never answers: each connection is
 /// held until the client closes it.
 async fn silent_listener() -> (u16, tokio::task::JoinHandle<()>) {
-    let listener = tokio::net::TcpListener::bind("0.0.0.0:0")
-        .await
+    // A deep accept queue: hundreds of connects arrive at once, and a full queue drops SYNs,
+    // which the client sends again only a second later.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("0.0.0.0:0".parse().expect("addr"))
         .expect("bind");
+    let listener = socket.listen(4096).expect("listen");
     let port = listener.local_addr().expect("addr").port();
     let task = tokio::spawn(async move {
         loop {
@@ -389,13 +405,16 @@ async fn main() {
     let mut rows = Vec::new();
 
     // 1. Refused servers, one agent, every backend and size.
-    for backend in ALL_BACKENDS {
+    for backend in ALL_BACKENDS.into_iter().filter(|_| wanted("refused")) {
         for &n in &sizes() {
             rows.push(job_scenario("refused", backend, n, 1, 1, |_| "127.0.0.1".into(), &[]).await);
         }
     }
     // 2. 10,000 refused servers, 3 agents (1 agent is in the rows above).
-    for backend in [Backend::Postgres, Backend::MySql] {
+    for backend in [Backend::Postgres, Backend::MySql]
+        .into_iter()
+        .filter(|_| wanted("three"))
+    {
         rows.push(
             job_scenario(
                 "refused",
@@ -414,7 +433,10 @@ async fn main() {
     let silent = |i: usize| format!("127.1.{}.{}", i / 250, i % 250 + 1);
     let latency_flags = ["--handshake-timeout", "1s", "--concurrency", "200"];
     let mut latency = Vec::new();
-    for backend in [Backend::Postgres, Backend::MySql] {
+    for backend in [Backend::Postgres, Backend::MySql]
+        .into_iter()
+        .filter(|_| wanted("silent"))
+    {
         for agents in [1, 3] {
             latency.push(
                 job_scenario(
@@ -433,7 +455,7 @@ async fn main() {
     listener.abort();
     // 4. Registration.
     let mut registrations = Vec::new();
-    for backend in ALL_BACKENDS {
+    for backend in ALL_BACKENDS.into_iter().filter(|_| wanted("registration")) {
         let (rate, errors) = registration(backend).await;
         eprintln!(
             "registration {:<8}: {rate:>7.0} calls/s, {errors} errors",
@@ -528,6 +550,10 @@ async fn main() {
         writeln!(table, "| {} | {rate:.0} | {errors} |", backend.as_str()).unwrap();
     }
     print!("{table}");
+    if only().is_some() {
+        eprintln!("partial run (BENCH_ONLY): bench/scale.md left as it was");
+        return;
+    }
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/scale.md");
     std::fs::write(&path, &table).expect("write bench/scale.md");
     eprintln!("wrote {}", path.display());

@@ -126,6 +126,16 @@ impl TestAgent {
 
     /// Starts the agent on an already migrated database with these scheduler settings.
     pub async fn spawn_with(database_url: &str, ssh: SshClient, runner: RunnerConfig) -> Self {
+        Self::spawn_with_streams(database_url, ssh, runner, 1024).await
+    }
+
+    /// As [`spawn_with`](Self::spawn_with), with at most `max_streams` event streams open.
+    pub async fn spawn_with_streams(
+        database_url: &str,
+        ssh: SshClient,
+        runner: RunnerConfig,
+        max_streams: usize,
+    ) -> Self {
         let config = fleetsync_sync_agent::Config {
             database_url: database_url.to_owned(),
             shutdown_grace: Duration::from_secs(1),
@@ -133,7 +143,7 @@ impl TestAgent {
             runner,
             security: Default::default(),
             db_pool_size: 16,
-            max_streams: 1024,
+            max_streams,
         };
         let service = Running::spawn(move |listener, shutdown| {
             fleetsync_sync_agent::run(config, listener, shutdown)

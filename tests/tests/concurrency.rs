@@ -134,3 +134,114 @@ async fn jobs_created_at_once_under_one_request_id_are_one_job() {
         );
     }
 }
+
+#[tokio::test]
+async fn streams_past_the_cap_are_refused_and_a_freed_slot_is_reused() {
+    use fleetsync_common::proto::sync::v1::{StartSyncRequest, WatchSyncRequest};
+    let db = TestDb::sqlite().await;
+    migrate(db.url()).await;
+    let conn = db.connect().await;
+    // One server that accepts and never says a word (on loopback): its job stays open for the
+    // handshake timeout.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    fleetsync_tests::catalog::insert_servers(&conn, 1, port, |_| "127.0.0.1".into()).await;
+    fleetsync_tests::catalog::execute(
+        &conn,
+        "INSERT INTO services (server_id, type, name, version, status, created_at, updated_at) \
+         SELECT id, 'database', 'mariadb', '', 'ready', 0, 0 FROM servers",
+    )
+    .await;
+    let ssh = SshClient::new(
+        Timeouts {
+            handshake: std::time::Duration::from_secs(10),
+            ..Timeouts::default()
+        },
+        1024,
+        ClientKeys::default(),
+    );
+    let agent = TestAgent::spawn_with_streams(db.url(), ssh, test_runner_config(), 2).await;
+    let mut sync = agent.sync();
+    let job = sync
+        .start_sync(StartSyncRequest {
+            server_ids: vec![1],
+            ..Default::default()
+        })
+        .await
+        .expect("start")
+        .into_inner();
+    let watch = || WatchSyncRequest {
+        job_id: job.job_id.clone(),
+        cursor: 0,
+    };
+    let first = sync.watch_sync(watch()).await.expect("first stream");
+    let second = sync.watch_sync(watch()).await.expect("second stream");
+    let err = sync.watch_sync(watch()).await.expect_err("third stream");
+    assert_eq!(
+        err.code(),
+        tonic::Code::ResourceExhausted,
+        "{}",
+        err.message()
+    );
+    assert!(err.message().contains("--max-streams"), "{}", err.message());
+    drop(first);
+    // The slot comes back once the server side notices the client left.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match sync.watch_sync(watch()).await {
+            Ok(_) => break,
+            Err(err) => {
+                assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the slot never came back"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+    drop(second);
+    agent.service.stop().await.expect("clean stop");
+    drop(silent);
+}
+
+#[tokio::test]
+async fn agents_starting_together_repair_the_queue_once() {
+    for backend in [
+        fleetsync_common::Backend::Postgres,
+        fleetsync_common::Backend::MySql,
+    ] {
+        let db = TestDb::create(backend).await;
+        migrate(db.url()).await;
+        let conn = db.connect().await;
+        // Servers inserted by hand have no lease row: every agent adds the missing ones at
+        // start, all at the same moment here.
+        fleetsync_tests::catalog::insert_servers(&conn, 500, 22, |_| "192.0.2.50".into()).await;
+        let ssh = || SshClient::new(Timeouts::default(), 1024, ClientKeys::default());
+        let (a, b, c, d) = tokio::join!(
+            TestAgent::spawn_with(db.url(), ssh(), test_runner_config()),
+            TestAgent::spawn_with(db.url(), ssh(), test_runner_config()),
+            TestAgent::spawn_with(db.url(), ssh(), test_runner_config()),
+            TestAgent::spawn_with(db.url(), ssh(), test_runner_config()),
+        );
+        fleetsync_tests::catalog::wait_for_count(
+            &conn,
+            "SELECT COUNT(*) FROM server_leases",
+            |n| n == 500,
+            std::time::Duration::from_secs(10),
+            "the lease rows were never added",
+        )
+        .await;
+        // Let the slowest of them finish starting: a failed start shows in its stop.
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        for agent in [a, b, c, d] {
+            agent
+                .service
+                .stop()
+                .await
+                .expect("every agent started and stops cleanly");
+        }
+    }
+}

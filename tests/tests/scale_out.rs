@@ -63,8 +63,9 @@ fn agent(db: &TestDb, key: &str, dir: &std::path::Path) -> ServeProcess {
             "20",
             "--connect-timeout",
             "2s",
+            // Generous: 300 sshd on two cores, and CI runs other work beside.
             "--handshake-timeout",
-            "2s",
+            "4s",
             "--probe-interval",
             "1h",
             "--backoff-base",

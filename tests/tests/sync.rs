@@ -680,6 +680,42 @@ async fn a_watch_resumes_from_its_cursor_and_jobs_read_back() {
         }]
     );
     assert_eq!(read.outcomes.len(), 3);
+    assert!(
+        read.next_page_token.is_empty(),
+        "everything fit in one page"
+    );
+
+    // A page at a time: two, then the last one, in stream order.
+    let page = |size: u32, token: &str| GetSyncJobRequest {
+        job_id: job_id.clone(),
+        include_outcomes: true,
+        page_size: size,
+        page_token: token.into(),
+    };
+    let first = sync_api
+        .get_sync_job(page(2, ""))
+        .await
+        .expect("page 1")
+        .into_inner();
+    assert_eq!(first.outcomes.len(), 2);
+    assert!(!first.next_page_token.is_empty());
+    let second = sync_api
+        .get_sync_job(page(2, &first.next_page_token))
+        .await
+        .expect("page 2")
+        .into_inner();
+    assert_eq!(second.outcomes.len(), 1);
+    assert!(second.next_page_token.is_empty(), "the last page says so");
+    let paged: Vec<_> = first.outcomes.iter().chain(&second.outcomes).collect();
+    assert_eq!(paged, read.outcomes.iter().collect::<Vec<_>>());
+    for (request, field) in [
+        (page(2, "not-a-token"), "page_token"),
+        (page(10_001, ""), "page_size"),
+    ] {
+        let err = sync_api.get_sync_job(request).await.expect_err("refused");
+        assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+        assert!(err.message().contains(field), "{}", err.message());
+    }
     agent.service.stop().await.expect("clean stop");
 }
 
@@ -1386,6 +1422,31 @@ async fn an_agent_that_lost_its_lease_writes_nothing_and_runs_serve_only_older_r
             .expect("record");
         assert!(
             matches!(&served[0], Recorded::Stored { jobs, .. } if *jobs == [late.id.clone()]),
+            "{backend}: {served:?}"
+        );
+        // An agent that stalled past its lease writes nothing even if nobody took over: it may
+        // have timed out on its own stall. The server waits for a run that did not stall.
+        let (stalled, _) = store.create_job(&job("stalled")).await.expect("job");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let d = store.claim("agent-d", 60_000, 10).await.expect("claim")[0].claim;
+        execute(&conn, "UPDATE server_leases SET expires_at = 0").await;
+        let late = store
+            .complete("agent-d", &[completion(d, "HANDSHAKE_FAILED")])
+            .await
+            .expect("record");
+        assert_eq!(
+            late,
+            [Recorded::LeaseLost],
+            "{backend}: an expired lease is lost"
+        );
+        let d = store.claim("agent-d", 60_000, 10).await.expect("claim");
+        assert_eq!(d.len(), 1, "{backend}: the server still waits");
+        let served = store
+            .complete("agent-d", &[completion(d[0].claim, "OK")])
+            .await
+            .expect("record");
+        assert!(
+            matches!(&served[0], Recorded::Stored { jobs, .. } if *jobs == [stalled.id.clone()]),
             "{backend}: {served:?}"
         );
         let job = store.job(&before.id).await.expect("job").expect("exists");

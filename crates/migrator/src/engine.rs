@@ -340,6 +340,13 @@ pub fn default_installed_by() -> String {
 
 pub use fleetsync_common::clock::now_ms;
 
+impl EngineError {
+    /// True for a deadlock or serialisation failure: running the migration again is the cure.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Self::Database { source, .. } if fleetsync_common::sql::classify(source) == fleetsync_common::sql::Failure::Conflict)
+    }
+}
+
 /// The migration engine over one database and one migration set.
 #[derive(Debug, Clone)]
 pub struct Engine {
@@ -586,6 +593,30 @@ impl Engine {
     /// Applies pending migrations up to `target` (0: the latest), calling `on_event` as it
     /// goes. Stops at the first failure, which is returned (and recorded in the history).
     pub async fn migrate(
+        &self,
+        target: i64,
+        on_event: &mut (dyn FnMut(Event) + Send),
+    ) -> Result<Report, EngineError> {
+        // A deadlock or serialisation failure (with the agent writing the outbox, say) rolls
+        // the transaction back; the run starts over under the lock, from the history.
+        let mut tries = 1;
+        loop {
+            match self.migrate_once(target, on_event).await {
+                Err(err) if tries < fleetsync_common::sql::MAX_ATTEMPTS && err.is_conflict() => {
+                    tracing::warn!(error = %err, tries, "migration conflicted with concurrent writes; starting over");
+                    tokio::time::sleep(fleetsync_common::clock::jitter(
+                        Duration::from_millis(20 * u64::from(tries)),
+                        0.5,
+                    ))
+                    .await;
+                    tries += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn migrate_once(
         &self,
         target: i64,
         on_event: &mut (dyn FnMut(Event) + Send),

@@ -174,7 +174,7 @@ pub struct ServeArgs {
     pub lease_ttl: humantime::Duration,
 
     /// How often the database is polled for work and outcomes made by other agents.
-    #[arg(long, env = "FLEETSYNC_POLL_INTERVAL", default_value = "500ms")]
+    #[arg(long, env = "FLEETSYNC_POLL_INTERVAL", default_value = "200ms")]
     pub poll_interval: humantime::Duration,
 
     /// How often sync requests recorded by migrations are taken (also at start).

@@ -56,7 +56,7 @@ impl Default for RunnerConfig {
         Self {
             concurrency: 64,
             lease_ttl: Duration::from_secs(60),
-            poll_interval: Duration::from_millis(500),
+            poll_interval: Duration::from_millis(200),
             outbox_interval: Duration::from_secs(10),
             backoff_base: Duration::from_secs(5),
             backoff_max: Duration::from_secs(600),

@@ -61,7 +61,8 @@ pub enum Recorded {
         /// Jobs that got this outcome.
         jobs: Vec<String>,
     },
-    /// The lease was lost (expired and taken by another agent): nothing written.
+    /// The lease was lost (expired, perhaps taken by another agent): nothing written; the
+    /// server stays waiting.
     LeaseLost,
 }
 
@@ -112,20 +113,30 @@ impl Store {
         sorted.sort_unstable();
         for chunk in sorted.chunks(CHUNK) {
             let sql = format!(
-                "SELECT server_id, token, holder FROM server_leases WHERE server_id IN {} \
-                 ORDER BY server_id{lock}",
+                "SELECT server_id, token, holder, expires_at FROM server_leases \
+                 WHERE server_id IN {} ORDER BY server_id{lock}",
                 list(chunk.len())
             );
             let args: Vec<Value> = chunk.iter().map(|&id| Value::Int(id)).collect();
             for row in tx.fetch(&sql, &args).await? {
-                held.insert(row.int(0)?, (row.int(1)?, row.opt_text(2)?));
+                held.insert(
+                    row.int(0)?,
+                    (row.int(1)?, row.opt_text(2)?, row.opt_int(3)?),
+                );
             }
         }
         let mut results: Vec<Option<RunResult>> = vec![None; batch.len()];
         for (i, item) in batch.iter().enumerate() {
-            let ours = held.get(&item.claim.server_id).is_some_and(|(token, h)| {
-                *token == item.claim.token && h.as_deref() == Some(holder)
-            });
+            // Ours: same holder and token, and not expired. An agent that stalled past its
+            // lease (a pause, a frozen VM) may have timed out on its own stall: its result is
+            // dropped and the server synced again, whether or not another agent took over.
+            let ours = held
+                .get(&item.claim.server_id)
+                .is_some_and(|(token, h, expires)| {
+                    *token == item.claim.token
+                        && h.as_deref() == Some(holder)
+                        && expires.is_some_and(|e| e >= now)
+                });
             if !ours {
                 continue;
             }

@@ -9,8 +9,8 @@
 //! the database's clock: only requests older than that are served by the run.
 
 use fleetsync_common::{
-    Backend,
-    sql::{Tx, Value, now_ms_sql},
+    Backend, ServiceError,
+    sql::{Tx, Value, is_unique_violation, now_ms_sql, retry},
 };
 
 use super::{
@@ -106,15 +106,25 @@ impl Store {
     /// Makes the queue agree with the job rows, once at start-up: every server gets a lease row,
     /// and every server with rows waiting (recorded before this schema, or by hand) is marked as
     /// waiting. Returns how many servers it marked.
-    pub async fn repair_queue(&self) -> Result<u64, sqlx::Error> {
-        fleetsync_common::sql::retry("repair queue", || async {
+    pub async fn repair_queue(&self) -> Result<u64, ServiceError> {
+        // Agents starting together race on the inserts: a unique violation is a twin's row,
+        // and the retry finds it there.
+        let twin = |err: sqlx::Error| {
+            if is_unique_violation(&err) {
+                ServiceError::Aborted(format!("another agent repaired the queue: {err}"))
+            } else {
+                err.into()
+            }
+        };
+        retry("repair queue", || async {
             let mut tx = self.db.begin().await?;
             tx.execute(
                 "INSERT INTO server_leases (server_id, token) SELECT s.id, 0 FROM servers s \
                  WHERE NOT EXISTS (SELECT 1 FROM server_leases l WHERE l.server_id = s.id)",
                 &[],
             )
-            .await?;
+            .await
+            .map_err(twin)?;
             let marked = tx
                 .execute(
                     "UPDATE server_leases SET pending_since = (SELECT MIN(j.created_at) \

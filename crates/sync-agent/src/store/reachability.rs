@@ -94,13 +94,17 @@ impl Store {
         for (claim, backoff) in probes {
             let held = tx
                 .fetch_optional(
-                    &format!("SELECT token, holder FROM server_leases WHERE server_id = ?{lock}"),
+                    &format!(
+                        "SELECT token, holder, expires_at FROM server_leases WHERE server_id = ?{lock}"
+                    ),
                     &[claim.server_id.into()],
                 )
                 .await?;
             let ours = match &held {
                 Some(row) => {
-                    row.int(0)? == claim.token && row.opt_text(1)?.as_deref() == Some(holder)
+                    row.int(0)? == claim.token
+                        && row.opt_text(1)?.as_deref() == Some(holder)
+                        && row.opt_int(2)?.is_some_and(|e| e >= now)
                 }
                 None => false,
             };
