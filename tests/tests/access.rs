@@ -217,6 +217,27 @@ async fn with_tls_plaintext_fails_and_the_ca_works() {
     .await;
     assert_eq!(run.code(), 0);
     assert!(run.stderr.contains("Unauthenticated"), "{}", run.stderr);
+    // A token file that cannot be read is a warning too: the migration stands, exit 0, and the
+    // request waits in the outbox.
+    let run = migrator(
+        db.url(),
+        &[
+            "migrate",
+            "--agent-url",
+            &format!("https://{addr}"),
+            "--agent-token-file",
+            "/nonexistent/token",
+        ],
+    )
+    .await;
+    assert_eq!(run.code(), 0, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stderr
+            .contains("warning: not contacting the sync-agent")
+            && run.stderr.contains("/nonexistent/token"),
+        "{}",
+        run.stderr
+    );
 }
 
 #[test]

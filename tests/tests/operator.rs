@@ -121,6 +121,34 @@ async fn the_agent_cli_speaks_json_for_scripts() {
     );
     assert_eq!(check["authenticated"], true);
 
+    // A hostile server writes terminal escape sequences to stderr: the human table shows them
+    // escaped, JSON keeps them exact.
+    host.install_program(
+        "sudo",
+        "#!/bin/sh\ncat >/dev/null\nprintf '\\033]0;owned\\007\\033[2Jboom\\n' >&2\nexit 3\n",
+    );
+    let human = Command::new(bin_path("sync-agent"))
+        .args(["sync", "--all", "--watch", "--agent-url", &url])
+        .output()
+        .expect("run sync-agent");
+    let stdout = String::from_utf8_lossy(&human.stdout);
+    assert!(stdout.contains("COMMAND_FAILED"), "{stdout}");
+    assert!(
+        !stdout.contains('\u{1b}'),
+        "raw escape in human output: {stdout:?}"
+    );
+    assert!(
+        stdout.contains(r"\u{1b}]0;owned\u{7}\u{1b}[2Jboom"),
+        "{stdout}"
+    );
+    let exact = cli(&["sync", "--all", "--watch"]);
+    let message = exact["outcomes"][0]["message"].as_str().expect("message");
+    assert!(
+        message.contains("\u{1b}]0;owned\u{7}\u{1b}[2Jboom"),
+        "{message:?}"
+    );
+    host.remove_program("sudo");
+
     // A clear error for an agent that is not there.
     let output = Command::new(bin_path("sync-agent"))
         .args(["servers", "--agent-url", "http://127.0.0.1:1"])

@@ -380,8 +380,10 @@ async fn the_agent_refuses_a_schema_older_than_it_needs() {
 
 #[test]
 fn help_documents_every_flag_with_its_environment_variable() {
+    // A password in the environment never shows in --help.
     let output = Command::new(bin_path("sync-agent"))
         .args(["serve", "--help"])
+        .env("DATABASE_URL", "postgres://app:s3cret-pw@db/cp")
         .output()
         .expect("run");
     let help = String::from_utf8_lossy(&output.stdout);
@@ -392,11 +394,14 @@ fn help_documents_every_flag_with_its_environment_variable() {
         "--connect-timeout",
         "--command-timeout",
         "--output-cap",
-        "[env: DATABASE_URL=",
+        "--db-pool-size",
+        "--retention",
+        "[env: DATABASE_URL]",
         "[env: FLEETSYNC_SSH_KEYS=",
     ] {
         assert!(help.contains(flag), "{flag} missing from:\n{help}");
     }
+    assert!(!help.contains("s3cret-pw"), "{help}");
     let output = Command::new(bin_path("migrator"))
         .args(["serve", "--help"])
         .output()

@@ -894,6 +894,21 @@ async fn malformed_and_hostile_requests_get_the_right_status() {
             "spec.ip",
         ),
         (
+            // Digits and dots that are no IPv4 address: refused now, not a DNS failure later.
+            ServerSpec {
+                ip: "999.1.1.1".into(),
+                ..good.clone()
+            },
+            "spec.ip",
+        ),
+        (
+            ServerSpec {
+                ip: "db.123".into(),
+                ..good.clone()
+            },
+            "spec.ip",
+        ),
+        (
             ServerSpec {
                 port: 70000,
                 ..good.clone()

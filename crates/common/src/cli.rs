@@ -9,7 +9,13 @@ use crate::telemetry::LogFormat;
 pub struct CommonArgs {
     /// Control-plane database: `sqlite://PATH` (created if missing), `postgres://...` or
     /// `mysql://...` (MySQL and MariaDB).
-    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://fleetsync.db")]
+    // `--help` must not print a password set in the environment.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        hide_env_values = true,
+        default_value = "sqlite://fleetsync.db"
+    )]
     pub database_url: String,
 
     /// On SIGTERM or ctrl-c, how long calls in flight (streams included) may take to finish
@@ -41,6 +47,11 @@ pub struct SecurityArgs {
     /// Listen beyond loopback without a token (refused otherwise).
     #[arg(long, env = "FLEETSYNC_ALLOW_UNAUTHENTICATED")]
     pub allow_unauthenticated: bool,
+
+    /// Accept the bearer token over plain HTTP/2 on a listener beyond loopback (a private
+    /// network, or TLS ended by a proxy in front). Without it, such a listener needs TLS.
+    #[arg(long, env = "FLEETSYNC_ALLOW_PLAINTEXT_TOKEN")]
+    pub allow_plaintext_token: bool,
 }
 
 /// Log format as a command-line value.

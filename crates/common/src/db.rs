@@ -282,8 +282,24 @@ async fn probe<C: sqlx::Connection>(options: &C::Options) -> Result<(), sqlx::Er
     connection.close().await
 }
 
-/// The URL with its password replaced by `***`, fit for messages and logs.
+/// The URL with its password replaced by `***`, fit for messages and logs: the one in the
+/// user info (`user:PASSWORD@host`) and any `password=` query parameter (sqlx accepts both).
 pub fn redact_url(url: &str) -> String {
+    let url = redact_userinfo(url);
+    let Some((base, query)) = url.split_once('?') else {
+        return url;
+    };
+    let query: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+            _ => pair.to_owned(),
+        })
+        .collect();
+    format!("{base}?{}", query.join("&"))
+}
+
+fn redact_userinfo(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
@@ -336,6 +352,14 @@ mod tests {
         assert_eq!(
             redact_url("postgres://u:p@h/db@x"),
             "postgres://u:***@h/db@x"
+        );
+        assert_eq!(
+            redact_url("postgres://app@db:5432/cp?sslmode=disable&password=s3cret"),
+            "postgres://app@db:5432/cp?sslmode=disable&password=***"
+        );
+        assert_eq!(
+            redact_url("mysql://root@h/db?PASSWORD=x&ssl-mode=required"),
+            "mysql://root@h/db?PASSWORD=***&ssl-mode=required"
         );
     }
 }

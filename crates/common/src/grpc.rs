@@ -53,6 +53,13 @@ pub enum SecurityError {
          drive the fleet. Give a token, listen on loopback, or pass --allow-unauthenticated"
     )]
     Exposed(SocketAddr),
+    /// A bearer token on a listener beyond loopback without TLS: it would cross the network in
+    /// clear.
+    #[error(
+        "refusing to take a bearer token in clear text on {0}: add --tls-cert and --tls-key, \
+         listen on loopback (behind a TLS proxy), or pass --allow-plaintext-token"
+    )]
+    PlaintextToken(SocketAddr),
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, SecurityError> {
@@ -88,6 +95,13 @@ impl Security {
             }
             _ => None,
         };
+        if token.is_some()
+            && tls.is_none()
+            && !listen.ip().is_loopback()
+            && !args.allow_plaintext_token
+        {
+            return Err(SecurityError::PlaintextToken(listen));
+        }
         Ok(Self {
             token: token.map(Arc::from),
             tls,
@@ -342,6 +356,7 @@ mod tests {
             tls_cert: None,
             tls_key: None,
             allow_unauthenticated: false,
+            allow_plaintext_token: false,
         };
         let err = Security::from_args(&args, "0.0.0.0:50051".parse().unwrap()).unwrap_err();
         assert!(
@@ -353,6 +368,31 @@ mod tests {
         assert!(Security::from_args(&args, "[::1]:50051".parse().unwrap()).is_ok());
         let allowed = SecurityArgs {
             allow_unauthenticated: true,
+            ..args
+        };
+        assert!(Security::from_args(&allowed, "0.0.0.0:50051".parse().unwrap()).is_ok());
+    }
+
+    #[test]
+    fn a_token_beyond_loopback_needs_tls() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "s3cret\n").unwrap();
+        let args = SecurityArgs {
+            auth_token_file: Some(token),
+            tls_cert: None,
+            tls_key: None,
+            allow_unauthenticated: false,
+            allow_plaintext_token: false,
+        };
+        let err = Security::from_args(&args, "0.0.0.0:50051".parse().unwrap()).unwrap_err();
+        assert!(
+            err.to_string().contains("in clear text on 0.0.0.0:50051"),
+            "{err}"
+        );
+        assert!(Security::from_args(&args, "127.0.0.1:50051".parse().unwrap()).is_ok());
+        let allowed = SecurityArgs {
+            allow_plaintext_token: true,
             ..args
         };
         assert!(Security::from_args(&allowed, "0.0.0.0:50051".parse().unwrap()).is_ok());

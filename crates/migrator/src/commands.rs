@@ -213,9 +213,9 @@ pub async fn migrate(db: Db, args: &MigrateArgs) -> anyhow::Result<ExitCode> {
         .await;
 
     // Whatever happened, requests that did commit are handed over (best effort).
-    let dispatches = if args.no_dispatch {
-        Vec::new()
-    } else {
+    // Like every other hand-over problem, an unreadable token or CA file is a warning: the
+    // migration stands, and the requests wait in the outbox for the agent to take them.
+    let credentials = || -> anyhow::Result<(Option<String>, Option<Vec<u8>>)> {
         let token = args
             .agent_token_file
             .as_deref()
@@ -228,17 +228,33 @@ pub async fn migrate(db: Db, args: &MigrateArgs) -> anyhow::Result<ExitCode> {
             ),
             None => None,
         };
-        let agent = AgentTarget {
-            url: args.agent_url.clone(),
-            timeout: args.agent_timeout.into(),
-            token,
-            ca_pem,
-        };
-        match dispatch_pending(&db, &agent).await {
-            Ok(dispatches) => dispatches,
+        Ok((token, ca_pem))
+    };
+    let dispatches = if args.no_dispatch {
+        Vec::new()
+    } else {
+        match credentials() {
             Err(err) => {
-                eprintln!("warning: could not read the sync requests to hand over: {err}");
+                eprintln!(
+                    "warning: not contacting the sync-agent ({err:#}); the sync requests wait \
+                     in the database for the agent to take them"
+                );
                 Vec::new()
+            }
+            Ok((token, ca_pem)) => {
+                let agent = AgentTarget {
+                    url: args.agent_url.clone(),
+                    timeout: args.agent_timeout.into(),
+                    token,
+                    ca_pem,
+                };
+                match dispatch_pending(&db, &agent).await {
+                    Ok(dispatches) => dispatches,
+                    Err(err) => {
+                        eprintln!("warning: could not read the sync requests to hand over: {err}");
+                        Vec::new()
+                    }
+                }
             }
         }
     };

@@ -142,6 +142,24 @@ fn summary_json(s: &pb::JobSummary) -> Value {
     })
 }
 
+/// Text that came from a managed server (a message with its stderr, a banner) or from a caller
+/// (a server name), made safe for a terminal: control characters (escape sequences, carriage
+/// returns, newlines) are shown escaped, never interpreted. JSON output stays exact.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 fn print_outcomes(outcomes: &[pb::ServerOutcome]) {
     let width = outcomes
         .iter()
@@ -174,10 +192,10 @@ fn print_outcomes(outcomes: &[pb::ServerOutcome]) {
         };
         println!(
             "{:<width$}  {:<30} {:>6}ms  {}",
-            o.server_name,
+            printable(&o.server_name),
             outcome_name(o),
             millis(o.duration.as_ref()),
-            detail
+            printable(&detail)
         );
     }
 }
@@ -240,7 +258,11 @@ async fn follow(
     while let Some(event) = stream.next().await {
         match event.map_err(status)?.event {
             Some(sync_event::Event::Outcome(o)) => {
-                bar.set_message(format!("{}: {}", o.server_name, outcome_name(&o)));
+                bar.set_message(format!(
+                    "{}: {}",
+                    printable(&o.server_name),
+                    outcome_name(&o)
+                ));
                 bar.inc(1);
                 outcomes.push(o);
             }
@@ -420,7 +442,7 @@ pub async fn servers(args: &ServersArgs) -> anyhow::Result<()> {
         println!(
             "{:>5}  {:<20} {:<22} {:<11} {:<8} {:<26} {}",
             s.id,
-            spec.name,
+            printable(&spec.name),
             format!("{}:{}", spec.ip, spec.port),
             short(spec.database_service().as_str_name(), "DATABASE_SERVICE_").to_lowercase(),
             short(s.reachability().as_str_name(), "REACHABILITY_").to_lowercase(),
@@ -465,7 +487,7 @@ pub async fn check(args: &CheckArgs) -> anyhow::Result<()> {
         println!("  connect        {} ms", millis(Some(d)));
     }
     if !c.banner.is_empty() {
-        println!("  banner         {}", c.banner);
+        println!("  banner         {}", printable(&c.banner));
     }
     if !c.host_key_fingerprint.is_empty() {
         println!(
@@ -478,7 +500,7 @@ pub async fn check(args: &CheckArgs) -> anyhow::Result<()> {
         if c.authenticated { "yes" } else { "no" }
     );
     if !c.message.is_empty() {
-        println!("  problem        {}", c.message);
+        println!("  problem        {}", printable(&c.message));
     }
     Ok(())
 }
@@ -499,4 +521,18 @@ pub async fn reset_host_key(args: &ResetHostKeyArgs) -> anyhow::Result<()> {
         None => println!("server {}: no host key was pinned", args.server_id),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_text_cannot_drive_the_terminal() {
+        assert_eq!(printable("db-1 ok ü"), "db-1 ok ü");
+        assert_eq!(
+            printable("\u{1b}]0;owned\u{7}\u{1b}[2Jx\r\n"),
+            "\\u{1b}]0;owned\\u{7}\\u{1b}[2Jx\\r\\n"
+        );
+    }
 }

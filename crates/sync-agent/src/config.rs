@@ -202,9 +202,9 @@ pub struct ServeArgs {
     #[arg(long, env = "FLEETSYNC_RETENTION", default_value = "7d")]
     pub retention: humantime::Duration,
 
-    /// Connections to the control-plane database (PostgreSQL, MySQL). The agent's work path
-    /// uses a few (claims, batched completions, one heartbeat); the rest serve RPCs and watch
-    /// streams.
+    /// Connections to the control-plane database (PostgreSQL, MySQL) for RPCs and watch
+    /// streams. The work path (claims, batched completions, the heartbeat) has a small pool of
+    /// its own, so that busy clients never delay lease renewals.
     #[arg(long, env = "FLEETSYNC_DB_POOL_SIZE", default_value_t = 32)]
     pub db_pool_size: u32,
 

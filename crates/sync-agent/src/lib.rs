@@ -34,6 +34,11 @@ use crate::{
     store::Store,
 };
 
+/// Connections of the work path's own pool: the claimer, the completer, the heartbeat, the
+/// prober, the outbox drain and retention each use at most one at a time; PostgreSQL's
+/// `LISTEN` keeps one more.
+const WORK_POOL_SIZE: u32 = 8;
+
 /// What `run` needs, resolved from the command line (or built by tests).
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -82,10 +87,20 @@ pub async fn run(
             "servers waiting from before this agent's schema"
         );
     }
+    // The work path (claims, completions, the heartbeat, probes) has a pool of its own, so that
+    // however many calls and watch streams the services serve, leases are always renewed.
+    let work_db = Db::connect_with(
+        &config.database_url,
+        DbOptions {
+            pool_size: WORK_POOL_SIZE,
+            ..DbOptions::default()
+        },
+    )
+    .await?;
     let signals = Signals::default();
     let holder = format!("{}-{}-{}", hostname(), std::process::id(), &new_id()[..8]);
     let runner = Runner::new(
-        store.clone(),
+        Store::new(work_db.clone()),
         config.ssh.clone(),
         holder.clone(),
         config.runner.clone(),
@@ -142,6 +157,7 @@ pub async fn run(
     }
     served.context("serving gRPC")?;
     db.close().await;
+    work_db.close().await;
     tracing::info!("sync-agent stopped");
     Ok(())
 }

@@ -73,11 +73,25 @@ pub fn validate_spec(spec: Option<pb::ServerSpec>) -> Result<ServerSpec, Service
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         });
-    if ip.parse::<IpAddr>().is_err() && !is_host_name {
-        return Err(ServiceError::invalid(
-            "spec.ip",
-            format!("{ip:?} is neither an IP address nor a host name"),
-        ));
+    // A name whose last label is all digits is no host name (RFC 1123 §2.1): "999.1.1.1" is a
+    // mistyped address, refused here rather than failing every sync with DNS.
+    let numeric_tld = ip
+        .rsplit('.')
+        .next()
+        .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()));
+    if ip.parse::<IpAddr>().is_err() {
+        if ip.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+            return Err(ServiceError::invalid(
+                "spec.ip",
+                format!("{ip:?} is not a valid IPv4 address"),
+            ));
+        }
+        if !is_host_name || numeric_tld {
+            return Err(ServiceError::invalid(
+                "spec.ip",
+                format!("{ip:?} is neither an IP address nor a host name"),
+            ));
+        }
     }
     let port = match spec.port {
         0 => 22,
@@ -351,13 +365,33 @@ mod tests {
             }),
             "spec.name"
         );
-        assert_eq!(
-            field_of(pb::ServerSpec {
-                ip: "not an ip!".into(),
-                ..spec()
-            }),
-            "spec.ip"
-        );
+        for bad in [
+            "not an ip!",
+            "999.1.1.1",
+            "1.2.3",
+            "10.0.0.256",
+            "db.123",
+            "-db.example",
+        ] {
+            assert_eq!(
+                field_of(pb::ServerSpec {
+                    ip: bad.into(),
+                    ..spec()
+                }),
+                "spec.ip",
+                "{bad}"
+            );
+        }
+        for good in ["10.0.0.255", "db-1", "db1.example.com", "2001:db8::1"] {
+            assert!(
+                validate_spec(Some(pb::ServerSpec {
+                    ip: good.into(),
+                    ..spec()
+                }))
+                .is_ok(),
+                "{good}"
+            );
+        }
         assert_eq!(
             field_of(pb::ServerSpec {
                 port: 65536,
