@@ -386,3 +386,100 @@ async fn a_non_ssh_listener_is_a_handshake_failure() {
         .expect_err("not ssh");
     assert_eq!(err.outcome().0, Outcome::HandshakeFailed, "{err}");
 }
+
+/// Open file descriptors of this process.
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+}
+
+/// A host that stalls after its banner ("tarpit"), or resets the connection right after it:
+/// every attempt ends when its timeout does, and takes its socket and russh's session task with
+/// it. Before the kill switch, each tarpit attempt left one socket established for good.
+#[tokio::test]
+async fn attempts_against_stalling_hosts_leave_no_socket_behind() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[derive(Clone, Copy, Debug)]
+    enum Kind {
+        Tarpit,
+        Reset,
+    }
+    for kind in [Kind::Tarpit, Kind::Reset] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let live = Arc::new(AtomicUsize::new(0));
+        let server = {
+            let live = Arc::clone(&live);
+            tokio::spawn(async move {
+                loop {
+                    let Ok((mut socket, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let live = Arc::clone(&live);
+                    live.fetch_add(1, Ordering::SeqCst);
+                    tokio::spawn(async move {
+                        let _ = socket.write_all(b"SSH-2.0-tarpit\r\n").await;
+                        if let Kind::Reset = kind {
+                            let _ = socket.set_linger(Some(Duration::ZERO));
+                            drop(socket);
+                        } else {
+                            // Read (the client's banner and KEXINIT) and never answer, until the
+                            // client goes away.
+                            let mut buf = [0u8; 4096];
+                            while matches!(socket.read(&mut buf).await, Ok(n) if n > 0) {}
+                        }
+                        live.fetch_sub(1, Ordering::SeqCst);
+                    });
+                }
+            })
+        };
+        let client = SshClient::new(
+            Timeouts {
+                handshake: Duration::from_millis(300),
+                ..timeouts()
+            },
+            DEFAULT_OUTPUT_CAP,
+            fleetsync_sync_agent::ssh::ClientKeys::default(),
+        );
+        // One attempt to warm up whatever the runtime keeps open, then count.
+        let target = || fleetsync_sync_agent::ssh::Target {
+            host: "127.0.0.1",
+            port,
+            user: "vito",
+            pinned: None,
+        };
+        let _ = client.connect(target()).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let before = open_fds();
+        let attempts = (0..100).map(|_| {
+            let client = client.clone();
+            async move { client.connect(target()).await }
+        });
+        for result in futures_util::future::join_all(attempts).await {
+            let err = result.expect_err("a stalling host never lets us in");
+            assert_eq!(err.outcome().0, Outcome::HandshakeFailed, "{kind:?}: {err}");
+        }
+        // The attempts are over: their sockets close (the server sees EOF) within moments.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while live.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            live.load(Ordering::SeqCst),
+            0,
+            "{kind:?}: connections still established on the server side"
+        );
+        let after = open_fds();
+        assert!(
+            after <= before + 2,
+            "{kind:?}: {before} fds before 100 attempts, {after} after"
+        );
+        server.abort();
+    }
+}

@@ -24,6 +24,7 @@ use tokio::{io::AsyncReadExt, net::TcpStream, time::timeout};
 pub use error::{ConnectCause, SshError, Stage};
 pub use keys::{ClientKeys, KeyError};
 use stream::Prefixed;
+use tokio_util::sync::DropGuard;
 
 /// Hard timeouts for each stage of a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,6 +156,8 @@ pub struct Connection {
     connect_latency: Duration,
     timeouts: Timeouts,
     output_cap: usize,
+    /// Ends russh's session task (and closes the socket) when the connection is dropped.
+    _kill: DropGuard,
 }
 
 impl std::fmt::Debug for Connection {
@@ -194,7 +197,7 @@ impl SshClient {
         let tcp = self.tcp_connect(target.host, target.port).await?;
         let connect_latency = started.elapsed();
 
-        let (banner, handle, host_key) = self.handshake(tcp, target.pinned).await?;
+        let (banner, handle, host_key, kill) = self.handshake(tcp, target.pinned).await?;
         let mut connection = Connection {
             handle,
             host_key,
@@ -202,6 +205,7 @@ impl SshClient {
             connect_latency,
             timeouts: self.timeouts,
             output_cap: self.output_cap,
+            _kill: kill,
         };
         connection.authenticate(target.user, &self.keys).await?;
         Ok(connection)
@@ -237,7 +241,7 @@ impl SshClient {
             }
         };
         check.connect_latency = Some(started.elapsed());
-        let (banner, handle, presented) = match self.handshake(tcp, None).await {
+        let (banner, handle, presented, kill) = match self.handshake(tcp, None).await {
             Ok(parts) => parts,
             Err(err) => {
                 check.error = Some(err);
@@ -262,6 +266,7 @@ impl SshClient {
             connect_latency: check.connect_latency.unwrap_or_default(),
             timeouts: self.timeouts,
             output_cap: self.output_cap,
+            _kill: kill,
         };
         match connection.authenticate(target.user, &self.keys).await {
             Ok(()) => check.authenticated = true,
@@ -324,7 +329,7 @@ impl SshClient {
         &self,
         mut tcp: TcpStream,
         pinned: Option<&HostKeyInfo>,
-    ) -> Result<(String, Handle<HostKeyCheck>, HostKeyInfo), SshError> {
+    ) -> Result<(String, Handle<HostKeyCheck>, HostKeyInfo, DropGuard), SshError> {
         let limit = self.timeouts.handshake;
         let deadline = tokio::time::Instant::now() + limit;
 
@@ -344,7 +349,11 @@ impl SshClient {
             pinned: pinned.cloned(),
             seen: Arc::clone(&seen),
         };
-        let stream = Prefixed::new(replay, tcp);
+        // Whatever ends this attempt (a timeout here, a failed stage later, the connection's
+        // drop), the guard's drop ends russh's session task and closes the socket.
+        let kill = tokio_util::sync::CancellationToken::new();
+        let guard = kill.clone().drop_guard();
+        let stream = Prefixed::new(replay, tcp, kill);
         let result = tokio::time::timeout_at(
             deadline,
             client::connect_stream(Arc::clone(&self.config), stream, handler),
@@ -356,7 +365,7 @@ impl SshClient {
         })?;
         let presented = seen.lock().expect("host key lock").clone();
         match (result, presented) {
-            (Ok(handle), Some(presented)) => Ok((banner, handle, presented)),
+            (Ok(handle), Some(presented)) => Ok((banner, handle, presented, guard)),
             (Ok(_), None) => Err(SshError::Handshake(
                 "server completed the handshake without presenting a host key".into(),
             )),
