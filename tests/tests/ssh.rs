@@ -426,7 +426,7 @@ async fn attempts_against_stalling_hosts_leave_no_socket_behind() {
                     tokio::spawn(async move {
                         let _ = socket.write_all(b"SSH-2.0-tarpit\r\n").await;
                         if let Kind::Reset = kind {
-                            let _ = socket.set_linger(Some(Duration::ZERO));
+                            let _ = socket.set_zero_linger();
                             drop(socket);
                         } else {
                             // Read (the client's banner and KEXINIT) and never answer, until the
