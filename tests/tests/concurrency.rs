@@ -245,3 +245,116 @@ async fn agents_starting_together_repair_the_queue_once() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_request_id_names_one_request_and_alone_joins_its_job() {
+    use fleetsync_common::proto::sync::v1::StartSyncRequest;
+    use tokio_stream::StreamExt;
+    let db = TestDb::sqlite().await;
+    migrate(db.url()).await;
+    let conn = db.connect().await;
+    // Refused loopback addresses: every run ends at once.
+    fleetsync_tests::catalog::insert_servers(&conn, 2, 1, |_| "127.0.0.1".into()).await;
+    let ssh = SshClient::new(Timeouts::default(), 1024, ClientKeys::default());
+    let agent = TestAgent::spawn_with(db.url(), ssh, test_runner_config()).await;
+    let mut sync = agent.sync();
+    let request = |ids: Vec<i64>| StartSyncRequest {
+        request_id: "nightly-42".into(),
+        server_ids: ids,
+        ..Default::default()
+    };
+    let first = sync
+        .start_sync(request(vec![1]))
+        .await
+        .expect("start")
+        .into_inner();
+    assert!(first.created);
+    let again = sync
+        .start_sync(request(vec![1]))
+        .await
+        .expect("repeat")
+        .into_inner();
+    assert_eq!(
+        (again.job_id.as_str(), again.created),
+        (first.job_id.as_str(), false)
+    );
+    // The same request id with another request: refused, naming the difference.
+    for (other, says) in [
+        (request(vec![1, 2]), "2 other server(s) (the job has 1)"),
+        (
+            StartSyncRequest {
+                force: true,
+                ..request(vec![1])
+            },
+            "force true (the job has false)",
+        ),
+        (
+            StartSyncRequest {
+                all_servers: true,
+                ..request(vec![])
+            },
+            "all servers",
+        ),
+        (
+            StartSyncRequest {
+                scopes: vec![fleetsync_common::proto::sync::v1::SyncScope::Users as i32],
+                ..request(vec![1])
+            },
+            "scopes users",
+        ),
+    ] {
+        let err = sync.start_sync(other).await.expect_err("refused");
+        assert_eq!(err.code(), tonic::Code::AlreadyExists, "{}", err.message());
+        assert!(err.message().contains(says), "{}", err.message());
+        assert!(err.message().contains(&first.job_id), "{}", err.message());
+    }
+    // The request id alone joins the job, by StartSync and by Sync (which streams it).
+    let joined = sync
+        .start_sync(request(vec![]))
+        .await
+        .expect("join")
+        .into_inner();
+    assert_eq!(
+        (joined.job_id.as_str(), joined.created),
+        (first.job_id.as_str(), false)
+    );
+    let events: Vec<_> = sync
+        .sync(request(vec![]))
+        .await
+        .expect("sync joins")
+        .into_inner()
+        .map(|e| e.expect("event"))
+        .collect()
+        .await;
+    assert_eq!(events.len(), 2, "one outcome and the summary: {events:?}");
+    // And with grpcurl, as an operator would.
+    let grpcurl = std::env::var("FLEETSYNC_GRPCURL").unwrap_or_else(|_| "grpcurl".into());
+    // (tokio's Command: the agent runs on this test's runtime and must keep serving.)
+    let output = tokio::process::Command::new(&grpcurl)
+        .args([
+            "-plaintext",
+            "-d",
+            r#"{"requestId": "nightly-42"}"#,
+            &agent.service.addr.to_string(),
+            "fleetsync.sync.v1.SyncAgent/StartSync",
+        ])
+        .output()
+        .await
+        .expect("run grpcurl (`just setup`)");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains(&first.job_id), "{stdout}");
+    let err = sync
+        .start_sync(StartSyncRequest {
+            request_id: "never-made".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("unknown");
+    assert_eq!(err.code(), tonic::Code::NotFound, "{}", err.message());
+    agent.service.stop().await.expect("clean stop");
+}

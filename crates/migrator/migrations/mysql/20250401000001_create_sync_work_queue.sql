@@ -5,6 +5,8 @@
 -- (The agent marks servers already waiting when it starts: data is the agent's, schema ours.)
 ALTER TABLE server_leases ADD COLUMN pending_since BIGINT NULL;
 ALTER TABLE server_leases ADD COLUMN claimed_at BIGINT NULL;
+-- How a job chose its servers ('all' or 'ids'), so that a repeated request id can be checked.
+ALTER TABLE sync_jobs ADD COLUMN selection VARCHAR(8) NULL;
 CREATE INDEX server_leases_pending ON server_leases (pending_since);
 CREATE INDEX sync_job_servers_waiting ON sync_job_servers (server_id, outcome);
 CREATE INDEX sync_jobs_finished ON sync_jobs (finished_at);

@@ -43,7 +43,18 @@ impl SyncAgentService {
     }
 
     async fn start(&self, request: StartSyncRequest) -> Result<(JobRecord, bool), ServiceError> {
-        let job = validate_start(request)?;
+        let job = match validate_start(request)? {
+            Start::New(job) => job,
+            Start::Join(request_id) => {
+                let job = self
+                    .state
+                    .store
+                    .job_by_request(&request_id)
+                    .await?
+                    .ok_or_else(|| ServiceError::not_found("job with request_id", &request_id))?;
+                return Ok((job, false));
+            }
+        };
         let (record, created) = self.state.store.create_job(&job).await?;
         if created {
             tracing::info!(job_id = %record.id, servers = record.total, origin = job.origin.as_str(), "sync job accepted");
@@ -138,8 +149,23 @@ impl SyncAgentService {
     }
 }
 
+/// What a start request asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Start {
+    /// A job (or the one already made under its request id, if it is the same request).
+    New(NewJob),
+    /// The job already made under this request id: nothing but the id was given.
+    Join(String),
+}
+
 /// Validates a start request; every error names its field.
-pub fn validate_start(request: StartSyncRequest) -> Result<NewJob, ServiceError> {
+pub fn validate_start(request: StartSyncRequest) -> Result<Start, ServiceError> {
+    let join = !request.request_id.is_empty()
+        && request.server_ids.is_empty()
+        && !request.all_servers
+        && request.scopes.is_empty()
+        && !request.force
+        && request.reason.is_empty();
     let request_id = match request.request_id.as_str() {
         "" => format!("rpc-{}", crate::new_id()),
         id if id.len() > 128 => {
@@ -156,6 +182,9 @@ pub fn validate_start(request: StartSyncRequest) -> Result<NewJob, ServiceError>
         }
         id => id.to_owned(),
     };
+    if join {
+        return Ok(Start::Join(request_id));
+    }
     let selection = match (request.all_servers, request.server_ids.is_empty()) {
         (true, false) => {
             return Err(ServiceError::invalid(
@@ -166,7 +195,7 @@ pub fn validate_start(request: StartSyncRequest) -> Result<NewJob, ServiceError>
         (false, true) => {
             return Err(ServiceError::invalid(
                 "server_ids",
-                "empty selection: give server_ids or set all_servers",
+                "empty selection: give server_ids or set all_servers (or only a request_id, to join its job)",
             ));
         }
         (true, true) => Selection::All,
@@ -214,14 +243,14 @@ pub fn validate_start(request: StartSyncRequest) -> Result<NewJob, ServiceError>
             "longer than 1024 characters",
         ));
     }
-    Ok(NewJob {
+    Ok(Start::New(NewJob {
         request_id,
         origin: JobOrigin::Rpc,
         selection,
         scopes: scopes.into_iter().collect::<Vec<_>>().join(","),
         force: request.force,
         reason: request.reason,
-    })
+    }))
 }
 
 #[tonic::async_trait]
@@ -412,16 +441,22 @@ mod tests {
         }
     }
 
+    fn new_job(request: StartSyncRequest) -> NewJob {
+        match validate_start(request).unwrap() {
+            Start::New(job) => job,
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn validates_selection_scopes_and_sizes() {
-        let job = validate_start(request()).unwrap();
+        let job = new_job(request());
         assert_eq!(job.selection, Selection::Ids(vec![1, 3]));
         assert_eq!(job.scopes, "charsets,databases,users");
-        let generated = validate_start(StartSyncRequest {
+        let generated = new_job(StartSyncRequest {
             request_id: String::new(),
             ..request()
-        })
-        .unwrap();
+        });
         assert!(generated.request_id.starts_with("rpc-"));
 
         let field = |r: StartSyncRequest| match validate_start(r).unwrap_err() {
@@ -430,10 +465,20 @@ mod tests {
         };
         assert!(
             field(StartSyncRequest {
+                request_id: String::new(),
                 server_ids: vec![],
                 ..request()
             })
             .contains("empty selection")
+        );
+        // A request id alone joins the job made under it.
+        assert_eq!(
+            validate_start(StartSyncRequest {
+                server_ids: vec![],
+                ..request()
+            })
+            .unwrap(),
+            Start::Join("r1".into())
         );
         assert!(
             field(StartSyncRequest {

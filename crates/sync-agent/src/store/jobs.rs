@@ -71,7 +71,7 @@ pub enum Selection {
 }
 
 /// A job to create.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewJob {
     /// Idempotency key.
     pub request_id: String,
@@ -216,6 +216,7 @@ impl Store {
 
     async fn create_job_once(&self, job: &NewJob) -> Result<(String, bool), ServiceError> {
         if let Some(existing) = self.job_id_by_request(&job.request_id).await? {
+            self.check_same_request(&existing, job).await?;
             return Ok((existing, false));
         }
         let id = crate::new_id();
@@ -228,7 +229,7 @@ impl Store {
             .int(0)?;
         tx.execute(
             "INSERT INTO sync_jobs (id, request_id, origin, state, scopes, force_offline, reason, \
-             total, finished, created_at) VALUES (?, ?, ?, 'pending', ?, ?, ?, 0, 0, ?)",
+             total, finished, created_at, selection) VALUES (?, ?, ?, 'pending', ?, ?, ?, 0, 0, ?, ?)",
             &[
                 id.as_str().into(),
                 job.request_id.as_str().into(),
@@ -237,6 +238,11 @@ impl Store {
                 job.force.into(),
                 job.reason.as_str().into(),
                 now.into(),
+                match job.selection {
+                    Selection::All => "all",
+                    Selection::Ids(_) => "ids",
+                }
+                .into(),
             ],
         )
         .await
@@ -311,6 +317,89 @@ impl Store {
         .await?;
         tx.commit().await?;
         Ok((id, true))
+    }
+
+    /// A request id names one request: the same servers, scopes and force. A repeat that asks
+    /// for something else is refused with the differences, instead of silently getting the
+    /// first job. (The reason is free text and may differ.)
+    async fn check_same_request(&self, job_id: &str, job: &NewJob) -> Result<(), ServiceError> {
+        let Some(row) = self
+            .db
+            .fetch_optional(
+                "SELECT scopes, force_offline, selection FROM sync_jobs WHERE id = ?",
+                &[job_id.into()],
+            )
+            .await?
+        else {
+            return Ok(());
+        };
+        let scopes = |s: &str| {
+            let mut v: Vec<String> = s
+                .split(',')
+                .map(|p| p.trim().to_owned())
+                .filter(|p| !p.is_empty())
+                .collect();
+            v.sort();
+            v.dedup();
+            v.join(",")
+        };
+        let mut differences = Vec::new();
+        let (had_scopes, had_force) = (row.text(0)?, row.int(1)? != 0);
+        if scopes(&had_scopes) != scopes(&job.scopes) {
+            differences.push(format!(
+                "scopes {} (the job has {})",
+                scopes(&job.scopes),
+                scopes(&had_scopes)
+            ));
+        }
+        if had_force != job.force {
+            differences.push(format!("force {} (the job has {had_force})", job.force));
+        }
+        match (row.opt_text(2)?.as_deref(), &job.selection) {
+            (Some("ids"), Selection::All) => {
+                differences.push("all servers (the job has a list of servers)".into());
+            }
+            (Some("all"), Selection::Ids(_)) => {
+                differences.push("a list of servers (the job has all servers)".into());
+            }
+            (Some("ids"), Selection::Ids(ids)) => {
+                let had: Vec<i64> = self
+                    .db
+                    .fetch(
+                        "SELECT server_id FROM sync_job_servers WHERE job_id = ? ORDER BY server_id",
+                        &[job_id.into()],
+                    )
+                    .await?
+                    .iter()
+                    .map(|r| r.int(0))
+                    .collect::<Result<_, _>>()?;
+                if had != *ids {
+                    differences.push(format!(
+                        "{} other server(s) (the job has {})",
+                        ids.len(),
+                        had.len()
+                    ));
+                }
+            }
+            _ => {}
+        }
+        if differences.is_empty() {
+            return Ok(());
+        }
+        Err(ServiceError::AlreadyExists(format!(
+            "request_id {:?} already names job {job_id}, made by a different request: this one \
+             asks for {}. Use a new request_id, or send the request_id alone to join that job",
+            job.request_id,
+            differences.join(", ")
+        )))
+    }
+
+    /// The job made under a request id, with its outcome counts.
+    pub async fn job_by_request(&self, request_id: &str) -> Result<Option<JobRecord>, sqlx::Error> {
+        match self.job_id_by_request(request_id).await? {
+            Some(id) => self.job(&id).await,
+            None => Ok(None),
+        }
     }
 
     async fn job_id_by_request(&self, request_id: &str) -> Result<Option<String>, sqlx::Error> {
