@@ -149,6 +149,14 @@ async fn the_agent_cli_speaks_json_for_scripts() {
     );
     host.remove_program("sudo");
 
+    // Every job, newest first, without knowing ids: the migration's too.
+    let jobs = cli(&["jobs", "--limit", "50"]);
+    let jobs = jobs.as_array().expect("a list");
+    assert_eq!(jobs[0]["job_id"], exact["job"]["job_id"], "{jobs:?}");
+    assert!(jobs.iter().any(|j| j["origin"] == "migration"), "{jobs:?}");
+    let rpc = cli(&["jobs", "--origin", "rpc", "--limit", "2"]);
+    assert_eq!(rpc.as_array().map(Vec::len), Some(2), "{rpc:?}");
+
     // A clear error for an agent that is not there.
     let output = Command::new(bin_path("sync-agent"))
         .args(["servers", "--agent-url", "http://127.0.0.1:1"])

@@ -19,7 +19,7 @@ use tonic::{
 };
 
 use crate::config::{
-    AgentArgs, CheckArgs, JobArgs, Output, ResetHostKeyArgs, ServersArgs, SyncArgs,
+    AgentArgs, CheckArgs, JobArgs, JobsArgs, Output, ResetHostKeyArgs, ServersArgs, SyncArgs,
 };
 
 type Authed = InterceptedService<Channel, Bearer>;
@@ -387,6 +387,67 @@ pub async fn job(args: &JobArgs) -> anyhow::Result<()> {
 }
 
 /// `sync-agent servers`.
+/// `sync-agent jobs`.
+pub async fn jobs(args: &JobsArgs) -> anyhow::Result<()> {
+    let (mut client, _) = connect(&args.agent).await?;
+    let origin = match args.origin.as_deref() {
+        Some("rpc") => pb::JobOrigin::Rpc,
+        Some("migration") => pb::JobOrigin::Migration,
+        Some("schedule") => pb::JobOrigin::Schedule,
+        Some("recovery") => pb::JobOrigin::Recovery,
+        _ => pb::JobOrigin::Unspecified,
+    };
+    let state = match args.state.as_deref() {
+        Some("pending") => pb::JobState::Pending,
+        Some("running") => pb::JobState::Running,
+        Some("done") => pb::JobState::Done,
+        _ => pb::JobState::Unspecified,
+    };
+    let mut jobs = Vec::new();
+    let mut token = String::new();
+    while jobs.len() < args.limit as usize {
+        let page = client
+            .list_jobs(pb::ListJobsRequest {
+                origin: origin as i32,
+                state: state as i32,
+                server_id: args.server.unwrap_or(0),
+                page_size: (args.limit as usize - jobs.len()).min(1000) as u32,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .map_err(status)?
+            .into_inner();
+        jobs.extend(page.jobs);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    if args.agent.output == Output::Json {
+        let list: Vec<Value> = jobs.iter().map(summary_json).collect();
+        println!("{}", serde_json::to_string_pretty(&list).expect("JSON"));
+        return Ok(());
+    }
+    println!(
+        "{:<32}  {:<9} {:<7} {:>13}  {:<20}  REASON",
+        "JOB", "ORIGIN", "STATE", "DONE", "CREATED"
+    );
+    for j in &jobs {
+        println!(
+            "{:<32}  {:<9} {:<7} {:>13}  {:<20}  {}",
+            j.job_id,
+            short(j.origin().as_str_name(), "JOB_ORIGIN_").to_lowercase(),
+            short(j.state().as_str_name(), "JOB_STATE_").to_lowercase(),
+            format!("{}/{}", j.finished, j.total),
+            time(j.created_at.as_ref()),
+            printable(&j.reason),
+        );
+    }
+    println!("{} job(s)", jobs.len());
+    Ok(())
+}
+
 pub async fn servers(args: &ServersArgs) -> anyhow::Result<()> {
     let (_, mut fleet) = connect(&args.agent).await?;
     let reachability = match args.reachability.as_deref() {

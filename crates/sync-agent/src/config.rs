@@ -28,6 +28,9 @@ pub enum Command {
     Sync(SyncArgs),
     /// Show a job: summary and per-server outcomes; with --watch, follow it.
     Job(JobArgs),
+    /// List jobs, newest first: those started by calls, migrations, the periodic sync and
+    /// recovery syncs.
+    Jobs(JobsArgs),
     /// Check one server now: connect, banner, host key, authentication (runs nothing).
     Check(CheckArgs),
     /// Forget a server's pinned host key (after a legitimate re-install); the next sync pins
@@ -125,6 +128,28 @@ pub struct JobArgs {
 }
 
 /// `sync-agent check`.
+#[derive(Debug, Clone, Args)]
+pub struct JobsArgs {
+    #[command(flatten)]
+    pub agent: AgentArgs,
+
+    /// Only jobs of this origin.
+    #[arg(long, value_parser = ["rpc", "migration", "schedule", "recovery"])]
+    pub origin: Option<String>,
+
+    /// Only jobs in this state.
+    #[arg(long, value_parser = ["pending", "running", "done"])]
+    pub state: Option<String>,
+
+    /// Only jobs that cover this server.
+    #[arg(long)]
+    pub server: Option<i64>,
+
+    /// Most jobs to show.
+    #[arg(long, default_value_t = 20)]
+    pub limit: u32,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct CheckArgs {
     #[command(flatten)]

@@ -37,6 +37,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Servers(args) => client::servers(&args).await,
         Command::Sync(args) => client::sync(&args).await,
         Command::Job(args) => client::job(&args).await,
+        Command::Jobs(args) => client::jobs(&args).await,
         Command::Check(args) => client::check(&args).await,
         Command::ResetHostKey(args) => client::reset_host_key(&args).await,
     }

@@ -10,5 +10,6 @@ ALTER TABLE sync_jobs ADD COLUMN selection TEXT;
 CREATE INDEX server_leases_pending ON server_leases (pending_since) WHERE pending_since IS NOT NULL;
 CREATE INDEX sync_job_servers_waiting ON sync_job_servers (server_id) WHERE outcome IS NULL;
 CREATE INDEX sync_jobs_finished ON sync_jobs (finished_at);
+CREATE INDEX sync_jobs_created ON sync_jobs (created_at, id);
 CREATE INDEX sync_runs_finished ON sync_runs (finished_at);
 CREATE INDEX servers_next_probe ON servers (next_probe_at);

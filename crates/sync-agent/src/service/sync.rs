@@ -7,8 +7,8 @@ use fleetsync_common::{
     ServiceError,
     proto::sync::v1::{
         self as pb, CheckConnectionRequest, CheckConnectionResponse, GetSyncJobRequest,
-        GetSyncJobResponse, StartSyncRequest, StartSyncResponse, WatchSyncRequest,
-        sync_agent_server::SyncAgent,
+        GetSyncJobResponse, ListJobsRequest, ListJobsResponse, StartSyncRequest, StartSyncResponse,
+        WatchSyncRequest, sync_agent_server::SyncAgent,
     },
 };
 use tokio::sync::mpsc;
@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 use super::{AgentState, EventStream, convert};
 use crate::{
     ssh::{HostKeyInfo, Target},
-    store::{JobOrigin, JobRecord, NewJob, Selection},
+    store::{JobFilter, JobOrigin, JobRecord, JobState, NewJob, Selection},
 };
 
 /// Most server ids in one request.
@@ -253,6 +253,92 @@ pub fn validate_start(request: StartSyncRequest) -> Result<Start, ServiceError> 
     }))
 }
 
+/// Jobs per `ListJobs` page unless the caller says otherwise.
+const DEFAULT_JOBS_PAGE: i64 = 100;
+/// Most jobs per `ListJobs` page.
+const MAX_JOBS_PAGE: i64 = 1000;
+
+type ListQuery = (JobFilter, Option<(i64, String)>, i64);
+
+/// Validates a list request; every error names its field.
+fn validate_list(request: &ListJobsRequest) -> Result<ListQuery, ServiceError> {
+    let origin = match pb::JobOrigin::try_from(request.origin) {
+        Ok(pb::JobOrigin::Unspecified) => None,
+        Ok(pb::JobOrigin::Rpc) => Some(JobOrigin::Rpc),
+        Ok(pb::JobOrigin::Migration) => Some(JobOrigin::Migration),
+        Ok(pb::JobOrigin::Schedule) => Some(JobOrigin::Schedule),
+        Ok(pb::JobOrigin::Recovery) => Some(JobOrigin::Recovery),
+        Err(_) => {
+            return Err(ServiceError::invalid(
+                "origin",
+                format!("unknown value {}", request.origin),
+            ));
+        }
+    };
+    let state = match pb::JobState::try_from(request.state) {
+        Ok(pb::JobState::Unspecified) => None,
+        Ok(pb::JobState::Pending) => Some(JobState::Pending),
+        Ok(pb::JobState::Running) => Some(JobState::Running),
+        Ok(pb::JobState::Done) => Some(JobState::Done),
+        Ok(pb::JobState::Cancelled) | Err(_) => {
+            return Err(ServiceError::invalid(
+                "state",
+                format!("unknown or unused value {}", request.state),
+            ));
+        }
+    };
+    let server_id = match request.server_id {
+        0 => None,
+        id if id < 0 => {
+            return Err(ServiceError::invalid(
+                "server_id",
+                format!("{id} is not a server id"),
+            ));
+        }
+        id => Some(id),
+    };
+    let millis = |field: &'static str, t: &Option<prost_types::Timestamp>| match t {
+        None => Ok(None),
+        Some(t) if t.seconds >= 0 && (0..1_000_000_000).contains(&t.nanos) => {
+            Ok(Some(t.seconds * 1000 + i64::from(t.nanos) / 1_000_000))
+        }
+        Some(_) => Err(ServiceError::invalid(field, "not a valid time after 1970")),
+    };
+    let filter = JobFilter {
+        origin,
+        state,
+        server_id,
+        created_after: millis("created_after", &request.created_after)?,
+        created_before: millis("created_before", &request.created_before)?,
+    };
+    let size = match request.page_size {
+        0 => DEFAULT_JOBS_PAGE,
+        n if i64::from(n) > MAX_JOBS_PAGE => {
+            return Err(ServiceError::invalid(
+                "page_size",
+                format!("{n}; at most {MAX_JOBS_PAGE}"),
+            ));
+        }
+        n => i64::from(n),
+    };
+    let after = match request.page_token.as_str() {
+        "" => None,
+        token => Some(
+            token
+                .split_once(':')
+                .and_then(|(at, id)| {
+                    let at = at.parse::<i64>().ok()?;
+                    (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+                        .then(|| (at, id.to_owned()))
+                })
+                .ok_or_else(|| {
+                    ServiceError::invalid("page_token", "not a token ListJobs returned")
+                })?,
+        ),
+    };
+    Ok((filter, after, size))
+}
+
 #[tonic::async_trait]
 impl SyncAgent for SyncAgentService {
     type WatchSyncStream = EventStream;
@@ -350,6 +436,30 @@ impl SyncAgent for SyncAgentService {
         Ok(Response::new(GetSyncJobResponse {
             job: Some(convert::summary(&job)),
             outcomes,
+            next_page_token,
+        }))
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<ListJobsRequest>,
+    ) -> Result<Response<ListJobsResponse>, Status> {
+        let request = request.into_inner();
+        let (filter, after, size) = validate_list(&request)?;
+        let jobs = self
+            .state
+            .store
+            .list_jobs(&filter, after, size + 1)
+            .await
+            .map_err(ServiceError::from)?;
+        let more = jobs.len() as i64 > size;
+        let page = &jobs[..jobs.len().min(size as usize)];
+        let next_page_token = match page.last() {
+            Some(last) if more => format!("{}:{}", last.created_at, last.id),
+            _ => String::new(),
+        };
+        Ok(Response::new(ListJobsResponse {
+            jobs: page.iter().map(convert::summary).collect(),
             next_page_token,
         }))
     }

@@ -70,6 +70,21 @@ pub enum Selection {
     Ids(Vec<i64>),
 }
 
+/// Which jobs to list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobFilter {
+    /// Only this origin.
+    pub origin: Option<JobOrigin>,
+    /// Only this state.
+    pub state: Option<JobState>,
+    /// Only jobs covering this server.
+    pub server_id: Option<i64>,
+    /// Accepted at or after (ms).
+    pub created_after: Option<i64>,
+    /// Accepted before (ms).
+    pub created_before: Option<i64>,
+}
+
 /// A job to create.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewJob {
@@ -478,6 +493,84 @@ impl Store {
                 })
             })
             .collect()
+    }
+
+    /// Jobs newest first after the keyset `after` (created_at, id), with their outcome counts.
+    pub async fn list_jobs(
+        &self,
+        filter: &JobFilter,
+        after: Option<(i64, String)>,
+        limit: i64,
+    ) -> Result<Vec<JobRecord>, sqlx::Error> {
+        let mut sql = format!("SELECT {JOB_COLUMNS} FROM sync_jobs WHERE 1 = 1");
+        let mut args: Vec<Value> = Vec::new();
+        if let Some(origin) = filter.origin {
+            sql.push_str(" AND origin = ?");
+            args.push(origin.as_str().into());
+        }
+        if let Some(state) = filter.state {
+            sql.push_str(" AND state = ?");
+            args.push(
+                match state {
+                    JobState::Pending => "pending",
+                    JobState::Running => "running",
+                    JobState::Done => "done",
+                }
+                .into(),
+            );
+        }
+        if let Some(server) = filter.server_id {
+            sql.push_str(" AND id IN (SELECT job_id FROM sync_job_servers WHERE server_id = ?)");
+            args.push(server.into());
+        }
+        if let Some(at) = filter.created_after {
+            sql.push_str(" AND created_at >= ?");
+            args.push(at.into());
+        }
+        if let Some(at) = filter.created_before {
+            sql.push_str(" AND created_at < ?");
+            args.push(at.into());
+        }
+        if let Some((at, id)) = after {
+            sql.push_str(" AND (created_at < ? OR (created_at = ? AND id < ?))");
+            args.extend([at.into(), at.into(), id.into()]);
+        }
+        sql.push_str(" ORDER BY created_at DESC, id DESC LIMIT ?");
+        args.push(limit.into());
+        let mut jobs: Vec<JobRecord> = self
+            .db
+            .fetch(&sql, &args)
+            .await?
+            .iter()
+            .map(job_from)
+            .collect::<Result<_, _>>()?;
+        if jobs.is_empty() {
+            return Ok(jobs);
+        }
+        let ids: Vec<Value> = jobs.iter().map(|j| j.id.as_str().into()).collect();
+        let counts = self
+            .db
+            .fetch(
+                &format!(
+                    "SELECT job_id, outcome, COUNT(*) FROM sync_job_servers WHERE job_id IN {} \
+                     AND seq IS NOT NULL GROUP BY job_id, outcome ORDER BY job_id, outcome",
+                    list(ids.len())
+                ),
+                &ids,
+            )
+            .await?;
+        let mut by_job: std::collections::HashMap<String, Vec<(String, i64)>> =
+            std::collections::HashMap::new();
+        for row in counts {
+            by_job
+                .entry(row.text(0)?)
+                .or_default()
+                .push((row.text(1)?, row.int(2)?));
+        }
+        for job in &mut jobs {
+            job.outcome_counts = by_job.remove(&job.id).unwrap_or_default();
+        }
+        Ok(jobs)
     }
 
     /// Sync requests recorded by migrations that no job has taken yet: (id, scopes, reason).

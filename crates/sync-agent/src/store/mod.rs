@@ -21,8 +21,8 @@ use fleetsync_common::{Backend, Db};
 pub use complete::{Completion, Reach, Recorded};
 pub use inventory::{InventoryCounts, InventoryWrite};
 pub use jobs::{
-    JobOrigin, JobRecord, JobState, NewJob, OUTCOMES_CHANNEL, OutcomeRecord, RunResult, Selection,
-    WORK_CHANNEL,
+    JobFilter, JobOrigin, JobRecord, JobState, NewJob, OUTCOMES_CHANNEL, OutcomeRecord, RunResult,
+    Selection, WORK_CHANNEL,
 };
 pub use queue::{Claim, ClaimedServer};
 pub use retention::Pruned;

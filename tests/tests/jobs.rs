@@ -1,0 +1,173 @@
+//! Finding jobs: `ListJobs` shows every job (calls, migrations, the periodic sync, recovery),
+//! newest first, filtered and paged; malformed filters name their field.
+
+use fleetsync_common::proto::sync::v1::{
+    JobOrigin, JobState, ListJobsRequest, StartSyncRequest, WatchSyncRequest,
+};
+use fleetsync_sync_agent::ssh::{ClientKeys, SshClient, Timeouts};
+use fleetsync_tests::{
+    TestAgent, TestDb,
+    catalog::{execute, insert_servers},
+    services::{migrate, test_runner_config},
+};
+use tokio_stream::StreamExt;
+
+#[tokio::test]
+async fn jobs_are_listed_newest_first_filtered_and_paged() {
+    let db = TestDb::postgres().await;
+    migrate(db.url()).await;
+    let conn = db.connect().await;
+    // Refused loopback addresses: every run ends at once. The migration left a sync request
+    // for all servers in the outbox: the agent turns it into a migration job.
+    insert_servers(&conn, 3, 1, |_| "127.0.0.1".into()).await;
+    execute(
+        &conn,
+        "INSERT INTO services (server_id, type, name, version, status, created_at, updated_at) \
+         SELECT id, 'database', 'mariadb', '', 'ready', 0, 0 FROM servers",
+    )
+    .await;
+    let ssh = SshClient::new(Timeouts::default(), 1024, ClientKeys::default());
+    let agent = TestAgent::spawn_with(db.url(), ssh, test_runner_config()).await;
+    let mut sync = agent.sync();
+    let mut made = Vec::new();
+    for (i, ids) in [vec![1], vec![2], vec![1, 3]].into_iter().enumerate() {
+        let job = sync
+            .start_sync(StartSyncRequest {
+                request_id: format!("list-{i}"),
+                server_ids: ids,
+                reason: format!("job {i}"),
+                ..Default::default()
+            })
+            .await
+            .expect("start")
+            .into_inner();
+        // Wait for each to finish, so that states are known.
+        let mut stream = sync
+            .watch_sync(WatchSyncRequest {
+                job_id: job.job_id.clone(),
+                cursor: 0,
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        while stream.next().await.is_some() {}
+        made.push(job.job_id);
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let list = |request: ListJobsRequest| {
+        let mut sync = agent.sync();
+        async move { sync.list_jobs(request).await.map(|r| r.into_inner()) }
+    };
+
+    let rpc = list(ListJobsRequest {
+        origin: JobOrigin::Rpc as i32,
+        ..Default::default()
+    })
+    .await
+    .expect("list");
+    let ids: Vec<&str> = rpc.jobs.iter().map(|j| j.job_id.as_str()).collect();
+    assert_eq!(ids, [&made[2], &made[1], &made[0]], "newest first");
+    assert!(rpc.jobs.iter().all(|j| j.state() == JobState::Done));
+    assert_eq!(rpc.jobs[0].outcome_counts.len(), 1, "{:?}", rpc.jobs[0]);
+    assert_eq!(rpc.jobs[0].outcome_counts[0].count, 2);
+
+    // The migration's job is there too, without knowing its id.
+    let all = list(ListJobsRequest::default()).await.expect("list");
+    assert!(
+        all.jobs.iter().any(|j| j.origin() == JobOrigin::Migration),
+        "{:?}",
+        all.jobs
+    );
+
+    // By server: jobs 0 and 2 cover server 1.
+    let of_one = list(ListJobsRequest {
+        server_id: 1,
+        origin: JobOrigin::Rpc as i32,
+        ..Default::default()
+    })
+    .await
+    .expect("list");
+    let ids: Vec<&str> = of_one.jobs.iter().map(|j| j.job_id.as_str()).collect();
+    assert_eq!(ids, [&made[2], &made[0]]);
+
+    // One page at a time.
+    let first = list(ListJobsRequest {
+        origin: JobOrigin::Rpc as i32,
+        page_size: 2,
+        ..Default::default()
+    })
+    .await
+    .expect("page 1");
+    assert_eq!(first.jobs.len(), 2);
+    assert!(!first.next_page_token.is_empty());
+    let second = list(ListJobsRequest {
+        origin: JobOrigin::Rpc as i32,
+        page_size: 2,
+        page_token: first.next_page_token.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("page 2");
+    assert_eq!(second.jobs.len(), 1);
+    assert_eq!(second.jobs[0].job_id, made[0]);
+    assert!(second.next_page_token.is_empty(), "the last page says so");
+
+    // At or after the newest job's time: that job only; before the oldest: none.
+    let after = list(ListJobsRequest {
+        origin: JobOrigin::Rpc as i32,
+        created_after: rpc.jobs[0].created_at,
+        ..Default::default()
+    })
+    .await
+    .expect("list");
+    assert_eq!(after.jobs.len(), 1, "{:?}", after.jobs);
+    let before = list(ListJobsRequest {
+        origin: JobOrigin::Rpc as i32,
+        created_before: rpc.jobs[2].created_at,
+        ..Default::default()
+    })
+    .await
+    .expect("list");
+    assert!(before.jobs.is_empty());
+
+    for (request, field) in [
+        (
+            ListJobsRequest {
+                origin: 42,
+                ..Default::default()
+            },
+            "origin",
+        ),
+        (
+            ListJobsRequest {
+                page_size: 5000,
+                ..Default::default()
+            },
+            "page_size",
+        ),
+        (
+            ListJobsRequest {
+                page_token: "garbage".into(),
+                ..Default::default()
+            },
+            "page_token",
+        ),
+        (
+            ListJobsRequest {
+                server_id: -3,
+                ..Default::default()
+            },
+            "server_id",
+        ),
+    ] {
+        let err = list(request).await.expect_err("refused");
+        assert_eq!(
+            err.code(),
+            tonic::Code::InvalidArgument,
+            "{}",
+            err.message()
+        );
+        assert!(err.message().contains(field), "{}", err.message());
+    }
+    agent.service.stop().await.expect("clean stop");
+}
