@@ -1445,6 +1445,15 @@ async fn an_agent_that_lost_its_lease_writes_nothing_and_runs_serve_only_older_r
         tokio::time::sleep(Duration::from_millis(5)).await;
         let d = store.claim("agent-d", 60_000, 10).await.expect("claim")[0].claim;
         execute(&conn, "UPDATE server_leases SET expires_at = 0").await;
+        // Its heartbeat, overdue after the stall, does not revive the expired lease.
+        assert_eq!(
+            store
+                .renew("agent-d", &[server], 60_000)
+                .await
+                .expect("renew"),
+            0,
+            "{backend}: an expired lease stays expired"
+        );
         let late = store
             .complete("agent-d", &[completion(d, "HANDSHAKE_FAILED")])
             .await

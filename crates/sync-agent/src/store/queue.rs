@@ -141,7 +141,8 @@ impl Store {
         .await
     }
 
-    /// Extends the leases `holder` holds on these servers; returns how many it still holds.
+    /// Extends the leases `holder` holds on these servers and that have not expired; returns how
+    /// many it still holds.
     pub async fn renew(
         &self,
         holder: &str,
@@ -151,9 +152,11 @@ impl Store {
         let now = now_ms_sql(self.backend());
         let mut renewed = 0;
         for chunk in server_ids.chunks(CHUNK) {
+            // A lease that already expired is not revived: its run outlived it (the agent
+            // stalled), and its result must not be recorded.
             let sql = format!(
                 "UPDATE server_leases SET expires_at = {now} + ?, heartbeat_at = {now} \
-                 WHERE holder = ? AND server_id IN {}",
+                 WHERE holder = ? AND expires_at >= {now} AND server_id IN {}",
                 list(chunk.len())
             );
             let mut args: Vec<Value> = vec![ttl_ms.into(), holder.into()];
