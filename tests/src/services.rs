@@ -139,6 +139,7 @@ impl TestAgent {
         let config = fleetsync_sync_agent::Config {
             database_url: database_url.to_owned(),
             shutdown_grace: Duration::from_secs(1),
+            drain_delay: Duration::ZERO,
             ssh,
             runner,
             security: Default::default(),
@@ -176,6 +177,7 @@ impl TestMigrator {
         let config = fleetsync_migrator::Config {
             database_url: database_url.to_owned(),
             shutdown_grace: Duration::from_secs(1),
+            drain_delay: Duration::ZERO,
             lock_timeout: Duration::from_secs(60),
             security: Default::default(),
         };
@@ -208,6 +210,8 @@ impl ServeProcess {
         let mut child = Command::new(bin_path(binary))
             .arg("serve")
             .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            // Tests stop services at once; the drain delay has its own test.
+            .env("FLEETSYNC_DRAIN_DELAY", "0s")
             .args(args)
             .current_dir(dir)
             .env("RUST_LOG", "info")

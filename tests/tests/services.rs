@@ -319,6 +319,63 @@ async fn sigterm_turns_health_not_serving_then_exits_cleanly() {
 }
 
 #[tokio::test]
+async fn sigterm_drains_for_the_drain_delay_before_refusing_calls() {
+    for binary in ["sync-agent", "migrator"] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = TestDb::sqlite().await;
+        migrate(db.url()).await;
+        let mut process = ServeProcess::start(
+            binary,
+            &[
+                "--database-url",
+                db.url(),
+                "--drain-delay",
+                "2s",
+                "--shutdown-grace",
+                "1s",
+            ],
+            dir.path(),
+        );
+        let sent = Command::new("kill")
+            .args(["-TERM", &process.pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(sent.success());
+        let signalled = std::time::Instant::now();
+        // During the delay: NOT_SERVING, and new connections and calls are still served, so a
+        // load balancer has time to notice before anything is refused.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut health = tonic_health::pb::health_client::HealthClient::new(
+            fleetsync_tests::services::connect(process.addr).await,
+        );
+        let status = health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .expect("still answering during the drain")
+            .into_inner();
+        assert_eq!(status.status(), ServingStatus::NotServing, "{binary}");
+        assert!(
+            signalled.elapsed() < Duration::from_secs(2),
+            "{binary}: the check came after the delay"
+        );
+        let status = process.terminate_wait().expect("exits after the drain");
+        assert!(status.success(), "{binary} exited with {status}");
+        assert!(
+            signalled.elapsed() >= Duration::from_secs(2),
+            "{binary} exited before its drain delay: {:?}",
+            signalled.elapsed()
+        );
+        assert!(
+            process
+                .log()
+                .contains("still serving while load balancers notice")
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_database_that_is_down_is_a_clear_startup_error() {
     // Port 1 on loopback: nothing listens, connection refused at once.
     for (binary, url) in [

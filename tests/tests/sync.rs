@@ -841,6 +841,22 @@ async fn malformed_and_hostile_requests_get_the_right_status() {
     );
     assert_eq!(c, Code::NotFound);
 
+    // A request over the 4 MiB message limit: tonic answers OUT_OF_RANGE (its code for a
+    // message too large to decode, documented in the README), saying so; nothing is created.
+    let huge = StartSyncRequest {
+        server_ids: (1_000_000..=2_500_000).collect(),
+        ..Default::default()
+    };
+    let (c, m) = code(
+        sync_api
+            .clone()
+            .max_encoding_message_size(64 << 20)
+            .start_sync(huge)
+            .await,
+    );
+    assert_eq!(c, Code::OutOfRange, "{m}");
+    assert!(m.contains("message length too large"), "{m}");
+
     // Fleet: unknown ids, bad fields (each named), unknown enum values, bad page tokens.
     let (c, m) = code(fleet_api.get_server(GetServerRequest { id: 987654 }).await);
     assert_eq!((c, m.as_str()), (Code::NotFound, "server 987654 not found"));

@@ -23,6 +23,12 @@ pub struct CommonArgs {
     #[arg(long, env = "FLEETSYNC_SHUTDOWN_GRACE", default_value = "5s")]
     pub shutdown_grace: humantime::Duration,
 
+    /// On SIGTERM or ctrl-c, how long health reports NOT_SERVING while every call is still
+    /// served, so that load balancers and probes stop sending calls before the server refuses
+    /// them; the shutdown grace follows.
+    #[arg(long, env = "FLEETSYNC_DRAIN_DELAY", default_value = "3s")]
+    pub drain_delay: humantime::Duration,
+
     /// Log format on stderr; the level comes from `RUST_LOG` (default `info`).
     #[arg(long, env = "FLEETSYNC_LOG_FORMAT", value_enum, default_value_t = LogFormatArg::Plain)]
     pub log_format: LogFormatArg,

@@ -276,6 +276,32 @@ pub async fn base_router(
 /// Serves `router` on `listener` until `shutdown` is cancelled. Health turns `NOT_SERVING`
 /// first, then the server stops accepting and waits up to `grace` for calls in flight to end
 /// (a health watch or a sync stream may never end by itself); then it stops regardless.
+/// The drain that load balancers need: on `shutdown`, health turns `NOT_SERVING` at once while
+/// the server goes on serving every call for `delay`; then `stop` is cancelled and the server
+/// stops taking calls (see [`serve`]). Without the delay, a load balancer or a Kubernetes probe
+/// rarely sees `NOT_SERVING` before the connection is refused.
+pub fn drain_then_stop(
+    shutdown: CancellationToken,
+    health: Health,
+    delay: Duration,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = stop.cancelled() => return,
+        }
+        health.not_serving().await;
+        if !delay.is_zero() {
+            tracing::info!(delay = %humantime::format_duration(delay), "health is NOT_SERVING; still serving while load balancers notice");
+            tokio::time::sleep(delay).await;
+        }
+        stop.cancel();
+    })
+}
+
+/// Serves until `shutdown` is cancelled (after the drain delay, with [`drain_then_stop`]),
+/// then lets calls in flight finish for at most `grace`.
 pub async fn serve(
     router: Router,
     listener: TcpListener,

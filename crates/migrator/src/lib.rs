@@ -28,6 +28,8 @@ pub struct Config {
     pub database_url: String,
     /// How long calls in flight may take to finish on shutdown.
     pub shutdown_grace: std::time::Duration,
+    /// How long health says NOT_SERVING before the server stops taking calls.
+    pub drain_delay: std::time::Duration,
     /// Longest wait for another migrator's lock.
     pub lock_timeout: std::time::Duration,
     /// Bearer token and TLS.
@@ -69,7 +71,9 @@ pub async fn run(
         .context("reading the listen address")?;
     tracing::info!(%addr, backend = %db.backend(), "migrator listening");
 
-    grpc::serve(router, listener, health, shutdown, config.shutdown_grace)
+    let stop = CancellationToken::new();
+    grpc::drain_then_stop(shutdown, health.clone(), config.drain_delay, stop.clone());
+    grpc::serve(router, listener, health, stop, config.shutdown_grace)
         .await
         .context("serving gRPC")?;
     db.close().await;

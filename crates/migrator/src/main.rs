@@ -36,6 +36,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = Config {
                 database_url: args.common.database_url,
                 shutdown_grace: args.common.shutdown_grace.into(),
+                drain_delay: args.common.drain_delay.into(),
                 lock_timeout: args.lock_timeout.into(),
                 security,
             };

@@ -46,6 +46,8 @@ pub struct Config {
     pub database_url: String,
     /// How long calls in flight may take to finish on shutdown.
     pub shutdown_grace: Duration,
+    /// How long health says NOT_SERVING before the agent stops taking calls and work.
+    pub drain_delay: Duration,
     /// SSH client with keys and timeouts.
     pub ssh: SshClient,
     /// Scheduler settings.
@@ -99,19 +101,22 @@ pub async fn run(
     .await?;
     let signals = Signals::default();
     let holder = format!("{}-{}-{}", hostname(), std::process::id(), &new_id()[..8]);
+    // `shutdown` starts the drain (health NOT_SERVING, everything still served); `stop` ends
+    // the work, the streams and the server once the drain delay is over.
+    let stop = CancellationToken::new();
     let runner = Runner::new(
         Store::new(work_db.clone()),
         config.ssh.clone(),
         holder.clone(),
         config.runner.clone(),
         signals.clone(),
-        shutdown.clone(),
+        stop.clone(),
     );
     let state = AgentState {
         store,
         ssh: config.ssh,
         signals,
-        shutdown: shutdown.clone(),
+        shutdown: stop.clone(),
         watch_poll: config.runner.poll_interval.max(Duration::from_millis(100)),
         streams: std::sync::Arc::new(tokio::sync::Semaphore::new(config.max_streams.max(1))),
     };
@@ -138,15 +143,21 @@ pub async fn run(
         .context("reading the listen address")?;
     tracing::info!(%addr, backend = %db.backend(), schema = version, %holder, "sync-agent listening");
 
+    grpc::drain_then_stop(
+        shutdown.clone(),
+        health.clone(),
+        config.drain_delay,
+        stop.clone(),
+    );
     let served = grpc::serve(
         router,
         listener,
         health,
-        shutdown.clone(),
+        stop.clone(),
         config.shutdown_grace,
     )
     .await;
-    shutdown.cancel();
+    stop.cancel();
     if tokio::time::timeout(config.shutdown_grace.max(Duration::from_secs(1)), scheduler)
         .await
         .is_err()
@@ -210,6 +221,7 @@ pub fn config_from_args(args: &config::ServeArgs) -> anyhow::Result<Config> {
         security,
         database_url: args.common.database_url.clone(),
         shutdown_grace: args.common.shutdown_grace.into(),
+        drain_delay: args.common.drain_delay.into(),
         ssh: SshClient::new(args.ssh.timeouts(), args.ssh.output_cap, keys),
         runner: RunnerConfig {
             concurrency: args.concurrency.max(1),
