@@ -309,3 +309,68 @@ async fn servers_that_are_up_are_resynced_every_interval() {
     );
     agent.service.stop().await.expect("clean stop");
 }
+
+/// After an outage of many hosts, the prober notices them in parallel: thirty hosts that accept
+/// TCP and never send a banner (each probe waits out the 1 s handshake timeout) are all probed
+/// within a few seconds, not one after the other (which took thirty).
+#[tokio::test]
+async fn offline_servers_are_probed_in_parallel() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    let db = TestDb::postgres().await;
+    fleetsync_tests::services::migrate(db.url()).await;
+    let conn = db.connect().await;
+    fleetsync_tests::catalog::insert_servers(&conn, 30, port, |_| "127.0.0.1".into()).await;
+    fleetsync_tests::catalog::execute(
+        &conn,
+        "INSERT INTO services (server_id, type, name, version, status, created_at, updated_at) \
+         SELECT id, 'database', 'mariadb', '', 'ready', 0, 0 FROM servers",
+    )
+    .await;
+    let ssh = fleetsync_sync_agent::ssh::SshClient::new(
+        Timeouts {
+            handshake: Duration::from_secs(1),
+            ..timeouts()
+        },
+        DEFAULT_OUTPUT_CAP,
+        fleetsync_sync_agent::ssh::ClientKeys::default(),
+    );
+    let agent = TestAgent::spawn_with(
+        db.url(),
+        ssh,
+        fleetsync_tests::services::test_runner_config(),
+    )
+    .await;
+    // The first sync finds them all offline (one failure each, backoff about a second).
+    let outcomes = sync_all(&mut agent.sync(), false).await;
+    assert_eq!(outcomes.len(), 30);
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| o.cause() == UnreachableCause::Timeout)
+    );
+    let probed = Instant::now();
+    wait_for_count(
+        &conn,
+        "SELECT COUNT(*) FROM servers WHERE consecutive_failures >= 2",
+        |n| n == 30,
+        Duration::from_secs(8),
+        "the prober did not probe every offline server",
+    )
+    .await;
+    assert!(
+        probed.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        probed.elapsed()
+    );
+    agent.service.stop().await.expect("clean stop");
+    holder.abort();
+}
