@@ -483,3 +483,51 @@ async fn attempts_against_stalling_hosts_leave_no_socket_behind() {
         server.abort();
     }
 }
+
+/// A command that stalls on a real sshd: each attempt (connect, authenticate, run, time out,
+/// drop) leaves no socket or task behind in the agent's process.
+#[tokio::test]
+async fn attempts_that_stall_mid_command_leave_no_socket_behind() {
+    let fleet = SshFleet::start(1).await;
+    let host = fleet.host(0);
+    let client = fleet.client(
+        Timeouts {
+            command: Duration::from_millis(300),
+            ..timeouts()
+        },
+        DEFAULT_OUTPUT_CAP,
+    );
+    let attempt = || async {
+        let connection = connect(&client, host, None).await.expect("connect");
+        let err = connection.run("sleep 30").await.expect_err("stalls");
+        assert!(
+            matches!(
+                err,
+                SshError::Timeout {
+                    stage: Stage::Command,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        // Dropped without a goodbye, as a run that timed out is.
+        drop(connection);
+    };
+    attempt().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = open_fds();
+    for _ in 0..3 {
+        let batch = (0..10).map(|_| attempt());
+        futures_util::future::join_all(batch).await;
+    }
+    // Sockets close as the attempts end; give the runtime a moment to finish closing them.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while open_fds() > before + 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = open_fds();
+    assert!(
+        after <= before + 2,
+        "{before} fds before 30 stalled commands, {after} after"
+    );
+}
