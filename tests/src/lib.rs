@@ -10,6 +10,7 @@ pub mod migrator;
 pub mod netns;
 pub mod process;
 pub mod proxy;
+pub mod scrape;
 pub mod services;
 pub mod tls;
 

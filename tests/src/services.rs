@@ -145,6 +145,7 @@ impl TestAgent {
             security: Default::default(),
             db_pool_size: 16,
             max_streams,
+            metrics_listen: None,
         };
         let service = Running::spawn(move |listener, shutdown| {
             fleetsync_sync_agent::run(config, listener, shutdown)
@@ -259,6 +260,22 @@ impl ServeProcess {
     /// Everything it logged so far.
     pub fn log(&self) -> String {
         self.log.lock().expect("log lock").clone()
+    }
+
+    /// The value of `"key":"value"` in the first log line that has it, waiting up to 10 s.
+    pub fn logged(&self, key: &str) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(value) = self.log().lines().find_map(|line| json_field(line, key)) {
+                return value;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {key:?} in the log within 10 s: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Waits (up to 10 s) for a process that was signalled elsewhere to exit.
@@ -385,4 +402,25 @@ pub async fn sync_events(
     )
     .await
     .expect("the job finishes within 30s")
+}
+
+/// Follows a job with `WatchSync` from the start until the stream ends; returns every event.
+pub async fn watch_to_end(
+    sync: &mut SyncAgentClient<Channel>,
+    job_id: &str,
+) -> Vec<fleetsync_common::proto::sync::v1::SyncEvent> {
+    use fleetsync_common::proto::sync::v1::WatchSyncRequest;
+    let mut stream = sync
+        .watch_sync(WatchSyncRequest {
+            job_id: job_id.to_owned(),
+            cursor: 0,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut events = Vec::new();
+    while let Some(event) = tokio_stream::StreamExt::next(&mut stream).await {
+        events.push(event.expect("event"));
+    }
+    events
 }

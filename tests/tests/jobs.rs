@@ -1,16 +1,13 @@
 //! Finding jobs: `ListJobs` shows every job (calls, migrations, the periodic sync, recovery),
 //! newest first, filtered and paged; malformed filters name their field.
 
-use fleetsync_common::proto::sync::v1::{
-    JobOrigin, JobState, ListJobsRequest, StartSyncRequest, WatchSyncRequest,
-};
+use fleetsync_common::proto::sync::v1::{JobOrigin, JobState, ListJobsRequest, StartSyncRequest};
 use fleetsync_sync_agent::ssh::{ClientKeys, SshClient, Timeouts};
 use fleetsync_tests::{
     TestAgent, TestDb,
     catalog::{execute, insert_servers},
-    services::{migrate, test_runner_config},
+    services::{migrate, test_runner_config, watch_to_end},
 };
-use tokio_stream::StreamExt;
 
 #[tokio::test]
 async fn jobs_are_listed_newest_first_filtered_and_paged() {
@@ -42,15 +39,7 @@ async fn jobs_are_listed_newest_first_filtered_and_paged() {
             .expect("start")
             .into_inner();
         // Wait for each to finish, so that states are known.
-        let mut stream = sync
-            .watch_sync(WatchSyncRequest {
-                job_id: job.job_id.clone(),
-                cursor: 0,
-            })
-            .await
-            .expect("watch")
-            .into_inner();
-        while stream.next().await.is_some() {}
+        watch_to_end(&mut sync, &job.job_id).await;
         made.push(job.job_id);
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }

@@ -9,11 +9,15 @@ use tokio_util::sync::CancellationToken;
 use tonic::{
     Request, Status,
     service::interceptor::InterceptedService,
-    transport::{Identity, Server, ServerTlsConfig, server::Router},
+    transport::{Identity, Server, ServerTlsConfig},
 };
 use tonic_health::{ServingStatus, server::HealthReporter};
 
-use crate::cli::SecurityArgs;
+use crate::{calls::CallCounter, cli::SecurityArgs};
+
+/// A server's router: its services under the [`CallCounter`] layer.
+pub type Router =
+    tonic::transport::server::Router<tower_layer::Stack<CallCounter, tower_layer::Identity>>;
 
 /// How a server is protected: an optional bearer token (every RPC but health) and optional TLS.
 #[derive(Clone, Default)]
@@ -237,11 +241,13 @@ impl Health {
 ///
 /// `services` are the fully qualified names the health service reports on, e.g.
 /// `fleetsync.sync.v1.SyncAgent`; `descriptor_set` is the encoded descriptor set of the
-/// service's own protos, served by reflection.
+/// service's own protos, served by reflection. `calls` counts every call (see
+/// [`CallCounter`]; `CallCounter::default()` counts nothing).
 pub async fn base_router(
     services: &[&'static str],
     descriptor_set: &'static [u8],
     security: &Security,
+    calls: CallCounter,
 ) -> Result<(Router, Health), BuildError> {
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let health = Health {
@@ -265,6 +271,7 @@ pub async fn base_router(
     }
     // Health answers everyone (load balancers, orchestrators); reflection needs the token.
     let router = builder
+        .layer(calls)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health_service)

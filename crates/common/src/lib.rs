@@ -2,11 +2,13 @@
 //! connection, telemetry, shutdown, the gRPC server scaffolding and the error-to-`Status` mapping.
 #![forbid(unsafe_code)]
 
+pub mod calls;
 pub mod cli;
 pub mod clock;
 pub mod db;
 pub mod error;
 pub mod grpc;
+pub mod pool;
 pub mod proto;
 pub mod shutdown;
 pub mod sql;

@@ -7,7 +7,10 @@ use sqlx::{
     mysql::MySqlRow, postgres::PgRow, sqlite::SqliteRow,
 };
 
-use crate::{Backend, Db};
+use crate::{
+    Backend, Db,
+    pool::{acquire, timed},
+};
 
 /// A value bound to a placeholder or read from a column.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -349,9 +352,18 @@ impl Db {
     pub async fn execute(&self, sql: &str, args: &[Value]) -> Result<u64, sqlx::Error> {
         let backend = self.backend();
         match self {
-            Self::Sqlite(pool) => dispatch!(backend, sql, args, pool, execute),
-            Self::Postgres(pool) => dispatch!(backend, sql, args, pool, execute),
-            Self::MySql(pool) => dispatch!(backend, sql, args, pool, execute),
+            Self::Sqlite(pool) => {
+                let mut conn = acquire(pool).await?;
+                dispatch!(backend, sql, args, &mut *conn, execute)
+            }
+            Self::Postgres(pool) => {
+                let mut conn = acquire(pool).await?;
+                dispatch!(backend, sql, args, &mut *conn, execute)
+            }
+            Self::MySql(pool) => {
+                let mut conn = acquire(pool).await?;
+                dispatch!(backend, sql, args, &mut *conn, execute)
+            }
         }
     }
 
@@ -359,9 +371,18 @@ impl Db {
     pub async fn fetch(&self, sql: &str, args: &[Value]) -> Result<Vec<Row>, sqlx::Error> {
         let backend = self.backend();
         match self {
-            Self::Sqlite(pool) => dispatch!(backend, sql, args, pool, fetch, sqlite_row),
-            Self::Postgres(pool) => dispatch!(backend, sql, args, pool, fetch, pg_row),
-            Self::MySql(pool) => dispatch!(backend, sql, args, pool, fetch, mysql_row),
+            Self::Sqlite(pool) => {
+                let mut conn = acquire(pool).await?;
+                dispatch!(backend, sql, args, &mut *conn, fetch, sqlite_row)
+            }
+            Self::Postgres(pool) => {
+                let mut conn = acquire(pool).await?;
+                dispatch!(backend, sql, args, &mut *conn, fetch, pg_row)
+            }
+            Self::MySql(pool) => {
+                let mut conn = acquire(pool).await?;
+                dispatch!(backend, sql, args, &mut *conn, fetch, mysql_row)
+            }
         }
     }
 
@@ -378,9 +399,9 @@ impl Db {
     /// the start and never fails to upgrade later). Dropping it rolls back.
     pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
         Ok(match self {
-            Self::Sqlite(pool) => Tx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?),
-            Self::Postgres(pool) => Tx::Postgres(pool.begin().await?),
-            Self::MySql(pool) => Tx::MySql(pool.begin().await?),
+            Self::Sqlite(pool) => Tx::Sqlite(timed(pool.begin_with("BEGIN IMMEDIATE")).await?),
+            Self::Postgres(pool) => Tx::Postgres(timed(pool.begin()).await?),
+            Self::MySql(pool) => Tx::MySql(timed(pool.begin()).await?),
         })
     }
 }

@@ -50,6 +50,7 @@ pub async fn run(
         &[MigratorServer::<MigratorService>::NAME],
         MIGRATOR_DESCRIPTOR_SET,
         &config.security,
+        Default::default(),
     )
     .await
     .context("building the gRPC server")?;

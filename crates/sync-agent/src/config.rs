@@ -236,6 +236,12 @@ pub struct ServeArgs {
     /// Most WatchSync/Sync streams open at once; more get RESOURCE_EXHAUSTED.
     #[arg(long, env = "FLEETSYNC_MAX_STREAMS", default_value_t = 1024)]
     pub max_streams: usize,
+
+    /// Serve Prometheus metrics as plain HTTP `GET /metrics` on this address (off unless
+    /// set), e.g. `127.0.0.1:9464`. The metrics hold no secrets, only counts and names of
+    /// outcomes, stages and methods.
+    #[arg(long, env = "FLEETSYNC_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// How the agent connects to managed servers.

@@ -7,17 +7,20 @@
 pub mod client;
 pub mod config;
 pub mod inventory;
+pub mod metrics;
 pub mod runner;
 pub mod schema;
 pub mod service;
 pub mod ssh;
 pub mod store;
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
 use fleetsync_common::{
-    Db, DbOptions, grpc,
+    Db, DbOptions,
+    calls::CallCounter,
+    grpc,
     proto::{
         SYNC_DESCRIPTOR_SET,
         sync::v1::{fleet_server::FleetServer, sync_agent_server::SyncAgentServer},
@@ -28,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
 
 use crate::{
+    metrics::Metrics,
     runner::{Runner, RunnerConfig, Signals},
     service::{AgentState, FleetService, SyncAgentService},
     ssh::SshClient,
@@ -58,6 +62,8 @@ pub struct Config {
     pub db_pool_size: u32,
     /// Most event streams open at once.
     pub max_streams: usize,
+    /// Where to serve Prometheus metrics (`GET /metrics`), if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Runs the agent on `listener` until `shutdown` is cancelled.
@@ -69,6 +75,11 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
     let db = Db::connect_with(
         &config.database_url,
         DbOptions {
@@ -111,6 +122,7 @@ pub async fn run(
         config.runner.clone(),
         signals.clone(),
         stop.clone(),
+        Arc::clone(&metrics),
     );
     let state = AgentState {
         store,
@@ -118,15 +130,18 @@ pub async fn run(
         signals,
         shutdown: stop.clone(),
         watch_poll: config.runner.poll_interval.max(Duration::from_millis(100)),
-        streams: std::sync::Arc::new(tokio::sync::Semaphore::new(config.max_streams.max(1))),
+        streams: Arc::new(tokio::sync::Semaphore::new(config.max_streams.max(1))),
     };
+    let services = [
+        SyncAgentServer::<SyncAgentService>::NAME,
+        FleetServer::<FleetService>::NAME,
+    ];
+    let counted = [services[0], services[1], "grpc.health.v1.Health"];
     let (router, health) = grpc::base_router(
-        &[
-            SyncAgentServer::<SyncAgentService>::NAME,
-            FleetServer::<FleetService>::NAME,
-        ],
+        &services,
         SYNC_DESCRIPTOR_SET,
         &config.security,
+        CallCounter::new(&counted, metrics.call_sink()),
     )
     .await
     .context("building the gRPC server")?;
@@ -136,6 +151,25 @@ pub async fn run(
         .add_service(security.protect(FleetServer::new(FleetService::new(state))));
 
     let scheduler = tokio::spawn(runner.run());
+    if let Some(listener) = metrics_listener {
+        let addr = listener
+            .local_addr()
+            .context("reading the metrics address")?;
+        tracing::info!(metrics_addr = %addr, "serving Prometheus metrics on http://{addr}/metrics");
+        let pools = vec![("rpc", db.clone()), ("work", work_db.clone())];
+        let served = metrics::serve(
+            listener,
+            metrics,
+            Store::new(db.clone()),
+            pools,
+            stop.clone(),
+        );
+        tokio::spawn(async move {
+            if let Err(err) = served.await {
+                tracing::error!(error = %format!("{err:#}"), "the metrics endpoint stopped");
+            }
+        });
+    }
     health.serving().await;
     health.follow_database(db.clone(), Duration::from_secs(2), shutdown.clone());
     let addr = listener
@@ -217,6 +251,7 @@ pub fn config_from_args(args: &config::ServeArgs) -> anyhow::Result<Config> {
     at_least("retention", args.retention.into(), Duration::from_secs(60))?;
     Ok(Config {
         db_pool_size: args.db_pool_size,
+        metrics_listen: args.metrics_listen,
         max_streams: args.max_streams,
         security,
         database_url: args.common.database_url.clone(),

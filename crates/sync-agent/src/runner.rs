@@ -19,8 +19,11 @@ use fleetsync_common::{
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use prometheus_client::metrics::gauge::Gauge;
+
 use crate::{
     inventory,
+    metrics::Metrics,
     ssh::{HostKeyInfo, SshClient, SshError, Target},
     store::{
         Claim, ClaimedServer, Completion, InventoryWrite, JobOrigin, NewJob, Pruned, Reach,
@@ -102,14 +105,18 @@ impl Signals {
 /// renews exactly these. A lease leaves the set when its guard drops, whatever ends the run
 /// (recorded, released, or a panic), so no lease is renewed past the run that holds it.
 #[derive(Debug, Default)]
-struct HeldLeases(Mutex<HashMap<i64, i64>>);
+struct HeldLeases {
+    leases: Mutex<HashMap<i64, i64>>,
+    /// `fleetsync_leases_held`.
+    gauge: Gauge,
+}
 
 impl HeldLeases {
     fn hold(self: &Arc<Self>, claim: Claim) -> LeaseGuard {
-        self.0
-            .lock()
-            .expect("lease set")
-            .insert(claim.server_id, claim.token);
+        let mut leases = self.leases.lock().expect("lease set");
+        leases.insert(claim.server_id, claim.token);
+        self.gauge.set(leases.len() as i64);
+        drop(leases);
         LeaseGuard {
             leases: Arc::clone(self),
             claim,
@@ -117,7 +124,12 @@ impl HeldLeases {
     }
 
     fn server_ids(&self) -> Vec<i64> {
-        self.0.lock().expect("lease set").keys().copied().collect()
+        self.leases
+            .lock()
+            .expect("lease set")
+            .keys()
+            .copied()
+            .collect()
     }
 }
 
@@ -130,9 +142,10 @@ struct LeaseGuard {
 
 impl Drop for LeaseGuard {
     fn drop(&mut self) {
-        let mut held = self.leases.0.lock().expect("lease set");
+        let mut held = self.leases.leases.lock().expect("lease set");
         if held.get(&self.claim.server_id) == Some(&self.claim.token) {
             held.remove(&self.claim.server_id);
+            self.leases.gauge.set(held.len() as i64);
         }
     }
 }
@@ -155,6 +168,7 @@ pub struct Runner {
     signals: Signals,
     shutdown: CancellationToken,
     held: Arc<HeldLeases>,
+    metrics: Arc<Metrics>,
 }
 
 impl Runner {
@@ -166,6 +180,7 @@ impl Runner {
         config: RunnerConfig,
         signals: Signals,
         shutdown: CancellationToken,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             store,
@@ -174,7 +189,11 @@ impl Runner {
             config,
             signals,
             shutdown,
-            held: Arc::default(),
+            held: Arc::new(HeldLeases {
+                leases: Mutex::default(),
+                gauge: metrics.leases_held().clone(),
+            }),
+            metrics,
         }
     }
 
@@ -278,6 +297,7 @@ impl Runner {
             };
             let this = Arc::clone(self);
             let done = done.clone();
+            self.metrics.runs_in_flight().inc();
             runs.spawn(async move {
                 use tracing::Instrument;
                 let span = tracing::info_span!("sync", server_id = work.claim.server_id, token = work.claim.token);
@@ -286,6 +306,7 @@ impl Runner {
                     completion = this.sync_server(&work).instrument(span) => Some(completion),
                 };
                 drop(ssh);
+                this.metrics.runs_in_flight().dec();
                 this.signals.wake.notify_one();
                 match completion {
                     Some(completion) => {
@@ -405,9 +426,12 @@ impl Runner {
             match recorded {
                 Recorded::Stored { result, jobs } => {
                     any |= !jobs.is_empty();
+                    self.metrics
+                        .synced(&result.outcome, result.cause.as_deref());
                     tracing::info!(server_id, outcome = %result.outcome, jobs = jobs.len(), duration_ms = result.duration_ms, "server synced");
                 }
                 Recorded::LeaseLost => {
+                    self.metrics.discarded();
                     tracing::warn!(server_id, "lease lost during the run: result discarded")
                 }
             }
@@ -545,9 +569,14 @@ impl Runner {
             Ok(connection) => connection,
             Err(err) => return (ssh_failure(&err), None, None, !err.is_unreachable()),
         };
+        self.metrics.connected(connection.times());
         let pin = pinned.is_none().then(|| connection.host_key().clone());
         let (command, input) = inventory::probe(service);
+        let started = Instant::now();
         let output = connection.run_with_input(command, input.as_bytes()).await;
+        if output.is_ok() {
+            self.metrics.command(started.elapsed());
+        }
         connection.close().await;
         let (result, inventory) = match output {
             Err(err) => (ssh_failure(&err), None),
@@ -637,6 +666,7 @@ impl Runner {
                 let this = &*self;
                 let probes = due.iter().map(|(claim, server)| async move {
                     let probed = this.ssh.probe(&server.ip, server.port).await;
+                    this.metrics.probed(probed.is_ok());
                     if let Err(err) = &probed {
                         tracing::debug!(server_id = server.id, error = %err, "still offline");
                     }

@@ -148,12 +148,36 @@ impl CommandOutput {
     }
 }
 
+/// How long each stage of a connection took.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StageTimes {
+    /// DNS resolution and the TCP connection.
+    pub connect: Duration,
+    /// From the connection to the server's identification line.
+    pub banner: Duration,
+    /// The key exchange, up to the checked host key.
+    pub key_exchange: Duration,
+    /// Public-key authentication.
+    pub auth: Duration,
+}
+
+/// A finished key exchange, before authentication.
+struct Handshake {
+    banner: String,
+    handle: Handle<HostKeyCheck>,
+    host_key: HostKeyInfo,
+    /// Ends russh's session task (and closes the socket) when dropped.
+    kill: DropGuard,
+    banner_time: Duration,
+    key_exchange_time: Duration,
+}
+
 /// An authenticated SSH connection to one server. Commands run over it one channel each.
 pub struct Connection {
     handle: Handle<HostKeyCheck>,
     host_key: HostKeyInfo,
     banner: String,
-    connect_latency: Duration,
+    times: StageTimes,
     timeouts: Timeouts,
     output_cap: usize,
     /// Ends russh's session task (and closes the socket) when the connection is dropped.
@@ -195,19 +219,12 @@ impl SshClient {
     pub async fn connect(&self, target: Target<'_>) -> Result<Connection, SshError> {
         let started = Instant::now();
         let tcp = self.tcp_connect(target.host, target.port).await?;
-        let connect_latency = started.elapsed();
-
-        let (banner, handle, host_key, kill) = self.handshake(tcp, target.pinned).await?;
-        let mut connection = Connection {
-            handle,
-            host_key,
-            banner,
-            connect_latency,
-            timeouts: self.timeouts,
-            output_cap: self.output_cap,
-            _kill: kill,
-        };
+        let connect = started.elapsed();
+        let handshake = self.handshake(tcp, target.pinned).await?;
+        let mut connection = Connection::new(handshake, connect, self);
+        let started = Instant::now();
         connection.authenticate(target.user, &self.keys).await?;
+        connection.times.auth = started.elapsed();
         Ok(connection)
     }
 
@@ -240,34 +257,27 @@ impl SshClient {
                 return check;
             }
         };
-        check.connect_latency = Some(started.elapsed());
-        let (banner, handle, presented, kill) = match self.handshake(tcp, None).await {
-            Ok(parts) => parts,
+        let connect = started.elapsed();
+        check.connect_latency = Some(connect);
+        let handshake = match self.handshake(tcp, None).await {
+            Ok(handshake) => handshake,
             Err(err) => {
                 check.error = Some(err);
                 return check;
             }
         };
-        check.banner = Some(banner.clone());
-        check.host_key = Some(presented.clone());
+        check.banner = Some(handshake.banner.clone());
+        check.host_key = Some(handshake.host_key.clone());
         if let Some(pinned) = target.pinned
-            && *pinned != presented
+            && *pinned != handshake.host_key
         {
             check.error = Some(SshError::HostKeyMismatch {
                 pinned: pinned.clone(),
-                presented,
+                presented: handshake.host_key,
             });
             return check;
         }
-        let mut connection = Connection {
-            handle,
-            host_key: presented,
-            banner,
-            connect_latency: check.connect_latency.unwrap_or_default(),
-            timeouts: self.timeouts,
-            output_cap: self.output_cap,
-            _kill: kill,
-        };
+        let mut connection = Connection::new(handshake, connect, self);
         match connection.authenticate(target.user, &self.keys).await {
             Ok(()) => check.authenticated = true,
             Err(err) => check.error = Some(err),
@@ -329,8 +339,9 @@ impl SshClient {
         &self,
         mut tcp: TcpStream,
         pinned: Option<&HostKeyInfo>,
-    ) -> Result<(String, Handle<HostKeyCheck>, HostKeyInfo, DropGuard), SshError> {
+    ) -> Result<Handshake, SshError> {
         let limit = self.timeouts.handshake;
+        let started = Instant::now();
         let deadline = tokio::time::Instant::now() + limit;
 
         // The identification line, read here so that "accepted and never spoke" is told apart
@@ -341,6 +352,7 @@ impl SshClient {
                 stage: Stage::Banner,
                 after: limit,
             })??;
+        let banner_time = started.elapsed();
         let mut replay = format!("{banner}\r\n").into_bytes();
         replay.extend_from_slice(&rest);
 
@@ -365,7 +377,14 @@ impl SshClient {
         })?;
         let presented = seen.lock().expect("host key lock").clone();
         match (result, presented) {
-            (Ok(handle), Some(presented)) => Ok((banner, handle, presented, guard)),
+            (Ok(handle), Some(host_key)) => Ok(Handshake {
+                banner,
+                handle,
+                host_key,
+                kill: guard,
+                banner_time,
+                key_exchange_time: started.elapsed() - banner_time,
+            }),
             (Ok(_), None) => Err(SshError::Handshake(
                 "server completed the handshake without presenting a host key".into(),
             )),
@@ -418,6 +437,28 @@ async fn read_banner(tcp: &mut TcpStream) -> Result<(String, Vec<u8>), SshError>
 }
 
 impl Connection {
+    fn new(handshake: Handshake, connect: Duration, client: &SshClient) -> Self {
+        Self {
+            handle: handshake.handle,
+            host_key: handshake.host_key,
+            banner: handshake.banner,
+            times: StageTimes {
+                connect,
+                banner: handshake.banner_time,
+                key_exchange: handshake.key_exchange_time,
+                auth: Duration::ZERO,
+            },
+            timeouts: client.timeouts,
+            output_cap: client.output_cap,
+            _kill: handshake.kill,
+        }
+    }
+
+    /// How long each stage took to get here.
+    pub fn times(&self) -> StageTimes {
+        self.times
+    }
+
     /// The host key the server presented (equal to the pinned one, if one was given).
     pub fn host_key(&self) -> &HostKeyInfo {
         &self.host_key
@@ -430,7 +471,7 @@ impl Connection {
 
     /// How long the TCP connection took to establish.
     pub fn connect_latency(&self) -> Duration {
-        self.connect_latency
+        self.times.connect
     }
 
     async fn authenticate(&mut self, user: &str, keys: &ClientKeys) -> Result<(), SshError> {

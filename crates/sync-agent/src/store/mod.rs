@@ -1,12 +1,14 @@
 //! Everything the agent reads and writes in the control-plane database, over the three
 //! backends: servers and their inventory (`servers`, `inventory`), jobs and their outcomes
 //! (`jobs`), the work queue and its fenced leases (`queue`), batched completion of runs
-//! (`complete`), reachability probes (`reachability`) and pruning of old history (`retention`).
+//! (`complete`), reachability probes (`reachability`), pruning of old history (`retention`) and
+//! the counts the metrics endpoint reports (`gauges`).
 //!
 //! SQL here uses `?` placeholders and double-quoted identifiers where a name is a reserved word
 //! somewhere (`"databases"`, `"collation"`); [`Store::sql`] adapts both per backend.
 
 mod complete;
+mod gauges;
 mod inventory;
 mod jobs;
 mod queue;
@@ -19,6 +21,7 @@ use std::borrow::Cow;
 use fleetsync_common::{Backend, Db};
 
 pub use complete::{Completion, Reach, Recorded};
+pub use gauges::FleetGauges;
 pub use inventory::{InventoryCounts, InventoryWrite};
 pub use jobs::{
     JobFilter, JobOrigin, JobRecord, JobState, NewJob, OUTCOMES_CHANNEL, OutcomeRecord, RunResult,

@@ -1,0 +1,409 @@
+//! The agent's Prometheus metrics, served as plain HTTP `GET /metrics` on `--metrics-listen`
+//! (OpenMetrics text). Counters and histograms are updated where things happen (a run
+//! recorded, a stage passed, a call answered); the fleet's state (jobs, waiting servers,
+//! reachability, the outbox) is read from the database at each scrape, so every agent reports
+//! the same fleet-wide numbers and `sum()` over agents is wrong for those: use `max()`.
+
+use std::{fmt, net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use fleetsync_common::{
+    Db,
+    calls::{CallSink, code_name},
+    pool::ACQUIRE_WAIT,
+};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, NoLabelSet},
+    metrics::{
+        MetricType,
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::{Registry, Unit},
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{ssh::StageTimes, store::Store};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SyncLabels {
+    outcome: String,
+    cause: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StageLabels {
+    stage: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    service: String,
+    method: String,
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReachabilityLabels {
+    reachability: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolLabels {
+    pool: &'static str,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolNameLabels {
+    pool: &'static str,
+}
+
+type StageHistograms = Family<StageLabels, Histogram, fn() -> Histogram>;
+
+fn stage_histogram() -> Histogram {
+    // 0.5 ms to 16 s.
+    Histogram::new(exponential_buckets(0.000_5, 2.0, 16))
+}
+
+/// Every metric of one agent. Cheap to share (`Arc`); updating one is a few atomic operations.
+pub struct Metrics {
+    registry: Registry,
+    syncs: Family<SyncLabels, Counter>,
+    discarded: Counter,
+    stages: StageHistograms,
+    probes: Family<ResultLabels, Counter>,
+    calls: Family<CallLabels, Counter>,
+    runs_in_flight: Gauge,
+    leases_held: Gauge,
+    jobs: Family<StateLabels, Gauge>,
+    servers_waiting: Gauge,
+    servers: Family<ReachabilityLabels, Gauge>,
+    outbox_pending: Gauge,
+    database_up: Gauge,
+    pool_connections: Family<PoolLabels, Gauge>,
+    pool_max: Family<PoolNameLabels, Gauge>,
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Every metric at zero, registered under its name.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let this = Self {
+            syncs: Family::default(),
+            discarded: Counter::default(),
+            stages: Family::new_with_constructor(stage_histogram),
+            probes: Family::default(),
+            calls: Family::default(),
+            runs_in_flight: Gauge::default(),
+            leases_held: Gauge::default(),
+            jobs: Family::default(),
+            servers_waiting: Gauge::default(),
+            servers: Family::default(),
+            outbox_pending: Gauge::default(),
+            database_up: Gauge::default(),
+            pool_connections: Family::default(),
+            pool_max: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "fleetsync_syncs",
+            "Runs recorded by this agent, by outcome and cause (one run serves every job that waited for its server)",
+            this.syncs.clone(),
+        );
+        registry.register(
+            "fleetsync_runs_discarded",
+            "Runs whose lease expired before they were recorded (another agent syncs the server again)",
+            this.discarded.clone(),
+        );
+        registry.register_with_unit(
+            "fleetsync_ssh_stage",
+            "Time each SSH stage took when it succeeded: connect, banner, key_exchange, auth, command",
+            Unit::Seconds,
+            this.stages.clone(),
+        );
+        registry.register(
+            "fleetsync_probes",
+            "Reachability probes of offline servers (TCP connect and banner), by result",
+            this.probes.clone(),
+        );
+        registry.register(
+            "fleetsync_grpc_calls",
+            "gRPC calls answered, by service, method and status code",
+            this.calls.clone(),
+        );
+        registry.register(
+            "fleetsync_runs_in_flight",
+            "SSH runs in flight on this agent",
+            this.runs_in_flight.clone(),
+        );
+        registry.register(
+            "fleetsync_leases_held",
+            "Server leases this agent holds (runs in flight, probes, and runs waiting to be recorded)",
+            this.leases_held.clone(),
+        );
+        registry.register(
+            "fleetsync_jobs",
+            "Jobs not done, by state (fleet-wide, read at scrape)",
+            this.jobs.clone(),
+        );
+        registry.register(
+            "fleetsync_servers_waiting",
+            "Servers waiting for a run (fleet-wide, read at scrape)",
+            this.servers_waiting.clone(),
+        );
+        registry.register(
+            "fleetsync_servers",
+            "Registered servers by reachability (fleet-wide, read at scrape)",
+            this.servers.clone(),
+        );
+        registry.register(
+            "fleetsync_outbox_pending",
+            "Sync requests recorded by migrations and not yet taken (read at scrape)",
+            this.outbox_pending.clone(),
+        );
+        registry.register(
+            "fleetsync_database_up",
+            "1 if the control-plane database answered the last scrape's queries, else 0",
+            this.database_up.clone(),
+        );
+        registry.register(
+            "fleetsync_db_pool_connections",
+            "Database connections of each pool (rpc: calls and streams; work: the scheduler), by state",
+            this.pool_connections.clone(),
+        );
+        registry.register(
+            "fleetsync_db_pool_max_connections",
+            "Most connections each pool may open",
+            this.pool_max.clone(),
+        );
+        registry.register_collector(Box::new(AcquireWait));
+        Self { registry, ..this }
+    }
+
+    /// One run recorded with this outcome and cause (`None`: no cause).
+    pub fn synced(&self, outcome: &str, cause: Option<&str>) {
+        self.syncs
+            .get_or_create(&SyncLabels {
+                outcome: outcome.to_owned(),
+                cause: cause.unwrap_or_default().to_owned(),
+            })
+            .inc();
+    }
+
+    /// One run discarded: its lease was lost.
+    pub fn discarded(&self) {
+        self.discarded.inc();
+    }
+
+    /// The stages of a connection that got through authentication.
+    pub fn connected(&self, times: StageTimes) {
+        for (stage, took) in [
+            ("connect", times.connect),
+            ("banner", times.banner),
+            ("key_exchange", times.key_exchange),
+            ("auth", times.auth),
+        ] {
+            self.stage(stage, took);
+        }
+    }
+
+    /// A command that ran to its end.
+    pub fn command(&self, took: Duration) {
+        self.stage("command", took);
+    }
+
+    fn stage(&self, stage: &'static str, took: Duration) {
+        self.stages
+            .get_or_create(&StageLabels { stage })
+            .observe(took.as_secs_f64());
+    }
+
+    /// One reachability probe, answered or not.
+    pub fn probed(&self, online: bool) {
+        let result = if online { "online" } else { "offline" };
+        self.probes.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// The gauge of runs in flight.
+    pub fn runs_in_flight(&self) -> &Gauge {
+        &self.runs_in_flight
+    }
+
+    /// The gauge of leases held.
+    pub fn leases_held(&self) -> &Gauge {
+        &self.leases_held
+    }
+
+    /// Where the gRPC layer reports each finished call.
+    pub fn call_sink(self: &Arc<Self>) -> CallSink {
+        let this = Arc::clone(self);
+        Arc::new(move |service, method, code| {
+            this.calls
+                .get_or_create(&CallLabels {
+                    service: service.to_owned(),
+                    method: method.to_owned(),
+                    code: code_name(code),
+                })
+                .inc();
+        })
+    }
+
+    /// Reads the fleet's state and the pools, then encodes everything.
+    async fn scrape(&self, store: &Store, pools: &[(&'static str, Db)]) -> String {
+        match tokio::time::timeout(Duration::from_secs(5), store.gauges()).await {
+            Ok(Ok(gauges)) => {
+                self.database_up.set(1);
+                // States and reachabilities that have no rows now read 0, not their last value.
+                for state in ["pending", "running"] {
+                    self.jobs.get_or_create(&state_labels(state)).set(0);
+                }
+                for (state, n) in gauges.jobs {
+                    self.jobs.get_or_create(&state_labels(&state)).set(n);
+                }
+                for reachability in ["online", "offline", "unknown"] {
+                    self.servers
+                        .get_or_create(&reach_labels(reachability))
+                        .set(0);
+                }
+                for (reachability, n) in gauges.servers {
+                    self.servers
+                        .get_or_create(&reach_labels(&reachability))
+                        .set(n);
+                }
+                self.servers_waiting.set(gauges.servers_waiting);
+                self.outbox_pending.set(gauges.outbox_pending);
+            }
+            Ok(Err(err)) => {
+                tracing::debug!(error = %err, "metrics: the database did not answer");
+                self.database_up.set(0);
+            }
+            Err(_) => {
+                self.database_up.set(0);
+            }
+        }
+        for (pool, db) in pools {
+            let usage = db.usage();
+            for (state, n) in [("in_use", usage.in_use()), ("idle", usage.idle)] {
+                self.pool_connections
+                    .get_or_create(&PoolLabels { pool, state })
+                    .set(i64::from(n));
+            }
+            self.pool_max
+                .get_or_create(&PoolNameLabels { pool })
+                .set(i64::from(usage.max));
+        }
+        let mut text = String::with_capacity(16 * 1024);
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}
+
+fn state_labels(state: &str) -> StateLabels {
+    StateLabels {
+        state: state.to_owned(),
+    }
+}
+
+fn reach_labels(reachability: &str) -> ReachabilityLabels {
+    ReachabilityLabels {
+        reachability: reachability.to_owned(),
+    }
+}
+
+/// The process-wide wait for database connections, from `fleetsync_common::pool`.
+#[derive(Debug)]
+struct AcquireWait;
+
+impl Collector for AcquireWait {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let snapshot = ACQUIRE_WAIT.snapshot();
+        let mut metric = encoder.encode_descriptor(
+            "fleetsync_db_acquire_wait",
+            "Time to get a pooled database connection (for a transaction, including its BEGIN), over both pools",
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?;
+        metric.encode_histogram::<NoLabelSet>(snapshot.sum, snapshot.count, &snapshot.buckets, None)
+    }
+}
+
+/// What the `/metrics` handler reads.
+struct Endpoint {
+    metrics: Arc<Metrics>,
+    store: Store,
+    pools: Vec<(&'static str, Db)>,
+}
+
+/// Serves `GET /metrics` on `listener` until `stop`.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    store: Store,
+    pools: Vec<(&'static str, Db)>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    use axum::{extract::State, http::header, routing::get};
+    let endpoint = Arc::new(Endpoint {
+        metrics,
+        store,
+        pools,
+    });
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(|State(endpoint): State<Arc<Endpoint>>| async move {
+                let body = endpoint
+                    .metrics
+                    .scrape(&endpoint.store, &endpoint.pools)
+                    .await;
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    body,
+                )
+            }),
+        )
+        .with_state(endpoint);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
+        .context("serving metrics")
+}
+
+/// Binds the metrics listener (before the agent says it is listening, so a bad address fails
+/// the start).
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for metrics on {addr}"))
+}
