@@ -65,10 +65,36 @@ bench-scale: setup
     cargo build --release --locked --bins
     cargo bench --locked -p fleetsync-tests --bench scale
 
-# Format check and clippy with warnings as errors
-lint:
+buf := tools / "npm" / "node_modules" / ".bin" / "buf"
+
+# Format check, clippy with warnings as errors, and the proto contract (buf lint and buf breaking)
+lint: proto-lint
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets --locked -- -D warnings
+
+# The gRPC contract: buf lint; buf breaking against the stored v1 contract and against main's last commit
+proto-lint: buf
+    "{{buf}}" lint
+    "{{buf}}" breaking --against proto/contract-v1.json
+    if git rev-parse --verify --quiet main >/dev/null && git cat-file -e main:buf.yaml 2>/dev/null; then "{{buf}}" breaking --against '.git#branch=main'; fi
+
+# Rewrite the stored contract proto/contract-v1.json from proto/ (to protect additions, or after a deliberate break)
+proto-contract: buf
+    "{{buf}}" build --exclude-source-info -o proto/contract-v1.json
+    python3 -c "import json,sys; p='proto/contract-v1.json'; d=json.load(open(p)); f=open(p,'w'); json.dump(d,f,indent=1); f.write('\n')"
+
+# Install buf (npm's @bufbuild/buf, binary included) into target/tools when missing
+[private]
+buf:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if [ ! -x "{{buf}}" ]; then
+        command -v npm >/dev/null || { echo "buf: npm is needed to install buf (apt-get install npm)" >&2; exit 1; }
+        echo "installing buf into {{tools}}/npm (npm @bufbuild/buf)"
+        mkdir -p "{{tools}}/npm"
+        npm install --silent --no-audit --no-fund --prefix "{{tools}}/npm" @bufbuild/buf@1.75.0 >/dev/null
+    fi
+    "{{buf}}" --version >/dev/null
 
 # Format the code
 fmt:
