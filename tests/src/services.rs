@@ -424,3 +424,20 @@ pub async fn watch_to_end(
     }
     events
 }
+
+/// Every outcome a job has recorded so far (`GetSyncJob` with `include_outcomes`, one page).
+pub async fn job_outcomes(
+    sync: &mut SyncAgentClient<Channel>,
+    job_id: &str,
+) -> Vec<fleetsync_common::proto::sync::v1::ServerOutcome> {
+    use fleetsync_common::proto::sync::v1::GetSyncJobRequest;
+    sync.get_sync_job(GetSyncJobRequest {
+        job_id: job_id.to_owned(),
+        include_outcomes: true,
+        ..Default::default()
+    })
+    .await
+    .expect("get job")
+    .into_inner()
+    .outcomes
+}

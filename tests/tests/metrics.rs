@@ -11,7 +11,7 @@ use fleetsync_tests::{
     SshFleet, TestDb,
     fleet::SSH_USER,
     scrape::{sample, scrape, sum},
-    services::{ServeProcess, connect, migrate, register_server, watch_to_end},
+    services::{ServeProcess, connect, job_outcomes, migrate, register_server, watch_to_end},
 };
 
 #[tokio::test]
@@ -113,16 +113,7 @@ async fn metrics_count_what_a_real_sync_did() {
     assert!(sample(&during, "fleetsync_servers_waiting", "") >= Some(1.0));
 
     watch_to_end(&mut sync, &job.job_id).await;
-    let outcomes = sync
-        .get_sync_job(GetSyncJobRequest {
-            job_id: job.job_id.clone(),
-            include_outcomes: true,
-            ..Default::default()
-        })
-        .await
-        .expect("get job")
-        .into_inner()
-        .outcomes;
+    let outcomes = job_outcomes(&mut sync, &job.job_id).await;
     assert_eq!(outcomes.len(), 5);
     let unknown = sync
         .get_sync_job(GetSyncJobRequest {

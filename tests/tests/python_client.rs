@@ -4,11 +4,11 @@
 
 use std::{collections::BTreeSet, path::PathBuf, process::Command};
 
-use fleetsync_common::proto::sync::v1::{GetSyncJobRequest, sync_agent_client::SyncAgentClient};
+use fleetsync_common::proto::sync::v1::sync_agent_client::SyncAgentClient;
 use fleetsync_tests::{
     SshFleet, TestDb,
     fleet::SSH_USER,
-    services::{ServeProcess, connect, migrate},
+    services::{ServeProcess, connect, job_outcomes, migrate},
 };
 use serde_json::Value;
 
@@ -128,16 +128,7 @@ async fn the_python_example_registers_syncs_and_resumes_its_watch() {
 
     // What the script printed is what the agent stored.
     let mut sync = SyncAgentClient::new(connect(agent.addr).await);
-    let stored = sync
-        .get_sync_job(GetSyncJobRequest {
-            job_id,
-            include_outcomes: true,
-            ..Default::default()
-        })
-        .await
-        .expect("get job")
-        .into_inner()
-        .outcomes;
+    let stored = job_outcomes(&mut sync, &job_id).await;
     let stored: BTreeSet<(String, String)> = stored
         .iter()
         .map(|o| {

@@ -189,7 +189,10 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub ssh: SshArgs,
 
-    /// Servers synced at once.
+    /// Servers synced at once: key exchanges, authentications and commands in flight. Servers
+    /// being dialed (TCP connect and banner, which cost waiting, not CPU) do not count: up to
+    /// 4x this (at least 256, at most 1024) are in flight, so unreachable servers wait out
+    /// their timeouts alongside the healthy work.
     #[arg(long, env = "FLEETSYNC_CONCURRENCY", default_value_t = 64)]
     pub concurrency: usize,
 
@@ -256,7 +259,7 @@ pub struct SshArgs {
     #[arg(long, env = "FLEETSYNC_CONNECT_TIMEOUT", default_value = "5s")]
     pub connect_timeout: humantime::Duration,
 
-    /// Timeout for the SSH banner and key exchange.
+    /// Timeout for the SSH banner, and then for the key exchange (each).
     #[arg(long, env = "FLEETSYNC_HANDSHAKE_TIMEOUT", default_value = "5s")]
     pub handshake_timeout: humantime::Duration,
 

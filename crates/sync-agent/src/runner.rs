@@ -72,6 +72,12 @@ impl Default for RunnerConfig {
 
 /// Most servers claimed in one transaction.
 const CLAIM_BATCH: usize = 256;
+/// Fewest runs in flight (dialing, waiting for a slot, or in a slot) whatever `concurrency`
+/// is: dialing (TCP connect and banner) costs waiting, not CPU, so servers that do not answer
+/// wait out their timeouts side by side with the healthy work instead of taking its slots.
+const MIN_IN_FLIGHT: usize = 256;
+/// Most runs in flight: each holds a socket and a lease.
+const MAX_IN_FLIGHT: usize = 1024;
 /// Most runs recorded in one transaction.
 const COMPLETE_BATCH: usize = 256;
 /// How often finished jobs and runs past the retention are pruned.
@@ -150,6 +156,31 @@ impl Drop for LeaseGuard {
     }
 }
 
+/// What bounds the runs of one agent.
+#[derive(Debug)]
+struct Slots {
+    /// Runs in flight, from the claim to the run's end (dialing included).
+    flight: Arc<Semaphore>,
+    /// Runs past dialing: key exchange, authentication and the command, the part that costs
+    /// CPU here and on the server (`--concurrency`).
+    busy: Arc<Semaphore>,
+    /// Leases held: runs in flight plus finished runs waiting to be recorded.
+    leases: Arc<Semaphore>,
+}
+
+impl Slots {
+    fn new(concurrency: usize) -> Self {
+        let flight = (concurrency * 4)
+            .clamp(MIN_IN_FLIGHT, MAX_IN_FLIGHT)
+            .max(concurrency);
+        Self {
+            flight: Arc::new(Semaphore::new(flight)),
+            busy: Arc::new(Semaphore::new(concurrency)),
+            leases: Arc::new(Semaphore::new(flight + concurrency.max(COMPLETE_BATCH))),
+        }
+    }
+}
+
 /// A finished run on its way to the database, with the lease it holds and its slot.
 #[derive(Debug)]
 struct Finished {
@@ -212,17 +243,10 @@ impl Runner {
         ];
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let completer = tokio::spawn(Arc::clone(&this).complete_forever(done_rx));
-        let ssh_slots = Arc::new(Semaphore::new(this.config.concurrency));
-        // Leases held: runs in flight plus finished runs waiting to be recorded.
-        let lease_slots = Arc::new(Semaphore::new(
-            this.config.concurrency + this.config.concurrency.max(COMPLETE_BATCH),
-        ));
+        let slots = Slots::new(this.config.concurrency);
         let mut runs = tokio::task::JoinSet::new();
         loop {
-            let claimed = match this
-                .fill(&ssh_slots, &lease_slots, &done_tx, &mut runs)
-                .await
-            {
+            let claimed = match this.fill(&slots, &done_tx, &mut runs).await {
                 Ok(claimed) => claimed,
                 Err(err) => {
                     tracing::warn!(error = %err, "scheduler could not claim work; retrying");
@@ -236,7 +260,7 @@ impl Runner {
                     tracing::error!(error = %err, "a run panicked; its lease expires by itself");
                 }
             }
-            if claimed > 0 && ssh_slots.available_permits() > 0 {
+            if claimed > 0 && slots.flight.available_permits() > 0 {
                 // A full batch: there may be more work right away.
                 continue;
             }
@@ -265,14 +289,14 @@ impl Runner {
     /// how many it claimed.
     async fn fill(
         self: &Arc<Self>,
-        ssh_slots: &Arc<Semaphore>,
-        lease_slots: &Arc<Semaphore>,
+        slots: &Slots,
         done: &mpsc::UnboundedSender<Finished>,
         runs: &mut tokio::task::JoinSet<()>,
     ) -> Result<usize, sqlx::Error> {
-        let free = ssh_slots
+        let free = slots
+            .flight
             .available_permits()
-            .min(lease_slots.available_permits())
+            .min(slots.leases.available_permits())
             .min(CLAIM_BATCH);
         if free == 0 {
             return Ok(0);
@@ -289,23 +313,24 @@ impl Runner {
         );
         for work in claimed {
             let guard = self.held.hold(work.claim);
-            let (Ok(ssh), Ok(slot)) = (
-                Arc::clone(ssh_slots).try_acquire_owned(),
-                Arc::clone(lease_slots).try_acquire_owned(),
+            let (Ok(flight), Ok(slot)) = (
+                Arc::clone(&slots.flight).try_acquire_owned(),
+                Arc::clone(&slots.leases).try_acquire_owned(),
             ) else {
                 unreachable!("claims never exceed the free slots");
             };
             let this = Arc::clone(self);
             let done = done.clone();
+            let busy = Arc::clone(&slots.busy);
             self.metrics.runs_in_flight().inc();
             runs.spawn(async move {
                 use tracing::Instrument;
                 let span = tracing::info_span!("sync", server_id = work.claim.server_id, token = work.claim.token);
                 let completion = tokio::select! {
                     () = this.shutdown.cancelled() => None,
-                    completion = this.sync_server(&work).instrument(span) => Some(completion),
+                    completion = this.sync_server(&work, &busy).instrument(span) => Some(completion),
                 };
-                drop(ssh);
+                drop(flight);
                 this.metrics.runs_in_flight().dec();
                 this.signals.wake.notify_one();
                 match completion {
@@ -495,7 +520,7 @@ impl Runner {
 
     /// One server: skip it, or connect, read its inventory and parse it. No database access:
     /// everything it needs came with the claim.
-    async fn sync_server(&self, work: &ClaimedServer) -> Completion {
+    async fn sync_server(&self, work: &ClaimedServer, busy: &Semaphore) -> Completion {
         let started = Instant::now();
         let server = &work.server;
         let done = |result: RunResult, reach: Reach| Completion {
@@ -531,7 +556,7 @@ impl Runner {
             result.next_probe_at = Some(until);
             return done(result, Reach::Untried);
         }
-        let (result, inventory, pin, reachable) = self.probe(server, service).await;
+        let (result, inventory, pin, reachable) = self.probe(server, service, busy).await;
         let reach = if reachable {
             Reach::Online
         } else {
@@ -554,6 +579,7 @@ impl Runner {
         &self,
         server: &ServerRecord,
         service: crate::store::DatabaseService,
+        busy: &Semaphore,
     ) -> (RunResult, Option<InventoryWrite>, Option<HostKeyInfo>, bool) {
         let pinned = server.host_key.as_ref().map(|k| HostKeyInfo {
             algorithm: k.algorithm.clone(),
@@ -565,7 +591,14 @@ impl Runner {
             user: &server.ssh_user,
             pinned: pinned.as_ref(),
         };
-        let connection = match self.ssh.connect(target).await {
+        // Dialing waits on the network; only what follows (key exchange, authentication, the
+        // command) takes one of the busy slots, held until the run ends.
+        let dialed = match self.ssh.dial(target.host, target.port).await {
+            Ok(dialed) => dialed,
+            Err(err) => return (ssh_failure(&err), None, None, !err.is_unreachable()),
+        };
+        let _busy = busy.acquire().await.expect("the slots are never closed");
+        let connection = match self.ssh.establish(dialed, target).await {
             Ok(connection) => connection,
             Err(err) => return (ssh_failure(&err), None, None, !err.is_unreachable()),
         };

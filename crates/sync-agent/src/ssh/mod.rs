@@ -31,7 +31,7 @@ use tokio_util::sync::DropGuard;
 pub struct Timeouts {
     /// DNS resolution and TCP connect.
     pub connect: Duration,
-    /// SSH identification line and key exchange, up to the host key check.
+    /// The SSH identification line; then, again, the key exchange up to the host key check.
     pub handshake: Duration,
     /// Public-key authentication, all keys together.
     pub auth: Duration,
@@ -161,6 +161,33 @@ pub struct StageTimes {
     pub auth: Duration,
 }
 
+/// A TCP connection whose server sent its SSH identification line: the cheap part of a
+/// connection, which waits on the network, not on the CPU. [`SshClient::establish`] goes on
+/// with the key exchange and authentication.
+pub struct Dialed {
+    tcp: TcpStream,
+    banner: String,
+    /// Bytes the server sent after its identification line (the start of its key exchange).
+    rest: Vec<u8>,
+    connect: Duration,
+    banner_time: Duration,
+}
+
+impl std::fmt::Debug for Dialed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dialed")
+            .field("banner", &self.banner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Dialed {
+    /// The server's identification line.
+    pub fn banner(&self) -> &str {
+        &self.banner
+    }
+}
+
 /// A finished key exchange, before authentication.
 struct Handshake {
     banner: String,
@@ -168,6 +195,7 @@ struct Handshake {
     host_key: HostKeyInfo,
     /// Ends russh's session task (and closes the socket) when dropped.
     kill: DropGuard,
+    connect: Duration,
     banner_time: Duration,
     key_exchange_time: Duration,
 }
@@ -217,11 +245,43 @@ impl SshClient {
 
     /// Connects, checks the host key and authenticates, each stage under its timeout.
     pub async fn connect(&self, target: Target<'_>) -> Result<Connection, SshError> {
+        let dialed = self.dial(target.host, target.port).await?;
+        self.establish(dialed, target).await
+    }
+
+    /// The first, cheap stages: TCP connect (`connect` timeout) and the server's SSH
+    /// identification line (`handshake` timeout). What fails here is the network or a server
+    /// that does not answer; it costs waiting, not CPU.
+    pub async fn dial(&self, host: &str, port: u16) -> Result<Dialed, SshError> {
         let started = Instant::now();
-        let tcp = self.tcp_connect(target.host, target.port).await?;
+        let mut tcp = self.tcp_connect(host, port).await?;
         let connect = started.elapsed();
-        let handshake = self.handshake(tcp, target.pinned).await?;
-        let mut connection = Connection::new(handshake, connect, self);
+        let limit = self.timeouts.handshake;
+        let started = Instant::now();
+        let (banner, rest) = tokio::time::timeout(limit, read_banner(&mut tcp))
+            .await
+            .map_err(|_| SshError::Timeout {
+                stage: Stage::Banner,
+                after: limit,
+            })??;
+        Ok(Dialed {
+            tcp,
+            banner,
+            rest,
+            connect,
+            banner_time: started.elapsed(),
+        })
+    }
+
+    /// The costly stages of a dialed connection: key exchange with the host key check
+    /// (`handshake` timeout, counted from here) and authentication (`auth` timeout).
+    pub async fn establish(
+        &self,
+        dialed: Dialed,
+        target: Target<'_>,
+    ) -> Result<Connection, SshError> {
+        let handshake = self.handshake(dialed, target.pinned).await?;
+        let mut connection = Connection::new(handshake, self);
         let started = Instant::now();
         connection.authenticate(target.user, &self.keys).await?;
         connection.times.auth = started.elapsed();
@@ -231,17 +291,8 @@ impl SshClient {
     /// The cheap reachability probe: TCP connect and the SSH banner, no key exchange, no login.
     /// Returns the connect latency and the banner.
     pub async fn probe(&self, host: &str, port: u16) -> Result<(Duration, String), SshError> {
-        let started = Instant::now();
-        let mut tcp = self.tcp_connect(host, port).await?;
-        let latency = started.elapsed();
-        let limit = self.timeouts.handshake;
-        let (banner, _) = tokio::time::timeout(limit, read_banner(&mut tcp))
-            .await
-            .map_err(|_| SshError::Timeout {
-                stage: Stage::Banner,
-                after: limit,
-            })??;
-        Ok((latency, banner))
+        let dialed = self.dial(host, port).await?;
+        Ok((dialed.connect, dialed.banner))
     }
 
     /// Checks a server stage by stage without running anything: connect, banner, host key
@@ -249,24 +300,22 @@ impl SshClient {
     /// tried if the key matches or none is pinned.
     pub async fn check(&self, target: Target<'_>) -> Check {
         let mut check = Check::default();
-        let started = Instant::now();
-        let tcp = match self.tcp_connect(target.host, target.port).await {
-            Ok(tcp) => tcp,
+        let dialed = match self.dial(target.host, target.port).await {
+            Ok(dialed) => dialed,
             Err(err) => {
                 check.error = Some(err);
                 return check;
             }
         };
-        let connect = started.elapsed();
-        check.connect_latency = Some(connect);
-        let handshake = match self.handshake(tcp, None).await {
+        check.connect_latency = Some(dialed.connect);
+        check.banner = Some(dialed.banner.clone());
+        let handshake = match self.handshake(dialed, None).await {
             Ok(handshake) => handshake,
             Err(err) => {
                 check.error = Some(err);
                 return check;
             }
         };
-        check.banner = Some(handshake.banner.clone());
         check.host_key = Some(handshake.host_key.clone());
         if let Some(pinned) = target.pinned
             && *pinned != handshake.host_key
@@ -277,7 +326,7 @@ impl SshClient {
             });
             return check;
         }
-        let mut connection = Connection::new(handshake, connect, self);
+        let mut connection = Connection::new(handshake, self);
         match connection.authenticate(target.user, &self.keys).await {
             Ok(()) => check.authenticated = true,
             Err(err) => check.error = Some(err),
@@ -335,24 +384,24 @@ impl SshClient {
         Err(last_error.expect("at least one address was tried"))
     }
 
+    /// The key exchange over a dialed connection. The identification line was read by
+    /// [`dial`](Self::dial), so that "accepted and never spoke" is told apart from a failed key
+    /// exchange; it and the bytes read past it are replayed to russh.
     async fn handshake(
         &self,
-        mut tcp: TcpStream,
+        dialed: Dialed,
         pinned: Option<&HostKeyInfo>,
     ) -> Result<Handshake, SshError> {
         let limit = self.timeouts.handshake;
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + limit;
-
-        // The identification line, read here so that "accepted and never spoke" is told apart
-        // from a failed key exchange. Bytes read past it are handed to russh.
-        let (banner, rest) = tokio::time::timeout_at(deadline, read_banner(&mut tcp))
-            .await
-            .map_err(|_| SshError::Timeout {
-                stage: Stage::Banner,
-                after: limit,
-            })??;
-        let banner_time = started.elapsed();
+        let Dialed {
+            tcp,
+            banner,
+            rest,
+            connect,
+            banner_time,
+        } = dialed;
         let mut replay = format!("{banner}\r\n").into_bytes();
         replay.extend_from_slice(&rest);
 
@@ -382,8 +431,9 @@ impl SshClient {
                 handle,
                 host_key,
                 kill: guard,
+                connect,
                 banner_time,
-                key_exchange_time: started.elapsed() - banner_time,
+                key_exchange_time: started.elapsed(),
             }),
             (Ok(_), None) => Err(SshError::Handshake(
                 "server completed the handshake without presenting a host key".into(),
@@ -437,13 +487,13 @@ async fn read_banner(tcp: &mut TcpStream) -> Result<(String, Vec<u8>), SshError>
 }
 
 impl Connection {
-    fn new(handshake: Handshake, connect: Duration, client: &SshClient) -> Self {
+    fn new(handshake: Handshake, client: &SshClient) -> Self {
         Self {
             handle: handshake.handle,
             host_key: handshake.host_key,
             banner: handshake.banner,
             times: StageTimes {
-                connect,
+                connect: handshake.connect,
                 banner: handshake.banner_time,
                 key_exchange: handshake.key_exchange_time,
                 auth: Duration::ZERO,
