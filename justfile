@@ -74,6 +74,23 @@ bench-scale: setup
 
 buf := tools / "npm" / "node_modules" / ".bin" / "buf"
 
+# Benchmark: fleetsync vs parallel-ssh, pssh and Ansible on 240 real sshd hosts, 40 of them faulty (writes bench/fleet.md)
+bench-fleet: setup
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if [ ! -x /usr/bin/parallel-ssh ]; then
+        echo "bench-fleet: installing pssh (Debian)"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pssh >/dev/null
+    fi
+    venv="{{tools}}/bench"
+    if ! "$venv/bin/python" -c "import pssh.clients, ansible" 2>/dev/null; then
+        echo "bench-fleet: installing ansible-core and parallel-ssh into $venv"
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install --quiet --disable-pip-version-check ansible-core==2.19.14 parallel-ssh==2.16.0.post1
+    fi
+    cargo build --release --locked --bins
+    FLEETSYNC_BENCH_VENV="$venv" cargo bench --locked -p fleetsync-tests --bench fleet
+
 # Format check, clippy with warnings as errors, and the proto contract (buf lint and buf breaking)
 lint: proto-lint
     cargo fmt --all -- --check

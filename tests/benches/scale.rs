@@ -32,18 +32,12 @@ use fleetsync_common::{
 };
 use fleetsync_tests::{
     TestDb,
+    bench::{cpu_seconds, machine, median, peak_rss_mib, runs},
     catalog::{execute, insert_servers},
     db::ALL_BACKENDS,
     services::{ServeProcess, migrate},
 };
 use tokio_stream::StreamExt;
-
-fn runs() -> usize {
-    std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(3)
-}
 
 fn sizes() -> Vec<usize> {
     std::env::var("BENCH_SIZES")
@@ -62,33 +56,6 @@ fn only() -> Option<Vec<String>> {
 
 fn wanted(part: &str) -> bool {
     only().is_none_or(|parts| parts.iter().any(|p| p == part))
-}
-
-fn median(mut samples: Vec<f64>) -> f64 {
-    samples.sort_by(f64::total_cmp);
-    samples[samples.len() / 2]
-}
-
-/// CPU seconds (user + system) a process has used so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc stat");
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 =
-        fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
-    ticks / 100.0
-}
-
-/// Peak resident set size of a process, in MiB.
-fn peak_rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .expect("VmHWM")
-        / 1024.0
 }
 
 /// Inserts `n` servers (bulk SQL: registration is measured on its own) with a MariaDB service,
@@ -354,48 +321,6 @@ async fn registration(backend: Backend) -> (f64, usize) {
     }
     let rate = CALLS as f64 / started.elapsed().as_secs_f64();
     (rate, errors.load(Ordering::Relaxed))
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines().find_map(|l| {
-                l.strip_prefix("model name")
-                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
-            })
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .next()
-                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_owned())
-        })
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
-    let version = |cmd: &str, args: &[&str]| {
-        std::process::Command::new(cmd)
-            .args(args)
-            .output()
-            .ok()
-            .map(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .lines()
-                    .next()
-                    .unwrap_or("")
-                    .trim()
-                    .to_owned()
-            })
-            .unwrap_or_default()
-    };
-    format!(
-        "{cores} cores ({cpu}), {mem:.0} GiB RAM; {}; {}; SQLite bundled with sqlx; release build",
-        version("psql", &["--version"]),
-        version("mariadb", &["--version"]),
-    )
 }
 
 #[tokio::main]

@@ -375,6 +375,29 @@ impl SshHost {
         self.start().await;
     }
 
+    /// Makes public-key authentication hang: sshd asks an `AuthorizedKeysCommand` that never
+    /// answers (the key exchange still completes), then restarts sshd with it.
+    pub async fn stall_auth(&self) {
+        // sshd runs the command only from a path no one but root can write to, every
+        // directory up to `/` included (so not under /tmp): one shared script, made once.
+        let dir = Path::new("/usr/local/lib/fleetsync-tests");
+        fs::create_dir_all(dir).expect("create /usr/local/lib/fleetsync-tests");
+        let command = dir.join("authorized-keys-stall");
+        fs::write(&command, "#!/bin/sh\nexec sleep 3600\n").expect("write the stalling command");
+        fs::set_permissions(&command, fs::Permissions::from_mode(0o755))
+            .expect("chmod the stalling command");
+        let mut config = fs::read_to_string(&self.config).expect("read sshd_config");
+        config.push_str(&format!(
+            "AuthorizedKeysCommand {}\nAuthorizedKeysCommandUser root\n",
+            command.display()
+        ));
+        fs::write(&self.config, config).expect("write sshd_config");
+        // sshd asks the command only for keys its authorized_keys file does not have.
+        self.revoke_client_key();
+        self.stop();
+        self.start().await;
+    }
+
     /// Removes the client key from `authorized_keys`: logins fail from now on.
     pub fn revoke_client_key(&self) {
         fs::write(&self.authorized_keys, "").expect("truncate authorized_keys");

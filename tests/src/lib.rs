@@ -3,6 +3,7 @@
 //! and the real services spawned on ephemeral ports with typed gRPC clients.
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod catalog;
 pub mod db;
 pub mod fleet;
