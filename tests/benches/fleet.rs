@@ -686,9 +686,12 @@ async fn main() {
             sshd.add(pid);
         }
     }
+    // The query as fleetsync sends it on a first sync (collations included), for every tool.
     let (command, query) = fleetsync_sync_agent::inventory::probe(
         fleetsync_sync_agent::store::DatabaseService::Mariadb,
+        None,
     );
+    let query = query.replace("SET @fleetsync_known = NULL;", "");
     let bench = Bench {
         command: format!("{command} -e \"{}\"", query.replace('\n', " ")),
         key: fleet.client_key().display().to_string(),

@@ -11,37 +11,56 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_json::Value as Json;
 
-use crate::store::{DatabaseService, InventoryWrite};
+use crate::store::{Charsets, DatabaseService, InventoryWrite};
 
-/// The command and its stdin for a service.
-pub fn probe(service: DatabaseService) -> (&'static str, &'static str) {
+/// The command and its stdin for a service. `known` is the stored charset list's key
+/// (`version|default charset`): a server that still reports the same skips its collations (a
+/// few hundred rows that change only with the server's version) and says `unchanged`. The key
+/// travels hex-encoded, so nothing read from a server is ever quoted into a query.
+pub fn probe(service: DatabaseService, known: Option<&str>) -> (&'static str, String) {
+    let hex: String = known
+        .unwrap_or_default()
+        .bytes()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     match service {
-        DatabaseService::Mysql => (
-            "sudo -n mysql --batch --raw --skip-column-names --default-character-set=utf8mb4",
-            MYSQL_QUERY,
-        ),
-        DatabaseService::Mariadb => (
-            "sudo -n mariadb --batch --raw --skip-column-names --default-character-set=utf8mb4",
-            MYSQL_QUERY,
-        ),
+        DatabaseService::Mysql | DatabaseService::Mariadb => {
+            let client = if service == DatabaseService::Mysql {
+                "sudo -n mysql --batch --raw --skip-column-names --default-character-set=utf8mb4"
+            } else {
+                "sudo -n mariadb --batch --raw --skip-column-names --default-character-set=utf8mb4"
+            };
+            let known = if known.is_some() {
+                format!("X'{hex}'")
+            } else {
+                "NULL".into()
+            };
+            (
+                client,
+                format!("SET @fleetsync_known = {known};\n{MYSQL_QUERY}"),
+            )
+        }
         DatabaseService::Postgresql => (
             "sudo -n -u postgres psql -X -q -A -t -v ON_ERROR_STOP=1 -d postgres",
-            POSTGRES_QUERY,
+            format!("\\set fleetsync_known '{hex}'\n{POSTGRES_QUERY}"),
         ),
     }
 }
 
-/// One JSON document: version, default charset, databases, collations, users and their grants.
+/// One JSON document: version, default charset, databases, collations (unless unchanged),
+/// users and their grants.
 const MYSQL_QUERY: &str = "SELECT JSON_OBJECT(
   'version', VERSION(),
   'default_charset', @@character_set_server,
+  'unchanged', CONCAT(VERSION(), '|', @@character_set_server) <=> @fleetsync_known,
   'databases', (SELECT JSON_ARRAYAGG(JSON_OBJECT('name', SCHEMA_NAME,
       'charset', DEFAULT_CHARACTER_SET_NAME, 'collation', DEFAULT_COLLATION_NAME))
     FROM information_schema.SCHEMATA
     WHERE SCHEMA_NAME NOT IN ('information_schema', 'performance_schema', 'mysql', 'sys')),
-  'collations', (SELECT JSON_ARRAYAGG(JSON_OBJECT('charset', CHARACTER_SET_NAME,
+  'collations', IF(CONCAT(VERSION(), '|', @@character_set_server) <=> @fleetsync_known, NULL,
+    (SELECT JSON_ARRAYAGG(JSON_OBJECT('charset', CHARACTER_SET_NAME,
       'collation', COLLATION_NAME, 'default', IS_DEFAULT))
-    FROM information_schema.COLLATIONS WHERE CHARACTER_SET_NAME IS NOT NULL),
+    FROM information_schema.COLLATIONS WHERE CHARACTER_SET_NAME IS NOT NULL)),
   'users', (SELECT JSON_ARRAYAGG(JSON_OBJECT('user', User, 'host', Host)) FROM mysql.user),
   'grants', (SELECT JSON_ARRAYAGG(JSON_OBJECT('user', User, 'host', Host, 'db', Db)) FROM mysql.db)
 );
@@ -51,12 +70,16 @@ const MYSQL_QUERY: &str = "SELECT JSON_OBJECT(
 const POSTGRES_QUERY: &str = "SELECT json_build_object(
   'version', current_setting('server_version'),
   'default_charset', current_setting('server_encoding'),
+  'unchanged', current_setting('server_version') || '|' || current_setting('server_encoding')
+    = convert_from(decode(:'fleetsync_known', 'hex'), 'UTF8'),
   'databases', (SELECT coalesce(json_agg(json_build_object('name', datname,
       'charset', pg_encoding_to_char(encoding), 'collation', datcollate) ORDER BY datname), '[]'::json)
     FROM pg_database WHERE datname NOT IN ('template0', 'template1', 'postgres')),
-  'collations', (SELECT coalesce(json_agg(json_build_object(
+  'collations', CASE WHEN current_setting('server_version') || '|'
+      || current_setting('server_encoding') = convert_from(decode(:'fleetsync_known', 'hex'), 'UTF8')
+    THEN NULL ELSE (SELECT coalesce(json_agg(json_build_object(
       'charset', CASE WHEN collencoding = -1 THEN '' ELSE pg_encoding_to_char(collencoding) END,
-      'collation', collname) ORDER BY collname), '[]'::json) FROM pg_collation),
+      'collation', collname) ORDER BY collname), '[]'::json) FROM pg_collation) END,
   'users', (SELECT coalesce(json_agg(json_build_object('user', r.rolname, 'host', '',
       'databases', (SELECT coalesce(json_agg(d.datname ORDER BY d.datname), '[]'::json)
         FROM pg_database d
@@ -94,6 +117,9 @@ pub struct ParseError(pub String);
 struct Document {
     version: Option<String>,
     default_charset: Option<String>,
+    /// True (or 1) when the server still reports the key it was sent: collations are left out.
+    #[serde(default)]
+    unchanged: Json,
     #[serde(default)]
     databases: Json,
     #[serde(default)]
@@ -219,6 +245,14 @@ pub fn parse(service: DatabaseService, stdout: &[u8]) -> Result<InventoryWrite, 
     let document: Document = serde_json::from_str(text)
         .map_err(|e| ParseError(format!("output is not the expected JSON: {e}")))?;
 
+    // The key the server compares next time: what it reported, before any default.
+    let key = format!(
+        "{}|{}",
+        document.version.as_deref().unwrap_or_default(),
+        document.default_charset.as_deref().unwrap_or_default()
+    );
+    let unchanged =
+        matches!(document.unchanged, Json::Bool(true)) || document.unchanged.as_i64() == Some(1);
     let default_charset = document.default_charset.unwrap_or_else(|| match service {
         DatabaseService::Postgresql => "UTF8".into(),
         _ => "utf8mb3".into(),
@@ -251,36 +285,11 @@ pub fn parse(service: DatabaseService, stdout: &[u8]) -> Result<InventoryWrite, 
         databases.insert(row.name, (charset, collation));
     }
 
-    // charset -> {"default": collation, "list": [collations]}
-    let mut charsets: BTreeMap<String, (Option<String>, Vec<String>)> = BTreeMap::new();
-    let rows = array::<CollationRow>(document.collations, "collations")?;
-    check_count("collations", rows.len())?;
-    for row in rows {
-        check_name("collation", &row.collation)?;
-        check_text("collation", &row.collation, MAX_SHORT)?;
-        // PostgreSQL collations for any encoding apply to the server's.
-        let charset = match row.charset {
-            Some(c) if !c.is_empty() => c,
-            _ => default_charset.clone(),
-        };
-        check_text("charset", &charset, MAX_SHORT)?;
-        let entry = charsets.entry(charset).or_default();
-        if row.default.as_deref() == Some("Yes") {
-            entry.0 = Some(row.collation.clone());
-        }
-        entry.1.push(row.collation);
-    }
-    let charset_count = u32::try_from(charsets.len()).unwrap_or(u32::MAX);
-    let type_data = serde_json::json!({
-        "charsets": charsets.iter().map(|(name, (default, list))| {
-            let mut list = list.clone();
-            list.sort();
-            list.dedup();
-            (name.clone(), serde_json::json!({"default": default, "list": list}))
-        }).collect::<serde_json::Map<_, _>>(),
-        "defaultCharset": default_charset,
-    })
-    .to_string();
+    let charsets = if unchanged {
+        None
+    } else {
+        Some(charsets(document.collations, default_charset, key)?)
+    };
 
     let mut users: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
     let rows = array::<UserRow>(document.users, "users")?;
@@ -308,8 +317,7 @@ pub fn parse(service: DatabaseService, stdout: &[u8]) -> Result<InventoryWrite, 
 
     Ok(InventoryWrite {
         version: document.version,
-        type_data,
-        charsets: charset_count,
+        charsets,
         databases: databases
             .into_iter()
             .map(|(name, (charset, collation))| (name, charset, collation))
@@ -318,6 +326,50 @@ pub fn parse(service: DatabaseService, stdout: &[u8]) -> Result<InventoryWrite, 
             .into_iter()
             .map(|((user, host), databases)| (user, host, databases))
             .collect(),
+    })
+}
+
+/// The charset list: `type_data` with every charset's collations and default, and its key.
+fn charsets(
+    collations: Json,
+    default_charset: String,
+    key: String,
+) -> Result<Charsets, ParseError> {
+    // charset -> {"default": collation, "list": [collations]}
+    let mut charsets: BTreeMap<String, (Option<String>, Vec<String>)> = BTreeMap::new();
+    let rows = array::<CollationRow>(collations, "collations")?;
+    check_count("collations", rows.len())?;
+    for row in rows {
+        check_name("collation", &row.collation)?;
+        check_text("collation", &row.collation, MAX_SHORT)?;
+        // PostgreSQL collations for any encoding apply to the server's.
+        let charset = match row.charset {
+            Some(c) if !c.is_empty() => c,
+            _ => default_charset.clone(),
+        };
+        check_text("charset", &charset, MAX_SHORT)?;
+        let entry = charsets.entry(charset).or_default();
+        if row.default.as_deref() == Some("Yes") {
+            entry.0 = Some(row.collation.clone());
+        }
+        entry.1.push(row.collation);
+    }
+    let count = u32::try_from(charsets.len()).unwrap_or(u32::MAX);
+    let type_data = serde_json::json!({
+        "charsets": charsets.iter().map(|(name, (default, list))| {
+            let mut list = list.clone();
+            list.sort();
+            list.dedup();
+            (name.clone(), serde_json::json!({"default": default, "list": list}))
+        }).collect::<serde_json::Map<_, _>>(),
+        "defaultCharset": default_charset,
+    })
+    .to_string();
+
+    Ok(Charsets {
+        type_data,
+        count,
+        key,
     })
 }
 
@@ -351,8 +403,10 @@ mod tests {
             ("app".into(), "%".into(), vec!["app".to_owned()])
         );
         assert_eq!(inv.users[1], ("root".into(), "localhost".into(), vec![]));
-        assert_eq!(inv.charsets, 1);
-        let type_data: Json = serde_json::from_str(&inv.type_data).unwrap();
+        let charsets = inv.charsets.expect("collations were sent");
+        assert_eq!(charsets.count, 1);
+        assert_eq!(charsets.key, "10.11.6-MariaDB|utf8mb4");
+        let type_data: Json = serde_json::from_str(&charsets.type_data).unwrap();
         assert_eq!(type_data["defaultCharset"], "utf8mb4");
         assert_eq!(
             type_data["charsets"]["utf8mb4"]["default"],
@@ -366,8 +420,46 @@ mod tests {
         let out = r#"{"version": "16", "default_charset": null, "databases": null, "collations": null, "users": null}"#;
         let inv = parse(DatabaseService::Postgresql, out.as_bytes()).unwrap();
         assert!(inv.databases.is_empty() && inv.users.is_empty());
-        let type_data: Json = serde_json::from_str(&inv.type_data).unwrap();
+        let charsets = inv.charsets.expect("read");
+        let type_data: Json = serde_json::from_str(&charsets.type_data).unwrap();
         assert_eq!(type_data["defaultCharset"], "UTF8");
+        assert_eq!(charsets.key, "16|", "the key is what the server reported");
+    }
+
+    #[test]
+    fn an_unchanged_server_leaves_its_charsets_alone() {
+        for unchanged in ["true", "1"] {
+            let out = format!(
+                r#"{{"version": "10.11", "default_charset": "utf8mb4", "unchanged": {unchanged},
+                    "collations": null, "databases": [{{"name": "app"}}]}}"#
+            );
+            let inv = parse(DatabaseService::Mariadb, out.as_bytes()).unwrap();
+            assert_eq!(inv.charsets, None, "{unchanged}");
+            assert_eq!(inv.databases.len(), 1);
+        }
+        let out = r#"{"version": "10.11", "default_charset": "utf8mb4", "unchanged": 0, "collations": null}"#;
+        assert!(
+            parse(DatabaseService::Mariadb, out.as_bytes())
+                .unwrap()
+                .charsets
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn the_known_key_travels_hex_encoded() {
+        let (_, mysql) = probe(DatabaseService::Mariadb, Some("10.11'; DROP|x"));
+        assert!(
+            mysql.starts_with("SET @fleetsync_known = X'31302e3131273b2044524f507c78';\n"),
+            "{mysql}"
+        );
+        let (_, mysql) = probe(DatabaseService::Mysql, None);
+        assert!(mysql.starts_with("SET @fleetsync_known = NULL;\n"));
+        let (_, pg) = probe(DatabaseService::Postgresql, Some("16|UTF8"));
+        assert!(
+            pg.starts_with("\\set fleetsync_known '31367c55544638'\n"),
+            "{pg}"
+        );
     }
 
     #[test]

@@ -604,7 +604,7 @@ impl Runner {
         };
         self.metrics.connected(connection.times());
         let pin = pinned.is_none().then(|| connection.host_key().clone());
-        let (command, input) = inventory::probe(service);
+        let (command, input) = inventory::probe(service, server.inventory_key.as_deref());
         let started = Instant::now();
         let output = connection.run_with_input(command, input.as_bytes()).await;
         if output.is_ok() {
@@ -636,11 +636,14 @@ impl Runner {
             }
             Ok(out) => match inventory::parse(service, &out.stdout) {
                 Ok(inventory) => {
+                    let charsets = inventory.charsets.as_ref().map_or_else(
+                        || "charsets unchanged".to_owned(),
+                        |c| format!("{} charset(s)", c.count),
+                    );
                     let message = format!(
-                        "{} database(s), {} user(s), {} charset(s)",
+                        "{} database(s), {} user(s), {charsets}",
                         inventory.databases.len(),
                         inventory.users.len(),
-                        inventory.charsets
                     );
                     (
                         RunResult {

@@ -12,14 +12,23 @@ use super::quote_identifiers;
 pub struct InventoryWrite {
     /// The service's version as it reports it.
     pub version: Option<String>,
-    /// `services.type_data`: `{"charsets": {charset: [collations]}, "defaultCharset": ...}`.
-    pub type_data: String,
-    /// How many charsets that holds.
-    pub charsets: u32,
+    /// The charset list, unless the server said it is unchanged since `key` was stored.
+    pub charsets: Option<Charsets>,
     /// (name, charset, collation), system databases excluded.
     pub databases: Vec<(String, String, String)>,
     /// (username, host, databases).
     pub users: Vec<(String, String, Vec<String>)>,
+}
+
+/// A service's charsets and collations, as read.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Charsets {
+    /// `services.type_data`: `{"charsets": {charset: [collations]}, "defaultCharset": ...}`.
+    pub type_data: String,
+    /// How many charsets that holds.
+    pub count: u32,
+    /// What they were read under (`services.inventory_key`): `version|default charset`.
+    pub key: String,
 }
 
 /// What a write changed.
@@ -51,21 +60,26 @@ pub(super) async fn write(
     let backend = tx.backend();
     let q = |sql: &'static str| quote_identifiers(backend, sql).into_owned();
     let mut counts = InventoryCounts {
-        charsets: inventory.charsets,
+        charsets: inventory.charsets.as_ref().map_or(0, |c| c.count),
         ..InventoryCounts::default()
     };
 
-    tx.execute(
-        "UPDATE services SET type_data = ?, version = COALESCE(?, version), updated_at = ? \
-         WHERE server_id = ? AND type = 'database'",
-        &[
-            inventory.type_data.as_str().into(),
-            inventory.version.clone().into(),
-            now.into(),
-            server_id.into(),
-        ],
-    )
-    .await?;
+    // The charset list (a large document) is written only when it was read: when the server's
+    // version or default charset differ from the stored key.
+    if let Some(charsets) = &inventory.charsets {
+        tx.execute(
+            "UPDATE services SET type_data = ?, inventory_key = ?, version = COALESCE(?, version), \
+             updated_at = ? WHERE server_id = ? AND type = 'database'",
+            &[
+                charsets.type_data.as_str().into(),
+                charsets.key.as_str().into(),
+                inventory.version.clone().into(),
+                now.into(),
+                server_id.into(),
+            ],
+        )
+        .await?;
+    }
 
     // Databases, by name.
     let mut stored: BTreeMap<String, (Option<String>, Option<String>, String)> = BTreeMap::new();
@@ -105,20 +119,16 @@ pub(super) async fn write(
                 let changed = c.as_deref() != Some(*charset)
                     || co.as_deref() != Some(*collation)
                     || status != "ready";
-                let sql = if changed {
-                    counts.databases_updated += 1;
-                    q(
+                // Unchanged rows are only stamped as seen, all at once below.
+                if !changed {
+                    continue;
+                }
+                counts.databases_updated += 1;
+                tx.execute(
+                    &q(
                         "UPDATE \"databases\" SET charset = ?, \"collation\" = ?, status = 'ready', \
                        updated_at = ? WHERE server_id = ? AND name = ?",
-                    )
-                } else {
-                    q(
-                        "UPDATE \"databases\" SET charset = ?, \"collation\" = ?, updated_at = ? \
-                       WHERE server_id = ? AND name = ?",
-                    )
-                };
-                tx.execute(
-                    &sql,
+                    ),
                     &[
                         (*charset).into(),
                         (*collation).into(),
@@ -140,6 +150,16 @@ pub(super) async fn write(
             .await?;
             counts.databases_gone += 1;
         }
+    }
+
+    // Every database this sync saw was seen now (`Database.synced_at`): one statement, not
+    // one per database.
+    if !seen.is_empty() {
+        tx.execute(
+            &q("UPDATE \"databases\" SET updated_at = ? WHERE server_id = ? AND status = 'ready'"),
+            &[now.into(), server_id.into()],
+        )
+        .await?;
     }
 
     // Users, by (username, host).
@@ -180,9 +200,10 @@ pub(super) async fn write(
                 counts.users_added += 1;
             }
             Some((stored_databases, status)) => {
-                if stored_databases != databases || status != "ready" {
-                    counts.users_updated += 1;
+                if stored_databases == databases && status == "ready" {
+                    continue;
                 }
+                counts.users_updated += 1;
                 tx.execute(
                     &q("UPDATE database_users SET \"databases\" = ?, status = 'ready', updated_at = ? \
                         WHERE server_id = ? AND username = ? AND host = ?"),

@@ -22,7 +22,7 @@ use fleetsync_common::{Backend, Db};
 
 pub use complete::{Completion, Reach, Recorded};
 pub use gauges::FleetGauges;
-pub use inventory::{InventoryCounts, InventoryWrite};
+pub use inventory::{Charsets, InventoryCounts, InventoryWrite};
 pub use jobs::{
     JobFilter, JobOrigin, JobRecord, JobState, NewJob, OUTCOMES_CHANNEL, OutcomeRecord, RunResult,
     Selection, WORK_CHANNEL,

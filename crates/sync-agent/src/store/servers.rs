@@ -103,13 +103,17 @@ pub struct ServerRecord {
     pub database_service: Option<DatabaseService>,
     /// Its version.
     pub database_version: String,
+    /// What the stored charset list was read under (`version|default charset`, as the server
+    /// reported them), if a sync read one.
+    pub inventory_key: Option<String>,
 }
 
 pub(super) const SERVER_COLUMNS: &str = "s.id, s.name, s.ip, s.port, s.ssh_user, s.status, s.reachability, \
     s.last_seen_at, s.consecutive_failures, s.next_probe_at, s.host_key_algorithm, \
-    s.host_key_fingerprint, s.host_key_pinned_at, s.created_at, s.updated_at, sv.name, sv.version";
+    s.host_key_fingerprint, s.host_key_pinned_at, s.created_at, s.updated_at, sv.name, sv.version, \
+    sv.inventory_key";
 /// How many columns [`SERVER_COLUMNS`] has.
-pub(super) const SERVER_COLUMN_COUNT: usize = 17;
+pub(super) const SERVER_COLUMN_COUNT: usize = 18;
 pub(super) const SERVER_FROM: &str =
     "servers s LEFT JOIN services sv ON sv.server_id = s.id AND sv.type = 'database'";
 
@@ -141,6 +145,7 @@ impl TryFrom<&Row> for ServerRecord {
             updated_at: r.int(14)?,
             database_service: r.opt_text(15)?.as_deref().and_then(DatabaseService::parse),
             database_version: r.opt_text(16)?.unwrap_or_default(),
+            inventory_key: r.opt_text(17)?,
         })
     }
 }
