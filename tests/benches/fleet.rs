@@ -19,7 +19,7 @@
 //!
 //! `BENCH_ONLY=fleetsync,pssh` runs some tools only (and leaves `bench/fleet.md` alone);
 //! `BENCH_PROFILE=FILE` records the agent with `perf record -g` during each of its jobs (the
-//! last one stays in FILE).
+//! last one stays in FILE); `BENCH_TIMELINE=1` prints when each kind of host finished.
 
 use std::{
     collections::BTreeMap,
@@ -518,6 +518,10 @@ impl Agent {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         let started = Instant::now();
+        let requested = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs_f64();
         let job = self
             .sync
             .start_sync(StartSyncRequest {
@@ -530,6 +534,7 @@ impl Agent {
             .await
             .expect("start")
             .into_inner();
+        let accepted = started.elapsed().as_secs_f64();
         watch_to_end(&mut self.sync, &job.job_id).await;
         let wall = started.elapsed().as_secs_f64();
         if let Some(mut perf) = perf {
@@ -552,8 +557,26 @@ impl Agent {
             .enumerate()
             .map(|(i, id)| (*id, i))
             .collect();
-        let seen = job_outcomes(&mut self.sync, &job.job_id)
-            .await
+        let outcomes = job_outcomes(&mut self.sync, &job.job_id).await;
+        if std::env::var_os("BENCH_TIMELINE").is_some() {
+            // When each kind of host finished, from the request (seconds), and how long its
+            // run took: where the wall time goes.
+            let mut by_kind: BTreeMap<Kind, (f64, f64)> = BTreeMap::new();
+            for o in &outcomes {
+                let at = o.finished_at.expect("finished_at");
+                let at = at.seconds as f64 + f64::from(at.nanos) / 1e9 - requested;
+                let took = o
+                    .duration
+                    .map_or(0.0, |d| d.seconds as f64 + f64::from(d.nanos) / 1e9);
+                let entry = by_kind.entry(bench.kinds[by_id[&o.server_id]]).or_default();
+                entry.0 = entry.0.max(at);
+                entry.1 = entry.1.max(took);
+            }
+            eprintln!(
+                "timeline: wall {wall:.2}s, StartSync answered after {accepted:.3}s; last finished, longest run per kind: {by_kind:?}"
+            );
+        }
+        let seen = outcomes
             .into_iter()
             .map(|o| {
                 let seen = match (o.outcome().as_str_name(), o.cause()) {

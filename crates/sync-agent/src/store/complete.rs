@@ -144,11 +144,21 @@ impl Store {
             if let Reach::Offline { backoff_ms } = item.reach {
                 result.next_probe_at = Some(now + backoff_ms);
             }
-            if let Some(inventory) = &item.inventory {
-                result.counts =
-                    Some(inventory::write(&mut tx, item.claim.server_id, inventory, now).await?);
-            }
             results[i] = Some(result);
+        }
+        // Inventories of the runs still ours, the whole batch at once.
+        let read: Vec<(usize, (i64, &InventoryWrite))> = batch
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| results[*i].is_some())
+            .filter_map(|(i, item)| Some((i, (item.claim.server_id, item.inventory.as_ref()?))))
+            .collect();
+        let writes: Vec<(i64, &InventoryWrite)> = read.iter().map(|(_, w)| *w).collect();
+        let counts = inventory::write_all(&mut tx, &writes, now).await?;
+        for ((i, _), counts) in read.iter().zip(counts) {
+            if let Some(result) = results[*i].as_mut() {
+                result.counts = Some(counts);
+            }
         }
         let stored: Vec<(&Completion, &RunResult)> = batch
             .iter()

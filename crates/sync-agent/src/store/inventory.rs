@@ -1,11 +1,12 @@
-//! Writing what a sync read from a server: databases, users and charsets, diffed against what
-//! is stored (new ones added, changed ones updated, vanished ones marked gone, never deleted).
+//! Writing what syncs read from servers, a batch at a time: databases, users and charsets,
+//! diffed against what is stored (new ones added, changed ones updated, vanished ones marked
+//! gone, never deleted).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
-use fleetsync_common::sql::Tx;
+use fleetsync_common::sql::{Tx, Value};
 
-use super::quote_identifiers;
+use super::{jobs::CHUNK, list, quote_identifiers};
 
 /// What a sync read, ready to store.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -50,48 +51,111 @@ pub struct InventoryCounts {
     pub charsets: u32,
 }
 
-/// Writes `inventory` for `server_id` inside `tx`; returns what changed.
-pub(super) async fn write(
+/// Writes the inventories of a batch of servers inside `tx`; returns what changed, in the
+/// order given. Reads what is stored for the whole batch in two statements and stamps every
+/// database seen in one, so that a sync that changes nothing costs three statements per batch,
+/// not a few per server; only rows that changed are written one by one.
+pub(super) async fn write_all(
     tx: &mut Tx,
-    server_id: i64,
-    inventory: &InventoryWrite,
+    items: &[(i64, &InventoryWrite)],
     now: i64,
-) -> Result<InventoryCounts, sqlx::Error> {
+) -> Result<Vec<InventoryCounts>, sqlx::Error> {
     let backend = tx.backend();
-    let q = |sql: &'static str| quote_identifiers(backend, sql).into_owned();
-    let mut counts = InventoryCounts {
-        charsets: inventory.charsets.as_ref().map_or(0, |c| c.count),
-        ..InventoryCounts::default()
-    };
+    let q = |sql: &str| quote_identifiers(backend, sql).into_owned();
+    let mut all_counts = Vec::with_capacity(items.len());
+    let ids: Vec<i64> = items.iter().map(|(id, _)| *id).collect();
 
-    // The charset list (a large document) is written only when it was read: when the server's
-    // version or default charset differ from the stored key.
-    if let Some(charsets) = &inventory.charsets {
+    // What is stored, for every server of the batch.
+    let mut stored_databases: HashMap<i64, BTreeMap<String, StoredDatabase>> = HashMap::new();
+    let mut stored_users: HashMap<i64, BTreeMap<(String, String), (String, String)>> =
+        HashMap::new();
+    for chunk in ids.chunks(CHUNK) {
+        let args: Vec<Value> = chunk.iter().map(|&id| Value::Int(id)).collect();
+        let sql = q(&format!(
+            "SELECT server_id, name, charset, \"collation\", status FROM \"databases\" \
+             WHERE server_id IN {}",
+            list(chunk.len())
+        ));
+        for row in tx.fetch(&sql, &args).await? {
+            stored_databases.entry(row.int(0)?).or_default().insert(
+                row.text(1)?,
+                (row.opt_text(2)?, row.opt_text(3)?, row.text(4)?),
+            );
+        }
+        let sql = q(&format!(
+            "SELECT server_id, username, host, \"databases\", status FROM database_users \
+             WHERE server_id IN {}",
+            list(chunk.len())
+        ));
+        for row in tx.fetch(&sql, &args).await? {
+            stored_users
+                .entry(row.int(0)?)
+                .or_default()
+                .insert((row.text(1)?, row.text(2)?), (row.text(3)?, row.text(4)?));
+        }
+    }
+
+    for (server_id, inventory) in items {
+        let server_id = *server_id;
+        let mut counts = InventoryCounts {
+            charsets: inventory.charsets.as_ref().map_or(0, |c| c.count),
+            ..InventoryCounts::default()
+        };
+        // The charset list (a large document) is written only when it was read: when the
+        // server's version or default charset differ from the stored key.
+        if let Some(charsets) = &inventory.charsets {
+            tx.execute(
+                "UPDATE services SET type_data = ?, inventory_key = ?, \
+                 version = COALESCE(?, version), updated_at = ? \
+                 WHERE server_id = ? AND type = 'database'",
+                &[
+                    charsets.type_data.as_str().into(),
+                    charsets.key.as_str().into(),
+                    inventory.version.clone().into(),
+                    now.into(),
+                    server_id.into(),
+                ],
+            )
+            .await?;
+        }
+        let stored = stored_databases.remove(&server_id).unwrap_or_default();
+        write_databases(tx, server_id, inventory, &stored, now, &mut counts).await?;
+        let stored = stored_users.remove(&server_id).unwrap_or_default();
+        write_users(tx, server_id, inventory, &stored, now, &mut counts).await?;
+        all_counts.push(counts);
+    }
+
+    // Every database a sync saw was seen now (`Database.synced_at`); after the writes above,
+    // those are exactly the ready ones.
+    for chunk in ids.chunks(CHUNK) {
+        let mut args: Vec<Value> = vec![now.into()];
+        args.extend(chunk.iter().map(|&id| Value::Int(id)));
         tx.execute(
-            "UPDATE services SET type_data = ?, inventory_key = ?, version = COALESCE(?, version), \
-             updated_at = ? WHERE server_id = ? AND type = 'database'",
-            &[
-                charsets.type_data.as_str().into(),
-                charsets.key.as_str().into(),
-                inventory.version.clone().into(),
-                now.into(),
-                server_id.into(),
-            ],
+            &q(&format!(
+                "UPDATE \"databases\" SET updated_at = ? WHERE status = 'ready' AND server_id IN {}",
+                list(chunk.len())
+            )),
+            &args,
         )
         .await?;
     }
+    Ok(all_counts)
+}
 
-    // Databases, by name.
-    let mut stored: BTreeMap<String, (Option<String>, Option<String>, String)> = BTreeMap::new();
-    for row in tx
-        .fetch(
-            &q("SELECT name, charset, \"collation\", status FROM \"databases\" WHERE server_id = ?"),
-            &[server_id.into()],
-        )
-        .await?
-    {
-        stored.insert(row.text(0)?, (row.opt_text(1)?, row.opt_text(2)?, row.text(3)?));
-    }
+/// A stored database: charset, collation, status.
+type StoredDatabase = (Option<String>, Option<String>, String);
+
+/// Databases, by name: new ones added, changed ones updated, vanished ones marked gone.
+async fn write_databases(
+    tx: &mut Tx,
+    server_id: i64,
+    inventory: &InventoryWrite,
+    stored: &BTreeMap<String, StoredDatabase>,
+    now: i64,
+    counts: &mut InventoryCounts,
+) -> Result<(), sqlx::Error> {
+    let backend = tx.backend();
+    let q = |sql: &str| quote_identifiers(backend, sql).into_owned();
     let seen: BTreeMap<&str, (&str, &str)> = inventory
         .databases
         .iter()
@@ -119,16 +183,13 @@ pub(super) async fn write(
                 let changed = c.as_deref() != Some(*charset)
                     || co.as_deref() != Some(*collation)
                     || status != "ready";
-                // Unchanged rows are only stamped as seen, all at once below.
                 if !changed {
                     continue;
                 }
                 counts.databases_updated += 1;
                 tx.execute(
-                    &q(
-                        "UPDATE \"databases\" SET charset = ?, \"collation\" = ?, status = 'ready', \
-                       updated_at = ? WHERE server_id = ? AND name = ?",
-                    ),
+                    &q("UPDATE \"databases\" SET charset = ?, \"collation\" = ?, status = 'ready', \
+                        updated_at = ? WHERE server_id = ? AND name = ?"),
                     &[
                         (*charset).into(),
                         (*collation).into(),
@@ -141,7 +202,7 @@ pub(super) async fn write(
             }
         }
     }
-    for (name, (_, _, status)) in &stored {
+    for (name, (_, _, status)) in stored {
         if status != "gone" && !seen.contains_key(name.as_str()) {
             tx.execute(
                 &q("UPDATE \"databases\" SET status = 'gone', updated_at = ? WHERE server_id = ? AND name = ?"),
@@ -151,28 +212,20 @@ pub(super) async fn write(
             counts.databases_gone += 1;
         }
     }
+    Ok(())
+}
 
-    // Every database this sync saw was seen now (`Database.synced_at`): one statement, not
-    // one per database.
-    if !seen.is_empty() {
-        tx.execute(
-            &q("UPDATE \"databases\" SET updated_at = ? WHERE server_id = ? AND status = 'ready'"),
-            &[now.into(), server_id.into()],
-        )
-        .await?;
-    }
-
-    // Users, by (username, host).
-    let mut stored: BTreeMap<(String, String), (String, String)> = BTreeMap::new();
-    for row in tx
-        .fetch(
-            &q("SELECT username, host, \"databases\", status FROM database_users WHERE server_id = ?"),
-            &[server_id.into()],
-        )
-        .await?
-    {
-        stored.insert((row.text(0)?, row.text(1)?), (row.text(2)?, row.text(3)?));
-    }
+/// Users, by (username, host): new ones added, changed ones updated, vanished ones marked gone.
+async fn write_users(
+    tx: &mut Tx,
+    server_id: i64,
+    inventory: &InventoryWrite,
+    stored: &BTreeMap<(String, String), (String, String)>,
+    now: i64,
+    counts: &mut InventoryCounts,
+) -> Result<(), sqlx::Error> {
+    let backend = tx.backend();
+    let q = |sql: &str| quote_identifiers(backend, sql).into_owned();
     let mut seen: BTreeMap<(&str, &str), String> = BTreeMap::new();
     for (user, host, databases) in &inventory.users {
         let mut databases = databases.clone();
@@ -219,7 +272,7 @@ pub(super) async fn write(
             }
         }
     }
-    for ((user, host), (_, status)) in &stored {
+    for ((user, host), (_, status)) in stored {
         if status != "gone" && !seen.contains_key(&(user.as_str(), host.as_str())) {
             tx.execute(
                 "UPDATE database_users SET status = 'gone', updated_at = ? \
@@ -235,5 +288,5 @@ pub(super) async fn write(
             counts.users_gone += 1;
         }
     }
-    Ok(counts)
+    Ok(())
 }
