@@ -67,8 +67,7 @@ pub(super) async fn write_all(
 
     // What is stored, for every server of the batch.
     let mut stored_databases: HashMap<i64, BTreeMap<String, StoredDatabase>> = HashMap::new();
-    let mut stored_users: HashMap<i64, BTreeMap<(String, String), (String, String)>> =
-        HashMap::new();
+    let mut stored_users: HashMap<i64, BTreeMap<UserKey, StoredUser>> = HashMap::new();
     for chunk in ids.chunks(CHUNK) {
         let args: Vec<Value> = chunk.iter().map(|&id| Value::Int(id)).collect();
         let sql = q(&format!(
@@ -144,6 +143,10 @@ pub(super) async fn write_all(
 
 /// A stored database: charset, collation, status.
 type StoredDatabase = (Option<String>, Option<String>, String);
+/// A user's key: username, host.
+type UserKey = (String, String);
+/// A stored user: its databases (JSON list), status.
+type StoredUser = (String, String);
 
 /// Databases, by name: new ones added, changed ones updated, vanished ones marked gone.
 async fn write_databases(
@@ -220,7 +223,7 @@ async fn write_users(
     tx: &mut Tx,
     server_id: i64,
     inventory: &InventoryWrite,
-    stored: &BTreeMap<(String, String), (String, String)>,
+    stored: &BTreeMap<UserKey, StoredUser>,
     now: i64,
     counts: &mut InventoryCounts,
 ) -> Result<(), sqlx::Error> {
