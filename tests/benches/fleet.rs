@@ -841,7 +841,7 @@ async fn main() {
          sooner) and the sshd side's CPU over the cores ({sshd_cpu:.2} s / {cores:.0}) = \
          **{floor:.2} s**.\n\n\
          Targets: fleetsync's wall {:.2}x parallel-ssh (≤ 0.6), {:.2}x Ansible (≤ 0.3), \
-         {:.2}x the floor (≤ 1.15); agent CPU {agent_ms:.2} ms per healthy host (≤ 2, its \
+         {:.3}x the floor (≤ 1.15); agent CPU {agent_ms:.2} ms per healthy host (≤ 2, its \
          database writes included); machine CPU {machine_ratio:.2}x parallel-ssh's (≤ 1.2).",
         fleetsync_wall / parallel_ssh,
         fleetsync_wall / ansible,
