@@ -1,5 +1,6 @@
 //! The sync-agent end to end: real sshd hosts in front of the machine's real MariaDB and
-//! PostgreSQL, the control plane on each backend, every fault of TESTING.md, hostile names and
+//! PostgreSQL, the control plane on each backend, every kind of fault (refused, no route, frozen,
+//! tarpit, wrong host key, refused login, failing and hanging commands), hostile names and
 //! output, the migrator's sync requests, and malformed requests.
 
 use std::{

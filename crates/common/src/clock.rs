@@ -1,5 +1,5 @@
-//! This machine's clock in milliseconds, random numbers and ids: the one home of the small
-//! helpers both services (and the tests) use. Leases and anything compared across agents use
+//! This machine's clock in milliseconds, its name, random numbers and ids: the one home of the
+//! small helpers both services (and the tests) use. Leases and anything compared across agents use
 //! the database's clock instead (`sql::now_ms_sql`).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -9,6 +9,15 @@ pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// This machine's name (`/etc/hostname`), or `fallback` if it has none.
+pub fn hostname(fallback: &str) -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| fallback.to_owned())
 }
 
 /// A time in milliseconds since the epoch, as RFC 3339 (UTC, seconds).

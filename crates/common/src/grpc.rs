@@ -44,7 +44,7 @@ pub enum SecurityError {
     Read {
         /// The file.
         path: String,
-        /// Why.
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },

@@ -21,7 +21,7 @@ pub enum Value {
     NullText,
     /// An integer.
     Int(i64),
-    /// Text.
+    /// UTF-8 text.
     Text(String),
 }
 
@@ -461,7 +461,7 @@ impl Tx {
         Ok(self.fetch(sql, args).await?.into_iter().next())
     }
 
-    /// Commits.
+    /// Commits the transaction (dropping it instead rolls back).
     pub async fn commit(self) -> Result<(), sqlx::Error> {
         match self {
             Self::Sqlite(tx) => tx.commit().await,

@@ -65,9 +65,9 @@ pub struct Migration {
 #[derive(Debug, thiserror::Error)]
 #[error("migration {version} ({name}): {reason}")]
 pub struct MigrationError {
-    /// Version.
+    /// The migration's version (the timestamp its file name starts with).
     pub version: i64,
-    /// Name.
+    /// The migration's name, from its file name.
     pub name: String,
     /// What is wrong.
     pub reason: String,

@@ -111,7 +111,12 @@ pub async fn run(
     )
     .await?;
     let signals = Signals::default();
-    let holder = format!("{}-{}-{}", hostname(), std::process::id(), &new_id()[..8]);
+    let holder = format!(
+        "{}-{}-{}",
+        fleetsync_common::clock::hostname("agent"),
+        std::process::id(),
+        &new_id()[..8]
+    );
     // `shutdown` starts the drain (health NOT_SERVING, everything still served); `stop` ends
     // the work, the streams and the server once the drain delay is over.
     let stop = CancellationToken::new();
@@ -273,11 +278,3 @@ pub fn config_from_args(args: &config::ServeArgs) -> anyhow::Result<Config> {
 }
 
 pub use fleetsync_common::clock::{format_ms, new_id, now_ms, random_u64};
-
-fn hostname() -> String {
-    std::fs::read_to_string("/etc/hostname")
-        .map(|h| h.trim().to_owned())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "agent".into())
-}

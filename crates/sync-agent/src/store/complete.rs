@@ -47,7 +47,7 @@ pub struct Completion {
     pub inventory: Option<InventoryWrite>,
     /// The host key to pin on first contact: (algorithm, fingerprint).
     pub pin: Option<(String, String)>,
-    /// Reachability.
+    /// What the run learned about reaching the server.
     pub reach: Reach,
 }
 

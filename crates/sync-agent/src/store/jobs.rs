@@ -90,9 +90,9 @@ pub struct JobFilter {
 pub struct NewJob {
     /// Idempotency key.
     pub request_id: String,
-    /// Origin.
+    /// Where the request came from: a call, a migration, the schedule or a recovery.
     pub origin: JobOrigin,
-    /// Servers.
+    /// Which servers: all of them, or these ids.
     pub selection: Selection,
     /// Scope names (`databases`, `charsets`, `users`), comma-joined.
     pub scopes: String,
@@ -105,17 +105,17 @@ pub struct NewJob {
 /// A job as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobRecord {
-    /// Id.
+    /// The job's id, as `StartSync` returns it.
     pub id: String,
     /// Idempotency key.
     pub request_id: String,
-    /// Origin.
+    /// Where the request came from: a call, a migration, the schedule or a recovery.
     pub origin: JobOrigin,
     /// Scope names, comma-joined.
     pub scopes: String,
-    /// Force.
+    /// Whether servers in backoff are tried anyway.
     pub force: bool,
-    /// Reason.
+    /// Why it was started, as the caller said.
     pub reason: String,
     /// Servers in it.
     pub total: i64,
@@ -147,7 +147,7 @@ impl JobRecord {
 pub struct OutcomeRecord {
     /// Position in the job's stream (1-based).
     pub seq: i64,
-    /// Server.
+    /// The server's id.
     pub server_id: i64,
     /// Its name when the job was made.
     pub server_name: String,
@@ -164,7 +164,7 @@ pub struct RunResult {
     pub outcome: String,
     /// Unreachable cause name, e.g. `REFUSED`.
     pub cause: Option<String>,
-    /// Detail.
+    /// Human-readable detail: the error, or the first lines of a failing command's stderr.
     pub message: String,
     /// Exit status of a failed command.
     pub exit_status: Option<i64>,

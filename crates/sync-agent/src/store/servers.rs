@@ -62,7 +62,7 @@ pub struct ServerSpec {
 /// A pinned host key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostKeyRecord {
-    /// Algorithm.
+    /// Key algorithm, e.g. `ssh-ed25519`.
     pub algorithm: String,
     /// `SHA256:...`.
     pub fingerprint: String,
@@ -73,11 +73,11 @@ pub struct HostKeyRecord {
 /// A server row with its database service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerRecord {
-    /// Id.
+    /// Server id, assigned by the database.
     pub id: i64,
-    /// Name.
+    /// Unique, human-readable name.
     pub name: String,
-    /// Address.
+    /// IP address or host name the agent connects to.
     pub ip: String,
     /// SSH port.
     pub port: u16,
@@ -164,9 +164,9 @@ pub struct UpsertOutcome {
 pub struct DatabaseRecord {
     /// Name, byte for byte.
     pub name: String,
-    /// Charset.
+    /// Default charset, as the server reported it.
     pub charset: Option<String>,
-    /// Collation.
+    /// Default collation, as the server reported it.
     pub collation: Option<String>,
     /// `ready` or `gone`.
     pub status: String,
@@ -192,9 +192,9 @@ pub struct UserRecord {
 pub struct Inventory {
     /// `services.type_data` as stored (JSON), if a sync wrote it.
     pub type_data: Option<String>,
-    /// Databases.
+    /// Databases, system ones left out, gone ones kept and marked.
     pub databases: Vec<DatabaseRecord>,
-    /// Users.
+    /// Database users, gone ones kept and marked.
     pub users: Vec<UserRecord>,
 }
 

@@ -4,6 +4,15 @@
 //! claim. One heartbeat renews every lease the agent holds. Also drains the outbox of sync
 //! requests recorded by migrations, probes offline servers in parallel, starts the periodic
 //! sync and prunes old history.
+//!
+//! Here: the slots, the held leases, claiming and the background loops; `run` is one server's
+//! run, `complete` the completer, `prober` the reachability probes.
+
+mod complete;
+mod prober;
+mod run;
+
+pub use run::{cause_name, name};
 
 use std::{
     collections::HashMap,
@@ -11,24 +20,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fleetsync_common::{
-    clock::jitter,
-    proto::sync::v1::{Outcome, UnreachableCause},
-    sql::{Failure, classify},
-};
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use prometheus_client::metrics::gauge::Gauge;
-
 use crate::{
-    inventory,
     metrics::Metrics,
-    ssh::{HostKeyInfo, SshClient, SshError, Target},
-    store::{
-        Claim, ClaimedServer, Completion, InventoryWrite, JobOrigin, NewJob, Pruned, Reach,
-        Recorded, RunResult, Selection, ServerRecord, Store,
-    },
+    ssh::SshClient,
+    store::{Claim, Completion, JobOrigin, NewJob, Pruned, Selection, Store},
 };
 
 /// Scheduler settings.
@@ -356,123 +355,6 @@ impl Runner {
         Ok(n)
     }
 
-    /// Records finished runs in batches: everything that finished while the previous batch was
-    /// being written goes into the next transaction.
-    async fn complete_forever(self: Arc<Self>, mut done: mpsc::UnboundedReceiver<Finished>) {
-        while let Some(first) = done.recv().await {
-            let mut batch = vec![first];
-            // Group commit: what finishes within the linger joins this transaction. Runs of a
-            // fleet finish spread out, one every few milliseconds; without it, each would be a
-            // transaction of its own (a dozen statements for one server).
-            let deadline = tokio::time::Instant::now() + COMPLETE_LINGER;
-            while batch.len() < COMPLETE_BATCH {
-                match tokio::time::timeout_at(deadline, done.recv()).await {
-                    Ok(Some(next)) => batch.push(next),
-                    Ok(None) | Err(_) => break,
-                }
-            }
-            self.record(batch).await;
-            // The batch's lease slots are free again: the scheduler may claim more.
-            self.signals.wake.notify_one();
-        }
-    }
-
-    /// Writes one batch. Conflicts are retried inside; while the database is unreachable the
-    /// batch waits (its leases still renewed); a batch refused for a reason that will not go
-    /// away is written item by item, and an item the database refuses is recorded as
-    /// `PARSE_FAILED` with the reason instead of being retried forever.
-    async fn record(&self, batch: Vec<Finished>) {
-        let items: Vec<Completion> = batch.iter().map(|f| f.completion.clone()).collect();
-        let mut pause = Duration::from_millis(200);
-        loop {
-            let started = Instant::now();
-            let written = self.store.complete(&self.holder, &items).await;
-            tracing::debug!(
-                runs = items.len(),
-                took_ms = started.elapsed().as_millis() as u64,
-                "recorded a batch"
-            );
-            match written {
-                Ok(recorded) => {
-                    self.report(&items, recorded);
-                    return;
-                }
-                Err(err) if classify(&err) != Failure::Permanent => {
-                    if self.shutdown.is_cancelled() {
-                        tracing::warn!(error = %err, runs = items.len(), "could not record runs before stopping; their servers will be synced again");
-                        return;
-                    }
-                    tracing::warn!(error = %err, runs = items.len(), "could not record runs; retrying");
-                    tokio::time::sleep(jitter(pause, 0.2)).await;
-                    pause = (pause * 2).min(Duration::from_secs(5));
-                }
-                Err(err) if items.len() > 1 => {
-                    tracing::warn!(error = %err, runs = items.len(), "a batch of runs was refused; recording them one by one");
-                    for item in &items {
-                        self.record_one(item.clone()).await;
-                    }
-                    return;
-                }
-                Err(err) => {
-                    let item = items.into_iter().next().expect("one item");
-                    self.record_degraded(unstorable(item, &err)).await;
-                    return;
-                }
-            }
-        }
-    }
-
-    async fn record_one(&self, item: Completion) {
-        match self
-            .store
-            .complete(&self.holder, std::slice::from_ref(&item))
-            .await
-        {
-            Ok(recorded) => self.report(std::slice::from_ref(&item), recorded),
-            Err(err) if classify(&err) == Failure::Permanent => {
-                self.record_degraded(unstorable(item, &err)).await;
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, server_id = item.claim.server_id, "could not record a run; its lease expires and the server is synced again");
-            }
-        }
-    }
-
-    async fn record_degraded(&self, item: Completion) {
-        match self
-            .store
-            .complete(&self.holder, std::slice::from_ref(&item))
-            .await
-        {
-            Ok(recorded) => self.report(std::slice::from_ref(&item), recorded),
-            Err(err) => {
-                tracing::error!(error = %err, server_id = item.claim.server_id, "could not record a run even without its inventory; its lease expires");
-            }
-        }
-    }
-
-    fn report(&self, items: &[Completion], recorded: Vec<Recorded>) {
-        let mut any = false;
-        for (item, recorded) in items.iter().zip(recorded) {
-            let server_id = item.claim.server_id;
-            match recorded {
-                Recorded::Stored { result, jobs } => {
-                    any |= !jobs.is_empty();
-                    self.metrics
-                        .synced(&result.outcome, result.cause.as_deref());
-                    tracing::info!(server_id, outcome = %result.outcome, jobs = jobs.len(), duration_ms = result.duration_ms, "server synced");
-                }
-                Recorded::LeaseLost => {
-                    self.metrics.discarded();
-                    tracing::warn!(server_id, "lease lost during the run: result discarded")
-                }
-            }
-        }
-        if any {
-            self.signals.bump();
-        }
-    }
-
     /// Renews every lease this agent holds, a third of the TTL apart, in one statement.
     async fn heartbeat_forever(self: Arc<Self>) {
         let ttl = self.config.lease_ttl;
@@ -521,241 +403,6 @@ impl Runner {
             tokio::select! {
                 () = self.shutdown.cancelled() => return,
                 () = tokio::time::sleep(RETENTION_INTERVAL) => {}
-            }
-        }
-    }
-
-    /// One server: skip it, or connect, read its inventory and parse it. No database access:
-    /// everything it needs came with the claim.
-    async fn sync_server(&self, work: &ClaimedServer, busy: &Semaphore) -> Completion {
-        let started = Instant::now();
-        let server = &work.server;
-        let done = |result: RunResult, reach: Reach| Completion {
-            claim: work.claim,
-            result: finish(result, started),
-            inventory: None,
-            pin: None,
-            reach,
-        };
-        let Some(service) = server.database_service else {
-            let result = failure(
-                Outcome::SkippedNoDatabaseService,
-                None,
-                "no database service registered".into(),
-            );
-            return done(result, Reach::Untried);
-        };
-        // Backoff is judged by the database's clock (the claim time), as it was written.
-        if let Some(until) = server.next_probe_at
-            && server.reachability == "offline"
-            && until > work.claim.claimed_at
-            && !work.forced
-        {
-            let mut result = failure(
-                Outcome::SkippedOffline,
-                None,
-                format!(
-                    "offline since {} failed attempt(s); next probe {}",
-                    server.consecutive_failures,
-                    crate::format_ms(until)
-                ),
-            );
-            result.next_probe_at = Some(until);
-            return done(result, Reach::Untried);
-        }
-        let (result, inventory, pin, reachable) = self.probe(server, service, busy).await;
-        let reach = if reachable {
-            Reach::Online
-        } else {
-            Reach::Offline {
-                backoff_ms: self.backoff_ms(server.consecutive_failures + 1),
-            }
-        };
-        Completion {
-            claim: work.claim,
-            result: finish(result, started),
-            inventory,
-            pin: pin.map(|k| (k.algorithm, k.fingerprint)),
-            reach,
-        }
-    }
-
-    /// Connects and reads the inventory: the result, what was read, the host key to pin on
-    /// first contact, and whether the server answered at all.
-    async fn probe(
-        &self,
-        server: &ServerRecord,
-        service: crate::store::DatabaseService,
-        busy: &Semaphore,
-    ) -> (RunResult, Option<InventoryWrite>, Option<HostKeyInfo>, bool) {
-        let pinned = server.host_key.as_ref().map(|k| HostKeyInfo {
-            algorithm: k.algorithm.clone(),
-            fingerprint: k.fingerprint.clone(),
-        });
-        let target = Target {
-            host: &server.ip,
-            port: server.port,
-            user: &server.ssh_user,
-            pinned: pinned.as_ref(),
-        };
-        // Dialing waits on the network; only what follows (key exchange, authentication, the
-        // command) takes one of the busy slots, held until the run ends.
-        let dialed = match self.ssh.dial(target.host, target.port).await {
-            Ok(dialed) => dialed,
-            Err(err) => return (ssh_failure(&err), None, None, !err.is_unreachable()),
-        };
-        let _busy = busy.acquire().await.expect("the slots are never closed");
-        let connection = match self.ssh.establish(dialed, target).await {
-            Ok(connection) => connection,
-            Err(err) => return (ssh_failure(&err), None, None, !err.is_unreachable()),
-        };
-        self.metrics.connected(connection.times());
-        let pin = pinned.is_none().then(|| connection.host_key().clone());
-        let (command, input) = inventory::probe(service, server.inventory_key.as_deref());
-        let started = Instant::now();
-        let output = connection.run_with_input(command, input.as_bytes()).await;
-        if output.is_ok() {
-            self.metrics.command(started.elapsed());
-        }
-        connection.close().await;
-        let (result, inventory) = match output {
-            Err(err) => (ssh_failure(&err), None),
-            Ok(out) if !out.success() => {
-                let stderr = String::from_utf8_lossy(&out.stderr);
-                let first: Vec<&str> = stderr.lines().take(5).collect();
-                let mut message = format!(
-                    "`{}` exited with {}",
-                    command
-                        .split_whitespace()
-                        .take(4)
-                        .collect::<Vec<_>>()
-                        .join(" "),
-                    out.exit_status
-                        .map_or("no status".into(), |s| s.to_string())
-                );
-                if !first.is_empty() {
-                    message.push_str(": ");
-                    message.push_str(&truncate(&first.join(" | "), 500));
-                }
-                let mut result = failure(Outcome::CommandFailed, None, message);
-                result.exit_status = Some(out.exit_status.map_or(-1, i64::from));
-                (result, None)
-            }
-            Ok(out) => match inventory::parse(service, &out.stdout) {
-                Ok(inventory) => {
-                    let charsets = inventory.charsets.as_ref().map_or_else(
-                        || "charsets unchanged".to_owned(),
-                        |c| format!("{} charset(s)", c.count),
-                    );
-                    let message = format!(
-                        "{} database(s), {} user(s), {charsets}",
-                        inventory.databases.len(),
-                        inventory.users.len(),
-                    );
-                    (
-                        RunResult {
-                            outcome: name(Outcome::Ok),
-                            message,
-                            ..RunResult::default()
-                        },
-                        Some(inventory),
-                    )
-                }
-                Err(err) => (failure(Outcome::ParseFailed, None, err.0), None),
-            },
-        };
-        (result, inventory, pin, true)
-    }
-
-    /// How long a server that failed `failures` times in a row waits before its next probe:
-    /// exponential backoff from `backoff_base`, capped at `backoff_max`, with ±20% jitter so
-    /// that a fleet that went down together does not come back in lockstep. Added to the
-    /// database's clock when written.
-    fn backoff_ms(&self, failures: i64) -> i64 {
-        let exponent = failures.clamp(1, 32) - 1;
-        let base = self.config.backoff_base.as_millis() as f64;
-        let delay =
-            (base * 2f64.powi(exponent as i32)).min(self.config.backoff_max.as_millis() as f64);
-        jitter(Duration::from_millis(delay as u64), 0.2).as_millis() as i64
-    }
-
-    /// Probes offline servers whose backoff ended, all of a batch at once: TCP connect and SSH
-    /// banner, no login. Servers that answer get one recovery sync (the syncs they missed);
-    /// the others back off further.
-    async fn probe_offline_forever(self: Arc<Self>) {
-        loop {
-            tokio::select! {
-                () = self.shutdown.cancelled() => return,
-                () = tokio::time::sleep(self.config.probe_interval) => {}
-            }
-            loop {
-                let ttl = self.config.lease_ttl.as_millis() as i64;
-                let limit = self.config.concurrency.clamp(1, 1024);
-                let due = match self.store.claim_due_offline(&self.holder, ttl, limit).await {
-                    Ok(due) => due,
-                    Err(err) => {
-                        tracing::warn!(error = %err, "could not read offline servers; retrying");
-                        break;
-                    }
-                };
-                let full = due.len() == limit;
-                if due.is_empty() {
-                    break;
-                }
-                let guards: Vec<LeaseGuard> = due
-                    .iter()
-                    .map(|(claim, _)| self.held.hold(*claim))
-                    .collect();
-                let this = &*self;
-                let probes = due.iter().map(|(claim, server)| async move {
-                    let probed = this.ssh.probe(&server.ip, server.port).await;
-                    this.metrics.probed(probed.is_ok());
-                    if let Err(err) = &probed {
-                        tracing::debug!(server_id = server.id, error = %err, "still offline");
-                    }
-                    let backoff = probed
-                        .is_err()
-                        .then(|| this.backoff_ms(server.consecutive_failures + 1));
-                    (*claim, backoff)
-                });
-                let probed = tokio::select! {
-                    () = self.shutdown.cancelled() => None,
-                    probed = futures_util::future::join_all(probes) => Some(probed),
-                };
-                let Some(probed) = probed else {
-                    let claims: Vec<Claim> = due.iter().map(|(c, _)| *c).collect();
-                    let _ = self.store.release(&self.holder, &claims).await;
-                    return;
-                };
-                let back = match self.store.record_probes(&self.holder, &probed).await {
-                    Ok(back) => back,
-                    Err(err) => {
-                        tracing::warn!(error = %err, "could not record probes; their leases expire");
-                        break;
-                    }
-                };
-                drop(guards);
-                if !back.is_empty() {
-                    tracing::info!(
-                        servers = back.len(),
-                        "servers are back: syncing what they missed"
-                    );
-                    let job = NewJob {
-                        request_id: format!("recovery-{}-{}", self.holder, crate::new_id()),
-                        origin: JobOrigin::Recovery,
-                        selection: Selection::Ids(back),
-                        scopes: "charsets,databases,users".into(),
-                        force: true,
-                        reason: "the server is reachable again".into(),
-                    };
-                    if let Err(err) = self.store.create_job(&job).await {
-                        tracing::warn!(error = %err, "could not start the recovery sync");
-                    }
-                    self.signals.wake.notify_one();
-                }
-                if !full {
-                    break;
-                }
             }
         }
     }
@@ -868,78 +515,4 @@ impl Runner {
         }
         Ok(n)
     }
-}
-
-/// A run whose results the database refused for good: `PARSE_FAILED` with the reason, without
-/// the inventory (the server did answer: reachability and the host key pin still count).
-fn unstorable(mut item: Completion, err: &sqlx::Error) -> Completion {
-    item.result = RunResult {
-        outcome: name(Outcome::ParseFailed),
-        message: truncate(
-            &format!("what the server reported cannot be stored: {err}"),
-            1000,
-        ),
-        duration_ms: item.result.duration_ms,
-        ..RunResult::default()
-    };
-    item.inventory = None;
-    item
-}
-
-/// Stored name of an outcome (`OK`, `UNREACHABLE`, ...).
-pub fn name(outcome: Outcome) -> String {
-    outcome
-        .as_str_name()
-        .trim_start_matches("OUTCOME_")
-        .to_owned()
-}
-
-/// Stored name of a cause (`REFUSED`, ...).
-pub fn cause_name(cause: UnreachableCause) -> Option<String> {
-    (cause != UnreachableCause::Unspecified).then(|| {
-        cause
-            .as_str_name()
-            .trim_start_matches("UNREACHABLE_CAUSE_")
-            .to_owned()
-    })
-}
-
-fn failure(outcome: Outcome, cause: Option<UnreachableCause>, message: String) -> RunResult {
-    RunResult {
-        outcome: name(outcome),
-        cause: cause.and_then(cause_name),
-        message,
-        ..RunResult::default()
-    }
-}
-
-fn ssh_failure(err: &SshError) -> RunResult {
-    let (outcome, cause) = err.outcome();
-    let mut result = failure(outcome, Some(cause), err.to_string());
-    if matches!(
-        err,
-        SshError::Timeout {
-            stage: crate::ssh::Stage::Command,
-            ..
-        }
-    ) {
-        result.exit_status = Some(-1);
-    }
-    result
-}
-
-fn finish(mut result: RunResult, started: Instant) -> RunResult {
-    result.duration_ms = started.elapsed().as_millis() as i64;
-    result
-}
-
-fn truncate(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_owned();
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &text[..end])
 }

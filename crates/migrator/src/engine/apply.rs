@@ -1,0 +1,463 @@
+//! Applying migrations under the lock: the lock itself, bootstrapping the engine's tables, the
+//! transactional and the journaled apply paths, and the history and outbox rows they write.
+
+use std::{
+    collections::BTreeSet,
+    time::{Duration, Instant},
+};
+
+use fleetsync_common::{Backend, sql::Value};
+
+use super::{
+    Engine, EngineError, Event, LOCK_NAME, PG_LOCK_KEY, db_err, ddl::already_applied, now_ms, state,
+};
+use crate::{
+    conn::{self, Conn, HistoryRow, OUTBOX_TABLE, bootstrap_sql},
+    migration::Migration,
+};
+
+impl Engine {
+    pub(super) async fn lock(&self, conn: &mut Conn) -> Result<(), EngineError> {
+        let deadline = Instant::now() + self.options.lock_timeout;
+        match conn.backend() {
+            // SQLite: each migration takes the write lock with BEGIN IMMEDIATE.
+            Backend::Sqlite => Ok(()),
+            Backend::Postgres => loop {
+                let got = conn
+                    .scalar(
+                        "SELECT CAST(CASE WHEN pg_try_advisory_lock(?) THEN 1 ELSE 0 END AS BIGINT)",
+                        &[Value::Int(PG_LOCK_KEY)],
+                    )
+                    .await
+                    .map_err(db_err("taking the migration lock"))?;
+                if got == Some(1) {
+                    return Ok(());
+                }
+                if Instant::now() >= deadline {
+                    return Err(EngineError::LockTimeout(self.options.lock_timeout));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            },
+            Backend::MySql => {
+                let seconds = self.options.lock_timeout.as_secs_f64().ceil() as i64;
+                let got = conn
+                    .scalar(
+                        "SELECT GET_LOCK(?, ?)",
+                        &[Value::Text(LOCK_NAME.into()), Value::Int(seconds)],
+                    )
+                    .await
+                    .map_err(db_err("taking the migration lock"))?;
+                if got == Some(1) {
+                    Ok(())
+                } else {
+                    Err(EngineError::LockTimeout(self.options.lock_timeout))
+                }
+            }
+        }
+    }
+
+    pub(super) async fn unlock(&self, conn: &mut Conn) {
+        let result = match conn.backend() {
+            Backend::Sqlite => return,
+            Backend::Postgres => conn
+                .scalar(
+                    "SELECT CAST(CASE WHEN pg_advisory_unlock(?) THEN 1 ELSE 0 END AS BIGINT)",
+                    &[Value::Int(PG_LOCK_KEY)],
+                )
+                .await
+                .map(drop),
+            Backend::MySql => conn
+                .scalar("SELECT RELEASE_LOCK(?)", &[Value::Text(LOCK_NAME.into())])
+                .await
+                .map(drop),
+        };
+        if let Err(err) = result {
+            tracing::warn!(error = %err, "releasing the migration lock failed; closing the connection releases it");
+        }
+    }
+
+    pub(super) async fn bootstrap(&self, conn: &mut Conn) -> Result<(), EngineError> {
+        let sqlite = conn.backend() == Backend::Sqlite;
+        if sqlite {
+            conn.raw("BEGIN IMMEDIATE")
+                .await
+                .map_err(db_err("locking the database"))?;
+        }
+        for ddl in bootstrap_sql(conn.backend()) {
+            if let Err(err) = conn.raw(&ddl).await {
+                if sqlite {
+                    let _ = conn.raw("ROLLBACK").await;
+                }
+                return Err(db_err("creating the history table")(err));
+            }
+        }
+        if sqlite {
+            conn.raw("COMMIT")
+                .await
+                .map_err(db_err("creating the history table"))?;
+        }
+        Ok(())
+    }
+
+    /// The test hook: SIGKILL this process at `point`.
+    pub(super) fn crash_point(&self, point: &str) {
+        if self.options.crash_at.as_deref() == Some(point) {
+            eprintln!("crash point {point} reached: killing this process");
+            let pid = std::process::id().to_string();
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid])
+                .status();
+            // SIGKILL is not instant; never go on past the point.
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+
+    pub(super) async fn apply_transactional(
+        &self,
+        conn: &mut Conn,
+        m: &Migration,
+        run_id: &str,
+        on_event: &mut (dyn FnMut(Event) + Send),
+    ) -> Result<Applied, EngineError> {
+        let begin = match conn.backend() {
+            Backend::Sqlite => "BEGIN IMMEDIATE",
+            _ => "BEGIN",
+        };
+        conn.raw(begin)
+            .await
+            .map_err(db_err("starting a transaction"))?;
+        // Under the lock: another migrator may have applied it since history was read.
+        let row = match conn::history_row(conn, m.version).await {
+            Ok(row) => row,
+            Err(err) => return Err(rollback(conn, db_err("reading history")(err)).await),
+        };
+        if row.as_ref().is_some_and(|r| r.state == state::APPLIED) {
+            conn.raw("COMMIT").await.map_err(db_err("committing"))?;
+            return Ok(Applied::ByAnother);
+        }
+        on_event(Event::Started {
+            version: m.version,
+            name: m.name.clone(),
+            statements: m.statements.len(),
+        });
+        let started_at = now_ms();
+        let started = Instant::now();
+        for (i, statement) in m.statements.iter().enumerate() {
+            if let Err(err) = conn.raw(statement).await {
+                let err = statement_failed(m, i, &err);
+                let _ = conn.raw("ROLLBACK").await;
+                self.record_failure(conn, m, run_id, started_at, 0, &err)
+                    .await;
+                return Err(err);
+            }
+            self.crash_point(&format!("{}:{}", m.version, i + 1));
+        }
+        // A row left by a failed attempt is replaced.
+        let record = async {
+            conn.execute(
+                "DELETE FROM fleetsync_schema_history WHERE version = ?",
+                &[Value::Int(m.version)],
+            )
+            .await?;
+            insert_history(
+                conn,
+                m,
+                state::APPLIED,
+                m.statements.len(),
+                run_id,
+                started_at,
+                &self.options.installed_by,
+            )
+            .await
+        };
+        if let Err(err) = record.await {
+            return Err(rollback(conn, db_err("recording the migration")(err)).await);
+        }
+        self.commit_applied(conn, m, started).await
+    }
+
+    pub(super) async fn apply_journaled(
+        &self,
+        conn: &mut Conn,
+        m: &Migration,
+        run_id: &str,
+        on_event: &mut (dyn FnMut(Event) + Send),
+    ) -> Result<Applied, EngineError> {
+        let row = conn::history_row(conn, m.version)
+            .await
+            .map_err(db_err("reading history"))?;
+        if row.as_ref().is_some_and(|r| r.state == state::APPLIED) {
+            return Ok(Applied::ByAnother);
+        }
+        let started_at = now_ms();
+        let started = Instant::now();
+        let resuming = row.is_some();
+        let done = row
+            .as_ref()
+            .map_or(0, |r| r.statements_applied.max(0) as usize);
+        if resuming {
+            conn.execute(
+                "UPDATE fleetsync_schema_history SET state = ?, started_at = ?, run_id = ?, \
+                 installed_by = ?, checksum = ?, statements_total = ? WHERE version = ?",
+                &[
+                    Value::Text(state::PARTIAL.into()),
+                    Value::Int(started_at),
+                    Value::Text(run_id.into()),
+                    Value::Text(self.options.installed_by.clone()),
+                    Value::Text(m.checksum.clone()),
+                    Value::Int(m.statements.len() as i64),
+                    Value::Int(m.version),
+                ],
+            )
+            .await
+            .map_err(db_err("journaling"))?;
+        } else {
+            insert_history(
+                conn,
+                m,
+                state::PARTIAL,
+                0,
+                run_id,
+                started_at,
+                &self.options.installed_by,
+            )
+            .await
+            .map_err(db_err("journaling"))?;
+        }
+        on_event(Event::Started {
+            version: m.version,
+            name: m.name.clone(),
+            statements: m.statements.len() - done.min(m.statements.len()),
+        });
+        for (i, statement) in m.statements.iter().enumerate().skip(done) {
+            // The journal may lag one statement behind a crash: ask the catalog first.
+            let already = resuming && i == done && already_applied(conn, statement).await?;
+            if already {
+                tracing::info!(
+                    version = m.version,
+                    statement = i + 1,
+                    "statement already in the catalog, not run again"
+                );
+            } else if let Err(err) = conn.raw(statement).await {
+                let err = statement_failed(m, i, &err);
+                self.record_failure(conn, m, run_id, started_at, i, &err)
+                    .await;
+                return Err(err);
+            }
+            self.crash_point(&format!("{}:{}", m.version, i + 1));
+            conn.execute(
+                "UPDATE fleetsync_schema_history SET statements_applied = ?, prefix_checksum = ?, \
+                 error = NULL, failing_statement = NULL WHERE version = ?",
+                &[
+                    Value::Int(i as i64 + 1),
+                    Value::Text(m.prefix_checksum(i + 1)),
+                    Value::Int(m.version),
+                ],
+            )
+            .await
+            .map_err(db_err("journaling"))?;
+            self.crash_point(&format!("{}:{}:journal", m.version, i + 1));
+        }
+        // The final state and the outbox row commit together.
+        conn.raw("BEGIN")
+            .await
+            .map_err(db_err("starting a transaction"))?;
+        self.commit_applied(conn, m, started).await
+    }
+
+    /// Inside the migration's open transaction: marks it applied, records its sync request,
+    /// commits. The history row and the outbox row commit together or not at all.
+    pub(super) async fn commit_applied(
+        &self,
+        conn: &mut Conn,
+        m: &Migration,
+        started: Instant,
+    ) -> Result<Applied, EngineError> {
+        let finish = async {
+            conn.execute(
+                "UPDATE fleetsync_schema_history SET state = ?, finished_at = ?, duration_ms = ? \
+                 WHERE version = ?",
+                &[
+                    Value::Text(state::APPLIED.into()),
+                    Value::Int(now_ms()),
+                    Value::Int(started.elapsed().as_millis() as i64),
+                    Value::Int(m.version),
+                ],
+            )
+            .await?;
+            record_sync_request(conn, m).await
+        };
+        let sync_request = match finish.await {
+            Ok(id) => id,
+            Err(err) => return Err(rollback(conn, db_err("recording the migration")(err)).await),
+        };
+        conn.raw("COMMIT").await.map_err(db_err("committing"))?;
+        self.crash_point(&format!("{}:commit", m.version));
+        Ok(Applied::Now { sync_request })
+    }
+
+    /// Records a failed attempt, so that `status` shows it. Best effort: the error itself is
+    /// what the caller reports.
+    pub(super) async fn record_failure(
+        &self,
+        conn: &mut Conn,
+        m: &Migration,
+        run_id: &str,
+        started_at: i64,
+        done: usize,
+        err: &EngineError,
+    ) {
+        let EngineError::StatementFailed {
+            error, statement, ..
+        } = err
+        else {
+            return;
+        };
+        let result = async {
+            let exists = conn
+                .scalar(
+                    "SELECT COUNT(*) FROM fleetsync_schema_history WHERE version = ?",
+                    &[Value::Int(m.version)],
+                )
+                .await?
+                > Some(0);
+            if !exists {
+                insert_history(
+                    conn,
+                    m,
+                    state::FAILED,
+                    done,
+                    run_id,
+                    started_at,
+                    &self.options.installed_by,
+                )
+                .await?;
+            }
+            conn.execute(
+                "UPDATE fleetsync_schema_history SET state = ?, error = ?, failing_statement = ?, \
+                 finished_at = ? WHERE version = ?",
+                &[
+                    Value::Text(state::FAILED.into()),
+                    Value::Text(error.clone()),
+                    Value::Text(statement.clone()),
+                    Value::Int(now_ms()),
+                    Value::Int(m.version),
+                ],
+            )
+            .await
+        }
+        .await;
+        if let Err(record) = result {
+            tracing::warn!(version = m.version, error = %record, "could not record the failed migration");
+        }
+    }
+}
+
+pub(super) enum Applied {
+    Now { sync_request: Option<String> },
+    ByAnother,
+}
+
+pub(super) async fn rollback(conn: &mut Conn, err: EngineError) -> EngineError {
+    let _ = conn.raw("ROLLBACK").await;
+    err
+}
+
+pub(super) fn statement_failed(m: &Migration, i: usize, err: &sqlx::Error) -> EngineError {
+    let error = match err {
+        sqlx::Error::Database(db) => db.message().to_owned(),
+        other => other.to_string(),
+    };
+    EngineError::StatementFailed {
+        version: m.version,
+        name: m.name.clone(),
+        index: i + 1,
+        total: m.statements.len(),
+        statement: m.statements[i].clone(),
+        error,
+    }
+}
+
+pub(super) fn current_version(history: &[HistoryRow]) -> i64 {
+    history
+        .iter()
+        .filter(|r| r.state == state::APPLIED)
+        .map(|r| r.version)
+        .max()
+        .unwrap_or(0)
+}
+
+pub(super) async fn insert_history(
+    conn: &mut Conn,
+    m: &Migration,
+    state: &str,
+    done: usize,
+    run_id: &str,
+    started_at: i64,
+    installed_by: &str,
+) -> Result<u64, sqlx::Error> {
+    let resync: BTreeSet<&str> = m.resync.iter().map(|s| s.as_str()).collect();
+    conn.execute(
+        "INSERT INTO fleetsync_schema_history (version, name, checksum, state, \
+         statements_applied, statements_total, prefix_checksum, started_at, installed_by, run_id, \
+         resync) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        &[
+            Value::Int(m.version),
+            Value::Text(m.name.clone()),
+            Value::Text(m.checksum.clone()),
+            Value::Text(state.into()),
+            Value::Int(done as i64),
+            Value::Int(m.statements.len() as i64),
+            Value::Text(m.prefix_checksum(done)),
+            Value::Int(started_at),
+            Value::Text(installed_by.into()),
+            Value::Text(run_id.into()),
+            Value::Text(resync.into_iter().collect::<Vec<_>>().join(",")),
+        ],
+    )
+    .await
+}
+
+/// Id of the sync request a migration records: one per migration, so recording it twice is
+/// impossible and the agent deduplicates on it.
+pub fn sync_request_id(version: i64) -> String {
+    format!("migration-{version}")
+}
+
+/// Records the migration's sync request in the outbox, if it declares re-sync scopes.
+pub(super) async fn record_sync_request(
+    conn: &mut Conn,
+    m: &Migration,
+) -> Result<Option<String>, sqlx::Error> {
+    if m.resync.is_empty() {
+        return Ok(None);
+    }
+    let id = sync_request_id(m.version);
+    let exists = conn
+        .scalar(
+            &format!("SELECT COUNT(*) FROM {OUTBOX_TABLE} WHERE id = ?"),
+            &[Value::Text(id.clone())],
+        )
+        .await?
+        > Some(0);
+    if !exists {
+        let scopes: Vec<&str> = m.resync.iter().map(|s| s.as_str()).collect();
+        conn.execute(
+            &format!(
+                "INSERT INTO {OUTBOX_TABLE} (id, origin, migration_version, scopes, reason, state, \
+                 created_at) VALUES (?, 'migration', ?, ?, ?, 'pending', ?)"
+            ),
+            &[
+                Value::Text(id.clone()),
+                Value::Int(m.version),
+                Value::Text(scopes.join(",")),
+                Value::Text(format!("migration {} {}", m.version, m.name)),
+                Value::Int(now_ms()),
+            ],
+        )
+        .await?;
+    }
+    Ok(Some(id))
+}

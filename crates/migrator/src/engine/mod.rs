@@ -1,0 +1,527 @@
+//! The migration engine: status, plan, verify and migrate over one dedicated connection.
+//!
+//! - PostgreSQL and SQLite: a migration's statements, its history row and its outbox row commit
+//!   in one transaction; a crash rolls all of it back and the next run starts it over.
+//! - MySQL/MariaDB (DDL commits implicitly), and migrations marked `no-transaction`: each
+//!   statement is journaled in the history row after it runs; a retry resumes at the first
+//!   statement not journaled, and first asks the catalog whether that statement already ran
+//!   (the journal may lag one statement behind a crash). The outbox row and the final state
+//!   commit together in one transaction.
+//! - Locking through the database only: PostgreSQL advisory lock, MySQL `GET_LOCK`, SQLite
+//!   `BEGIN IMMEDIATE` around each migration (with the busy timeout). History is re-read once
+//!   the lock is held.
+//!
+//! Here: the engine's API (status, plan, verify, migrate) and its options; `report` holds what
+//! it reports, `apply` the lock and both apply paths with the rows they write, `ddl` the
+//! catalog check of a resumed statement.
+
+mod apply;
+mod ddl;
+mod report;
+
+pub use apply::sync_request_id;
+use apply::{Applied, current_version};
+pub use report::{Event, History, MigrationStatus, Planned, Problem, Report, State, Status};
+
+use std::time::{Duration, Instant};
+
+use fleetsync_common::{Backend, Db};
+
+use crate::{
+    conn::{self, Conn, HistoryRow, OUTBOX_TABLE},
+    migration::{Migration, MigrationSet},
+};
+
+/// Name of the PostgreSQL advisory lock key and the MySQL named lock.
+const LOCK_NAME: &str = "fleetsync_migrate";
+/// PostgreSQL advisory lock key (a fixed 64-bit number: "fleetsyn" in ASCII).
+const PG_LOCK_KEY: i64 = 0x666c_6565_7473_796e;
+
+/// History states.
+pub mod state {
+    /// Applied completely.
+    pub const APPLIED: &str = "applied";
+    /// Interrupted part-way; resumable.
+    pub const PARTIAL: &str = "partial";
+    /// A statement failed; re-run once fixed.
+    pub const FAILED: &str = "failed";
+}
+
+/// What can stop the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The database failed or went away.
+    #[error("database error while {doing}: {source}")]
+    Database {
+        /// What the engine was doing.
+        doing: String,
+        /// The driver's error.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// Another migrator held the lock for longer than the lock timeout.
+    #[error("another migrator holds the migration lock; gave up after {0:?}")]
+    LockTimeout(Duration),
+    /// An applied migration's text changed since it was applied.
+    #[error(
+        "migration {version} ({name}) was edited after it was applied: applied checksum \
+         {applied}, binary checksum {binary}. Restore the original file; add a new migration \
+         for the change"
+    )]
+    ChecksumMismatch {
+        /// The migration's version (the timestamp its file name starts with).
+        version: i64,
+        /// The migration's name, from its file name.
+        name: String,
+        /// Checksum recorded when applied.
+        applied: String,
+        /// Checksum of the binary's text.
+        binary: String,
+    },
+    /// The statements a partial migration already ran were changed.
+    #[error(
+        "migration {version} ({name}) is partly applied ({done} statements) and those statements \
+         were edited since; restore them, then run migrate again"
+    )]
+    PartialEdited {
+        /// The migration's version (the timestamp its file name starts with).
+        version: i64,
+        /// The migration's name, from its file name.
+        name: String,
+        /// Statements done.
+        done: i64,
+    },
+    /// The database has versions this binary does not know: a newer migrator ran.
+    #[error(
+        "the database has migrations this binary does not know: {}. It was migrated by a newer \
+         fleetsync; use that version",
+        .0.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")
+    )]
+    UnknownVersions(Vec<i64>),
+    /// `--target` names no migration.
+    #[error("no migration has version {0}")]
+    UnknownTarget(i64),
+    /// A statement failed; nothing of the migration is applied (transactional backends) or the
+    /// statements before it are (MySQL), and the next run retries from there.
+    #[error(
+        "migration {version} ({name}) failed at statement {index} of {total}: {error}\n  statement: {statement}"
+    )]
+    StatementFailed {
+        /// The migration's version (the timestamp its file name starts with).
+        version: i64,
+        /// The migration's name, from its file name.
+        name: String,
+        /// 1-based index of the failing statement.
+        index: usize,
+        /// Statements in the migration.
+        total: usize,
+        /// The statement.
+        statement: String,
+        /// The database's error.
+        error: String,
+    },
+}
+
+impl EngineError {
+    /// True for refusals that mean "the binary and the database disagree", as opposed to a
+    /// failure while running. The CLI exits with a distinct status for these.
+    pub fn is_verification(&self) -> bool {
+        matches!(
+            self,
+            Self::ChecksumMismatch { .. }
+                | Self::PartialEdited { .. }
+                | Self::UnknownVersions(_)
+                | Self::UnknownTarget(_)
+        )
+    }
+}
+
+fn db_err(doing: impl Into<String>) -> impl FnOnce(sqlx::Error) -> EngineError {
+    let doing = doing.into();
+    move |source| EngineError::Database { doing, source }
+}
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Longest wait for another migrator's lock.
+    pub lock_timeout: Duration,
+    /// Recorded as `installed_by`.
+    pub installed_by: String,
+    /// Test hook: the process kills itself (SIGKILL) on reaching this point (see
+    /// [`Engine::crash_points`]).
+    pub crash_at: Option<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            lock_timeout: Duration::from_secs(60),
+            installed_by: default_installed_by(),
+            crash_at: None,
+        }
+    }
+}
+
+/// `user@host` of this process.
+pub fn default_installed_by() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into());
+    format!("{user}@{}", fleetsync_common::clock::hostname("localhost"))
+}
+
+pub use fleetsync_common::clock::now_ms;
+
+impl EngineError {
+    /// True for a deadlock or serialisation failure: running the migration again is the cure.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Self::Database { source, .. } if fleetsync_common::sql::classify(source) == fleetsync_common::sql::Failure::Conflict)
+    }
+}
+
+/// The migration engine over one database and one migration set.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    db: Db,
+    set: MigrationSet,
+    options: Options,
+}
+
+impl Engine {
+    /// An engine for the embedded migrations of the database's backend.
+    pub fn new(db: Db, options: Options) -> Self {
+        let set = MigrationSet::embedded(db.backend());
+        Self::with_set(db, set, options)
+    }
+
+    /// An engine with a migration set of one's own (tests).
+    pub fn with_set(db: Db, set: MigrationSet, options: Options) -> Self {
+        Self { db, set, options }
+    }
+
+    /// The migrations it knows.
+    pub fn migrations(&self) -> &MigrationSet {
+        &self.set
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> Backend {
+        self.db.backend()
+    }
+
+    /// Every crash point a `migrate` from scratch passes, in order (for fault-injection tests):
+    /// `V:K` after statement K of version V ran, `V:K:journal` after it was journaled
+    /// (journaled migrations only), `V:commit` after the migration committed.
+    pub fn crash_points(&self) -> Vec<String> {
+        let mut points = Vec::new();
+        for m in self.set.iter() {
+            let journaled = self.journaled(m);
+            for k in 1..=m.statements.len() {
+                points.push(format!("{}:{k}", m.version));
+                if journaled {
+                    points.push(format!("{}:{k}:journal", m.version));
+                }
+            }
+            points.push(format!("{}:commit", m.version));
+        }
+        points
+    }
+
+    fn journaled(&self, m: &Migration) -> bool {
+        !m.transactional || self.backend() == Backend::MySql
+    }
+
+    /// The schema state. Writes nothing.
+    pub async fn status(&self) -> Result<Status, EngineError> {
+        let mut conn = Conn::open(&self.db).await.map_err(db_err("connecting"))?;
+        let history = conn::history(&mut conn)
+            .await
+            .map_err(db_err("reading history"));
+        let pending = match &history {
+            Ok(_)
+                if conn::table_exists(&mut conn, OUTBOX_TABLE)
+                    .await
+                    .map_err(db_err("reading outbox"))? =>
+            {
+                conn.scalar(
+                    &format!("SELECT COUNT(*) FROM {OUTBOX_TABLE} WHERE state = 'pending'"),
+                    &[],
+                )
+                .await
+                .map_err(db_err("reading outbox"))?
+                .unwrap_or(0)
+            }
+            _ => 0,
+        };
+        conn.close().await;
+        let history = history?;
+        Ok(self.status_from(&history, pending))
+    }
+
+    fn status_from(&self, history: &[HistoryRow], pending_sync_requests: i64) -> Status {
+        let migrations = self
+            .set
+            .iter()
+            .map(|m| {
+                let row = history.iter().find(|r| r.version == m.version);
+                MigrationStatus {
+                    migration: m.clone(),
+                    state: State::from_history(row),
+                    history: row.map(History::from),
+                }
+            })
+            .collect();
+        Status {
+            backend: self.backend(),
+            current_version: current_version(history),
+            latest_version: self.set.latest(),
+            migrations,
+            unknown_versions: self.unknown_versions(history),
+            pending_sync_requests,
+        }
+    }
+
+    fn unknown_versions(&self, history: &[HistoryRow]) -> Vec<i64> {
+        history
+            .iter()
+            .filter(|r| self.set.get(r.version).is_none())
+            .map(|r| r.version)
+            .collect()
+    }
+
+    /// The exact SQL `migrate` would run now, up to `target` (0: the latest). Writes nothing.
+    pub async fn plan(&self, target: i64) -> Result<Vec<Planned>, EngineError> {
+        let target = self.resolve_target(target)?;
+        let mut conn = Conn::open(&self.db).await.map_err(db_err("connecting"))?;
+        let history = conn::history(&mut conn)
+            .await
+            .map_err(db_err("reading history"));
+        conn.close().await;
+        let history = history?;
+        self.check(&history)?;
+        Ok(self
+            .set
+            .iter()
+            .filter(|m| m.version <= target)
+            .filter_map(|m| {
+                let row = history.iter().find(|r| r.version == m.version);
+                let done = match row {
+                    Some(r) if r.state == state::APPLIED => return None,
+                    Some(r) if self.journaled(m) => r.statements_applied.max(0) as usize,
+                    _ => 0,
+                };
+                Some(Planned {
+                    version: m.version,
+                    name: m.name.clone(),
+                    transactional: !self.journaled(m),
+                    statements: m.statements[done.min(m.statements.len())..].to_vec(),
+                    resync: m.resync.iter().map(|s| s.as_str().to_owned()).collect(),
+                })
+            })
+            .collect())
+    }
+
+    /// Everything wrong between the database and the binary; empty if all is well. Writes
+    /// nothing.
+    pub async fn verify(&self) -> Result<Vec<Problem>, EngineError> {
+        let mut conn = Conn::open(&self.db).await.map_err(db_err("connecting"))?;
+        let history = conn::history(&mut conn)
+            .await
+            .map_err(db_err("reading history"));
+        conn.close().await;
+        let history = history?;
+        let mut problems = Vec::new();
+        for version in self.unknown_versions(&history) {
+            problems.push(Problem {
+                version,
+                problem: "recorded in the database but unknown to this binary (a newer \
+                          fleetsync migrated it)"
+                    .into(),
+            });
+        }
+        let current = current_version(&history);
+        for m in self.set.iter() {
+            let row = history.iter().find(|r| r.version == m.version);
+            match row {
+                Some(r) if r.state == state::APPLIED && r.checksum != m.checksum => {
+                    problems.push(Problem {
+                        version: m.version,
+                        problem: format!(
+                            "checksum mismatch: applied {}, binary {} (the file was edited)",
+                            r.checksum, m.checksum
+                        ),
+                    });
+                }
+                Some(r) if r.state == state::PARTIAL => problems.push(Problem {
+                    version: m.version,
+                    problem: format!(
+                        "partially applied ({} of {} statements): run migrate to finish it",
+                        r.statements_applied, r.statements_total
+                    ),
+                }),
+                Some(r) if r.state == state::FAILED => problems.push(Problem {
+                    version: m.version,
+                    problem: format!(
+                        "failed: {}: run migrate again once fixed",
+                        r.error.as_deref().unwrap_or("unknown error")
+                    ),
+                }),
+                None if m.version < current => problems.push(Problem {
+                    version: m.version,
+                    problem: format!(
+                        "missing: older than the applied version {current} but never applied"
+                    ),
+                }),
+                _ => {}
+            }
+        }
+        Ok(problems)
+    }
+
+    fn resolve_target(&self, target: i64) -> Result<i64, EngineError> {
+        if target == 0 {
+            return Ok(self.set.latest());
+        }
+        self.set
+            .get(target)
+            .map(|m| m.version)
+            .ok_or(EngineError::UnknownTarget(target))
+    }
+
+    /// Refuses a database that disagrees with the binary.
+    fn check(&self, history: &[HistoryRow]) -> Result<(), EngineError> {
+        let unknown = self.unknown_versions(history);
+        if !unknown.is_empty() {
+            return Err(EngineError::UnknownVersions(unknown));
+        }
+        for row in history {
+            let Some(m) = self.set.get(row.version) else {
+                continue;
+            };
+            if row.state == state::APPLIED && row.checksum != m.checksum {
+                return Err(EngineError::ChecksumMismatch {
+                    version: m.version,
+                    name: m.name.clone(),
+                    applied: row.checksum.clone(),
+                    binary: m.checksum.clone(),
+                });
+            }
+            if row.state != state::APPLIED && self.journaled(m) && row.statements_applied > 0 {
+                let done = row.statements_applied as usize;
+                if done > m.statements.len()
+                    || row.prefix_checksum.as_deref() != Some(&m.prefix_checksum(done))
+                {
+                    return Err(EngineError::PartialEdited {
+                        version: m.version,
+                        name: m.name.clone(),
+                        done: row.statements_applied,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies pending migrations up to `target` (0: the latest), calling `on_event` as it
+    /// goes. Stops at the first failure, which is returned (and recorded in the history).
+    pub async fn migrate(
+        &self,
+        target: i64,
+        on_event: &mut (dyn FnMut(Event) + Send),
+    ) -> Result<Report, EngineError> {
+        // A deadlock or serialisation failure (with the agent writing the outbox, say) rolls
+        // the transaction back; the run starts over under the lock, from the history.
+        let mut tries = 1;
+        loop {
+            match self.migrate_once(target, on_event).await {
+                Err(err) if tries < fleetsync_common::sql::MAX_ATTEMPTS && err.is_conflict() => {
+                    tracing::warn!(error = %err, tries, "migration conflicted with concurrent writes; starting over");
+                    tokio::time::sleep(fleetsync_common::clock::jitter(
+                        Duration::from_millis(20 * u64::from(tries)),
+                        0.5,
+                    ))
+                    .await;
+                    tries += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn migrate_once(
+        &self,
+        target: i64,
+        on_event: &mut (dyn FnMut(Event) + Send),
+    ) -> Result<Report, EngineError> {
+        let target = self.resolve_target(target)?;
+        let mut conn = Conn::open(&self.db).await.map_err(db_err("connecting"))?;
+        let result = self.migrate_locked(&mut conn, target, on_event).await;
+        self.unlock(&mut conn).await;
+        // Closing the connection releases a lock that unlock could not.
+        conn.close().await;
+        result
+    }
+
+    async fn migrate_locked(
+        &self,
+        conn: &mut Conn,
+        target: i64,
+        on_event: &mut (dyn FnMut(Event) + Send),
+    ) -> Result<Report, EngineError> {
+        self.lock(conn).await?;
+        self.bootstrap(conn).await?;
+        let history = conn::history(conn)
+            .await
+            .map_err(db_err("reading history"))?;
+        self.check(&history)?;
+        let run_id = format!("{:x}-{:x}", now_ms(), std::process::id());
+
+        let mut report = Report::default();
+        for m in self.set.iter().filter(|m| m.version <= target) {
+            let row = history.iter().find(|r| r.version == m.version);
+            if row.is_some_and(|r| r.state == state::APPLIED) {
+                continue;
+            }
+            let started = Instant::now();
+            let outcome = if self.journaled(m) {
+                self.apply_journaled(conn, m, &run_id, on_event).await
+            } else {
+                self.apply_transactional(conn, m, &run_id, on_event).await
+            };
+            match outcome {
+                Ok(Applied::Now { sync_request }) => {
+                    report.applied.push(m.version);
+                    if let Some(id) = &sync_request {
+                        report.sync_requests.push(id.clone());
+                    }
+                    on_event(Event::Applied {
+                        version: m.version,
+                        duration: started.elapsed(),
+                        sync_request,
+                    });
+                }
+                Ok(Applied::ByAnother) => {}
+                Err(err) => {
+                    if let EngineError::StatementFailed {
+                        error, statement, ..
+                    } = &err
+                    {
+                        on_event(Event::Failed {
+                            version: m.version,
+                            duration: started.elapsed(),
+                            error: error.clone(),
+                            statement: statement.clone(),
+                        });
+                    }
+                    return Err(err);
+                }
+            }
+        }
+        let history = conn::history(conn)
+            .await
+            .map_err(db_err("reading history"))?;
+        report.current_version = current_version(&history);
+        Ok(report)
+    }
+}

@@ -1,0 +1,159 @@
+//! The completer: finished runs are recorded in batches (group commit), everything that
+//! finished within a short linger in one transaction; a batch the database refuses for good is
+//! written item by item, and an item it still refuses becomes `PARSE_FAILED` with the reason.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use fleetsync_common::{
+    clock::jitter,
+    proto::sync::v1::Outcome,
+    sql::{Failure, classify},
+};
+use tokio::sync::mpsc;
+
+use super::{
+    COMPLETE_BATCH, COMPLETE_LINGER, Finished, Runner,
+    run::{name, truncate},
+};
+use crate::store::{Completion, Recorded, RunResult};
+
+impl Runner {
+    /// Records finished runs in batches: everything that finished while the previous batch was
+    /// being written goes into the next transaction.
+    pub(super) async fn complete_forever(
+        self: Arc<Self>,
+        mut done: mpsc::UnboundedReceiver<Finished>,
+    ) {
+        while let Some(first) = done.recv().await {
+            let mut batch = vec![first];
+            // Group commit: what finishes within the linger joins this transaction. Runs of a
+            // fleet finish spread out, one every few milliseconds; without it, each would be a
+            // transaction of its own (a dozen statements for one server).
+            let deadline = tokio::time::Instant::now() + COMPLETE_LINGER;
+            while batch.len() < COMPLETE_BATCH {
+                match tokio::time::timeout_at(deadline, done.recv()).await {
+                    Ok(Some(next)) => batch.push(next),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            self.record(batch).await;
+            // The batch's lease slots are free again: the scheduler may claim more.
+            self.signals.wake.notify_one();
+        }
+    }
+
+    /// Writes one batch. Conflicts are retried inside; while the database is unreachable the
+    /// batch waits (its leases still renewed); a batch refused for a reason that will not go
+    /// away is written item by item, and an item the database refuses is recorded as
+    /// `PARSE_FAILED` with the reason instead of being retried forever.
+    async fn record(&self, batch: Vec<Finished>) {
+        let items: Vec<Completion> = batch.iter().map(|f| f.completion.clone()).collect();
+        let mut pause = Duration::from_millis(200);
+        loop {
+            let started = Instant::now();
+            let written = self.store.complete(&self.holder, &items).await;
+            tracing::debug!(
+                runs = items.len(),
+                took_ms = started.elapsed().as_millis() as u64,
+                "recorded a batch"
+            );
+            match written {
+                Ok(recorded) => {
+                    self.report(&items, recorded);
+                    return;
+                }
+                Err(err) if classify(&err) != Failure::Permanent => {
+                    if self.shutdown.is_cancelled() {
+                        tracing::warn!(error = %err, runs = items.len(), "could not record runs before stopping; their servers will be synced again");
+                        return;
+                    }
+                    tracing::warn!(error = %err, runs = items.len(), "could not record runs; retrying");
+                    tokio::time::sleep(jitter(pause, 0.2)).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                Err(err) if items.len() > 1 => {
+                    tracing::warn!(error = %err, runs = items.len(), "a batch of runs was refused; recording them one by one");
+                    for item in &items {
+                        self.record_one(item.clone()).await;
+                    }
+                    return;
+                }
+                Err(err) => {
+                    let item = items.into_iter().next().expect("one item");
+                    self.record_degraded(unstorable(item, &err)).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn record_one(&self, item: Completion) {
+        match self
+            .store
+            .complete(&self.holder, std::slice::from_ref(&item))
+            .await
+        {
+            Ok(recorded) => self.report(std::slice::from_ref(&item), recorded),
+            Err(err) if classify(&err) == Failure::Permanent => {
+                self.record_degraded(unstorable(item, &err)).await;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, server_id = item.claim.server_id, "could not record a run; its lease expires and the server is synced again");
+            }
+        }
+    }
+
+    async fn record_degraded(&self, item: Completion) {
+        match self
+            .store
+            .complete(&self.holder, std::slice::from_ref(&item))
+            .await
+        {
+            Ok(recorded) => self.report(std::slice::from_ref(&item), recorded),
+            Err(err) => {
+                tracing::error!(error = %err, server_id = item.claim.server_id, "could not record a run even without its inventory; its lease expires");
+            }
+        }
+    }
+
+    fn report(&self, items: &[Completion], recorded: Vec<Recorded>) {
+        let mut any = false;
+        for (item, recorded) in items.iter().zip(recorded) {
+            let server_id = item.claim.server_id;
+            match recorded {
+                Recorded::Stored { result, jobs } => {
+                    any |= !jobs.is_empty();
+                    self.metrics
+                        .synced(&result.outcome, result.cause.as_deref());
+                    tracing::info!(server_id, outcome = %result.outcome, jobs = jobs.len(), duration_ms = result.duration_ms, "server synced");
+                }
+                Recorded::LeaseLost => {
+                    self.metrics.discarded();
+                    tracing::warn!(server_id, "lease lost during the run: result discarded")
+                }
+            }
+        }
+        if any {
+            self.signals.bump();
+        }
+    }
+}
+
+/// A run whose results the database refused for good: `PARSE_FAILED` with the reason, without
+/// the inventory (the server did answer: reachability and the host key pin still count).
+fn unstorable(mut item: Completion, err: &sqlx::Error) -> Completion {
+    item.result = RunResult {
+        outcome: name(Outcome::ParseFailed),
+        message: truncate(
+            &format!("what the server reported cannot be stored: {err}"),
+            1000,
+        ),
+        duration_ms: item.result.duration_ms,
+        ..RunResult::default()
+    };
+    item.inventory = None;
+    item
+}

@@ -1,0 +1,232 @@
+//! One server's run: skip it (no database service, offline and in backoff), or dial it, take a
+//! busy slot, connect, read its inventory and parse it, into one `Completion`. No database
+//! access: everything it needs came with the claim.
+
+use std::time::{Duration, Instant};
+
+use fleetsync_common::{
+    clock::jitter,
+    proto::sync::v1::{Outcome, UnreachableCause},
+};
+use tokio::sync::Semaphore;
+
+use super::Runner;
+use crate::{
+    inventory,
+    ssh::{HostKeyInfo, SshError, Target},
+    store::{ClaimedServer, Completion, InventoryWrite, Reach, RunResult, ServerRecord},
+};
+
+impl Runner {
+    /// One server: skip it, or connect, read its inventory and parse it. No database access:
+    /// everything it needs came with the claim.
+    pub(super) async fn sync_server(&self, work: &ClaimedServer, busy: &Semaphore) -> Completion {
+        let started = Instant::now();
+        let server = &work.server;
+        let done = |result: RunResult, reach: Reach| Completion {
+            claim: work.claim,
+            result: finish(result, started),
+            inventory: None,
+            pin: None,
+            reach,
+        };
+        let Some(service) = server.database_service else {
+            let result = failure(
+                Outcome::SkippedNoDatabaseService,
+                None,
+                "no database service registered".into(),
+            );
+            return done(result, Reach::Untried);
+        };
+        // Backoff is judged by the database's clock (the claim time), as it was written.
+        if let Some(until) = server.next_probe_at
+            && server.reachability == "offline"
+            && until > work.claim.claimed_at
+            && !work.forced
+        {
+            let mut result = failure(
+                Outcome::SkippedOffline,
+                None,
+                format!(
+                    "offline since {} failed attempt(s); next probe {}",
+                    server.consecutive_failures,
+                    crate::format_ms(until)
+                ),
+            );
+            result.next_probe_at = Some(until);
+            return done(result, Reach::Untried);
+        }
+        let (result, inventory, pin, reachable) = self.probe(server, service, busy).await;
+        let reach = if reachable {
+            Reach::Online
+        } else {
+            Reach::Offline {
+                backoff_ms: self.backoff_ms(server.consecutive_failures + 1),
+            }
+        };
+        Completion {
+            claim: work.claim,
+            result: finish(result, started),
+            inventory,
+            pin: pin.map(|k| (k.algorithm, k.fingerprint)),
+            reach,
+        }
+    }
+
+    /// Connects and reads the inventory: the result, what was read, the host key to pin on
+    /// first contact, and whether the server answered at all.
+    async fn probe(
+        &self,
+        server: &ServerRecord,
+        service: crate::store::DatabaseService,
+        busy: &Semaphore,
+    ) -> (RunResult, Option<InventoryWrite>, Option<HostKeyInfo>, bool) {
+        let pinned = server.host_key.as_ref().map(|k| HostKeyInfo {
+            algorithm: k.algorithm.clone(),
+            fingerprint: k.fingerprint.clone(),
+        });
+        let target = Target {
+            host: &server.ip,
+            port: server.port,
+            user: &server.ssh_user,
+            pinned: pinned.as_ref(),
+        };
+        // Dialing waits on the network; only what follows (key exchange, authentication, the
+        // command) takes one of the busy slots, held until the run ends.
+        let dialed = match self.ssh.dial(target.host, target.port).await {
+            Ok(dialed) => dialed,
+            Err(err) => return (ssh_failure(&err), None, None, !err.is_unreachable()),
+        };
+        let _busy = busy.acquire().await.expect("the slots are never closed");
+        let connection = match self.ssh.establish(dialed, target).await {
+            Ok(connection) => connection,
+            Err(err) => return (ssh_failure(&err), None, None, !err.is_unreachable()),
+        };
+        self.metrics.connected(connection.times());
+        let pin = pinned.is_none().then(|| connection.host_key().clone());
+        let (command, input) = inventory::probe(service, server.inventory_key.as_deref());
+        let started = Instant::now();
+        let output = connection.run_with_input(command, input.as_bytes()).await;
+        if output.is_ok() {
+            self.metrics.command(started.elapsed());
+        }
+        connection.close().await;
+        let (result, inventory) = match output {
+            Err(err) => (ssh_failure(&err), None),
+            Ok(out) if !out.success() => {
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                let first: Vec<&str> = stderr.lines().take(5).collect();
+                let mut message = format!(
+                    "`{}` exited with {}",
+                    command
+                        .split_whitespace()
+                        .take(4)
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    out.exit_status
+                        .map_or("no status".into(), |s| s.to_string())
+                );
+                if !first.is_empty() {
+                    message.push_str(": ");
+                    message.push_str(&truncate(&first.join(" | "), 500));
+                }
+                let mut result = failure(Outcome::CommandFailed, None, message);
+                result.exit_status = Some(out.exit_status.map_or(-1, i64::from));
+                (result, None)
+            }
+            Ok(out) => match inventory::parse(service, &out.stdout) {
+                Ok(inventory) => {
+                    let charsets = inventory.charsets.as_ref().map_or_else(
+                        || "charsets unchanged".to_owned(),
+                        |c| format!("{} charset(s)", c.count),
+                    );
+                    let message = format!(
+                        "{} database(s), {} user(s), {charsets}",
+                        inventory.databases.len(),
+                        inventory.users.len(),
+                    );
+                    (
+                        RunResult {
+                            outcome: name(Outcome::Ok),
+                            message,
+                            ..RunResult::default()
+                        },
+                        Some(inventory),
+                    )
+                }
+                Err(err) => (failure(Outcome::ParseFailed, None, err.0), None),
+            },
+        };
+        (result, inventory, pin, true)
+    }
+
+    /// How long a server that failed `failures` times in a row waits before its next probe:
+    /// exponential backoff from `backoff_base`, capped at `backoff_max`, with ±20% jitter so
+    /// that a fleet that went down together does not come back in lockstep. Added to the
+    /// database's clock when written.
+    pub(super) fn backoff_ms(&self, failures: i64) -> i64 {
+        let exponent = failures.clamp(1, 32) - 1;
+        let base = self.config.backoff_base.as_millis() as f64;
+        let delay =
+            (base * 2f64.powi(exponent as i32)).min(self.config.backoff_max.as_millis() as f64);
+        jitter(Duration::from_millis(delay as u64), 0.2).as_millis() as i64
+    }
+}
+
+/// Stored name of an outcome (`OK`, `UNREACHABLE`, ...).
+pub fn name(outcome: Outcome) -> String {
+    outcome
+        .as_str_name()
+        .trim_start_matches("OUTCOME_")
+        .to_owned()
+}
+
+/// Stored name of a cause (`REFUSED`, ...).
+pub fn cause_name(cause: UnreachableCause) -> Option<String> {
+    (cause != UnreachableCause::Unspecified).then(|| {
+        cause
+            .as_str_name()
+            .trim_start_matches("UNREACHABLE_CAUSE_")
+            .to_owned()
+    })
+}
+
+fn failure(outcome: Outcome, cause: Option<UnreachableCause>, message: String) -> RunResult {
+    RunResult {
+        outcome: name(outcome),
+        cause: cause.and_then(cause_name),
+        message,
+        ..RunResult::default()
+    }
+}
+
+fn ssh_failure(err: &SshError) -> RunResult {
+    let (outcome, cause) = err.outcome();
+    let mut result = failure(outcome, Some(cause), err.to_string());
+    if matches!(
+        err,
+        SshError::Timeout {
+            stage: crate::ssh::Stage::Command,
+            ..
+        }
+    ) {
+        result.exit_status = Some(-1);
+    }
+    result
+}
+
+fn finish(mut result: RunResult, started: Instant) -> RunResult {
+    result.duration_ms = started.elapsed().as_millis() as i64;
+    result
+}
+
+pub(super) fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
