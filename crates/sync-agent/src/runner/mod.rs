@@ -420,7 +420,7 @@ impl Runner {
                 request_id: format!("schedule-{interval_ms}-{bucket}"),
                 origin: JobOrigin::Schedule,
                 selection: Selection::All,
-                scopes: "charsets,databases,users".into(),
+                scopes: crate::store::ALL_SCOPES.into(),
                 force: false,
                 reason: format!(
                     "periodic sync every {}",
@@ -498,15 +498,15 @@ impl Runner {
     pub async fn drain_outbox(&self) -> Result<usize, fleetsync_common::ServiceError> {
         let requests = self.store.untaken_requests().await?;
         let n = requests.len();
-        for (id, scopes, reason) in requests {
+        for request in requests {
             self.store
                 .create_job(&NewJob {
-                    request_id: id,
+                    request_id: request.id,
                     origin: JobOrigin::Migration,
                     selection: Selection::All,
-                    scopes,
+                    scopes: request.scopes,
                     force: false,
-                    reason,
+                    reason: request.reason,
                 })
                 .await?;
         }

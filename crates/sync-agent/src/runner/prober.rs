@@ -72,7 +72,7 @@ impl Runner {
                         request_id: format!("recovery-{}-{}", self.holder, crate::new_id()),
                         origin: JobOrigin::Recovery,
                         selection: Selection::Ids(back),
-                        scopes: "charsets,databases,users".into(),
+                        scopes: crate::store::ALL_SCOPES.into(),
                         force: true,
                         reason: "the server is reachable again".into(),
                     };

@@ -61,6 +61,9 @@ pub enum JobState {
     Done,
 }
 
+/// Every scope, as stored: what the periodic and recovery syncs are for.
+pub const ALL_SCOPES: &str = "charsets,databases,users";
+
 /// Which servers a job covers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Selection {
@@ -571,20 +574,6 @@ impl Store {
             job.outcome_counts = by_job.remove(&job.id).unwrap_or_default();
         }
         Ok(jobs)
-    }
-
-    /// Sync requests recorded by migrations that no job has taken yet: (id, scopes, reason).
-    pub async fn untaken_requests(&self) -> Result<Vec<(String, String, String)>, sqlx::Error> {
-        self.db
-            .fetch(
-                "SELECT id, scopes, reason FROM sync_requests WHERE state <> 'taken' \
-                 ORDER BY created_at, id",
-                &[],
-            )
-            .await?
-            .iter()
-            .map(|r| Ok((r.text(0)?, r.text(1)?, r.text(2)?)))
-            .collect()
     }
 }
 

@@ -1,6 +1,6 @@
 //! Everything the agent reads and writes in the control-plane database, over the three
 //! backends: servers and their inventory (`servers`, `inventory`), jobs and their outcomes
-//! (`jobs`), the work queue and its fenced leases (`queue`), batched completion of runs
+//! (`jobs`), the migrations' sync requests (`outbox`), the work queue and its fenced leases (`queue`), batched completion of runs
 //! (`complete`), reachability probes (`reachability`), pruning of old history (`retention`) and
 //! the counts the metrics endpoint reports (`gauges`).
 //!
@@ -11,6 +11,7 @@ mod complete;
 mod gauges;
 mod inventory;
 mod jobs;
+mod outbox;
 mod queue;
 mod reachability;
 mod retention;
@@ -24,9 +25,10 @@ pub use complete::{Completion, Reach, Recorded};
 pub use gauges::FleetGauges;
 pub use inventory::{Charsets, InventoryCounts, InventoryWrite};
 pub use jobs::{
-    JobFilter, JobOrigin, JobRecord, JobState, NewJob, OUTCOMES_CHANNEL, OutcomeRecord, RunResult,
-    Selection, WORK_CHANNEL,
+    ALL_SCOPES, JobFilter, JobOrigin, JobRecord, JobState, NewJob, OUTCOMES_CHANNEL, OutcomeRecord,
+    RunResult, Selection, WORK_CHANNEL,
 };
+pub use outbox::SyncRequest;
 pub use queue::{Claim, ClaimedServer};
 pub use retention::Pruned;
 pub use servers::{
