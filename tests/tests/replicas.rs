@@ -32,6 +32,9 @@ fn agent(db: &TestDb, key: &str, dir: &std::path::Path) -> ServeProcess {
             "0s",
             "--concurrency",
             "4",
+            // Claim four at a time, so that both agents get part of an eight-server job.
+            "--in-flight",
+            "4",
         ],
         dir,
     )

@@ -13,6 +13,7 @@ use fleetsync_sync_agent::{
 };
 use fleetsync_tests::{
     SshFleet, TestAgent, TestDb,
+    catalog::wait_for_count,
     fleet::SSH_USER,
     services::{job_outcomes, migrate, register_server, test_runner_config, watch_to_end},
 };
@@ -56,6 +57,18 @@ async fn hosts_that_never_answer_do_not_hold_the_slots_of_the_healthy_ones() {
         .await;
         ids.push(id);
     }
+    // Whatever registration started (the migration's request covers every server) ends
+    // first: the job below must find every lease free.
+    let conn = db.connect().await;
+    wait_for_count(
+        &conn,
+        "SELECT (SELECT COUNT(*) FROM server_leases WHERE pending_since IS NOT NULL) \
+         + (SELECT COUNT(*) FROM sync_job_servers WHERE outcome IS NULL)",
+        |n| n == 0,
+        Duration::from_secs(20),
+        "servers still waiting or running before the job",
+    )
+    .await;
     let mut sync = agent.sync();
     let job = sync
         .start_sync(StartSyncRequest {
@@ -103,7 +116,11 @@ async fn hosts_that_never_answer_do_not_hold_the_slots_of_the_healthy_ones() {
     let last_frozen = frozen.iter().map(finished).fold(f64::MIN, f64::max);
     assert!(
         last_frozen - first_frozen < timeouts.handshake.as_secs_f64(),
-        "frozen hosts timed out over {:.1} s: one after another",
-        last_frozen - first_frozen
+        "frozen hosts timed out over {:.1} s: one after another ({:?})",
+        last_frozen - first_frozen,
+        frozen
+            .iter()
+            .map(|o| (finished(o) - first_frozen, o.message.clone()))
+            .collect::<Vec<_>>()
     );
 }

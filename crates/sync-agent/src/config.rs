@@ -196,6 +196,12 @@ pub struct ServeArgs {
     #[arg(long, env = "FLEETSYNC_CONCURRENCY", default_value_t = 64)]
     pub concurrency: usize,
 
+    /// Most servers in flight, dialing included (default 4x --concurrency, 256 to 1024; never
+    /// fewer than --concurrency). An agent claims this many at once: agents side by side share
+    /// jobs larger than this, and a smaller job is run by the agent that claims it first.
+    #[arg(long, env = "FLEETSYNC_IN_FLIGHT")]
+    pub in_flight: Option<usize>,
+
     /// Lease on a server while it is synced; renewed during the run, taken over by another
     /// agent if this one dies.
     #[arg(long, env = "FLEETSYNC_LEASE_TTL", default_value = "60s")]

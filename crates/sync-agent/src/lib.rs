@@ -265,6 +265,7 @@ pub fn config_from_args(args: &config::ServeArgs) -> anyhow::Result<Config> {
         ssh: SshClient::new(args.ssh.timeouts(), args.ssh.output_cap, keys),
         runner: RunnerConfig {
             concurrency: args.concurrency.max(1),
+            in_flight: args.in_flight,
             lease_ttl: args.lease_ttl.into(),
             poll_interval: args.poll_interval.into(),
             outbox_interval: args.outbox_interval.into(),

@@ -35,6 +35,9 @@ use crate::{
 pub struct RunnerConfig {
     /// Servers synced at once (SSH sessions in flight).
     pub concurrency: usize,
+    /// Most runs in flight, dialing included (`None`: 4x `concurrency`, 256 to 1024). An agent
+    /// claims this many servers at once, so a job smaller than this is run by one agent.
+    pub in_flight: Option<usize>,
     /// Lease length; renewed while a run lasts.
     pub lease_ttl: Duration,
     /// How often the database is polled for work (work made here wakes the scheduler at once).
@@ -57,6 +60,7 @@ impl Default for RunnerConfig {
     fn default() -> Self {
         Self {
             concurrency: 64,
+            in_flight: None,
             lease_ttl: Duration::from_secs(60),
             poll_interval: Duration::from_millis(200),
             outbox_interval: Duration::from_secs(10),
@@ -171,9 +175,9 @@ struct Slots {
 }
 
 impl Slots {
-    fn new(concurrency: usize) -> Self {
-        let flight = (concurrency * 4)
-            .clamp(MIN_IN_FLIGHT, MAX_IN_FLIGHT)
+    fn new(concurrency: usize, in_flight: Option<usize>) -> Self {
+        let flight = in_flight
+            .unwrap_or_else(|| (concurrency * 4).clamp(MIN_IN_FLIGHT, MAX_IN_FLIGHT))
             .max(concurrency);
         Self {
             flight: Arc::new(Semaphore::new(flight)),
@@ -245,7 +249,7 @@ impl Runner {
         ];
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let completer = tokio::spawn(Arc::clone(&this).complete_forever(done_rx));
-        let slots = Slots::new(this.config.concurrency);
+        let slots = Slots::new(this.config.concurrency, this.config.in_flight);
         let mut runs = tokio::task::JoinSet::new();
         loop {
             let claimed = match this.fill(&slots, &done_tx, &mut runs).await {

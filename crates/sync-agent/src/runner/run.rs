@@ -17,6 +17,18 @@ use crate::{
     store::{ClaimedServer, Completion, InventoryWrite, Reach, RunResult, ServerRecord},
 };
 
+/// What connecting to a server and reading its inventory came to.
+struct RunOutput {
+    /// The outcome, as stored.
+    result: RunResult,
+    /// What was read, to store (only with `OK`).
+    inventory: Option<InventoryWrite>,
+    /// The host key to pin: the one presented on first contact.
+    pin: Option<HostKeyInfo>,
+    /// Whether the server answered at all (its reachability).
+    reachable: bool,
+}
+
 impl Runner {
     /// One server: skip it, or connect, read its inventory and parse it. No database access:
     /// everything it needs came with the claim.
@@ -56,7 +68,12 @@ impl Runner {
             result.next_probe_at = Some(until);
             return done(result, Reach::Untried);
         }
-        let (result, inventory, pin, reachable) = self.probe(server, service, busy).await;
+        let RunOutput {
+            result,
+            inventory,
+            pin,
+            reachable,
+        } = self.read_inventory(server, service, busy).await;
         let reach = if reachable {
             Reach::Online
         } else {
@@ -73,14 +90,19 @@ impl Runner {
         }
     }
 
-    /// Connects and reads the inventory: the result, what was read, the host key to pin on
-    /// first contact, and whether the server answered at all.
-    async fn probe(
+    /// Connects and reads the inventory (the "probe" command of `inventory`).
+    async fn read_inventory(
         &self,
         server: &ServerRecord,
         service: crate::store::DatabaseService,
         busy: &Semaphore,
-    ) -> (RunResult, Option<InventoryWrite>, Option<HostKeyInfo>, bool) {
+    ) -> RunOutput {
+        let failed = |err: &SshError| RunOutput {
+            result: ssh_failure(err),
+            inventory: None,
+            pin: None,
+            reachable: !err.is_unreachable(),
+        };
         let pinned = server.host_key.as_ref().map(|k| HostKeyInfo {
             algorithm: k.algorithm.clone(),
             fingerprint: k.fingerprint.clone(),
@@ -95,12 +117,12 @@ impl Runner {
         // command) takes one of the busy slots, held until the run ends.
         let dialed = match self.ssh.dial(target.host, target.port).await {
             Ok(dialed) => dialed,
-            Err(err) => return (ssh_failure(&err), None, None, !err.is_unreachable()),
+            Err(err) => return failed(&err),
         };
         let _busy = busy.acquire().await.expect("the slots are never closed");
         let connection = match self.ssh.establish(dialed, target).await {
             Ok(connection) => connection,
-            Err(err) => return (ssh_failure(&err), None, None, !err.is_unreachable()),
+            Err(err) => return failed(&err),
         };
         self.metrics.connected(connection.times());
         let pin = pinned.is_none().then(|| connection.host_key().clone());
@@ -157,7 +179,12 @@ impl Runner {
                 Err(err) => (failure(Outcome::ParseFailed, None, err.0), None),
             },
         };
-        (result, inventory, pin, true)
+        RunOutput {
+            result,
+            inventory,
+            pin,
+            reachable: true,
+        }
     }
 
     /// How long a server that failed `failures` times in a row waits before its next probe:
