@@ -54,9 +54,9 @@ setup:
     [ "$ok" = 1 ] || exit 1
     echo "setup: ready (sshd $(/usr/sbin/sshd -V 2>&1 | head -1 | cut -d, -f1), grpcurl, grpcio, PostgreSQL, MariaDB)"
 
-# Build the binaries: migrator, sync-agent and the demo (debug)
+# Build the binaries: migrator (with the tests' crash points), sync-agent and the demo (debug)
 build:
-    cargo build --workspace --locked --bins
+    cargo build --workspace --locked --bins --features fleetsync-migrator/crash-points
 
 # Run the whole test suite against real sshd, PostgreSQL, MariaDB and gRPC (runs setup first)
 test: setup build

@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod catalog;
 pub mod db;
+pub mod events;
 pub mod fleet;
 pub mod migrator;
 pub mod netns;

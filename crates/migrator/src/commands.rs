@@ -198,6 +198,7 @@ pub async fn migrate(db: Db, args: &MigrateArgs) -> anyhow::Result<ExitCode> {
     let human = args.read.output == Output::Human;
     let options = Options {
         lock_timeout: args.lock_timeout.into(),
+        #[cfg(feature = "crash-points")]
         crash_at: args.crash_at.clone(),
         ..Options::default()
     };

@@ -105,8 +105,9 @@ pub struct MigrateArgs {
     #[arg(long, env = "FLEETSYNC_LOCK_TIMEOUT", default_value = "60s")]
     pub lock_timeout: humantime::Duration,
 
-    /// Test hook: SIGKILL this process at a crash point (`VERSION:STATEMENT`,
-    /// `VERSION:STATEMENT:journal` or `VERSION:commit`).
+    /// Test hook (built with the `crash-points` feature only): SIGKILL this process at a crash
+    /// point (`VERSION:STATEMENT`, `VERSION:STATEMENT:journal` or `VERSION:commit`).
+    #[cfg(feature = "crash-points")]
     #[arg(long, env = "FLEETSYNC_CRASH_AT", hide = true)]
     pub crash_at: Option<String>,
 }

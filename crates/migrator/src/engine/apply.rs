@@ -99,7 +99,8 @@ impl Engine {
         Ok(())
     }
 
-    /// The test hook: SIGKILL this process at `point`.
+    /// The test hook (feature `crash-points`): SIGKILL this process at `point`.
+    #[cfg(feature = "crash-points")]
     pub(super) fn crash_point(&self, point: &str) {
         if self.options.crash_at.as_deref() == Some(point) {
             eprintln!("crash point {point} reached: killing this process");
@@ -113,6 +114,11 @@ impl Engine {
             }
         }
     }
+
+    /// Without the `crash-points` feature, crash points are nothing.
+    #[cfg(not(feature = "crash-points"))]
+    #[inline(always)]
+    pub(super) fn crash_point(&self, _point: &str) {}
 
     pub(super) async fn apply_transactional(
         &self,

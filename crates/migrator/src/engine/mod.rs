@@ -148,8 +148,9 @@ pub struct Options {
     pub lock_timeout: Duration,
     /// Recorded as `installed_by`.
     pub installed_by: String,
-    /// Test hook: the process kills itself (SIGKILL) on reaching this point (see
-    /// [`Engine::crash_points`]).
+    /// Test hook (feature `crash-points`): the process kills itself (SIGKILL) on reaching this
+    /// point (see [`Engine::crash_points`]).
+    #[cfg(feature = "crash-points")]
     pub crash_at: Option<String>,
 }
 
@@ -158,6 +159,7 @@ impl Default for Options {
         Self {
             lock_timeout: Duration::from_secs(60),
             installed_by: default_installed_by(),
+            #[cfg(feature = "crash-points")]
             crash_at: None,
         }
     }

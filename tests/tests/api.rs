@@ -1,0 +1,626 @@
+//! The SyncAgent and Fleet APIs as clients use them: joined runs and repeated requests,
+//! resumable watches, malformed and hostile requests, registration by name and paging, and
+//! grpcurl against the binary.
+
+use std::time::Duration;
+
+use fleetsync_common::proto::sync::v1::{
+    self as pb, DatabaseService, GetServerRequest, GetSyncJobRequest, ListServersRequest, Outcome,
+    ResetHostKeyRequest, ServerSpec, StartSyncRequest, UpsertServerRequest, WatchSyncRequest,
+};
+use fleetsync_sync_agent::ssh::DEFAULT_OUTPUT_CAP;
+use fleetsync_tests::{
+    SshFleet, TestAgent, TestDb,
+    catalog::{count, wait_for_count},
+    events::{outcomes, summary, sync_timeouts, watch},
+    fleet::SSH_USER,
+    services::{migrate, register_fleet, register_server, sync_events as sync, test_runner_config},
+};
+use tonic::Code;
+
+#[tokio::test]
+async fn a_request_during_a_run_gets_a_run_of_its_own_and_repeat_requests_one_job() {
+    let fleet = SshFleet::start(1).await;
+    let db = TestDb::sqlite().await;
+    let agent = TestAgent::spawn(db.url(), fleet.client(sync_timeouts(), DEFAULT_OUTPUT_CAP)).await;
+    let (mut fleet_api, mut sync_api) = (agent.fleet(), agent.sync());
+    let id = register_server(
+        &mut fleet_api,
+        "slow",
+        fleet.host(0),
+        SSH_USER,
+        DatabaseService::Mariadb,
+    )
+    .await;
+    // A slow server: the probe takes a second before answering for real.
+    fleet
+        .host(0)
+        .install_program("sudo", "#!/bin/sh\nsleep 1\nexec /usr/bin/sudo \"$@\"\n");
+
+    let start = |request_id: &str| StartSyncRequest {
+        request_id: request_id.into(),
+        server_ids: vec![id],
+        ..Default::default()
+    };
+    let a = sync_api
+        .start_sync(start("a"))
+        .await
+        .expect("a")
+        .into_inner();
+    // Wait until the run is in flight (its lease is held), then ask again.
+    let conn = db.connect().await;
+    wait_for_count(
+        &conn,
+        "SELECT COUNT(*) FROM server_leases WHERE holder IS NOT NULL",
+        |n| n > 0,
+        Duration::from_secs(5),
+        "the run never started",
+    )
+    .await;
+    let b = sync_api
+        .start_sync(start("b"))
+        .await
+        .expect("b")
+        .into_inner();
+    assert_ne!(a.job_id, b.job_id);
+    // The same request id is the same job, however often it is sent.
+    let a_again = sync_api
+        .start_sync(start("a"))
+        .await
+        .expect("a again")
+        .into_inner();
+    assert_eq!(
+        (a_again.job_id.as_str(), a_again.created),
+        (a.job_id.as_str(), false)
+    );
+
+    let mut finished = Vec::new();
+    for job in [&a.job_id, &b.job_id] {
+        let events = watch(&mut sync_api, job, 0).await;
+        let outcome = &outcomes(&events)[&id];
+        assert_eq!(outcome.outcome(), Outcome::Ok);
+        let at = outcome.finished_at.as_ref().expect("finished_at");
+        finished.push((at.seconds, at.nanos));
+    }
+    // B arrived while A's run was reading the server: what that run read may predate B (a
+    // "sync after restore"), so B gets a run of its own, which finishes later.
+    assert_eq!(
+        count(&conn, "SELECT COUNT(*) FROM sync_runs").await,
+        2,
+        "the request made during a run is served by the next run"
+    );
+    assert!(finished[1] > finished[0], "{finished:?}");
+    assert_eq!(
+        count(&conn, "SELECT COUNT(*) FROM sync_jobs WHERE origin = 'rpc'").await,
+        2
+    );
+    agent.service.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_watch_resumes_from_its_cursor_and_jobs_read_back() {
+    let fleet = SshFleet::start(3).await;
+    let db = TestDb::postgres().await;
+    let agent = TestAgent::spawn(db.url(), fleet.client(sync_timeouts(), DEFAULT_OUTPUT_CAP)).await;
+    let (mut fleet_api, mut sync_api) = (agent.fleet(), agent.sync());
+    let ids = register_fleet(&mut fleet_api, &fleet, "h", DatabaseService::Mariadb).await;
+    let all = sync(&mut sync_api, &ids, "full").await;
+    let job_id = summary(&all).job_id;
+    // From cursor 2: the third outcome, then the summary.
+    let tail = watch(&mut sync_api, &job_id, 2).await;
+    assert_eq!(tail.iter().map(|e| e.cursor).collect::<Vec<_>>(), [3, 4]);
+    assert_eq!(tail[0], all[2]);
+    // From the summary's own cursor: nothing more, the stream just ends.
+    let end = watch(&mut sync_api, &job_id, 4).await;
+    assert!(end.is_empty(), "{end:?}");
+    let read = sync_api
+        .get_sync_job(GetSyncJobRequest {
+            job_id: job_id.clone(),
+            include_outcomes: true,
+            page_size: 0,
+            page_token: String::new(),
+        })
+        .await
+        .expect("get job")
+        .into_inner();
+    let job = read.job.expect("job");
+    assert_eq!(
+        (job.total, job.finished, job.state()),
+        (3, 3, pb::JobState::Done)
+    );
+    assert_eq!(
+        job.outcome_counts,
+        [pb::OutcomeCount {
+            outcome: Outcome::Ok as i32,
+            count: 3
+        }]
+    );
+    assert_eq!(read.outcomes.len(), 3);
+    assert!(
+        read.next_page_token.is_empty(),
+        "everything fit in one page"
+    );
+
+    // A page at a time: two, then the last one, in stream order.
+    let page = |size: u32, token: &str| GetSyncJobRequest {
+        job_id: job_id.clone(),
+        include_outcomes: true,
+        page_size: size,
+        page_token: token.into(),
+    };
+    let first = sync_api
+        .get_sync_job(page(2, ""))
+        .await
+        .expect("page 1")
+        .into_inner();
+    assert_eq!(first.outcomes.len(), 2);
+    assert!(!first.next_page_token.is_empty());
+    let second = sync_api
+        .get_sync_job(page(2, &first.next_page_token))
+        .await
+        .expect("page 2")
+        .into_inner();
+    assert_eq!(second.outcomes.len(), 1);
+    assert!(second.next_page_token.is_empty(), "the last page says so");
+    let paged: Vec<_> = first.outcomes.iter().chain(&second.outcomes).collect();
+    assert_eq!(paged, read.outcomes.iter().collect::<Vec<_>>());
+    for (request, field) in [
+        (page(2, "not-a-token"), "page_token"),
+        (page(10_001, ""), "page_size"),
+    ] {
+        let err = sync_api.get_sync_job(request).await.expect_err("refused");
+        assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+        assert!(err.message().contains(field), "{}", err.message());
+    }
+    agent.service.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn malformed_and_hostile_requests_get_the_right_status() {
+    let db = TestDb::sqlite().await;
+    let fleet = SshFleet::start(1).await;
+    let agent = TestAgent::spawn(db.url(), fleet.client(sync_timeouts(), DEFAULT_OUTPUT_CAP)).await;
+    let (mut fleet_api, mut sync_api) = (agent.fleet(), agent.sync());
+    let id = register_server(
+        &mut fleet_api,
+        "one",
+        fleet.host(0),
+        SSH_USER,
+        DatabaseService::Mariadb,
+    )
+    .await;
+    let deadline = Duration::from_secs(10);
+    fn code<T: std::fmt::Debug>(
+        result: Result<tonic::Response<T>, tonic::Status>,
+    ) -> (Code, String) {
+        match result {
+            Ok(r) => panic!("expected an error, got {r:?}"),
+            Err(status) => (status.code(), status.message().to_owned()),
+        }
+    }
+    let start = |r: StartSyncRequest| {
+        let mut client = sync_api.clone();
+        async move {
+            tokio::time::timeout(deadline, client.start_sync(r))
+                .await
+                .expect("answers in time")
+        }
+    };
+
+    let (c, m) = code(
+        start(StartSyncRequest {
+            server_ids: vec![id, 424242, 9],
+            ..Default::default()
+        })
+        .await,
+    );
+    assert_eq!(c, Code::NotFound);
+    assert!(m.contains("424242") && m.contains('9'), "{m}");
+    let (c, m) = code(start(StartSyncRequest::default()).await);
+    assert_eq!(
+        (c, m.contains("empty selection")),
+        (Code::InvalidArgument, true),
+        "{m}"
+    );
+    let (c, m) = code(
+        start(StartSyncRequest {
+            server_ids: (1..=100_000).collect(),
+            ..Default::default()
+        })
+        .await,
+    );
+    assert_eq!(
+        (c, m.contains("at most 10000")),
+        (Code::InvalidArgument, true),
+        "{m}"
+    );
+    let (c, m) = code(
+        start(StartSyncRequest {
+            all_servers: true,
+            scopes: vec![99],
+            ..Default::default()
+        })
+        .await,
+    );
+    assert_eq!(
+        (c, m.contains("unknown value 99")),
+        (Code::InvalidArgument, true),
+        "{m}"
+    );
+    let (c, _) = code(
+        start(StartSyncRequest {
+            server_ids: vec![-5],
+            ..Default::default()
+        })
+        .await,
+    );
+    assert_eq!(c, Code::InvalidArgument);
+
+    let job = sync_api
+        .start_sync(StartSyncRequest {
+            server_ids: vec![id],
+            ..Default::default()
+        })
+        .await
+        .expect("start")
+        .into_inner();
+    let watch_err = |job_id: &str, cursor: u64| {
+        let mut client = sync_api.clone();
+        let job_id = job_id.to_owned();
+        async move {
+            let result = tokio::time::timeout(
+                deadline,
+                client.watch_sync(WatchSyncRequest { job_id, cursor }),
+            )
+            .await
+            .expect("answers in time");
+            result.map(|_| ()).expect_err("must fail").code()
+        }
+    };
+    assert_eq!(
+        watch_err(&job.job_id, 3).await,
+        Code::OutOfRange,
+        "a bogus cursor"
+    );
+    assert_eq!(watch_err(&job.job_id, u64::MAX).await, Code::OutOfRange);
+    assert_eq!(watch_err("no-such-job", 0).await, Code::NotFound);
+    assert_eq!(watch_err("", 0).await, Code::InvalidArgument);
+    let (c, _) = code(
+        sync_api
+            .get_sync_job(GetSyncJobRequest {
+                job_id: "nope".into(),
+                include_outcomes: true,
+                page_size: 0,
+                page_token: String::new(),
+            })
+            .await,
+    );
+    assert_eq!(c, Code::NotFound);
+
+    // A request over the 4 MiB message limit: tonic answers OUT_OF_RANGE (its code for a
+    // message too large to decode, documented in the README), saying so; nothing is created.
+    let huge = StartSyncRequest {
+        server_ids: (1_000_000..=2_500_000).collect(),
+        ..Default::default()
+    };
+    let (c, m) = code(
+        sync_api
+            .clone()
+            .max_encoding_message_size(64 << 20)
+            .start_sync(huge)
+            .await,
+    );
+    assert_eq!(c, Code::OutOfRange, "{m}");
+    assert!(m.contains("message length too large"), "{m}");
+
+    // Fleet: unknown ids, bad fields (each named), unknown enum values, bad page tokens.
+    let (c, m) = code(fleet_api.get_server(GetServerRequest { id: 987654 }).await);
+    assert_eq!((c, m.as_str()), (Code::NotFound, "server 987654 not found"));
+    let (c, _) = code(
+        fleet_api
+            .delete_server(pb::DeleteServerRequest { id: 987654 })
+            .await,
+    );
+    assert_eq!(c, Code::NotFound);
+    let (c, _) = code(
+        fleet_api
+            .reset_host_key(ResetHostKeyRequest { id: 0 })
+            .await,
+    );
+    assert_eq!(c, Code::InvalidArgument);
+    let bad = |spec: ServerSpec| {
+        let mut client = fleet_api.clone();
+        async move {
+            let status = client
+                .upsert_server(UpsertServerRequest {
+                    id: 0,
+                    spec: Some(spec),
+                })
+                .await
+                .expect_err("invalid");
+            (status.code(), status.message().to_owned())
+        }
+    };
+    let good = ServerSpec {
+        name: "x".into(),
+        ip: "127.0.0.1".into(),
+        port: 22,
+        ssh_user: "vito".into(),
+        database_service: DatabaseService::Mysql as i32,
+        database_version: String::new(),
+        status: 0,
+    };
+    for (spec, field) in [
+        (
+            ServerSpec {
+                name: String::new(),
+                ..good.clone()
+            },
+            "spec.name",
+        ),
+        (
+            ServerSpec {
+                ip: "300.1.1.1 ; rm -rf /".into(),
+                ..good.clone()
+            },
+            "spec.ip",
+        ),
+        (
+            // Digits and dots that are no IPv4 address: refused now, not a DNS failure later.
+            ServerSpec {
+                ip: "999.1.1.1".into(),
+                ..good.clone()
+            },
+            "spec.ip",
+        ),
+        (
+            ServerSpec {
+                ip: "db.123".into(),
+                ..good.clone()
+            },
+            "spec.ip",
+        ),
+        (
+            ServerSpec {
+                port: 70000,
+                ..good.clone()
+            },
+            "spec.port",
+        ),
+        (
+            ServerSpec {
+                database_service: 17,
+                ..good.clone()
+            },
+            "spec.database_service",
+        ),
+        (
+            ServerSpec {
+                database_service: 0,
+                ..good.clone()
+            },
+            "spec.database_service",
+        ),
+    ] {
+        let (c, m) = bad(spec).await;
+        assert_eq!(c, Code::InvalidArgument);
+        assert!(m.contains(field), "{m}");
+    }
+    let (c, _) = code(
+        fleet_api
+            .upsert_server(UpsertServerRequest {
+                id: 555,
+                spec: Some(good.clone()),
+            })
+            .await,
+    );
+    assert_eq!(c, Code::NotFound, "update of an unknown id");
+    let (c, _) = code(
+        fleet_api
+            .list_servers(ListServersRequest {
+                reachability: 9,
+                ..Default::default()
+            })
+            .await,
+    );
+    assert_eq!(c, Code::InvalidArgument);
+    let (c, _) = code(
+        fleet_api
+            .list_servers(ListServersRequest {
+                page_token: "abc".into(),
+                ..Default::default()
+            })
+            .await,
+    );
+    assert_eq!(c, Code::InvalidArgument);
+    let (c, _) = code(
+        fleet_api
+            .list_servers(ListServersRequest {
+                page_size: 5000,
+                ..Default::default()
+            })
+            .await,
+    );
+    assert_eq!(c, Code::InvalidArgument);
+
+    // The agent is still fine.
+    let list = fleet_api
+        .list_servers(ListServersRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(list.servers.len(), 1);
+    agent.service.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn fleet_upserts_by_name_pages_and_deletes() {
+    let db = TestDb::mariadb().await;
+    migrate(db.url()).await;
+    let agent = TestAgent::spawn_with(
+        db.url(),
+        fleetsync_sync_agent::ssh::SshClient::new(sync_timeouts(), 1024, Default::default()),
+        test_runner_config(),
+    )
+    .await;
+    let mut fleet_api = agent.fleet();
+    let spec = |name: &str, service: DatabaseService| ServerSpec {
+        name: name.into(),
+        ip: "192.0.2.10".into(),
+        port: 0,
+        ssh_user: String::new(),
+        database_service: service as i32,
+        database_version: "10.11".into(),
+        status: 0,
+    };
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let r = fleet_api
+            .upsert_server(UpsertServerRequest {
+                id: 0,
+                spec: Some(spec(&format!("s{i}"), DatabaseService::Mariadb)),
+            })
+            .await
+            .expect("create")
+            .into_inner();
+        assert!(r.created);
+        ids.push(r.server.expect("server").id);
+    }
+    // Same name: an update, not a second server; the service can change.
+    let r = fleet_api
+        .upsert_server(UpsertServerRequest {
+            id: 0,
+            spec: Some(spec("s0", DatabaseService::Postgresql)),
+        })
+        .await
+        .expect("update")
+        .into_inner();
+    assert!(!r.created);
+    let s0 = r.server.expect("server");
+    assert_eq!(s0.id, ids[0]);
+    let s0_spec = s0.spec.clone().expect("spec");
+    assert_eq!((s0_spec.port, s0_spec.ssh_user.as_str()), (22, "vito"));
+    assert_eq!(s0_spec.database_service(), DatabaseService::Postgresql);
+    assert_eq!(s0.reachability(), pb::Reachability::Unknown);
+    // Renaming onto another server's name is refused.
+    let status = fleet_api
+        .upsert_server(UpsertServerRequest {
+            id: ids[1],
+            spec: Some(spec("s2", DatabaseService::None)),
+        })
+        .await
+        .expect_err("clash");
+    assert_eq!(status.code(), Code::AlreadyExists);
+
+    let page = fleet_api
+        .list_servers(ListServersRequest {
+            page_size: 2,
+            ..Default::default()
+        })
+        .await
+        .expect("page 1")
+        .into_inner();
+    assert_eq!(
+        page.servers.iter().map(|s| s.id).collect::<Vec<_>>(),
+        ids[..2]
+    );
+    let page2 = fleet_api
+        .list_servers(ListServersRequest {
+            page_size: 2,
+            page_token: page.next_page_token,
+            ..Default::default()
+        })
+        .await
+        .expect("page 2")
+        .into_inner();
+    assert_eq!(
+        page2.servers.iter().map(|s| s.id).collect::<Vec<_>>(),
+        ids[2..4]
+    );
+    let offline = fleet_api
+        .list_servers(ListServersRequest {
+            reachability: pb::Reachability::Offline as i32,
+            ..Default::default()
+        })
+        .await
+        .expect("filter")
+        .into_inner();
+    assert!(offline.servers.is_empty());
+
+    fleet_api
+        .delete_server(pb::DeleteServerRequest { id: ids[4] })
+        .await
+        .expect("delete");
+    let status = fleet_api
+        .get_server(GetServerRequest { id: ids[4] })
+        .await
+        .expect_err("gone");
+    assert_eq!(status.code(), Code::NotFound);
+    agent.service.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn grpcurl_syncs_one_server_and_streams_its_outcome() {
+    let fleet = SshFleet::start(1).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = TestDb::sqlite().await;
+    migrate(db.url()).await;
+    let key = fleet.client_key().to_str().expect("utf-8 path").to_owned();
+    let agent = fleetsync_tests::services::ServeProcess::start(
+        "sync-agent",
+        &["--database-url", db.url(), "--ssh-key", &key],
+        dir.path(),
+    );
+    let addr = agent.addr.to_string();
+    let grpcurl = std::env::var("FLEETSYNC_GRPCURL").unwrap_or_else(|_| "grpcurl".into());
+    let run = |args: Vec<String>| {
+        let output = std::process::Command::new(&grpcurl)
+            .args(&args)
+            .output()
+            .expect("run grpcurl (`just setup`)");
+        assert!(
+            output.status.success(),
+            "grpcurl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).expect("utf-8")
+    };
+    let host = fleet.host(0);
+    let registered = run(vec![
+        "-plaintext".into(),
+        "-d".into(),
+        format!(
+            r#"{{"spec": {{"name": "db-1", "ip": "{}", "port": {}, "sshUser": "{SSH_USER}", "databaseService": "DATABASE_SERVICE_MARIADB"}}}}"#,
+            host.addr(),
+            host.port()
+        ),
+        addr.clone(),
+        "fleetsync.sync.v1.Fleet/UpsertServer".into(),
+    ]);
+    assert!(registered.contains("\"created\": true"), "{registered}");
+    let streamed = run(vec![
+        "-plaintext".into(),
+        "-d".into(),
+        r#"{"serverIds": ["1"], "reason": "manual"}"#.into(),
+        addr.clone(),
+        "fleetsync.sync.v1.SyncAgent/Sync".into(),
+    ]);
+    assert!(
+        streamed.contains("\"outcome\": \"OUTCOME_OK\""),
+        "{streamed}"
+    );
+    assert!(streamed.contains("\"serverName\": \"db-1\""), "{streamed}");
+    assert!(
+        streamed.contains("\"state\": \"JOB_STATE_DONE\""),
+        "{streamed}"
+    );
+    let server = run(vec![
+        "-plaintext".into(),
+        "-d".into(),
+        r#"{"id": "1"}"#.into(),
+        addr,
+        "fleetsync.sync.v1.Fleet/GetServer".into(),
+    ]);
+    assert!(server.contains("\"name\": \"test\""), "{server}");
+    assert!(server.contains("REACHABILITY_ONLINE"), "{server}");
+}

@@ -1,0 +1,251 @@
+//! The incident end to end: `migrate` with half the fleet offline and the agent down; the
+//! request waits in the outbox and is served once; a later `migrate` hands it to the running
+//! agent.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use fleetsync_common::{
+    Backend,
+    proto::sync::v1::{self as pb, Outcome},
+};
+use fleetsync_sync_agent::ssh::DEFAULT_OUTPUT_CAP;
+use fleetsync_tests::{
+    SshFleet, TestAgent, TestDb,
+    catalog::{count, execute, wait_for_count},
+    events::{outcomes, summary, sync_timeouts, watch},
+    fleet::SSH_USER,
+    migrator::migrator,
+    services::test_runner_config,
+};
+
+/// The incident with the agent: servers registered before the charset/collation migration,
+/// half of them offline, the agent down while `migrate` runs. The request waits in the outbox,
+/// and the agent serves it once when it starts: one outcome per server, charset and collation
+/// filled in on the online ones. A later `migrate` hands the same request to the running agent
+/// and gets the same job back.
+async fn migration_with_half_the_fleet_offline(backend: Backend) {
+    let fleet = SshFleet::start(4).await;
+    let db = TestDb::create(backend).await;
+    let run = migrator(
+        db.url(),
+        &["migrate", "--no-dispatch", "--target", "20240101000004"],
+    )
+    .await;
+    assert_eq!(run.code(), 0, "{}", run.stderr);
+    let conn = db.connect().await;
+    for (i, host) in fleet.hosts().iter().enumerate() {
+        execute(
+            &conn,
+            &format!(
+                "INSERT INTO servers (name, ip, port, ssh_user, status, created_at, updated_at) \
+                 VALUES ('vito-{i}', '{}', {}, '{SSH_USER}', 'ready', 0, 0)",
+                host.addr(),
+                host.port()
+            ),
+        )
+        .await;
+        execute(
+            &conn,
+            &format!(
+                "INSERT INTO services (server_id, type, name, version, status, created_at, updated_at) \
+                 SELECT id, 'database', 'mariadb', '10.11', 'ready', 0, 0 FROM servers WHERE name = 'vito-{i}'"
+            ),
+        )
+        .await;
+    }
+    let (databases, collation) = if backend == Backend::MySql {
+        ("`databases`", "`collation`")
+    } else {
+        ("databases", "\"collation\"")
+    };
+    execute(
+        &conn,
+        &format!(
+            "INSERT INTO {databases} (server_id, name, status, created_at, updated_at) \
+             SELECT id, 'test', 'ready', 0, 0 FROM servers"
+        ),
+    )
+    .await;
+    fleet.host(2).stop();
+    fleet.host(3).stop();
+
+    // The agent is not running: migrate exits 0 at once, the request waits.
+    let started = Instant::now();
+    let run = migrator(db.url(), &["migrate", "--agent-url", "http://127.0.0.1:1"]).await;
+    assert_eq!(run.code(), 0, "{}{}", run.stdout, run.stderr);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(run.stderr.contains("stays pending"), "{}", run.stderr);
+
+    let agent = TestAgent::spawn_with(
+        db.url(),
+        fleet.client(sync_timeouts(), DEFAULT_OUTPUT_CAP),
+        test_runner_config(),
+    )
+    .await;
+    let mut sync_api = agent.sync();
+    // The agent drains the outbox as it starts: find the job of the migration's request.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let job_id = loop {
+        let taken = conn
+            .fetch_optional(
+                "SELECT job_id FROM sync_requests WHERE state = 'taken'",
+                &[],
+            )
+            .await
+            .expect("outbox");
+        if let Some(row) = taken {
+            break row.text(0).expect("job id");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent never took the request"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let events = watch(&mut sync_api, &job_id, 0).await;
+    let got = outcomes(&events);
+    assert_eq!(got.len(), 4, "one outcome per server");
+    let by_name: BTreeMap<&str, Outcome> = got
+        .values()
+        .map(|o| (o.server_name.as_str(), o.outcome()))
+        .collect();
+    assert_eq!(by_name["vito-0"], Outcome::Ok);
+    assert_eq!(by_name["vito-1"], Outcome::Ok);
+    assert_eq!(by_name["vito-2"], Outcome::Unreachable);
+    assert_eq!(by_name["vito-3"], Outcome::Unreachable);
+    let s = summary(&events);
+    assert_eq!(s.origin(), pb::JobOrigin::Migration);
+    assert_eq!(s.request_id, "migration-20250215120213");
+    let filled = count(
+        &conn,
+        &format!(
+            "SELECT COUNT(*) FROM {databases} WHERE name = 'test' AND charset IS NOT NULL \
+             AND {collation} IS NOT NULL"
+        ),
+    )
+    .await;
+    assert_eq!(filled, 2, "the online servers have charset and collation");
+
+    // Handed over again by a later migrate: the same job, not a second one.
+    let run = migrator(
+        db.url(),
+        &[
+            "migrate",
+            "--agent-url",
+            &format!("http://{}", agent.service.addr),
+        ],
+    )
+    .await;
+    assert_eq!(run.code(), 0, "{}", run.stderr);
+    assert_eq!(
+        count(
+            &conn,
+            "SELECT COUNT(*) FROM sync_jobs WHERE origin = 'migration'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(
+            &conn,
+            "SELECT COUNT(*) FROM sync_requests WHERE state = 'taken'"
+        )
+        .await,
+        1
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await; // one more outbox drain
+    assert_eq!(
+        count(
+            &conn,
+            "SELECT COUNT(*) FROM sync_jobs WHERE origin = 'migration'"
+        )
+        .await,
+        1,
+        "exactly once"
+    );
+    agent.service.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn migration_with_half_the_fleet_offline_sqlite() {
+    migration_with_half_the_fleet_offline(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn migration_with_half_the_fleet_offline_postgres() {
+    migration_with_half_the_fleet_offline(Backend::Postgres).await;
+}
+
+#[tokio::test]
+async fn migration_with_half_the_fleet_offline_mariadb() {
+    migration_with_half_the_fleet_offline(Backend::MySql).await;
+}
+
+#[tokio::test]
+async fn migrate_hands_its_request_to_a_running_agent() {
+    // A database migrated but for the incident migration cannot run an agent; so the agent
+    // runs on a fully migrated database whose request is still pending, as after a dispatch
+    // that failed, and `migrate` (a no-op) hands the request over.
+    let db = TestDb::sqlite().await;
+    let run = migrator(db.url(), &["migrate", "--no-dispatch"]).await;
+    assert_eq!(run.code(), 0);
+    let mut config = test_runner_config();
+    config.outbox_interval = Duration::from_secs(3600);
+    let conn = db.connect().await;
+    // Pretend the agent already drained once: only the dispatch can deliver the request now.
+    let agent = TestAgent::spawn_with(
+        db.url(),
+        fleetsync_sync_agent::ssh::SshClient::new(sync_timeouts(), 1024, Default::default()),
+        config,
+    )
+    .await;
+    wait_for_count(
+        &conn,
+        "SELECT COUNT(*) FROM sync_requests WHERE state = 'taken'",
+        |n| n > 0,
+        Duration::from_secs(5),
+        "the start-up drain took nothing",
+    )
+    .await;
+    execute(&conn, "UPDATE sync_requests SET state = 'pending'").await;
+    let run = migrator(
+        db.url(),
+        &[
+            "migrate",
+            "--agent-url",
+            &format!("http://{}", agent.service.addr),
+        ],
+    )
+    .await;
+    assert_eq!(run.code(), 0, "{}", run.stderr);
+    assert!(
+        run.stdout.contains("handed to the sync-agent: job"),
+        "{}{}",
+        run.stdout,
+        run.stderr
+    );
+    assert_eq!(
+        count(
+            &conn,
+            "SELECT COUNT(*) FROM sync_jobs WHERE origin = 'migration'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(
+            &conn,
+            "SELECT COUNT(*) FROM sync_requests WHERE state = 'taken'"
+        )
+        .await,
+        1
+    );
+    agent.service.stop().await.expect("clean stop");
+}
