@@ -8,6 +8,7 @@ pub mod client;
 pub mod config;
 pub mod inventory;
 pub mod metrics;
+pub mod model;
 pub mod runner;
 pub mod schema;
 pub mod service;

@@ -13,6 +13,7 @@ use tokio::sync::Semaphore;
 use super::Runner;
 use crate::{
     inventory,
+    model::Reachability,
     ssh::{HostKeyInfo, SshError, Target},
     store::{ClaimedServer, Completion, InventoryWrite, Reach, RunResult, ServerRecord},
 };
@@ -52,7 +53,7 @@ impl Runner {
         };
         // Backoff is judged by the database's clock (the claim time), as it was written.
         if let Some(until) = server.next_probe_at
-            && server.reachability == "offline"
+            && server.reachability == Reachability::Offline
             && until > work.claim.claimed_at
             && !work.forced
         {

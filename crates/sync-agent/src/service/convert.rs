@@ -4,6 +4,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use fleetsync_common::proto::sync::v1 as pb;
 
+use crate::model::Reachability;
 use crate::store::{
     DatabaseService, HostKeyRecord, Inventory, JobOrigin, JobRecord, OutcomeRecord, RunResult,
     ServerRecord,
@@ -144,11 +145,11 @@ fn status(name: &str) -> pb::ServerStatus {
         .unwrap_or(pb::ServerStatus::Unspecified)
 }
 
-fn reachability(name: &str) -> pb::Reachability {
-    match name {
-        "online" => pb::Reachability::Online,
-        "offline" => pb::Reachability::Offline,
-        _ => pb::Reachability::Unknown,
+fn reachability(reachability: Reachability) -> pb::Reachability {
+    match reachability {
+        Reachability::Online => pb::Reachability::Online,
+        Reachability::Offline => pb::Reachability::Offline,
+        Reachability::Unknown => pb::Reachability::Unknown,
     }
 }
 
@@ -173,7 +174,7 @@ pub fn server(record: &ServerRecord, last: Option<&(RunResult, i64)>) -> pb::Ser
             database_version: record.database_version.clone(),
             status: status(&record.status) as i32,
         }),
-        reachability: reachability(&record.reachability) as i32,
+        reachability: reachability(record.reachability) as i32,
         last_seen_at: record.last_seen_at.and_then(timestamp),
         consecutive_failures: record.consecutive_failures.max(0) as u32,
         next_probe_at: record.next_probe_at.and_then(timestamp),

@@ -13,6 +13,7 @@ use fleetsync_common::{
 use tonic::{Request, Response, Status};
 
 use super::{AgentState, convert};
+use crate::model::Reachability;
 use crate::store::{DatabaseService, ServerSpec};
 
 /// `fleetsync.sync.v1.Fleet`.
@@ -211,9 +212,9 @@ impl Fleet for FleetService {
         let request = request.into_inner();
         let reachability = match pb::Reachability::try_from(request.reachability) {
             Ok(pb::Reachability::Unspecified) => None,
-            Ok(pb::Reachability::Unknown) => Some("unknown"),
-            Ok(pb::Reachability::Online) => Some("online"),
-            Ok(pb::Reachability::Offline) => Some("offline"),
+            Ok(pb::Reachability::Unknown) => Some(Reachability::Unknown),
+            Ok(pb::Reachability::Online) => Some(Reachability::Online),
+            Ok(pb::Reachability::Offline) => Some(Reachability::Offline),
             Err(_) => {
                 return Err(ServiceError::invalid(
                     "reachability",

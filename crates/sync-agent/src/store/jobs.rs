@@ -12,54 +12,7 @@ use fleetsync_common::{
 };
 
 use super::{InventoryCounts, Store, list};
-
-/// Where a job came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JobOrigin {
-    /// An RPC.
-    Rpc,
-    /// A migration's sync request.
-    Migration,
-    /// The periodic sync.
-    Schedule,
-    /// A server that came back.
-    Recovery,
-}
-
-impl JobOrigin {
-    /// Stored name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Rpc => "rpc",
-            Self::Migration => "migration",
-            Self::Schedule => "schedule",
-            Self::Recovery => "recovery",
-        }
-    }
-
-    fn parse(s: &str) -> Result<Self, sqlx::Error> {
-        match s {
-            "rpc" => Ok(Self::Rpc),
-            "migration" => Ok(Self::Migration),
-            "schedule" => Ok(Self::Schedule),
-            "recovery" => Ok(Self::Recovery),
-            other => Err(sqlx::Error::Decode(
-                format!("unknown job origin {other:?} in sync_jobs").into(),
-            )),
-        }
-    }
-}
-
-/// A job's life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JobState {
-    /// No server finished.
-    Pending,
-    /// Some servers finished.
-    Running,
-    /// Every server has an outcome.
-    Done,
-}
+pub use crate::model::{JobOrigin, JobState};
 
 /// Every scope, as stored: what the periodic and recovery syncs are for.
 pub const ALL_SCOPES: &str = "charsets,databases,users";

@@ -6,6 +6,8 @@ use fleetsync_common::{
     sql::{Row, Value, is_unique_violation, retry},
 };
 
+use crate::model::Reachability;
+
 use super::Store;
 
 /// The database service registered for a server.
@@ -86,7 +88,7 @@ pub struct ServerRecord {
     /// Lifecycle status.
     pub status: String,
     /// `unknown`, `online`, `offline`.
-    pub reachability: String,
+    pub reachability: Reachability,
     /// Last successful contact (ms).
     pub last_seen_at: Option<i64>,
     /// Failed attempts since the last success.
@@ -136,7 +138,7 @@ impl TryFrom<&Row> for ServerRecord {
             port: u16::try_from(r.int(3)?).unwrap_or(22),
             ssh_user: r.text(4)?,
             status: r.text(5)?,
-            reachability: r.text(6)?,
+            reachability: Reachability::parse(&r.text(6)?)?,
             last_seen_at: r.opt_int(7)?,
             consecutive_failures: r.int(8)?,
             next_probe_at: r.opt_int(9)?,
@@ -223,12 +225,12 @@ impl Store {
     /// Servers by ascending id after `after_id`, optionally with one reachability.
     pub async fn servers(
         &self,
-        reachability: Option<&str>,
+        reachability: Option<Reachability>,
         after_id: i64,
         limit: u32,
     ) -> Result<Vec<ServerRecord>, sqlx::Error> {
         let (filter, mut args): (&str, Vec<Value>) = match reachability {
-            Some(r) => ("AND s.reachability = ?", vec![r.into()]),
+            Some(r) => ("AND s.reachability = ?", vec![r.as_str().into()]),
             None => ("", vec![]),
         };
         let sql = format!(
