@@ -29,9 +29,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fleetsync_common::proto::sync::v1::{
-    DatabaseService, StartSyncRequest, UnreachableCause, fleet_client::FleetClient,
-    sync_agent_client::SyncAgentClient,
+use fleetsync_common::{
+    clock::new_id,
+    proto::sync::v1::{
+        DatabaseService, StartSyncRequest, UnreachableCause, fleet_client::FleetClient,
+        sync_agent_client::SyncAgentClient,
+    },
 };
 use fleetsync_tests::{
     SshFleet, TestDb,
@@ -350,7 +353,7 @@ impl Bench {
             index.insert(target, i);
         }
         std::fs::write(&hosts, text).expect("write hosts");
-        let errors = self.dir.path().join(format!("pssh-err-{}", fresh()));
+        let errors = self.dir.path().join(format!("pssh-err-{}", new_id()));
         let mut command = Command::new("/usr/bin/parallel-ssh");
         command
             .arg("-h")
@@ -423,10 +426,6 @@ for host_output in output:
     ok = host_output.exit_code == 0 and lines
     print(f"{i}\t{'ok' if ok else 'exit ' + str(host_output.exit_code)}")
 "#;
-
-fn fresh() -> String {
-    format!("{:x}", fleetsync_tests::random_u64())
-}
 
 /// The agent, its API and the server ids in the bench's host order.
 struct Agent {
@@ -525,7 +524,7 @@ impl Agent {
         let job = self
             .sync
             .start_sync(StartSyncRequest {
-                request_id: format!("bench-{}", fresh()),
+                request_id: format!("bench-{}", new_id()),
                 all_servers: true,
                 force: true,
                 reason: "bench-fleet".into(),
@@ -638,34 +637,33 @@ impl Row {
         median(self.samples.iter().map(f).collect())
     }
 
-    /// Faulty hosts reported with the right class, and healthy hosts reported OK, in the
-    /// median-wall run.
-    fn classified(&self, kinds: &[Kind]) -> (usize, usize, usize) {
+    /// The run with the median wall time: the one whose classification is reported.
+    fn median_sample(&self) -> &Sample {
         let mut by_wall: Vec<&Sample> = self.samples.iter().collect();
         by_wall.sort_by(|a, b| a.wall.total_cmp(&b.wall));
-        let sample = by_wall[by_wall.len() / 2];
-        let mut healthy = 0;
-        let mut faulty = 0;
-        for (i, kind) in kinds.iter().enumerate() {
-            let right = sample.seen.get(&i) == Some(&kind.expected());
-            match (kind, right) {
-                (Kind::Healthy, true) => healthy += 1,
-                (_, true) if *kind != Kind::Healthy => faulty += 1,
-                _ => {}
-            }
-        }
-        let wrong: usize = kinds
+        by_wall[by_wall.len() / 2]
+    }
+
+    /// Healthy hosts reported OK and faulty hosts reported with the right class, in the
+    /// median-wall run.
+    fn classified(&self, kinds: &[Kind]) -> (usize, usize) {
+        let sample = self.median_sample();
+        let right = |i: usize, kind: &Kind| sample.seen.get(&i) == Some(&kind.expected());
+        let healthy = kinds
             .iter()
             .enumerate()
-            .filter(|(i, k)| **k != Kind::Healthy && sample.seen.get(i) != Some(&k.expected()))
+            .filter(|(i, k)| **k == Kind::Healthy && right(*i, k))
             .count();
-        (healthy, faulty, wrong)
+        let faulty = kinds
+            .iter()
+            .enumerate()
+            .filter(|(i, k)| **k != Kind::Healthy && right(*i, k))
+            .count();
+        (healthy, faulty)
     }
 
     fn misread(&self, kinds: &[Kind]) -> String {
-        let mut by_wall: Vec<&Sample> = self.samples.iter().collect();
-        by_wall.sort_by(|a, b| a.wall.total_cmp(&b.wall));
-        let sample = by_wall[by_wall.len() / 2];
+        let sample = self.median_sample();
         let mut counts: BTreeMap<(Kind, Option<Seen>), usize> = BTreeMap::new();
         for (i, kind) in kinds.iter().enumerate() {
             let seen = sample.seen.get(&i).copied();
@@ -790,7 +788,7 @@ async fn main() {
     );
     let _ = writeln!(table, "|---|---|---|---|---|---|---|---|---|---|---|");
     for row in &rows {
-        let (healthy, faulty, _) = row.classified(&bench.kinds);
+        let (healthy, faulty) = row.classified(&bench.kinds);
         let misread = row.misread(&bench.kinds);
         let _ = writeln!(
             table,

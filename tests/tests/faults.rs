@@ -14,19 +14,11 @@ use fleetsync_common::{
 use fleetsync_sync_agent::ssh::DEFAULT_OUTPUT_CAP;
 use fleetsync_tests::{
     SshFleet, TestAgent, TestDb,
+    bench::peak_rss_mib,
     events::{outcomes, prost_duration, summary, sync_timeouts},
     fleet::{NO_SUDO_USER, Placement, SSH_USER},
     services::{migrate, register_server, sync_events as sync},
 };
-
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM")
-}
 
 async fn every_fault(backend: Backend) {
     // The hosts, by what they do in the second sync (all but NO_SUDO and NO_SERVICE answer
@@ -377,7 +369,7 @@ async fn a_flood_of_output_does_not_grow_the_agents_memory() {
         outcomes(&sync(&mut sync_api, &[id], "warm").await)[&id].outcome(),
         Outcome::Ok
     );
-    let before = peak_rss_kib(agent.pid());
+    let before = (peak_rss_mib(agent.pid()) * 1024.0) as u64;
     // 512 MiB of output against a 64 KiB cap.
     fleet
         .host(0)
@@ -389,7 +381,7 @@ async fn a_flood_of_output_does_not_grow_the_agents_memory() {
         "{}",
         got[&id].message
     );
-    let after = peak_rss_kib(agent.pid());
+    let after = (peak_rss_mib(agent.pid()) * 1024.0) as u64;
     eprintln!("agent peak RSS: {before} KiB before, {after} KiB after 512 MiB of output");
     assert!(
         after < before + 32 * 1024,
