@@ -6,8 +6,9 @@ use std::collections::BTreeSet;
 
 use fleetsync_common::proto::sync::v1::{DatabaseService, ServerSpec, UpsertServerRequest};
 use fleetsync_sync_agent::{
+    model::JobOrigin,
     ssh::{ClientKeys, SshClient, Timeouts},
-    store::{JobOrigin, NewJob, Selection, Store},
+    store::{NewJob, Selection, Store},
 };
 use fleetsync_tests::{
     TestAgent, TestDb,
@@ -97,7 +98,9 @@ async fn jobs_created_at_once_under_one_request_id_are_one_job() {
                             request_id: format!("twin-{}", i % 2),
                             origin: JobOrigin::Migration,
                             selection: Selection::All,
-                            scopes: "databases".into(),
+                            scopes: [fleetsync_sync_agent::model::Scope::Databases]
+                                .into_iter()
+                                .collect(),
                             force: false,
                             reason: String::new(),
                         })

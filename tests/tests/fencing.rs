@@ -12,7 +12,10 @@ use fleetsync_tests::{
 
 #[tokio::test]
 async fn an_agent_that_lost_its_lease_writes_nothing_and_runs_serve_only_older_requests() {
-    use fleetsync_sync_agent::store::{Completion, Reach, Recorded, RunResult, Store};
+    use fleetsync_sync_agent::{
+        model::{JobOrigin, Outcome, Scope},
+        store::{Completion, Reach, Recorded, RunResult, Store},
+    };
     for backend in [Backend::Sqlite, Backend::Postgres, Backend::MySql] {
         let db = TestDb::create(backend).await;
         migrate(db.url()).await;
@@ -35,9 +38,9 @@ async fn an_agent_that_lost_its_lease_writes_nothing_and_runs_serve_only_older_r
             .id;
         let job = |request: &str| fleetsync_sync_agent::store::NewJob {
             request_id: request.into(),
-            origin: fleetsync_sync_agent::store::JobOrigin::Rpc,
+            origin: JobOrigin::Rpc,
             selection: fleetsync_sync_agent::store::Selection::Ids(vec![server]),
-            scopes: "databases".into(),
+            scopes: [Scope::Databases].into_iter().collect(),
             force: false,
             reason: String::new(),
         };
@@ -68,18 +71,15 @@ async fn an_agent_that_lost_its_lease_writes_nothing_and_runs_serve_only_older_r
         let b = b[0].claim;
         assert!(b.token > a.token, "tokens grow on every claim");
 
-        let completion = |claim, outcome: &str| Completion {
+        let completion = |claim, outcome: Outcome| Completion {
             claim,
-            result: RunResult {
-                outcome: outcome.into(),
-                ..RunResult::default()
-            },
+            result: RunResult::new(outcome, ""),
             inventory: None,
             pin: None,
             reach: Reach::Online,
         };
         let stale = store
-            .complete("agent-a", &[completion(a, "AUTH_FAILED")])
+            .complete("agent-a", &[completion(a, Outcome::AuthFailed)])
             .await
             .expect("record");
         assert_eq!(
@@ -91,7 +91,7 @@ async fn an_agent_that_lost_its_lease_writes_nothing_and_runs_serve_only_older_r
 
         // B's claim came after both requests: its run serves both.
         let fresh = store
-            .complete("agent-b", &[completion(b, "OK")])
+            .complete("agent-b", &[completion(b, Outcome::Ok)])
             .await
             .expect("record");
         let Recorded::Stored { jobs, .. } = &fresh[0] else {
@@ -110,7 +110,7 @@ async fn an_agent_that_lost_its_lease_writes_nothing_and_runs_serve_only_older_r
         tokio::time::sleep(Duration::from_millis(5)).await;
         let (late, _) = store.create_job(&job("late")).await.expect("job");
         let served = store
-            .complete("agent-c", &[completion(c, "OK")])
+            .complete("agent-c", &[completion(c, Outcome::Ok)])
             .await
             .expect("record");
         assert!(
@@ -126,7 +126,7 @@ async fn an_agent_that_lost_its_lease_writes_nothing_and_runs_serve_only_older_r
             "{backend}: the server waits again for the late request"
         );
         let served = store
-            .complete("agent-c", &[completion(again[0].claim, "OK")])
+            .complete("agent-c", &[completion(again[0].claim, Outcome::Ok)])
             .await
             .expect("record");
         assert!(
@@ -149,7 +149,7 @@ async fn an_agent_that_lost_its_lease_writes_nothing_and_runs_serve_only_older_r
             "{backend}: an expired lease stays expired"
         );
         let late = store
-            .complete("agent-d", &[completion(d, "HANDSHAKE_FAILED")])
+            .complete("agent-d", &[completion(d, Outcome::HandshakeFailed)])
             .await
             .expect("record");
         assert_eq!(
@@ -160,7 +160,7 @@ async fn an_agent_that_lost_its_lease_writes_nothing_and_runs_serve_only_older_r
         let d = store.claim("agent-d", 60_000, 10).await.expect("claim");
         assert_eq!(d.len(), 1, "{backend}: the server still waits");
         let served = store
-            .complete("agent-d", &[completion(d[0].claim, "OK")])
+            .complete("agent-d", &[completion(d[0].claim, Outcome::Ok)])
             .await
             .expect("record");
         assert!(
@@ -168,7 +168,7 @@ async fn an_agent_that_lost_its_lease_writes_nothing_and_runs_serve_only_older_r
             "{backend}: {served:?}"
         );
         let job = store.job(&before.id).await.expect("job").expect("exists");
-        assert_eq!(job.outcome_counts, [("OK".to_owned(), 1)], "{backend}");
+        assert_eq!(job.outcome_counts, [(Outcome::Ok, 1)], "{backend}");
         assert!(
             store
                 .claim("agent-c", 60_000, 10)

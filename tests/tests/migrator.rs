@@ -35,7 +35,7 @@ async fn fresh_run(backend: Backend) {
         plan.stdout
     );
     assert!(
-        plan.stdout.contains("-- then re-sync: databases, charsets"),
+        plan.stdout.contains("-- then re-sync: charsets, databases"),
         "{}",
         plan.stdout
     );

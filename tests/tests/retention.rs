@@ -2,8 +2,9 @@
 //! are deleted; unfinished jobs and newer history stay; rows left waiting for servers that were
 //! deleted behind the API's back end as CANCELLED.
 
-use fleetsync_sync_agent::store::{
-    Completion, JobOrigin, NewJob, Reach, Recorded, RunResult, Selection, Store,
+use fleetsync_sync_agent::{
+    model::{JobOrigin, Outcome, Scope},
+    store::{Completion, NewJob, Reach, Recorded, RunResult, Selection, Store},
 };
 use fleetsync_tests::{
     TestDb,
@@ -17,7 +18,7 @@ fn job(request: &str, ids: Vec<i64>) -> NewJob {
         request_id: request.into(),
         origin: JobOrigin::Rpc,
         selection: Selection::Ids(ids),
-        scopes: "databases".into(),
+        scopes: [Scope::Databases].into_iter().collect(),
         force: false,
         reason: String::new(),
     }
@@ -39,10 +40,7 @@ async fn old_history_is_pruned_and_open_work_is_kept() {
             .filter(|c| c.claim.server_id == 1)
             .map(|c| Completion {
                 claim: c.claim,
-                result: RunResult {
-                    outcome: "OK".into(),
-                    ..RunResult::default()
-                },
+                result: RunResult::new(Outcome::Ok, ""),
                 inventory: None,
                 pin: None,
                 reach: Reach::Online,
@@ -95,7 +93,7 @@ async fn old_history_is_pruned_and_open_work_is_kept() {
         let orphaned = store.job(&orphaned.id).await.expect("read").expect("kept");
         assert_eq!(
             orphaned.outcome_counts,
-            [("CANCELLED".to_owned(), 1)],
+            [(Outcome::Cancelled, 1)],
             "{backend}: the orphan row ended"
         );
         let again = store.prune(2000, 10).await.expect("prune");

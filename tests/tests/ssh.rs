@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use fleetsync_common::proto::sync::v1::{Outcome, UnreachableCause};
+use fleetsync_sync_agent::model::{Cause, Outcome};
 use fleetsync_sync_agent::ssh::{
     DEFAULT_OUTPUT_CAP, HostKeyInfo, SshClient, SshError, Stage, Timeouts,
 };
@@ -137,7 +137,7 @@ async fn each_fault_ends_within_its_timeout_with_its_own_kind() {
         "healthy took {healthy_elapsed:?}"
     );
 
-    let expect = |i: usize, outcome: Outcome, cause: UnreachableCause, limit: Duration| {
+    let expect = |i: usize, outcome: Outcome, cause: Option<Cause>, limit: Duration| {
         let (result, elapsed) = &results[i];
         let err = result.as_ref().expect_err("faulty host must fail");
         assert_eq!(err.outcome(), (outcome, cause), "host {i}: {err}");
@@ -151,17 +151,12 @@ async fn each_fault_ends_within_its_timeout_with_its_own_kind() {
     let refused = expect(
         1,
         Outcome::Unreachable,
-        UnreachableCause::Refused,
+        Some(Cause::Refused),
         Duration::ZERO,
     );
     assert!(refused.to_string().contains("refused"), "{refused}");
 
-    let frozen = expect(
-        2,
-        Outcome::Unreachable,
-        UnreachableCause::Timeout,
-        t.handshake,
-    );
+    let frozen = expect(2, Outcome::Unreachable, Some(Cause::Timeout), t.handshake);
     assert!(
         matches!(
             frozen,
@@ -177,23 +172,13 @@ async fn each_fault_ends_within_its_timeout_with_its_own_kind() {
         "frozen host ended before its timeout"
     );
 
-    let no_route = expect(
-        3,
-        Outcome::Unreachable,
-        UnreachableCause::NoRoute,
-        t.connect,
-    );
+    let no_route = expect(3, Outcome::Unreachable, Some(Cause::NoRoute), t.connect);
     assert!(
         no_route.to_string().contains("No route to host"),
         "{no_route}"
     );
 
-    let changed = expect(
-        4,
-        Outcome::HostKeyMismatch,
-        UnreachableCause::Unspecified,
-        t.handshake,
-    );
+    let changed = expect(4, Outcome::HostKeyMismatch, None, t.handshake);
     match changed {
         SshError::HostKeyMismatch {
             pinned: was,
@@ -206,12 +191,7 @@ async fn each_fault_ends_within_its_timeout_with_its_own_kind() {
         other => panic!("expected a host key mismatch, got {other:?}"),
     }
 
-    let denied = expect(
-        5,
-        Outcome::AuthFailed,
-        UnreachableCause::Unspecified,
-        t.handshake + t.auth,
-    );
+    let denied = expect(5, Outcome::AuthFailed, None, t.handshake + t.auth);
     assert!(
         matches!(denied, SshError::AuthRejected { .. }),
         "{denied:?}"
@@ -251,7 +231,7 @@ async fn faults_heal_when_the_host_recovers() {
             .expect_err("stopped")
             .outcome()
             .1,
-        UnreachableCause::Refused
+        Some(Cause::Refused)
     );
     lo.start().await;
     connect(&client, lo, Some(&key))
@@ -271,7 +251,7 @@ async fn faults_heal_when_the_host_recovers() {
             .expect_err("cut off")
             .outcome()
             .1,
-        UnreachableCause::NoRoute
+        Some(Cause::NoRoute)
     );
     ns.restore_route();
     connect(&client, ns, Some(&ns_key))
@@ -356,7 +336,7 @@ async fn host_name_that_does_not_resolve_is_a_dns_failure() {
         .expect_err("must not resolve");
     assert_eq!(
         err.outcome(),
-        (Outcome::Unreachable, UnreachableCause::Dns),
+        (Outcome::Unreachable, Some(Cause::Dns)),
         "{err}"
     );
 }

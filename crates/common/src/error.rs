@@ -104,6 +104,13 @@ impl From<sqlx::Error> for ServiceError {
     }
 }
 
+impl From<crate::model::UnknownValue> for ServiceError {
+    /// The database holds a value this build does not know: an internal error, not a guess.
+    fn from(err: crate::model::UnknownValue) -> Self {
+        Self::Internal(format!("database holds {err}"))
+    }
+}
+
 impl From<ServiceError> for Status {
     fn from(err: ServiceError) -> Self {
         let code = err.code();

@@ -1,5 +1,6 @@
 //! Pieces both fleetsync services share: the generated gRPC code, the control-plane database
-//! connection, telemetry, shutdown, the gRPC server scaffolding and the error-to-`Status` mapping.
+//! connection, telemetry, shutdown, the gRPC server scaffolding, the error-to-`Status` mapping
+//! and the domain values both store (`model`).
 #![forbid(unsafe_code)]
 
 pub mod calls;
@@ -8,6 +9,7 @@ pub mod clock;
 pub mod db;
 pub mod error;
 pub mod grpc;
+pub mod model;
 pub mod pool;
 pub mod proto;
 pub mod shutdown;

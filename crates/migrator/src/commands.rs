@@ -140,7 +140,7 @@ pub async fn plan(db: Db, args: &PlanArgs) -> anyhow::Result<ExitCode> {
                 "name": p.name,
                 "transactional": p.transactional,
                 "statements": p.statements,
-                "resync": p.resync,
+                "resync": p.resync.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         })),
         Output::Human => {
@@ -150,7 +150,8 @@ pub async fn plan(db: Db, args: &PlanArgs) -> anyhow::Result<ExitCode> {
             for p in &planned {
                 println!("-- {} {}", p.version, p.name);
                 if !p.resync.is_empty() {
-                    println!("-- then re-sync: {}", p.resync.join(", "));
+                    let scopes: Vec<&str> = p.resync.iter().map(|s| s.as_str()).collect();
+                    println!("-- then re-sync: {}", scopes.join(", "));
                 }
                 if p.transactional {
                     println!("BEGIN;");

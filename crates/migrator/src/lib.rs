@@ -2,11 +2,13 @@
 //! re-synced. Its only network peer is the sync-agent; it never connects to a managed server.
 #![forbid(unsafe_code)]
 
+mod catalog;
 pub mod commands;
 pub mod config;
-mod conn;
 pub mod engine;
+mod history;
 pub mod migration;
+pub mod model;
 pub mod outbox;
 pub mod service;
 

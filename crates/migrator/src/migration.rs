@@ -1,47 +1,10 @@
 //! Migrations as the binary knows them: embedded SQL per dialect, the header line that declares
 //! options, statement splitting, and checksums.
 
-use std::fmt;
-
 use fleetsync_common::Backend;
 use sha2::{Digest, Sha256};
 
-/// Data the sync-agent must re-sync once a migration is applied.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum ResyncScope {
-    /// Databases with charset and collation.
-    Databases,
-    /// Charsets and collations of the database service.
-    Charsets,
-    /// Database users.
-    Users,
-}
-
-impl ResyncScope {
-    /// Name as written in a migration header and stored in the outbox.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Databases => "databases",
-            Self::Charsets => "charsets",
-            Self::Users => "users",
-        }
-    }
-
-    fn parse(name: &str) -> Option<Self> {
-        match name {
-            "databases" => Some(Self::Databases),
-            "charsets" => Some(Self::Charsets),
-            "users" => Some(Self::Users),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for ResyncScope {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+use crate::model::{Scope, Scopes};
 
 /// One migration for one dialect.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,8 +17,8 @@ pub struct Migration {
     pub checksum: String,
     /// The statements, in order, without their terminating `;`.
     pub statements: Vec<String>,
-    /// Data to re-sync once applied (header `resync=...`).
-    pub resync: Vec<ResyncScope>,
+    /// Data the sync-agent must re-sync once it is applied (header `resync=...`).
+    pub resync: Scopes,
     /// False with header option `no-transaction` (statements then run one by one, journaled,
     /// as on MySQL).
     pub transactional: bool,
@@ -85,7 +48,7 @@ impl Migration {
             reason,
         };
         let normalised = normalise(text);
-        let mut resync = Vec::new();
+        let mut resync = Scopes::empty();
         let mut transactional = true;
         for line in normalised.lines() {
             let Some(options) = line.trim().strip_prefix(HEADER) else {
@@ -96,14 +59,12 @@ impl Migration {
                     transactional = false;
                 } else if let Some(scopes) = option.strip_prefix("resync=") {
                     for scope in scopes.split(',').filter(|s| !s.is_empty()) {
-                        let scope = ResyncScope::parse(scope).ok_or_else(|| {
+                        let scope = Scope::parse(scope).map_err(|_| {
                             error(format!(
                                 "unknown resync scope `{scope}` (use databases, charsets, users)"
                             ))
                         })?;
-                        if !resync.contains(&scope) {
-                            resync.push(scope);
-                        }
+                        resync.insert(scope);
                     }
                 } else {
                     return Err(error(format!("unknown header option `{option}`")));
@@ -149,7 +110,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    use fmt::Write;
+    use std::fmt::Write;
     bytes.iter().fold(String::with_capacity(64), |mut s, b| {
         let _ = write!(s, "{b:02x}");
         s
@@ -410,7 +371,10 @@ mod tests {
             "-- fleetsync: resync=databases,charsets\nSELECT 1;\n",
         )
         .unwrap();
-        assert_eq!(lf.resync, [ResyncScope::Databases, ResyncScope::Charsets]);
+        assert_eq!(
+            lf.resync,
+            Scopes::from_iter([Scope::Databases, Scope::Charsets])
+        );
         assert!(lf.transactional);
         let crlf_bom = Migration::parse(
             1,
@@ -450,7 +414,7 @@ mod tests {
                 .expect("incident migration");
             assert_eq!(
                 incident.resync,
-                [ResyncScope::Databases, ResyncScope::Charsets]
+                Scopes::from_iter([Scope::Databases, Scope::Charsets])
             );
             // Only that migration asks for a re-sync.
             assert_eq!(set.iter().filter(|m| !m.resync.is_empty()).count(), 1);

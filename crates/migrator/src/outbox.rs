@@ -6,15 +6,16 @@ use std::time::Duration;
 
 use fleetsync_common::{
     Db,
-    proto::sync::v1::{StartSyncRequest, SyncScope, sync_agent_client::SyncAgentClient},
-    sql::Value,
+    proto::sync::v1::{StartSyncRequest, sync_agent_client::SyncAgentClient},
+    sql::{Conn, Value},
 };
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
-use crate::{
-    conn::{self, Conn, OUTBOX_TABLE},
-    engine::now_ms,
-};
+use crate::{catalog::table_exists, engine::now_ms, model::SyncRequest};
+
+/// The outbox of sync requests, the engine's own: it must exist before any migration that
+/// records a request runs.
+pub(crate) const OUTBOX_TABLE: &str = "sync_requests";
 
 /// Where the sync-agent is.
 #[derive(Debug, Clone)]
@@ -36,14 +37,6 @@ pub struct Dispatch {
     pub request_id: String,
     /// The agent's job id, or why the agent did not take it.
     pub result: Result<String, String>,
-}
-
-/// A pending sync request.
-#[derive(Debug, Clone)]
-struct Pending {
-    id: String,
-    scopes: String,
-    reason: String,
 }
 
 /// Hands every pending request to the agent within the deadline. Never fails the caller for the
@@ -115,19 +108,22 @@ pub async fn dispatch_pending(db: &Db, agent: &AgentTarget) -> Result<Vec<Dispat
     Ok(results)
 }
 
-async fn read_pending(conn: &mut Conn) -> Result<Vec<Pending>, sqlx::Error> {
-    if !conn::table_exists(conn, OUTBOX_TABLE).await? {
+async fn read_pending(conn: &mut Conn) -> Result<Vec<SyncRequest>, sqlx::Error> {
+    if !table_exists(conn, OUTBOX_TABLE).await? {
         return Ok(Vec::new());
     }
-    let rows = conn::pending_requests(conn).await?;
-    let pending = rows
-        .into_iter()
-        .map(|(id, scopes, reason)| Pending { id, scopes, reason })
-        .collect();
-    Ok(pending)
+    let sql = format!(
+        "SELECT {} FROM {OUTBOX_TABLE} WHERE state = 'pending' ORDER BY created_at, id",
+        SyncRequest::COLUMNS
+    );
+    conn.fetch(&sql, &[])
+        .await?
+        .iter()
+        .map(SyncRequest::try_from)
+        .collect()
 }
 
-async fn hand_over(pending: &[Pending], agent: &AgentTarget) -> Vec<Dispatch> {
+async fn hand_over(pending: &[SyncRequest], agent: &AgentTarget) -> Vec<Dispatch> {
     let failed_all = |error: String| {
         pending
             .iter()
@@ -187,16 +183,7 @@ async fn hand_over(pending: &[Pending], agent: &AgentTarget) -> Vec<Dispatch> {
         });
     let mut results = Vec::with_capacity(pending.len());
     for request in pending {
-        let scopes = request
-            .scopes
-            .split(',')
-            .filter_map(|s| match s {
-                "databases" => Some(SyncScope::Databases as i32),
-                "charsets" => Some(SyncScope::Charsets as i32),
-                "users" => Some(SyncScope::Users as i32),
-                _ => None,
-            })
-            .collect();
+        let scopes = request.scopes.to_proto();
         let result = client
             .start_sync(StartSyncRequest {
                 request_id: request.id.clone(),

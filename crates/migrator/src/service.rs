@@ -153,7 +153,7 @@ impl Migrator for MigratorService {
                     name: p.name,
                     transactional: p.transactional,
                     statements: p.statements,
-                    resync_scopes: p.resync,
+                    resync_scopes: p.resync.iter().map(|s| s.as_str().into()).collect(),
                 })
                 .collect(),
         }))

@@ -27,12 +27,16 @@ use prometheus_client::{
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{ssh::StageTimes, store::Store};
+use crate::{
+    model::{Cause, JobState, Outcome, Reachability},
+    ssh::StageTimes,
+    store::Store,
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SyncLabels {
-    outcome: String,
-    cause: String,
+    outcome: &'static str,
+    cause: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -54,12 +58,12 @@ struct CallLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
-    state: String,
+    state: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReachabilityLabels {
-    reachability: String,
+    reachability: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -208,11 +212,11 @@ impl Metrics {
     }
 
     /// One run recorded with this outcome and cause (`None`: no cause).
-    pub fn synced(&self, outcome: &str, cause: Option<&str>) {
+    pub fn synced(&self, outcome: Outcome, cause: Option<Cause>) {
         self.syncs
             .get_or_create(&SyncLabels {
-                outcome: outcome.to_owned(),
-                cause: cause.unwrap_or_default().to_owned(),
+                outcome: outcome.as_str(),
+                cause: cause.map_or("", Cause::as_str),
             })
             .inc();
     }
@@ -281,20 +285,21 @@ impl Metrics {
             Ok(Ok(gauges)) => {
                 self.database_up.set(1);
                 // States and reachabilities that have no rows now read 0, not their last value.
-                for state in ["pending", "running"] {
+                let not_done = [JobState::Pending, JobState::Running];
+                for state in not_done {
                     self.jobs.get_or_create(&state_labels(state)).set(0);
                 }
                 for (state, n) in gauges.jobs {
-                    self.jobs.get_or_create(&state_labels(&state)).set(n);
+                    self.jobs.get_or_create(&state_labels(state)).set(n);
                 }
-                for reachability in ["online", "offline", "unknown"] {
+                for reachability in Reachability::ALL {
                     self.servers
-                        .get_or_create(&reach_labels(reachability))
+                        .get_or_create(&reach_labels(*reachability))
                         .set(0);
                 }
                 for (reachability, n) in gauges.servers {
                     self.servers
-                        .get_or_create(&reach_labels(&reachability))
+                        .get_or_create(&reach_labels(reachability))
                         .set(n);
                 }
                 self.servers_waiting.set(gauges.servers_waiting);
@@ -326,15 +331,15 @@ impl Metrics {
     }
 }
 
-fn state_labels(state: &str) -> StateLabels {
+fn state_labels(state: JobState) -> StateLabels {
     StateLabels {
-        state: state.to_owned(),
+        state: state.as_str(),
     }
 }
 
-fn reach_labels(reachability: &str) -> ReachabilityLabels {
+fn reach_labels(reachability: Reachability) -> ReachabilityLabels {
     ReachabilityLabels {
-        reachability: reachability.to_owned(),
+        reachability: reachability.as_str(),
     }
 }
 

@@ -1,87 +1,108 @@
-//! The agent's domain values as types: where a job came from, where it is in its life, and
-//! whether a server answers. Each is stored as text and converted at the database edge
-//! (`as_str`, `parse`: unknown text is an error, never a guess) and at the proto edge
-//! (`service::convert`).
+//! The agent's domain values as types: where a job came from, where it is in its life, whether
+//! a server answers, and how a server's run ended. Each is stored as text and converted at the
+//! database edge (`as_str`, `parse`: unknown text is an error, never a guess; see
+//! `common::stored_enum!`) and at the proto edge (`service::convert`).
 
-/// Whether a server answers, as its last contact found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Reachability {
-    /// Never tried, or not since it was registered.
-    Unknown,
-    /// The last contact got an SSH answer.
-    Online,
-    /// The last contact got none: in backoff until its next probe.
-    Offline,
-}
+pub use fleetsync_common::model::{Scope, Scopes, UnknownValue};
+use fleetsync_common::stored_enum;
 
-impl Reachability {
-    /// Stored name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Unknown => "unknown",
-            Self::Online => "online",
-            Self::Offline => "offline",
-        }
-    }
-
-    /// From its stored name; anything else is an error, never a guess.
-    pub fn parse(s: &str) -> Result<Self, sqlx::Error> {
-        match s {
-            "unknown" => Ok(Self::Unknown),
-            "online" => Ok(Self::Online),
-            "offline" => Ok(Self::Offline),
-            other => Err(sqlx::Error::Decode(
-                format!("unknown reachability {other:?} in servers").into(),
-            )),
-        }
+stored_enum! {
+    /// Whether a server answers, as its last contact found.
+    pub enum Reachability in "reachability in servers" {
+        /// Never tried, or not since it was registered.
+        Unknown => "unknown",
+        /// The last contact got an SSH answer.
+        Online => "online",
+        /// The last contact got none: in backoff until its next probe.
+        Offline => "offline",
     }
 }
 
-/// Where a job came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JobOrigin {
-    /// An RPC.
-    Rpc,
-    /// A migration's sync request.
-    Migration,
-    /// The periodic sync.
-    Schedule,
-    /// A server that came back.
-    Recovery,
-}
-
-impl JobOrigin {
-    /// Stored name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Rpc => "rpc",
-            Self::Migration => "migration",
-            Self::Schedule => "schedule",
-            Self::Recovery => "recovery",
-        }
-    }
-
-    /// From its stored name; anything else is an error, never a guess.
-    pub fn parse(s: &str) -> Result<Self, sqlx::Error> {
-        match s {
-            "rpc" => Ok(Self::Rpc),
-            "migration" => Ok(Self::Migration),
-            "schedule" => Ok(Self::Schedule),
-            "recovery" => Ok(Self::Recovery),
-            other => Err(sqlx::Error::Decode(
-                format!("unknown job origin {other:?} in sync_jobs").into(),
-            )),
-        }
+stored_enum! {
+    /// Where a job came from.
+    pub enum JobOrigin in "job origin in sync_jobs" {
+        /// An RPC.
+        Rpc => "rpc",
+        /// A migration's sync request.
+        Migration => "migration",
+        /// The periodic sync.
+        Schedule => "schedule",
+        /// A server that came back.
+        Recovery => "recovery",
     }
 }
 
-/// A job's life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JobState {
-    /// No server finished.
-    Pending,
-    /// Some servers finished.
-    Running,
-    /// Every server has an outcome.
-    Done,
+stored_enum! {
+    /// A job's life.
+    pub enum JobState in "job state in sync_jobs" {
+        /// No server finished.
+        Pending => "pending",
+        /// Some servers finished.
+        Running => "running",
+        /// Every server has an outcome.
+        Done => "done",
+    }
+}
+
+stored_enum! {
+    /// How one server's run ended (the proto's `Outcome`, whose comments say more).
+    pub enum Outcome in "outcome in sync_job_servers" {
+        /// Inventory read and stored.
+        Ok => "OK",
+        /// Not attempted: offline and in backoff.
+        SkippedOffline => "SKIPPED_OFFLINE",
+        /// Not attempted: no database service registered.
+        SkippedNoDatabaseService => "SKIPPED_NO_DATABASE_SERVICE",
+        /// No TCP connection or no SSH banner; the `Cause` says why, where known.
+        Unreachable => "UNREACHABLE",
+        /// The SSH handshake failed.
+        HandshakeFailed => "HANDSHAKE_FAILED",
+        /// Every key was refused.
+        AuthFailed => "AUTH_FAILED",
+        /// The host key is not the pinned one; nothing was run.
+        HostKeyMismatch => "HOST_KEY_MISMATCH",
+        /// The inventory command exited non-zero or timed out.
+        CommandFailed => "COMMAND_FAILED",
+        /// The output could not be understood or stored.
+        ParseFailed => "PARSE_FAILED",
+        /// The server was deleted before it was synced.
+        Cancelled => "CANCELLED",
+    }
+}
+
+stored_enum! {
+    /// Why a server was `UNREACHABLE`.
+    pub enum Cause in "unreachable cause in sync_job_servers" {
+        /// Nothing listens on the address and port.
+        Refused => "REFUSED",
+        /// No route to the host: down, or the network is cut.
+        NoRoute => "NO_ROUTE",
+        /// No connection or no banner within the timeout.
+        Timeout => "TIMEOUT",
+        /// The host name did not resolve.
+        Dns => "DNS",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_names_round_trip_and_unknown_text_is_refused() {
+        for outcome in Outcome::ALL {
+            assert_eq!(Outcome::parse(outcome.as_str()), Ok(*outcome));
+        }
+        for cause in Cause::ALL {
+            assert_eq!(Cause::parse(cause.as_str()), Ok(*cause));
+        }
+        let err = Outcome::parse("ok").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unknown outcome in sync_job_servers \"ok\""
+        );
+        assert!(JobOrigin::parse("cron").is_err());
+        assert!(Reachability::parse("").is_err());
+        assert!(JobState::parse("cancelled").is_err());
+    }
 }

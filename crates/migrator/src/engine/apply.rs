@@ -1,19 +1,18 @@
 //! Applying migrations under the lock: the lock itself, bootstrapping the engine's tables, the
 //! transactional and the journaled apply paths, and the history and outbox rows they write.
 
-use std::{
-    collections::BTreeSet,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use fleetsync_common::{Backend, sql::Value};
 
 use super::{
-    Engine, EngineError, Event, LOCK_NAME, PG_LOCK_KEY, db_err, ddl::already_applied, now_ms, state,
+    Engine, EngineError, Event, LOCK_NAME, PG_LOCK_KEY, db_err, ddl::already_applied, now_ms,
 };
 use crate::{
-    conn::{self, Conn, HistoryRow, OUTBOX_TABLE, bootstrap_sql},
+    history::{self, Conn, History, bootstrap_sql},
     migration::Migration,
+    model::State,
+    outbox::OUTBOX_TABLE,
 };
 
 impl Engine {
@@ -135,11 +134,11 @@ impl Engine {
             .await
             .map_err(db_err("starting a transaction"))?;
         // Under the lock: another migrator may have applied it since history was read.
-        let row = match conn::history_row(conn, m.version).await {
+        let row = match history::history_row(conn, m.version).await {
             Ok(row) => row,
             Err(err) => return Err(rollback(conn, db_err("reading history")(err)).await),
         };
-        if row.as_ref().is_some_and(|r| r.state == state::APPLIED) {
+        if row.as_ref().is_some_and(|r| r.state == State::Applied) {
             conn.raw("COMMIT").await.map_err(db_err("committing"))?;
             return Ok(Applied::ByAnother);
         }
@@ -170,7 +169,7 @@ impl Engine {
             insert_history(
                 conn,
                 m,
-                state::APPLIED,
+                State::Applied,
                 m.statements.len(),
                 run_id,
                 started_at,
@@ -191,10 +190,10 @@ impl Engine {
         run_id: &str,
         on_event: &mut (dyn FnMut(Event) + Send),
     ) -> Result<Applied, EngineError> {
-        let row = conn::history_row(conn, m.version)
+        let row = history::history_row(conn, m.version)
             .await
             .map_err(db_err("reading history"))?;
-        if row.as_ref().is_some_and(|r| r.state == state::APPLIED) {
+        if row.as_ref().is_some_and(|r| r.state == State::Applied) {
             return Ok(Applied::ByAnother);
         }
         let started_at = now_ms();
@@ -208,7 +207,7 @@ impl Engine {
                 "UPDATE fleetsync_schema_history SET state = ?, started_at = ?, run_id = ?, \
                  installed_by = ?, checksum = ?, statements_total = ? WHERE version = ?",
                 &[
-                    Value::Text(state::PARTIAL.into()),
+                    Value::Text(State::Partial.as_str().into()),
                     Value::Int(started_at),
                     Value::Text(run_id.into()),
                     Value::Text(self.options.installed_by.clone()),
@@ -223,7 +222,7 @@ impl Engine {
             insert_history(
                 conn,
                 m,
-                state::PARTIAL,
+                State::Partial,
                 0,
                 run_id,
                 started_at,
@@ -286,7 +285,7 @@ impl Engine {
                 "UPDATE fleetsync_schema_history SET state = ?, finished_at = ?, duration_ms = ? \
                  WHERE version = ?",
                 &[
-                    Value::Text(state::APPLIED.into()),
+                    Value::Text(State::Applied.as_str().into()),
                     Value::Int(now_ms()),
                     Value::Int(started.elapsed().as_millis() as i64),
                     Value::Int(m.version),
@@ -333,7 +332,7 @@ impl Engine {
                 insert_history(
                     conn,
                     m,
-                    state::FAILED,
+                    State::Failed,
                     done,
                     run_id,
                     started_at,
@@ -345,7 +344,7 @@ impl Engine {
                 "UPDATE fleetsync_schema_history SET state = ?, error = ?, failing_statement = ?, \
                  finished_at = ? WHERE version = ?",
                 &[
-                    Value::Text(state::FAILED.into()),
+                    Value::Text(State::Failed.as_str().into()),
                     Value::Text(error.clone()),
                     Value::Text(statement.clone()),
                     Value::Int(now_ms()),
@@ -386,10 +385,10 @@ pub(super) fn statement_failed(m: &Migration, i: usize, err: &sqlx::Error) -> En
     }
 }
 
-pub(super) fn current_version(history: &[HistoryRow]) -> i64 {
+pub(super) fn current_version(history: &[History]) -> i64 {
     history
         .iter()
-        .filter(|r| r.state == state::APPLIED)
+        .filter(|r| r.state == State::Applied)
         .map(|r| r.version)
         .max()
         .unwrap_or(0)
@@ -398,13 +397,12 @@ pub(super) fn current_version(history: &[HistoryRow]) -> i64 {
 pub(super) async fn insert_history(
     conn: &mut Conn,
     m: &Migration,
-    state: &str,
+    state: State,
     done: usize,
     run_id: &str,
     started_at: i64,
     installed_by: &str,
 ) -> Result<u64, sqlx::Error> {
-    let resync: BTreeSet<&str> = m.resync.iter().map(|s| s.as_str()).collect();
     conn.execute(
         "INSERT INTO fleetsync_schema_history (version, name, checksum, state, \
          statements_applied, statements_total, prefix_checksum, started_at, installed_by, run_id, \
@@ -413,14 +411,14 @@ pub(super) async fn insert_history(
             Value::Int(m.version),
             Value::Text(m.name.clone()),
             Value::Text(m.checksum.clone()),
-            Value::Text(state.into()),
+            Value::Text(state.as_str().into()),
             Value::Int(done as i64),
             Value::Int(m.statements.len() as i64),
             Value::Text(m.prefix_checksum(done)),
             Value::Int(started_at),
             Value::Text(installed_by.into()),
             Value::Text(run_id.into()),
-            Value::Text(resync.into_iter().collect::<Vec<_>>().join(",")),
+            Value::Text(m.resync.to_string()),
         ],
     )
     .await
@@ -449,7 +447,6 @@ pub(super) async fn record_sync_request(
         .await?
         > Some(0);
     if !exists {
-        let scopes: Vec<&str> = m.resync.iter().map(|s| s.as_str()).collect();
         conn.execute(
             &format!(
                 "INSERT INTO {OUTBOX_TABLE} (id, origin, migration_version, scopes, reason, state, \
@@ -458,7 +455,7 @@ pub(super) async fn record_sync_request(
             &[
                 Value::Text(id.clone()),
                 Value::Int(m.version),
-                Value::Text(scopes.join(",")),
+                Value::Text(m.resync.to_string()),
                 Value::Text(format!("migration {} {}", m.version, m.name)),
                 Value::Int(now_ms()),
             ],

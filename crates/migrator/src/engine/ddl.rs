@@ -3,7 +3,7 @@
 //! statement creates, alters or drops.
 
 use super::{EngineError, db_err};
-use crate::conn::{self, Conn};
+use crate::{catalog, history::Conn};
 
 /// Whether a statement's effect is already in the catalog: `CREATE TABLE t`, `CREATE [UNIQUE]
 /// INDEX i ON t`, `ALTER TABLE t ADD [COLUMN] c`. Other statements are run again (migrations
@@ -13,9 +13,9 @@ pub(super) async fn already_applied(conn: &mut Conn, statement: &str) -> Result<
         return Ok(false);
     };
     let result = match &effect {
-        Effect::Table(table) => conn::table_exists(conn, table).await,
-        Effect::Column(table, column) => conn::column_exists(conn, table, column).await,
-        Effect::Index(table, index) => conn::index_exists(conn, table, index).await,
+        Effect::Table(table) => catalog::table_exists(conn, table).await,
+        Effect::Column(table, column) => catalog::column_exists(conn, table, column).await,
+        Effect::Index(table, index) => catalog::index_exists(conn, table, index).await,
     };
     result.map_err(db_err("checking the catalog"))
 }

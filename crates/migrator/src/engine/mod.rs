@@ -19,33 +19,27 @@ mod apply;
 mod ddl;
 mod report;
 
+pub use crate::history::History;
+pub use crate::model::State;
 pub use apply::sync_request_id;
 use apply::{Applied, current_version};
-pub use report::{Event, History, MigrationStatus, Planned, Problem, Report, State, Status};
+pub use report::{Event, MigrationStatus, Planned, Problem, Report, Status};
 
 use std::time::{Duration, Instant};
 
 use fleetsync_common::{Backend, Db};
 
 use crate::{
-    conn::{self, Conn, HistoryRow, OUTBOX_TABLE},
+    catalog::table_exists,
+    history::{self, Conn},
     migration::{Migration, MigrationSet},
+    outbox::OUTBOX_TABLE,
 };
 
 /// Name of the PostgreSQL advisory lock key and the MySQL named lock.
 const LOCK_NAME: &str = "fleetsync_migrate";
 /// PostgreSQL advisory lock key (a fixed 64-bit number: "fleetsyn" in ASCII).
 const PG_LOCK_KEY: i64 = 0x666c_6565_7473_796e;
-
-/// History states.
-pub mod state {
-    /// Applied completely.
-    pub const APPLIED: &str = "applied";
-    /// Interrupted part-way; resumable.
-    pub const PARTIAL: &str = "partial";
-    /// A statement failed; re-run once fixed.
-    pub const FAILED: &str = "failed";
-}
 
 /// What can stop the engine.
 #[derive(Debug, thiserror::Error)]
@@ -237,12 +231,12 @@ impl Engine {
     /// The schema state. Writes nothing.
     pub async fn status(&self) -> Result<Status, EngineError> {
         let mut conn = Conn::open(&self.db).await.map_err(db_err("connecting"))?;
-        let history = conn::history(&mut conn)
+        let history = history::history(&mut conn)
             .await
             .map_err(db_err("reading history"));
         let pending = match &history {
             Ok(_)
-                if conn::table_exists(&mut conn, OUTBOX_TABLE)
+                if table_exists(&mut conn, OUTBOX_TABLE)
                     .await
                     .map_err(db_err("reading outbox"))? =>
             {
@@ -261,7 +255,7 @@ impl Engine {
         Ok(self.status_from(&history, pending))
     }
 
-    fn status_from(&self, history: &[HistoryRow], pending_sync_requests: i64) -> Status {
+    fn status_from(&self, history: &[History], pending_sync_requests: i64) -> Status {
         let migrations = self
             .set
             .iter()
@@ -269,8 +263,8 @@ impl Engine {
                 let row = history.iter().find(|r| r.version == m.version);
                 MigrationStatus {
                     migration: m.clone(),
-                    state: State::from_history(row),
-                    history: row.map(History::from),
+                    state: State::of(row),
+                    history: row.cloned(),
                 }
             })
             .collect();
@@ -284,7 +278,7 @@ impl Engine {
         }
     }
 
-    fn unknown_versions(&self, history: &[HistoryRow]) -> Vec<i64> {
+    fn unknown_versions(&self, history: &[History]) -> Vec<i64> {
         history
             .iter()
             .filter(|r| self.set.get(r.version).is_none())
@@ -296,7 +290,7 @@ impl Engine {
     pub async fn plan(&self, target: i64) -> Result<Vec<Planned>, EngineError> {
         let target = self.resolve_target(target)?;
         let mut conn = Conn::open(&self.db).await.map_err(db_err("connecting"))?;
-        let history = conn::history(&mut conn)
+        let history = history::history(&mut conn)
             .await
             .map_err(db_err("reading history"));
         conn.close().await;
@@ -309,7 +303,7 @@ impl Engine {
             .filter_map(|m| {
                 let row = history.iter().find(|r| r.version == m.version);
                 let done = match row {
-                    Some(r) if r.state == state::APPLIED => return None,
+                    Some(r) if r.state == State::Applied => return None,
                     Some(r) if self.journaled(m) => r.statements_applied.max(0) as usize,
                     _ => 0,
                 };
@@ -318,7 +312,7 @@ impl Engine {
                     name: m.name.clone(),
                     transactional: !self.journaled(m),
                     statements: m.statements[done.min(m.statements.len())..].to_vec(),
-                    resync: m.resync.iter().map(|s| s.as_str().to_owned()).collect(),
+                    resync: m.resync,
                 })
             })
             .collect())
@@ -328,7 +322,7 @@ impl Engine {
     /// nothing.
     pub async fn verify(&self) -> Result<Vec<Problem>, EngineError> {
         let mut conn = Conn::open(&self.db).await.map_err(db_err("connecting"))?;
-        let history = conn::history(&mut conn)
+        let history = history::history(&mut conn)
             .await
             .map_err(db_err("reading history"));
         conn.close().await;
@@ -346,7 +340,7 @@ impl Engine {
         for m in self.set.iter() {
             let row = history.iter().find(|r| r.version == m.version);
             match row {
-                Some(r) if r.state == state::APPLIED && r.checksum != m.checksum => {
+                Some(r) if r.state == State::Applied && r.checksum != m.checksum => {
                     problems.push(Problem {
                         version: m.version,
                         problem: format!(
@@ -355,14 +349,14 @@ impl Engine {
                         ),
                     });
                 }
-                Some(r) if r.state == state::PARTIAL => problems.push(Problem {
+                Some(r) if r.state == State::Partial => problems.push(Problem {
                     version: m.version,
                     problem: format!(
                         "partially applied ({} of {} statements): run migrate to finish it",
                         r.statements_applied, r.statements_total
                     ),
                 }),
-                Some(r) if r.state == state::FAILED => problems.push(Problem {
+                Some(r) if r.state == State::Failed => problems.push(Problem {
                     version: m.version,
                     problem: format!(
                         "failed: {}: run migrate again once fixed",
@@ -392,7 +386,7 @@ impl Engine {
     }
 
     /// Refuses a database that disagrees with the binary.
-    fn check(&self, history: &[HistoryRow]) -> Result<(), EngineError> {
+    fn check(&self, history: &[History]) -> Result<(), EngineError> {
         let unknown = self.unknown_versions(history);
         if !unknown.is_empty() {
             return Err(EngineError::UnknownVersions(unknown));
@@ -401,7 +395,7 @@ impl Engine {
             let Some(m) = self.set.get(row.version) else {
                 continue;
             };
-            if row.state == state::APPLIED && row.checksum != m.checksum {
+            if row.state == State::Applied && row.checksum != m.checksum {
                 return Err(EngineError::ChecksumMismatch {
                     version: m.version,
                     name: m.name.clone(),
@@ -409,7 +403,7 @@ impl Engine {
                     binary: m.checksum.clone(),
                 });
             }
-            if row.state != state::APPLIED && self.journaled(m) && row.statements_applied > 0 {
+            if row.state != State::Applied && self.journaled(m) && row.statements_applied > 0 {
                 let done = row.statements_applied as usize;
                 if done > m.statements.len()
                     || row.prefix_checksum.as_deref() != Some(&m.prefix_checksum(done))
@@ -473,7 +467,7 @@ impl Engine {
     ) -> Result<Report, EngineError> {
         self.lock(conn).await?;
         self.bootstrap(conn).await?;
-        let history = conn::history(conn)
+        let history = history::history(conn)
             .await
             .map_err(db_err("reading history"))?;
         self.check(&history)?;
@@ -482,7 +476,7 @@ impl Engine {
         let mut report = Report::default();
         for m in self.set.iter().filter(|m| m.version <= target) {
             let row = history.iter().find(|r| r.version == m.version);
-            if row.is_some_and(|r| r.state == state::APPLIED) {
+            if row.is_some_and(|r| r.state == State::Applied) {
                 continue;
             }
             let started = Instant::now();
@@ -520,7 +514,7 @@ impl Engine {
                 }
             }
         }
-        let history = conn::history(conn)
+        let history = history::history(conn)
             .await
             .map_err(db_err("reading history"))?;
         report.current_version = current_version(&history);

@@ -5,40 +5,16 @@ use std::time::Duration;
 
 use fleetsync_common::Backend;
 
-use super::state;
-use crate::{conn::HistoryRow, migration::Migration};
-
-/// Where one migration stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum State {
-    /// Not applied.
-    Pending,
-    /// Applied to the end and recorded.
-    Applied,
-    /// Interrupted part-way (journaled migrations).
-    Partial,
-    /// Failed on a statement.
-    Failed,
-}
+use crate::{
+    history::History,
+    migration::Migration,
+    model::{Scopes, State},
+};
 
 impl State {
-    pub(super) fn from_history(row: Option<&HistoryRow>) -> Self {
-        match row.map(|r| r.state.as_str()) {
-            None => Self::Pending,
-            Some(state::APPLIED) => Self::Applied,
-            Some(state::PARTIAL) => Self::Partial,
-            Some(_) => Self::Failed,
-        }
-    }
-
-    /// Lowercase name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "pending",
-            Self::Applied => "applied",
-            Self::Partial => "partial",
-            Self::Failed => "failed",
-        }
+    /// Where a migration stands by its history row (none: pending).
+    pub(super) fn of(row: Option<&History>) -> Self {
+        row.map_or(Self::Pending, |r| r.state)
     }
 }
 
@@ -51,48 +27,6 @@ pub struct MigrationStatus {
     pub state: State,
     /// Its history row, if any.
     pub history: Option<History>,
-}
-
-/// What the history table records of one migration.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct History {
-    /// Checksum at the time it was applied.
-    pub checksum: String,
-    /// Statements done.
-    pub statements_applied: i64,
-    /// Statements in it then.
-    pub statements_total: i64,
-    /// Start of the last attempt (ms since epoch).
-    pub started_at: Option<i64>,
-    /// End of the applying attempt or the failure (ms since epoch).
-    pub finished_at: Option<i64>,
-    /// Duration of the applying attempt.
-    pub duration_ms: Option<i64>,
-    /// `user@host` of the process that ran it.
-    pub installed_by: String,
-    /// Id of the run that last touched it.
-    pub run_id: String,
-    /// Error of a failed attempt.
-    pub error: Option<String>,
-    /// Statement that failed.
-    pub failing_statement: Option<String>,
-}
-
-impl From<&HistoryRow> for History {
-    fn from(row: &HistoryRow) -> Self {
-        Self {
-            checksum: row.checksum.clone(),
-            statements_applied: row.statements_applied,
-            statements_total: row.statements_total,
-            started_at: row.started_at,
-            finished_at: row.finished_at,
-            duration_ms: row.duration_ms,
-            installed_by: row.installed_by.clone(),
-            run_id: row.run_id.clone(),
-            error: row.error.clone(),
-            failing_statement: row.failing_statement.clone(),
-        }
-    }
 }
 
 /// The database's schema state against the binary.
@@ -124,7 +58,7 @@ pub struct Planned {
     /// Statements still to run, in order.
     pub statements: Vec<String>,
     /// Data to re-sync.
-    pub resync: Vec<String>,
+    pub resync: Scopes,
 }
 
 /// Something wrong between the database and the binary.

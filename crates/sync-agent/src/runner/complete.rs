@@ -9,16 +9,15 @@ use std::{
 
 use fleetsync_common::{
     clock::jitter,
-    proto::sync::v1::Outcome,
     sql::{Failure, classify},
 };
 use tokio::sync::mpsc;
 
-use super::{
-    COMPLETE_BATCH, COMPLETE_LINGER, Finished, Runner,
-    run::{name, truncate},
+use super::{COMPLETE_BATCH, COMPLETE_LINGER, Finished, Runner, run::truncate};
+use crate::{
+    model::Outcome,
+    store::{Completion, Recorded, RunResult},
 };
-use crate::store::{Completion, Recorded, RunResult};
 
 impl Runner {
     /// Records finished runs in batches: everything that finished while the previous batch was
@@ -126,8 +125,7 @@ impl Runner {
             match recorded {
                 Recorded::Stored { result, jobs } => {
                     any |= !jobs.is_empty();
-                    self.metrics
-                        .synced(&result.outcome, result.cause.as_deref());
+                    self.metrics.synced(result.outcome, result.cause);
                     tracing::info!(server_id, outcome = %result.outcome, jobs = jobs.len(), duration_ms = result.duration_ms, "server synced");
                 }
                 Recorded::LeaseLost => {
@@ -146,13 +144,14 @@ impl Runner {
 /// the inventory (the server did answer: reachability and the host key pin still count).
 fn unstorable(mut item: Completion, err: &sqlx::Error) -> Completion {
     item.result = RunResult {
-        outcome: name(Outcome::ParseFailed),
-        message: truncate(
-            &format!("what the server reported cannot be stored: {err}"),
-            1000,
-        ),
         duration_ms: item.result.duration_ms,
-        ..RunResult::default()
+        ..RunResult::new(
+            Outcome::ParseFailed,
+            truncate(
+                &format!("what the server reported cannot be stored: {err}"),
+                1000,
+            ),
+        )
     };
     item.inventory = None;
     item

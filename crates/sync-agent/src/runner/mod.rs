@@ -12,8 +12,6 @@ mod complete;
 mod prober;
 mod run;
 
-pub use run::{cause_name, name};
-
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
@@ -26,8 +24,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     metrics::Metrics,
+    model::{JobOrigin, Scopes},
     ssh::SshClient,
-    store::{Claim, Completion, JobOrigin, NewJob, Pruned, Selection, Store},
+    store::{Claim, Completion, NewJob, OUTCOMES_CHANNEL, Pruned, Selection, Store, WORK_CHANNEL},
 };
 
 /// Scheduler settings.
@@ -424,7 +423,7 @@ impl Runner {
                 request_id: format!("schedule-{interval_ms}-{bucket}"),
                 origin: JobOrigin::Schedule,
                 selection: Selection::All,
-                scopes: crate::store::ALL_SCOPES.into(),
+                scopes: Scopes::ALL,
                 force: false,
                 reason: format!(
                     "periodic sync every {}",
@@ -451,7 +450,6 @@ impl Runner {
         let fleetsync_common::Db::Postgres(pool) = self.store.db() else {
             return;
         };
-        use crate::store::{OUTCOMES_CHANNEL, WORK_CHANNEL};
         loop {
             let listening = async {
                 let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;

@@ -4,7 +4,8 @@
 use std::sync::Arc;
 
 use super::{LeaseGuard, Runner};
-use crate::store::{Claim, JobOrigin, NewJob, Selection};
+use crate::model::{JobOrigin, Scopes};
+use crate::store::{Claim, NewJob, Selection};
 
 impl Runner {
     /// Probes offline servers whose backoff ended, all of a batch at once: TCP connect and SSH
@@ -72,7 +73,7 @@ impl Runner {
                         request_id: format!("recovery-{}-{}", self.holder, crate::new_id()),
                         origin: JobOrigin::Recovery,
                         selection: Selection::Ids(back),
-                        scopes: crate::store::ALL_SCOPES.into(),
+                        scopes: Scopes::ALL,
                         force: true,
                         reason: "the server is reachable again".into(),
                     };

@@ -4,16 +4,13 @@
 
 use std::time::{Duration, Instant};
 
-use fleetsync_common::{
-    clock::jitter,
-    proto::sync::v1::{Outcome, UnreachableCause},
-};
+use fleetsync_common::clock::jitter;
 use tokio::sync::Semaphore;
 
 use super::Runner;
 use crate::{
     inventory,
-    model::Reachability,
+    model::{Cause, Outcome, Reachability},
     ssh::{HostKeyInfo, SshError, Target},
     store::{ClaimedServer, Completion, InventoryWrite, Reach, RunResult, ServerRecord},
 };
@@ -168,14 +165,7 @@ impl Runner {
                         inventory.databases.len(),
                         inventory.users.len(),
                     );
-                    (
-                        RunResult {
-                            outcome: name(Outcome::Ok),
-                            message,
-                            ..RunResult::default()
-                        },
-                        Some(inventory),
-                    )
+                    (RunResult::new(Outcome::Ok, message), Some(inventory))
                 }
                 Err(err) => (failure(Outcome::ParseFailed, None, err.0), None),
             },
@@ -201,36 +191,16 @@ impl Runner {
     }
 }
 
-/// Stored name of an outcome (`OK`, `UNREACHABLE`, ...).
-pub fn name(outcome: Outcome) -> String {
-    outcome
-        .as_str_name()
-        .trim_start_matches("OUTCOME_")
-        .to_owned()
-}
-
-/// Stored name of a cause (`REFUSED`, ...).
-pub fn cause_name(cause: UnreachableCause) -> Option<String> {
-    (cause != UnreachableCause::Unspecified).then(|| {
-        cause
-            .as_str_name()
-            .trim_start_matches("UNREACHABLE_CAUSE_")
-            .to_owned()
-    })
-}
-
-fn failure(outcome: Outcome, cause: Option<UnreachableCause>, message: String) -> RunResult {
+fn failure(outcome: Outcome, cause: Option<Cause>, message: String) -> RunResult {
     RunResult {
-        outcome: name(outcome),
-        cause: cause.and_then(cause_name),
-        message,
-        ..RunResult::default()
+        cause,
+        ..RunResult::new(outcome, message)
     }
 }
 
 fn ssh_failure(err: &SshError) -> RunResult {
     let (outcome, cause) = err.outcome();
-    let mut result = failure(outcome, Some(cause), err.to_string());
+    let mut result = failure(outcome, cause, err.to_string());
     if matches!(
         err,
         SshError::Timeout {

@@ -4,10 +4,9 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use fleetsync_common::proto::sync::v1 as pb;
 
-use crate::model::Reachability;
+use crate::model::{Cause, JobOrigin, JobState, Outcome, Reachability};
 use crate::store::{
-    DatabaseService, HostKeyRecord, Inventory, JobOrigin, JobRecord, OutcomeRecord, RunResult,
-    ServerRecord,
+    DatabaseService, HostKeyRecord, Inventory, JobRecord, OutcomeRecord, RunResult, ServerRecord,
 };
 
 /// Milliseconds since the epoch as a timestamp.
@@ -21,14 +20,31 @@ pub fn duration(ms: i64) -> Option<prost_types::Duration> {
     prost_types::Duration::try_from(Duration::from_millis(u64::try_from(ms).ok()?)).ok()
 }
 
-/// A stored outcome name as the enum.
-pub fn outcome(name: &str) -> pb::Outcome {
-    pb::Outcome::from_str_name(&format!("OUTCOME_{name}")).unwrap_or(pb::Outcome::Unspecified)
+/// An outcome as the proto's enum.
+pub fn outcome(outcome: Outcome) -> pb::Outcome {
+    match outcome {
+        Outcome::Ok => pb::Outcome::Ok,
+        Outcome::SkippedOffline => pb::Outcome::SkippedOffline,
+        Outcome::SkippedNoDatabaseService => pb::Outcome::SkippedNoDatabaseService,
+        Outcome::Unreachable => pb::Outcome::Unreachable,
+        Outcome::HandshakeFailed => pb::Outcome::HandshakeFailed,
+        Outcome::AuthFailed => pb::Outcome::AuthFailed,
+        Outcome::HostKeyMismatch => pb::Outcome::HostKeyMismatch,
+        Outcome::CommandFailed => pb::Outcome::CommandFailed,
+        Outcome::ParseFailed => pb::Outcome::ParseFailed,
+        Outcome::Cancelled => pb::Outcome::Cancelled,
+    }
 }
 
-fn cause(name: Option<&str>) -> pb::UnreachableCause {
-    name.and_then(|n| pb::UnreachableCause::from_str_name(&format!("UNREACHABLE_CAUSE_{n}")))
-        .unwrap_or(pb::UnreachableCause::Unspecified)
+/// A cause as the proto's enum (`UNSPECIFIED` where none is known).
+pub fn cause(cause: Option<Cause>) -> pb::UnreachableCause {
+    match cause {
+        None => pb::UnreachableCause::Unspecified,
+        Some(Cause::Refused) => pb::UnreachableCause::Refused,
+        Some(Cause::NoRoute) => pb::UnreachableCause::NoRoute,
+        Some(Cause::Timeout) => pb::UnreachableCause::Timeout,
+        Some(Cause::Dns) => pb::UnreachableCause::Dns,
+    }
 }
 
 /// A run's result as a server outcome.
@@ -41,8 +57,8 @@ pub fn server_outcome(
     pb::ServerOutcome {
         server_id,
         server_name: server_name.to_owned(),
-        outcome: outcome(&result.outcome) as i32,
-        cause: cause(result.cause.as_deref()) as i32,
+        outcome: outcome(result.outcome) as i32,
+        cause: cause(result.cause) as i32,
         message: result.message.clone(),
         exit_status: result.exit_status.map_or(0, |s| s as i32),
         duration: duration(result.duration_ms),
@@ -73,25 +89,12 @@ pub fn outcome_event(record: &OutcomeRecord) -> pb::SyncEvent {
     }
 }
 
-/// Scope names as enums.
-pub fn scopes(names: &str) -> Vec<i32> {
-    names
-        .split(',')
-        .filter_map(|s| match s {
-            "databases" => Some(pb::SyncScope::Databases as i32),
-            "charsets" => Some(pb::SyncScope::Charsets as i32),
-            "users" => Some(pb::SyncScope::Users as i32),
-            _ => None,
-        })
-        .collect()
-}
-
 /// A job as its summary.
 pub fn summary(job: &JobRecord) -> pb::JobSummary {
     let state = match job.state() {
-        crate::store::JobState::Pending => pb::JobState::Pending,
-        crate::store::JobState::Running => pb::JobState::Running,
-        crate::store::JobState::Done => pb::JobState::Done,
+        JobState::Pending => pb::JobState::Pending,
+        JobState::Running => pb::JobState::Running,
+        JobState::Done => pb::JobState::Done,
     };
     pb::JobSummary {
         job_id: job.id.clone(),
@@ -103,7 +106,7 @@ pub fn summary(job: &JobRecord) -> pb::JobSummary {
             JobOrigin::Recovery => pb::JobOrigin::Recovery,
         } as i32,
         state: state as i32,
-        scopes: scopes(&job.scopes),
+        scopes: job.scopes.to_proto(),
         force: job.force,
         reason: job.reason.clone(),
         total: job.total as u32,
@@ -111,8 +114,8 @@ pub fn summary(job: &JobRecord) -> pb::JobSummary {
         outcome_counts: job
             .outcome_counts
             .iter()
-            .map(|(name, count)| pb::OutcomeCount {
-                outcome: outcome(name) as i32,
+            .map(|(o, count)| pb::OutcomeCount {
+                outcome: outcome(*o) as i32,
                 count: *count as u32,
             })
             .collect(),

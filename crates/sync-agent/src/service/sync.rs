@@ -17,8 +17,9 @@ use tonic::{Request, Response, Status};
 
 use super::{AgentState, EventStream, convert};
 use crate::{
+    model::{JobOrigin, JobState, Outcome, Scope, Scopes},
     ssh::{HostKeyInfo, Target},
-    store::{JobFilter, JobOrigin, JobRecord, JobState, NewJob, Selection},
+    store::{JobFilter, JobRecord, NewJob, Selection},
 };
 
 /// Most server ids in one request.
@@ -219,23 +220,19 @@ pub fn validate_start(request: StartSyncRequest) -> Result<Start, ServiceError> 
             Selection::Ids(unique.into_iter().collect())
         }
     };
-    let mut scopes = BTreeSet::new();
-    for (i, scope) in request.scopes.iter().enumerate() {
-        let name = match pb::SyncScope::try_from(*scope) {
-            Ok(pb::SyncScope::Databases) => "databases",
-            Ok(pb::SyncScope::Charsets) => "charsets",
-            Ok(pb::SyncScope::Users) => "users",
-            Ok(pb::SyncScope::Unspecified) | Err(_) => {
-                return Err(ServiceError::InvalidArgument {
-                    field: "scopes",
-                    reason: format!("scopes[{i}]: unknown value {scope}"),
-                });
-            }
-        };
-        scopes.insert(name);
+    let mut scopes = Scopes::empty();
+    for (i, value) in request.scopes.iter().enumerate() {
+        let scope = pb::SyncScope::try_from(*value)
+            .ok()
+            .and_then(|s| Scope::try_from(s).ok())
+            .ok_or_else(|| ServiceError::InvalidArgument {
+                field: "scopes",
+                reason: format!("scopes[{i}]: unknown value {value}"),
+            })?;
+        scopes.insert(scope);
     }
     if scopes.is_empty() {
-        scopes.extend(["databases", "charsets", "users"]);
+        scopes = Scopes::ALL;
     }
     if request.reason.chars().count() > 1024 {
         return Err(ServiceError::invalid(
@@ -247,7 +244,7 @@ pub fn validate_start(request: StartSyncRequest) -> Result<Start, ServiceError> 
         request_id,
         origin: JobOrigin::Rpc,
         selection,
-        scopes: scopes.into_iter().collect::<Vec<_>>().join(","),
+        scopes,
         force: request.force,
         reason: request.reason,
     }))
@@ -498,7 +495,7 @@ impl SyncAgent for SyncAgentService {
             })
             .await;
         let (outcome, cause) = match &check.error {
-            None => (pb::Outcome::Ok, pb::UnreachableCause::Unspecified),
+            None => (Outcome::Ok, None),
             Some(err) => err.outcome(),
         };
         let host_key_check = match (&check.host_key, &pinned) {
@@ -509,8 +506,8 @@ impl SyncAgent for SyncAgentService {
         };
         Ok(Response::new(CheckConnectionResponse {
             server_id,
-            outcome: outcome as i32,
-            cause: cause as i32,
+            outcome: convert::outcome(outcome) as i32,
+            cause: convert::cause(cause) as i32,
             message: check
                 .error
                 .as_ref()
@@ -562,7 +559,7 @@ mod tests {
     fn validates_selection_scopes_and_sizes() {
         let job = new_job(request());
         assert_eq!(job.selection, Selection::Ids(vec![1, 3]));
-        assert_eq!(job.scopes, "charsets,databases,users");
+        assert_eq!(job.scopes, Scopes::ALL);
         let generated = new_job(StartSyncRequest {
             request_id: String::new(),
             ..request()

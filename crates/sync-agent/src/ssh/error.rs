@@ -2,7 +2,7 @@
 
 use std::{io, net::SocketAddr, time::Duration};
 
-use fleetsync_common::proto::sync::v1::{Outcome, UnreachableCause};
+use crate::model::{Cause, Outcome};
 
 use super::HostKeyInfo;
 
@@ -135,30 +135,29 @@ impl SshError {
     }
 
     /// The sync outcome this failure is reported as, with the unreachable cause where it has one.
-    pub fn outcome(&self) -> (Outcome, UnreachableCause) {
-        use UnreachableCause as C;
+    pub fn outcome(&self) -> (Outcome, Option<Cause>) {
         match self {
-            Self::Dns { .. } => (Outcome::Unreachable, C::Dns),
+            Self::Dns { .. } => (Outcome::Unreachable, Some(Cause::Dns)),
             Self::Connect { cause, .. } => (
                 Outcome::Unreachable,
                 match cause {
-                    ConnectCause::Refused => C::Refused,
-                    ConnectCause::NoRoute => C::NoRoute,
-                    ConnectCause::TimedOut => C::Timeout,
-                    ConnectCause::Other => C::Unspecified,
+                    ConnectCause::Refused => Some(Cause::Refused),
+                    ConnectCause::NoRoute => Some(Cause::NoRoute),
+                    ConnectCause::TimedOut => Some(Cause::Timeout),
+                    ConnectCause::Other => None,
                 },
             ),
             Self::Timeout { stage, .. } => match stage {
-                Stage::Connect | Stage::Banner => (Outcome::Unreachable, C::Timeout),
-                Stage::Handshake => (Outcome::HandshakeFailed, C::Unspecified),
-                Stage::Auth => (Outcome::AuthFailed, C::Unspecified),
-                Stage::Command => (Outcome::CommandFailed, C::Unspecified),
+                Stage::Connect | Stage::Banner => (Outcome::Unreachable, Some(Cause::Timeout)),
+                Stage::Handshake => (Outcome::HandshakeFailed, None),
+                Stage::Auth => (Outcome::AuthFailed, None),
+                Stage::Command => (Outcome::CommandFailed, None),
             },
-            Self::Handshake(_) => (Outcome::HandshakeFailed, C::Unspecified),
-            Self::HostKeyMismatch { .. } => (Outcome::HostKeyMismatch, C::Unspecified),
-            Self::AuthRejected { .. } | Self::Auth(_) => (Outcome::AuthFailed, C::Unspecified),
-            Self::Channel(_) => (Outcome::CommandFailed, C::Unspecified),
-            Self::OutputTooLarge { .. } => (Outcome::ParseFailed, C::Unspecified),
+            Self::Handshake(_) => (Outcome::HandshakeFailed, None),
+            Self::HostKeyMismatch { .. } => (Outcome::HostKeyMismatch, None),
+            Self::AuthRejected { .. } | Self::Auth(_) => (Outcome::AuthFailed, None),
+            Self::Channel(_) => (Outcome::CommandFailed, None),
+            Self::OutputTooLarge { .. } => (Outcome::ParseFailed, None),
         }
     }
 
@@ -178,19 +177,19 @@ mod tests {
         let refused = SshError::connect(addr, io::Error::from(io::ErrorKind::ConnectionRefused));
         assert_eq!(
             refused.outcome(),
-            (Outcome::Unreachable, UnreachableCause::Refused)
+            (Outcome::Unreachable, Some(Cause::Refused))
         );
         // EHOSTUNREACH is 113 on Linux.
         let no_route = SshError::connect(addr, io::Error::from_raw_os_error(113));
         assert_eq!(
             no_route.outcome(),
-            (Outcome::Unreachable, UnreachableCause::NoRoute)
+            (Outcome::Unreachable, Some(Cause::NoRoute))
         );
         // ENETUNREACH is 101.
         let no_net = SshError::connect(addr, io::Error::from_raw_os_error(101));
         assert_eq!(
             no_net.outcome(),
-            (Outcome::Unreachable, UnreachableCause::NoRoute)
+            (Outcome::Unreachable, Some(Cause::NoRoute))
         );
         let banner = SshError::Timeout {
             stage: Stage::Banner,
@@ -198,7 +197,7 @@ mod tests {
         };
         assert_eq!(
             banner.outcome(),
-            (Outcome::Unreachable, UnreachableCause::Timeout)
+            (Outcome::Unreachable, Some(Cause::Timeout))
         );
         assert_eq!(
             banner.to_string(),

@@ -15,11 +15,12 @@ use fleetsync_common::{
     sql::{Tx, Value, retry},
 };
 
+use crate::model::{Cause, JobState, Outcome, Reachability, Scopes};
+
 use super::{
-    InventoryWrite, RunResult, Store, inventory,
-    jobs::{CHUNK, OUTCOMES_CHANNEL, notify},
-    list,
-    queue::{Claim, db_now},
+    CHUNK, InventoryWrite, OUTCOMES_CHANNEL, RunResult, Store, inventory, list, notify,
+    queue::{Claim, WaitMark, db_now, release_leases},
+    reachability::mark_online,
 };
 
 /// What a run learned about reaching its server.
@@ -205,19 +206,7 @@ impl Store {
             .filter(|(item, _)| item.reach == Reach::Online)
             .map(|(item, _)| item.claim.server_id)
             .collect();
-        for chunk in online.chunks(CHUNK) {
-            let mut args: Vec<Value> = vec![now.into()];
-            args.extend(chunk.iter().map(|&id| Value::Int(id)));
-            tx.execute(
-                &format!(
-                    "UPDATE servers SET reachability = 'online', last_seen_at = ?, \
-                     consecutive_failures = 0, next_probe_at = NULL WHERE id IN {}",
-                    list(chunk.len())
-                ),
-                &args,
-            )
-            .await?;
-        }
+        mark_online(&mut tx, now, &online).await?;
         let offline: Vec<(i64, i64)> = stored
             .iter()
             .filter(|(item, _)| matches!(item.reach, Reach::Offline { .. }))
@@ -225,14 +214,14 @@ impl Store {
             .collect();
         for chunk in offline.chunks(CHUNK / 2) {
             let next = case(chunk.len());
-            let mut args: Vec<Value> = Vec::with_capacity(chunk.len() * 3);
+            let mut args: Vec<Value> = vec![Reachability::Offline.as_str().into()];
             for (id, at) in chunk {
                 args.extend([Value::Int(*id), Value::Int(*at)]);
             }
             args.extend(chunk.iter().map(|(id, _)| Value::Int(*id)));
             tx.execute(
                 &format!(
-                    "UPDATE servers SET reachability = 'offline', \
+                    "UPDATE servers SET reachability = ?, \
                      consecutive_failures = consecutive_failures + 1, next_probe_at = {next} \
                      WHERE id IN {}",
                     list(chunk.len())
@@ -258,11 +247,11 @@ impl Store {
                     Value::Int(item.claim.server_id),
                     Value::Int(item.claim.token),
                     holder.into(),
-                    "all".into(),
+                    Scopes::ALL.to_string().into(),
                     Value::Int(now - r.duration_ms),
                     Value::Int(now),
                     r.outcome.as_str().into(),
-                    r.cause.clone().into(),
+                    r.cause.map(Cause::as_str).into(),
                     r.message.as_str().into(),
                     r.exit_status.into(),
                     Value::Int(r.duration_ms),
@@ -395,21 +384,8 @@ async fn release_served(
     still_waiting: &BTreeSet<i64>,
 ) -> Result<(), sqlx::Error> {
     let (keep, done): (Vec<i64>, Vec<i64>) = ids.iter().partition(|id| still_waiting.contains(id));
-    for (group, pending) in [(done, "NULL"), (keep, "pending_since")] {
-        for chunk in group.chunks(CHUNK) {
-            let args: Vec<Value> = chunk.iter().map(|&id| Value::Int(id)).collect();
-            tx.execute(
-                &format!(
-                    "UPDATE server_leases SET holder = NULL, expires_at = NULL, \
-                     pending_since = {pending} WHERE server_id IN {}",
-                    list(chunk.len())
-                ),
-                &args,
-            )
-            .await?;
-        }
-    }
-    Ok(())
+    release_leases(tx, &done, None, WaitMark::Clear).await?;
+    release_leases(tx, &keep, None, WaitMark::Keep).await
 }
 
 /// Gives the served rows their outcome and their job's next sequence numbers (one counter
@@ -444,11 +420,13 @@ pub(super) async fn fill(
         // MySQL assigns left to right: `finished` last, so the CASEs see the old value.
         tx.execute(
             "UPDATE sync_jobs SET \
-             state = CASE WHEN finished + ? >= total THEN 'done' ELSE 'running' END, \
+             state = CASE WHEN finished + ? >= total THEN ? ELSE ? END, \
              finished_at = CASE WHEN finished + ? >= total THEN ? ELSE finished_at END, \
              finished = finished + ? WHERE id = ?",
             &[
                 n.into(),
+                JobState::Done.as_str().into(),
+                JobState::Running.as_str().into(),
                 n.into(),
                 now.into(),
                 n.into(),
@@ -474,7 +452,7 @@ pub(super) async fn fill(
                 name.as_str().into(),
                 Value::Int(seq),
                 f.result.outcome.as_str().into(),
-                f.result.cause.clone().into(),
+                f.result.cause.map(Cause::as_str).into(),
                 f.result.message.as_str().into(),
                 f.result.exit_status.into(),
                 Value::Int(f.result.duration_ms),
@@ -522,11 +500,10 @@ async fn upsert_rows(
 /// Ends the waiting rows of a server about to be deleted with `CANCELLED`.
 pub(super) async fn cancel_waiting(tx: &mut Tx, server_id: i64) -> Result<usize, sqlx::Error> {
     let now = db_now(tx).await?;
-    let result = RunResult {
-        outcome: "CANCELLED".into(),
-        message: "the server was deleted before it was synced".into(),
-        ..RunResult::default()
-    };
+    let result = RunResult::new(
+        Outcome::Cancelled,
+        "the server was deleted before it was synced",
+    );
     let fills = [Fill {
         server_id,
         served_before: i64::MAX,

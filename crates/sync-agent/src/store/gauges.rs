@@ -2,16 +2,17 @@
 //! waiting for a run, servers per reachability and sync requests not yet taken.
 
 use super::Store;
+use crate::model::{JobState, Reachability};
 
 /// The fleet's state as the database holds it (every agent's work, not only this one's).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FleetGauges {
-    /// Jobs not done, by state (`pending`, `running`).
-    pub jobs: Vec<(String, i64)>,
+    /// Jobs not done, by state.
+    pub jobs: Vec<(JobState, i64)>,
     /// Servers marked waiting for a run.
     pub servers_waiting: i64,
-    /// Servers by reachability (`online`, `offline`, `unknown`).
-    pub servers: Vec<(String, i64)>,
+    /// Servers by reachability.
+    pub servers: Vec<(Reachability, i64)>,
     /// Sync requests recorded by migrations and not yet turned into jobs.
     pub outbox_pending: i64,
 }
@@ -20,27 +21,26 @@ impl Store {
     /// Reads the gauges: four counting queries, each served by an index or a small table
     /// except the reachability count, one scan of `servers`.
     pub async fn gauges(&self) -> Result<FleetGauges, sqlx::Error> {
-        let pairs = |rows: Vec<fleetsync_common::sql::Row>| {
-            rows.iter()
-                .map(|r| Ok((r.text(0)?, r.int(1)?)))
-                .collect::<Result<Vec<_>, sqlx::Error>>()
-        };
-        let jobs = pairs(
-            self.db
-                .fetch(
-                    "SELECT state, COUNT(*) FROM sync_jobs WHERE state <> 'done' GROUP BY state",
-                    &[],
-                )
-                .await?,
-        )?;
-        let servers = pairs(
-            self.db
-                .fetch(
-                    "SELECT reachability, COUNT(*) FROM servers GROUP BY reachability",
-                    &[],
-                )
-                .await?,
-        )?;
+        let jobs = self
+            .db
+            .fetch(
+                "SELECT state, COUNT(*) FROM sync_jobs WHERE state <> ? GROUP BY state",
+                &[JobState::Done.as_str().into()],
+            )
+            .await?
+            .iter()
+            .map(|r| Ok((JobState::parse(&r.text(0)?)?, r.int(1)?)))
+            .collect::<Result<_, sqlx::Error>>()?;
+        let servers = self
+            .db
+            .fetch(
+                "SELECT reachability, COUNT(*) FROM servers GROUP BY reachability",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| Ok((Reachability::parse(&r.text(0)?)?, r.int(1)?)))
+            .collect::<Result<_, sqlx::Error>>()?;
         let count = |sql: &'static str| async move {
             let row = self.db.fetch_optional(sql, &[]).await?;
             row.map_or(Ok(0), |r| r.int(0))

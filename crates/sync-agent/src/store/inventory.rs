@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use fleetsync_common::sql::{Tx, Value};
 
-use super::{jobs::CHUNK, list, quote_identifiers};
+use super::{CHUNK, list, quote_identifiers};
 
 /// What a sync read, ready to store.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -1,21 +1,20 @@
 //! Jobs and their per-server rows: creating a job (idempotent by request id, marking its
-//! servers as waiting on the lease table), reading jobs and their outcomes in stream order, and
-//! the outbox of sync requests recorded by migrations.
+//! servers as waiting on the lease table) and reading jobs with their outcome counts. The
+//! outcomes themselves are `outcomes`' reads; the migrations' requests are `outbox`'s.
 //!
 //! A job has one row per server; a run's outcome fills every row of that server that was
 //! waiting when the run was claimed (`complete`), so concurrent requests for one server share
 //! one SSH run, and a request that arrives during a run waits for the next one.
 
+use std::collections::HashMap;
+
 use fleetsync_common::{
-    Backend, ServiceError,
+    ServiceError,
     sql::{Row, Tx, Value, is_unique_violation, now_ms_sql, retry},
 };
 
-use super::{InventoryCounts, Store, list};
-pub use crate::model::{JobOrigin, JobState};
-
-/// Every scope, as stored: what the periodic and recovery syncs are for.
-pub const ALL_SCOPES: &str = "charsets,databases,users";
+use super::{CHUNK, Store, WORK_CHANNEL, list, notify, outbox::TAKE_REQUEST};
+use crate::model::{JobOrigin, JobState, Outcome, Scopes};
 
 /// Which servers a job covers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,8 +49,8 @@ pub struct NewJob {
     pub origin: JobOrigin,
     /// Which servers: all of them, or these ids.
     pub selection: Selection,
-    /// Scope names (`databases`, `charsets`, `users`), comma-joined.
-    pub scopes: String,
+    /// What it is for (every job reads the whole inventory; the scopes record why).
+    pub scopes: Scopes,
     /// Try servers in backoff too.
     pub force: bool,
     /// Free text.
@@ -67,8 +66,8 @@ pub struct JobRecord {
     pub request_id: String,
     /// Where the request came from: a call, a migration, the schedule or a recovery.
     pub origin: JobOrigin,
-    /// Scope names, comma-joined.
-    pub scopes: String,
+    /// What it is for.
+    pub scopes: Scopes,
     /// Whether servers in backoff are tried anyway.
     pub force: bool,
     /// Why it was started, as the caller said.
@@ -81,8 +80,8 @@ pub struct JobRecord {
     pub created_at: i64,
     /// Last outcome (ms), once done.
     pub finished_at: Option<i64>,
-    /// Outcome name and count.
-    pub outcome_counts: Vec<(String, i64)>,
+    /// Servers per outcome, in `Outcome` order.
+    pub outcome_counts: Vec<(Outcome, i64)>,
 }
 
 impl JobRecord {
@@ -98,40 +97,6 @@ impl JobRecord {
     }
 }
 
-/// One server's outcome in one job.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutcomeRecord {
-    /// Position in the job's stream (1-based).
-    pub seq: i64,
-    /// The server's id.
-    pub server_id: i64,
-    /// Its name when the job was made.
-    pub server_name: String,
-    /// The run's result.
-    pub result: RunResult,
-    /// Recorded (ms).
-    pub finished_at: i64,
-}
-
-/// The result of one server's run, as stored with every job it satisfies.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct RunResult {
-    /// Outcome name, e.g. `OK`, `UNREACHABLE`.
-    pub outcome: String,
-    /// Unreachable cause name, e.g. `REFUSED`.
-    pub cause: Option<String>,
-    /// Human-readable detail: the error, or the first lines of a failing command's stderr.
-    pub message: String,
-    /// Exit status of a failed command.
-    pub exit_status: Option<i64>,
-    /// How long the run took.
-    pub duration_ms: i64,
-    /// When an offline server is probed next (ms).
-    pub next_probe_at: Option<i64>,
-    /// What changed (OK only).
-    pub counts: Option<InventoryCounts>,
-}
-
 const JOB_COLUMNS: &str = "id, request_id, origin, scopes, force_offline, reason, total, finished, \
                            created_at, finished_at";
 
@@ -140,7 +105,7 @@ fn job_from(r: &Row) -> Result<JobRecord, sqlx::Error> {
         id: r.text(0)?,
         request_id: r.text(1)?,
         origin: JobOrigin::parse(&r.text(2)?)?,
-        scopes: r.text(3)?,
+        scopes: Scopes::parse(&r.text(3)?)?,
         force: r.int(4)? != 0,
         reason: r.text(5)?,
         total: r.int(6)?,
@@ -150,9 +115,6 @@ fn job_from(r: &Row) -> Result<JobRecord, sqlx::Error> {
         outcome_counts: Vec::new(),
     })
 }
-
-/// Largest id list per statement.
-pub(super) const CHUNK: usize = 500;
 
 /// A unique-key violation while creating a job means a concurrent twin won: the retry finds it.
 fn twin(err: sqlx::Error) -> ServiceError {
@@ -173,7 +135,7 @@ impl Store {
         if !created {
             self.db
                 .execute(
-                    "UPDATE sync_requests SET state = 'taken', job_id = ? WHERE id = ? AND state <> 'taken'",
+                    TAKE_REQUEST,
                     &[id.as_str().into(), job.request_id.as_str().into()],
                 )
                 .await?;
@@ -200,12 +162,13 @@ impl Store {
             .int(0)?;
         tx.execute(
             "INSERT INTO sync_jobs (id, request_id, origin, state, scopes, force_offline, reason, \
-             total, finished, created_at, selection) VALUES (?, ?, ?, 'pending', ?, ?, ?, 0, 0, ?, ?)",
+             total, finished, created_at, selection) VALUES (?, ?, ?, ?, ?, ?, ?, 0, 0, ?, ?)",
             &[
                 id.as_str().into(),
                 job.request_id.as_str().into(),
                 job.origin.as_str().into(),
-                job.scopes.as_str().into(),
+                JobState::Pending.as_str().into(),
+                job.scopes.to_string().into(),
                 job.force.into(),
                 job.reason.as_str().into(),
                 now.into(),
@@ -273,7 +236,13 @@ impl Store {
             "UPDATE sync_jobs SET total = ?, state = ?, finished_at = ? WHERE id = ?",
             &[
                 (total as i64).into(),
-                if total == 0 { "done" } else { "pending" }.into(),
+                if total == 0 {
+                    JobState::Done
+                } else {
+                    JobState::Pending
+                }
+                .as_str()
+                .into(),
                 done.into(),
                 id.as_str().into(),
             ],
@@ -282,7 +251,7 @@ impl Store {
         notify(&mut tx, WORK_CHANNEL).await?;
         // A migration's request is taken once its job exists.
         tx.execute(
-            "UPDATE sync_requests SET state = 'taken', job_id = ? WHERE id = ? AND state <> 'taken'",
+            TAKE_REQUEST,
             &[id.as_str().into(), job.request_id.as_str().into()],
         )
         .await?;
@@ -304,24 +273,10 @@ impl Store {
         else {
             return Ok(());
         };
-        let scopes = |s: &str| {
-            let mut v: Vec<String> = s
-                .split(',')
-                .map(|p| p.trim().to_owned())
-                .filter(|p| !p.is_empty())
-                .collect();
-            v.sort();
-            v.dedup();
-            v.join(",")
-        };
         let mut differences = Vec::new();
-        let (had_scopes, had_force) = (row.text(0)?, row.int(1)? != 0);
-        if scopes(&had_scopes) != scopes(&job.scopes) {
-            differences.push(format!(
-                "scopes {} (the job has {})",
-                scopes(&job.scopes),
-                scopes(&had_scopes)
-            ));
+        let (had_scopes, had_force) = (Scopes::parse(&row.text(0)?)?, row.int(1)? != 0);
+        if had_scopes != job.scopes {
+            differences.push(format!("scopes {} (the job has {had_scopes})", job.scopes));
         }
         if had_force != job.force {
             differences.push(format!("force {} (the job has {had_force})", job.force));
@@ -409,46 +364,10 @@ impl Store {
             )
             .await?
             .iter()
-            .map(|r| Ok((r.text(0)?, r.int(1)?)))
+            .map(|r| Ok((Outcome::parse(&r.text(0)?)?, r.int(1)?)))
             .collect::<Result<_, sqlx::Error>>()?;
+        job.outcome_counts.sort();
         Ok(Some(job))
-    }
-
-    /// A job's outcomes after `cursor`, in stream order, at most `limit` (an index range read:
-    /// the cost is the rows returned, whatever the job's size).
-    pub async fn outcomes_after(
-        &self,
-        job_id: &str,
-        cursor: i64,
-        limit: i64,
-    ) -> Result<Vec<OutcomeRecord>, sqlx::Error> {
-        self.db
-            .fetch(
-                "SELECT seq, server_id, server_name, outcome, cause, message, exit_status, \
-                 duration_ms, next_probe_at, counts, finished_at FROM sync_job_servers \
-                 WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-                &[job_id.into(), cursor.into(), limit.into()],
-            )
-            .await?
-            .iter()
-            .map(|r| {
-                Ok(OutcomeRecord {
-                    seq: r.int(0)?,
-                    server_id: r.int(1)?,
-                    server_name: r.text(2)?,
-                    result: RunResult {
-                        outcome: r.text(3)?,
-                        cause: r.opt_text(4)?,
-                        message: r.opt_text(5)?.unwrap_or_default(),
-                        exit_status: r.opt_int(6)?,
-                        duration_ms: r.opt_int(7)?.unwrap_or(0),
-                        next_probe_at: r.opt_int(8)?,
-                        counts: r.opt_text(9)?.and_then(|c| serde_json::from_str(&c).ok()),
-                    },
-                    finished_at: r.opt_int(10)?.unwrap_or(0),
-                })
-            })
-            .collect()
     }
 
     /// Jobs newest first after the keyset `after` (created_at, id), with their outcome counts.
@@ -466,14 +385,7 @@ impl Store {
         }
         if let Some(state) = filter.state {
             sql.push_str(" AND state = ?");
-            args.push(
-                match state {
-                    JobState::Pending => "pending",
-                    JobState::Running => "running",
-                    JobState::Done => "done",
-                }
-                .into(),
-            );
+            args.push(state.as_str().into());
         }
         if let Some(server) = filter.server_id {
             sql.push_str(" AND id IN (SELECT job_id FROM sync_job_servers WHERE server_id = ?)");
@@ -515,37 +427,19 @@ impl Store {
                 &ids,
             )
             .await?;
-        let mut by_job: std::collections::HashMap<String, Vec<(String, i64)>> =
-            std::collections::HashMap::new();
+        let mut by_job: HashMap<String, Vec<(Outcome, i64)>> = HashMap::new();
         for row in counts {
             by_job
                 .entry(row.text(0)?)
                 .or_default()
-                .push((row.text(1)?, row.int(2)?));
+                .push((Outcome::parse(&row.text(1)?)?, row.int(2)?));
         }
         for job in &mut jobs {
             job.outcome_counts = by_job.remove(&job.id).unwrap_or_default();
+            job.outcome_counts.sort();
         }
         Ok(jobs)
     }
-}
-
-/// PostgreSQL channel told when outcomes are recorded (watchers on other agents wake up).
-pub const OUTCOMES_CHANNEL: &str = "fleetsync_outcomes";
-/// PostgreSQL channel told when a job is created (schedulers on other agents wake up).
-pub const WORK_CHANNEL: &str = "fleetsync_work";
-
-/// `NOTIFY` on PostgreSQL (delivered when the transaction commits); nothing elsewhere, where
-/// other agents' changes are found by polling.
-pub(super) async fn notify(tx: &mut Tx, channel: &str) -> Result<(), sqlx::Error> {
-    if tx.backend() == Backend::Postgres {
-        tx.execute(
-            "SELECT CAST(1 AS BIGINT) FROM pg_notify(?, '')",
-            &[channel.into()],
-        )
-        .await?;
-    }
-    Ok(())
 }
 
 async fn missing_ids(tx: &mut Tx, ids: &[i64]) -> Result<Vec<i64>, sqlx::Error> {
@@ -570,42 +464,5 @@ fn describe_ids(ids: &[i64]) -> String {
         format!("{} (and {} more)", shown.join(", "), ids.len() - 10)
     } else {
         shown.join(", ")
-    }
-}
-
-impl Store {
-    /// The latest run of each of these servers: server id -> (result, finished_at).
-    pub async fn last_runs(
-        &self,
-        ids: &[i64],
-    ) -> Result<std::collections::HashMap<i64, (RunResult, i64)>, sqlx::Error> {
-        let mut out = std::collections::HashMap::new();
-        for chunk in ids.chunks(CHUNK) {
-            let sql = format!(
-                "SELECT server_id, outcome, cause, message, exit_status, duration_ms, counts, \
-                 finished_at FROM sync_runs WHERE id IN (SELECT MAX(id) FROM sync_runs \
-                 WHERE server_id IN {} GROUP BY server_id)",
-                list(chunk.len())
-            );
-            let args: Vec<Value> = chunk.iter().map(|&i| Value::Int(i)).collect();
-            for r in self.db.fetch(&sql, &args).await? {
-                out.insert(
-                    r.int(0)?,
-                    (
-                        RunResult {
-                            outcome: r.opt_text(1)?.unwrap_or_default(),
-                            cause: r.opt_text(2)?,
-                            message: r.opt_text(3)?.unwrap_or_default(),
-                            exit_status: r.opt_int(4)?,
-                            duration_ms: r.opt_int(5)?.unwrap_or(0),
-                            next_probe_at: None,
-                            counts: r.opt_text(6)?.and_then(|c| serde_json::from_str(&c).ok()),
-                        },
-                        r.opt_int(7)?.unwrap_or(0),
-                    ),
-                );
-            }
-        }
-        Ok(out)
     }
 }

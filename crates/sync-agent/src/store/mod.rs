@@ -1,8 +1,9 @@
 //! Everything the agent reads and writes in the control-plane database, over the three
-//! backends: servers and their inventory (`servers`, `inventory`), jobs and their outcomes
-//! (`jobs`), the migrations' sync requests (`outbox`), the work queue and its fenced leases (`queue`), batched completion of runs
-//! (`complete`), reachability probes (`reachability`), pruning of old history (`retention`) and
-//! the counts the metrics endpoint reports (`gauges`).
+//! backends: servers and their inventory (`servers`, `inventory`), jobs (`jobs`) and the run
+//! results they report (`outcomes`), the migrations' sync requests (`outbox`), the work queue
+//! and its fenced leases (`queue`), batched completion of runs (`complete`), reachability
+//! probes (`reachability`), pruning of old history (`retention`) and the counts the metrics
+//! endpoint reports (`gauges`).
 //!
 //! SQL here uses `?` placeholders and double-quoted identifiers where a name is a reserved word
 //! somewhere (`"databases"`, `"collation"`); [`Store::sql`] adapts both per backend.
@@ -12,6 +13,7 @@ mod gauges;
 mod inventory;
 mod jobs;
 mod outbox;
+mod outcomes;
 mod queue;
 mod reachability;
 mod retention;
@@ -19,16 +21,14 @@ mod servers;
 
 use std::borrow::Cow;
 
-use fleetsync_common::{Backend, Db};
+use fleetsync_common::{Backend, Db, sql::Tx};
 
 pub use complete::{Completion, Reach, Recorded};
 pub use gauges::FleetGauges;
 pub use inventory::{Charsets, InventoryCounts, InventoryWrite};
-pub use jobs::{
-    ALL_SCOPES, JobFilter, JobOrigin, JobRecord, JobState, NewJob, OUTCOMES_CHANNEL, OutcomeRecord,
-    RunResult, Selection, WORK_CHANNEL,
-};
+pub use jobs::{JobFilter, JobRecord, NewJob, Selection};
 pub use outbox::SyncRequest;
+pub use outcomes::{OutcomeRecord, RunResult};
 pub use queue::{Claim, ClaimedServer};
 pub use retention::Pruned;
 pub use servers::{
@@ -85,4 +85,25 @@ pub(crate) fn list(n: usize) -> String {
     }
     s.push(')');
     s
+}
+
+/// Largest id list per statement.
+pub(super) const CHUNK: usize = 500;
+
+/// PostgreSQL channel told when outcomes are recorded (watchers on other agents wake up).
+pub const OUTCOMES_CHANNEL: &str = "fleetsync_outcomes";
+/// PostgreSQL channel told when a job is created (schedulers on other agents wake up).
+pub const WORK_CHANNEL: &str = "fleetsync_work";
+
+/// `NOTIFY` on PostgreSQL (delivered when the transaction commits); nothing elsewhere, where
+/// other agents' changes are found by polling.
+pub(crate) async fn notify(tx: &mut Tx, channel: &str) -> Result<(), sqlx::Error> {
+    if tx.backend() == Backend::Postgres {
+        tx.execute(
+            "SELECT CAST(1 AS BIGINT) FROM pg_notify(?, '')",
+            &[channel.into()],
+        )
+        .await?;
+    }
+    Ok(())
 }

@@ -2,36 +2,27 @@
 //! transaction as their schema change) and that no job has taken yet.
 
 use super::Store;
+pub use fleetsync_common::model::SyncRequest;
 
-/// A sync request a migration recorded.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SyncRequest {
-    /// `migration-VERSION`: the job made from it takes this as its request id.
-    pub id: String,
-    /// What the migration asked to re-read (`databases,charsets`, ...).
-    pub scopes: String,
-    /// Why, for the job's reason.
-    pub reason: String,
-}
+/// Marks a request taken by the job made from it (binds the job id, then the request id). A
+/// job's request id is its request's id, so this is a no-op for a job no migration asked for.
+pub(super) const TAKE_REQUEST: &str =
+    "UPDATE sync_requests SET state = 'taken', job_id = ? WHERE id = ? AND state <> 'taken'";
 
 impl Store {
     /// Sync requests recorded by migrations that no job has taken yet, oldest first.
     pub async fn untaken_requests(&self) -> Result<Vec<SyncRequest>, sqlx::Error> {
         self.db
             .fetch(
-                "SELECT id, scopes, reason FROM sync_requests WHERE state <> 'taken' \
-                 ORDER BY created_at, id",
+                &format!(
+                    "SELECT {} FROM sync_requests WHERE state <> 'taken' ORDER BY created_at, id",
+                    SyncRequest::COLUMNS
+                ),
                 &[],
             )
             .await?
             .iter()
-            .map(|r| {
-                Ok(SyncRequest {
-                    id: r.text(0)?,
-                    scopes: r.text(1)?,
-                    reason: r.text(2)?,
-                })
-            })
+            .map(SyncRequest::try_from)
             .collect()
     }
 }

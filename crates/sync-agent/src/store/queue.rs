@@ -14,9 +14,7 @@ use fleetsync_common::{
 };
 
 use super::{
-    ServerRecord, Store,
-    jobs::CHUNK,
-    list,
+    CHUNK, ServerRecord, Store, list,
     servers::{SERVER_COLUMN_COUNT, SERVER_COLUMNS, SERVER_FROM},
 };
 
@@ -169,18 +167,53 @@ impl Store {
     /// Gives leases back without recording anything (the agent is stopping): the servers stay
     /// waiting for whoever runs next.
     pub async fn release(&self, holder: &str, claims: &[Claim]) -> Result<(), sqlx::Error> {
-        for chunk in claims.chunks(CHUNK) {
-            let sql = format!(
-                "UPDATE server_leases SET holder = NULL, expires_at = NULL \
-                 WHERE holder = ? AND server_id IN {}",
-                list(chunk.len())
-            );
-            let mut args: Vec<Value> = vec![holder.into()];
-            args.extend(chunk.iter().map(|c| Value::Int(c.server_id)));
-            self.db.execute(&sql, &args).await?;
-        }
-        Ok(())
+        let ids: Vec<i64> = claims.iter().map(|c| c.server_id).collect();
+        let mut tx = self.db.begin().await?;
+        release_leases(&mut tx, &ids, Some(holder), WaitMark::Keep).await?;
+        tx.commit().await
     }
+}
+
+/// What releasing a lease does to the server's waiting mark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum WaitMark {
+    /// Leave it: a job row still waits (or the run recorded nothing).
+    Keep,
+    /// Clear it: nothing waits for the server any more.
+    Clear,
+}
+
+/// Releases the leases of `ids` (only those `holder` still holds, when given): the one place
+/// a lease is given back.
+pub(super) async fn release_leases(
+    tx: &mut Tx,
+    ids: &[i64],
+    holder: Option<&str>,
+    waiting: WaitMark,
+) -> Result<(), sqlx::Error> {
+    let pending = match waiting {
+        WaitMark::Keep => "",
+        WaitMark::Clear => ", pending_since = NULL",
+    };
+    let held = if holder.is_some() {
+        "holder = ? AND "
+    } else {
+        ""
+    };
+    for chunk in ids.chunks(CHUNK) {
+        let mut args: Vec<Value> = holder.into_iter().map(Value::from).collect();
+        args.extend(chunk.iter().map(|&id| Value::Int(id)));
+        tx.execute(
+            &format!(
+                "UPDATE server_leases SET holder = NULL, expires_at = NULL{pending} \
+                 WHERE {held}server_id IN {}",
+                list(chunk.len())
+            ),
+            &args,
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// Takes the leases of `ids` (already chosen as free under this transaction): token + 1,

@@ -2,15 +2,36 @@
 //! database's clock), claimed in batches under the same fenced leases as syncs, and what a
 //! probe found (back online, or one more failure with the next probe time).
 
-use fleetsync_common::{Backend, sql::Value};
+use fleetsync_common::{
+    Backend,
+    sql::{Tx, Value},
+};
 
 use super::{
-    ServerRecord, Store,
-    jobs::CHUNK,
-    list,
-    queue::{Claim, db_now, take_leases},
+    CHUNK, ServerRecord, Store, list,
+    queue::{Claim, WaitMark, db_now, release_leases, take_leases},
     servers::{SERVER_COLUMNS, SERVER_FROM},
 };
+use crate::model::Reachability;
+
+/// Marks `ids` online as of `now`: seen, no failures, no probe due. The one place a server
+/// comes back, from a run or a probe.
+pub(super) async fn mark_online(tx: &mut Tx, now: i64, ids: &[i64]) -> Result<(), sqlx::Error> {
+    for chunk in ids.chunks(CHUNK) {
+        let mut args: Vec<Value> = vec![Reachability::Online.as_str().into(), now.into()];
+        args.extend(chunk.iter().map(|&id| Value::Int(id)));
+        tx.execute(
+            &format!(
+                "UPDATE servers SET reachability = ?, last_seen_at = ?, \
+                 consecutive_failures = 0, next_probe_at = NULL WHERE id IN {}",
+                list(chunk.len())
+            ),
+            &args,
+        )
+        .await?;
+    }
+    Ok(())
+}
 
 impl Store {
     /// Claims up to `limit` offline servers whose backoff has ended and whose lease is free,
@@ -37,10 +58,15 @@ impl Store {
             .fetch(
                 &format!(
                     "SELECT l.server_id FROM servers s JOIN server_leases l ON l.server_id = s.id \
-                     WHERE s.next_probe_at <= ? AND s.reachability = 'offline' \
+                     WHERE s.next_probe_at <= ? AND s.reachability = ? \
                      AND (l.holder IS NULL OR l.expires_at < ?) ORDER BY s.next_probe_at LIMIT ?{skip}"
                 ),
-                &[now.into(), now.into(), (limit as i64).into()],
+                &[
+                    now.into(),
+                    Reachability::Offline.as_str().into(),
+                    now.into(),
+                    (limit as i64).into(),
+                ],
             )
             .await?
             .iter()
@@ -90,7 +116,7 @@ impl Store {
         } else {
             " FOR UPDATE"
         };
-        let mut back = Vec::new();
+        let (mut back, mut ours) = (Vec::new(), Vec::new());
         for (claim, backoff) in probes {
             let held = tx
                 .fetch_optional(
@@ -100,7 +126,7 @@ impl Store {
                     &[claim.server_id.into()],
                 )
                 .await?;
-            let ours = match &held {
+            let held = match &held {
                 Some(row) => {
                     row.int(0)? == claim.token
                         && row.opt_text(1)?.as_deref() == Some(holder)
@@ -108,19 +134,12 @@ impl Store {
                 }
                 None => false,
             };
-            if !ours {
+            if !held {
                 continue;
             }
+            ours.push(claim.server_id);
             match backoff {
-                None => {
-                    tx.execute(
-                        "UPDATE servers SET reachability = 'online', last_seen_at = ?, \
-                         consecutive_failures = 0, next_probe_at = NULL WHERE id = ?",
-                        &[now.into(), claim.server_id.into()],
-                    )
-                    .await?;
-                    back.push(claim.server_id);
-                }
+                None => back.push(claim.server_id),
                 Some(backoff) => {
                     tx.execute(
                         "UPDATE servers SET consecutive_failures = consecutive_failures + 1, \
@@ -130,12 +149,9 @@ impl Store {
                     .await?;
                 }
             }
-            tx.execute(
-                "UPDATE server_leases SET holder = NULL, expires_at = NULL WHERE server_id = ?",
-                &[claim.server_id.into()],
-            )
-            .await?;
         }
+        mark_online(&mut tx, now, &back).await?;
+        release_leases(&mut tx, &ours, None, WaitMark::Keep).await?;
         tx.commit().await?;
         Ok(back)
     }

@@ -6,6 +6,7 @@
 use fleetsync_common::sql::Value;
 
 use super::{Store, complete::cancel_waiting, list};
+use crate::model::JobState;
 
 /// What one pass deleted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -30,9 +31,13 @@ impl Store {
             let ids: Vec<String> = self
                 .db
                 .fetch(
-                    "SELECT id FROM sync_jobs WHERE finished_at < ? AND state = 'done' \
+                    "SELECT id FROM sync_jobs WHERE finished_at < ? AND state = ? \
                      ORDER BY finished_at LIMIT ?",
-                    &[cutoff_ms.into(), (BATCH as i64).into()],
+                    &[
+                        cutoff_ms.into(),
+                        JobState::Done.as_str().into(),
+                        (BATCH as i64).into(),
+                    ],
                 )
                 .await?
                 .iter()

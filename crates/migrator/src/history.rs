@@ -1,6 +1,7 @@
-//! The engine's reads over its dedicated connection (`common::sql::Conn`, detached from the
-//! pool: if the process or the task dies, closing it releases the lock and rolls back an open
-//! transaction): history, outbox and catalog checks, and the DDL of the engine's own tables.
+//! The history table (`fleetsync_schema_history`): its rows as `History`, read over the
+//! engine's dedicated connection (`common::sql::Conn`, detached from the pool: if the process
+//! or the task dies, closing it releases the lock and rolls back an open transaction), and the
+//! DDL of the engine's own tables (the history and the outbox).
 
 use fleetsync_common::{
     Backend,
@@ -9,31 +10,52 @@ use fleetsync_common::{
 
 pub(crate) use fleetsync_common::sql::Conn;
 
-/// A row of `fleetsync_schema_history`.
+use crate::{
+    catalog::table_exists,
+    model::{Scopes, State},
+    outbox::OUTBOX_TABLE,
+};
+
+/// What the history table records of one migration (a row of `fleetsync_schema_history`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct HistoryRow {
+pub struct History {
+    /// The migration's version.
     pub version: i64,
+    /// The migration's name when it was recorded.
     pub name: String,
+    /// Checksum at the time it was applied.
     pub checksum: String,
-    pub state: String,
+    /// Applied, partial or failed (never pending: a pending migration has no row).
+    pub state: State,
+    /// Statements done.
     pub statements_applied: i64,
+    /// Statements in it then.
     pub statements_total: i64,
+    /// SHA-256 of the statements done, for resuming a journaled migration.
     pub prefix_checksum: Option<String>,
+    /// Start of the last attempt (ms since epoch).
     pub started_at: Option<i64>,
+    /// End of the applying attempt or the failure (ms since epoch).
     pub finished_at: Option<i64>,
+    /// Duration of the applying attempt.
     pub duration_ms: Option<i64>,
+    /// `user@host` of the process that ran it.
     pub installed_by: String,
+    /// Id of the run that last touched it.
     pub run_id: String,
+    /// Error of a failed attempt.
     pub error: Option<String>,
+    /// Statement that failed.
     pub failing_statement: Option<String>,
-    pub resync: String,
+    /// What it asked the agent to re-sync.
+    pub resync: Scopes,
 }
 
 const HISTORY_COLUMNS: &str = "version, name, checksum, state, statements_applied, \
     statements_total, prefix_checksum, started_at, finished_at, duration_ms, installed_by, run_id, \
     error, failing_statement, resync";
 
-impl TryFrom<&Row> for HistoryRow {
+impl TryFrom<&Row> for History {
     type Error = sqlx::Error;
 
     fn try_from(r: &Row) -> Result<Self, sqlx::Error> {
@@ -41,7 +63,7 @@ impl TryFrom<&Row> for HistoryRow {
             version: r.int(0)?,
             name: r.text(1)?,
             checksum: r.text(2)?,
-            state: r.text(3)?,
+            state: State::parse(&r.text(3)?)?,
             statements_applied: r.int(4)?,
             statements_total: r.int(5)?,
             prefix_checksum: r.opt_text(6)?,
@@ -52,19 +74,16 @@ impl TryFrom<&Row> for HistoryRow {
             run_id: r.text(11)?,
             error: r.opt_text(12)?,
             failing_statement: r.opt_text(13)?,
-            resync: r.text(14)?,
+            resync: Scopes::parse(&r.text(14)?)?,
         })
     }
 }
 
 /// The history table, the engine's own.
 pub(crate) const HISTORY_TABLE: &str = "fleetsync_schema_history";
-/// The outbox of sync requests, the engine's own: it must exist before any migration that
-/// records a request runs.
-pub(crate) const OUTBOX_TABLE: &str = "sync_requests";
 
 /// Every history row, by version. Empty if the table does not exist yet.
-pub(crate) async fn history(conn: &mut Conn) -> Result<Vec<HistoryRow>, sqlx::Error> {
+pub(crate) async fn history(conn: &mut Conn) -> Result<Vec<History>, sqlx::Error> {
     if !table_exists(conn, HISTORY_TABLE).await? {
         return Ok(Vec::new());
     }
@@ -75,7 +94,7 @@ pub(crate) async fn history(conn: &mut Conn) -> Result<Vec<HistoryRow>, sqlx::Er
 pub(crate) async fn history_row(
     conn: &mut Conn,
     version: i64,
-) -> Result<Option<HistoryRow>, sqlx::Error> {
+) -> Result<Option<History>, sqlx::Error> {
     Ok(
         history_where(conn, "WHERE version = ?", &[Value::Int(version)])
             .await?
@@ -87,89 +106,13 @@ async fn history_where(
     conn: &mut Conn,
     filter: &str,
     args: &[Value],
-) -> Result<Vec<HistoryRow>, sqlx::Error> {
+) -> Result<Vec<History>, sqlx::Error> {
     let sql = format!("SELECT {HISTORY_COLUMNS} FROM {HISTORY_TABLE} {filter} ORDER BY version");
     conn.fetch(&sql, args)
         .await?
         .iter()
-        .map(HistoryRow::try_from)
+        .map(History::try_from)
         .collect()
-}
-
-/// Pending outbox requests as (id, scopes, reason), oldest first.
-pub(crate) async fn pending_requests(
-    conn: &mut Conn,
-) -> Result<Vec<(String, String, String)>, sqlx::Error> {
-    let sql = format!(
-        "SELECT id, scopes, reason FROM {OUTBOX_TABLE} WHERE state = 'pending' \
-         ORDER BY created_at, id"
-    );
-    conn.fetch(&sql, &[])
-        .await?
-        .iter()
-        .map(|r| Ok((r.text(0)?, r.text(1)?, r.text(2)?)))
-        .collect()
-}
-
-/// True if a table of this name exists in the current schema.
-pub(crate) async fn table_exists(conn: &mut Conn, table: &str) -> Result<bool, sqlx::Error> {
-    let sql = match conn.backend() {
-        Backend::Sqlite => "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?",
-        Backend::Postgres => {
-            "SELECT COUNT(*) FROM information_schema.tables \
-             WHERE table_schema = current_schema() AND table_name = ?"
-        }
-        Backend::MySql => {
-            "SELECT COUNT(*) FROM information_schema.tables \
-             WHERE table_schema = DATABASE() AND table_name = ?"
-        }
-    };
-    Ok(conn.scalar(sql, &[table.into()]).await? > Some(0))
-}
-
-/// True if `table` has a column `column`.
-pub(crate) async fn column_exists(
-    conn: &mut Conn,
-    table: &str,
-    column: &str,
-) -> Result<bool, sqlx::Error> {
-    let sql = match conn.backend() {
-        Backend::Sqlite => "SELECT COUNT(*) FROM pragma_table_info(?) WHERE name = ?",
-        Backend::Postgres => {
-            "SELECT COUNT(*) FROM information_schema.columns \
-             WHERE table_schema = current_schema() AND table_name = ? AND column_name = ?"
-        }
-        Backend::MySql => {
-            "SELECT COUNT(*) FROM information_schema.columns \
-             WHERE table_schema = DATABASE() AND table_name = ? AND column_name = ?"
-        }
-    };
-    Ok(conn.scalar(sql, &[table.into(), column.into()]).await? > Some(0))
-}
-
-/// True if an index of this name exists (on `table`, for MySQL where names are per table).
-pub(crate) async fn index_exists(
-    conn: &mut Conn,
-    table: &str,
-    index: &str,
-) -> Result<bool, sqlx::Error> {
-    let (sql, args): (&str, Vec<Value>) = match conn.backend() {
-        Backend::Sqlite => (
-            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name = ?",
-            vec![index.into()],
-        ),
-        Backend::Postgres => (
-            "SELECT COUNT(*) FROM pg_indexes WHERE schemaname = current_schema() \
-             AND indexname = ?",
-            vec![index.into()],
-        ),
-        Backend::MySql => (
-            "SELECT COUNT(*) FROM information_schema.statistics \
-             WHERE table_schema = DATABASE() AND table_name = ? AND index_name = ?",
-            vec![table.into(), index.into()],
-        ),
-    };
-    Ok(conn.scalar(sql, &args).await? > Some(0))
 }
 
 /// DDL of the engine's own tables, per backend. Idempotent.

@@ -1,0 +1,259 @@
+//! Domain values both services store: the sync scopes a migration asks for and a job records,
+//! the outbox's sync requests (written by the migrator, read by both), and `stored_enum!`, which gives each service's enums one stored name per variant with a parse
+//! that refuses unknown text (`UnknownValue`, a decode error at the database edge).
+
+use std::fmt;
+
+use crate::{proto::sync::v1 as pb, sql::Row};
+
+/// Stored text that names no known value: the database holds something this build does not
+/// know (a newer version wrote it, or someone edited a row). Refused, never guessed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {what} {value:?}")]
+pub struct UnknownValue {
+    /// What was being read, e.g. `outcome in sync_job_servers`.
+    pub what: &'static str,
+    /// The text found.
+    pub value: String,
+}
+
+impl From<UnknownValue> for sqlx::Error {
+    fn from(err: UnknownValue) -> Self {
+        sqlx::Error::Decode(Box::new(err))
+    }
+}
+
+/// An enum stored as text: one name per variant (`as_str`, `Display`), `parse` back from it
+/// (unknown text is an `UnknownValue`), and `ALL` variants in declaration order.
+///
+/// ```ignore
+/// stored_enum! {
+///     /// Where a job came from.
+///     pub enum JobOrigin in "job origin" {
+///         /// An RPC.
+///         Rpc => "rpc",
+///     }
+/// }
+/// ```
+#[macro_export]
+macro_rules! stored_enum {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident in $what:literal {
+            $($(#[$vmeta:meta])* $variant:ident => $text:literal,)+
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        $vis enum $name {
+            $($(#[$vmeta])* $variant,)+
+        }
+
+        impl $name {
+            /// Every variant, in declaration order.
+            pub const ALL: &'static [Self] = &[$(Self::$variant),+];
+
+            /// Stored name.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $text,)+
+                }
+            }
+
+            /// From its stored name; anything else is an error, never a guess.
+            pub fn parse(s: &str) -> Result<Self, $crate::model::UnknownValue> {
+                match s {
+                    $($text => Ok(Self::$variant),)+
+                    other => Err($crate::model::UnknownValue {
+                        what: $what,
+                        value: other.to_owned(),
+                    }),
+                }
+            }
+        }
+
+        impl ::std::fmt::Display for $name {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+stored_enum! {
+    /// Data a sync refreshes. Declared in alphabetical order: a set's stored form lists them so.
+    pub enum Scope in "sync scope" {
+        /// Charsets and collations of the database service.
+        Charsets => "charsets",
+        /// Databases with their charset and collation.
+        Databases => "databases",
+        /// Database users and the databases they can use.
+        Users => "users",
+    }
+}
+
+impl From<Scope> for pb::SyncScope {
+    fn from(scope: Scope) -> Self {
+        match scope {
+            Scope::Charsets => pb::SyncScope::Charsets,
+            Scope::Databases => pb::SyncScope::Databases,
+            Scope::Users => pb::SyncScope::Users,
+        }
+    }
+}
+
+impl TryFrom<pb::SyncScope> for Scope {
+    type Error = pb::SyncScope;
+
+    /// `UNSPECIFIED` names no scope: it comes back as the error.
+    fn try_from(scope: pb::SyncScope) -> Result<Self, pb::SyncScope> {
+        match scope {
+            pb::SyncScope::Charsets => Ok(Scope::Charsets),
+            pb::SyncScope::Databases => Ok(Scope::Databases),
+            pb::SyncScope::Users => Ok(Scope::Users),
+            pb::SyncScope::Unspecified => Err(scope),
+        }
+    }
+}
+
+/// A set of scopes. Stored comma-joined in `Scope` order (`charsets,databases,users`), so two
+/// equal sets are equal text.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Scopes(u8);
+
+impl Scopes {
+    /// Every scope: what the periodic and recovery syncs are for.
+    pub const ALL: Scopes = Scopes((1 << Scope::ALL.len()) - 1);
+
+    /// No scope.
+    pub const fn empty() -> Self {
+        Scopes(0)
+    }
+
+    fn bit(scope: Scope) -> u8 {
+        1 << scope as u8
+    }
+
+    /// Adds one; true if it was not there.
+    pub fn insert(&mut self, scope: Scope) -> bool {
+        let had = self.contains(scope);
+        self.0 |= Self::bit(scope);
+        !had
+    }
+
+    /// Whether it holds this one.
+    pub fn contains(self, scope: Scope) -> bool {
+        self.0 & Self::bit(scope) != 0
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// Its scopes, in `Scope` order.
+    pub fn iter(self) -> impl Iterator<Item = Scope> {
+        Scope::ALL
+            .iter()
+            .copied()
+            .filter(move |s| self.contains(*s))
+    }
+
+    /// From the stored, comma-joined form (empty text is the empty set); an unknown name is an
+    /// error.
+    pub fn parse(stored: &str) -> Result<Self, UnknownValue> {
+        stored
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(Scope::parse)
+            .collect()
+    }
+
+    /// As the proto's enum values, in `Scope` order.
+    pub fn to_proto(self) -> Vec<i32> {
+        self.iter().map(|s| pb::SyncScope::from(s) as i32).collect()
+    }
+}
+
+impl FromIterator<Scope> for Scopes {
+    fn from_iter<I: IntoIterator<Item = Scope>>(iter: I) -> Self {
+        let mut set = Scopes::empty();
+        for scope in iter {
+            set.insert(scope);
+        }
+        set
+    }
+}
+
+impl fmt::Display for Scopes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, scope) in self.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            f.write_str(scope.as_str())?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Scopes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.iter()).finish()
+    }
+}
+
+/// A sync request a migration recorded in the outbox (`sync_requests`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncRequest {
+    /// `migration-VERSION`: the job made from it takes this as its request id.
+    pub id: String,
+    /// What the migration asked to re-read.
+    pub scopes: Scopes,
+    /// Why, for the job's reason.
+    pub reason: String,
+}
+
+impl SyncRequest {
+    /// The columns `TryFrom<&Row>` reads, in its order.
+    pub const COLUMNS: &'static str = "id, scopes, reason";
+}
+
+impl TryFrom<&Row> for SyncRequest {
+    type Error = sqlx::Error;
+
+    fn try_from(r: &Row) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            id: r.text(0)?,
+            scopes: Scopes::parse(&r.text(1)?)?,
+            reason: r.text(2)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_round_trip_in_one_canonical_order() {
+        let set = Scopes::parse("users,databases,users").unwrap();
+        assert_eq!(set.to_string(), "databases,users");
+        assert_eq!(Scopes::parse(&set.to_string()).unwrap(), set);
+        assert_eq!(Scopes::ALL.to_string(), "charsets,databases,users");
+        assert!(Scopes::parse("").unwrap().is_empty());
+        assert_eq!(
+            set.to_proto(),
+            [pb::SyncScope::Databases as i32, pb::SyncScope::Users as i32]
+        );
+    }
+
+    #[test]
+    fn unknown_names_are_refused_not_dropped() {
+        let err = Scopes::parse("databases,tables").unwrap_err();
+        assert_eq!(err.value, "tables");
+        assert_eq!(err.to_string(), "unknown sync scope \"tables\"");
+        assert!(matches!(sqlx::Error::from(err), sqlx::Error::Decode(_)));
+        assert!(Scope::try_from(pb::SyncScope::Unspecified).is_err());
+    }
+}
