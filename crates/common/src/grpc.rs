@@ -382,15 +382,20 @@ mod tests {
         assert!(!format!("{:?}", Security::with_token("s3cret")).contains("s3cret"));
     }
 
-    #[test]
-    fn exposure_needs_a_token() {
-        let args = SecurityArgs {
-            auth_token_file: None,
+    /// No TLS, no overrides; a token file if given.
+    fn plain_args(auth_token_file: Option<std::path::PathBuf>) -> SecurityArgs {
+        SecurityArgs {
+            auth_token_file,
             tls_cert: None,
             tls_key: None,
             allow_unauthenticated: false,
             allow_plaintext_token: false,
-        };
+        }
+    }
+
+    #[test]
+    fn exposure_needs_a_token() {
+        let args = plain_args(None);
         let err = Security::from_args(&args, "0.0.0.0:50051".parse().unwrap()).unwrap_err();
         assert!(
             err.to_string()
@@ -411,13 +416,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let token = dir.path().join("token");
         std::fs::write(&token, "s3cret\n").unwrap();
-        let args = SecurityArgs {
-            auth_token_file: Some(token),
-            tls_cert: None,
-            tls_key: None,
-            allow_unauthenticated: false,
-            allow_plaintext_token: false,
-        };
+        let args = plain_args(Some(token));
         let err = Security::from_args(&args, "0.0.0.0:50051".parse().unwrap()).unwrap_err();
         assert!(
             err.to_string().contains("in clear text on 0.0.0.0:50051"),

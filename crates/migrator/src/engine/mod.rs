@@ -286,15 +286,20 @@ impl Engine {
             .collect()
     }
 
-    /// The exact SQL `migrate` would run now, up to `target` (0: the latest). Writes nothing.
-    pub async fn plan(&self, target: i64) -> Result<Vec<Planned>, EngineError> {
-        let target = self.resolve_target(target)?;
+    /// The history, read over a connection of its own (no lock: a read-only view).
+    async fn read_history(&self) -> Result<Vec<History>, EngineError> {
         let mut conn = Conn::open(&self.db).await.map_err(db_err("connecting"))?;
         let history = history::history(&mut conn)
             .await
             .map_err(db_err("reading history"));
         conn.close().await;
-        let history = history?;
+        history
+    }
+
+    /// The exact SQL `migrate` would run now, up to `target` (0: the latest). Writes nothing.
+    pub async fn plan(&self, target: i64) -> Result<Vec<Planned>, EngineError> {
+        let target = self.resolve_target(target)?;
+        let history = self.read_history().await?;
         self.check(&history)?;
         Ok(self
             .set
@@ -321,12 +326,7 @@ impl Engine {
     /// Everything wrong between the database and the binary; empty if all is well. Writes
     /// nothing.
     pub async fn verify(&self) -> Result<Vec<Problem>, EngineError> {
-        let mut conn = Conn::open(&self.db).await.map_err(db_err("connecting"))?;
-        let history = history::history(&mut conn)
-            .await
-            .map_err(db_err("reading history"));
-        conn.close().await;
-        let history = history?;
+        let history = self.read_history().await?;
         let mut problems = Vec::new();
         for version in self.unknown_versions(&history) {
             problems.push(Problem {

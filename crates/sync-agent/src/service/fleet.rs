@@ -12,7 +12,10 @@ use fleetsync_common::{
 };
 use tonic::{Request, Response, Status};
 
-use super::{AgentState, convert};
+use super::{
+    AgentState, convert,
+    fields::{id, optional_enum, page_size, text},
+};
 use crate::model::Reachability;
 use crate::store::{DatabaseService, ServerSpec};
 
@@ -27,29 +30,6 @@ impl FleetService {
     pub fn new(state: AgentState) -> Self {
         Self { state }
     }
-}
-
-fn id(value: i64, field: &'static str) -> Result<i64, ServiceError> {
-    if value <= 0 {
-        return Err(ServiceError::invalid(
-            field,
-            format!("must be a positive server id, got {value}"),
-        ));
-    }
-    Ok(value)
-}
-
-fn text(value: &str, field: &'static str, max: usize) -> Result<(), ServiceError> {
-    if value.chars().count() > max {
-        return Err(ServiceError::invalid(
-            field,
-            format!("longer than {max} characters"),
-        ));
-    }
-    if value.chars().any(char::is_control) {
-        return Err(ServiceError::invalid(field, "contains control characters"));
-    }
-    Ok(())
 }
 
 /// Validates a registration; every error names its field.
@@ -143,21 +123,14 @@ pub fn validate_spec(spec: Option<pb::ServerSpec>) -> Result<ServerSpec, Service
         }
     };
     text(&spec.database_version, "spec.database_version", 64)?;
-    let status = match pb::ServerStatus::try_from(spec.status) {
-        Ok(pb::ServerStatus::Unspecified) => None,
-        Ok(status) => Some(
+    let status = optional_enum("spec.status", spec.status, |status: pb::ServerStatus| {
+        Some(
             status
                 .as_str_name()
                 .trim_start_matches("SERVER_STATUS_")
                 .to_ascii_lowercase(),
-        ),
-        Err(_) => {
-            return Err(ServiceError::invalid(
-                "spec.status",
-                format!("unknown value {}", spec.status),
-            ));
-        }
-    };
+        )
+    })?;
     Ok(ServerSpec {
         name,
         ip,
@@ -210,28 +183,13 @@ impl Fleet for FleetService {
         request: Request<ListServersRequest>,
     ) -> Result<Response<ListServersResponse>, Status> {
         let request = request.into_inner();
-        let reachability = match pb::Reachability::try_from(request.reachability) {
-            Ok(pb::Reachability::Unspecified) => None,
-            Ok(pb::Reachability::Unknown) => Some(Reachability::Unknown),
-            Ok(pb::Reachability::Online) => Some(Reachability::Online),
-            Ok(pb::Reachability::Offline) => Some(Reachability::Offline),
-            Err(_) => {
-                return Err(ServiceError::invalid(
-                    "reachability",
-                    format!("unknown value {}", request.reachability),
-                )
-                .into());
-            }
-        };
-        let page_size = match request.page_size {
-            0 => 100,
-            n @ 1..=1000 => n,
-            n => {
-                return Err(
-                    ServiceError::invalid("page_size", format!("at most 1000, got {n}")).into(),
-                );
-            }
-        };
+        let reachability = optional_enum("reachability", request.reachability, |r| match r {
+            pb::Reachability::Unspecified => None,
+            pb::Reachability::Unknown => Some(Reachability::Unknown),
+            pb::Reachability::Online => Some(Reachability::Online),
+            pb::Reachability::Offline => Some(Reachability::Offline),
+        })?;
+        let page_size = page_size(request.page_size, 100, 1000)?;
         let after = match request.page_token.as_str() {
             "" => 0,
             token => token
@@ -245,7 +203,7 @@ impl Fleet for FleetService {
         let servers = self
             .state
             .store
-            .servers(reachability, after, page_size + 1)
+            .servers(reachability, after, page_size as u32 + 1)
             .await
             .map_err(ServiceError::from)?;
         let more = servers.len() > page_size as usize;

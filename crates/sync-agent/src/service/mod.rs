@@ -2,8 +2,10 @@
 //! and their inventory), over the store and the scheduler's signals.
 
 mod convert;
+mod fields;
 mod fleet;
 mod sync;
+mod sync_requests;
 
 use std::{pin::Pin, time::Duration};
 

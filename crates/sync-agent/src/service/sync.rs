@@ -1,7 +1,7 @@
 //! `fleetsync.sync.v1.SyncAgent`: starting jobs, streaming their outcomes from a cursor, and
 //! reading them back.
 
-use std::{collections::BTreeSet, sync::Arc};
+use std::sync::Arc;
 
 use fleetsync_common::{
     ServiceError,
@@ -15,15 +15,16 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::{AgentState, EventStream, convert};
+use super::{
+    AgentState, EventStream, convert,
+    sync_requests::{ListQuery, Start, validate_list, validate_start},
+};
 use crate::{
-    model::{JobOrigin, JobState, Outcome, Scope, Scopes},
+    model::Outcome,
     ssh::{HostKeyInfo, Target},
-    store::{JobFilter, JobRecord, NewJob, Selection},
+    store::JobRecord,
 };
 
-/// Most server ids in one request.
-pub const MAX_SERVER_IDS: usize = 10_000;
 /// Outcomes read per database round trip while streaming.
 const BATCH: i64 = 256;
 /// Outcomes per `GetSyncJob` page unless the caller says otherwise.
@@ -150,192 +151,6 @@ impl SyncAgentService {
     }
 }
 
-/// What a start request asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Start {
-    /// A job (or the one already made under its request id, if it is the same request).
-    New(NewJob),
-    /// The job already made under this request id: nothing but the id was given.
-    Join(String),
-}
-
-/// Validates a start request; every error names its field.
-pub fn validate_start(request: StartSyncRequest) -> Result<Start, ServiceError> {
-    let join = !request.request_id.is_empty()
-        && request.server_ids.is_empty()
-        && !request.all_servers
-        && request.scopes.is_empty()
-        && !request.force
-        && request.reason.is_empty();
-    let request_id = match request.request_id.as_str() {
-        "" => format!("rpc-{}", crate::new_id()),
-        id if id.len() > 128 => {
-            return Err(ServiceError::invalid(
-                "request_id",
-                "longer than 128 characters",
-            ));
-        }
-        id if id.chars().any(char::is_control) => {
-            return Err(ServiceError::invalid(
-                "request_id",
-                "contains control characters",
-            ));
-        }
-        id => id.to_owned(),
-    };
-    if join {
-        return Ok(Start::Join(request_id));
-    }
-    let selection = match (request.all_servers, request.server_ids.is_empty()) {
-        (true, false) => {
-            return Err(ServiceError::invalid(
-                "server_ids",
-                "give either server_ids or all_servers, not both",
-            ));
-        }
-        (false, true) => {
-            return Err(ServiceError::invalid(
-                "server_ids",
-                "empty selection: give server_ids or set all_servers (or only a request_id, to join its job)",
-            ));
-        }
-        (true, true) => Selection::All,
-        (false, false) => {
-            if request.server_ids.len() > MAX_SERVER_IDS {
-                return Err(ServiceError::invalid(
-                    "server_ids",
-                    format!(
-                        "{} ids; at most {MAX_SERVER_IDS} per request (use all_servers for the whole fleet)",
-                        request.server_ids.len()
-                    ),
-                ));
-            }
-            if let Some(bad) = request.server_ids.iter().find(|id| **id <= 0) {
-                return Err(ServiceError::invalid(
-                    "server_ids",
-                    format!("{bad} is not a server id"),
-                ));
-            }
-            let unique: BTreeSet<i64> = request.server_ids.iter().copied().collect();
-            Selection::Ids(unique.into_iter().collect())
-        }
-    };
-    let mut scopes = Scopes::empty();
-    for (i, value) in request.scopes.iter().enumerate() {
-        let scope = pb::SyncScope::try_from(*value)
-            .ok()
-            .and_then(|s| Scope::try_from(s).ok())
-            .ok_or_else(|| ServiceError::InvalidArgument {
-                field: "scopes",
-                reason: format!("scopes[{i}]: unknown value {value}"),
-            })?;
-        scopes.insert(scope);
-    }
-    if scopes.is_empty() {
-        scopes = Scopes::ALL;
-    }
-    if request.reason.chars().count() > 1024 {
-        return Err(ServiceError::invalid(
-            "reason",
-            "longer than 1024 characters",
-        ));
-    }
-    Ok(Start::New(NewJob {
-        request_id,
-        origin: JobOrigin::Rpc,
-        selection,
-        scopes,
-        force: request.force,
-        reason: request.reason,
-    }))
-}
-
-/// Jobs per `ListJobs` page unless the caller says otherwise.
-const DEFAULT_JOBS_PAGE: i64 = 100;
-/// Most jobs per `ListJobs` page.
-const MAX_JOBS_PAGE: i64 = 1000;
-
-type ListQuery = (JobFilter, Option<(i64, String)>, i64);
-
-/// Validates a list request; every error names its field.
-fn validate_list(request: &ListJobsRequest) -> Result<ListQuery, ServiceError> {
-    let origin = match pb::JobOrigin::try_from(request.origin) {
-        Ok(pb::JobOrigin::Unspecified) => None,
-        Ok(pb::JobOrigin::Rpc) => Some(JobOrigin::Rpc),
-        Ok(pb::JobOrigin::Migration) => Some(JobOrigin::Migration),
-        Ok(pb::JobOrigin::Schedule) => Some(JobOrigin::Schedule),
-        Ok(pb::JobOrigin::Recovery) => Some(JobOrigin::Recovery),
-        Err(_) => {
-            return Err(ServiceError::invalid(
-                "origin",
-                format!("unknown value {}", request.origin),
-            ));
-        }
-    };
-    let state = match pb::JobState::try_from(request.state) {
-        Ok(pb::JobState::Unspecified) => None,
-        Ok(pb::JobState::Pending) => Some(JobState::Pending),
-        Ok(pb::JobState::Running) => Some(JobState::Running),
-        Ok(pb::JobState::Done) => Some(JobState::Done),
-        Ok(pb::JobState::Cancelled) | Err(_) => {
-            return Err(ServiceError::invalid(
-                "state",
-                format!("unknown or unused value {}", request.state),
-            ));
-        }
-    };
-    let server_id = match request.server_id {
-        0 => None,
-        id if id < 0 => {
-            return Err(ServiceError::invalid(
-                "server_id",
-                format!("{id} is not a server id"),
-            ));
-        }
-        id => Some(id),
-    };
-    let millis = |field: &'static str, t: &Option<prost_types::Timestamp>| match t {
-        None => Ok(None),
-        Some(t) if t.seconds >= 0 && (0..1_000_000_000).contains(&t.nanos) => {
-            Ok(Some(t.seconds * 1000 + i64::from(t.nanos) / 1_000_000))
-        }
-        Some(_) => Err(ServiceError::invalid(field, "not a valid time after 1970")),
-    };
-    let filter = JobFilter {
-        origin,
-        state,
-        server_id,
-        created_after: millis("created_after", &request.created_after)?,
-        created_before: millis("created_before", &request.created_before)?,
-    };
-    let size = match request.page_size {
-        0 => DEFAULT_JOBS_PAGE,
-        n if i64::from(n) > MAX_JOBS_PAGE => {
-            return Err(ServiceError::invalid(
-                "page_size",
-                format!("{n}; at most {MAX_JOBS_PAGE}"),
-            ));
-        }
-        n => i64::from(n),
-    };
-    let after = match request.page_token.as_str() {
-        "" => None,
-        token => Some(
-            token
-                .split_once(':')
-                .and_then(|(at, id)| {
-                    let at = at.parse::<i64>().ok()?;
-                    (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()))
-                        .then(|| (at, id.to_owned()))
-                })
-                .ok_or_else(|| {
-                    ServiceError::invalid("page_token", "not a token ListJobs returned")
-                })?,
-        ),
-    };
-    Ok((filter, after, size))
-}
-
 #[tonic::async_trait]
 impl SyncAgent for SyncAgentService {
     type WatchSyncStream = EventStream;
@@ -442,7 +257,11 @@ impl SyncAgent for SyncAgentService {
         request: Request<ListJobsRequest>,
     ) -> Result<Response<ListJobsResponse>, Status> {
         let request = request.into_inner();
-        let (filter, after, size) = validate_list(&request)?;
+        let ListQuery {
+            filter,
+            after,
+            size,
+        } = validate_list(&request)?;
         let jobs = self
             .state
             .store
@@ -530,111 +349,5 @@ impl SyncAgent for SyncAgentService {
             host_key_check: host_key_check as i32,
             authenticated: check.authenticated,
         }))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn request() -> StartSyncRequest {
-        StartSyncRequest {
-            request_id: "r1".into(),
-            server_ids: vec![3, 1, 3],
-            all_servers: false,
-            scopes: vec![],
-            force: false,
-            reason: String::new(),
-        }
-    }
-
-    fn new_job(request: StartSyncRequest) -> NewJob {
-        match validate_start(request).unwrap() {
-            Start::New(job) => job,
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn validates_selection_scopes_and_sizes() {
-        let job = new_job(request());
-        assert_eq!(job.selection, Selection::Ids(vec![1, 3]));
-        assert_eq!(job.scopes, Scopes::ALL);
-        let generated = new_job(StartSyncRequest {
-            request_id: String::new(),
-            ..request()
-        });
-        assert!(generated.request_id.starts_with("rpc-"));
-
-        let field = |r: StartSyncRequest| match validate_start(r).unwrap_err() {
-            ServiceError::InvalidArgument { field, reason } => format!("{field}: {reason}"),
-            other => panic!("{other:?}"),
-        };
-        assert!(
-            field(StartSyncRequest {
-                request_id: String::new(),
-                server_ids: vec![],
-                ..request()
-            })
-            .contains("empty selection")
-        );
-        // A request id alone joins the job made under it.
-        assert_eq!(
-            validate_start(StartSyncRequest {
-                server_ids: vec![],
-                ..request()
-            })
-            .unwrap(),
-            Start::Join("r1".into())
-        );
-        assert!(
-            field(StartSyncRequest {
-                all_servers: true,
-                ..request()
-            })
-            .contains("not both")
-        );
-        assert!(
-            field(StartSyncRequest {
-                server_ids: (1..=100_000).collect(),
-                ..request()
-            })
-            .contains("at most 10000")
-        );
-        assert!(
-            field(StartSyncRequest {
-                server_ids: vec![0],
-                ..request()
-            })
-            .contains("0 is not a server id")
-        );
-        assert!(
-            field(StartSyncRequest {
-                scopes: vec![1, 77],
-                ..request()
-            })
-            .contains("scopes[1]: unknown value 77")
-        );
-        assert!(
-            field(StartSyncRequest {
-                scopes: vec![0],
-                ..request()
-            })
-            .contains("scopes[0]")
-        );
-        assert!(
-            field(StartSyncRequest {
-                request_id: "x".repeat(129),
-                ..request()
-            })
-            .starts_with("request_id")
-        );
-        assert!(
-            field(StartSyncRequest {
-                reason: "r".repeat(1025),
-                ..request()
-            })
-            .starts_with("reason")
-        );
     }
 }

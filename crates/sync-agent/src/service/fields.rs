@@ -1,0 +1,58 @@
+//! Field checks both services' requests share: ids, free text, page sizes and enum values. Each
+//! error names its field, as `INVALID_ARGUMENT`.
+
+use fleetsync_common::ServiceError;
+
+/// A positive server id.
+pub fn id(value: i64, field: &'static str) -> Result<i64, ServiceError> {
+    if value <= 0 {
+        return Err(ServiceError::invalid(
+            field,
+            format!("must be a positive server id, got {value}"),
+        ));
+    }
+    Ok(value)
+}
+
+/// Text of at most `max` characters, without control characters.
+pub fn text(value: &str, field: &'static str, max: usize) -> Result<(), ServiceError> {
+    if value.chars().count() > max {
+        return Err(ServiceError::invalid(
+            field,
+            format!("longer than {max} characters"),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(ServiceError::invalid(field, "contains control characters"));
+    }
+    Ok(())
+}
+
+/// A page size: 0 is `default`, more than `max` an error.
+pub fn page_size(value: u32, default: i64, max: i64) -> Result<i64, ServiceError> {
+    match i64::from(value) {
+        0 => Ok(default),
+        n if n > max => Err(ServiceError::invalid(
+            "page_size",
+            format!("at most {max}, got {n}"),
+        )),
+        n => Ok(n),
+    }
+}
+
+/// An optional enum field: 0 (`UNSPECIFIED`) is `None`; a value the proto does not know, or one
+/// `known` has no meaning for, is an error.
+pub fn optional_enum<P: TryFrom<i32>, T>(
+    field: &'static str,
+    value: i32,
+    known: impl FnOnce(P) -> Option<T>,
+) -> Result<Option<T>, ServiceError> {
+    if value == 0 {
+        return Ok(None);
+    }
+    P::try_from(value)
+        .ok()
+        .and_then(known)
+        .map(Some)
+        .ok_or_else(|| ServiceError::invalid(field, format!("unknown value {value}")))
+}
