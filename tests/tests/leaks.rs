@@ -71,7 +71,16 @@ enum Kind {
     CommandStall,
 }
 
-async fn attempt(client: &SshClient, fleet: &SshFleet, kind: Kind) {
+/// The clients: `quick` times out the banner and key exchange after 300 ms (what the tarpit
+/// and the reset test); `patient` gives a real sshd, forking many sessions at once on a busy
+/// machine, 10 s to get there, so that its stalls are the ones under test (auth, command).
+struct Clients {
+    quick: SshClient,
+    patient: SshClient,
+}
+
+async fn attempt(clients: &Clients, fleet: &SshFleet, kind: Kind) {
+    let Clients { quick, patient } = clients;
     let local = |port| Target {
         host: "127.0.0.1",
         port,
@@ -80,7 +89,7 @@ async fn attempt(client: &SshClient, fleet: &SshFleet, kind: Kind) {
     };
     match kind {
         Kind::Tarpit(port) => {
-            let err = client.connect(local(port)).await.expect_err("tarpit");
+            let err = quick.connect(local(port)).await.expect_err("tarpit");
             assert!(
                 matches!(
                     err,
@@ -93,13 +102,13 @@ async fn attempt(client: &SshClient, fleet: &SshFleet, kind: Kind) {
             );
         }
         Kind::Reset(port) => {
-            let err = client.connect(local(port)).await.expect_err("reset");
+            let err = quick.connect(local(port)).await.expect_err("reset");
             assert!(matches!(err, SshError::Handshake(_)), "{err}");
         }
         Kind::AuthStall => {
             let host = fleet.host(0);
             let ip = host.addr().to_string();
-            let err = client
+            let err = patient
                 .connect(host.target(&ip, None))
                 .await
                 .expect_err("auth stall");
@@ -117,7 +126,7 @@ async fn attempt(client: &SshClient, fleet: &SshFleet, kind: Kind) {
         Kind::CommandStall => {
             let host = fleet.host(1);
             let ip = host.addr().to_string();
-            let connection = client
+            let connection = patient
                 .connect(host.target(&ip, None))
                 .await
                 .expect("connect");
@@ -172,17 +181,26 @@ async fn stalled_and_broken_attempts_leave_fds_and_tasks_flat() {
         auth: Duration::from_millis(300),
         command: Duration::from_millis(300),
     };
-    let client = fleet.client(timeouts, DEFAULT_OUTPUT_CAP);
+    let clients = Clients {
+        quick: fleet.client(timeouts, DEFAULT_OUTPUT_CAP),
+        patient: fleet.client(
+            Timeouts {
+                handshake: Duration::from_secs(10),
+                ..timeouts
+            },
+            DEFAULT_OUTPUT_CAP,
+        ),
+    };
     // One of each first, so that whatever is made once (the listeners' tasks, lazy
     // statics, resolver threads) is in the baseline.
     for kind in kinds {
-        attempt(&client, &fleet, kind).await;
+        attempt(&clients, &fleet, kind).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let base = (open_fds(), alive_tasks());
     for kind in kinds {
         for _ in 0..ATTEMPTS / AT_ONCE {
-            let wave = (0..AT_ONCE).map(|_| attempt(&client, &fleet, kind));
+            let wave = (0..AT_ONCE).map(|_| attempt(&clients, &fleet, kind));
             futures_util::future::join_all(wave).await;
         }
         let (fds, tasks) = settled(base).await;
