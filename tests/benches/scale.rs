@@ -232,6 +232,16 @@ async fn job_scenario(
         seconds.push(s);
         cpu.push(c);
     }
+    // `BENCH_AGENT_LOG=DIR`: each agent's log, to see where a run spent its time.
+    if let Some(dir) = std::env::var_os("BENCH_AGENT_LOG") {
+        for (i, agent) in running.procs.iter().enumerate() {
+            let path = std::path::Path::new(&dir).join(format!(
+                "{scenario}-{}-{servers}-{agents}-{i}.log",
+                backend.as_str()
+            ));
+            std::fs::write(&path, agent.log()).expect("write the agent's log");
+        }
+    }
     let row = Row {
         scenario: scenario.into(),
         backend,

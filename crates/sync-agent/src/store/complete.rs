@@ -352,23 +352,46 @@ pub(super) async fn waiting_rows(tx: &mut Tx, fills: &[Fill<'_>]) -> Result<Wait
         served: BTreeMap::new(),
         still_waiting: BTreeSet::new(),
     };
+    // Two statements, not a join: joined with `sync_jobs`, MariaDB with fresh statistics
+    // (a job of 100,000 servers inserted moments ago) drives from the jobs and scans every row of
+    // each job per batch; alone, the rows are an index range on (server_id, outcome).
+    let mut rows: Vec<(String, i64, String)> = Vec::new();
     for chunk in ids.chunks(CHUNK) {
         let sql = format!(
-            "SELECT js.job_id, js.server_id, js.server_name, j.created_at FROM sync_job_servers js \
-             JOIN sync_jobs j ON j.id = js.job_id WHERE js.outcome IS NULL AND js.server_id IN {}",
+            "SELECT job_id, server_id, server_name FROM sync_job_servers \
+             WHERE outcome IS NULL AND server_id IN {}",
             list(chunk.len())
         );
         let args: Vec<Value> = chunk.iter().map(|&id| Value::Int(id)).collect();
         for row in tx.fetch(&sql, &args).await? {
-            let (job, server, name, created) =
-                (row.text(0)?, row.int(1)?, row.text(2)?, row.int(3)?);
-            // A request made in the claim's own millisecond is served: the run reads the server
-            // only after connecting and logging in, milliseconds after the claim.
-            if created <= before.get(&server).copied().unwrap_or(i64::MIN) {
-                waiting.served.entry(job).or_default().push((server, name));
-            } else {
-                waiting.still_waiting.insert(server);
-            }
+            rows.push((row.text(0)?, row.int(1)?, row.text(2)?));
+        }
+    }
+    let jobs: Vec<&str> = rows
+        .iter()
+        .map(|(job, _, _)| job.as_str())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut created_at: HashMap<String, i64> = HashMap::with_capacity(jobs.len());
+    for chunk in jobs.chunks(CHUNK) {
+        let sql = format!(
+            "SELECT id, created_at FROM sync_jobs WHERE id IN {}",
+            list(chunk.len())
+        );
+        let args: Vec<Value> = chunk.iter().map(|&id| Value::from(id)).collect();
+        for row in tx.fetch(&sql, &args).await? {
+            created_at.insert(row.text(0)?, row.int(1)?);
+        }
+    }
+    for (job, server, name) in rows {
+        let created = created_at.get(&job).copied().unwrap_or(i64::MAX);
+        // A request made in the claim's own millisecond is served: the run reads the server
+        // only after connecting and logging in, milliseconds after the claim.
+        if created <= before.get(&server).copied().unwrap_or(i64::MIN) {
+            waiting.served.entry(job).or_default().push((server, name));
+        } else {
+            waiting.still_waiting.insert(server);
         }
     }
     for servers in waiting.served.values_mut() {
