@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_json::Value as Json;
 
-use crate::store::{Charsets, DatabaseService, InventoryWrite};
+use crate::store::{Charsets, DatabaseRead, DatabaseService, InventoryWrite, UserRead};
 
 /// The command and its stdin for a service. `known` is the stored charset list's key
 /// (`version|default charset`): a server that still reports the same skips its collations (a
@@ -320,11 +320,19 @@ pub fn parse(service: DatabaseService, stdout: &[u8]) -> Result<InventoryWrite, 
         charsets,
         databases: databases
             .into_iter()
-            .map(|(name, (charset, collation))| (name, charset, collation))
+            .map(|(name, (charset, collation))| DatabaseRead {
+                name,
+                charset,
+                collation,
+            })
             .collect(),
         users: users
             .into_iter()
-            .map(|((user, host), databases)| (user, host, databases))
+            .map(|((username, host), databases)| UserRead {
+                username,
+                host,
+                databases,
+            })
             .collect(),
     })
 }
@@ -387,22 +395,27 @@ mod tests {
             "grants": [{"user": "app", "host": "%", "db": "app"}]}"#;
         let inv = parse(DatabaseService::Mariadb, out.as_bytes()).unwrap();
         assert_eq!(inv.version.as_deref(), Some("10.11.6-MariaDB"));
+        let database = |name: &str, charset: &str, collation: &str| DatabaseRead {
+            name: name.into(),
+            charset: charset.into(),
+            collation: collation.into(),
+        };
         assert_eq!(
             inv.databases,
             [
-                ("app".into(), "utf8mb4".into(), "utf8mb4_bin".into()),
-                (
-                    "we'ird\t|\nname ü".into(),
-                    "latin1".into(),
-                    "latin1_swedish_ci".into()
-                ),
+                database("app", "utf8mb4", "utf8mb4_bin"),
+                database("we'ird\t|\nname ü", "latin1", "latin1_swedish_ci"),
             ]
         );
+        let user = |username: &str, host: &str, databases: &[&str]| UserRead {
+            username: username.into(),
+            host: host.into(),
+            databases: databases.iter().map(|d| (*d).to_owned()).collect(),
+        };
         assert_eq!(
-            inv.users[0],
-            ("app".into(), "%".into(), vec!["app".to_owned()])
+            inv.users,
+            [user("app", "%", &["app"]), user("root", "localhost", &[])]
         );
-        assert_eq!(inv.users[1], ("root".into(), "localhost".into(), vec![]));
         let charsets = inv.charsets.expect("collations were sent");
         assert_eq!(charsets.count, 1);
         assert_eq!(charsets.key, "10.11.6-MariaDB|utf8mb4");

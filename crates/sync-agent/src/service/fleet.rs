@@ -17,7 +17,7 @@ use super::{
     fields::{id, optional_enum, page_size, text},
 };
 use crate::model::Reachability;
-use crate::store::{DatabaseService, ServerSpec};
+use crate::store::{DatabaseService, HostKeyReset, ServerSpec};
 
 /// `fleetsync.sync.v1.Fleet`.
 #[derive(Debug, Clone)]
@@ -258,13 +258,18 @@ impl Fleet for FleetService {
         request: Request<ResetHostKeyRequest>,
     ) -> Result<Response<ResetHostKeyResponse>, Status> {
         let server_id = id(request.into_inner().id, "id")?;
-        let previous = self
+        let previous = match self
             .state
             .store
             .reset_host_key(server_id)
             .await
             .map_err(ServiceError::from)?
-            .ok_or_else(|| ServiceError::not_found("server", server_id))?;
+        {
+            HostKeyReset::NoSuchServer => {
+                return Err(ServiceError::not_found("server", server_id).into());
+            }
+            HostKeyReset::Forgotten { previous } => previous,
+        };
         if let Some(key) = &previous {
             tracing::info!(server_id, fingerprint = %key.fingerprint, "pinned host key forgotten");
         }

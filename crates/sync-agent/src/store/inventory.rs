@@ -15,10 +15,32 @@ pub struct InventoryWrite {
     pub version: Option<String>,
     /// The charset list, unless the server said it is unchanged since `key` was stored.
     pub charsets: Option<Charsets>,
-    /// (name, charset, collation), system databases excluded.
-    pub databases: Vec<(String, String, String)>,
-    /// (username, host, databases).
-    pub users: Vec<(String, String, Vec<String>)>,
+    /// Its databases, system databases excluded, by name.
+    pub databases: Vec<DatabaseRead>,
+    /// Its users, by (username, host).
+    pub users: Vec<UserRead>,
+}
+
+/// A database as a sync read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatabaseRead {
+    /// Its name.
+    pub name: String,
+    /// Its default charset (the server's, where it has none of its own).
+    pub charset: String,
+    /// Its default collation (empty where the server reports none).
+    pub collation: String,
+}
+
+/// A database user as a sync read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRead {
+    /// The login name.
+    pub username: String,
+    /// The host it may connect from (`%`, `localhost`; empty on PostgreSQL).
+    pub host: String,
+    /// The databases it is granted, as read (unsorted, may repeat).
+    pub databases: Vec<String>,
 }
 
 /// A service's charsets and collations, as read.
@@ -162,7 +184,7 @@ async fn write_databases(
     let seen: BTreeMap<&str, (&str, &str)> = inventory
         .databases
         .iter()
-        .map(|(n, c, co)| (n.as_str(), (c.as_str(), co.as_str())))
+        .map(|d| (d.name.as_str(), (d.charset.as_str(), d.collation.as_str())))
         .collect();
     for (name, (charset, collation)) in &seen {
         match stored.get(*name) {
@@ -230,12 +252,12 @@ async fn write_users(
     let backend = tx.backend();
     let q = |sql: &str| quote_identifiers(backend, sql).into_owned();
     let mut seen: BTreeMap<(&str, &str), String> = BTreeMap::new();
-    for (user, host, databases) in &inventory.users {
-        let mut databases = databases.clone();
+    for user in &inventory.users {
+        let mut databases = user.databases.clone();
         databases.sort();
         databases.dedup();
         let json = serde_json::to_string(&databases).expect("strings serialise");
-        seen.insert((user.as_str(), host.as_str()), json);
+        seen.insert((user.username.as_str(), user.host.as_str()), json);
     }
     for ((user, host), databases) in &seen {
         match stored.get(&((*user).to_owned(), (*host).to_owned())) {

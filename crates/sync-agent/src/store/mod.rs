@@ -25,15 +25,15 @@ use fleetsync_common::{Backend, Db, sql::Tx};
 
 pub use complete::{Completion, Reach, Recorded};
 pub use gauges::FleetGauges;
-pub use inventory::{Charsets, InventoryCounts, InventoryWrite};
+pub use inventory::{Charsets, DatabaseRead, InventoryCounts, InventoryWrite, UserRead};
 pub use jobs::{JobFilter, JobRecord, NewJob, Selection};
 pub use outbox::SyncRequest;
 pub use outcomes::{OutcomeRecord, RunResult};
 pub use queue::{Claim, ClaimedServer};
 pub use retention::Pruned;
 pub use servers::{
-    DatabaseRecord, DatabaseService, HostKeyRecord, Inventory, ServerRecord, ServerSpec,
-    UpsertOutcome, UserRecord,
+    DatabaseRecord, DatabaseService, HostKeyRecord, HostKeyReset, Inventory, ServerRecord,
+    ServerSpec, UpsertOutcome, UserRecord,
 };
 
 /// The agent's view of the control-plane database.

@@ -85,7 +85,10 @@ pub struct ServerRecord {
     pub port: u16,
     /// Login user.
     pub ssh_user: String,
-    /// Lifecycle status.
+    /// Lifecycle status, as the panel wrote it (`ready`, `installing`, ...). Kept as text on
+    /// purpose: the panel owns this column and may write values this build does not know;
+    /// the agent only relays it (an unknown one is `UNSPECIFIED` in the proto), so reading a
+    /// server must not fail on it.
     pub status: String,
     /// `unknown`, `online`, `offline`.
     pub reachability: Reachability,
@@ -208,6 +211,18 @@ fn name_taken(err: sqlx::Error, name: &str) -> ServiceError {
     } else {
         err.into()
     }
+}
+
+/// What resetting a server's host key found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostKeyReset {
+    /// No server has that id.
+    NoSuchServer,
+    /// The server's key is forgotten: the next sync pins the one it presents.
+    Forgotten {
+        /// The key that was pinned, if one was.
+        previous: Option<HostKeyRecord>,
+    },
 }
 
 impl Store {
@@ -422,13 +437,10 @@ impl Store {
         Ok(deleted > 0)
     }
 
-    /// Forgets a server's pinned host key; returns the one that was pinned.
-    pub async fn reset_host_key(
-        &self,
-        id: i64,
-    ) -> Result<Option<Option<HostKeyRecord>>, sqlx::Error> {
+    /// Forgets a server's pinned host key.
+    pub async fn reset_host_key(&self, id: i64) -> Result<HostKeyReset, sqlx::Error> {
         let Some(server) = self.server(id).await? else {
-            return Ok(None);
+            return Ok(HostKeyReset::NoSuchServer);
         };
         self.db
             .execute(
@@ -437,7 +449,9 @@ impl Store {
                 &[id.into()],
             )
             .await?;
-        Ok(Some(server.host_key))
+        Ok(HostKeyReset::Forgotten {
+            previous: server.host_key,
+        })
     }
 
     /// What the syncs stored about a server.
