@@ -3,7 +3,7 @@
 //! database edge (`as_str`, `parse`: unknown text is an error, never a guess; see
 //! `common::stored_enum!`) and at the proto edge (`service::convert`).
 
-pub use fleetsync_common::model::{Scope, Scopes, UnknownValue};
+pub use fleetsync_common::model::{Scope, Scopes};
 use fleetsync_common::stored_enum;
 
 stored_enum! {

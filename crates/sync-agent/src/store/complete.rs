@@ -231,7 +231,8 @@ impl Store {
             .await?;
         }
 
-        // Run history.
+        // Run history. Every run reads the whole inventory: its scopes are all of them.
+        let scopes = Scopes::ALL.to_string();
         let counts: Vec<Option<String>> = stored
             .iter()
             .map(|(_, r)| {
@@ -247,7 +248,7 @@ impl Store {
                     Value::Int(item.claim.server_id),
                     Value::Int(item.claim.token),
                     holder.into(),
-                    Scopes::ALL.to_string().into(),
+                    scopes.as_str().into(),
                     Value::Int(now - r.duration_ms),
                     Value::Int(now),
                     r.outcome.as_str().into(),
