@@ -130,6 +130,7 @@ impl TestAgent {
     }
 
     /// As [`spawn_with`](Self::spawn_with), with at most `max_streams` event streams open.
+    /// Returns once the migrations' sync requests are jobs.
     pub async fn spawn_with_streams(
         database_url: &str,
         ssh: SshClient,
@@ -151,6 +152,23 @@ impl TestAgent {
             fleetsync_sync_agent::run(config, listener, shutdown)
         })
         .await;
+        // Returns once the agent has turned the migrations' sync requests into jobs. Those
+        // jobs sync every registered server: made while a test registers or syncs servers, one
+        // would add a run to the test's own (a run that serves it alone, or that meets a fault
+        // the test injects). Taken before the test registers anything, each is a job of no
+        // servers, done at once; a test that registers first gets them as it expects.
+        let db = fleetsync_common::Db::connect(database_url)
+            .await
+            .expect("connect to watch the outbox");
+        crate::catalog::wait_for_count(
+            &db,
+            "SELECT COUNT(*) FROM sync_requests WHERE state <> 'taken'",
+            |n| n == 0,
+            Duration::from_secs(30),
+            "the agent never took the migrations' sync requests",
+        )
+        .await;
+        db.close().await;
         Self { service }
     }
 

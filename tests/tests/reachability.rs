@@ -329,14 +329,6 @@ async fn offline_servers_are_probed_in_parallel() {
     });
     let db = TestDb::postgres().await;
     fleetsync_tests::services::migrate(db.url()).await;
-    let conn = db.connect().await;
-    fleetsync_tests::catalog::insert_servers(&conn, 30, port, |_| "127.0.0.1".into()).await;
-    fleetsync_tests::catalog::execute(
-        &conn,
-        "INSERT INTO services (server_id, type, name, version, status, created_at, updated_at) \
-         SELECT id, 'database', 'mariadb', '', 'ready', 0, 0 FROM servers",
-    )
-    .await;
     let ssh = fleetsync_sync_agent::ssh::SshClient::new(
         Timeouts {
             handshake: Duration::from_secs(1),
@@ -351,13 +343,24 @@ async fn offline_servers_are_probed_in_parallel() {
         fleetsync_tests::services::test_runner_config(),
     )
     .await;
+    // Inserted once the agent runs: the migrations' sync requests became jobs of no servers,
+    // so the sync below is the first these servers see.
+    let conn = db.connect().await;
+    fleetsync_tests::catalog::insert_servers(&conn, 30, port, |_| "127.0.0.1".into()).await;
+    fleetsync_tests::catalog::execute(
+        &conn,
+        "INSERT INTO services (server_id, type, name, version, status, created_at, updated_at) \
+         SELECT id, 'database', 'mariadb', '', 'ready', 0, 0 FROM servers",
+    )
+    .await;
     // The first sync finds them all offline (one failure each, backoff about a second).
     let outcomes = sync_all(&mut agent.sync(), false).await;
     assert_eq!(outcomes.len(), 30);
     assert!(
         outcomes
             .iter()
-            .all(|o| o.cause() == UnreachableCause::Timeout)
+            .all(|o| o.cause() == UnreachableCause::Timeout),
+        "{outcomes:?}"
     );
     let probed = Instant::now();
     wait_for_count(
