@@ -33,7 +33,7 @@ use fleetsync_common::{
 use fleetsync_tests::{
     TestDb,
     bench::{cpu_seconds, machine, median, peak_rss_mib, runs},
-    catalog::{execute, insert_servers},
+    catalog::{add_mariadb_everywhere, insert_servers},
     db::ALL_BACKENDS,
     services::{ServeProcess, migrate},
 };
@@ -71,12 +71,7 @@ fn backend_wanted(backend: &Backend) -> bool {
 async fn insert_fleet(db: &TestDb, n: usize, port: u16, addr: impl Fn(usize) -> String) {
     let conn = db.connect().await;
     insert_servers(&conn, n, port, addr).await;
-    execute(
-        &conn,
-        "INSERT INTO services (server_id, type, name, version, status, created_at, updated_at) \
-         SELECT id, 'database', 'mariadb', '10.11', 'ready', 0, 0 FROM servers",
-    )
-    .await;
+    add_mariadb_everywhere(&conn, "10.11").await;
     conn.close().await;
 }
 

@@ -101,6 +101,18 @@ pub async fn insert_servers(db: &Db, n: usize, port: u16, ip: impl Fn(usize) -> 
     }
 }
 
+/// Registers a MariaDB service (version `version`) on every server, with plain SQL.
+pub async fn add_mariadb_everywhere(db: &Db, version: &str) {
+    execute(
+        db,
+        &format!(
+            "INSERT INTO services (server_id, type, name, version, status, created_at, \
+             updated_at) SELECT id, 'database', 'mariadb', '{version}', 'ready', 0, 0 FROM servers"
+        ),
+    )
+    .await;
+}
+
 /// One integer.
 pub async fn count(db: &Db, sql: &str) -> i64 {
     let sql = AssertSqlSafe(sql.to_owned());

@@ -151,12 +151,7 @@ async fn streams_past_the_cap_are_refused_and_a_freed_slot_is_reused() {
         .expect("bind");
     let port = silent.local_addr().expect("addr").port();
     fleetsync_tests::catalog::insert_servers(&conn, 1, port, |_| "127.0.0.1".into()).await;
-    fleetsync_tests::catalog::execute(
-        &conn,
-        "INSERT INTO services (server_id, type, name, version, status, created_at, updated_at) \
-         SELECT id, 'database', 'mariadb', '', 'ready', 0, 0 FROM servers",
-    )
-    .await;
+    fleetsync_tests::catalog::add_mariadb_everywhere(&conn, "").await;
     let ssh = SshClient::new(
         Timeouts {
             handshake: std::time::Duration::from_secs(10),

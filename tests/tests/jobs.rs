@@ -5,7 +5,7 @@ use fleetsync_common::proto::sync::v1::{JobOrigin, JobState, ListJobsRequest, St
 use fleetsync_sync_agent::ssh::{ClientKeys, SshClient, Timeouts};
 use fleetsync_tests::{
     TestAgent, TestDb,
-    catalog::{execute, insert_servers},
+    catalog::{add_mariadb_everywhere, insert_servers},
     services::{migrate, test_runner_config, watch_to_end},
 };
 
@@ -17,12 +17,7 @@ async fn jobs_are_listed_newest_first_filtered_and_paged() {
     // Refused loopback addresses: every run ends at once. The migration left a sync request
     // for all servers in the outbox: the agent turns it into a migration job.
     insert_servers(&conn, 3, 1, |_| "127.0.0.1".into()).await;
-    execute(
-        &conn,
-        "INSERT INTO services (server_id, type, name, version, status, created_at, updated_at) \
-         SELECT id, 'database', 'mariadb', '', 'ready', 0, 0 FROM servers",
-    )
-    .await;
+    add_mariadb_everywhere(&conn, "").await;
     let ssh = SshClient::new(Timeouts::default(), 1024, ClientKeys::default());
     let agent = TestAgent::spawn_with(db.url(), ssh, test_runner_config()).await;
     let mut sync = agent.sync();

@@ -347,12 +347,7 @@ async fn offline_servers_are_probed_in_parallel() {
     // so the sync below is the first these servers see.
     let conn = db.connect().await;
     fleetsync_tests::catalog::insert_servers(&conn, 30, port, |_| "127.0.0.1".into()).await;
-    fleetsync_tests::catalog::execute(
-        &conn,
-        "INSERT INTO services (server_id, type, name, version, status, created_at, updated_at) \
-         SELECT id, 'database', 'mariadb', '', 'ready', 0, 0 FROM servers",
-    )
-    .await;
+    fleetsync_tests::catalog::add_mariadb_everywhere(&conn, "").await;
     // The first sync finds them all offline (one failure each, backoff about a second).
     let outcomes = sync_all(&mut agent.sync(), false).await;
     assert_eq!(outcomes.len(), 30);
