@@ -224,37 +224,36 @@ pub fn config_from_args(args: &config::ServeArgs) -> anyhow::Result<Config> {
         keys
     };
     let security = grpc::Security::from_args(&args.security, args.listen)?;
-    let at_least = |flag: &str, value: Duration, min: Duration| {
+    // Shorter than these, an interval would busy-loop or a lease expire before its renewal.
+    let minimums = [
+        ("lease-ttl", args.lease_ttl, Duration::from_secs(1)),
+        (
+            "poll-interval",
+            args.poll_interval,
+            Duration::from_millis(10),
+        ),
+        (
+            "outbox-interval",
+            args.outbox_interval,
+            Duration::from_millis(100),
+        ),
+        (
+            "probe-interval",
+            args.probe_interval,
+            Duration::from_millis(10),
+        ),
+        ("backoff-base", args.backoff_base, Duration::from_millis(1)),
+        ("retention", args.retention, Duration::from_secs(60)),
+    ];
+    for (flag, value, min) in minimums {
+        let value: Duration = value.into();
         anyhow::ensure!(
             value >= min,
             "--{flag} {} is too short: at least {}",
             humantime::format_duration(value),
             humantime::format_duration(min)
         );
-        Ok(())
-    };
-    at_least("lease-ttl", args.lease_ttl.into(), Duration::from_secs(1))?;
-    at_least(
-        "poll-interval",
-        args.poll_interval.into(),
-        Duration::from_millis(10),
-    )?;
-    at_least(
-        "outbox-interval",
-        args.outbox_interval.into(),
-        Duration::from_millis(100),
-    )?;
-    at_least(
-        "probe-interval",
-        args.probe_interval.into(),
-        Duration::from_millis(10),
-    )?;
-    at_least(
-        "backoff-base",
-        args.backoff_base.into(),
-        Duration::from_millis(1),
-    )?;
-    at_least("retention", args.retention.into(), Duration::from_secs(60))?;
+    }
     Ok(Config {
         db_pool_size: args.db_pool_size,
         metrics_listen: args.metrics_listen,

@@ -119,13 +119,14 @@ impl Engine {
     #[inline(always)]
     pub(super) fn crash_point(&self, _point: &str) {}
 
+    /// Applies a migration whose statements commit together: one transaction for the
+    /// statements, the history row and the outbox row.
     pub(super) async fn apply_transactional(
         &self,
         conn: &mut Conn,
-        m: &Migration,
-        run_id: &str,
-        on_event: &mut (dyn FnMut(Event) + Send),
+        attempt: &mut Attempt<'_>,
     ) -> Result<Applied, EngineError> {
+        let m = attempt.migration;
         let begin = match conn.backend() {
             Backend::Sqlite => "BEGIN IMMEDIATE",
             _ => "BEGIN",
@@ -142,18 +143,14 @@ impl Engine {
             conn.raw("COMMIT").await.map_err(db_err("committing"))?;
             return Ok(Applied::ByAnother);
         }
-        on_event(Event::Started {
-            version: m.version,
-            name: m.name.clone(),
-            statements: m.statements.len(),
-        });
+        attempt.started(m.statements.len());
         let started_at = now_ms();
         let started = Instant::now();
         for (i, statement) in m.statements.iter().enumerate() {
             if let Err(err) = conn.raw(statement).await {
                 let err = statement_failed(m, i, &err);
                 let _ = conn.raw("ROLLBACK").await;
-                self.record_failure(conn, m, run_id, started_at, 0, &err)
+                self.record_failure(conn, attempt, started_at, 0, &err)
                     .await;
                 return Err(err);
             }
@@ -166,14 +163,12 @@ impl Engine {
                 &[Value::Int(m.version)],
             )
             .await?;
-            insert_history(
+            self.insert_history(
                 conn,
-                m,
+                attempt,
                 State::Applied,
                 m.statements.len(),
-                run_id,
                 started_at,
-                &self.options.installed_by,
             )
             .await
         };
@@ -183,13 +178,14 @@ impl Engine {
         self.commit_applied(conn, m, started).await
     }
 
+    /// Applies a migration statement by statement (DDL that cannot run in a transaction),
+    /// journaling each one, so that a retry resumes after the last statement that took effect.
     pub(super) async fn apply_journaled(
         &self,
         conn: &mut Conn,
-        m: &Migration,
-        run_id: &str,
-        on_event: &mut (dyn FnMut(Event) + Send),
+        attempt: &mut Attempt<'_>,
     ) -> Result<Applied, EngineError> {
+        let m = attempt.migration;
         let row = history::history_row(conn, m.version)
             .await
             .map_err(db_err("reading history"))?;
@@ -209,7 +205,7 @@ impl Engine {
                 &[
                     Value::Text(State::Partial.as_str().into()),
                     Value::Int(started_at),
-                    Value::Text(run_id.into()),
+                    Value::Text(attempt.run_id.into()),
                     Value::Text(self.options.installed_by.clone()),
                     Value::Text(m.checksum.clone()),
                     Value::Int(m.statements.len() as i64),
@@ -219,23 +215,11 @@ impl Engine {
             .await
             .map_err(db_err("journaling"))?;
         } else {
-            insert_history(
-                conn,
-                m,
-                State::Partial,
-                0,
-                run_id,
-                started_at,
-                &self.options.installed_by,
-            )
-            .await
-            .map_err(db_err("journaling"))?;
+            self.insert_history(conn, attempt, State::Partial, 0, started_at)
+                .await
+                .map_err(db_err("journaling"))?;
         }
-        on_event(Event::Started {
-            version: m.version,
-            name: m.name.clone(),
-            statements: m.statements.len() - done.min(m.statements.len()),
-        });
+        attempt.started(m.statements.len() - done.min(m.statements.len()));
         for (i, statement) in m.statements.iter().enumerate().skip(done) {
             // The journal may lag one statement behind a crash: ask the catalog first.
             let already = resuming && i == done && already_applied(conn, statement).await?;
@@ -247,7 +231,7 @@ impl Engine {
                 );
             } else if let Err(err) = conn.raw(statement).await {
                 let err = statement_failed(m, i, &err);
-                self.record_failure(conn, m, run_id, started_at, i, &err)
+                self.record_failure(conn, attempt, started_at, i, &err)
                     .await;
                 return Err(err);
             }
@@ -308,12 +292,12 @@ impl Engine {
     pub(super) async fn record_failure(
         &self,
         conn: &mut Conn,
-        m: &Migration,
-        run_id: &str,
+        attempt: &mut Attempt<'_>,
         started_at: i64,
         done: usize,
         err: &EngineError,
     ) {
+        let m = attempt.migration;
         let EngineError::StatementFailed {
             error, statement, ..
         } = err
@@ -329,16 +313,8 @@ impl Engine {
                 .await?
                 > Some(0);
             if !exists {
-                insert_history(
-                    conn,
-                    m,
-                    State::Failed,
-                    done,
-                    run_id,
-                    started_at,
-                    &self.options.installed_by,
-                )
-                .await?;
+                self.insert_history(conn, attempt, State::Failed, done, started_at)
+                    .await?;
             }
             conn.execute(
                 "UPDATE fleetsync_schema_history SET state = ?, error = ?, failing_statement = ?, \
@@ -394,34 +370,59 @@ pub(super) fn current_version(history: &[History]) -> i64 {
         .unwrap_or(0)
 }
 
-pub(super) async fn insert_history(
-    conn: &mut Conn,
-    m: &Migration,
-    state: State,
-    done: usize,
-    run_id: &str,
-    started_at: i64,
-    installed_by: &str,
-) -> Result<u64, sqlx::Error> {
-    conn.execute(
-        "INSERT INTO fleetsync_schema_history (version, name, checksum, state, \
-         statements_applied, statements_total, prefix_checksum, started_at, installed_by, run_id, \
-         resync) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        &[
-            Value::Int(m.version),
-            Value::Text(m.name.clone()),
-            Value::Text(m.checksum.clone()),
-            Value::Text(state.as_str().into()),
-            Value::Int(done as i64),
-            Value::Int(m.statements.len() as i64),
-            Value::Text(m.prefix_checksum(done)),
-            Value::Int(started_at),
-            Value::Text(installed_by.into()),
-            Value::Text(run_id.into()),
-            Value::Text(m.resync.to_string()),
-        ],
-    )
-    .await
+impl Engine {
+    /// Writes the history row of `attempt`, in `state` after `done` statements.
+    async fn insert_history(
+        &self,
+        conn: &mut Conn,
+        attempt: &mut Attempt<'_>,
+        state: State,
+        done: usize,
+        started_at: i64,
+    ) -> Result<u64, sqlx::Error> {
+        let m = attempt.migration;
+        conn.execute(
+            "INSERT INTO fleetsync_schema_history (version, name, checksum, state, \
+             statements_applied, statements_total, prefix_checksum, started_at, installed_by, \
+             run_id, resync) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            &[
+                Value::Int(m.version),
+                Value::Text(m.name.clone()),
+                Value::Text(m.checksum.clone()),
+                Value::Text(state.as_str().into()),
+                Value::Int(done as i64),
+                Value::Int(m.statements.len() as i64),
+                Value::Text(m.prefix_checksum(done)),
+                Value::Int(started_at),
+                Value::Text(self.options.installed_by.clone()),
+                Value::Text(attempt.run_id.into()),
+                Value::Text(m.resync.to_string()),
+            ],
+        )
+        .await
+    }
+}
+
+/// One attempt at applying one migration in a run of `migrate`: what its history row records,
+/// and where its progress is reported.
+pub(super) struct Attempt<'a> {
+    /// The migration.
+    pub migration: &'a Migration,
+    /// The run of `migrate` this attempt belongs to (recorded in the history row).
+    pub run_id: &'a str,
+    /// Where progress goes.
+    pub on_event: &'a mut (dyn FnMut(Event) + Send),
+}
+
+impl Attempt<'_> {
+    /// Reports that `statements` statements are about to run.
+    fn started(&mut self, statements: usize) {
+        (self.on_event)(Event::Started {
+            version: self.migration.version,
+            name: self.migration.name.clone(),
+            statements,
+        });
+    }
 }
 
 /// Id of the sync request a migration records: one per migration, so recording it twice is

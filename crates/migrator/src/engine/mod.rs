@@ -480,10 +480,15 @@ impl Engine {
                 continue;
             }
             let started = Instant::now();
+            let mut attempt = apply::Attempt {
+                migration: m,
+                run_id: &run_id,
+                on_event: &mut *on_event,
+            };
             let outcome = if self.journaled(m) {
-                self.apply_journaled(conn, m, &run_id, on_event).await
+                self.apply_journaled(conn, &mut attempt).await
             } else {
-                self.apply_transactional(conn, m, &run_id, on_event).await
+                self.apply_transactional(conn, &mut attempt).await
             };
             match outcome {
                 Ok(Applied::Now { sync_request }) => {
