@@ -85,6 +85,7 @@ fn stage_histogram() -> Histogram {
 }
 
 /// Every metric of one agent. Cheap to share (`Arc`); updating one is a few atomic operations.
+/// This agent's own work is counted where it happens; the fleet's state is [`FleetGauges`].
 pub struct Metrics {
     registry: Registry,
     syncs: Family<SyncLabels, Counter>,
@@ -94,6 +95,13 @@ pub struct Metrics {
     calls: Family<CallLabels, Counter>,
     runs_in_flight: Gauge,
     leases_held: Gauge,
+    fleet: FleetGauges,
+}
+
+/// The fleet's state and the database pools, read at each scrape (the same numbers on every
+/// agent).
+#[derive(Default)]
+struct FleetGauges {
     jobs: Family<StateLabels, Gauge>,
     servers_waiting: Gauge,
     servers: Family<ReachabilityLabels, Gauge>,
@@ -127,13 +135,7 @@ impl Metrics {
             calls: Family::default(),
             runs_in_flight: Gauge::default(),
             leases_held: Gauge::default(),
-            jobs: Family::default(),
-            servers_waiting: Gauge::default(),
-            servers: Family::default(),
-            outbox_pending: Gauge::default(),
-            database_up: Gauge::default(),
-            pool_connections: Family::default(),
-            pool_max: Family::default(),
+            fleet: FleetGauges::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -172,41 +174,7 @@ impl Metrics {
             "Server leases this agent holds (runs in flight, probes, and runs waiting to be recorded)",
             this.leases_held.clone(),
         );
-        registry.register(
-            "fleetsync_jobs",
-            "Jobs not done, by state (fleet-wide, read at scrape)",
-            this.jobs.clone(),
-        );
-        registry.register(
-            "fleetsync_servers_waiting",
-            "Servers waiting for a run (fleet-wide, read at scrape)",
-            this.servers_waiting.clone(),
-        );
-        registry.register(
-            "fleetsync_servers",
-            "Registered servers by reachability (fleet-wide, read at scrape)",
-            this.servers.clone(),
-        );
-        registry.register(
-            "fleetsync_outbox_pending",
-            "Sync requests recorded by migrations and not yet taken (read at scrape)",
-            this.outbox_pending.clone(),
-        );
-        registry.register(
-            "fleetsync_database_up",
-            "1 if the control-plane database answered the last scrape's queries, else 0",
-            this.database_up.clone(),
-        );
-        registry.register(
-            "fleetsync_db_pool_connections",
-            "Database connections of each pool (rpc: calls and streams; work: the scheduler), by state",
-            this.pool_connections.clone(),
-        );
-        registry.register(
-            "fleetsync_db_pool_max_connections",
-            "Most connections each pool may open",
-            this.pool_max.clone(),
-        );
+        this.fleet.register(&mut registry);
         registry.register_collector(Box::new(AcquireWait));
         Self { registry, ..this }
     }
@@ -281,6 +249,57 @@ impl Metrics {
 
     /// Reads the fleet's state and the pools, then encodes everything.
     async fn scrape(&self, store: &Store, pools: &[(&'static str, Db)]) -> String {
+        self.fleet.read(store, pools).await;
+        let mut text = String::with_capacity(16 * 1024);
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}
+
+impl FleetGauges {
+    /// Registers every gauge under its name.
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "fleetsync_jobs",
+            "Jobs not done, by state (fleet-wide, read at scrape)",
+            self.jobs.clone(),
+        );
+        registry.register(
+            "fleetsync_servers_waiting",
+            "Servers waiting for a run (fleet-wide, read at scrape)",
+            self.servers_waiting.clone(),
+        );
+        registry.register(
+            "fleetsync_servers",
+            "Registered servers by reachability (fleet-wide, read at scrape)",
+            self.servers.clone(),
+        );
+        registry.register(
+            "fleetsync_outbox_pending",
+            "Sync requests recorded by migrations and not yet taken (read at scrape)",
+            self.outbox_pending.clone(),
+        );
+        registry.register(
+            "fleetsync_database_up",
+            "1 if the control-plane database answered the last scrape's queries, else 0",
+            self.database_up.clone(),
+        );
+        registry.register(
+            "fleetsync_db_pool_connections",
+            "Database connections of each pool (rpc: calls and streams; work: the scheduler), by state",
+            self.pool_connections.clone(),
+        );
+        registry.register(
+            "fleetsync_db_pool_max_connections",
+            "Most connections each pool may open",
+            self.pool_max.clone(),
+        );
+    }
+
+    /// Reads the fleet's state (at most 5 s; `fleetsync_database_up` 0 if the database does
+    /// not answer) and the pools' usage.
+    async fn read(&self, store: &Store, pools: &[(&'static str, Db)]) {
         match tokio::time::timeout(Duration::from_secs(5), store.gauges()).await {
             Ok(Ok(gauges)) => {
                 self.database_up.set(1);
@@ -324,10 +343,6 @@ impl Metrics {
                 .get_or_create(&PoolNameLabels { pool })
                 .set(i64::from(usage.max));
         }
-        let mut text = String::with_capacity(16 * 1024);
-        prometheus_client::encoding::text::encode(&mut text, &self.registry)
-            .expect("writing to a String cannot fail");
-        text
     }
 }
 
