@@ -73,47 +73,39 @@ impl Runner {
                     tokio::time::sleep(jitter(pause, 0.2)).await;
                     pause = (pause * 2).min(Duration::from_secs(5));
                 }
-                Err(err) if items.len() > 1 => {
-                    tracing::warn!(error = %err, runs = items.len(), "a batch of runs was refused; recording them one by one");
-                    for item in &items {
-                        self.record_one(item.clone()).await;
+                Err(err) => {
+                    if items.len() > 1 {
+                        tracing::warn!(error = %err, runs = items.len(), "a batch of runs was refused; recording them one by one");
+                    }
+                    for item in items {
+                        self.record_one(item).await;
                     }
                     return;
                 }
+            }
+        }
+    }
+
+    /// Writes one run; if the database refuses it for good, writes it once more as
+    /// `PARSE_FAILED` with the reason, without its inventory. A run that cannot be written even
+    /// so is left to its lease, which expires: the server is synced again.
+    async fn record_one(&self, mut item: Completion) {
+        let mut degraded = false;
+        loop {
+            let written = self
+                .store
+                .complete(&self.holder, std::slice::from_ref(&item))
+                .await;
+            match written {
+                Ok(recorded) => return self.report(std::slice::from_ref(&item), recorded),
+                Err(err) if classify(&err) == Failure::Permanent && !degraded => {
+                    item = unstorable(item, &err);
+                    degraded = true;
+                }
                 Err(err) => {
-                    let item = items.into_iter().next().expect("one item");
-                    self.record_degraded(unstorable(item, &err)).await;
+                    tracing::error!(error = %err, server_id = item.claim.server_id, degraded, "could not record a run; its lease expires and the server is synced again");
                     return;
                 }
-            }
-        }
-    }
-
-    async fn record_one(&self, item: Completion) {
-        match self
-            .store
-            .complete(&self.holder, std::slice::from_ref(&item))
-            .await
-        {
-            Ok(recorded) => self.report(std::slice::from_ref(&item), recorded),
-            Err(err) if classify(&err) == Failure::Permanent => {
-                self.record_degraded(unstorable(item, &err)).await;
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, server_id = item.claim.server_id, "could not record a run; its lease expires and the server is synced again");
-            }
-        }
-    }
-
-    async fn record_degraded(&self, item: Completion) {
-        match self
-            .store
-            .complete(&self.holder, std::slice::from_ref(&item))
-            .await
-        {
-            Ok(recorded) => self.report(std::slice::from_ref(&item), recorded),
-            Err(err) => {
-                tracing::error!(error = %err, server_id = item.claim.server_id, "could not record a run even without its inventory; its lease expires");
             }
         }
     }
