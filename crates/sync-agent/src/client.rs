@@ -21,6 +21,7 @@ use tonic::{
 use crate::config::{
     AgentArgs, CheckArgs, JobArgs, JobsArgs, Output, ResetHostKeyArgs, ServersArgs, SyncArgs,
 };
+use crate::service::convert;
 
 type Authed = InterceptedService<Channel, Bearer>;
 
@@ -390,19 +391,12 @@ pub async fn job(args: &JobArgs) -> anyhow::Result<()> {
 /// `sync-agent jobs`.
 pub async fn jobs(args: &JobsArgs) -> anyhow::Result<()> {
     let (mut client, _) = connect(&args.agent).await?;
-    let origin = match args.origin.as_deref() {
-        Some("rpc") => pb::JobOrigin::Rpc,
-        Some("migration") => pb::JobOrigin::Migration,
-        Some("schedule") => pb::JobOrigin::Schedule,
-        Some("recovery") => pb::JobOrigin::Recovery,
-        _ => pb::JobOrigin::Unspecified,
-    };
-    let state = match args.state.as_deref() {
-        Some("pending") => pb::JobState::Pending,
-        Some("running") => pb::JobState::Running,
-        Some("done") => pb::JobState::Done,
-        _ => pb::JobState::Unspecified,
-    };
+    let origin = args
+        .origin
+        .map_or(pb::JobOrigin::Unspecified, convert::origin);
+    let state = args
+        .state
+        .map_or(pb::JobState::Unspecified, convert::job_state);
     let mut jobs = Vec::new();
     let mut token = String::new();
     while jobs.len() < args.limit as usize {
@@ -450,12 +444,9 @@ pub async fn jobs(args: &JobsArgs) -> anyhow::Result<()> {
 
 pub async fn servers(args: &ServersArgs) -> anyhow::Result<()> {
     let (_, mut fleet) = connect(&args.agent).await?;
-    let reachability = match args.reachability.as_deref() {
-        Some("online") => pb::Reachability::Online,
-        Some("offline") => pb::Reachability::Offline,
-        Some(_) => pb::Reachability::Unknown,
-        None => pb::Reachability::Unspecified,
-    } as i32;
+    let reachability = args
+        .reachability
+        .map_or(pb::Reachability::Unspecified, convert::reachability) as i32;
     let mut servers = Vec::new();
     let mut page_token = String::new();
     loop {

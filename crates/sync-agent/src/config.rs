@@ -2,10 +2,28 @@
 
 use std::{net::SocketAddr, path::PathBuf};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{
+    Args, Parser, Subcommand,
+    builder::{PossibleValuesParser, TypedValueParser},
+};
 use fleetsync_common::cli::{CommonArgs, SecurityArgs};
 
-use crate::ssh::{DEFAULT_OUTPUT_CAP, Timeouts};
+use crate::{
+    model::{JobOrigin, JobState, Reachability},
+    ssh::{DEFAULT_OUTPUT_CAP, Timeouts},
+};
+
+/// Parses a stored enum by its stored names, which `--help` lists as the possible values.
+fn stored<T: Copy + Send + Sync + 'static>(
+    all: &'static [T],
+    name: fn(T) -> &'static str,
+) -> impl TypedValueParser<Value = T> {
+    PossibleValuesParser::new(all.iter().map(move |v| name(*v))).map(move |text| {
+        *all.iter()
+            .find(|v| name(**v) == text)
+            .expect("clap allows only the possible values")
+    })
+}
 
 /// The fleetsync sync-agent: owns every SSH connection to managed servers and syncs their
 /// database inventories, one outcome per server, over gRPC.
@@ -78,8 +96,8 @@ pub struct ServersArgs {
     pub agent: AgentArgs,
 
     /// Only servers with this reachability.
-    #[arg(long, value_parser = ["online", "offline", "unknown"])]
-    pub reachability: Option<String>,
+    #[arg(long, value_parser = stored(Reachability::ALL, Reachability::as_str))]
+    pub reachability: Option<Reachability>,
 }
 
 /// `sync-agent sync`.
@@ -134,12 +152,12 @@ pub struct JobsArgs {
     pub agent: AgentArgs,
 
     /// Only jobs of this origin.
-    #[arg(long, value_parser = ["rpc", "migration", "schedule", "recovery"])]
-    pub origin: Option<String>,
+    #[arg(long, value_parser = stored(JobOrigin::ALL, JobOrigin::as_str))]
+    pub origin: Option<JobOrigin>,
 
     /// Only jobs in this state.
-    #[arg(long, value_parser = ["pending", "running", "done"])]
-    pub state: Option<String>,
+    #[arg(long, value_parser = stored(JobState::ALL, JobState::as_str))]
+    pub state: Option<JobState>,
 
     /// Only jobs that cover this server.
     #[arg(long)]

@@ -89,23 +89,32 @@ pub fn outcome_event(record: &OutcomeRecord) -> pb::SyncEvent {
     }
 }
 
-/// A job as its summary.
-pub fn summary(job: &JobRecord) -> pb::JobSummary {
-    let state = match job.state() {
+/// A job's origin in the proto.
+pub fn origin(origin: JobOrigin) -> pb::JobOrigin {
+    match origin {
+        JobOrigin::Rpc => pb::JobOrigin::Rpc,
+        JobOrigin::Migration => pb::JobOrigin::Migration,
+        JobOrigin::Schedule => pb::JobOrigin::Schedule,
+        JobOrigin::Recovery => pb::JobOrigin::Recovery,
+    }
+}
+
+/// A job's state in the proto.
+pub fn job_state(state: JobState) -> pb::JobState {
+    match state {
         JobState::Pending => pb::JobState::Pending,
         JobState::Running => pb::JobState::Running,
         JobState::Done => pb::JobState::Done,
-    };
+    }
+}
+
+/// A job as its summary.
+pub fn summary(job: &JobRecord) -> pb::JobSummary {
     pb::JobSummary {
         job_id: job.id.clone(),
         request_id: job.request_id.clone(),
-        origin: match job.origin {
-            JobOrigin::Rpc => pb::JobOrigin::Rpc,
-            JobOrigin::Migration => pb::JobOrigin::Migration,
-            JobOrigin::Schedule => pb::JobOrigin::Schedule,
-            JobOrigin::Recovery => pb::JobOrigin::Recovery,
-        } as i32,
-        state: state as i32,
+        origin: origin(job.origin) as i32,
+        state: job_state(job.state()) as i32,
         scopes: job.scopes.to_proto(),
         force: job.force,
         reason: job.reason.clone(),
@@ -148,7 +157,8 @@ fn status(name: &str) -> pb::ServerStatus {
         .unwrap_or(pb::ServerStatus::Unspecified)
 }
 
-fn reachability(reachability: Reachability) -> pb::Reachability {
+/// A server's reachability in the proto.
+pub fn reachability(reachability: Reachability) -> pb::Reachability {
     match reachability {
         Reachability::Online => pb::Reachability::Online,
         Reachability::Offline => pb::Reachability::Offline,

@@ -1,7 +1,7 @@
 //! The gRPC services of the agent: `SyncAgent` (jobs and their streams) and `Fleet` (servers
 //! and their inventory), over the store and the scheduler's signals.
 
-mod convert;
+pub(crate) mod convert;
 mod fields;
 mod fleet;
 mod sync;
