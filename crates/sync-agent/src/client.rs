@@ -79,6 +79,31 @@ async fn connect(
     ))
 }
 
+/// Every item of a paged listing from `token` on, at most `limit`: `page(token, room)` reads
+/// the page after `token` with room for `room` more items, and returns its items and the next
+/// token (empty after the last page).
+async fn pages<T, F, Fut>(
+    mut token: String,
+    limit: usize,
+    mut page: F,
+) -> Result<Vec<T>, tonic::Status>
+where
+    F: FnMut(String, usize) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<T>, String), tonic::Status>>,
+{
+    let mut items = Vec::new();
+    while items.len() < limit {
+        let (got, next) = page(token, limit - items.len()).await?;
+        items.extend(got);
+        if next.is_empty() {
+            break;
+        }
+        token = next;
+    }
+    items.truncate(limit);
+    Ok(items)
+}
+
 fn status(err: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", err.code(), err.message())
 }
@@ -356,19 +381,26 @@ pub async fn job(args: &JobArgs) -> anyhow::Result<()> {
         .into_inner();
     let job = read.job.clone().context("the agent sent no job")?;
     // Outcomes come a page at a time: a job of any size fits.
-    while !read.next_page_token.is_empty() {
-        let mut next = client
-            .get_sync_job(GetSyncJobRequest {
-                job_id: args.job_id.clone(),
-                include_outcomes: true,
-                page_size: 10_000,
-                page_token: read.next_page_token.clone(),
-            })
-            .await
-            .map_err(status)?
-            .into_inner();
-        next.outcomes.splice(0..0, read.outcomes);
-        read = next;
+    if !read.next_page_token.is_empty() {
+        let rest = pages(read.next_page_token, usize::MAX, |page_token, _| {
+            let mut client = client.clone();
+            let job_id = args.job_id.clone();
+            async move {
+                let page = client
+                    .get_sync_job(GetSyncJobRequest {
+                        job_id,
+                        include_outcomes: true,
+                        page_size: 10_000,
+                        page_token,
+                    })
+                    .await?
+                    .into_inner();
+                Ok((page.outcomes, page.next_page_token))
+            }
+        })
+        .await
+        .map_err(status)?;
+        read.outcomes.extend(rest);
     }
     if args.watch {
         let (outcomes, summary) = follow(
@@ -387,37 +419,35 @@ pub async fn job(args: &JobArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `sync-agent servers`.
 /// `sync-agent jobs`.
 pub async fn jobs(args: &JobsArgs) -> anyhow::Result<()> {
-    let (mut client, _) = connect(&args.agent).await?;
+    let (client, _) = connect(&args.agent).await?;
     let origin = args
         .origin
         .map_or(pb::JobOrigin::Unspecified, convert::origin);
     let state = args
         .state
         .map_or(pb::JobState::Unspecified, convert::job_state);
-    let mut jobs = Vec::new();
-    let mut token = String::new();
-    while jobs.len() < args.limit as usize {
-        let page = client
-            .list_jobs(pb::ListJobsRequest {
-                origin: origin as i32,
-                state: state as i32,
-                server_id: args.server.unwrap_or(0),
-                page_size: (args.limit as usize - jobs.len()).min(1000) as u32,
-                page_token: token,
-                ..Default::default()
-            })
-            .await
-            .map_err(status)?
-            .into_inner();
-        jobs.extend(page.jobs);
-        if page.next_page_token.is_empty() {
-            break;
+    let server_id = args.server.unwrap_or(0);
+    let jobs = pages(String::new(), args.limit as usize, |page_token, room| {
+        let mut client = client.clone();
+        async move {
+            let page = client
+                .list_jobs(pb::ListJobsRequest {
+                    origin: origin as i32,
+                    state: state as i32,
+                    server_id,
+                    page_size: room.min(1000) as u32,
+                    page_token,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            Ok((page.jobs, page.next_page_token))
         }
-        token = page.next_page_token;
-    }
+    })
+    .await
+    .map_err(status)?;
     if args.agent.output == Output::Json {
         let list: Vec<Value> = jobs.iter().map(summary_json).collect();
         println!("{}", serde_json::to_string_pretty(&list).expect("JSON"));
@@ -442,29 +472,28 @@ pub async fn jobs(args: &JobsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `sync-agent servers`.
 pub async fn servers(args: &ServersArgs) -> anyhow::Result<()> {
-    let (_, mut fleet) = connect(&args.agent).await?;
+    let (_, fleet) = connect(&args.agent).await?;
     let reachability = args
         .reachability
         .map_or(pb::Reachability::Unspecified, convert::reachability) as i32;
-    let mut servers = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let page = fleet
-            .list_servers(ListServersRequest {
-                reachability,
-                page_size: 1000,
-                page_token,
-            })
-            .await
-            .map_err(status)?
-            .into_inner();
-        servers.extend(page.servers);
-        if page.next_page_token.is_empty() {
-            break;
+    let servers = pages(String::new(), usize::MAX, |page_token, _| {
+        let mut fleet = fleet.clone();
+        async move {
+            let page = fleet
+                .list_servers(ListServersRequest {
+                    reachability,
+                    page_size: 1000,
+                    page_token,
+                })
+                .await?
+                .into_inner();
+            Ok((page.servers, page.next_page_token))
         }
-        page_token = page.next_page_token;
-    }
+    })
+    .await
+    .map_err(status)?;
     if args.agent.output == Output::Json {
         let list: Vec<Value> = servers
             .iter()
