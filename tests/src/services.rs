@@ -46,11 +46,40 @@ impl Running {
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(run(listener, shutdown.clone()));
         let channel = connect(addr).await;
-        Self {
+        let mut running = Self {
             addr,
             channel,
             shutdown,
             task: Some(task),
+        };
+        running.wait_until_serving().await;
+        running
+    }
+
+    /// Waits until the service's health says `SERVING` (it has finished starting); panics
+    /// with its error if it stops instead.
+    async fn wait_until_serving(&mut self) {
+        use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let status = self
+                .health()
+                .check(HealthCheckRequest::default())
+                .await
+                .map(|r| r.into_inner().status());
+            if matches!(status, Ok(ServingStatus::Serving)) {
+                return;
+            }
+            let task = self.task.as_mut().expect("task present until stop");
+            if task.is_finished() {
+                let ended = task.await;
+                panic!("the service stopped while starting: {ended:?}");
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the service is not serving after 30 s: {status:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 

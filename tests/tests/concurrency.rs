@@ -232,8 +232,6 @@ async fn agents_starting_together_repair_the_queue_once() {
             "the lease rows were never added",
         )
         .await;
-        // Let the slowest of them finish starting: a failed start shows in its stop.
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         for agent in [a, b, c, d] {
             agent
                 .service

@@ -160,11 +160,25 @@ async fn migration_with_half_the_fleet_offline(backend: Backend) {
         .await,
         1
     );
-    tokio::time::sleep(Duration::from_millis(700)).await; // one more outbox drain
+    // A later drain of the outbox (seen by a marker request it takes) makes no second job.
+    execute(
+        &conn,
+        "INSERT INTO sync_requests (id, origin, migration_version, scopes, reason, state, \
+         created_at) VALUES ('marker', 'migration', 0, 'charsets', 'marker', 'pending', 0)",
+    )
+    .await;
+    wait_for_count(
+        &conn,
+        "SELECT COUNT(*) FROM sync_requests WHERE id = 'marker' AND state = 'taken'",
+        |n| n == 1,
+        Duration::from_secs(10),
+        "the outbox was never drained again",
+    )
+    .await;
     assert_eq!(
         count(
             &conn,
-            "SELECT COUNT(*) FROM sync_jobs WHERE origin = 'migration'"
+            "SELECT COUNT(*) FROM sync_jobs WHERE request_id = 'migration-20250215120213'"
         )
         .await,
         1,
