@@ -145,7 +145,7 @@ async fn an_agent_that_lost_its_lease_writes_nothing_and_runs_serve_only_older_r
                 .renew("agent-d", &[server], 60_000)
                 .await
                 .expect("renew"),
-            0,
+            Vec::<i64>::new(),
             "{backend}: an expired lease stays expired"
         );
         let late = store
@@ -159,6 +159,26 @@ async fn an_agent_that_lost_its_lease_writes_nothing_and_runs_serve_only_older_r
         );
         let d = store.claim("agent-d", 60_000, 10).await.expect("claim");
         assert_eq!(d.len(), 1, "{backend}: the server still waits");
+        // A live lease is renewed (twice in a row: MySQL counts a row whose values did not
+        // change as untouched), and only by its holder; unknown servers are not reported.
+        for _ in 0..2 {
+            assert_eq!(
+                store
+                    .renew("agent-d", &[server, server + 1000], 60_000)
+                    .await
+                    .expect("renew"),
+                [server],
+                "{backend}: the live lease is renewed"
+            );
+        }
+        assert_eq!(
+            store
+                .renew("agent-c", &[server], 60_000)
+                .await
+                .expect("renew"),
+            Vec::<i64>::new(),
+            "{backend}: another agent's lease is not renewed"
+        );
         let served = store
             .complete("agent-d", &[completion(d[0].claim, Outcome::Ok)])
             .await

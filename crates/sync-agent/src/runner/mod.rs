@@ -115,23 +115,59 @@ impl Signals {
 /// The leases this agent holds for runs in flight or waiting to be recorded: the heartbeat
 /// renews exactly these. A lease leaves the set when its guard drops, whatever ends the run
 /// (recorded, released, or a panic), so no lease is renewed past the run that holds it.
+///
+/// Each lease also keeps when it was last taken or renewed by this agent's clock (the moment
+/// before the statement was sent, so never later than the database's): a run that finds its
+/// lease older than the TTL (the agent stalled: a pause, a frozen VM, `SIGSTOP`) does not start
+/// its command, as another agent may be running the server by now.
 #[derive(Debug, Default)]
 struct HeldLeases {
-    leases: Mutex<HashMap<i64, i64>>,
+    /// server id -> (token, when it was last taken or renewed).
+    leases: Mutex<HashMap<i64, (i64, Instant)>>,
     /// `fleetsync_leases_held`.
     gauge: Gauge,
 }
 
 impl HeldLeases {
-    fn hold(self: &Arc<Self>, claim: Claim) -> LeaseGuard {
+    /// Holds `claim`, taken by a statement sent at `taken`.
+    fn hold(self: &Arc<Self>, claim: Claim, taken: Instant) -> LeaseGuard {
         let mut leases = self.leases.lock().expect("lease set");
-        leases.insert(claim.server_id, claim.token);
+        leases.insert(claim.server_id, (claim.token, taken));
         self.gauge.set(leases.len() as i64);
         drop(leases);
         LeaseGuard {
             leases: Arc::clone(self),
             claim,
         }
+    }
+
+    /// The leases of `ids` were renewed by a statement sent at `sent`.
+    fn renewed(&self, ids: &[i64], sent: Instant) {
+        let mut leases = self.leases.lock().expect("lease set");
+        for id in ids {
+            if let Some((_, at)) = leases.get_mut(id) {
+                *at = (*at).max(sent);
+            }
+        }
+    }
+
+    /// How many of `asked` are still held here but were not `renewed`.
+    fn stale_among(&self, asked: &[i64], renewed: &[i64]) -> usize {
+        let renewed: std::collections::HashSet<i64> = renewed.iter().copied().collect();
+        let leases = self.leases.lock().expect("lease set");
+        asked
+            .iter()
+            .filter(|id| !renewed.contains(id) && leases.contains_key(id))
+            .count()
+    }
+
+    /// True while `claim` was taken or renewed less than `ttl` ago (by this agent's clock).
+    fn fresh(&self, claim: &Claim, ttl: Duration) -> bool {
+        self.leases
+            .lock()
+            .expect("lease set")
+            .get(&claim.server_id)
+            .is_some_and(|(token, at)| *token == claim.token && at.elapsed() < ttl)
     }
 
     fn server_ids(&self) -> Vec<i64> {
@@ -154,7 +190,10 @@ struct LeaseGuard {
 impl Drop for LeaseGuard {
     fn drop(&mut self) {
         let mut held = self.leases.leases.lock().expect("lease set");
-        if held.get(&self.claim.server_id) == Some(&self.claim.token) {
+        if held
+            .get(&self.claim.server_id)
+            .is_some_and(|(token, _)| *token == self.claim.token)
+        {
             held.remove(&self.claim.server_id);
             self.leases.gauge.set(held.len() as i64);
         }
@@ -317,7 +356,7 @@ impl Runner {
             "claimed"
         );
         for work in claimed {
-            let guard = self.held.hold(work.claim);
+            let guard = self.held.hold(work.claim, started);
             let (Ok(flight), Ok(slot)) = (
                 Arc::clone(&slots.flight).try_acquire_owned(),
                 Arc::clone(&slots.leases).try_acquire_owned(),
@@ -333,7 +372,7 @@ impl Runner {
                 let span = tracing::info_span!("sync", server_id = work.claim.server_id, token = work.claim.token);
                 let completion = tokio::select! {
                     () = this.shutdown.cancelled() => None,
-                    completion = this.sync_server(&work, &busy).instrument(span) => Some(completion),
+                    completion = this.sync_server(&work, &busy).instrument(span) => completion,
                 };
                 drop(flight);
                 this.metrics.runs_in_flight().dec();
@@ -347,7 +386,8 @@ impl Runner {
                         });
                     }
                     None => {
-                        // Shutting down: leave the server to whoever runs next.
+                        // Shutting down, or the lease lapsed before the command: leave the
+                        // server to whoever runs next (if the lease is still ours).
                         if let Err(err) = this.store.release(&this.holder, &[work.claim]).await {
                             tracing::warn!(error = %err, "could not release a lease; it expires by itself");
                         }
@@ -370,15 +410,21 @@ impl Runner {
             if ids.is_empty() {
                 continue;
             }
+            let sent = Instant::now();
             match self
                 .store
                 .renew(&self.holder, &ids, ttl.as_millis() as i64)
                 .await
             {
-                Ok(n) if (n as usize) < ids.len() => {
-                    tracing::warn!(held = ids.len(), renewed = n, "some leases were lost");
+                Ok(renewed) => {
+                    self.held.renewed(&renewed, sent);
+                    // A lease released between the snapshot and the renewal is not lost: only
+                    // those still held here and not renewed are.
+                    let lost = self.held.stale_among(&ids, &renewed);
+                    if lost > 0 {
+                        tracing::warn!(held = ids.len(), lost, "some leases were lost");
+                    }
                 }
-                Ok(_) => {}
                 Err(err) => tracing::warn!(error = %err, "lease heartbeat failed"),
             }
         }
@@ -516,5 +562,43 @@ impl Runner {
             self.signals.wake.notify_one();
         }
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_is_fresh_until_its_ttl_passes_without_a_renewal() {
+        let ttl = Duration::from_secs(2);
+        let held = Arc::new(HeldLeases::default());
+        let claim = |server_id, token| Claim {
+            server_id,
+            token,
+            claimed_at: 0,
+        };
+        let stalled = Instant::now() - Duration::from_secs(3);
+        let _old = held.hold(claim(1, 7), stalled);
+        let new = held.hold(claim(2, 1), Instant::now());
+        assert!(
+            !held.fresh(&claim(1, 7), ttl),
+            "taken 3 s ago, never renewed"
+        );
+        assert!(held.fresh(&claim(2, 1), ttl));
+        assert!(!held.fresh(&claim(2, 2), ttl), "another token is not ours");
+        assert!(!held.fresh(&claim(3, 1), ttl), "not held here");
+        // A renewal sent before the lease was taken does not date it back; one after does.
+        held.renewed(&[1], stalled - Duration::from_secs(1));
+        assert!(!held.fresh(&claim(1, 7), ttl));
+        held.renewed(&[1], Instant::now());
+        assert!(held.fresh(&claim(1, 7), ttl));
+        assert_eq!(held.stale_among(&[1, 2, 3], &[1]), 1, "2 held, not renewed");
+        drop(new);
+        assert_eq!(
+            held.stale_among(&[1, 2, 3], &[1]),
+            0,
+            "2 released meanwhile"
+        );
     }
 }

@@ -20,6 +20,7 @@ impl Runner {
             loop {
                 let ttl = self.config.lease_ttl.as_millis() as i64;
                 let limit = self.config.concurrency.clamp(1, 1024);
+                let taken = std::time::Instant::now();
                 let due = match self.store.claim_due_offline(&self.holder, ttl, limit).await {
                     Ok(due) => due,
                     Err(err) => {
@@ -33,7 +34,7 @@ impl Runner {
                 }
                 let guards: Vec<LeaseGuard> = due
                     .iter()
-                    .map(|(claim, _)| self.held.hold(*claim))
+                    .map(|(claim, _)| self.held.hold(*claim, taken))
                     .collect();
                 let this = &*self;
                 let probes = due.iter().map(|(claim, server)| async move {

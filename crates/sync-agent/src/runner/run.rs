@@ -12,7 +12,7 @@ use crate::{
     inventory,
     model::{Cause, Outcome, Reachability},
     ssh::{HostKeyInfo, SshError, Target},
-    store::{ClaimedServer, Completion, InventoryWrite, Reach, RunResult, ServerRecord},
+    store::{ClaimedServer, Completion, InventoryWrite, Reach, RunResult},
 };
 
 /// What connecting to a server and reading its inventory came to.
@@ -29,8 +29,13 @@ struct RunOutput {
 
 impl Runner {
     /// One server: skip it, or connect, read its inventory and parse it. No database access:
-    /// everything it needs came with the claim.
-    pub(super) async fn sync_server(&self, work: &ClaimedServer, busy: &Semaphore) -> Completion {
+    /// everything it needs came with the claim. `None`: the lease lapsed before the command
+    /// (this agent stalled), so nothing ran on the server and there is nothing to record.
+    pub(super) async fn sync_server(
+        &self,
+        work: &ClaimedServer,
+        busy: &Semaphore,
+    ) -> Option<Completion> {
         let started = Instant::now();
         let server = &work.server;
         let done = |result: RunResult, reach: Reach| Completion {
@@ -46,7 +51,7 @@ impl Runner {
                 None,
                 "no database service registered".into(),
             );
-            return done(result, Reach::Untried);
+            return Some(done(result, Reach::Untried));
         };
         // Backoff is judged by the database's clock (the claim time), as it was written.
         if let Some(until) = server.next_probe_at
@@ -64,14 +69,14 @@ impl Runner {
                 ),
             );
             result.next_probe_at = Some(until);
-            return done(result, Reach::Untried);
+            return Some(done(result, Reach::Untried));
         }
         let RunOutput {
             result,
             inventory,
             pin,
             reachable,
-        } = self.read_inventory(server, service, busy).await;
+        } = self.read_inventory(work, service, busy).await?;
         let reach = if reachable {
             Reach::Online
         } else {
@@ -79,27 +84,31 @@ impl Runner {
                 backoff_ms: self.backoff_ms(server.consecutive_failures + 1),
             }
         };
-        Completion {
+        Some(Completion {
             claim: work.claim,
             result: finish(result, started),
             inventory,
             pin: pin.map(|k| (k.algorithm, k.fingerprint)),
             reach,
-        }
+        })
     }
 
-    /// Connects and reads the inventory (the "probe" command of `inventory`).
+    /// Connects and reads the inventory (the "probe" command of `inventory`). `None`: the lease
+    /// lapsed before the command.
     async fn read_inventory(
         &self,
-        server: &ServerRecord,
+        work: &ClaimedServer,
         service: crate::store::DatabaseService,
         busy: &Semaphore,
-    ) -> RunOutput {
-        let failed = |err: &SshError| RunOutput {
-            result: ssh_failure(err),
-            inventory: None,
-            pin: None,
-            reachable: !err.is_unreachable(),
+    ) -> Option<RunOutput> {
+        let server = &work.server;
+        let failed = |err: &SshError| {
+            Some(RunOutput {
+                result: ssh_failure(err),
+                inventory: None,
+                pin: None,
+                reachable: !err.is_unreachable(),
+            })
         };
         let pinned = server.host_key.as_ref().map(|k| HostKeyInfo {
             algorithm: k.algorithm.clone(),
@@ -124,6 +133,18 @@ impl Runner {
         };
         self.metrics.connected(connection.times());
         let pin = pinned.is_none().then(|| connection.host_key().clone());
+        // A stall (a pause, a frozen VM, SIGSTOP) may have outlived the lease: another agent may
+        // be running this server now. Its result would be fenced off at the write; the command
+        // must not run either.
+        if !self.held.fresh(&work.claim, self.config.lease_ttl) {
+            tracing::warn!(
+                server_id = server.id,
+                "the lease lapsed before the command (this agent stalled): left to the next run"
+            );
+            self.metrics.discarded();
+            connection.close().await;
+            return None;
+        }
         let (command, input) = inventory::probe(service, server.inventory_key.as_deref());
         let started = Instant::now();
         let output = connection.run_with_input(command, input.as_bytes()).await;
@@ -170,12 +191,12 @@ impl Runner {
                 Err(err) => (failure(Outcome::ParseFailed, None, err.0), None),
             },
         };
-        RunOutput {
+        Some(RunOutput {
             result,
             inventory,
             pin,
             reachable: true,
-        }
+        })
     }
 
     /// How long a server that failed `failures` times in a row waits before its next probe:

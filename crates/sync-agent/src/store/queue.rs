@@ -139,28 +139,55 @@ impl Store {
         .await
     }
 
-    /// Extends the leases `holder` holds on these servers and that have not expired; returns how
-    /// many it still holds.
+    /// Extends the leases `holder` holds on these servers and that have not expired; returns
+    /// the servers whose lease it still holds.
     pub async fn renew(
         &self,
         holder: &str,
         server_ids: &[i64],
         ttl_ms: i64,
-    ) -> Result<u64, sqlx::Error> {
-        let now = now_ms_sql(self.backend());
-        let mut renewed = 0;
+    ) -> Result<Vec<i64>, sqlx::Error> {
+        retry("renew leases", || {
+            self.renew_once(holder, server_ids, ttl_ms)
+        })
+        .await
+    }
+
+    async fn renew_once(
+        &self,
+        holder: &str,
+        server_ids: &[i64],
+        ttl_ms: i64,
+    ) -> Result<Vec<i64>, sqlx::Error> {
+        let mut tx = self.db.begin().await?;
+        let now = db_now(&mut tx).await?;
+        let mut renewed = Vec::with_capacity(server_ids.len());
         for chunk in server_ids.chunks(CHUNK) {
             // A lease that already expired is not revived: its run outlived it (the agent
             // stalled), and its result must not be recorded.
             let sql = format!(
-                "UPDATE server_leases SET expires_at = {now} + ?, heartbeat_at = {now} \
-                 WHERE holder = ? AND expires_at >= {now} AND server_id IN {}",
+                "UPDATE server_leases SET expires_at = ?, heartbeat_at = ? \
+                 WHERE holder = ? AND expires_at >= ? AND server_id IN {}",
                 list(chunk.len())
             );
-            let mut args: Vec<Value> = vec![ttl_ms.into(), holder.into()];
+            let mut args: Vec<Value> = vec![(now + ttl_ms).into(), now.into(), holder.into()];
+            args.push(now.into());
             args.extend(chunk.iter().map(|&id| Value::Int(id)));
-            renewed += self.db.execute(&sql, &args).await?;
+            tx.execute(&sql, &args).await?;
+            // Which ones: the rows now carry this renewal's expiry (MySQL counts only rows
+            // whose values changed, so the update's count cannot tell).
+            let sql = format!(
+                "SELECT server_id FROM server_leases WHERE holder = ? AND expires_at = ? \
+                 AND server_id IN {}",
+                list(chunk.len())
+            );
+            let mut args: Vec<Value> = vec![holder.into(), (now + ttl_ms).into()];
+            args.extend(chunk.iter().map(|&id| Value::Int(id)));
+            for row in tx.fetch(&sql, &args).await? {
+                renewed.push(row.int(0)?);
+            }
         }
+        tx.commit().await?;
         Ok(renewed)
     }
 
