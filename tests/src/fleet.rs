@@ -189,7 +189,10 @@ impl SshHost {
         };
         keygen(&host.host_key);
         fs::create_dir(host.dir.join("bin")).expect("create host bin dir");
-        make_readable(&host.dir.join("bin"));
+        // Sticky and writable by all, like /tmp: a fake program run by the login user may keep
+        // files there; the programs the test installs stay the test's.
+        fs::set_permissions(host.dir.join("bin"), fs::Permissions::from_mode(0o1777))
+            .expect("chmod host bin dir");
         host.authorize_client_key();
         host.write_config();
         host
@@ -418,8 +421,8 @@ impl SshHost {
         fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod program");
     }
 
-    /// The directory of the programs put first on the PATH (a fake program may keep files
-    /// there: a log of the sessions it saw, say).
+    /// The directory of the programs put first on the PATH, writable by the login users (a
+    /// fake program may keep files there: a log of the sessions it saw, say).
     pub fn program_dir(&self) -> PathBuf {
         self.dir.join("bin")
     }

@@ -105,8 +105,16 @@ async fn runs_that_end_while_the_database_is_down_are_recorded_when_it_is_back()
 
     let fleet = SshFleet::start(3).await;
     for host in fleet.hosts() {
-        // Each run takes a second and a half: long enough to cut the database under it.
-        host.install_program("sudo", "#!/bin/sh\nsleep 1.5\nexec /usr/bin/sudo \"$@\"\n");
+        // Each run takes a second and a half: long enough to cut the database under it. The
+        // command leaves a file when it ends, so the test knows the runs are over.
+        let finished = host.program_dir().join("finished");
+        host.install_program(
+            "sudo",
+            &format!(
+                "#!/bin/sh\nsleep 1.5\n/usr/bin/sudo \"$@\"\nstatus=$?\ntouch '{}'\nexit $status\n",
+                finished.display()
+            ),
+        );
     }
     let db = TestDb::postgres().await;
     migrate(db.url()).await;
@@ -148,7 +156,15 @@ async fn runs_that_end_while_the_database_is_down_are_recorded_when_it_is_back()
     .await;
     proxy.cut();
     // The runs end while the database is unreachable; their results wait.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !fleet
+        .hosts()
+        .iter()
+        .all(|host| host.program_dir().join("finished").exists())
+    {
+        assert!(std::time::Instant::now() < deadline, "the runs never ended");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(
         fleetsync_tests::catalog::count(&direct, "SELECT COUNT(*) FROM sync_runs").await,
         0,

@@ -1,10 +1,13 @@
 //! Three agents on one PostgreSQL control plane and 300 real sshd hosts, some of them faulty:
-//! one job gives exactly one outcome per server, and no host ever sees two SSH sessions at once
-//! (checked on the host: every session takes a lock directory, and a session that finds it taken
-//! records an overlap). Then the agents fail the ways agents fail: one is SIGKILLed mid-job and
-//! another SIGSTOPped past its lease and resumed: the job completes, nothing is lost or
-//! recorded twice (the stale agent's late results are fenced off). Then every agent is
-//! restarted mid-job: the job completes and the watcher resumes from its cursor on a new agent.
+//! one job gives exactly one outcome per server, and no host ever sees two SSH sessions at work
+//! at once (checked on the host: every session takes a lock directory, and a session that finds
+//! it taken records an overlap). Then the agents fail the ways agents fail: one is SIGKILLed
+//! mid-job and another SIGSTOPped past its lease and resumed: the job completes, nothing is lost
+//! or recorded twice (the stale agent's late results are fenced off, and it starts no command
+//! once its lease has lapsed). Then every agent is restarted mid-job: the job completes and the
+//! watcher resumes from its cursor on a new agent. The one overlap allowed: a session whose
+//! agent went away (its output has no reader) may still be finishing when the next one starts,
+//! as a stopping agent hands its servers over at once.
 
 use std::{
     collections::BTreeMap,
@@ -30,19 +33,24 @@ const HEALTHY: usize = 270;
 const REFUSED: usize = 20;
 
 /// A fake `sudo` that takes a lock directory for the length of the session (records an overlap
-/// if another session holds it), takes a while, and answers like a MariaDB server.
+/// with the holder's connection if another session holds it), takes a while, and answers like a
+/// MariaDB server; a session whose answer finds no reader records itself as abandoned. It
+/// outlives its connection (`PIPE` and `HUP` ignored), as a slow command on a real server may.
 const SESSION: &str = r#"#!/bin/sh
 D=$(dirname "$0")
 cat >/dev/null
 if mkdir "$D/session.lock" 2>/dev/null; then
-    trap 'rmdir "$D/session.lock"' EXIT
+    echo "$SSH_CLIENT" > "$D/session.lock/holder"
+    trap 'rm -rf "$D/session.lock"' EXIT
 else
-    echo overlap >> "$D/overlaps"
+    echo "overlap $(cat "$D/session.lock/holder" 2>/dev/null)" >> "$D/overlaps"
 fi
 trap '' PIPE HUP
-echo session >> "$D/sessions"
+echo "start $(date +%s.%N) $SSH_CLIENT" >> "$D/sessions"
 sleep 0.6
-printf '%s\n' '{"version": "10.11", "databases": [{"name": "app", "charset": "utf8mb4", "collation": "utf8mb4_bin"}]}'
+printf '%s\n' '{"version": "10.11", "databases": [{"name": "app", "charset": "utf8mb4", "collation": "utf8mb4_bin"}]}' \
+    || echo "abandoned $SSH_CLIENT" >> "$D/abandoned"
+echo "end $(date +%s.%N) $SSH_CLIENT" >> "$D/sessions"
 "#;
 
 fn agent(db: &TestDb, key: &str, dir: &std::path::Path) -> ServeProcess {
@@ -160,9 +168,41 @@ fn check_outcomes(events: &[(u64, i64, Outcome, UnreachableCause)], ids: &[i64],
     }
 }
 
-fn overlaps(fleet: &SshFleet) -> Vec<usize> {
+/// Hosts that saw two sessions at work at once, each with its logs: an overlap counts unless
+/// the session that held the host was abandoned (its agent went away). Every healthy host must
+/// have logged its sessions: a script that could not write its files would see no overlap
+/// whatever happened.
+fn overlaps(fleet: &SshFleet) -> Vec<(usize, String)> {
+    let read = |i: usize, name: &str| {
+        std::fs::read_to_string(fleet.host(i).program_dir().join(name)).unwrap_or_default()
+    };
+    let unlogged: Vec<usize> = (0..HEALTHY)
+        .filter(|&i| read(i, "sessions").is_empty())
+        .collect();
+    assert!(
+        unlogged.is_empty(),
+        "hosts whose sessions left no log: {unlogged:?}"
+    );
     (0..HEALTHY)
-        .filter(|&i| fleet.host(i).program_dir().join("overlaps").exists())
+        .filter(|&i| {
+            let abandoned = read(i, "abandoned");
+            read(i, "overlaps").lines().any(|line| {
+                let holder = line.trim_start_matches("overlap").trim();
+                holder.is_empty()
+                    || !abandoned
+                        .lines()
+                        .any(|a| a.trim_start_matches("abandoned").trim() == holder)
+            })
+        })
+        .map(|i| {
+            let logs = format!(
+                "overlaps:\n{}abandoned:\n{}sessions:\n{}",
+                read(i, "overlaps"),
+                read(i, "abandoned"),
+                read(i, "sessions")
+            );
+            (i, logs)
+        })
         .collect()
 }
 
@@ -232,10 +272,12 @@ async fn three_agents_share_300_hosts_and_survive_kill_stop_and_restart() {
         HOSTS as i64,
         "each server recorded once: the dead agent's runs were redone, the stopped one's fenced off"
     );
-    assert_eq!(
-        overlaps(&fleet),
-        Vec::<usize>::new(),
-        "hosts that saw two sessions at once"
+    let overlapped = overlaps(&fleet);
+    assert!(
+        overlapped.is_empty(),
+        "{} host(s) saw two sessions at once, the first: {:?}",
+        overlapped.len(),
+        overlapped.first()
     );
 
     // Phase 2: restart every agent mid-job; the watcher resumes on the new ones.
@@ -276,10 +318,12 @@ async fn three_agents_share_300_hosts_and_survive_kill_stop_and_restart() {
         2 * HOSTS as i64,
         "each server recorded once more"
     );
-    assert_eq!(
-        overlaps(&fleet),
-        Vec::<usize>::new(),
-        "hosts that saw two sessions at once"
+    let overlapped = overlaps(&fleet);
+    assert!(
+        overlapped.is_empty(),
+        "{} host(s) saw two sessions at once, the first: {:?}",
+        overlapped.len(),
+        overlapped.first()
     );
     for host in &fleet.hosts()[HEALTHY + REFUSED..] {
         host.thaw();
