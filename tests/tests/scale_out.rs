@@ -168,6 +168,16 @@ fn check_outcomes(events: &[(u64, i64, Outcome, UnreachableCause)], ids: &[i64],
     }
 }
 
+fn assert_no_overlaps(fleet: &SshFleet, phase: &str) {
+    let overlapped = overlaps(fleet);
+    assert!(
+        overlapped.is_empty(),
+        "{phase}: {} host(s) saw two sessions at once, the first: {:?}",
+        overlapped.len(),
+        overlapped.first()
+    );
+}
+
 /// Hosts that saw two sessions at work at once, each with its logs: an overlap counts unless
 /// the session that held the host was abandoned (its agent went away). Every healthy host must
 /// have logged its sessions: a script that could not write its files would see no overlap
@@ -272,13 +282,7 @@ async fn three_agents_share_300_hosts_and_survive_kill_stop_and_restart() {
         HOSTS as i64,
         "each server recorded once: the dead agent's runs were redone, the stopped one's fenced off"
     );
-    let overlapped = overlaps(&fleet);
-    assert!(
-        overlapped.is_empty(),
-        "{} host(s) saw two sessions at once, the first: {:?}",
-        overlapped.len(),
-        overlapped.first()
-    );
+    assert_no_overlaps(&fleet, "phase 1");
 
     // Phase 2: restart every agent mid-job; the watcher resumes on the new ones.
     let job = SyncAgentClient::new(connect(c.addr).await)
@@ -318,13 +322,7 @@ async fn three_agents_share_300_hosts_and_survive_kill_stop_and_restart() {
         2 * HOSTS as i64,
         "each server recorded once more"
     );
-    let overlapped = overlaps(&fleet);
-    assert!(
-        overlapped.is_empty(),
-        "{} host(s) saw two sessions at once, the first: {:?}",
-        overlapped.len(),
-        overlapped.first()
-    );
+    assert_no_overlaps(&fleet, "phase 2");
     for host in &fleet.hosts()[HEALTHY + REFUSED..] {
         host.thaw();
     }
