@@ -39,8 +39,10 @@ const REFUSED: usize = 20;
 const SESSION: &str = r#"#!/bin/sh
 D=$(dirname "$0")
 cat >/dev/null
+held=
 if mkdir "$D/session.lock" 2>/dev/null; then
     echo "$SSH_CLIENT" > "$D/session.lock/holder"
+    held=1
     trap 'rm -rf "$D/session.lock"' EXIT
 else
     echo "overlap $(cat "$D/session.lock/holder" 2>/dev/null)" >> "$D/overlaps"
@@ -50,6 +52,11 @@ echo "start $(date +%s.%N) $SSH_CLIENT" >> "$D/sessions"
 sleep 0.6
 printf '%s\n' '{"version": "10.11", "databases": [{"name": "app", "charset": "utf8mb4", "collation": "utf8mb4_bin"}]}' \
     || echo "abandoned $SSH_CLIENT" >> "$D/abandoned"
+# The work is done once the answer is out: the lock goes now, not when the shell exits.
+if [ -n "$held" ]; then
+    trap - EXIT
+    rm -rf "$D/session.lock"
+fi
 echo "end $(date +%s.%N) $SSH_CLIENT" >> "$D/sessions"
 "#;
 

@@ -371,27 +371,27 @@ impl Runner {
                 use tracing::Instrument;
                 let span = tracing::info_span!("sync", server_id = work.claim.server_id, token = work.claim.token);
                 let completion = tokio::select! {
-                    () = this.shutdown.cancelled() => None,
+                    () = this.shutdown.cancelled() => {
+                        // Shutting down: leave the server to whoever runs next.
+                        if let Err(err) = this.store.release(&this.holder, &[work.claim]).await {
+                            tracing::warn!(error = %err, "could not release a lease; it expires by itself");
+                        }
+                        None
+                    }
+                    // `None`: the lease lapsed before the command. It is not released: it has
+                    // expired or is about to, and releasing by holder could drop a newer lease
+                    // this agent has taken on the same server since.
                     completion = this.sync_server(&work, &busy).instrument(span) => completion,
                 };
                 drop(flight);
                 this.metrics.runs_in_flight().dec();
                 this.signals.wake.notify_one();
-                match completion {
-                    Some(completion) => {
-                        let _ = done.send(Finished {
-                            completion,
-                            _guard: guard,
-                            _slot: slot,
-                        });
-                    }
-                    None => {
-                        // Shutting down, or the lease lapsed before the command: leave the
-                        // server to whoever runs next (if the lease is still ours).
-                        if let Err(err) = this.store.release(&this.holder, &[work.claim]).await {
-                            tracing::warn!(error = %err, "could not release a lease; it expires by itself");
-                        }
-                    }
+                if let Some(completion) = completion {
+                    let _ = done.send(Finished {
+                        completion,
+                        _guard: guard,
+                        _slot: slot,
+                    });
                 }
             });
         }
