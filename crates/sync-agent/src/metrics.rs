@@ -145,7 +145,7 @@ impl Metrics {
         );
         registry.register(
             "fleetsync_runs_discarded",
-            "Runs whose lease expired before they were recorded (another agent syncs the server again)",
+            "Runs whose lease expired before they were recorded or before their command ran (the server is synced again)",
             this.discarded.clone(),
         );
         registry.register_with_unit(
