@@ -260,6 +260,10 @@ impl ServeProcess {
             .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
             // Tests stop services at once; the drain delay has its own test.
             .env("FLEETSYNC_DRAIN_DELAY", "0s")
+            // The agent's default schedule syncs every server on each wall-clock hour: a test
+            // that ran across one got a job it did not ask for (CI, at 23:00:00). Tests that
+            // want the schedule pass `--sync-interval`, which wins over the environment.
+            .env("FLEETSYNC_SYNC_INTERVAL", "0s")
             .args(args)
             .current_dir(dir)
             .env("RUST_LOG", "info")
