@@ -34,3 +34,16 @@ pub fn init_test_log() {
 }
 
 pub use fleetsync_common::clock::random_u64;
+
+/// Waits (polling every 20 ms, at most `within`) until `done` holds. Panics with `what` if it
+/// never does.
+pub async fn wait_until(what: &str, within: std::time::Duration, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} (waited {within:?})"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

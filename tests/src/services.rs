@@ -206,6 +206,19 @@ impl TestAgent {
         SyncAgentClient::new(self.service.channel.clone())
     }
 
+    /// Starts a sync of these servers (a fresh request id); returns the job's id.
+    pub async fn start_sync(&self, server_ids: &[i64]) -> String {
+        self.sync()
+            .start_sync(fleetsync_common::proto::sync::v1::StartSyncRequest {
+                server_ids: server_ids.to_vec(),
+                ..Default::default()
+            })
+            .await
+            .expect("start a sync")
+            .into_inner()
+            .job_id
+    }
+
     /// A `Fleet` client.
     pub fn fleet(&self) -> FleetClient<Channel> {
         FleetClient::new(self.service.channel.clone())

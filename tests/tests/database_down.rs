@@ -97,9 +97,7 @@ async fn the_agent_survives_its_database_going_down() {
 /// once it is back (never CANCELLED or SKIPPED for a pool timeout), and the job completes.
 #[tokio::test]
 async fn runs_that_end_while_the_database_is_down_are_recorded_when_it_is_back() {
-    use fleetsync_common::proto::sync::v1::{
-        Outcome, StartSyncRequest, WatchSyncRequest, sync_event,
-    };
+    use fleetsync_common::proto::sync::v1::{Outcome, WatchSyncRequest, sync_event};
     use fleetsync_tests::{SshFleet, catalog::wait_for_count, fleet::SSH_USER};
     use tokio_stream::StreamExt;
 
@@ -137,14 +135,7 @@ async fn runs_that_end_while_the_database_is_down_are_recorded_when_it_is_back()
         );
     }
     let mut sync = agent.sync();
-    let job = sync
-        .start_sync(StartSyncRequest {
-            server_ids: ids.clone(),
-            ..Default::default()
-        })
-        .await
-        .expect("start")
-        .into_inner();
+    let job_id = agent.start_sync(&ids).await;
     let direct = db.connect().await;
     wait_for_count(
         &direct,
@@ -156,15 +147,13 @@ async fn runs_that_end_while_the_database_is_down_are_recorded_when_it_is_back()
     .await;
     proxy.cut();
     // The runs end while the database is unreachable; their results wait.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !fleet
-        .hosts()
-        .iter()
-        .all(|host| host.program_dir().join("finished").exists())
-    {
-        assert!(std::time::Instant::now() < deadline, "the runs never ended");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    fleetsync_tests::wait_until("the runs never ended", Duration::from_secs(10), || {
+        fleet
+            .hosts()
+            .iter()
+            .all(|host| host.program_dir().join("finished").exists())
+    })
+    .await;
     assert_eq!(
         fleetsync_tests::catalog::count(&direct, "SELECT COUNT(*) FROM sync_runs").await,
         0,
@@ -173,15 +162,12 @@ async fn runs_that_end_while_the_database_is_down_are_recorded_when_it_is_back()
     proxy.restore().await;
     let events: Vec<_> = tokio::time::timeout(
         Duration::from_secs(30),
-        sync.watch_sync(WatchSyncRequest {
-            job_id: job.job_id,
-            cursor: 0,
-        })
-        .await
-        .expect("watch")
-        .into_inner()
-        .map(|e| e.expect("event"))
-        .collect::<Vec<_>>(),
+        sync.watch_sync(WatchSyncRequest { job_id, cursor: 0 })
+            .await
+            .expect("watch")
+            .into_inner()
+            .map(|e| e.expect("event"))
+            .collect::<Vec<_>>(),
     )
     .await
     .expect("the job completes once the database is back");

@@ -375,6 +375,120 @@ async fn sigterm_drains_for_the_drain_delay_before_refusing_calls() {
     }
 }
 
+/// A rolling restart in the middle of a sync: the agent claims nothing more, the run that
+/// finishes within the shutdown grace (1 s here) is recorded as usual, and the one that would
+/// take longer is stopped, its lease released and its server left waiting for the next agent,
+/// which finishes the job.
+#[tokio::test]
+async fn stopping_lets_runs_in_flight_finish_within_the_grace() {
+    use fleetsync_common::proto::sync::v1::{DatabaseService, Outcome};
+    use fleetsync_tests::{
+        SshFleet,
+        catalog::count,
+        events::{outcomes, sync_timeouts, watch},
+        fleet::SSH_USER,
+        services::register_server,
+    };
+
+    let fleet = SshFleet::start(2).await;
+    let (quick, stuck) = (fleet.host(0), fleet.host(1));
+    let started = |host: &fleetsync_tests::SshHost| host.program_dir().join("started");
+    quick.install_program(
+        "sudo",
+        &format!(
+            "#!/bin/sh\ntouch '{}'\nsleep 0.5\nexec /usr/bin/sudo \"$@\"\n",
+            started(quick).display()
+        ),
+    );
+    stuck.install_program(
+        "sudo",
+        &format!(
+            "#!/bin/sh\ntouch '{}'\nexec sleep 30\n",
+            started(stuck).display()
+        ),
+    );
+    let db = TestDb::sqlite().await;
+    let client = || fleet.client(sync_timeouts(), 1 << 20);
+    let agent = TestAgent::spawn(db.url(), client()).await;
+    let mut fleet_api = agent.fleet();
+    let mut ids = Vec::new();
+    for (name, host) in [("quick", quick), ("stuck", stuck)] {
+        ids.push(
+            register_server(
+                &mut fleet_api,
+                name,
+                host,
+                SSH_USER,
+                DatabaseService::Mariadb,
+            )
+            .await,
+        );
+    }
+    let job = agent.start_sync(&ids).await;
+    fleetsync_tests::wait_until(
+        "the commands never started",
+        Duration::from_secs(10),
+        || started(quick).exists() && started(stuck).exists(),
+    )
+    .await;
+
+    let stopping = std::time::Instant::now();
+    agent.service.stop().await.expect("clean stop");
+    let took = stopping.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "stopped after {took:?}: the stuck run should hold the stop for the 1 s grace, no longer"
+    );
+    let conn = db.connect().await;
+    let finished = |server: i64| {
+        format!(
+            "SELECT COUNT(*) FROM sync_job_servers WHERE job_id = '{}' AND server_id = {server} \
+             AND outcome = 'OK'",
+            job
+        )
+    };
+    assert_eq!(
+        count(&conn, &finished(ids[0])).await,
+        1,
+        "the quick run was recorded"
+    );
+    assert_eq!(
+        count(
+            &conn,
+            &format!(
+                "SELECT COUNT(*) FROM sync_job_servers WHERE job_id = '{}' AND outcome IS NULL",
+                job
+            )
+        )
+        .await,
+        1,
+        "the stuck server still waits"
+    );
+    assert_eq!(
+        count(
+            &conn,
+            "SELECT COUNT(*) FROM server_leases WHERE holder IS NOT NULL"
+        )
+        .await,
+        0,
+        "every lease was released"
+    );
+
+    // The next agent takes the stuck server at once (no lease to wait out) and ends the job.
+    stuck.remove_program("sudo");
+    let next = TestAgent::spawn(db.url(), client()).await;
+    let mut sync_api = next.sync();
+    let events = tokio::time::timeout(Duration::from_secs(15), watch(&mut sync_api, &job, 0))
+        .await
+        .expect("the next agent finishes the job");
+    let outcomes = outcomes(&events);
+    assert_eq!(
+        (outcomes[&ids[0]].outcome(), outcomes[&ids[1]].outcome()),
+        (Outcome::Ok, Outcome::Ok)
+    );
+    next.service.stop().await.expect("clean stop");
+}
+
 #[tokio::test]
 async fn a_database_that_is_down_is_a_clear_startup_error() {
     // Port 1 on loopback: nothing listens, connection refused at once.

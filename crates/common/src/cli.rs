@@ -18,8 +18,9 @@ pub struct CommonArgs {
     )]
     pub database_url: String,
 
-    /// On SIGTERM or ctrl-c, how long calls in flight (streams included) may take to finish
-    /// before the server stops anyway. Health turns NOT_SERVING at once.
+    /// On SIGTERM or ctrl-c, how long calls in flight (streams included), and the agent's
+    /// syncs in flight, may take to finish before the server stops anyway. Health turns
+    /// NOT_SERVING at once.
     #[arg(long, env = "FLEETSYNC_SHUTDOWN_GRACE", default_value = "5s")]
     pub shutdown_grace: humantime::Duration,
 

@@ -156,7 +156,7 @@ pub async fn run(
         .add_service(security.protect(SyncAgentServer::new(SyncAgentService::new(state.clone()))))
         .add_service(security.protect(FleetServer::new(FleetService::new(state))));
 
-    let scheduler = tokio::spawn(runner.run());
+    let scheduler = tokio::spawn(runner.run(config.shutdown_grace));
     if let Some(listener) = metrics_listener {
         let addr = listener
             .local_addr()

@@ -65,7 +65,7 @@ impl Runner {
                     return;
                 }
                 Err(err) if classify(&err) != Failure::Permanent => {
-                    if self.shutdown.is_cancelled() {
+                    if self.abandon.is_cancelled() {
                         tracing::warn!(error = %err, runs = items.len(), "could not record runs before stopping; their servers will be synced again");
                         return;
                     }

@@ -241,7 +241,11 @@ pub struct Runner {
     holder: String,
     config: RunnerConfig,
     signals: Signals,
+    /// Stop claiming work (SIGTERM, after the drain delay).
     shutdown: CancellationToken,
+    /// Stop the runs still in flight: the shutdown grace is over, or nothing is left to wait
+    /// for. Leases are renewed until then.
+    abandon: CancellationToken,
     held: Arc<HeldLeases>,
     metrics: Arc<Metrics>,
 }
@@ -264,6 +268,7 @@ impl Runner {
             config,
             signals,
             shutdown,
+            abandon: CancellationToken::new(),
             held: Arc::new(HeldLeases {
                 leases: Mutex::default(),
                 gauge: metrics.leases_held().clone(),
@@ -272,10 +277,12 @@ impl Runner {
         }
     }
 
-    /// Runs until shutdown; runs in flight are stopped and their servers left for the next
-    /// agent (their leases released, their job rows still waiting). Runs already finished are
-    /// recorded first.
-    pub async fn run(self) {
+    /// Runs until shutdown, then claims nothing more and gives the runs in flight up to `grace`
+    /// to finish (their leases still renewed, their outcomes recorded and streamed as usual).
+    /// Runs still going after that are stopped and their servers left for the next agent
+    /// (their leases released, their job rows still waiting). Returns once every finished run
+    /// is recorded.
+    pub async fn run(self, grace: Duration) {
         let this = Arc::new(self);
         let background = [
             tokio::spawn(Arc::clone(&this).drain_outbox_forever()),
@@ -289,7 +296,7 @@ impl Runner {
         let completer = tokio::spawn(Arc::clone(&this).complete_forever(done_rx));
         let slots = Slots::new(this.config.concurrency, this.config.in_flight);
         let mut runs = tokio::task::JoinSet::new();
-        loop {
+        while !this.shutdown.is_cancelled() {
             let claimed = match this.fill(&slots, &done_tx, &mut runs).await {
                 Ok(claimed) => claimed,
                 Err(err) => {
@@ -319,8 +326,18 @@ impl Runner {
                 () = tokio::time::sleep(nap) => {}
             }
         }
-        // Runs watch the same token; wait for them to release their leases or hand their
-        // results over, then for the completer to record what finished.
+        // A rolling restart should not throw away SSH work nearly done: the runs in flight
+        // get the grace to finish. Those still going after it release their leases.
+        let finished =
+            tokio::time::timeout(grace, async { while runs.join_next().await.is_some() {} }).await;
+        if finished.is_err() {
+            tracing::info!(
+                runs = runs.len(),
+                "stopping the runs still in flight after the shutdown grace; their servers are left for the next agent"
+            );
+        }
+        this.abandon.cancel();
+        // Then wait for the completer to record what finished.
         while runs.join_next().await.is_some() {}
         drop(done_tx);
         let _ = completer.await;
@@ -371,8 +388,8 @@ impl Runner {
                 use tracing::Instrument;
                 let span = tracing::info_span!("sync", server_id = work.claim.server_id, token = work.claim.token);
                 let completion = tokio::select! {
-                    () = this.shutdown.cancelled() => {
-                        // Shutting down: leave the server to whoever runs next.
+                    () = this.abandon.cancelled() => {
+                        // The shutdown grace is over: leave the server to whoever runs next.
                         if let Err(err) = this.store.release(&this.holder, &[work.claim]).await {
                             tracing::warn!(error = %err, "could not release a lease; it expires by itself");
                         }
@@ -398,12 +415,13 @@ impl Runner {
         Ok(n)
     }
 
-    /// Renews every lease this agent holds, a third of the TTL apart, in one statement.
+    /// Renews every lease this agent holds, a third of the TTL apart, in one statement; after
+    /// shutdown too, while the runs in flight finish.
     async fn heartbeat_forever(self: Arc<Self>) {
         let ttl = self.config.lease_ttl;
         loop {
             tokio::select! {
-                () = self.shutdown.cancelled() => return,
+                () = self.abandon.cancelled() => return,
                 () = tokio::time::sleep(ttl / 3) => {}
             }
             let ids = self.held.server_ids();
