@@ -1,0 +1,183 @@
+//! The leases this agent holds: taken at the claim, renewed together by one heartbeat (after
+//! shutdown too, while runs finish), checked fresh before a run's command, and let go when the
+//! run's guard drops.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use prometheus_client::metrics::gauge::Gauge;
+
+use super::Runner;
+use crate::store::Claim;
+
+/// The leases this agent holds for runs in flight or waiting to be recorded: the heartbeat
+/// renews exactly these. A lease leaves the set when its guard drops, whatever ends the run
+/// (recorded, released, or a panic), so no lease is renewed past the run that holds it.
+///
+/// Each lease also keeps when it was last taken or renewed by this agent's clock (the moment
+/// before the statement was sent, so never later than the database's): a run that finds its
+/// lease older than the TTL (the agent stalled: a pause, a frozen VM, `SIGSTOP`) does not start
+/// its command, as another agent may be running the server by now.
+#[derive(Debug, Default)]
+pub(super) struct HeldLeases {
+    /// server id -> (token, when it was last taken or renewed).
+    leases: Mutex<HashMap<i64, (i64, Instant)>>,
+    /// `fleetsync_leases_held`.
+    gauge: Gauge,
+}
+
+impl HeldLeases {
+    /// An empty set that keeps `gauge` at its size.
+    pub(super) fn new(gauge: Gauge) -> Self {
+        Self {
+            leases: Mutex::default(),
+            gauge,
+        }
+    }
+
+    /// Holds `claim`, taken by a statement sent at `taken`.
+    pub(super) fn hold(self: &Arc<Self>, claim: Claim, taken: Instant) -> LeaseGuard {
+        let mut leases = self.leases.lock().expect("lease set");
+        leases.insert(claim.server_id, (claim.token, taken));
+        self.gauge.set(leases.len() as i64);
+        drop(leases);
+        LeaseGuard {
+            leases: Arc::clone(self),
+            claim,
+        }
+    }
+
+    /// The leases of `ids` were renewed by a statement sent at `sent`.
+    pub(super) fn renewed(&self, ids: &[i64], sent: Instant) {
+        let mut leases = self.leases.lock().expect("lease set");
+        for id in ids {
+            if let Some((_, at)) = leases.get_mut(id) {
+                *at = (*at).max(sent);
+            }
+        }
+    }
+
+    /// How many of `asked` are still held here but were not `renewed`.
+    pub(super) fn stale_among(&self, asked: &[i64], renewed: &[i64]) -> usize {
+        let renewed: std::collections::HashSet<i64> = renewed.iter().copied().collect();
+        let leases = self.leases.lock().expect("lease set");
+        asked
+            .iter()
+            .filter(|id| !renewed.contains(id) && leases.contains_key(id))
+            .count()
+    }
+
+    /// True while `claim` was taken or renewed less than `ttl` ago (by this agent's clock).
+    pub(super) fn fresh(&self, claim: &Claim, ttl: Duration) -> bool {
+        self.leases
+            .lock()
+            .expect("lease set")
+            .get(&claim.server_id)
+            .is_some_and(|(token, at)| *token == claim.token && at.elapsed() < ttl)
+    }
+
+    pub(super) fn server_ids(&self) -> Vec<i64> {
+        self.leases
+            .lock()
+            .expect("lease set")
+            .keys()
+            .copied()
+            .collect()
+    }
+}
+
+/// Holds one lease in [`HeldLeases`] until dropped.
+#[derive(Debug)]
+pub(super) struct LeaseGuard {
+    leases: Arc<HeldLeases>,
+    claim: Claim,
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        let mut held = self.leases.leases.lock().expect("lease set");
+        if held
+            .get(&self.claim.server_id)
+            .is_some_and(|(token, _)| *token == self.claim.token)
+        {
+            held.remove(&self.claim.server_id);
+            self.leases.gauge.set(held.len() as i64);
+        }
+    }
+}
+
+impl Runner {
+    /// Renews every lease this agent holds, a third of the TTL apart, in one statement; after
+    /// shutdown too, while the runs in flight finish.
+    pub(super) async fn heartbeat_forever(self: Arc<Self>) {
+        let ttl = self.config.lease_ttl;
+        loop {
+            tokio::select! {
+                () = self.abandon.cancelled() => return,
+                () = tokio::time::sleep(ttl / 3) => {}
+            }
+            let ids = self.held.server_ids();
+            if ids.is_empty() {
+                continue;
+            }
+            let sent = Instant::now();
+            match self
+                .store
+                .renew(&self.holder, &ids, ttl.as_millis() as i64)
+                .await
+            {
+                Ok(renewed) => {
+                    self.held.renewed(&renewed, sent);
+                    // A lease released between the snapshot and the renewal is not lost: only
+                    // those still held here and not renewed are.
+                    let lost = self.held.stale_among(&ids, &renewed);
+                    if lost > 0 {
+                        tracing::warn!(held = ids.len(), lost, "some leases were lost");
+                    }
+                }
+                Err(err) => tracing::warn!(error = %err, "lease heartbeat failed"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_is_fresh_until_its_ttl_passes_without_a_renewal() {
+        let ttl = Duration::from_secs(2);
+        let held = Arc::new(HeldLeases::default());
+        let claim = |server_id, token| Claim {
+            server_id,
+            token,
+            claimed_at: 0,
+        };
+        let stalled = Instant::now() - Duration::from_secs(3);
+        let _old = held.hold(claim(1, 7), stalled);
+        let new = held.hold(claim(2, 1), Instant::now());
+        assert!(
+            !held.fresh(&claim(1, 7), ttl),
+            "taken 3 s ago, never renewed"
+        );
+        assert!(held.fresh(&claim(2, 1), ttl));
+        assert!(!held.fresh(&claim(2, 2), ttl), "another token is not ours");
+        assert!(!held.fresh(&claim(3, 1), ttl), "not held here");
+        // A renewal sent before the lease was taken does not date it back; one after does.
+        held.renewed(&[1], stalled - Duration::from_secs(1));
+        assert!(!held.fresh(&claim(1, 7), ttl));
+        held.renewed(&[1], Instant::now());
+        assert!(held.fresh(&claim(1, 7), ttl));
+        assert_eq!(held.stale_among(&[1, 2, 3], &[1]), 1, "2 held, not renewed");
+        drop(new);
+        assert_eq!(
+            held.stale_among(&[1, 2, 3], &[1]),
+            0,
+            "2 released meanwhile"
+        );
+    }
+}
