@@ -70,13 +70,13 @@ impl HeldLeases {
             .count()
     }
 
-    /// True while `claim` was taken or renewed less than `ttl` ago (by this agent's clock).
-    pub(super) fn fresh(&self, claim: &Claim, ttl: Duration) -> bool {
+    /// True while `claim` was taken or renewed less than `within` ago (by this agent's clock).
+    pub(super) fn fresh(&self, claim: &Claim, within: Duration) -> bool {
         self.leases
             .lock()
             .expect("lease set")
             .get(&claim.server_id)
-            .is_some_and(|(token, at)| *token == claim.token && at.elapsed() < ttl)
+            .is_some_and(|(token, at)| *token == claim.token && at.elapsed() < within)
     }
 
     pub(super) fn server_ids(&self) -> Vec<i64> {

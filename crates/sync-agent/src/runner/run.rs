@@ -133,10 +133,15 @@ impl Runner {
         };
         self.metrics.connected(connection.times());
         let pin = pinned.is_none().then(|| connection.host_key().clone());
+        let (command, input) = inventory::probe(service, server.inventory_key.as_deref());
+        let started = Instant::now();
+        let opened = connection.open_command().await;
         // A stall (a pause, a frozen VM, SIGSTOP) may have outlived the lease: another agent may
         // be running this server now. Its result would be fenced off at the write; the command
-        // must not run either.
-        if !self.held.fresh(&work.claim, self.config.lease_ttl) {
+        // must not run either. Checked with the channel open, so that no round trip stands
+        // between the check and the command, and with a heartbeat period of the lease left, so
+        // that a late heartbeat cannot let the lease lapse just as the command starts.
+        if opened.is_ok() && !self.held.fresh(&work.claim, self.config.lease_ttl * 2 / 3) {
             tracing::warn!(
                 server_id = server.id,
                 "the lease lapsed before the command (this agent stalled): left to the next run"
@@ -145,9 +150,10 @@ impl Runner {
             connection.close().await;
             return None;
         }
-        let (command, input) = inventory::probe(service, server.inventory_key.as_deref());
-        let started = Instant::now();
-        let output = connection.run_with_input(command, input.as_bytes()).await;
+        let output = match opened {
+            Ok(channel) => channel.run(command, input.as_bytes()).await,
+            Err(err) => Err(err),
+        };
         if output.is_ok() {
             self.metrics.command(started.elapsed());
         }

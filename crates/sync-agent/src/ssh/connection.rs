@@ -143,16 +143,60 @@ impl Connection {
         command: &str,
         input: &[u8],
     ) -> Result<CommandOutput, SshError> {
+        self.open_command().await?.run(command, input).await
+    }
+
+    /// Opens the channel for one command (a round trip to the server), under the command
+    /// timeout. Nothing runs on the server until [`CommandChannel::run`]: a caller can check,
+    /// with no round trip left before the command, that it may still run it.
+    pub async fn open_command(&self) -> Result<CommandChannel, SshError> {
         let limit = self.timeouts.command;
-        let cap = self.output_cap;
-        let mut channel = timeout(limit, self.handle.channel_open_session())
+        let channel = timeout(limit, self.handle.channel_open_session())
             .await
             .map_err(|_| SshError::Timeout {
                 stage: Stage::Command,
                 after: limit,
             })?
             .map_err(|err| SshError::Channel(err.to_string()))?;
+        Ok(CommandChannel {
+            channel,
+            limit,
+            cap: self.output_cap,
+        })
+    }
 
+    /// Says goodbye to the server. Dropping a connection closes it too, less politely.
+    pub async fn close(self) {
+        let _ = self
+            .handle
+            .disconnect(Disconnect::ByApplication, "", "en")
+            .await;
+    }
+}
+
+fn append_capped(buf: &mut Vec<u8>, data: &[u8], cap: usize) -> Result<(), SshError> {
+    if buf.len() + data.len() > cap {
+        return Err(SshError::OutputTooLarge { limit: cap });
+    }
+    buf.extend_from_slice(data);
+    Ok(())
+}
+
+/// An open channel, ready for one command.
+#[derive(Debug)]
+pub struct CommandChannel {
+    channel: russh::Channel<russh::client::Msg>,
+    limit: Duration,
+    cap: usize,
+}
+
+impl CommandChannel {
+    /// Runs `command` with `input` on its stdin (then end of file) and collects its output and
+    /// exit status, under the command timeout and the output cap. The command, its input and
+    /// the end of file leave together, with no round trip between them.
+    pub async fn run(mut self, command: &str, input: &[u8]) -> Result<CommandOutput, SshError> {
+        let (limit, cap) = (self.limit, self.cap);
+        let channel = &mut self.channel;
         let collect = async {
             channel
                 .exec(true, command)
@@ -202,24 +246,8 @@ impl Connection {
         };
         if result.is_err() {
             // Best effort: the connection is dropped after a failed run anyway.
-            let _ = channel.close().await;
+            let _ = self.channel.close().await;
         }
         result
     }
-
-    /// Says goodbye to the server. Dropping a connection closes it too, less politely.
-    pub async fn close(self) {
-        let _ = self
-            .handle
-            .disconnect(Disconnect::ByApplication, "", "en")
-            .await;
-    }
-}
-
-fn append_capped(buf: &mut Vec<u8>, data: &[u8], cap: usize) -> Result<(), SshError> {
-    if buf.len() + data.len() > cap {
-        return Err(SshError::OutputTooLarge { limit: cap });
-    }
-    buf.extend_from_slice(data);
-    Ok(())
 }

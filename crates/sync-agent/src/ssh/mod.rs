@@ -22,7 +22,7 @@ use russh::{
 };
 use tokio::{io::AsyncReadExt, net::TcpStream};
 
-pub use connection::{CommandOutput, Connection};
+pub use connection::{CommandChannel, CommandOutput, Connection};
 pub use error::{ConnectCause, SshError, Stage};
 pub use keys::{ClientKeys, KeyError};
 use stream::Prefixed;
