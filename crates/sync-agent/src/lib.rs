@@ -43,6 +43,9 @@ use crate::{
 /// prober, the outbox drain and retention each use at most one at a time; PostgreSQL's
 /// `LISTEN` keeps one more.
 const WORK_POOL_SIZE: u32 = 8;
+/// How long, past the shutdown grace, the scheduler may take to release the leases of the runs
+/// it stopped and to record the runs that finished.
+const WIND_DOWN: Duration = Duration::from_secs(5);
 
 /// What `run` needs, resolved from the command line (or built by tests).
 #[derive(Debug, Clone)]
@@ -198,12 +201,14 @@ pub async fn run(
     )
     .await;
     stop.cancel();
-    if tokio::time::timeout(config.shutdown_grace.max(Duration::from_secs(1)), scheduler)
+    // The scheduler gives its runs the grace (counted from `stop`, as the calls' is), then
+    // releases what is left and records what finished: that takes a moment beyond the grace.
+    if tokio::time::timeout(config.shutdown_grace + WIND_DOWN, scheduler)
         .await
         .is_err()
     {
         tracing::warn!(
-            "runs still in flight after the grace period; their leases expire by themselves"
+            "the scheduler did not wind down after the grace period; the leases it holds expire by themselves"
         );
     }
     served.context("serving gRPC")?;
