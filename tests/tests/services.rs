@@ -375,48 +375,43 @@ async fn sigterm_drains_for_the_drain_delay_before_refusing_calls() {
     }
 }
 
-/// A rolling restart in the middle of a sync: the agent claims nothing more, the run that
-/// finishes within the shutdown grace (1 s here) is recorded as usual, and the one that would
-/// take longer is stopped, its lease released and its server left waiting for the next agent,
-/// which finishes the job.
-#[tokio::test]
-async fn stopping_lets_runs_in_flight_finish_within_the_grace() {
-    use fleetsync_common::proto::sync::v1::{DatabaseService, Outcome};
-    use fleetsync_tests::{
-        SshFleet,
-        catalog::count,
-        events::{outcomes, sync_timeouts, watch},
-        fleet::SSH_USER,
-        services::register_server,
-    };
+/// Where a host's fake `sudo` leaves a file as it starts.
+fn started(host: &fleetsync_tests::SshHost) -> std::path::PathBuf {
+    host.program_dir().join("started")
+}
 
-    let fleet = SshFleet::start(2).await;
-    let (quick, stuck) = (fleet.host(0), fleet.host(1));
-    let started = |host: &fleetsync_tests::SshHost| host.program_dir().join("started");
-    quick.install_program(
+/// Gives `host` a `sudo` that leaves its `started` file, then runs `then`.
+fn sudo_marking_its_start(host: &fleetsync_tests::SshHost, then: &str) {
+    host.install_program(
         "sudo",
-        &format!(
-            "#!/bin/sh\ntouch '{}'\nsleep 0.5\nexec /usr/bin/sudo \"$@\"\n",
-            started(quick).display()
-        ),
+        &format!("#!/bin/sh\ntouch '{}'\n{then}\n", started(host).display()),
     );
-    stuck.install_program(
-        "sudo",
-        &format!(
-            "#!/bin/sh\ntouch '{}'\nexec sleep 30\n",
-            started(stuck).display()
-        ),
-    );
-    let db = TestDb::sqlite().await;
-    let client = || fleet.client(sync_timeouts(), 1 << 20);
-    let agent = TestAgent::spawn(db.url(), client()).await;
+}
+
+/// Two hosts registered with an agent of `concurrency` slots, and a job syncing both.
+async fn two_hosts_syncing(
+    fleet: &fleetsync_tests::SshFleet,
+    db: &TestDb,
+    concurrency: usize,
+) -> (TestAgent, Vec<i64>, String) {
+    use fleetsync_common::proto::sync::v1::DatabaseService;
+    use fleetsync_tests::{events::sync_timeouts, fleet::SSH_USER, services::register_server};
+
+    migrate(db.url()).await;
+    let runner = fleetsync_sync_agent::runner::RunnerConfig {
+        concurrency,
+        ..fleetsync_tests::services::test_runner_config()
+    };
+    let agent =
+        TestAgent::spawn_with(db.url(), fleet.client(sync_timeouts(), 1 << 20), runner).await;
     let mut fleet_api = agent.fleet();
     let mut ids = Vec::new();
-    for (name, host) in [("quick", quick), ("stuck", stuck)] {
+    for (i, host) in fleet.hosts().iter().enumerate() {
+        let name = format!("db-{i}");
         ids.push(
             register_server(
                 &mut fleet_api,
-                name,
+                &name,
                 host,
                 SSH_USER,
                 DatabaseService::Mariadb,
@@ -425,6 +420,82 @@ async fn stopping_lets_runs_in_flight_finish_within_the_grace() {
         );
     }
     let job = agent.start_sync(&ids).await;
+    (agent, ids, job)
+}
+
+/// After a stop: `done` was recorded `OK`, `left` still waits with no lease held, and the next
+/// agent takes it at once and ends the job.
+async fn left_for_the_next_agent(
+    fleet: &fleetsync_tests::SshFleet,
+    db: &TestDb,
+    job: &str,
+    done: i64,
+    left: i64,
+) {
+    use fleetsync_common::proto::sync::v1::Outcome;
+    use fleetsync_tests::{
+        catalog::count,
+        events::{outcomes, sync_timeouts, watch},
+    };
+
+    let conn = db.connect().await;
+    let rows = |condition: &str| {
+        format!("SELECT COUNT(*) FROM sync_job_servers WHERE job_id = '{job}' AND {condition}")
+    };
+    assert_eq!(
+        count(
+            &conn,
+            &rows(&format!("server_id = {done} AND outcome = 'OK'"))
+        )
+        .await,
+        1,
+        "the run in a slot was recorded"
+    );
+    assert_eq!(
+        count(
+            &conn,
+            &rows(&format!("server_id = {left} AND outcome IS NULL"))
+        )
+        .await,
+        1,
+        "the other server still waits"
+    );
+    assert_eq!(
+        count(
+            &conn,
+            "SELECT COUNT(*) FROM server_leases WHERE holder IS NOT NULL"
+        )
+        .await,
+        0,
+        "every lease was released"
+    );
+    for host in fleet.hosts() {
+        host.remove_program("sudo");
+    }
+    let next = TestAgent::spawn(db.url(), fleet.client(sync_timeouts(), 1 << 20)).await;
+    let events = tokio::time::timeout(Duration::from_secs(15), watch(&mut next.sync(), job, 0))
+        .await
+        .expect("the next agent finishes the job");
+    let outcomes = outcomes(&events);
+    assert_eq!(
+        (outcomes[&done].outcome(), outcomes[&left].outcome()),
+        (Outcome::Ok, Outcome::Ok)
+    );
+    next.service.stop().await.expect("clean stop");
+}
+
+/// A rolling restart in the middle of a sync: the agent claims nothing more, the run that
+/// finishes within the shutdown grace (1 s here) is recorded as usual, and the one that would
+/// take longer is stopped, its lease released and its server left waiting for the next agent,
+/// which finishes the job.
+#[tokio::test]
+async fn stopping_lets_runs_in_flight_finish_within_the_grace() {
+    let fleet = fleetsync_tests::SshFleet::start(2).await;
+    let (quick, stuck) = (fleet.host(0), fleet.host(1));
+    sudo_marking_its_start(quick, "sleep 0.5\nexec /usr/bin/sudo \"$@\"");
+    sudo_marking_its_start(stuck, "exec sleep 30");
+    let db = TestDb::sqlite().await;
+    let (agent, ids, job) = two_hosts_syncing(&fleet, &db, 4).await;
     fleetsync_tests::wait_until(
         "the commands never started",
         Duration::from_secs(10),
@@ -439,54 +510,31 @@ async fn stopping_lets_runs_in_flight_finish_within_the_grace() {
         took >= Duration::from_millis(900) && took < Duration::from_secs(5),
         "stopped after {took:?}: the stuck run should hold the stop for the 1 s grace, no longer"
     );
-    let conn = db.connect().await;
-    let finished = |server: i64| {
-        format!(
-            "SELECT COUNT(*) FROM sync_job_servers WHERE job_id = '{}' AND server_id = {server} \
-             AND outcome = 'OK'",
-            job
-        )
-    };
-    assert_eq!(
-        count(&conn, &finished(ids[0])).await,
-        1,
-        "the quick run was recorded"
-    );
-    assert_eq!(
-        count(
-            &conn,
-            &format!(
-                "SELECT COUNT(*) FROM sync_job_servers WHERE job_id = '{}' AND outcome IS NULL",
-                job
-            )
-        )
-        .await,
-        1,
-        "the stuck server still waits"
-    );
-    assert_eq!(
-        count(
-            &conn,
-            "SELECT COUNT(*) FROM server_leases WHERE holder IS NOT NULL"
-        )
-        .await,
-        0,
-        "every lease was released"
-    );
+    left_for_the_next_agent(&fleet, &db, &job, ids[0], ids[1]).await;
+}
 
-    // The next agent takes the stuck server at once (no lease to wait out) and ends the job.
-    stuck.remove_program("sudo");
-    let next = TestAgent::spawn(db.url(), client()).await;
-    let mut sync_api = next.sync();
-    let events = tokio::time::timeout(Duration::from_secs(15), watch(&mut sync_api, &job, 0))
-        .await
-        .expect("the next agent finishes the job");
-    let outcomes = outcomes(&events);
-    assert_eq!(
-        (outcomes[&ids[0]].outcome(), outcomes[&ids[1]].outcome()),
-        (Outcome::Ok, Outcome::Ok)
+/// Only runs past the key exchange spend the grace: one still dialing or waiting for a slot
+/// (one slot here, taken) hands its server over at once and never runs its command.
+#[tokio::test]
+async fn stopping_hands_over_at_once_the_runs_waiting_for_a_slot() {
+    let fleet = fleetsync_tests::SshFleet::start(2).await;
+    for host in fleet.hosts() {
+        sudo_marking_its_start(host, "sleep 0.5\nexec /usr/bin/sudo \"$@\"");
+    }
+    let db = TestDb::sqlite().await;
+    let (agent, ids, job) = two_hosts_syncing(&fleet, &db, 1).await;
+    let running = |i: usize| started(fleet.host(i)).exists();
+    fleetsync_tests::wait_until("no command started", Duration::from_secs(10), || {
+        running(0) || running(1)
+    })
+    .await;
+    agent.service.stop().await.expect("clean stop");
+    let first = usize::from(!running(0));
+    assert!(
+        !running(1 - first),
+        "the run waiting for the slot ran its command"
     );
-    next.service.stop().await.expect("clean stop");
+    left_for_the_next_agent(&fleet, &db, &job, ids[first], ids[1 - first]).await;
 }
 
 #[tokio::test]

@@ -20,6 +20,7 @@ use std::{
 };
 
 use leases::{HeldLeases, LeaseGuard};
+use run::RunEnd;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -187,11 +188,11 @@ impl Runner {
         }
     }
 
-    /// Runs until shutdown, then claims nothing more and gives the runs in flight up to `grace`
-    /// to finish (their leases still renewed, their outcomes recorded and streamed as usual).
-    /// Runs still going after that are stopped and their servers left for the next agent
-    /// (their leases released, their job rows still waiting). Returns once every finished run
-    /// is recorded.
+    /// Runs until shutdown, then claims nothing more and gives the runs past the key exchange up
+    /// to `grace` to finish (their leases still renewed, their outcomes recorded and streamed
+    /// as usual). Runs still dialing or waiting for a slot stop at once, and runs still going
+    /// after the grace then: their servers are left for the next agent (their leases
+    /// released, their job rows still waiting). Returns once every finished run is recorded.
     pub async fn run(self, grace: Duration) {
         let this = Arc::new(self);
         let background = [
@@ -236,8 +237,9 @@ impl Runner {
                 () = tokio::time::sleep(nap) => {}
             }
         }
-        // A rolling restart should not throw away SSH work nearly done: the runs in flight
-        // get the grace to finish. Those still going after it release their leases.
+        // A rolling restart should not throw away SSH work nearly done: the runs talking to
+        // their server get the grace to finish (the others have stopped at once). Those still
+        // going after it release their leases.
         let finished =
             tokio::time::timeout(grace, async { while runs.join_next().await.is_some() {} }).await;
         if finished.is_err() {
@@ -297,28 +299,28 @@ impl Runner {
             runs.spawn(async move {
                 use tracing::Instrument;
                 let span = tracing::info_span!("sync", server_id = work.claim.server_id, token = work.claim.token);
-                let completion = tokio::select! {
-                    () = this.abandon.cancelled() => {
-                        // The shutdown grace is over: leave the server to whoever runs next.
-                        if let Err(err) = this.store.release(&this.holder, &[work.claim]).await {
-                            tracing::warn!(error = %err, "could not release a lease; it expires by itself");
-                        }
-                        None
-                    }
-                    // `None`: the lease lapsed before the command. It is not released: it has
-                    // expired or is about to, and releasing by holder could drop a newer lease
-                    // this agent has taken on the same server since.
-                    completion = this.sync_server(&work, &busy).instrument(span) => completion,
+                let end = tokio::select! {
+                    () = this.abandon.cancelled() => RunEnd::Stopped,
+                    end = this.sync_server(&work, &busy).instrument(span) => end,
                 };
                 drop(flight);
                 this.metrics.runs_in_flight().dec();
                 this.signals.wake.notify_one();
-                if let Some(completion) = completion {
-                    let _ = done.send(Finished {
-                        completion,
-                        _guard: guard,
-                        _slot: slot,
-                    });
+                match end {
+                    RunEnd::Done(completion) => {
+                        let _ = done.send(Finished {
+                            completion: *completion,
+                            _guard: guard,
+                            _slot: slot,
+                        });
+                    }
+                    RunEnd::Lapsed => {}
+                    RunEnd::Stopped => {
+                        // Leave the server to whoever runs next.
+                        if let Err(err) = this.store.release(&this.holder, &[work.claim]).await {
+                            tracing::warn!(error = %err, "could not release a lease; it expires by itself");
+                        }
+                    }
                 }
             });
         }

@@ -27,15 +27,23 @@ struct RunOutput {
     reachable: bool,
 }
 
+/// How a run ended.
+#[derive(Debug)]
+pub(super) enum RunEnd {
+    /// With a result to record.
+    Done(Box<Completion>),
+    /// Nothing ran: the lease lapsed before the command (this agent stalled). The lease is left
+    /// to expire: releasing by holder could drop a newer lease this agent has taken since.
+    Lapsed,
+    /// Nothing ran, or what ran was cut off: the agent is stopping. The lease is released, so
+    /// that the next agent takes the server at once.
+    Stopped,
+}
+
 impl Runner {
     /// One server: skip it, or connect, read its inventory and parse it. No database access:
-    /// everything it needs came with the claim. `None`: the lease lapsed before the command
-    /// (this agent stalled), so nothing ran on the server and there is nothing to record.
-    pub(super) async fn sync_server(
-        &self,
-        work: &ClaimedServer,
-        busy: &Semaphore,
-    ) -> Option<Completion> {
+    /// everything it needs came with the claim.
+    pub(super) async fn sync_server(&self, work: &ClaimedServer, busy: &Semaphore) -> RunEnd {
         let started = Instant::now();
         let server = &work.server;
         let done = |result: RunResult, reach: Reach| Completion {
@@ -51,7 +59,7 @@ impl Runner {
                 None,
                 "no database service registered".into(),
             );
-            return Some(done(result, Reach::Untried));
+            return RunEnd::Done(Box::new(done(result, Reach::Untried)));
         };
         // Backoff is judged by the database's clock (the claim time), as it was written.
         if let Some(until) = server.next_probe_at
@@ -69,14 +77,17 @@ impl Runner {
                 ),
             );
             result.next_probe_at = Some(until);
-            return Some(done(result, Reach::Untried));
+            return RunEnd::Done(Box::new(done(result, Reach::Untried)));
         }
         let RunOutput {
             result,
             inventory,
             pin,
             reachable,
-        } = self.read_inventory(work, service, busy).await?;
+        } = match self.read_inventory(work, service, busy).await {
+            Ok(output) => output,
+            Err(end) => return end,
+        };
         let reach = if reachable {
             Reach::Online
         } else {
@@ -84,26 +95,26 @@ impl Runner {
                 backoff_ms: self.backoff_ms(server.consecutive_failures + 1),
             }
         };
-        Some(Completion {
+        RunEnd::Done(Box::new(Completion {
             claim: work.claim,
             result: finish(result, started),
             inventory,
             pin: pin.map(|k| (k.algorithm, k.fingerprint)),
             reach,
-        })
+        }))
     }
 
-    /// Connects and reads the inventory (the "probe" command of `inventory`). `None`: the lease
-    /// lapsed before the command.
+    /// Connects and reads the inventory (the "probe" command of `inventory`). An error when
+    /// nothing is to be recorded: the lease lapsed, or the agent is stopping.
     async fn read_inventory(
         &self,
         work: &ClaimedServer,
         service: crate::store::DatabaseService,
         busy: &Semaphore,
-    ) -> Option<RunOutput> {
+    ) -> Result<RunOutput, RunEnd> {
         let server = &work.server;
         let failed = |err: &SshError| {
-            Some(RunOutput {
+            Ok(RunOutput {
                 result: ssh_failure(err),
                 inventory: None,
                 pin: None,
@@ -121,12 +132,22 @@ impl Runner {
             pinned: pinned.as_ref(),
         };
         // Dialing waits on the network; only what follows (key exchange, authentication, the
-        // command) takes one of the busy slots, held until the run ends.
-        let dialed = match self.ssh.dial(target.host, target.port).await {
-            Ok(dialed) => dialed,
-            Err(err) => return failed(&err),
+        // command) takes one of the busy slots, held until the run ends. A run that has not
+        // reached the key exchange when the agent starts stopping hands its server over at once
+        // instead of spending the shutdown grace on waiting.
+        let dialed = tokio::select! {
+            biased;
+            () = self.shutdown.cancelled() => return Err(RunEnd::Stopped),
+            dialed = self.ssh.dial(target.host, target.port) => match dialed {
+                Ok(dialed) => dialed,
+                Err(err) => return failed(&err),
+            },
         };
-        let _busy = busy.acquire().await.expect("the slots are never closed");
+        let _busy = tokio::select! {
+            biased;
+            () = self.shutdown.cancelled() => return Err(RunEnd::Stopped),
+            permit = busy.acquire() => permit.expect("the slots are never closed"),
+        };
         let connection = match self.ssh.establish(dialed, target).await {
             Ok(connection) => connection,
             Err(err) => return failed(&err),
@@ -148,7 +169,7 @@ impl Runner {
             );
             self.metrics.discarded();
             connection.close().await;
-            return None;
+            return Err(RunEnd::Lapsed);
         }
         let output = match opened {
             Ok(channel) => channel.run(command, input.as_bytes()).await,
@@ -197,7 +218,7 @@ impl Runner {
                 Err(err) => (failure(Outcome::ParseFailed, None, err.0), None),
             },
         };
-        Some(RunOutput {
+        Ok(RunOutput {
             result,
             inventory,
             pin,
