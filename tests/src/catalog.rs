@@ -133,16 +133,13 @@ pub async fn wait_for_count(
     within: std::time::Duration,
     what: &str,
 ) -> i64 {
-    let deadline = std::time::Instant::now() + within;
-    loop {
+    crate::poll_until(what, within, || async {
         let value = count(db, sql).await;
         if done(value) {
-            return value;
+            Ok(value)
+        } else {
+            Err(format!("still {value}"))
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{what}: still {value} after {within:?}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    })
+    .await
 }

@@ -35,15 +35,36 @@ pub fn init_test_log() {
 
 pub use fleetsync_common::clock::random_u64;
 
-/// Waits (polling every 20 ms, at most `within`) until `done` holds. Panics with `what` if it
-/// never does.
-pub async fn wait_until(what: &str, within: std::time::Duration, mut done: impl FnMut() -> bool) {
+/// Polls `attempt` every 20 ms until it returns `Ok`, and returns its value. Panics with `what`
+/// and the last `Err` (what was seen instead) if `within` passes first. The one waiting loop
+/// of the tests: they wait on conditions, not on time.
+pub async fn poll_until<T, F, Fut>(what: &str, within: std::time::Duration, mut attempt: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
     let deadline = std::time::Instant::now() + within;
-    while !done() {
+    loop {
+        let seen = match attempt().await {
+            Ok(value) => return value,
+            Err(seen) => seen,
+        };
         assert!(
             std::time::Instant::now() < deadline,
-            "{what} (waited {within:?})"
+            "{what} (waited {within:?}): {seen}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+}
+
+/// Waits (at most `within`) until `done` holds. Panics with `what` if it never does.
+pub async fn wait_until(what: &str, within: std::time::Duration, mut done: impl FnMut() -> bool) {
+    poll_until(what, within, || {
+        std::future::ready(if done() {
+            Ok(())
+        } else {
+            Err("not yet".into())
+        })
+    })
+    .await;
 }

@@ -186,20 +186,20 @@ async fn streams_past_the_cap_are_refused_and_a_freed_slot_is_reused() {
     assert!(err.message().contains("--max-streams"), "{}", err.message());
     drop(first);
     // The slot comes back once the server side notices the client left.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        match sync.watch_sync(watch()).await {
-            Ok(_) => break,
-            Err(err) => {
-                assert_eq!(err.code(), tonic::Code::ResourceExhausted);
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "the slot never came back"
-                );
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    fleetsync_tests::poll_until(
+        "the slot never came back",
+        std::time::Duration::from_secs(10),
+        || async {
+            match sync.clone().watch_sync(watch()).await {
+                Ok(_) => Ok(()),
+                Err(err) => {
+                    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+                    Err(err.message().to_owned())
+                }
             }
-        }
-    }
+        },
+    )
+    .await;
     drop(second);
     agent.service.stop().await.expect("clean stop");
     drop(silent);

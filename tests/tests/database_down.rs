@@ -29,11 +29,17 @@ async fn status(agent: &TestAgent) -> ServingStatus {
 }
 
 async fn wait_for(agent: &TestAgent, wanted: ServingStatus) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while status(agent).await != wanted {
-        assert!(Instant::now() < deadline, "health never became {wanted:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    fleetsync_tests::poll_until(
+        &format!("health never became {wanted:?}"),
+        Duration::from_secs(15),
+        || async {
+            match status(agent).await {
+                seen if seen == wanted => Ok(()),
+                seen => Err(format!("{seen:?}")),
+            }
+        },
+    )
+    .await;
 }
 
 #[tokio::test]

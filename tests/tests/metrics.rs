@@ -95,18 +95,19 @@ async fn metrics_count_what_a_real_sync_did() {
         .into_inner();
 
     // During the run: host 0 is still in its two-second command.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let during = loop {
-        let text = scrape(metrics_addr).await;
-        if sample(&text, "fleetsync_runs_in_flight", "") >= Some(1.0) {
-            break text;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no run in flight seen: {text}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    let during = fleetsync_tests::poll_until(
+        "no run in flight seen",
+        std::time::Duration::from_secs(10),
+        || async {
+            let text = scrape(metrics_addr).await;
+            if sample(&text, "fleetsync_runs_in_flight", "") >= Some(1.0) {
+                Ok(text)
+            } else {
+                Err(text)
+            }
+        },
+    )
+    .await;
     assert!(sample(&during, "fleetsync_leases_held", "") >= Some(1.0));
     // Ours (and the migration's job, once the outbox is drained) not done yet.
     assert!(sum(&during, "fleetsync_jobs", "") >= 1.0, "{during}");
@@ -262,23 +263,20 @@ fn delta(after: &str, before: &str, name: &str, labels: &str) -> f64 {
 
 /// A scrape once nothing waits, runs or holds a lease (within 20 s).
 async fn idle_scrape(addr: std::net::SocketAddr) -> String {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let text = scrape(addr).await;
-        let idle = [
-            "fleetsync_servers_waiting",
-            "fleetsync_runs_in_flight",
-            "fleetsync_leases_held",
-        ]
-        .iter()
-        .all(|name| sample(&text, name, "") == Some(0.0));
-        if idle {
-            return text;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the agent never went idle: {text}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    fleetsync_tests::poll_until(
+        "the agent never went idle",
+        std::time::Duration::from_secs(20),
+        || async {
+            let text = scrape(addr).await;
+            let idle = [
+                "fleetsync_servers_waiting",
+                "fleetsync_runs_in_flight",
+                "fleetsync_leases_held",
+            ]
+            .iter()
+            .all(|name| sample(&text, name, "") == Some(0.0));
+            if idle { Ok(text) } else { Err(text) }
+        },
+    )
+    .await
 }

@@ -91,24 +91,24 @@ async fn migration_with_half_the_fleet_offline(backend: Backend) {
     .await;
     let mut sync_api = agent.sync();
     // The agent drains the outbox as it starts: find the job of the migration's request.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let job_id = loop {
-        let taken = conn
-            .fetch_optional(
-                "SELECT job_id FROM sync_requests WHERE state = 'taken'",
-                &[],
-            )
-            .await
-            .expect("outbox");
-        if let Some(row) = taken {
-            break row.text(0).expect("job id");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the agent never took the request"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let job_id = fleetsync_tests::poll_until(
+        "the agent never took the request",
+        Duration::from_secs(10),
+        || async {
+            let taken = conn
+                .fetch_optional(
+                    "SELECT job_id FROM sync_requests WHERE state = 'taken'",
+                    &[],
+                )
+                .await
+                .expect("outbox");
+            match taken {
+                Some(row) => Ok(row.text(0).expect("job id")),
+                None => Err("no request taken".into()),
+            }
+        },
+    )
+    .await;
     let events = watch(&mut sync_api, &job_id, 0).await;
     let got = outcomes(&events);
     assert_eq!(got.len(), 4, "one outcome per server");

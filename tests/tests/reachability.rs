@@ -156,27 +156,28 @@ async fn an_offline_server_is_skipped_probed_on_schedule_and_synced_when_back() 
     fleet.host(1).start().await;
     let back = Instant::now();
     let conn = db.connect().await;
-    loop {
-        let s = server(&mut fleet_api, down).await;
-        let recovered = count(
-            &conn,
-            "SELECT COUNT(*) FROM sync_jobs WHERE origin = 'recovery'",
-        )
-        .await;
-        if s.reachability() == pb::Reachability::Online
-            && recovered == 1
-            && s.last_outcome.as_ref().map(|o| o.outcome()) == Some(Outcome::Ok)
-        {
-            assert_eq!(s.consecutive_failures, 0);
-            break;
-        }
-        assert!(
-            back.elapsed() < Duration::from_secs(7),
-            "not synced {:?} after it came back: {s:?}",
-            back.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let s = fleetsync_tests::poll_until(
+        "not synced after it came back",
+        Duration::from_secs(7).saturating_sub(back.elapsed()),
+        || async {
+            let s = server(&mut fleet_api.clone(), down).await;
+            let recovered = count(
+                &conn,
+                "SELECT COUNT(*) FROM sync_jobs WHERE origin = 'recovery'",
+            )
+            .await;
+            if s.reachability() == pb::Reachability::Online
+                && recovered == 1
+                && s.last_outcome.as_ref().map(|o| o.outcome()) == Some(Outcome::Ok)
+            {
+                Ok(s)
+            } else {
+                Err(format!("{s:?}"))
+            }
+        },
+    )
+    .await;
+    assert_eq!(s.consecutive_failures, 0);
     agent.service.stop().await.expect("clean stop");
 }
 
