@@ -440,15 +440,12 @@ async fn attempts_against_stalling_hosts_leave_no_socket_behind() {
             assert_eq!(err.outcome().0, Outcome::HandshakeFailed, "{kind:?}: {err}");
         }
         // The attempts are over: their sockets close (the server sees EOF) within moments.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while live.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!(
-            live.load(Ordering::SeqCst),
-            0,
-            "{kind:?}: connections still established on the server side"
-        );
+        fleetsync_tests::wait_until(
+            &format!("{kind:?}: connections still established on the server side"),
+            Duration::from_secs(5),
+            || live.load(Ordering::SeqCst) == 0,
+        )
+        .await;
         server.abort();
     }
 }
@@ -488,15 +485,12 @@ async fn attempts_that_stall_mid_command_leave_no_socket_behind() {
     }
     // Every attempt is over: no connection to that host is left established (counted in the
     // kernel's table, so that other tests running beside this one do not count).
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while established_to(host.port()) > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(
-        established_to(host.port()),
-        0,
-        "connections left to the host"
-    );
+    fleetsync_tests::wait_until(
+        "connections left to the host",
+        Duration::from_secs(5),
+        || established_to(host.port()) == 0,
+    )
+    .await;
 }
 
 /// Established TCP connections (IPv4) whose remote port is `port`.
