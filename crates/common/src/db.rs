@@ -25,6 +25,8 @@ pub struct DbOptions {
     pub connect_timeout: Duration,
     /// Most connections in the pool (PostgreSQL and MySQL; SQLite has one writer and keeps 8).
     pub pool_size: u32,
+    /// What every session of the pool runs under.
+    pub limits: SessionLimits,
 }
 
 impl Default for DbOptions {
@@ -32,7 +34,78 @@ impl Default for DbOptions {
         Self {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             pool_size: DEFAULT_POOL_SIZE,
+            limits: SessionLimits::default(),
         }
+    }
+}
+
+/// Bounds on every session, so that no connection of ours waits forever behind someone else's
+/// lock, runs a statement forever, or sits in a transaction forever (holding its locks), and a
+/// dead peer is noticed. Each backend in its own terms:
+///
+/// | limit | PostgreSQL | MySQL / MariaDB | SQLite |
+/// |---|---|---|---|
+/// | `statement` | `statement_timeout` | `max_statement_time` (MariaDB), `max_execution_time` (MySQL, reads only) | none (no network, our own transactions) |
+/// | `lock` | `lock_timeout` | `innodb_lock_wait_timeout` and `lock_wait_timeout` (whole seconds, at least 1) | `busy_timeout` (always [`SQLITE_BUSY_TIMEOUT`]: one writer at a time) |
+/// | `idle_in_transaction` | `idle_in_transaction_session_timeout` | `idle_transaction_timeout` (MariaDB; MySQL has none) | none |
+///
+/// TCP keepalive (30 s idle, then every 10 s, 3 probes) is set on every connection to
+/// PostgreSQL and MySQL (`vendor/sqlx-core`). A statement cut short by these limits is
+/// transient (`sql::classify`): its transaction is tried again, never recorded as a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// Longest statement.
+    pub statement: Duration,
+    /// Longest wait for a lock another session holds.
+    pub lock: Duration,
+    /// Longest pause inside a transaction before the server ends the session.
+    pub idle_in_transaction: Duration,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        Self {
+            statement: Duration::from_secs(60),
+            lock: Duration::from_secs(10),
+            idle_in_transaction: Duration::from_secs(60),
+        }
+    }
+}
+
+impl SessionLimits {
+    /// PostgreSQL's startup parameters.
+    fn postgres(&self) -> [(&'static str, String); 3] {
+        let ms = |d: Duration| format!("{}ms", d.as_millis().max(1));
+        [
+            ("statement_timeout", ms(self.statement)),
+            ("lock_timeout", ms(self.lock)),
+            (
+                "idle_in_transaction_session_timeout",
+                ms(self.idle_in_transaction),
+            ),
+        ]
+    }
+
+    /// MySQL's and MariaDB's session settings; a variable the server does not know (MariaDB's
+    /// on MySQL and the reverse) is skipped.
+    fn mysql(&self) -> Vec<String> {
+        let secs = |d: Duration| d.as_secs_f64().ceil().max(1.0) as u64;
+        vec![
+            format!("SET SESSION innodb_lock_wait_timeout = {}", secs(self.lock)),
+            format!("SET SESSION lock_wait_timeout = {}", secs(self.lock)),
+            format!(
+                "SET SESSION max_statement_time = {:.3}",
+                self.statement.as_secs_f64()
+            ),
+            format!(
+                "SET SESSION max_execution_time = {}",
+                self.statement.as_millis()
+            ),
+            format!(
+                "SET SESSION idle_transaction_timeout = {}",
+                secs(self.idle_in_transaction)
+            ),
+        ]
     }
 }
 
@@ -165,6 +238,7 @@ impl Db {
     /// between concurrent inserts).
     pub async fn connect_with(url: &str, options: DbOptions) -> Result<Self, DbError> {
         let timeout = options.connect_timeout;
+        let limits = options.limits;
         let pool_size = options.pool_size.max(2);
         let backend = Backend::from_url(url)?;
         let redacted = redact_url(url);
@@ -192,7 +266,9 @@ impl Db {
                 // One direct connection first: the pool would retry a refused connection until
                 // its timeout and then report only the timeout, not why.
                 Backend::Postgres => {
-                    let options = PgConnectOptions::from_str(url).map_err(invalid)?;
+                    let options = PgConnectOptions::from_str(url)
+                        .map_err(invalid)?
+                        .options(limits.postgres());
                     probe::<sqlx::PgConnection>(&options).await.map(|()| {
                         Self::Postgres(
                             PgPoolOptions::new()
@@ -210,14 +286,26 @@ impl Db {
                             MySqlPoolOptions::new()
                                 .max_connections(pool_size)
                                 .acquire_timeout(timeout)
-                                .after_connect(|conn, _| {
+                                .after_connect(move |conn, _| {
+                                    let settings = limits.mysql();
                                     Box::pin(async move {
                                         use sqlx::Executor;
                                         conn.execute(
                                             "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
                                         )
-                                        .await
-                                        .map(drop)
+                                        .await?;
+                                        for setting in settings {
+                                            match sqlx::raw_sql(sqlx::AssertSqlSafe(setting)).execute(&mut *conn).await {
+                                                Ok(_) => {}
+                                                // 1193: unknown system variable.
+                                                Err(sqlx::Error::Database(db))
+                                                    if db
+                                                        .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+                                                        .is_some_and(|e| e.number() == 1193) => {}
+                                                Err(err) => return Err(err),
+                                            }
+                                        }
+                                        Ok(())
                                     })
                                 })
                                 .connect_lazy_with(options),

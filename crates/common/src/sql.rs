@@ -178,7 +178,8 @@ pub enum Failure {
 }
 
 /// Classifies a database error (PostgreSQL 40001/40P01/55P03, MySQL 1213/1205, SQLite
-/// BUSY/LOCKED are conflicts).
+/// BUSY/LOCKED are conflicts; a cancelled statement, PostgreSQL 57014 and MySQL 1317/1969/3024,
+/// is transient like a lost connection, never permanent).
 pub fn classify(err: &sqlx::Error) -> Failure {
     match err {
         sqlx::Error::PoolTimedOut
@@ -190,6 +191,9 @@ pub fn classify(err: &sqlx::Error) -> Failure {
             if let Some(my) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
                 return match my.number() {
                     1213 | 1205 => Failure::Conflict,
+                    // Statement cut short: interrupted, MariaDB's max_statement_time, MySQL's
+                    // max_execution_time. The same statement may well pass next time.
+                    1317 | 1969 | 3024 => Failure::Unavailable,
                     // Server gone / lost / shutting down / too many connections.
                     2006 | 2013 | 1053 | 1040 => Failure::Unavailable,
                     _ => Failure::Permanent,
@@ -197,6 +201,8 @@ pub fn classify(err: &sqlx::Error) -> Failure {
             }
             match db.code().as_deref() {
                 Some("40001" | "40P01" | "55P03") => Failure::Conflict,
+                // query_canceled: statement_timeout, or cancelled by an operator.
+                Some("57014") => Failure::Unavailable,
                 // SQLite: BUSY, LOCKED and their extended codes.
                 Some("5" | "6" | "261" | "262" | "517") => Failure::Conflict,
                 Some(code) if code.starts_with("08") || code.starts_with("57P") => {
@@ -207,6 +213,20 @@ pub fn classify(err: &sqlx::Error) -> Failure {
         }
         _ => Failure::Permanent,
     }
+}
+
+/// True if the error is a lock wait that ran out (PostgreSQL 55P03 `lock_timeout`, MySQL 1205
+/// `innodb_lock_wait_timeout`): another session held a lock for long. A conflict like the
+/// others, but one its caller may want to handle itself (the completer renews its leases
+/// before it tries again).
+pub fn is_lock_timeout(err: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(db) = err else {
+        return false;
+    };
+    if let Some(my) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+        return my.number() == 1205;
+    }
+    db.code().as_deref() == Some("55P03")
 }
 
 /// True if the error is a unique-key violation (a concurrent twin inserted the same key).

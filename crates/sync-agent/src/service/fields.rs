@@ -28,6 +28,25 @@ pub fn text(value: &str, field: &'static str, max: usize) -> Result<(), ServiceE
     Ok(())
 }
 
+/// Free text kept as the caller wrote it (newlines, tabs and other control characters
+/// included; escaped where it is displayed), of at most `max` characters. Only NUL is refused:
+/// PostgreSQL cannot store it in text.
+pub fn free_text(value: &str, field: &'static str, max: usize) -> Result<(), ServiceError> {
+    if value.chars().count() > max {
+        return Err(ServiceError::invalid(
+            field,
+            format!("longer than {max} characters"),
+        ));
+    }
+    if value.contains('\0') {
+        return Err(ServiceError::invalid(
+            field,
+            "contains a NUL character, which cannot be stored",
+        ));
+    }
+    Ok(())
+}
+
 /// A page size: 0 is `default`, more than `max` an error.
 pub fn page_size(value: u32, default: i64, max: i64) -> Result<i64, ServiceError> {
     match i64::from(value) {

@@ -9,7 +9,7 @@ use fleetsync_common::{
     proto::sync::v1::{self as pb, ListJobsRequest, StartSyncRequest},
 };
 
-use super::fields::{optional_enum, page_size, text};
+use super::fields::{free_text, optional_enum, page_size, text};
 use crate::{
     model::{JobOrigin, JobState, Scope, Scopes},
     store::{JobFilter, NewJob, Selection},
@@ -93,7 +93,7 @@ pub fn validate_start(request: StartSyncRequest) -> Result<Start, ServiceError> 
     if scopes.is_empty() {
         scopes = Scopes::ALL;
     }
-    text(&request.reason, "reason", 1024)?;
+    free_text(&request.reason, "reason", 1024)?;
     Ok(Start::New(NewJob {
         request_id,
         origin: JobOrigin::Rpc,
@@ -286,5 +286,19 @@ mod tests {
             })
             .starts_with("reason")
         );
+        assert!(
+            field(StartSyncRequest {
+                reason: "a\0b".into(),
+                ..request()
+            })
+            .contains("NUL")
+        );
+        // Newlines and tabs are free text, kept as written.
+        let reason = "line one\n\tline two\r\n";
+        let job = new_job(StartSyncRequest {
+            reason: reason.into(),
+            ..request()
+        });
+        assert_eq!(job.reason, reason);
     }
 }

@@ -18,7 +18,8 @@ use fleetsync_common::{
 use crate::model::{Cause, JobState, Outcome, Reachability, Scopes};
 
 use super::{
-    CHUNK, InventoryWrite, OUTCOMES_CHANNEL, RunResult, Store, inventory, list, notify,
+    CHUNK, InventoryWrite, OUTCOMES_CHANNEL, OutcomeCounts, RunResult, Store, for_update,
+    inventory, list, notify,
     queue::{Claim, WaitMark, db_now, release_leases},
     reachability::mark_online,
 };
@@ -104,11 +105,7 @@ impl Store {
 
         // Fence: lock the leases, keep the items still ours.
         let ids: Vec<i64> = batch.iter().map(|c| c.claim.server_id).collect();
-        let lock = if backend == Backend::Sqlite {
-            ""
-        } else {
-            " FOR UPDATE"
-        };
+        let lock = for_update(backend);
         let mut held = HashMap::with_capacity(ids.len());
         let mut sorted = ids.clone();
         sorted.sort_unstable();
@@ -419,8 +416,16 @@ async fn release_served(
     release_leases(tx, &keep, None, WaitMark::Keep).await
 }
 
-/// Gives the served rows their outcome and their job's next sequence numbers (one counter
-/// update per job, in job-id order); marks jobs done when their last server finishes.
+/// Gives the served rows their outcome and their job's next sequence numbers; marks jobs done
+/// when their last server finishes. The one writer of a job's outcomes: completions,
+/// `DeleteServer` and retention's orphan clean-up all fill through here.
+///
+/// One filler per row: for each job, in job-id order, the job's row is locked first, then its
+/// rows among the candidates that are still waiting are read (and locked) again under that lock.
+/// A concurrent filler of the same rows (two deletes of one server, a delete racing the
+/// server's completion, two agents' retention passes) queues on the job row and then finds them
+/// filled: it writes and counts nothing. Counters, cursors and the outcome counts move together
+/// under the lock, so the stream is 1..N without gap or repeat.
 pub(super) async fn fill(
     tx: &mut Tx,
     now: i64,
@@ -431,7 +436,8 @@ pub(super) async fn fill(
     let mut report = FillReport::default();
     let mut values: Vec<Value> = Vec::new();
     let mut pending_rows = 0;
-    let upsert = match tx.backend() {
+    let backend = tx.backend();
+    let upsert = match backend {
         Backend::MySql => {
             "ON DUPLICATE KEY UPDATE seq = VALUES(seq), outcome = VALUES(outcome), \
              cause = VALUES(cause), message = VALUES(message), exit_status = VALUES(exit_status), \
@@ -446,34 +452,62 @@ pub(super) async fn fill(
              counts = excluded.counts"
         }
     };
-    for (job_id, servers) in &waiting.served {
+    let lock = for_update(backend);
+    for (job_id, candidates) in &waiting.served {
+        // The job's row first: every filler of this job queues here.
+        let Some(job) = tx
+            .fetch_optional(
+                &format!(
+                    "SELECT finished, total, outcome_counts, finished_at FROM sync_jobs \
+                     WHERE id = ?{lock}"
+                ),
+                &[job_id.as_str().into()],
+            )
+            .await?
+        else {
+            continue; // Pruned meanwhile: nothing to fill.
+        };
+        let (finished, total) = (job.int(0)?, job.int(1)?);
+        let mut counts = match job.opt_text(2)? {
+            Some(text) => OutcomeCounts::decode(&text)?,
+            // A job made before the counts were kept: counted once, here, under its lock.
+            None => count_rows(tx, job_id).await?,
+        };
+        // Then, under that lock, which candidates still wait: a filler that went first has
+        // filled the others.
+        let still = still_waiting(tx, job_id, candidates).await?;
+        let servers: Vec<&(i64, String)> = candidates
+            .iter()
+            .filter(|(id, _)| still.contains(id))
+            .collect();
+        if servers.is_empty() {
+            continue;
+        }
         let n = servers.len() as i64;
-        // MySQL assigns left to right: `finished` last, so the CASEs see the old value.
+        for (server_id, _) in &servers {
+            counts.add(by_server[server_id].result.outcome, 1);
+        }
+        let done = finished + n >= total;
+        let finished_at = if done { Some(now) } else { job.opt_int(3)? };
         tx.execute(
-            "UPDATE sync_jobs SET \
-             state = CASE WHEN finished + ? >= total THEN ? ELSE ? END, \
-             finished_at = CASE WHEN finished + ? >= total THEN ? ELSE finished_at END, \
-             finished = finished + ? WHERE id = ?",
+            "UPDATE sync_jobs SET finished = ?, state = ?, finished_at = ?, outcome_counts = ? \
+             WHERE id = ?",
             &[
-                n.into(),
-                JobState::Done.as_str().into(),
-                JobState::Running.as_str().into(),
-                n.into(),
-                now.into(),
-                n.into(),
+                (finished + n).into(),
+                if done {
+                    JobState::Done
+                } else {
+                    JobState::Running
+                }
+                .as_str()
+                .into(),
+                finished_at.into(),
+                counts.encode().into(),
                 job_id.as_str().into(),
             ],
         )
         .await?;
-        let finished = tx
-            .fetch_optional(
-                "SELECT finished FROM sync_jobs WHERE id = ?",
-                &[job_id.as_str().into()],
-            )
-            .await?
-            .ok_or(sqlx::Error::RowNotFound)?
-            .int(0)?;
-        let mut seq = finished - n;
+        let mut seq = finished;
         for (server_id, name) in servers {
             seq += 1;
             let f = by_server[server_id];
@@ -507,6 +541,45 @@ pub(super) async fn fill(
         upsert_rows(tx, &mut values, pending_rows, upsert).await?;
     }
     Ok(report)
+}
+
+/// Which of `candidates` still wait in this job, read (and locked) under the job row's lock.
+async fn still_waiting(
+    tx: &mut Tx,
+    job_id: &str,
+    candidates: &[(i64, String)],
+) -> Result<BTreeSet<i64>, sqlx::Error> {
+    let lock = for_update(tx.backend());
+    let mut still = BTreeSet::new();
+    for chunk in candidates.chunks(CHUNK) {
+        let sql = format!(
+            "SELECT server_id FROM sync_job_servers WHERE job_id = ? AND outcome IS NULL \
+             AND server_id IN {} ORDER BY server_id{lock}",
+            list(chunk.len())
+        );
+        let mut args: Vec<Value> = vec![job_id.into()];
+        args.extend(chunk.iter().map(|(id, _)| Value::Int(*id)));
+        for row in tx.fetch(&sql, &args).await? {
+            still.insert(row.int(0)?);
+        }
+    }
+    Ok(still)
+}
+
+/// A job's outcome counts from its rows (a job made before the counts were kept).
+async fn count_rows(tx: &mut Tx, job_id: &str) -> Result<OutcomeCounts, sqlx::Error> {
+    let mut counts = OutcomeCounts::default();
+    for row in tx
+        .fetch(
+            "SELECT outcome, COUNT(*) FROM sync_job_servers WHERE job_id = ? \
+             AND outcome IS NOT NULL GROUP BY outcome",
+            &[job_id.into()],
+        )
+        .await?
+    {
+        counts.add(Outcome::parse(&row.text(0)?)?, row.int(1)?);
+    }
+    Ok(counts)
 }
 
 /// Columns of one `sync_job_servers` row as [`fill`] writes it.

@@ -98,7 +98,43 @@ impl JobRecord {
 }
 
 const JOB_COLUMNS: &str = "id, request_id, origin, scopes, force_offline, reason, total, finished, \
-                           created_at, finished_at";
+                           created_at, finished_at, outcome_counts";
+
+/// A job's servers per outcome, kept on the job's row (`sync_jobs.outcome_counts`, a JSON
+/// object of stored outcome name to count) and updated under its lock by `complete::fill`, so
+/// reads never count rows. Unknown outcome names or unreadable text are errors.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct OutcomeCounts(std::collections::BTreeMap<Outcome, i64>);
+
+impl OutcomeCounts {
+    /// Adds `n` servers with this outcome.
+    pub(super) fn add(&mut self, outcome: Outcome, n: i64) {
+        *self.0.entry(outcome).or_default() += n;
+    }
+
+    /// The stored form.
+    pub(super) fn encode(&self) -> String {
+        let map: std::collections::BTreeMap<&str, i64> =
+            self.0.iter().map(|(o, n)| (o.as_str(), *n)).collect();
+        serde_json::to_string(&map).expect("counts serialise")
+    }
+
+    /// From the stored form.
+    pub(super) fn decode(text: &str) -> Result<Self, sqlx::Error> {
+        let map: std::collections::BTreeMap<String, i64> =
+            serde_json::from_str(text).map_err(|err| sqlx::Error::Decode(Box::new(err)))?;
+        let mut counts = Self::default();
+        for (outcome, n) in map {
+            counts.add(Outcome::parse(&outcome)?, n);
+        }
+        Ok(counts)
+    }
+
+    /// In `Outcome` order, zero counts left out.
+    fn into_vec(self) -> Vec<(Outcome, i64)> {
+        self.0.into_iter().filter(|(_, n)| *n > 0).collect()
+    }
+}
 
 fn job_from(r: &Row) -> Result<JobRecord, sqlx::Error> {
     Ok(JobRecord {
@@ -112,8 +148,16 @@ fn job_from(r: &Row) -> Result<JobRecord, sqlx::Error> {
         finished: r.int(7)?,
         created_at: r.int(8)?,
         finished_at: r.opt_int(9)?,
-        outcome_counts: Vec::new(),
+        outcome_counts: match r.opt_text(10)? {
+            Some(text) => OutcomeCounts::decode(&text)?.into_vec(),
+            None => Vec::new(), // Counted from its rows by the caller.
+        },
     })
+}
+
+/// True for a job made before the counts were kept on its row (its counts are its rows').
+fn counted_by_rows(r: &Row) -> Result<bool, sqlx::Error> {
+    Ok(r.opt_text(10)?.is_none())
 }
 
 /// A unique-key violation while creating a job means a concurrent twin won: the retry finds it.
@@ -162,7 +206,8 @@ impl Store {
             .int(0)?;
         tx.execute(
             "INSERT INTO sync_jobs (id, request_id, origin, state, scopes, force_offline, reason, \
-             total, finished, created_at, selection) VALUES (?, ?, ?, ?, ?, ?, ?, 0, 0, ?, ?)",
+             total, finished, created_at, selection, outcome_counts) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, 0, 0, ?, ?, '{}')",
             &[
                 id.as_str().into(),
                 job.request_id.as_str().into(),
@@ -339,35 +384,53 @@ impl Store {
             .transpose()
     }
 
-    /// A job's row (no outcome counts: one primary-key read, cheap enough to poll).
-    pub async fn job_progress(&self, id: &str) -> Result<Option<JobRecord>, sqlx::Error> {
-        let sql = format!("SELECT {JOB_COLUMNS} FROM sync_jobs WHERE id = ?");
-        self.db
-            .fetch_optional(&sql, &[id.into()])
-            .await?
-            .as_ref()
-            .map(job_from)
-            .transpose()
-    }
-
-    /// A job with its outcome counts.
+    /// A job's row with its outcome counts: one primary-key read, cheap enough to poll.
     pub async fn job(&self, id: &str) -> Result<Option<JobRecord>, sqlx::Error> {
-        let Some(mut job) = self.job_progress(id).await? else {
+        let sql = format!("SELECT {JOB_COLUMNS} FROM sync_jobs WHERE id = ?");
+        let Some(row) = self.db.fetch_optional(&sql, &[id.into()]).await? else {
             return Ok(None);
         };
-        job.outcome_counts = self
-            .db
-            .fetch(
-                "SELECT outcome, COUNT(*) FROM sync_job_servers WHERE job_id = ? \
-                 AND seq IS NOT NULL GROUP BY outcome ORDER BY outcome",
-                &[id.into()],
-            )
-            .await?
-            .iter()
-            .map(|r| Ok((Outcome::parse(&r.text(0)?)?, r.int(1)?)))
-            .collect::<Result<_, sqlx::Error>>()?;
-        job.outcome_counts.sort();
+        let mut job = job_from(&row)?;
+        if counted_by_rows(&row)? {
+            job.outcome_counts = self
+                .count_rows(&[job.id.as_str()])
+                .await?
+                .remove(id)
+                .unwrap_or_default();
+        }
         Ok(Some(job))
+    }
+
+    /// Outcome counts from the rows of jobs made before the counts were kept on the job.
+    async fn count_rows(
+        &self,
+        ids: &[&str],
+    ) -> Result<HashMap<String, Vec<(Outcome, i64)>>, sqlx::Error> {
+        let mut by_job: HashMap<String, OutcomeCounts> = HashMap::new();
+        for chunk in ids.chunks(CHUNK) {
+            let args: Vec<Value> = chunk.iter().map(|&id| id.into()).collect();
+            let rows = self
+                .db
+                .fetch(
+                    &format!(
+                        "SELECT job_id, outcome, COUNT(*) FROM sync_job_servers \
+                         WHERE job_id IN {} AND seq IS NOT NULL GROUP BY job_id, outcome",
+                        list(chunk.len())
+                    ),
+                    &args,
+                )
+                .await?;
+            for row in rows {
+                by_job
+                    .entry(row.text(0)?)
+                    .or_default()
+                    .add(Outcome::parse(&row.text(1)?)?, row.int(2)?);
+            }
+        }
+        Ok(by_job
+            .into_iter()
+            .map(|(id, counts)| (id, counts.into_vec()))
+            .collect())
     }
 
     /// Jobs newest first after the keyset `after` (created_at, id), with their outcome counts.
@@ -405,38 +468,21 @@ impl Store {
         }
         sql.push_str(" ORDER BY created_at DESC, id DESC LIMIT ?");
         args.push(limit.into());
-        let mut jobs: Vec<JobRecord> = self
-            .db
-            .fetch(&sql, &args)
-            .await?
+        let rows = self.db.fetch(&sql, &args).await?;
+        let mut jobs: Vec<JobRecord> = rows.iter().map(job_from).collect::<Result<_, _>>()?;
+        let legacy: Vec<&str> = rows
             .iter()
-            .map(job_from)
-            .collect::<Result<_, _>>()?;
-        if jobs.is_empty() {
-            return Ok(jobs);
-        }
-        let ids: Vec<Value> = jobs.iter().map(|j| j.id.as_str().into()).collect();
-        let counts = self
-            .db
-            .fetch(
-                &format!(
-                    "SELECT job_id, outcome, COUNT(*) FROM sync_job_servers WHERE job_id IN {} \
-                     AND seq IS NOT NULL GROUP BY job_id, outcome ORDER BY job_id, outcome",
-                    list(ids.len())
-                ),
-                &ids,
-            )
-            .await?;
-        let mut by_job: HashMap<String, Vec<(Outcome, i64)>> = HashMap::new();
-        for row in counts {
-            by_job
-                .entry(row.text(0)?)
-                .or_default()
-                .push((Outcome::parse(&row.text(1)?)?, row.int(2)?));
-        }
-        for job in &mut jobs {
-            job.outcome_counts = by_job.remove(&job.id).unwrap_or_default();
-            job.outcome_counts.sort();
+            .zip(&jobs)
+            .filter(|(row, _)| counted_by_rows(row).unwrap_or(false))
+            .map(|(_, job)| job.id.as_str())
+            .collect();
+        if !legacy.is_empty() {
+            let mut counted = self.count_rows(&legacy).await?;
+            for job in &mut jobs {
+                if let Some(counts) = counted.remove(&job.id) {
+                    job.outcome_counts = counts;
+                }
+            }
         }
         Ok(jobs)
     }

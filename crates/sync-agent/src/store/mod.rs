@@ -26,6 +26,7 @@ use fleetsync_common::{Backend, Db, sql::Tx};
 pub use complete::{Completion, Reach, Recorded};
 pub use gauges::FleetGauges;
 pub use inventory::{Charsets, DatabaseRead, InventoryCounts, InventoryWrite, UserRead};
+use jobs::OutcomeCounts;
 pub use jobs::{JobFilter, JobRecord, NewJob, Selection};
 pub use outbox::SyncRequest;
 pub use outcomes::{OutcomeRecord, RunResult};
@@ -70,6 +71,14 @@ pub(crate) fn quote_identifiers(backend: Backend, sql: &str) -> Cow<'_, str> {
     match backend {
         Backend::MySql => Cow::Owned(sql.replace('"', "`")),
         _ => Cow::Borrowed(sql),
+    }
+}
+
+/// ` FOR UPDATE` where the backend has row locks (SQLite's write transaction is exclusive).
+pub(crate) fn for_update(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Sqlite => "",
+        _ => " FOR UPDATE",
     }
 }
 

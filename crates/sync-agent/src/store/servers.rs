@@ -419,6 +419,17 @@ impl Store {
 
     async fn delete_server_once(&self, id: i64) -> Result<bool, sqlx::Error> {
         let mut tx = self.db.begin().await?;
+        // The locks every filler of job rows takes, in the same order: the server's lease row
+        // (a completion of this server holds it; a twin delete queues here), then the job rows
+        // in id order (in `cancel_waiting`).
+        tx.fetch(
+            &format!(
+                "SELECT token FROM server_leases WHERE server_id = ?{}",
+                super::for_update(self.backend())
+            ),
+            &[id.into()],
+        )
+        .await?;
         super::complete::cancel_waiting(&mut tx, id).await?;
         // Explicit deletes: MySQL and PostgreSQL cascade, SQLite only with foreign keys on.
         for sql in [

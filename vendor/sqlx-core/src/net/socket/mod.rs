@@ -192,6 +192,14 @@ pub async fn connect_tcp<Ws: WithSocket>(
         // fleetsync patch (upstream PR #4336, unreleased in 0.9.0): without TCP_NODELAY, every
         // message larger than one write waits ~40 ms for the server's delayed ACK.
         stream.set_nodelay(true)?;
+        // fleetsync patch: TCP keepalive, so that a database host that vanished (powered off,
+        // cut off by a firewall that drops packets) is noticed in about a minute, not after
+        // the kernel's two hours.
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(std::time::Duration::from_secs(30))
+            .with_interval(std::time::Duration::from_secs(10))
+            .with_retries(3);
+        socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive)?;
         return Ok(with_socket.with_socket(stream).await);
     }
 
