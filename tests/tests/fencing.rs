@@ -144,7 +144,8 @@ async fn an_agent_that_lost_its_lease_writes_nothing_and_runs_serve_only_older_r
             store
                 .renew("agent-d", &[server], 60_000)
                 .await
-                .expect("renew"),
+                .expect("renew")
+                .renewed,
             Vec::<i64>::new(),
             "{backend}: an expired lease stays expired"
         );
@@ -166,7 +167,8 @@ async fn an_agent_that_lost_its_lease_writes_nothing_and_runs_serve_only_older_r
                 store
                     .renew("agent-d", &[server, server + 1000], 60_000)
                     .await
-                    .expect("renew"),
+                    .expect("renew")
+                    .renewed,
                 [server],
                 "{backend}: the live lease is renewed"
             );
@@ -175,7 +177,8 @@ async fn an_agent_that_lost_its_lease_writes_nothing_and_runs_serve_only_older_r
             store
                 .renew("agent-c", &[server], 60_000)
                 .await
-                .expect("renew"),
+                .expect("renew")
+                .renewed,
             Vec::<i64>::new(),
             "{backend}: another agent's lease is not renewed"
         );

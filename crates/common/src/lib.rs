@@ -16,5 +16,5 @@ pub mod shutdown;
 pub mod sql;
 pub mod telemetry;
 
-pub use db::{Backend, Db, DbError, DbOptions};
+pub use db::{Backend, Db, DbError, DbOptions, SessionLimits};
 pub use error::ServiceError;

@@ -482,6 +482,17 @@ impl Tx {
     }
 
     /// Commits the transaction (dropping it instead rolls back).
+    /// Rolls back now (dropping a transaction rolls it back only when its connection is next
+    /// used: its locks would outlive it meanwhile).
+    pub async fn rollback(self) -> Result<(), sqlx::Error> {
+        match self {
+            Self::Sqlite(tx) => tx.rollback().await,
+            Self::Postgres(tx) => tx.rollback().await,
+            Self::MySql(tx) => tx.rollback().await,
+        }
+    }
+
+    /// Commits.
     pub async fn commit(self) -> Result<(), sqlx::Error> {
         match self {
             Self::Sqlite(tx) => tx.commit().await,

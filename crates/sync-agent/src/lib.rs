@@ -19,7 +19,7 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
 use fleetsync_common::{
-    Db, DbOptions,
+    Db, DbOptions, SessionLimits,
     calls::CallCounter,
     grpc,
     proto::{
@@ -110,6 +110,12 @@ pub async fn run(
         &config.database_url,
         DbOptions {
             pool_size: WORK_POOL_SIZE,
+            // A completion holds its lease rows while it waits on a lock: it gives up after a
+            // quarter of the TTL, renews them, and tries again (`runner::complete`).
+            limits: SessionLimits {
+                lock: config.runner.lease_ttl / 4,
+                ..SessionLimits::default()
+            },
             ..DbOptions::default()
         },
     )

@@ -9,7 +9,7 @@ use std::{
 
 use fleetsync_common::{
     clock::jitter,
-    sql::{Failure, classify},
+    sql::{Failure, classify, is_lock_timeout},
 };
 use tokio::sync::mpsc;
 
@@ -48,9 +48,17 @@ impl Runner {
     /// batch waits (its leases still renewed); a batch refused for a reason that will not go
     /// away is written item by item, and an item the database refuses is recorded as
     /// `PARSE_FAILED` with the reason instead of being retried forever.
+    ///
+    /// Another session's lock on a row the batch writes (a panel's long transaction, a DDL)
+    /// ends each attempt after the work pool's lock timeout (a quarter of the TTL): the batch's
+    /// leases, locked by the attempt and so skipped by the heartbeat, are renewed here before
+    /// the next one. After [`record_give_up`] without success the batch is given up: its leases
+    /// are released (holder and token) and its servers synced again.
     async fn record(&self, batch: Vec<Finished>) {
         let items: Vec<Completion> = batch.iter().map(|f| f.completion.clone()).collect();
         let mut pause = Duration::from_millis(200);
+        let began = Instant::now();
+        let give_up = record_give_up(self.config.lease_ttl);
         loop {
             let started = Instant::now();
             let written = self.store.complete(&self.holder, &items).await;
@@ -69,6 +77,14 @@ impl Runner {
                         tracing::warn!(error = %err, runs = items.len(), "could not record runs before stopping; their servers will be synced again");
                         return;
                     }
+                    if began.elapsed() >= give_up {
+                        return self.give_up(&items, &err, began.elapsed()).await;
+                    }
+                    if is_lock_timeout(&err) {
+                        tracing::warn!(error = %err, runs = items.len(), "another session holds a lock the batch needs; renewing its leases and trying again");
+                        self.renew_batch(&items).await;
+                        continue;
+                    }
                     tracing::warn!(error = %err, runs = items.len(), "could not record runs; retrying");
                     tokio::time::sleep(jitter(pause, 0.2)).await;
                     pause = (pause * 2).min(Duration::from_secs(5));
@@ -83,6 +99,29 @@ impl Runner {
                     return;
                 }
             }
+        }
+    }
+
+    /// Renews the leases of a batch whose write must start over (they were locked by it).
+    async fn renew_batch(&self, items: &[Completion]) {
+        let ids: Vec<i64> = items.iter().map(|c| c.claim.server_id).collect();
+        let sent = Instant::now();
+        let ttl = self.config.lease_ttl.as_millis() as i64;
+        match self.store.renew(&self.holder, &ids, ttl).await {
+            Ok(renewal) => self.held.renewed(&renewal.renewed, sent),
+            Err(err) => tracing::warn!(error = %err, "could not renew the leases of a batch"),
+        }
+    }
+
+    /// Ends a batch that could not be written within the bound: its servers are synced again.
+    async fn give_up(&self, items: &[Completion], err: &sqlx::Error, waited: Duration) {
+        tracing::error!(error = %err, runs = items.len(), waited_s = waited.as_secs(), "could not record runs in time; releasing their leases, their servers will be synced again");
+        for _ in items {
+            self.metrics.discarded();
+        }
+        let claims: Vec<_> = items.iter().map(|c| c.claim).collect();
+        if let Err(err) = self.store.release(&self.holder, &claims).await {
+            tracing::warn!(error = %err, "could not release the leases; they expire by themselves");
         }
     }
 
@@ -130,6 +169,13 @@ impl Runner {
             self.signals.bump();
         }
     }
+}
+
+/// How long the completer keeps trying to write one batch before it gives it up: ten lease
+/// TTLs, at least two minutes. Long enough for a database restart or a long lock; short enough
+/// that a batch stuck for good does not hold its servers forever.
+pub(super) fn record_give_up(lease_ttl: Duration) -> Duration {
+    (lease_ttl * 10).max(Duration::from_secs(120))
 }
 
 /// A run whose results the database refused for good: `PARSE_FAILED` with the reason, without

@@ -111,7 +111,9 @@ impl Drop for LeaseGuard {
 
 impl Runner {
     /// Renews every lease this agent holds, a third of the TTL apart, in one statement; after
-    /// shutdown too, while the runs in flight finish.
+    /// shutdown too, while the runs in flight finish. It never waits on a lease row that
+    /// another transaction holds (`Store::renew` skips locked rows): a completion stuck behind
+    /// someone else's lock cannot hold up the renewal of every other lease.
     pub(super) async fn heartbeat_forever(self: Arc<Self>) {
         let ttl = self.config.lease_ttl;
         loop {
@@ -129,11 +131,15 @@ impl Runner {
                 .renew(&self.holder, &ids, ttl.as_millis() as i64)
                 .await
             {
-                Ok(renewed) => {
-                    self.held.renewed(&renewed, sent);
+                Ok(renewal) => {
+                    self.held.renewed(&renewal.renewed, sent);
                     // A lease released between the snapshot and the renewal is not lost: only
-                    // those still held here and not renewed are.
-                    let lost = self.held.stale_among(&ids, &renewed);
+                    // those still held here and not renewed are. A busy one (locked by our
+                    // completion of its run) is not lost either: nobody can claim it while
+                    // it is locked, and the completer renews it if it must start over.
+                    let mut kept = renewal.renewed;
+                    kept.extend(renewal.busy);
+                    let lost = self.held.stale_among(&ids, &kept);
                     if lost > 0 {
                         tracing::warn!(held = ids.len(), lost, "some leases were lost");
                     }

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use fleetsync_common::{
     Backend,
-    sql::{Tx, Value, retry},
+    sql::{Tx, Value, is_lock_timeout, retry},
 };
 
 use crate::model::{Cause, JobState, Outcome, Reachability, Scopes};
@@ -84,14 +84,23 @@ pub(super) struct FillReport {
 }
 
 impl Store {
-    /// Records a batch of finished runs in one transaction (conflicts retried). Items whose
-    /// lease was lost are skipped. A failure leaves everything as it was.
+    /// Records a batch of finished runs in one transaction (deadlocks and serialisation
+    /// failures retried). Items whose lease was lost are skipped. A failure leaves everything
+    /// as it was. A lock wait that ran out (another session holds a row the batch writes) is
+    /// returned, not retried: the batch held its lease rows meanwhile, so the heartbeat could
+    /// not renew them, and the caller renews them before it tries again.
     pub async fn complete(
         &self,
         holder: &str,
         batch: &[Completion],
     ) -> Result<Vec<Recorded>, sqlx::Error> {
-        retry("record runs", || self.complete_once(holder, batch)).await
+        retry("record runs", || async {
+            match self.complete_once(holder, batch).await {
+                Err(err) if is_lock_timeout(&err) => Ok(Err(err)),
+                other => other.map(Ok),
+            }
+        })
+        .await?
     }
 
     async fn complete_once(
@@ -99,9 +108,31 @@ impl Store {
         holder: &str,
         batch: &[Completion],
     ) -> Result<Vec<Recorded>, sqlx::Error> {
-        let backend = self.backend();
         let mut tx = self.db.begin().await?;
-        let now = db_now(&mut tx).await?;
+        match self.complete_in(&mut tx, holder, batch).await {
+            Ok(recorded) => {
+                tx.commit().await?;
+                Ok(recorded)
+            }
+            Err(err) => {
+                // At once: the lease rows it locked must be free for the renewal that comes
+                // before the next attempt (MySQL ends only the statement on a lock timeout).
+                if let Err(rollback) = tx.rollback().await {
+                    tracing::debug!(error = %rollback, "rollback after a failed batch");
+                }
+                Err(err)
+            }
+        }
+    }
+
+    async fn complete_in(
+        &self,
+        tx: &mut Tx,
+        holder: &str,
+        batch: &[Completion],
+    ) -> Result<Vec<Recorded>, sqlx::Error> {
+        let backend = self.backend();
+        let now = db_now(tx).await?;
 
         // Fence: lock the leases, keep the items still ours.
         let ids: Vec<i64> = batch.iter().map(|c| c.claim.server_id).collect();
@@ -152,7 +183,7 @@ impl Store {
             .filter_map(|(i, item)| Some((i, (item.claim.server_id, item.inventory.as_ref()?))))
             .collect();
         let writes: Vec<(i64, &InventoryWrite)> = read.iter().map(|(_, w)| *w).collect();
-        let counts = inventory::write_all(&mut tx, &writes, now).await?;
+        let counts = inventory::write_all(tx, &writes, now).await?;
         for ((i, _), counts) in read.iter().zip(counts) {
             if let Some(result) = results[*i].as_mut() {
                 result.counts = Some(counts);
@@ -203,7 +234,7 @@ impl Store {
             .filter(|(item, _)| item.reach == Reach::Online)
             .map(|(item, _)| item.claim.server_id)
             .collect();
-        mark_online(&mut tx, now, &online).await?;
+        mark_online(tx, now, &online).await?;
         let offline: Vec<(i64, i64)> = stored
             .iter()
             .filter(|(item, _)| matches!(item.reach, Reach::Offline { .. }))
@@ -279,18 +310,16 @@ impl Store {
                 counts,
             })
             .collect();
-        let waiting = waiting_rows(&mut tx, &fills).await?;
+        let waiting = waiting_rows(tx, &fills).await?;
         let ours: Vec<i64> = stored
             .iter()
             .map(|(item, _)| item.claim.server_id)
             .collect();
-        release_served(&mut tx, &ours, &waiting.still_waiting).await?;
-        let mut report = fill(&mut tx, now, &fills, waiting).await?;
+        release_served(tx, &ours, &waiting.still_waiting).await?;
+        let mut report = fill(tx, now, &fills, waiting).await?;
         if !report.jobs.is_empty() {
-            notify(&mut tx, OUTCOMES_CHANNEL).await?;
+            notify(tx, OUTCOMES_CHANNEL).await?;
         }
-        tx.commit().await?;
-
         Ok(batch
             .iter()
             .zip(results)

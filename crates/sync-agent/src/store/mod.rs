@@ -30,7 +30,7 @@ use jobs::OutcomeCounts;
 pub use jobs::{JobFilter, JobRecord, NewJob, Selection};
 pub use outbox::SyncRequest;
 pub use outcomes::{OutcomeRecord, RunResult};
-pub use queue::{Claim, ClaimedServer};
+pub use queue::{Claim, ClaimedServer, Renewal};
 pub use retention::Pruned;
 pub use servers::{
     DatabaseRecord, DatabaseService, HostKeyRecord, HostKeyReset, Inventory, ServerRecord,

@@ -139,14 +139,16 @@ impl Store {
         .await
     }
 
-    /// Extends the leases `holder` holds on these servers and that have not expired; returns
-    /// the servers whose lease it still holds.
+    /// Extends the leases `holder` holds on these servers and that have not expired. Never waits
+    /// on a lease row another transaction holds (`SKIP LOCKED`): such a lease is `busy` (our own
+    /// completion is writing it, or someone is claiming it) and is safe from claims while
+    /// locked; the completer renews its batch's leases itself when it must start over.
     pub async fn renew(
         &self,
         holder: &str,
         server_ids: &[i64],
         ttl_ms: i64,
-    ) -> Result<Vec<i64>, sqlx::Error> {
+    ) -> Result<Renewal, sqlx::Error> {
         retry("renew leases", || {
             self.renew_once(holder, server_ids, ttl_ms)
         })
@@ -158,47 +160,85 @@ impl Store {
         holder: &str,
         server_ids: &[i64],
         ttl_ms: i64,
-    ) -> Result<Vec<i64>, sqlx::Error> {
+    ) -> Result<Renewal, sqlx::Error> {
         let mut tx = self.db.begin().await?;
         let now = db_now(&mut tx).await?;
-        let mut renewed = Vec::with_capacity(server_ids.len());
+        let mut renewal = Renewal::default();
+        let skip = skip_locked(self.backend());
         for chunk in server_ids.chunks(CHUNK) {
             // A lease that already expired is not revived: its run outlived it (the agent
             // stalled), and its result must not be recorded.
-            let sql = format!(
-                "UPDATE server_leases SET expires_at = ?, heartbeat_at = ? \
-                 WHERE holder = ? AND expires_at >= ? AND server_id IN {}",
-                list(chunk.len())
-            );
-            let mut args: Vec<Value> = vec![(now + ttl_ms).into(), now.into(), holder.into()];
-            args.push(now.into());
+            let live = |suffix: &str| {
+                format!(
+                    "SELECT server_id FROM server_leases WHERE holder = ? AND expires_at >= ? \
+                     AND server_id IN {} ORDER BY server_id{suffix}",
+                    list(chunk.len())
+                )
+            };
+            let mut args: Vec<Value> = vec![holder.into(), now.into()];
             args.extend(chunk.iter().map(|&id| Value::Int(id)));
-            tx.execute(&sql, &args).await?;
-            // Which ones: the rows now carry this renewal's expiry (MySQL counts only rows
-            // whose values changed, so the update's count cannot tell).
-            let sql = format!(
-                "SELECT server_id FROM server_leases WHERE holder = ? AND expires_at = ? \
-                 AND server_id IN {}",
-                list(chunk.len())
-            );
-            let mut args: Vec<Value> = vec![holder.into(), (now + ttl_ms).into()];
-            args.extend(chunk.iter().map(|&id| Value::Int(id)));
-            for row in tx.fetch(&sql, &args).await? {
-                renewed.push(row.int(0)?);
+            let mut ids = Vec::with_capacity(chunk.len());
+            for row in tx.fetch(&live(skip), &args).await? {
+                ids.push(row.int(0)?);
             }
+            if ids.len() < chunk.len() && self.backend() != Backend::Sqlite {
+                // Which of the others are ours but locked (a plain read does not wait).
+                for row in tx.fetch(&live(""), &args).await? {
+                    let id = row.int(0)?;
+                    if ids.binary_search(&id).is_err() {
+                        renewal.busy.push(id);
+                    }
+                }
+            }
+            if ids.is_empty() {
+                continue;
+            }
+            let sql = format!(
+                "UPDATE server_leases SET expires_at = ?, heartbeat_at = ? WHERE server_id IN {}",
+                list(ids.len())
+            );
+            let mut args: Vec<Value> = vec![(now + ttl_ms).into(), now.into()];
+            args.extend(ids.iter().map(|&id| Value::Int(id)));
+            tx.execute(&sql, &args).await?;
+            renewal.renewed.extend(ids);
         }
         tx.commit().await?;
-        Ok(renewed)
+        Ok(renewal)
     }
 
     /// Gives leases back without recording anything (the agent is stopping): the servers stay
     /// waiting for whoever runs next.
+    /// Only these very leases (holder and token) are released: a newer lease on the same
+    /// server, even one this agent took since, is left alone.
     pub async fn release(&self, holder: &str, claims: &[Claim]) -> Result<(), sqlx::Error> {
-        let ids: Vec<i64> = claims.iter().map(|c| c.server_id).collect();
-        let mut tx = self.db.begin().await?;
-        release_leases(&mut tx, &ids, Some(holder), WaitMark::Keep).await?;
-        tx.commit().await
+        for chunk in claims.chunks(CHUNK / 2) {
+            let mut args: Vec<Value> = vec![holder.into()];
+            for claim in chunk {
+                args.extend([Value::Int(claim.server_id), Value::Int(claim.token)]);
+            }
+            let pairs = vec!["(?, ?)"; chunk.len()].join(", ");
+            self.db
+                .execute(
+                    &format!(
+                        "UPDATE server_leases SET holder = NULL, expires_at = NULL \
+                         WHERE holder = ? AND (server_id, token) IN ({pairs})"
+                    ),
+                    &args,
+                )
+                .await?;
+        }
+        Ok(())
     }
+}
+
+/// What a lease renewal did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Renewal {
+    /// Renewed: still held, expiry moved on.
+    pub renewed: Vec<i64>,
+    /// Still held and live, but locked by another transaction (our completion of that server,
+    /// most likely): not waited for, not renewed this time.
+    pub busy: Vec<i64>,
 }
 
 /// What releasing a lease does to the server's waiting mark.

@@ -1,0 +1,153 @@
+//! Nothing waits behind someone else's lock: another connection holds a row lock on every
+//! server for three lease TTLs during a job (as a panel's long transaction or a DDL would). The
+//! completions wait, give up after the work pool's lock timeout, renew their leases and try
+//! again; the heartbeat skips the rows they lock; runs still in flight keep their leases. No run
+//! is discarded or redone (every lease token stays 1), and the job completes once the lock is
+//! released. PostgreSQL and MariaDB (SQLite has no row locks).
+
+use std::time::Duration;
+
+use fleetsync_common::{
+    Backend, Db,
+    proto::sync::v1::{DatabaseService, Outcome, sync_event},
+};
+use fleetsync_sync_agent::{runner::RunnerConfig, ssh::Timeouts};
+use fleetsync_tests::{
+    SshFleet, TestAgent, TestDb,
+    catalog::{count, execute, insert_servers},
+    services::{migrate, register_fleet, test_runner_config, watch_to_end},
+};
+use tokio::sync::oneshot;
+
+/// Locks every `servers` row on a connection of its own, says so, holds the lock for `hold`,
+/// then commits.
+fn lock_every_server(
+    db: Db,
+    hold: Duration,
+) -> (oneshot::Receiver<()>, tokio::task::JoinHandle<()>) {
+    let (locked, taken) = oneshot::channel();
+    let task = tokio::spawn(async move {
+        const LOCK: &str = "SELECT id FROM servers FOR UPDATE";
+        match &db {
+            Db::Postgres(pool) => {
+                let mut tx = pool.begin().await.expect("begin");
+                sqlx::query(LOCK).fetch_all(&mut *tx).await.expect("lock");
+                let _ = locked.send(());
+                tokio::time::sleep(hold).await;
+                tx.commit().await.expect("commit");
+            }
+            Db::MySql(pool) => {
+                let mut tx = pool.begin().await.expect("begin");
+                sqlx::query(LOCK).fetch_all(&mut *tx).await.expect("lock");
+                let _ = locked.send(());
+                tokio::time::sleep(hold).await;
+                tx.commit().await.expect("commit");
+            }
+            Db::Sqlite(_) => unreachable!("SQLite has no row locks"),
+        }
+    });
+    (taken, task)
+}
+
+async fn a_lock_on_every_server_discards_no_run(backend: Backend) {
+    // MySQL counts lock waits in whole seconds: a quarter of 3 s is 1 s there.
+    let ttl = match backend {
+        Backend::MySql => Duration::from_secs(3),
+        _ => Duration::from_secs(2),
+    };
+    let hosts = SshFleet::start(4).await;
+    for host in hosts.hosts() {
+        // Runs still in flight while the lock is held: their leases must be renewed.
+        host.install_program("sudo", "#!/bin/sh\nsleep 1\nexec /usr/bin/sudo \"$@\"\n");
+    }
+    let db = TestDb::create(backend).await;
+    migrate(db.url()).await;
+    let agent = TestAgent::spawn_with(
+        db.url(),
+        hosts.client(Timeouts::default(), 1 << 20),
+        RunnerConfig {
+            lease_ttl: ttl,
+            ..test_runner_config()
+        },
+    )
+    .await;
+    let mut fleet = agent.fleet();
+    register_fleet(&mut fleet, &hosts, "host-", DatabaseService::Mariadb).await;
+    let direct = db.connect().await;
+    // And servers without a database service: their runs end at once, so the first batch
+    // meets the lock straight away.
+    insert_servers(&direct, 40, 22, |i| format!("192.0.2.{}", i + 1)).await;
+    // With their lease rows, as the Fleet API and the agent's start-up repair make them (a
+    // job that must create one checks its server's key, and would wait on the lock itself).
+    execute(
+        &direct,
+        "INSERT INTO server_leases (server_id, token) SELECT s.id, 0 FROM servers s \
+         WHERE NOT EXISTS (SELECT 1 FROM server_leases l WHERE l.server_id = s.id)",
+    )
+    .await;
+
+    assert_eq!(
+        count(&direct, "SELECT COUNT(*) FROM sync_runs").await,
+        0,
+        "{backend}: nothing ran before the job"
+    );
+    let hold = ttl * 3;
+    let (locked, holder) = lock_every_server(db.connect().await, hold);
+    locked.await.expect("the lock is taken");
+
+    let mut sync = agent.sync();
+    let job_id = sync
+        .start_sync(fleetsync_common::proto::sync::v1::StartSyncRequest {
+            all_servers: true,
+            ..Default::default()
+        })
+        .await
+        .expect("start")
+        .into_inner()
+        .job_id;
+    tokio::time::sleep(hold - Duration::from_millis(500)).await;
+    assert_eq!(
+        count(&direct, "SELECT COUNT(*) FROM sync_runs").await,
+        0,
+        "{backend}: the lock held every completion back"
+    );
+    holder.await.expect("lock released");
+
+    let events = tokio::time::timeout(Duration::from_secs(60), watch_to_end(&mut sync, &job_id))
+        .await
+        .unwrap_or_else(|_| panic!("{backend}: the job never completed after the lock"));
+    let outcomes: Vec<Outcome> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(sync_event::Event::Outcome(o)) => Some(o.outcome()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(outcomes.len(), 44, "{backend}: every server once");
+    assert_eq!(
+        outcomes.iter().filter(|o| **o == Outcome::Ok).count(),
+        4,
+        "{backend}: the real hosts synced: {outcomes:?}"
+    );
+    assert_eq!(
+        count(&direct, "SELECT MAX(token) FROM server_leases").await,
+        1,
+        "{backend}: no server was claimed twice: no run was discarded and redone"
+    );
+    assert_eq!(
+        count(&direct, "SELECT COUNT(*) FROM sync_runs").await,
+        44,
+        "{backend}: one run per server"
+    );
+    agent.service.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_lock_on_every_server_for_three_ttls_discards_no_run_on_postgres() {
+    a_lock_on_every_server_discards_no_run(Backend::Postgres).await;
+}
+
+#[tokio::test]
+async fn a_lock_on_every_server_for_three_ttls_discards_no_run_on_mariadb() {
+    a_lock_on_every_server_discards_no_run(Backend::MySql).await;
+}
