@@ -7,7 +7,10 @@
 //! - a latency-bound fleet: 3,000 addresses that accept TCP and never send a banner (one
 //!   listener on the wildcard address serves 127.1.x.y), `--handshake-timeout 1s`, fixed
 //!   concurrency per agent, 1 and 3 agents: where agents, not the database, are the limit;
-//! - registration: 10,000 `Fleet/UpsertServer` calls with 64 in flight, per backend.
+//! - registration: 10,000 `Fleet/UpsertServer` calls with 64 in flight, per backend;
+//! - history: 10,000 and 1,000,000 job rows and runs stored (`BENCH_HISTORY_SIZES`), per
+//!   backend: a retention pass, `DeleteServer`, `ListJobs` (also by server), `GetServer` and a
+//!   `WatchSync` resume, each the median of `BENCH_RUNS` (at least 5).
 //!
 //! Each figure is the median of `BENCH_RUNS` (default 3) jobs: `StartSync` of every server with
 //! `force`, watched to the summary. Prints a markdown table and writes it to `bench/scale.md`
@@ -35,6 +38,7 @@ use fleetsync_tests::{
     bench::{cpu_seconds, machine, median, peak_rss_mib, runs},
     catalog::{add_mariadb_everywhere, insert_servers},
     db::ALL_BACKENDS,
+    history::HistoryFigures,
     services::{ServeProcess, migrate},
 };
 use tokio_stream::StreamExt;
@@ -46,7 +50,7 @@ fn sizes() -> Vec<usize> {
         .unwrap_or_else(|| vec![1_000, 10_000, 100_000])
 }
 
-/// Which parts to run (`BENCH_ONLY=refused,three,silent,registration`); all by default. A
+/// Which parts to run (`BENCH_ONLY=refused,three,silent,registration,history`); all by default. A
 /// partial run prints its table and leaves `bench/scale.md` alone.
 fn only() -> Option<Vec<String>> {
     std::env::var("BENCH_ONLY")
@@ -336,6 +340,37 @@ async fn registration(backend: Backend) -> (f64, usize) {
     (rate, errors.load(Ordering::Relaxed))
 }
 
+fn history_sizes() -> Vec<usize> {
+    std::env::var("BENCH_HISTORY_SIZES")
+        .ok()
+        .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![10_000, 1_000_000])
+}
+
+/// A control plane with `rows` job rows and runs of history, served by one agent.
+async fn history(backend: Backend, rows: usize) -> HistoryFigures {
+    let db = TestDb::create(backend).await;
+    migrate(db.url()).await;
+    let conn = db.connect().await;
+    let started = Instant::now();
+    let now = fleetsync_tests::history::fill(&conn, rows).await;
+    eprintln!(
+        "history {:<8} {rows:>9} rows: filled in {:.1} s",
+        backend.as_str(),
+        started.elapsed().as_secs_f64()
+    );
+    // The agent's own retention must not prune what the bench measures.
+    let agents = Agents::start(&db, 1, &["--retention", "3650d"]);
+    let figures =
+        fleetsync_tests::history::measure(&conn, agents.addr(), rows, now, runs().max(5)).await;
+    eprintln!(
+        "history {:<8} {rows:>9} rows: {figures:?}",
+        backend.as_str()
+    );
+    conn.close().await;
+    figures
+}
+
 #[tokio::main]
 async fn main() {
     let runs = runs();
@@ -416,6 +451,17 @@ async fn main() {
             backend.as_str()
         );
         registrations.push((backend, rate, errors));
+    }
+
+    // 5. History.
+    let mut histories = Vec::new();
+    for backend in ALL_BACKENDS
+        .into_iter()
+        .filter(|b| wanted("history") && backend_wanted(b))
+    {
+        for &rows in &history_sizes() {
+            histories.push((backend, history(backend, rows).await));
+        }
     }
 
     writeln!(table, "# `just bench-scale`\n").unwrap();
@@ -503,6 +549,9 @@ async fn main() {
     for (backend, rate, errors) in &registrations {
         writeln!(table, "| {} | {rate:.0} | {errors} |", backend.as_str()).unwrap();
     }
+    if !histories.is_empty() {
+        write_history(&mut table, &histories);
+    }
     print!("{table}");
     if only().is_some() || std::env::var_os("BENCH_BACKENDS").is_some() {
         eprintln!("partial run (BENCH_ONLY, BENCH_BACKENDS): bench/scale.md left as it was");
@@ -511,4 +560,77 @@ async fn main() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/scale.md");
     std::fs::write(&path, &table).expect("write bench/scale.md");
     eprintln!("wrote {}", path.display());
+}
+
+/// The history table: each call's median at each size, and the largest size against the
+/// smallest (targets: under 100 ms, within 1.5x).
+fn write_history(table: &mut String, histories: &[(Backend, HistoryFigures)]) {
+    writeln!(
+        table,
+        "\nHistory: finished jobs of 1,000 servers each (as many job rows as runs), a tenth of \
+         the runs past the retention; one agent; medians of at least 5 calls, in ms. Retention: \
+         one pass (`Store::prune`, one batch: up to 2,000 runs). DeleteServer: a server with its \
+         runs (the count shown) and a row in every job. ListJobs: a page of 100, also filtered \
+         by a server that is in every job. WatchSync: a finished job resumed at cursor 500, read \
+         to its summary. Targets: each under 100 ms, and within 1.5x of the same at 10,000 \
+         rows.\n"
+    )
+    .unwrap();
+    writeln!(table, "| backend | job rows + runs | retention pass (runs due) | DeleteServer (its runs) | ListJobs | ListJobs by server | GetServer | WatchSync resume |").unwrap();
+    writeln!(table, "|---|---|---|---|---|---|---|---|").unwrap();
+    let cells = |f: &HistoryFigures| {
+        [
+            f.retention,
+            f.delete_server,
+            f.list_jobs,
+            f.list_jobs_by_server,
+            f.get_server,
+            f.watch_resume,
+        ]
+    };
+    for (backend, f) in histories {
+        let c = cells(f);
+        writeln!(
+            table,
+            "| {} | {} | {:.1} ({}) | {:.1} ({}) | {:.1} | {:.1} | {:.1} | {:.1} |",
+            backend.as_str(),
+            f.rows,
+            c[0],
+            f.runs_due,
+            c[1],
+            f.runs_per_server,
+            c[2],
+            c[3],
+            c[4],
+            c[5]
+        )
+        .unwrap();
+    }
+    for backend in ALL_BACKENDS {
+        let of: Vec<&HistoryFigures> = histories
+            .iter()
+            .filter(|(b, _)| *b == backend)
+            .map(|(_, f)| f)
+            .collect();
+        if let (Some(small), Some(large)) = (
+            of.iter().min_by_key(|f| f.rows),
+            of.iter().max_by_key(|f| f.rows),
+        ) && large.rows > small.rows
+        {
+            let ratios: Vec<String> = cells(large)
+                .iter()
+                .zip(cells(small))
+                .map(|(l, s)| format!("{:.2}x", l / s))
+                .collect();
+            writeln!(
+                table,
+                "| {} | {} vs {} | {} |",
+                backend.as_str(),
+                large.rows,
+                small.rows,
+                ratios.join(" | ")
+            )
+            .unwrap();
+        }
+    }
 }

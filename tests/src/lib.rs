@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod db;
 pub mod events;
 pub mod fleet;
+pub mod history;
 pub mod migrator;
 pub mod netns;
 pub mod process;

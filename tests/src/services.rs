@@ -176,6 +176,8 @@ impl TestAgent {
             db_pool_size: 16,
             max_streams,
             metrics_listen: None,
+            metrics_interval: Duration::ZERO,
+            max_checks: 64,
         };
         let service = Running::spawn(move |listener, shutdown| {
             fleetsync_sync_agent::run(config, listener, shutdown)

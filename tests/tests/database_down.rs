@@ -101,21 +101,30 @@ async fn the_agent_survives_its_database_going_down() {
 
 /// Runs that finish while the database is down wait for it: their outcomes are the real ones
 /// once it is back (never CANCELLED or SKIPPED for a pool timeout), and the job completes.
+///
+/// The database is cut once every command has started, not once the leases are taken: a cut
+/// right after the claim committed can lose the commit's answer on its way back (the proxy
+/// runs on the test's runtime), and an agent that never learned of its claim runs nothing;
+/// those leases lapse after the TTL (30 s here) and the servers are claimed again. That is
+/// what CI once saw as "the runs never ended (waited 10s)".
 #[tokio::test]
 async fn runs_that_end_while_the_database_is_down_are_recorded_when_it_is_back() {
     use fleetsync_common::proto::sync::v1::{Outcome, WatchSyncRequest, sync_event};
-    use fleetsync_tests::{SshFleet, catalog::wait_for_count, fleet::SSH_USER};
+    use fleetsync_tests::{SshFleet, fleet::SSH_USER};
     use tokio_stream::StreamExt;
 
     let fleet = SshFleet::start(3).await;
     for host in fleet.hosts() {
         // Each run takes a second and a half: long enough to cut the database under it. The
-        // command leaves a file when it ends, so the test knows the runs are over.
+        // command leaves a file when it starts and one when it ends, so the test knows where
+        // the runs are.
+        let started = host.program_dir().join("started");
         let finished = host.program_dir().join("finished");
         host.install_program(
             "sudo",
             &format!(
-                "#!/bin/sh\nsleep 1.5\n/usr/bin/sudo \"$@\"\nstatus=$?\ntouch '{}'\nexit $status\n",
+                "#!/bin/sh\ntouch '{}'\nsleep 1.5\n/usr/bin/sudo \"$@\"\nstatus=$?\ntouch '{}'\nexit $status\n",
+                started.display(),
                 finished.display()
             ),
         );
@@ -143,14 +152,27 @@ async fn runs_that_end_while_the_database_is_down_are_recorded_when_it_is_back()
     let mut sync = agent.sync();
     let job_id = agent.start_sync(&ids).await;
     let direct = db.connect().await;
-    wait_for_count(
-        &direct,
-        "SELECT COUNT(*) FROM server_leases WHERE holder IS NOT NULL",
-        |n| n == 3,
-        Duration::from_secs(10),
-        "the runs never started",
+    // Every command has started: the agent holds its leases and knows it.
+    fleetsync_tests::wait_until(
+        "the commands never started",
+        Duration::from_secs(30),
+        || {
+            fleet
+                .hosts()
+                .iter()
+                .all(|host| host.program_dir().join("started").exists())
+        },
     )
     .await;
+    assert_eq!(
+        fleetsync_tests::catalog::count(
+            &direct,
+            "SELECT COUNT(*) FROM server_leases WHERE holder IS NOT NULL"
+        )
+        .await,
+        3,
+        "the three leases are held"
+    );
     proxy.cut();
     // The runs end while the database is unreachable; their results wait.
     fleetsync_tests::wait_until("the runs never ended", Duration::from_secs(10), || {

@@ -36,6 +36,9 @@ async fn metrics_count_what_a_real_sync_did() {
             &key,
             "--metrics-listen",
             "127.0.0.1:0",
+            // Fresh fleet gauges at every scrape: the test follows them step by step.
+            "--metrics-interval",
+            "0s",
             "--connect-timeout",
             "2s",
         ],

@@ -1,6 +1,8 @@
-//! Retention on every backend: finished jobs (with their rows) and runs older than the cutoff
-//! are deleted; unfinished jobs and newer history stay; rows left waiting for servers that were
-//! deleted behind the API's back end as CANCELLED.
+//! Retention on every backend: finished jobs (with their rows), runs and inventory rows marked
+//! gone older than the cutoff are deleted; unfinished jobs, newer history and live inventory
+//! stay; rows left waiting for servers that were deleted behind the API's back end as
+//! CANCELLED; the cutoff is taken by the database's clock. A watch of a job deleted while it is
+//! open ends with NOT_FOUND.
 
 use fleetsync_sync_agent::{
     model::{JobOrigin, Outcome, Scope},
@@ -102,5 +104,118 @@ async fn old_history_is_pruned_and_open_work_is_kept() {
             (0, 0, 0),
             "{backend}"
         );
+
+        // Inventory rows gone before the cutoff are deleted; newer gone rows and live ones stay.
+        let databases = if backend == fleetsync_common::Backend::MySql {
+            "`databases`"
+        } else {
+            "\"databases\""
+        };
+        execute(
+            &conn,
+            &format!(
+                "INSERT INTO {databases} (server_id, name, status, created_at, updated_at) VALUES \
+                 (2, 'old_gone', 'gone', 0, 1000), (2, 'new_gone', 'gone', 0, 3000), \
+                 (2, 'old_live', 'ready', 0, 1000)"
+            ),
+        )
+        .await;
+        execute(
+            &conn,
+            &format!(
+                "INSERT INTO database_users (server_id, username, host, {databases}, status, \
+                 created_at, updated_at) VALUES (2, 'old_gone', '%', '[]', 'gone', 0, 1000), \
+                 (2, 'old_live', '%', '[]', 'ready', 0, 1000)"
+            ),
+        )
+        .await;
+        let gone = store.prune(2000, 10).await.expect("prune");
+        assert_eq!(gone.gone, 2, "{backend}: one database, one user");
+        let names = store.inventory(2).await.expect("inventory");
+        let dbs: Vec<&str> = names.databases.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(dbs, ["new_gone", "old_live"], "{backend}");
+        assert_eq!(names.users.len(), 1, "{backend}: the live user stays");
+
+        // The cutoff by the database's clock: a run that finished a minute ago by that clock.
+        execute(
+            &conn,
+            &format!(
+                "INSERT INTO sync_runs (server_id, lease_token, holder, scopes, started_at, \
+                 finished_at, outcome) SELECT 2, 1, 'agent', 'databases', t, t, 'OK' FROM \
+                 (SELECT {} - 60000 AS t) c",
+                fleetsync_common::sql::now_ms_sql(backend)
+            ),
+        )
+        .await;
+        let kept = store.prune_older_than(120_000, 10).await.expect("prune");
+        assert_eq!(kept.runs, 0, "{backend}: younger than two minutes");
+        let pruned = store.prune_older_than(30_000, 10).await.expect("prune");
+        assert_eq!(pruned.runs, 1, "{backend}: older than thirty seconds");
     }
+}
+
+/// A watch of a job that is deleted while it waits (pruned, or removed by hand) ends with
+/// NOT_FOUND instead of staying open forever.
+#[tokio::test]
+async fn a_watch_of_a_job_deleted_while_open_ends_with_not_found() {
+    use fleetsync_common::proto::sync::v1::WatchSyncRequest;
+    use fleetsync_sync_agent::ssh::{ClientKeys, SshClient, Timeouts};
+    use fleetsync_tests::{TestAgent, services::test_runner_config};
+    use tokio_stream::StreamExt;
+
+    // A host that accepts and never speaks: the job's run waits out a long handshake timeout.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    let held = tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            sockets.push(socket);
+        }
+    });
+    let db = TestDb::create(fleetsync_common::Backend::Postgres).await;
+    migrate(db.url()).await;
+    let ssh = SshClient::new(
+        Timeouts {
+            handshake: std::time::Duration::from_secs(60),
+            ..Timeouts::default()
+        },
+        1024,
+        ClientKeys::default(),
+    );
+    let agent = TestAgent::spawn_with(db.url(), ssh, test_runner_config()).await;
+    let conn = db.connect().await;
+    insert_servers(&conn, 1, port, |_| "127.0.0.1".into()).await;
+    fleetsync_tests::catalog::add_mariadb_everywhere(&conn, "10.11").await;
+    let id = count(&conn, "SELECT MIN(id) FROM servers").await;
+    let job_id = agent.start_sync(&[id]).await;
+    let mut stream = agent
+        .sync()
+        .watch_sync(WatchSyncRequest {
+            job_id: job_id.clone(),
+            cursor: 0,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    execute(
+        &conn,
+        &format!("DELETE FROM sync_job_servers WHERE job_id = '{job_id}'"),
+    )
+    .await;
+    execute(
+        &conn,
+        &format!("DELETE FROM sync_jobs WHERE id = '{job_id}'"),
+    )
+    .await;
+    let end = tokio::time::timeout(std::time::Duration::from_secs(20), stream.next())
+        .await
+        .expect("the stream ends, not waits forever")
+        .expect("an item");
+    let status = end.expect_err("NOT_FOUND");
+    assert_eq!(status.code(), tonic::Code::NotFound, "{}", status.message());
+    assert!(status.message().contains(&job_id), "{}", status.message());
+    held.abort();
+    agent.service.stop().await.expect("clean stop");
 }

@@ -263,7 +263,7 @@ const SOURCES: &[Source] = &[
     source!(20250301000002, "create_sync_bookkeeping"),
     source!(20250401000001, "create_sync_work_queue"),
     source!(20250501000001, "add_inventory_key_to_services"),
-    source!(20261201000001, "keep_job_counts"),
+    source!(20261201000001, "flat_history"),
 ];
 
 /// The version that adds `charset` and `collation` to `databases` (Vito's incident).

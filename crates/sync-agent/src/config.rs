@@ -264,11 +264,22 @@ pub struct ServeArgs {
     #[arg(long, env = "FLEETSYNC_MAX_STREAMS", default_value_t = 1024)]
     pub max_streams: usize,
 
+    /// Most CheckConnection calls in flight at once (each holds a socket for up to the SSH
+    /// timeouts); more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "FLEETSYNC_MAX_CHECKS", default_value_t = 64)]
+    pub max_checks: usize,
+
     /// Serve Prometheus metrics as plain HTTP `GET /metrics` on this address (off unless
     /// set), e.g. `127.0.0.1:9464`. The metrics hold no secrets, only counts and names of
     /// outcomes, stages and methods.
     #[arg(long, env = "FLEETSYNC_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+
+    /// The fleet-wide gauges (jobs, servers waiting, reachability, the outbox, the pools) are
+    /// read from the database at most this often, however often and however many scrape at
+    /// once; 0s reads them at every scrape.
+    #[arg(long, env = "FLEETSYNC_METRICS_INTERVAL", default_value = "2s")]
+    pub metrics_interval: humantime::Duration,
 }
 
 /// How the agent connects to managed servers.

@@ -66,8 +66,12 @@ pub struct Config {
     pub db_pool_size: u32,
     /// Most event streams open at once.
     pub max_streams: usize,
+    /// Most `CheckConnection` calls in flight at once.
+    pub max_checks: usize,
     /// Where to serve Prometheus metrics (`GET /metrics`), if anywhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The fleet-wide gauges are read at most this often.
+    pub metrics_interval: Duration,
 }
 
 /// Runs the agent on `listener` until `shutdown` is cancelled.
@@ -79,7 +83,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::new().with_fleet_interval(config.metrics_interval));
     let metrics_listener = match config.metrics_listen {
         Some(addr) => Some(metrics::bind(addr).await?),
         None => None,
@@ -146,6 +150,7 @@ pub async fn run(
         shutdown: stop.clone(),
         watch_poll: config.runner.poll_interval.max(Duration::from_millis(100)),
         streams: Arc::new(tokio::sync::Semaphore::new(config.max_streams.max(1))),
+        checks: Arc::new(tokio::sync::Semaphore::new(config.max_checks.max(1))),
     };
     let services = [
         SyncAgentServer::<SyncAgentService>::NAME,
@@ -235,6 +240,18 @@ pub fn config_from_args(args: &config::ServeArgs) -> anyhow::Result<Config> {
         keys
     };
     let security = grpc::Security::from_args(&args.security, args.listen)?;
+    // The metrics endpoint has no token: beyond loopback it needs the same explicit opt-in as
+    // an unauthenticated gRPC port.
+    if let Some(addr) = args.metrics_listen
+        && !addr.ip().is_loopback()
+        && !args.security.allow_unauthenticated
+    {
+        anyhow::bail!(
+            "refusing to serve metrics on {addr}, beyond loopback: the endpoint has no \
+             authentication. Listen on loopback (e.g. 127.0.0.1:9464, behind a proxy), or pass \
+             --allow-unauthenticated"
+        );
+    }
     // Shorter than these, an interval would busy-loop or a lease expire before its renewal.
     let minimums = [
         ("lease-ttl", args.lease_ttl, Duration::from_secs(1)),
@@ -268,6 +285,8 @@ pub fn config_from_args(args: &config::ServeArgs) -> anyhow::Result<Config> {
     Ok(Config {
         db_pool_size: args.db_pool_size,
         metrics_listen: args.metrics_listen,
+        metrics_interval: args.metrics_interval.into(),
+        max_checks: args.max_checks,
         max_streams: args.max_streams,
         security,
         database_url: args.common.database_url.clone(),

@@ -98,10 +98,15 @@ pub struct Metrics {
     fleet: FleetGauges,
 }
 
-/// The fleet's state and the database pools, read at each scrape (the same numbers on every
-/// agent).
+/// The fleet's state and the database pools, read at a scrape at most once per interval
+/// (`--metrics-interval`; the same numbers on every agent).
 #[derive(Default)]
 struct FleetGauges {
+    /// When they were last read; held while a read is under way, so that concurrent scrapes
+    /// wait for one read instead of each running its own.
+    last_read: tokio::sync::Mutex<Option<std::time::Instant>>,
+    /// Read at most this often (`--metrics-interval`).
+    interval: std::time::Duration,
     jobs: Family<StateLabels, Gauge>,
     servers_waiting: Gauge,
     servers: Family<ReachabilityLabels, Gauge>,
@@ -247,9 +252,23 @@ impl Metrics {
         })
     }
 
-    /// Reads the fleet's state and the pools, then encodes everything.
+    /// The fleet-wide gauges are read at most once per `interval` (zero: at every scrape).
+    pub fn with_fleet_interval(mut self, interval: std::time::Duration) -> Self {
+        self.fleet.interval = interval;
+        self
+    }
+
+    /// Reads the fleet's state and the pools (unless read within the fleet interval),
+    /// then encodes everything. However often and however many at once scrape, the database
+    /// sees at most one read per interval.
     async fn scrape(&self, store: &Store, pools: &[(&'static str, Db)]) -> String {
-        self.fleet.read(store, pools).await;
+        {
+            let mut last = self.fleet.last_read.lock().await;
+            if last.is_none_or(|at| at.elapsed() >= self.fleet.interval) {
+                self.fleet.read(store, pools).await;
+                *last = Some(std::time::Instant::now());
+            }
+        }
         let mut text = String::with_capacity(16 * 1024);
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("writing to a String cannot fail");

@@ -330,13 +330,14 @@ impl Runner {
     /// Deletes finished jobs and runs past the retention, every minute.
     async fn prune_forever(self: Arc<Self>) {
         loop {
-            let cutoff = crate::now_ms() - self.config.retention.as_millis() as i64;
-            match self.store.prune(cutoff, 20).await {
+            let age = self.config.retention.as_millis() as i64;
+            match self.store.prune_older_than(age, 20).await {
                 Ok(pruned) if pruned != Pruned::default() => {
                     tracing::info!(
                         jobs = pruned.jobs,
                         runs = pruned.runs,
                         orphans = pruned.orphans,
+                        gone = pruned.gone,
                         "pruned history past the retention"
                     );
                     if pruned.orphans > 0 {

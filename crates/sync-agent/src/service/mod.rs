@@ -38,4 +38,7 @@ pub struct AgentState {
     pub watch_poll: Duration,
     /// One permit per open event stream: streams are capped.
     pub streams: std::sync::Arc<tokio::sync::Semaphore>,
+    /// One permit per `CheckConnection` in flight: each holds a socket and a task for up to
+    /// the SSH timeouts, so they are capped too.
+    pub checks: std::sync::Arc<tokio::sync::Semaphore>,
 }

@@ -86,6 +86,8 @@ impl SyncAgentService {
     /// outcomes after the cursor (an index range) and the job's row; the outcome counts are
     /// read once, for the summary.
     fn stream(&self, job: JobRecord, cursor: u64) -> Result<EventStream, ServiceError> {
+        /// Idle wake-ups between two checks that the job still exists.
+        const GONE_CHECK_EVERY: u32 = 10;
         let permit = Arc::clone(&self.state.streams)
             .try_acquire_owned()
             .map_err(|_| {
@@ -106,6 +108,10 @@ impl SyncAgentService {
             if cursor > total {
                 return; // After the summary: nothing more.
             }
+            // Wake-ups that found nothing new: every so often the job is looked up, so that a
+            // job pruned by retention while watched ends the stream with NOT_FOUND instead of
+            // leaving it open forever.
+            let mut idle = 0u32;
             loop {
                 changed.mark_unchanged();
                 let batch = match state.store.outcomes_after(&job_id, cursor, BATCH).await {
@@ -123,6 +129,25 @@ impl SyncAgentService {
                 }
                 if batch.len() as i64 == BATCH {
                     continue;
+                }
+                idle = if batch.is_empty() { idle + 1 } else { 0 };
+                if idle % GONE_CHECK_EVERY == GONE_CHECK_EVERY - 1 {
+                    match state.store.job(&job_id).await {
+                        Ok(Some(_)) => {}
+                        Ok(None) => {
+                            let status = Status::not_found(format!(
+                                "job {job_id} was deleted while it was watched (past the \
+                                 retention, or by hand); its outcomes up to cursor {cursor} were \
+                                 streamed"
+                            ));
+                            let _ = tx.send(Err(status)).await;
+                            return;
+                        }
+                        Err(err) => {
+                            let _ = tx.send(Err(ServiceError::from(err).into())).await;
+                            return;
+                        }
+                    }
                 }
                 if cursor >= total {
                     let summary = match state.store.job(&job_id).await {
@@ -292,6 +317,15 @@ impl SyncAgent for SyncAgentService {
             )
             .into());
         }
+        let _permit = Arc::clone(&self.state.checks)
+            .try_acquire_owned()
+            .map_err(|_| {
+                ServiceError::ResourceExhausted(
+                    "too many CheckConnection calls are in flight on this sync-agent; retry \
+                     later or raise --max-checks"
+                        .into(),
+                )
+            })?;
         let server = self
             .state
             .store

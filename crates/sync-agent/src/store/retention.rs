@@ -1,9 +1,10 @@
-//! Retention: finished jobs (with their per-server rows) and runs older than the retention
-//! period are deleted in small batches, so that history never grows without bound and the
-//! tables on the work path stay small. Also ends the rows left waiting for servers that were
-//! deleted without going through the Fleet API.
+//! Retention: finished jobs (with their per-server rows), runs, and inventory rows marked gone
+//! longer ago than the retention period are deleted in small batches, so that history never
+//! grows without bound and the tables on the work path stay small. The cutoff is taken by the
+//! database's clock, like every time it is compared with. Also ends the rows left waiting for
+//! servers that were deleted without going through the Fleet API.
 
-use fleetsync_common::sql::Value;
+use fleetsync_common::sql::{Value, now_ms_sql};
 
 use super::{Store, complete::cancel_waiting, list};
 use crate::model::JobState;
@@ -17,14 +18,33 @@ pub struct Pruned {
     pub runs: u64,
     /// Waiting rows of deleted servers ended as CANCELLED.
     pub orphans: u64,
+    /// Databases and users marked gone before the cutoff, deleted.
+    pub gone: u64,
 }
 
 /// Rows deleted per statement: short transactions that never hold locks for long.
 const BATCH: usize = 500;
 
 impl Store {
-    /// Deletes finished jobs and runs that finished before `cutoff_ms`, at most `max_batches`
-    /// batches of each per call.
+    /// [`prune`](Self::prune) with the cutoff `age_ms` before now by the database's clock (the
+    /// clock every stored time was taken by, whatever this machine's says).
+    pub async fn prune_older_than(
+        &self,
+        age_ms: i64,
+        max_batches: usize,
+    ) -> Result<Pruned, sqlx::Error> {
+        let sql = format!("SELECT {}", now_ms_sql(self.backend()));
+        let now = self
+            .db
+            .fetch_optional(&sql, &[])
+            .await?
+            .ok_or(sqlx::Error::RowNotFound)?
+            .int(0)?;
+        self.prune(now - age_ms, max_batches).await
+    }
+
+    /// Deletes finished jobs, runs and gone inventory rows from before `cutoff_ms` (ms,
+    /// database clock), at most `max_batches` batches of each per call.
     pub async fn prune(&self, cutoff_ms: i64, max_batches: usize) -> Result<Pruned, sqlx::Error> {
         let mut pruned = Pruned::default();
         for _ in 0..max_batches {
@@ -86,6 +106,40 @@ impl Store {
                     &args,
                 )
                 .await?;
+        }
+        for table in ["\"databases\"", "database_users"] {
+            for _ in 0..max_batches {
+                let ids: Vec<i64> = self
+                    .db
+                    .fetch(
+                        &self.sql(&format!(
+                            "SELECT id FROM {table} WHERE status = 'gone' AND updated_at < ? \
+                             ORDER BY updated_at LIMIT ?"
+                        )),
+                        &[cutoff_ms.into(), (BATCH as i64 * 4).into()],
+                    )
+                    .await?
+                    .iter()
+                    .map(|r| r.int(0))
+                    .collect::<Result<_, _>>()?;
+                if ids.is_empty() {
+                    break;
+                }
+                // Still gone and still old: a row seen again meanwhile is kept.
+                let mut args: Vec<Value> = vec![cutoff_ms.into()];
+                args.extend(ids.iter().map(|&id| Value::Int(id)));
+                pruned.gone += self
+                    .db
+                    .execute(
+                        &self.sql(&format!(
+                            "DELETE FROM {table} WHERE status = 'gone' AND updated_at < ? \
+                             AND id IN {}",
+                            list(ids.len())
+                        )),
+                        &args,
+                    )
+                    .await?;
+            }
         }
         let orphans: Vec<i64> = self
             .db

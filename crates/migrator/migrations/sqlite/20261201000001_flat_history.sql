@@ -10,3 +10,7 @@ CREATE INDEX sync_job_servers_run ON sync_job_servers (run_id) WHERE run_id IS N
 -- ListJobs filtered by server reads every row of that server, finished or not (the waiting
 -- index holds only rows without an outcome).
 CREATE INDEX sync_job_servers_server ON sync_job_servers (server_id, job_id);
+-- Retention deletes inventory rows marked gone longer ago than the retention: it finds them
+-- by status and age.
+CREATE INDEX databases_gone ON "databases" (updated_at) WHERE status = 'gone';
+CREATE INDEX database_users_gone ON database_users (updated_at) WHERE status = 'gone';

@@ -1,0 +1,264 @@
+//! History at scale, for `just bench-scale`: a control plane filled by bulk SQL with finished
+//! jobs (1,000 servers each) and runs, 10% of them past the retention, and the calls that must
+//! stay flat as that history grows, timed against a real agent.
+
+use std::{net::SocketAddr, time::Instant};
+
+use fleetsync_common::{
+    Backend, Db,
+    proto::sync::v1::{
+        DeleteServerRequest, GetServerRequest, ListJobsRequest, WatchSyncRequest,
+        fleet_client::FleetClient, sync_agent_client::SyncAgentClient,
+    },
+};
+use fleetsync_sync_agent::{model::Scopes, store::Store};
+use tokio_stream::StreamExt;
+
+use crate::{
+    bench::median,
+    catalog::{add_mariadb_everywhere, count, execute, insert_servers},
+};
+
+/// Servers in the filled control plane; every job covers all of them.
+pub const SERVERS: usize = 1_000;
+/// Rows inserted per statement (each statement stays well inside the statement timeout).
+const CHUNK: usize = 100_000;
+const DAY_MS: i64 = 86_400_000;
+
+/// What one filled control plane measured: medians in milliseconds.
+#[derive(Debug, Clone)]
+pub struct HistoryFigures {
+    /// Job rows stored (and as many runs).
+    pub rows: usize,
+    /// Runs of each server deleted by `DeleteServer`.
+    pub runs_per_server: i64,
+    /// Runs past the retention when the passes started.
+    pub runs_due: i64,
+    /// One retention pass (`Store::prune`, one batch of each kind).
+    pub retention: f64,
+    /// `Fleet/DeleteServer`.
+    pub delete_server: f64,
+    /// `ListJobs`, a page of 100.
+    pub list_jobs: f64,
+    /// `ListJobs` filtered by a server, a page of 100.
+    pub list_jobs_by_server: f64,
+    /// `Fleet/GetServer`.
+    pub get_server: f64,
+    /// `WatchSync` of a finished job resumed at its middle (cursor 500), read to its summary.
+    pub watch_resume: f64,
+}
+
+/// `1..=n` as a subquery `s` with one column `i`.
+fn series(backend: Backend, n: usize) -> String {
+    match backend {
+        Backend::Postgres => format!("(SELECT generate_series(1, {n}) AS i) s"),
+        Backend::MySql => format!("(SELECT seq AS i FROM seq_1_to_{n}) s"),
+        Backend::Sqlite => format!(
+            "(WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < {n}) \
+             SELECT i FROM c) s"
+        ),
+    }
+}
+
+fn concat(backend: Backend, prefix: &str, expr: &str) -> String {
+    match backend {
+        Backend::MySql => format!("CONCAT('{prefix}', {expr})"),
+        _ => format!("('{prefix}' || ({expr}))"),
+    }
+}
+
+fn div(backend: Backend, expr: &str, by: usize) -> String {
+    match backend {
+        Backend::MySql => format!("(({expr}) DIV {by})"),
+        _ => format!("(({expr}) / {by})"),
+    }
+}
+
+/// Fills a freshly migrated database: [`SERVERS`] servers with a MariaDB service, `rows / 1000`
+/// finished jobs of every server (their rows filled, counts kept) and `rows` runs spread evenly
+/// over the servers, the oldest tenth 30 days old and the rest an hour old. Returns the clock
+/// the times were set from (ms).
+pub async fn fill(conn: &Db, rows: usize) -> i64 {
+    let backend = conn.backend();
+    insert_servers(conn, SERVERS, 1, |_| "127.0.0.1".into()).await;
+    add_mariadb_everywhere(conn, "10.11").await;
+    let first = count(conn, "SELECT MIN(id) FROM servers").await;
+    let now = fleetsync_common::clock::now_ms();
+    let recent = now - 3_600_000;
+    let old = now - 30 * DAY_MS;
+    let jobs = rows / SERVERS;
+    let scopes = Scopes::ALL.to_string();
+    let id = concat(backend, "h", "i");
+    execute(
+        conn,
+        &format!(
+            "INSERT INTO sync_jobs (id, request_id, origin, state, scopes, force_offline, reason, \
+             total, finished, created_at, finished_at, selection, outcome_counts) \
+             SELECT {id}, {id}, 'rpc', 'done', '{scopes}', 0, '', {SERVERS}, {SERVERS}, \
+             {recent} + i * 1000, {recent} + i * 1000 + 500, 'all', '{{\"OK\":{SERVERS}}}' \
+             FROM {}",
+            series(backend, jobs)
+        ),
+    )
+    .await;
+    for start in (0..rows).step_by(CHUNK) {
+        let n = CHUNK.min(rows - start);
+        let at = format!("(i + {start} - 1)");
+        let job = concat(backend, "h", &format!("{} + 1", div(backend, &at, SERVERS)));
+        let name = concat(backend, "srv-", &format!("{at} % {SERVERS}"));
+        execute(
+            conn,
+            &format!(
+                "INSERT INTO sync_job_servers (job_id, server_id, server_name, seq, outcome, \
+                 message, duration_ms, finished_at) \
+                 SELECT {job}, {first} + {at} % {SERVERS}, {name}, {at} % {SERVERS} + 1, 'OK', \
+                 '', 1, {recent} FROM {}",
+                series(backend, n)
+            ),
+        )
+        .await;
+        let due = rows / 10;
+        execute(
+            conn,
+            &format!(
+                "INSERT INTO sync_runs (server_id, lease_token, holder, scopes, started_at, \
+                 finished_at, outcome, message, duration_ms) \
+                 SELECT {first} + {at} % {SERVERS}, 1, 'bench', '{scopes}', \
+                 CASE WHEN {at} < {due} THEN {old} ELSE {recent} END + {at}, \
+                 CASE WHEN {at} < {due} THEN {old} ELSE {recent} END + {at}, 'OK', '', 1 FROM {}",
+                series(backend, n)
+            ),
+        )
+        .await;
+    }
+    if backend == Backend::Postgres {
+        execute(conn, "ANALYZE").await;
+    } else if backend == Backend::MySql {
+        for table in ["sync_jobs", "sync_job_servers", "sync_runs", "servers"] {
+            execute(conn, &format!("ANALYZE TABLE {table}")).await;
+        }
+    } else {
+        execute(conn, "ANALYZE").await;
+    }
+    now
+}
+
+/// Times the calls over a filled control plane served by the agent at `agent`; `samples`
+/// repeats each (the median is kept).
+pub async fn measure(
+    conn: &Db,
+    agent: SocketAddr,
+    rows: usize,
+    now: i64,
+    samples: usize,
+) -> HistoryFigures {
+    let url = format!("http://{agent}");
+    let mut sync = SyncAgentClient::connect(url.clone())
+        .await
+        .expect("connect")
+        .max_decoding_message_size(64 << 20);
+    let mut fleet = FleetClient::connect(url).await.expect("connect");
+    let first = count(conn, "SELECT MIN(id) FROM servers").await;
+    let ms = |started: Instant| started.elapsed().as_secs_f64() * 1000.0;
+
+    let mut list = Vec::new();
+    let mut by_server = Vec::new();
+    let mut get = Vec::new();
+    let mut watch = Vec::new();
+    let newest = format!("h{}", rows / SERVERS);
+    for i in 0..samples {
+        let started = Instant::now();
+        let page = sync
+            .list_jobs(ListJobsRequest {
+                page_size: 100,
+                ..Default::default()
+            })
+            .await
+            .expect("list jobs")
+            .into_inner();
+        list.push(ms(started));
+        assert_eq!(page.jobs.len(), (rows / SERVERS).min(100));
+        let server = first + 500 + i as i64;
+        let started = Instant::now();
+        let page = sync
+            .list_jobs(ListJobsRequest {
+                server_id: server,
+                page_size: 100,
+                ..Default::default()
+            })
+            .await
+            .expect("list jobs by server")
+            .into_inner();
+        by_server.push(ms(started));
+        assert_eq!(page.jobs.len(), (rows / SERVERS).min(100));
+        let started = Instant::now();
+        fleet
+            .get_server(GetServerRequest { id: server })
+            .await
+            .expect("get server");
+        get.push(ms(started));
+        let started = Instant::now();
+        let mut stream = sync
+            .watch_sync(WatchSyncRequest {
+                job_id: newest.clone(),
+                cursor: 500,
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        let mut events = 0;
+        while let Some(event) = stream.next().await {
+            event.expect("event");
+            events += 1;
+        }
+        watch.push(ms(started));
+        assert_eq!(
+            events,
+            SERVERS - 500 + 1,
+            "the rest of the job and its summary"
+        );
+    }
+
+    let runs_per_server = count(
+        conn,
+        &format!("SELECT COUNT(*) FROM sync_runs WHERE server_id = {first}"),
+    )
+    .await;
+    let mut delete = Vec::new();
+    for i in 0..samples {
+        let started = Instant::now();
+        fleet
+            .delete_server(DeleteServerRequest {
+                id: first + i as i64,
+            })
+            .await
+            .expect("delete server");
+        delete.push(ms(started));
+    }
+
+    let cutoff = now - 7 * DAY_MS;
+    let runs_due = count(
+        conn,
+        &format!("SELECT COUNT(*) FROM sync_runs WHERE finished_at < {cutoff}"),
+    )
+    .await;
+    let store = Store::new(conn.clone());
+    let mut retention = Vec::new();
+    for _ in 0..samples {
+        let started = Instant::now();
+        let pruned = store.prune(cutoff, 1).await.expect("prune");
+        retention.push(ms(started));
+        assert!(pruned.runs > 0, "a batch of runs was due: {pruned:?}");
+    }
+    HistoryFigures {
+        rows,
+        runs_per_server,
+        runs_due,
+        retention: median(retention),
+        delete_server: median(delete),
+        list_jobs: median(list),
+        list_jobs_by_server: median(by_server),
+        get_server: median(get),
+        watch_resume: median(watch),
+    }
+}
