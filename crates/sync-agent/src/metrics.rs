@@ -107,6 +107,8 @@ struct FleetGauges {
     last_read: tokio::sync::Mutex<Option<std::time::Instant>>,
     /// Read at most this often (`--metrics-interval`).
     interval: std::time::Duration,
+    /// `fleetsync_fleet_reads_total`: how often they were read.
+    reads: Counter,
     jobs: Family<StateLabels, Gauge>,
     servers_waiting: Gauge,
     servers: Family<ReachabilityLabels, Gauge>,
@@ -266,6 +268,7 @@ impl Metrics {
             let mut last = self.fleet.last_read.lock().await;
             if last.is_none_or(|at| at.elapsed() >= self.fleet.interval) {
                 self.fleet.read(store, pools).await;
+                self.fleet.reads.inc();
                 *last = Some(std::time::Instant::now());
             }
         }
@@ -313,6 +316,11 @@ impl FleetGauges {
             "fleetsync_db_pool_max_connections",
             "Most connections each pool may open",
             self.pool_max.clone(),
+        );
+        registry.register(
+            "fleetsync_fleet_reads",
+            "Reads of the fleet-wide gauges from the database (at most one per --metrics-interval, whatever the scrape rate)",
+            self.reads.clone(),
         );
     }
 

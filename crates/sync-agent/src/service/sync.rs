@@ -31,6 +31,8 @@ const BATCH: i64 = 256;
 const DEFAULT_PAGE: i64 = 1000;
 /// Most outcomes per `GetSyncJob` page (about 2 MiB: well under the 4 MiB message limit).
 const MAX_PAGE: i64 = 10_000;
+/// Most bytes of outcomes in one `GetSyncJob` page (a page ends early rather than pass it).
+const PAGE_BYTES: usize = 2 << 20;
 
 /// `fleetsync.sync.v1.SyncAgent`.
 #[derive(Debug, Clone)]
@@ -254,18 +256,29 @@ impl SyncAgent for SyncAgentService {
                 .outcomes_after(&job.id, after, size)
                 .await
                 .map_err(ServiceError::from)?;
-            let next = match page.last() {
-                Some(last) if page.len() as i64 == size && last.seq < job.total => {
-                    last.seq.to_string()
+            // A page also ends before it would pass PAGE_BYTES encoded, whatever its size
+            // asks: outcomes carry messages of up to a kilobyte, and a page must stay within
+            // what any gRPC client decodes by default (4 MiB).
+            let mut outcomes = Vec::with_capacity(page.len());
+            let mut bytes = 0;
+            let mut last_seq = None;
+            for o in &page {
+                let outcome =
+                    convert::server_outcome(o.server_id, &o.server_name, &o.result, o.finished_at);
+                bytes += prost::Message::encoded_len(&outcome) + 8;
+                if bytes > PAGE_BYTES && !outcomes.is_empty() {
+                    break;
+                }
+                outcomes.push(outcome);
+                last_seq = Some(o.seq);
+            }
+            let cut = outcomes.len() < page.len();
+            let next = match last_seq {
+                Some(seq) if (cut || page.len() as i64 == size) && seq < job.total => {
+                    seq.to_string()
                 }
                 _ => String::new(),
             };
-            let outcomes = page
-                .iter()
-                .map(|o| {
-                    convert::server_outcome(o.server_id, &o.server_name, &o.result, o.finished_at)
-                })
-                .collect();
             (outcomes, next)
         } else {
             (Vec::new(), String::new())
