@@ -1,6 +1,6 @@
 //! Writing what syncs read from servers, a batch at a time: databases, users and charsets,
 //! diffed against what is stored (new ones added, changed ones updated, vanished ones marked
-//! gone, never deleted).
+//! gone; retention deletes them once gone longer than the retention).
 
 use std::collections::{BTreeMap, HashMap};
 
