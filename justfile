@@ -72,6 +72,11 @@ bench-scale: setup
     cargo build --release --locked --bins
     cargo bench --locked -p fleetsync-tests --bench scale
 
+# Chaos: one forced job of 4,000 servers on PostgreSQL with three agents while agents are killed, stopped and rolled, PostgreSQL restarts and every connection is cut (writes bench/chaos.md)
+chaos: setup
+    cargo build --release --locked --bins
+    cargo bench --locked -p fleetsync-tests --bench chaos
+
 buf := tools / "npm" / "node_modules" / ".bin" / "buf"
 
 # Benchmark: fleetsync vs parallel-ssh, pssh and Ansible on 240 real sshd hosts, 40 of them faulty (writes bench/fleet.md)

@@ -35,7 +35,7 @@ use fleetsync_common::{
 };
 use fleetsync_tests::{
     TestDb,
-    bench::{cpu_seconds, machine, median, peak_rss_mib, runs},
+    bench::{cpu_seconds, machine, median, peak_rss_mib, runs, silent_listener},
     catalog::{add_mariadb_everywhere, insert_servers},
     db::ALL_BACKENDS,
     history::HistoryFigures,
@@ -262,32 +262,6 @@ async fn job_scenario(
         row.rss
     );
     row
-}
-
-/// Accepts every connection on the wildcard address and never answers: each connection is
-/// held until the client closes it.
-async fn silent_listener() -> (u16, tokio::task::JoinHandle<()>) {
-    // A deep accept queue: hundreds of connects arrive at once, and a full queue drops SYNs,
-    // which the client sends again only a second later.
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket
-        .bind("0.0.0.0:0".parse().expect("addr"))
-        .expect("bind");
-    let listener = socket.listen(4096).expect("listen");
-    let port = listener.local_addr().expect("addr").port();
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((mut socket, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                use tokio::io::AsyncReadExt;
-                let mut buf = [0u8; 1024];
-                while matches!(socket.read(&mut buf).await, Ok(n) if n > 0) {}
-            });
-        }
-    });
-    (port, task)
 }
 
 /// 10,000 registrations, 64 in flight: (calls per second, errors).

@@ -1,5 +1,6 @@
 //! What the benchmarks (`tests/benches/`) share: repeat counts, medians, a process's CPU and
-//! peak memory from `/proc`, and the machine's description that heads each table.
+//! peak memory from `/proc`, the machine's description that heads each table, and a listener
+//! that accepts and never answers (silent hosts).
 
 /// Repeats of each measurement (`BENCH_RUNS`, default 3).
 pub fn runs() -> usize {
@@ -78,4 +79,30 @@ pub fn machine() -> String {
         version("psql", &["--version"]),
         version("mariadb", &["--version"]),
     )
+}
+
+/// Accepts every connection on the wildcard address and never answers: each connection is
+/// held until the client closes it.
+pub async fn silent_listener() -> (u16, tokio::task::JoinHandle<()>) {
+    // A deep accept queue: hundreds of connects arrive at once, and a full queue drops SYNs,
+    // which the client sends again only a second later.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("0.0.0.0:0".parse().expect("addr"))
+        .expect("bind");
+    let listener = socket.listen(4096).expect("listen");
+    let port = listener.local_addr().expect("addr").port();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut buf = [0u8; 1024];
+                while matches!(socket.read(&mut buf).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    (port, task)
 }

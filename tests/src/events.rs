@@ -1,9 +1,15 @@
 //! Reading a job's events and other helpers the end-to-end sync tests share.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use fleetsync_common::proto::sync::v1::{
-    self as pb, SyncEvent, WatchSyncRequest, sync_agent_client::SyncAgentClient, sync_event,
+    self as pb, Outcome, SyncEvent, UnreachableCause, WatchSyncRequest,
+    sync_agent_client::SyncAgentClient, sync_event,
 };
 use fleetsync_sync_agent::ssh::Timeouts;
 use tokio_stream::StreamExt;
@@ -89,4 +95,62 @@ pub async fn postgres_exec(sql: &str) {
         .expect("postgres");
     execute(&db, sql).await;
     db.close().await;
+}
+
+/// Watches a job to its summary, resuming from the last cursor on whichever agent in `agents`
+/// answers when a stream breaks (panics on a gap or a repeat, or past `within`). Returns every
+/// outcome event as (cursor, server, outcome, cause) and how often the watch resumed.
+pub async fn watch_resumably(
+    agents: Arc<Mutex<Vec<SocketAddr>>>,
+    job_id: String,
+    within: Duration,
+) -> (Vec<(u64, i64, Outcome, UnreachableCause)>, usize) {
+    let deadline = Instant::now() + within;
+    let mut cursor = 0;
+    let mut events = Vec::new();
+    let mut resumed = 0;
+    let mut attempt = 0usize;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "the job did not finish within {within:?}"
+        );
+        let addrs = agents.lock().expect("agents").clone();
+        let addr = addrs[attempt % addrs.len()];
+        attempt += 1;
+        let stream = SyncAgentClient::new(crate::services::connect(addr).await)
+            .watch_sync(WatchSyncRequest {
+                job_id: job_id.clone(),
+                cursor,
+            })
+            .await;
+        let Ok(stream) = stream else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let mut stream = stream.into_inner();
+        loop {
+            match stream.next().await {
+                Some(Ok(event)) => {
+                    assert_eq!(event.cursor, cursor + 1, "no gap, no duplicate");
+                    cursor = event.cursor;
+                    match event.event {
+                        Some(sync_event::Event::Outcome(o)) => {
+                            events.push((event.cursor, o.server_id, o.outcome(), o.cause()));
+                        }
+                        Some(sync_event::Event::Summary(s)) => {
+                            assert_eq!(s.finished, s.total);
+                            return (events, resumed);
+                        }
+                        None => {}
+                    }
+                }
+                Some(Err(_)) | None => {
+                    resumed += 1;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    break;
+                }
+            }
+        }
+    }
 }

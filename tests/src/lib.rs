@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod catalog;
+pub mod chaos;
 pub mod db;
 pub mod events;
 pub mod fleet;

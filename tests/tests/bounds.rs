@@ -11,32 +11,18 @@ use fleetsync_common::proto::sync::v1::{
 use fleetsync_sync_agent::ssh::Timeouts;
 use fleetsync_tests::{
     SshFleet, TestAgent, TestDb,
+    bench::silent_listener,
     catalog::{add_mariadb_everywhere, count, insert_servers},
     scrape::{sample, scrape},
     services::{ServeProcess, connect, migrate, register_fleet, test_runner_config, watch_to_end},
 };
 use tonic::Code;
 
-/// A listener that accepts and never speaks: every SSH attempt waits out its handshake timeout.
-async fn tarpit() -> (u16, tokio::task::JoinHandle<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    let task = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = listener.accept().await {
-            held.push(socket);
-        }
-    });
-    (port, task)
-}
-
 #[tokio::test]
 async fn check_connection_is_capped_and_a_job_still_completes() {
     const CALLS: usize = 2_000;
     let hosts = SshFleet::start(3).await;
-    let (port, tarpit) = tarpit().await;
+    let (port, tarpit) = silent_listener().await;
     let db = TestDb::postgres().await;
     migrate(db.url()).await;
     let timeouts = Timeouts {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use fleetsync_common::{
     Backend, Db,
-    proto::sync::v1::{DatabaseService, Outcome, sync_event},
+    proto::sync::v1::{DatabaseService, Outcome},
 };
 use fleetsync_sync_agent::{runner::RunnerConfig, ssh::Timeouts};
 use fleetsync_tests::{
@@ -116,16 +116,13 @@ async fn a_lock_on_every_server_discards_no_run(backend: Backend) {
     let events = tokio::time::timeout(Duration::from_secs(60), watch_to_end(&mut sync, &job_id))
         .await
         .unwrap_or_else(|_| panic!("{backend}: the job never completed after the lock"));
-    let outcomes: Vec<Outcome> = events
-        .iter()
-        .filter_map(|e| match &e.event {
-            Some(sync_event::Event::Outcome(o)) => Some(o.outcome()),
-            _ => None,
-        })
-        .collect();
+    let outcomes = fleetsync_tests::events::outcomes(&events);
     assert_eq!(outcomes.len(), 44, "{backend}: every server once");
     assert_eq!(
-        outcomes.iter().filter(|o| **o == Outcome::Ok).count(),
+        outcomes
+            .values()
+            .filter(|o| o.outcome() == Outcome::Ok)
+            .count(),
         4,
         "{backend}: the real hosts synced: {outcomes:?}"
     );

@@ -164,16 +164,7 @@ async fn a_watch_of_a_job_deleted_while_open_ends_with_not_found() {
     use tokio_stream::StreamExt;
 
     // A host that accepts and never speaks: the job's run waits out a long handshake timeout.
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let port = silent.local_addr().expect("addr").port();
-    let held = tokio::spawn(async move {
-        let mut sockets = Vec::new();
-        while let Ok((socket, _)) = silent.accept().await {
-            sockets.push(socket);
-        }
-    });
+    let (port, held) = fleetsync_tests::bench::silent_listener().await;
     let db = TestDb::create(fleetsync_common::Backend::Postgres).await;
     migrate(db.url()).await;
     let ssh = SshClient::new(

@@ -11,21 +11,20 @@
 
 use std::{
     collections::BTreeMap,
-    net::SocketAddr,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use fleetsync_common::proto::sync::v1::{
-    DatabaseService, Outcome, StartSyncRequest, UnreachableCause, WatchSyncRequest,
-    sync_agent_client::SyncAgentClient, sync_event,
+    DatabaseService, Outcome, StartSyncRequest, UnreachableCause,
+    sync_agent_client::SyncAgentClient,
 };
 use fleetsync_tests::{
     SshFleet, TestDb,
     catalog::{count, wait_for_count},
+    events::watch_resumably,
     services::{ServeProcess, connect, migrate, register_fleet},
 };
-use tokio_stream::StreamExt;
 
 const HOSTS: usize = 300;
 /// Hosts 270..290 are stopped (refused), 290..300 frozen (no banner).
@@ -96,62 +95,6 @@ fn signal(process: &ServeProcess, sig: &str) {
         .status()
         .expect("kill");
     assert!(sent.success(), "kill -{sig}");
-}
-
-/// Watches a job to its summary, resuming from the last cursor on whichever agent in `agents`
-/// answers when a stream breaks. Returns every outcome event as (cursor, server, outcome, cause).
-async fn watch_resumably(
-    agents: Arc<Mutex<Vec<SocketAddr>>>,
-    job_id: String,
-) -> (Vec<(u64, i64, Outcome, UnreachableCause)>, usize) {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let mut cursor = 0;
-    let mut events = Vec::new();
-    let mut resumed = 0;
-    let mut attempt = 0usize;
-    loop {
-        assert!(
-            Instant::now() < deadline,
-            "the job did not finish within 90 s"
-        );
-        let addrs = agents.lock().expect("agents").clone();
-        let addr = addrs[attempt % addrs.len()];
-        attempt += 1;
-        let stream = SyncAgentClient::new(connect(addr).await)
-            .watch_sync(WatchSyncRequest {
-                job_id: job_id.clone(),
-                cursor,
-            })
-            .await;
-        let Ok(stream) = stream else {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
-        };
-        let mut stream = stream.into_inner();
-        loop {
-            match stream.next().await {
-                Some(Ok(event)) => {
-                    assert_eq!(event.cursor, cursor + 1, "no gap, no duplicate");
-                    cursor = event.cursor;
-                    match event.event {
-                        Some(sync_event::Event::Outcome(o)) => {
-                            events.push((event.cursor, o.server_id, o.outcome(), o.cause()));
-                        }
-                        Some(sync_event::Event::Summary(s)) => {
-                            assert_eq!(s.finished, s.total);
-                            return (events, resumed);
-                        }
-                        None => {}
-                    }
-                }
-                Some(Err(_)) | None => {
-                    resumed += 1;
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    break;
-                }
-            }
-        }
-    }
 }
 
 fn check_outcomes(events: &[(u64, i64, Outcome, UnreachableCause)], ids: &[i64], phase: &str) {
@@ -264,7 +207,11 @@ async fn three_agents_share_300_hosts_and_survive_kill_stop_and_restart() {
         .await
         .expect("start")
         .into_inner();
-    let watcher = tokio::spawn(watch_resumably(live.clone(), job.job_id.clone()));
+    let watcher = tokio::spawn(watch_resumably(
+        live.clone(),
+        job.job_id.clone(),
+        Duration::from_secs(90),
+    ));
     let finished = format!(
         "SELECT COUNT(*) FROM sync_job_servers WHERE job_id = '{}' AND seq IS NOT NULL",
         job.job_id
@@ -303,7 +250,11 @@ async fn three_agents_share_300_hosts_and_survive_kill_stop_and_restart() {
         .expect("start")
         .into_inner();
     *live.lock().expect("agents") = vec![c.addr, b.addr];
-    let watcher = tokio::spawn(watch_resumably(live.clone(), job.job_id.clone()));
+    let watcher = tokio::spawn(watch_resumably(
+        live.clone(),
+        job.job_id.clone(),
+        Duration::from_secs(90),
+    ));
     let finished = format!(
         "SELECT COUNT(*) FROM sync_job_servers WHERE job_id = '{}' AND seq IS NOT NULL",
         job.job_id

@@ -84,62 +84,20 @@ impl Store {
                 .await?;
             tx.commit().await?;
         }
-        for _ in 0..max_batches {
-            let ids: Vec<i64> = self
-                .db
-                .fetch(
-                    "SELECT id FROM sync_runs WHERE finished_at < ? ORDER BY finished_at LIMIT ?",
-                    &[cutoff_ms.into(), (BATCH as i64 * 4).into()],
-                )
-                .await?
-                .iter()
-                .map(|r| r.int(0))
-                .collect::<Result<_, _>>()?;
-            if ids.is_empty() {
-                break;
-            }
-            let args: Vec<Value> = ids.iter().map(|&id| Value::Int(id)).collect();
-            pruned.runs += self
-                .db
-                .execute(
-                    &format!("DELETE FROM sync_runs WHERE id IN {}", list(ids.len())),
-                    &args,
+        pruned.runs = self
+            .delete_old("sync_runs", "finished_at", "", cutoff_ms, max_batches)
+            .await?;
+        for table in ["\"databases\"", "database_users"] {
+            // Still gone and still old when deleted: a row seen again meanwhile is kept.
+            pruned.gone += self
+                .delete_old(
+                    table,
+                    "updated_at",
+                    "status = 'gone' AND ",
+                    cutoff_ms,
+                    max_batches,
                 )
                 .await?;
-        }
-        for table in ["\"databases\"", "database_users"] {
-            for _ in 0..max_batches {
-                let ids: Vec<i64> = self
-                    .db
-                    .fetch(
-                        &self.sql(&format!(
-                            "SELECT id FROM {table} WHERE status = 'gone' AND updated_at < ? \
-                             ORDER BY updated_at LIMIT ?"
-                        )),
-                        &[cutoff_ms.into(), (BATCH as i64 * 4).into()],
-                    )
-                    .await?
-                    .iter()
-                    .map(|r| r.int(0))
-                    .collect::<Result<_, _>>()?;
-                if ids.is_empty() {
-                    break;
-                }
-                // Still gone and still old: a row seen again meanwhile is kept.
-                let mut args: Vec<Value> = vec![cutoff_ms.into()];
-                args.extend(ids.iter().map(|&id| Value::Int(id)));
-                pruned.gone += self
-                    .db
-                    .execute(
-                        &self.sql(&format!(
-                            "DELETE FROM {table} WHERE status = 'gone' AND updated_at < ? \
-                             AND id IN {}",
-                            list(ids.len())
-                        )),
-                        &args,
-                    )
-                    .await?;
-            }
         }
         let orphans: Vec<i64> = self
             .db
@@ -158,5 +116,49 @@ impl Store {
             tx.commit().await?;
         }
         Ok(pruned)
+    }
+
+    /// Deletes the rows of `table` (with an `id`) whose `time` is before `cutoff_ms` and that
+    /// match `filter` (`"... AND "`, or empty), oldest first, in batches of 2,000 ids read first
+    /// and deleted by id (MySQL has no `LIMIT` in an `IN` subquery), at most `max_batches`.
+    async fn delete_old(
+        &self,
+        table: &str,
+        time: &str,
+        filter: &str,
+        cutoff_ms: i64,
+        max_batches: usize,
+    ) -> Result<u64, sqlx::Error> {
+        let mut deleted = 0;
+        for _ in 0..max_batches {
+            let ids: Vec<i64> = self
+                .db
+                .fetch(
+                    &self.sql(&format!(
+                        "SELECT id FROM {table} WHERE {filter}{time} < ? ORDER BY {time} LIMIT ?"
+                    )),
+                    &[cutoff_ms.into(), (BATCH as i64 * 4).into()],
+                )
+                .await?
+                .iter()
+                .map(|r| r.int(0))
+                .collect::<Result<_, _>>()?;
+            if ids.is_empty() {
+                break;
+            }
+            let mut args: Vec<Value> = vec![cutoff_ms.into()];
+            args.extend(ids.iter().map(|&id| Value::Int(id)));
+            deleted += self
+                .db
+                .execute(
+                    &self.sql(&format!(
+                        "DELETE FROM {table} WHERE {filter}{time} < ? AND id IN {}",
+                        list(ids.len())
+                    )),
+                    &args,
+                )
+                .await?;
+        }
+        Ok(deleted)
     }
 }
