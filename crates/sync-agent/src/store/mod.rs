@@ -9,6 +9,7 @@
 //! somewhere (`"databases"`, `"collation"`); [`Store::sql`] adapts both per backend.
 
 mod complete;
+mod fill;
 mod gauges;
 mod inventory;
 mod jobs;
@@ -80,6 +81,19 @@ pub(crate) fn for_update(backend: Backend) -> &'static str {
         Backend::Sqlite => "",
         _ => " FOR UPDATE",
     }
+}
+
+/// `(?, ?), (?, ?)`: `n` rows of `columns` placeholders.
+pub(crate) fn rows(n: usize, columns: usize) -> String {
+    let row = list(columns);
+    let mut s = String::with_capacity(n * (row.len() + 2));
+    for i in 0..n {
+        if i > 0 {
+            s.push_str(", ");
+        }
+        s.push_str(&row);
+    }
+    s
 }
 
 /// `(?, ?, ?)` with `n` placeholders.

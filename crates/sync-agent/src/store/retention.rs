@@ -6,7 +6,7 @@
 
 use fleetsync_common::sql::{Value, now_ms_sql};
 
-use super::{Store, complete::cancel_waiting, list};
+use super::{Store, fill::cancel_waiting, list};
 use crate::model::JobState;
 
 /// What one pass deleted.

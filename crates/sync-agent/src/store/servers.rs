@@ -430,7 +430,7 @@ impl Store {
             &[id.into()],
         )
         .await?;
-        super::complete::cancel_waiting(&mut tx, id).await?;
+        super::fill::cancel_waiting(&mut tx, id).await?;
         // Explicit deletes: MySQL and PostgreSQL cascade, SQLite only with foreign keys on.
         for sql in [
             "DELETE FROM server_leases WHERE server_id = ?",

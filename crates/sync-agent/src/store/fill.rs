@@ -1,0 +1,314 @@
+//! The one writer of a job's outcomes: completions, `DeleteServer` and retention's orphan
+//! clean-up all fill a job's rows through [`fill`], which takes the same locks in the same order
+//! for all of them (the job's row, then its rows still waiting) and fills each row at most once.
+//! Sequence numbers are given per job and per batch under the job row's lock, taken last and in
+//! job-id order, so cursors commit in order without holding agents on one job for long; the
+//! job's outcome counts move with them.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use fleetsync_common::{
+    Backend,
+    sql::{Tx, Value},
+};
+
+use crate::model::{Cause, JobState, Outcome};
+
+use super::{
+    CHUNK, OUTCOMES_CHANNEL, OutcomeCounts, RunResult, for_update, list, notify, queue::db_now,
+    rows,
+};
+
+/// One server's outcome to give to the job rows waiting for it.
+pub(super) struct Fill<'a> {
+    pub server_id: i64,
+    /// Only rows of jobs created up to this time (ms, database clock) are served.
+    pub served_before: i64,
+    pub result: &'a RunResult,
+    pub counts: Option<String>,
+}
+
+/// Which jobs each server served.
+#[derive(Debug, Default)]
+pub(super) struct FillReport {
+    pub jobs: HashMap<i64, Vec<String>>,
+}
+
+/// The job rows waiting for these servers, split into those each run serves (by job) and the
+/// servers that keep rows waiting for a later run.
+pub(super) struct Waiting {
+    /// job id -> (server id, server name), ascending server id.
+    served: BTreeMap<String, Vec<(i64, String)>>,
+    pub(super) still_waiting: BTreeSet<i64>,
+}
+
+pub(super) async fn waiting_rows(tx: &mut Tx, fills: &[Fill<'_>]) -> Result<Waiting, sqlx::Error> {
+    let before: HashMap<i64, i64> = fills
+        .iter()
+        .map(|f| (f.server_id, f.served_before))
+        .collect();
+    let ids: Vec<i64> = fills.iter().map(|f| f.server_id).collect();
+    let mut waiting = Waiting {
+        served: BTreeMap::new(),
+        still_waiting: BTreeSet::new(),
+    };
+    // Two statements, not a join: joined with `sync_jobs`, MariaDB with fresh statistics
+    // (a job of 100,000 servers inserted moments ago) drives from the jobs and scans every row of
+    // each job per batch; alone, the rows are an index range on (server_id, outcome). On MySQL
+    // the index is named: past `eq_range_index_dive_limit` (200) values in the list, MariaDB
+    // estimates from statistics, which a fresh job makes stale, and chose a full scan (100 ms a
+    // batch at 100,000 servers).
+    let hint = match tx.backend() {
+        Backend::MySql => " FORCE INDEX (sync_job_servers_waiting)",
+        _ => "",
+    };
+    let mut rows: Vec<(String, i64, String)> = Vec::new();
+    for chunk in ids.chunks(CHUNK) {
+        let sql = format!(
+            "SELECT job_id, server_id, server_name FROM sync_job_servers{hint} \
+             WHERE outcome IS NULL AND server_id IN {}",
+            list(chunk.len())
+        );
+        let args: Vec<Value> = chunk.iter().map(|&id| Value::Int(id)).collect();
+        for row in tx.fetch(&sql, &args).await? {
+            rows.push((row.text(0)?, row.int(1)?, row.text(2)?));
+        }
+    }
+    let jobs: Vec<&str> = rows
+        .iter()
+        .map(|(job, _, _)| job.as_str())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut created_at: HashMap<String, i64> = HashMap::with_capacity(jobs.len());
+    for chunk in jobs.chunks(CHUNK) {
+        let sql = format!(
+            "SELECT id, created_at FROM sync_jobs WHERE id IN {}",
+            list(chunk.len())
+        );
+        let args: Vec<Value> = chunk.iter().map(|&id| Value::from(id)).collect();
+        for row in tx.fetch(&sql, &args).await? {
+            created_at.insert(row.text(0)?, row.int(1)?);
+        }
+    }
+    for (job, server, name) in rows {
+        let created = created_at.get(&job).copied().unwrap_or(i64::MAX);
+        // A request made in the claim's own millisecond is served: the run reads the server
+        // only after connecting and logging in, milliseconds after the claim.
+        if created <= before.get(&server).copied().unwrap_or(i64::MIN) {
+            waiting.served.entry(job).or_default().push((server, name));
+        } else {
+            waiting.still_waiting.insert(server);
+        }
+    }
+    for servers in waiting.served.values_mut() {
+        servers.sort_unstable_by_key(|(id, _)| *id);
+    }
+    Ok(waiting)
+}
+
+/// Gives the served rows their outcome and their job's next sequence numbers; marks jobs done
+/// when their last server finishes. The one writer of a job's outcomes: completions,
+/// `DeleteServer` and retention's orphan clean-up all fill through here.
+///
+/// One filler per row: for each job, in job-id order, the job's row is locked first, then its
+/// rows among the candidates that are still waiting are read (and locked) again under that lock.
+/// A concurrent filler of the same rows (two deletes of one server, a delete racing the
+/// server's completion, two agents' retention passes) queues on the job row and then finds them
+/// filled: it writes and counts nothing. Counters, cursors and the outcome counts move together
+/// under the lock, so the stream is 1..N without gap or repeat.
+pub(super) async fn fill(
+    tx: &mut Tx,
+    now: i64,
+    fills: &[Fill<'_>],
+    waiting: Waiting,
+) -> Result<FillReport, sqlx::Error> {
+    let by_server: HashMap<i64, &Fill<'_>> = fills.iter().map(|f| (f.server_id, f)).collect();
+    let mut report = FillReport::default();
+    let mut values: Vec<Value> = Vec::new();
+    let mut pending_rows = 0;
+    let backend = tx.backend();
+    let upsert = match backend {
+        Backend::MySql => {
+            "ON DUPLICATE KEY UPDATE seq = VALUES(seq), outcome = VALUES(outcome), \
+             cause = VALUES(cause), message = VALUES(message), exit_status = VALUES(exit_status), \
+             duration_ms = VALUES(duration_ms), finished_at = VALUES(finished_at), \
+             next_probe_at = VALUES(next_probe_at), counts = VALUES(counts)"
+        }
+        _ => {
+            "ON CONFLICT (job_id, server_id) DO UPDATE SET seq = excluded.seq, \
+             outcome = excluded.outcome, cause = excluded.cause, message = excluded.message, \
+             exit_status = excluded.exit_status, duration_ms = excluded.duration_ms, \
+             finished_at = excluded.finished_at, next_probe_at = excluded.next_probe_at, \
+             counts = excluded.counts"
+        }
+    };
+    let lock = for_update(backend);
+    for (job_id, candidates) in &waiting.served {
+        // The job's row first: every filler of this job queues here.
+        let Some(job) = tx
+            .fetch_optional(
+                &format!(
+                    "SELECT finished, total, outcome_counts, finished_at FROM sync_jobs \
+                     WHERE id = ?{lock}"
+                ),
+                &[job_id.as_str().into()],
+            )
+            .await?
+        else {
+            continue; // Pruned meanwhile: nothing to fill.
+        };
+        let (finished, total) = (job.int(0)?, job.int(1)?);
+        let mut counts = match job.opt_text(2)? {
+            Some(text) => OutcomeCounts::decode(&text)?,
+            // A job made before the counts were kept: counted once, here, under its lock.
+            None => count_rows(tx, job_id).await?,
+        };
+        // Then, under that lock, which candidates still wait: a filler that went first has
+        // filled the others.
+        let still = still_waiting(tx, job_id, candidates).await?;
+        let servers: Vec<&(i64, String)> = candidates
+            .iter()
+            .filter(|(id, _)| still.contains(id))
+            .collect();
+        if servers.is_empty() {
+            continue;
+        }
+        let n = servers.len() as i64;
+        for (server_id, _) in &servers {
+            counts.add(by_server[server_id].result.outcome, 1);
+        }
+        let done = finished + n >= total;
+        let finished_at = if done { Some(now) } else { job.opt_int(3)? };
+        tx.execute(
+            "UPDATE sync_jobs SET finished = ?, state = ?, finished_at = ?, outcome_counts = ? \
+             WHERE id = ?",
+            &[
+                (finished + n).into(),
+                if done {
+                    JobState::Done
+                } else {
+                    JobState::Running
+                }
+                .as_str()
+                .into(),
+                finished_at.into(),
+                counts.encode().into(),
+                job_id.as_str().into(),
+            ],
+        )
+        .await?;
+        let mut seq = finished;
+        for (server_id, name) in servers {
+            seq += 1;
+            let f = by_server[server_id];
+            values.extend([
+                job_id.as_str().into(),
+                Value::Int(*server_id),
+                name.as_str().into(),
+                Value::Int(seq),
+                f.result.outcome.as_str().into(),
+                f.result.cause.map(Cause::as_str).into(),
+                f.result.message.as_str().into(),
+                f.result.exit_status.into(),
+                Value::Int(f.result.duration_ms),
+                Value::Int(now),
+                f.result.next_probe_at.into(),
+                f.counts.clone().into(),
+            ]);
+            pending_rows += 1;
+            report
+                .jobs
+                .entry(*server_id)
+                .or_default()
+                .push(job_id.clone());
+            if pending_rows == 200 {
+                upsert_rows(tx, &mut values, pending_rows, upsert).await?;
+                pending_rows = 0;
+            }
+        }
+    }
+    if pending_rows > 0 {
+        upsert_rows(tx, &mut values, pending_rows, upsert).await?;
+    }
+    Ok(report)
+}
+
+/// Which of `candidates` still wait in this job, read (and locked) under the job row's lock.
+async fn still_waiting(
+    tx: &mut Tx,
+    job_id: &str,
+    candidates: &[(i64, String)],
+) -> Result<BTreeSet<i64>, sqlx::Error> {
+    let lock = for_update(tx.backend());
+    let mut still = BTreeSet::new();
+    for chunk in candidates.chunks(CHUNK) {
+        let sql = format!(
+            "SELECT server_id FROM sync_job_servers WHERE job_id = ? AND outcome IS NULL \
+             AND server_id IN {} ORDER BY server_id{lock}",
+            list(chunk.len())
+        );
+        let mut args: Vec<Value> = vec![job_id.into()];
+        args.extend(chunk.iter().map(|(id, _)| Value::Int(*id)));
+        for row in tx.fetch(&sql, &args).await? {
+            still.insert(row.int(0)?);
+        }
+    }
+    Ok(still)
+}
+
+/// A job's outcome counts from its rows (a job made before the counts were kept).
+async fn count_rows(tx: &mut Tx, job_id: &str) -> Result<OutcomeCounts, sqlx::Error> {
+    let mut counts = OutcomeCounts::default();
+    for row in tx
+        .fetch(
+            "SELECT outcome, COUNT(*) FROM sync_job_servers WHERE job_id = ? \
+             AND outcome IS NOT NULL GROUP BY outcome",
+            &[job_id.into()],
+        )
+        .await?
+    {
+        counts.add(Outcome::parse(&row.text(0)?)?, row.int(1)?);
+    }
+    Ok(counts)
+}
+
+/// Columns of one `sync_job_servers` row as [`fill`] writes it.
+const JOB_ROW_COLUMNS: usize = 12;
+
+async fn upsert_rows(
+    tx: &mut Tx,
+    values: &mut Vec<Value>,
+    n: usize,
+    upsert: &str,
+) -> Result<(), sqlx::Error> {
+    let sql = format!(
+        "INSERT INTO sync_job_servers (job_id, server_id, server_name, seq, outcome, cause, \
+         message, exit_status, duration_ms, finished_at, next_probe_at, counts) VALUES {} {upsert}",
+        rows(n, JOB_ROW_COLUMNS)
+    );
+    tx.execute(&sql, values).await?;
+    values.clear();
+    Ok(())
+}
+
+/// Ends the waiting rows of a server about to be deleted with `CANCELLED`.
+pub(super) async fn cancel_waiting(tx: &mut Tx, server_id: i64) -> Result<usize, sqlx::Error> {
+    let now = db_now(tx).await?;
+    let result = RunResult::new(
+        Outcome::Cancelled,
+        "the server was deleted before it was synced",
+    );
+    let fills = [Fill {
+        server_id,
+        served_before: i64::MAX,
+        result: &result,
+        counts: None,
+    }];
+    let waiting = waiting_rows(tx, &fills).await?;
+    let report = fill(tx, now, &fills, waiting).await?;
+    if !report.jobs.is_empty() {
+        notify(tx, OUTCOMES_CHANNEL).await?;
+    }
+    Ok(report.jobs.values().map(Vec::len).sum())
+}
