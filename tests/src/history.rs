@@ -21,6 +21,10 @@ use crate::{
 
 /// Servers in the filled control plane; every job covers all of them.
 pub const SERVERS: usize = 1_000;
+/// Servers `measure` deletes (at most), each with [`RUNS_OF_DELETED`] runs.
+const DELETED: usize = 9;
+/// Runs of each server `DeleteServer` is timed on, whatever the size.
+const RUNS_OF_DELETED: usize = 1_000;
 /// Rows inserted per statement (each statement stays well inside the statement timeout).
 const CHUNK: usize = 100_000;
 const DAY_MS: i64 = 86_400_000;
@@ -76,7 +80,7 @@ fn div(backend: Backend, expr: &str, by: usize) -> String {
 
 /// Fills a freshly migrated database: [`SERVERS`] servers with a MariaDB service, `rows / 1000`
 /// finished jobs of every server (their rows filled, counts kept) and `rows` runs spread evenly
-/// over the servers, the oldest tenth 30 days old and the rest an hour old. Returns the clock
+/// over the servers, the oldest tenth (at least 12,000) 30 days old and the rest an hour old. Returns the clock
 /// the times were set from (ms).
 pub async fn fill(conn: &Db, rows: usize) -> i64 {
     let backend = conn.backend();
@@ -117,7 +121,8 @@ pub async fn fill(conn: &Db, rows: usize) -> i64 {
             ),
         )
         .await;
-        let due = rows / 10;
+        // A tenth of the history, and at least six retention batches' worth at any size.
+        let due = (rows / 10).max(12_000).min(rows);
         execute(
             conn,
             &format!(
@@ -131,6 +136,25 @@ pub async fn fill(conn: &Db, rows: usize) -> i64 {
         )
         .await;
     }
+    // The servers `measure` deletes have 1,000 runs at every size.
+    let per_server = rows / SERVERS;
+    if per_server < RUNS_OF_DELETED {
+        for k in 0..DELETED as i64 {
+            execute(
+                conn,
+                &format!(
+                    "INSERT INTO sync_runs (server_id, lease_token, holder, scopes, started_at, \
+                     finished_at, outcome, message, duration_ms) \
+                     SELECT {first} + {k}, 1, 'bench', '{scopes}', {recent} + i, {recent} + i, \
+                     'OK', '', 1 FROM {}",
+                    series(backend, RUNS_OF_DELETED - per_server)
+                ),
+            )
+            .await;
+        }
+    }
+    // The migrations' sync request would be a job of every server at the agent's start.
+    execute(conn, "UPDATE sync_requests SET state = 'taken'").await;
     if backend == Backend::Postgres {
         execute(conn, "ANALYZE").await;
     } else if backend == Backend::MySql {
@@ -225,7 +249,7 @@ pub async fn measure(
     )
     .await;
     let mut delete = Vec::new();
-    for i in 0..samples {
+    for i in 0..samples.min(DELETED) {
         let started = Instant::now();
         fleet
             .delete_server(DeleteServerRequest {

@@ -3,7 +3,8 @@
 //! completions wait, give up after the work pool's lock timeout, renew their leases and try
 //! again; the heartbeat skips the rows they lock; runs still in flight keep their leases. No run
 //! is discarded or redone (every lease token stays 1), and the job completes once the lock is
-//! released. PostgreSQL and MariaDB (SQLite has no row locks).
+//! released. PostgreSQL and MariaDB (SQLite has no row locks). And every connection runs under
+//! its session limits; a statement they cut short is transient.
 
 use std::time::Duration;
 
@@ -147,4 +148,63 @@ async fn a_lock_on_every_server_for_three_ttls_discards_no_run_on_postgres() {
 #[tokio::test]
 async fn a_lock_on_every_server_for_three_ttls_discards_no_run_on_mariadb() {
     a_lock_on_every_server_discards_no_run(Backend::MySql).await;
+}
+
+/// Every connection runs under its session limits (read back from the server), and a statement
+/// cut short by one is transient: tried again, never taken for a permanent failure (a good run
+/// would otherwise become PARSE_FAILED).
+#[tokio::test]
+async fn session_limits_hold_and_a_cut_statement_is_transient() {
+    use fleetsync_common::{
+        DbOptions, SessionLimits,
+        sql::{Failure, classify},
+    };
+    for backend in [Backend::Postgres, Backend::MySql] {
+        let db = TestDb::create(backend).await;
+        let limited = Db::connect_with(
+            db.url(),
+            DbOptions {
+                limits: SessionLimits {
+                    statement: Duration::from_millis(200),
+                    lock: Duration::from_secs(3),
+                    idle_in_transaction: Duration::from_secs(7),
+                },
+                ..DbOptions::default()
+            },
+        )
+        .await
+        .expect("connect");
+        let (read, sleep) = match backend {
+            Backend::Postgres => (
+                "SELECT current_setting('lock_timeout') || ' ' || \
+                 current_setting('idle_in_transaction_session_timeout') || ' ' || \
+                 current_setting('statement_timeout')",
+                "SELECT 1 FROM pg_sleep(2)",
+            ),
+            _ => (
+                "SELECT CONCAT(@@innodb_lock_wait_timeout, ' ', @@lock_wait_timeout, ' ', \
+                 @@idle_transaction_timeout, ' ', @@max_statement_time)",
+                "SELECT SLEEP(2)",
+            ),
+        };
+        let settings = limited.fetch(read, &[]).await.expect("read the limits")[0]
+            .text(0)
+            .expect("text");
+        let expected = match backend {
+            Backend::Postgres => "3s 7s 200ms",
+            _ => "3 3 7 0.200000",
+        };
+        assert_eq!(settings, expected, "{backend}");
+        let started = std::time::Instant::now();
+        let err = limited
+            .fetch(sleep, &[])
+            .await
+            .expect_err("the statement is cut short");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{backend}: cut at its limit, not run to the end"
+        );
+        assert_eq!(classify(&err), Failure::Unavailable, "{backend}: {err}");
+        limited.close().await;
+    }
 }

@@ -14,3 +14,6 @@ CREATE INDEX sync_job_servers_server ON sync_job_servers (server_id, job_id);
 -- by status and age.
 CREATE INDEX databases_gone ON "databases" (updated_at) WHERE status = 'gone';
 CREATE INDEX database_users_gone ON database_users (updated_at) WHERE status = 'gone';
+-- GetServer and ListServers show each server's last run: the newest id of the server's runs,
+-- one index probe per server however many runs it has (was a scan of all of them).
+CREATE INDEX sync_runs_last ON sync_runs (server_id, id);

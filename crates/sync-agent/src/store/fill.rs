@@ -4,6 +4,10 @@
 //! Sequence numbers are given per job and per batch under the job row's lock, taken last and in
 //! job-id order, so cursors commit in order without holding agents on one job for long; the
 //! job's outcome counts move with them.
+//!
+//! Job creation writes no outcome: it inserts a new job's rows (invisible until it commits) and
+//! marks their servers as waiting on the lease rows, the first lock a completion and a delete
+//! take. It never waits on a job row, so it closes no cycle with the fillers.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 

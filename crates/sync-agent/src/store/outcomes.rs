@@ -122,10 +122,13 @@ impl Store {
     ) -> Result<HashMap<i64, (RunResult, i64)>, sqlx::Error> {
         let mut out = HashMap::new();
         for chunk in ids.chunks(CHUNK) {
+            // One index probe per server (`sync_runs_last`, (server_id, id)): a correlated
+            // MAX is a seek to the end of the server's range on every backend, where a MAX
+            // grouped over an IN list read every run of every server.
             let sql = format!(
                 "SELECT server_id, finished_at, {RESULT_COLUMNS} FROM sync_runs \
-                 WHERE id IN (SELECT MAX(id) FROM sync_runs WHERE server_id IN {} \
-                 GROUP BY server_id)",
+                 WHERE id IN (SELECT (SELECT MAX(r.id) FROM sync_runs r WHERE r.server_id = s.id) \
+                 FROM servers s WHERE s.id IN {})",
                 list(chunk.len())
             );
             let args: Vec<Value> = chunk.iter().map(|&i| Value::Int(i)).collect();

@@ -102,8 +102,18 @@ impl Store {
         let orphans: Vec<i64> = self
             .db
             .fetch(
-                "SELECT DISTINCT js.server_id FROM sync_job_servers js WHERE js.outcome IS NULL \
-                 AND NOT EXISTS (SELECT 1 FROM servers s WHERE s.id = js.server_id)",
+                &format!(
+                    "SELECT DISTINCT js.server_id FROM sync_job_servers js{} \
+                     WHERE js.outcome IS NULL \
+                     AND NOT EXISTS (SELECT 1 FROM servers s WHERE s.id = js.server_id)",
+                    // The waiting rows by their outcome (MySQL's other index on them starts
+                    // with the server and would be read whole).
+                    if self.backend() == fleetsync_common::Backend::MySql {
+                        " FORCE INDEX (sync_job_servers_open)"
+                    } else {
+                        ""
+                    }
+                ),
                 &[],
             )
             .await?
