@@ -8,7 +8,7 @@
 //!   listener on the wildcard address serves 127.1.x.y), `--handshake-timeout 1s`, fixed
 //!   concurrency per agent, 1 and 3 agents: where agents, not the database, are the limit;
 //! - registration: 10,000 `Fleet/UpsertServer` calls with 64 in flight, per backend;
-//! - history: 10,000 and 1,000,000 job rows and runs stored (`BENCH_HISTORY_SIZES`), per
+//! - history: 10,000, 100,000 and 1,000,000 job rows and runs stored (`BENCH_HISTORY_SIZES`), per
 //!   backend: a retention pass, `DeleteServer`, `ListJobs` (also by server), `GetServer` and a
 //!   `WatchSync` resume, each the median of `BENCH_RUNS` (at least 5).
 //!
@@ -318,7 +318,7 @@ fn history_sizes() -> Vec<usize> {
     std::env::var("BENCH_HISTORY_SIZES")
         .ok()
         .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
-        .unwrap_or_else(|| vec![10_000, 1_000_000])
+        .unwrap_or_else(|| vec![10_000, 100_000, 1_000_000])
 }
 
 /// A control plane with `rows` job rows and runs of history, served by one agent.
@@ -586,11 +586,10 @@ fn write_history(table: &mut String, histories: &[(Backend, HistoryFigures)]) {
             .filter(|(b, _)| *b == backend)
             .map(|(_, f)| f)
             .collect();
-        if let (Some(small), Some(large)) = (
-            of.iter().min_by_key(|f| f.rows),
-            of.iter().max_by_key(|f| f.rows),
-        ) && large.rows > small.rows
-        {
+        let Some(large) = of.iter().max_by_key(|f| f.rows) else {
+            continue;
+        };
+        for small in of.iter().filter(|f| f.rows < large.rows) {
             let ratios: Vec<String> = cells(large)
                 .iter()
                 .zip(cells(small))

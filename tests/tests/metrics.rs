@@ -283,3 +283,31 @@ async fn idle_scrape(addr: std::net::SocketAddr) -> String {
     )
     .await
 }
+
+#[test]
+fn metrics_beyond_loopback_need_the_same_opt_in_as_the_grpc_port() {
+    let run = |extra: &[&str]| {
+        std::process::Command::new(fleetsync_tests::process::bin_path("sync-agent"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--database-url",
+                "sqlite::memory:",
+                "--metrics-listen",
+                "0.0.0.0:0",
+            ])
+            .args(extra)
+            .env("FLEETSYNC_DRAIN_DELAY", "0s")
+            .output()
+            .expect("run sync-agent")
+    };
+    let refused = run(&[]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("refusing to serve metrics on 0.0.0.0:0")
+            && stderr.contains("--allow-unauthenticated"),
+        "{stderr}"
+    );
+}
