@@ -55,8 +55,8 @@ impl Plan {
 pub struct Check {
     /// What is checked.
     pub name: &'static str,
-    /// Whether it held.
-    pub ok: bool,
+    /// Whether it held; `None` for a figure that is only reported.
+    pub ok: Option<bool>,
     /// What was seen.
     pub seen: String,
 }
@@ -79,7 +79,7 @@ pub struct Report {
 impl Report {
     /// True if every check held.
     pub fn passed(&self) -> bool {
-        self.checks.iter().all(|c| c.ok)
+        self.checks.iter().all(|c| c.ok != Some(false))
     }
 
     /// The report as markdown: faults, checks, times.
@@ -105,7 +105,11 @@ impl Report {
         }
         writeln!(out, "\n| check | result | seen |\n|---|---|---|").unwrap();
         for c in &self.checks {
-            let result = if c.ok { "ok" } else { "FAILED" };
+            let result = match c.ok {
+                Some(true) => "ok",
+                Some(false) => "FAILED",
+                None => "reported",
+            };
             writeln!(out, "| {} | {result} | {} |", c.name, c.seen).unwrap();
         }
         writeln!(
@@ -374,7 +378,13 @@ pub async fn run(plan: Plan) -> Report {
 
     // The checks.
     let mut checks = Vec::new();
-    let mut check = |name, ok, seen: String| checks.push(Check { name, ok, seen });
+    let mut check = |name, ok, seen: String| {
+        checks.push(Check {
+            name,
+            ok: Some(ok),
+            seen,
+        });
+    };
     let n = plan.servers() as i64;
     let summary = SyncAgentClient::new(connect(c.addr).await)
         .get_sync_job(GetSyncJobRequest {
@@ -447,11 +457,11 @@ pub async fn run(plan: Plan) -> Report {
     )
     .await
         - tokens_before;
-    check(
-        "runs redone (claims past one per server; work lost to the faults)",
-        true,
-        format!("{}", claims - n),
-    );
+    checks.push(Check {
+        name: "runs redone (claims past one per server: work the faults cut short)",
+        ok: None,
+        seen: format!("{}", claims - n),
+    });
     silent.abort();
     drop((a, b, c));
     Report {

@@ -228,3 +228,32 @@ async fn a_reason_is_stored_byte_exact() {
         assert_eq!(stored.reason, reason, "{backend}");
     }
 }
+
+/// A job made before its outcome counts were kept on its row (`outcome_counts` NULL) reads its
+/// counts from its rows, and the first filler counts them, under the job's lock, before adding
+/// its own.
+#[tokio::test]
+async fn a_job_from_before_the_kept_counts_is_counted_from_its_rows() {
+    for backend in ALL_BACKENDS {
+        let (_db, conn, store) = setup(backend, 3).await;
+        let job = new_job(&store, "legacy", "").await;
+        let ids = server_ids(&conn).await;
+        assert!(store.delete_server(ids[0]).await.expect("delete"));
+        execute(&conn, "UPDATE sync_jobs SET outcome_counts = NULL").await;
+        let read = store.job(&job).await.expect("job").expect("exists");
+        assert_eq!(read.outcome_counts, [(Outcome::Cancelled, 1)], "{backend}");
+        assert!(store.delete_server(ids[1]).await.expect("delete"));
+        let read = store.job(&job).await.expect("job").expect("exists");
+        assert_eq!(read.outcome_counts, [(Outcome::Cancelled, 2)], "{backend}");
+        assert_eq!(
+            count(
+                &conn,
+                "SELECT COUNT(*) FROM sync_jobs WHERE outcome_counts IS NOT NULL"
+            )
+            .await,
+            1,
+            "{backend}: kept on the row again"
+        );
+        assert_exact(&store, &conn, &job, &format!("{backend}, legacy counts")).await;
+    }
+}
