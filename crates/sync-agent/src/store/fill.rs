@@ -62,10 +62,7 @@ pub(super) async fn waiting_rows(tx: &mut Tx, fills: &[Fill<'_>]) -> Result<Wait
     // the index is named: past `eq_range_index_dive_limit` (200) values in the list, MariaDB
     // estimates from statistics, which a fresh job makes stale, and chose a full scan (100 ms a
     // batch at 100,000 servers).
-    let hint = match tx.backend() {
-        Backend::MySql => " FORCE INDEX (sync_job_servers_waiting)",
-        _ => "",
-    };
+    let hint = waiting_hint(tx.backend());
     let mut rows: Vec<(String, i64, String)> = Vec::new();
     for chunk in ids.chunks(CHUNK) {
         let sql = format!(
@@ -248,20 +245,33 @@ async fn still_waiting(
     job_id: &str,
     candidates: &[(i64, String)],
 ) -> Result<BTreeSet<i64>, sqlx::Error> {
+    let hint = waiting_hint(tx.backend());
     let mut still = BTreeSet::new();
     for chunk in candidates.chunks(CHUNK) {
+        // The waiting rows of these servers (the index of waiting rows), this job's kept: with
+        // `job_id = ?` in the statement, PostgreSQL's generic plan walked the job's whole
+        // primary-key range, every row of a 10,000-server job per batch (a third of its time).
         let sql = format!(
-            "SELECT server_id FROM sync_job_servers WHERE job_id = ? AND outcome IS NULL \
+            "SELECT job_id, server_id FROM sync_job_servers{hint} WHERE outcome IS NULL \
              AND server_id IN {}",
             list(chunk.len())
         );
-        let mut args: Vec<Value> = vec![job_id.into()];
-        args.extend(chunk.iter().map(|(id, _)| Value::Int(*id)));
+        let args: Vec<Value> = chunk.iter().map(|(id, _)| Value::Int(*id)).collect();
         for row in tx.fetch(&sql, &args).await? {
-            still.insert(row.int(0)?);
+            if row.text(0)? == job_id {
+                still.insert(row.int(1)?);
+            }
         }
     }
     Ok(still)
+}
+
+/// The index hint that makes MySQL read waiting rows by server (see [`waiting_rows`]).
+fn waiting_hint(backend: Backend) -> &'static str {
+    match backend {
+        Backend::MySql => " FORCE INDEX (sync_job_servers_waiting)",
+        _ => "",
+    }
 }
 
 /// A job's outcome counts from its rows (a job made before the counts were kept).
