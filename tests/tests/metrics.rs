@@ -239,18 +239,7 @@ async fn metrics_count_what_a_real_sync_did() {
 fn a_metrics_address_that_cannot_be_bound_fails_the_start() {
     let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let taken = held.local_addr().expect("addr").to_string();
-    let output = std::process::Command::new(fleetsync_tests::process::bin_path("sync-agent"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--database-url",
-            "sqlite::memory:",
-            "--metrics-listen",
-            &taken,
-        ])
-        .output()
-        .expect("run sync-agent");
+    let output = start_with_metrics_on(&taken);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -284,25 +273,26 @@ async fn idle_scrape(addr: std::net::SocketAddr) -> String {
     .await
 }
 
+/// Runs `sync-agent serve` with metrics on `addr`, for a start that must fail.
+fn start_with_metrics_on(addr: &str) -> std::process::Output {
+    std::process::Command::new(fleetsync_tests::process::bin_path("sync-agent"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            "sqlite::memory:",
+            "--metrics-listen",
+            addr,
+        ])
+        .env("FLEETSYNC_DRAIN_DELAY", "0s")
+        .output()
+        .expect("run sync-agent")
+}
+
 #[test]
 fn metrics_beyond_loopback_need_the_same_opt_in_as_the_grpc_port() {
-    let run = |extra: &[&str]| {
-        std::process::Command::new(fleetsync_tests::process::bin_path("sync-agent"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--database-url",
-                "sqlite::memory:",
-                "--metrics-listen",
-                "0.0.0.0:0",
-            ])
-            .args(extra)
-            .env("FLEETSYNC_DRAIN_DELAY", "0s")
-            .output()
-            .expect("run sync-agent")
-    };
-    let refused = run(&[]);
+    let refused = start_with_metrics_on("0.0.0.0:0");
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(
