@@ -6,8 +6,9 @@ use super::{EngineError, db_err};
 use crate::{catalog, history::Conn};
 
 /// Whether a statement's effect is already in the catalog: `CREATE TABLE t`, `CREATE [UNIQUE]
-/// INDEX i ON t`, `ALTER TABLE t ADD [COLUMN] c`. Other statements are run again (migrations
-/// that cannot commit atomically must keep such statements idempotent).
+/// INDEX i ON t`, `ALTER TABLE t ADD [COLUMN] c` (the thing exists), `DROP INDEX i ON t` (it
+/// does not). Other statements are run again (migrations that cannot commit atomically must
+/// keep such statements idempotent).
 pub(super) async fn already_applied(conn: &mut Conn, statement: &str) -> Result<bool, EngineError> {
     let Some(effect) = Effect::of(statement) else {
         return Ok(false);
@@ -16,16 +17,21 @@ pub(super) async fn already_applied(conn: &mut Conn, statement: &str) -> Result<
         Effect::Table(table) => catalog::table_exists(conn, table).await,
         Effect::Column(table, column) => catalog::column_exists(conn, table, column).await,
         Effect::Index(table, index) => catalog::index_exists(conn, table, index).await,
+        Effect::NoIndex(table, index) => catalog::index_exists(conn, table, index)
+            .await
+            .map(|exists| !exists),
     };
     result.map_err(db_err("checking the catalog"))
 }
 
-/// What a DDL statement creates.
+/// What a DDL statement creates or removes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Effect {
     Table(String),
     Column(String, String),
     Index(String, String),
+    /// The index (table, name) is gone.
+    NoIndex(String, String),
 }
 
 impl Effect {
@@ -52,6 +58,13 @@ impl Effect {
                 let index = ident(at)?;
                 (word(at + 1) == Some("ON")).then_some(())?;
                 Some(Self::Index(ident(at + 2)?, index))
+            }
+            ("DROP", "INDEX") => {
+                // MySQL's form: the table is named (PostgreSQL and SQLite run in a transaction).
+                let at = if word(2) == Some("IF") { 4 } else { 2 };
+                let index = ident(at)?;
+                (word(at + 1) == Some("ON")).then_some(())?;
+                Some(Self::NoIndex(ident(at + 2)?, index))
             }
             ("ALTER", "TABLE") => {
                 let table = ident(2)?;
@@ -113,6 +126,18 @@ mod tests {
             Effect::of("ALTER TABLE t ADD CONSTRAINT c UNIQUE (x)"),
             None
         );
+        assert_eq!(
+            Effect::of("DROP INDEX sync_runs_server ON sync_runs;"),
+            Some(Effect::NoIndex(
+                "sync_runs".into(),
+                "sync_runs_server".into()
+            ))
+        );
+        assert_eq!(
+            Effect::of("drop index if exists `a_b` on `t`"),
+            Some(Effect::NoIndex("t".into(), "a_b".into()))
+        );
+        assert_eq!(Effect::of("DROP INDEX a_b"), None);
         assert_eq!(Effect::of("UPDATE t SET x = 1"), None);
     }
 
