@@ -155,3 +155,75 @@ async fn jobs_are_listed_newest_first_filtered_and_paged() {
     }
     agent.service.stop().await.expect("clean stop");
 }
+
+/// `ListJobs` by server pages alike, on every backend, for a server in many jobs (SQLite walks
+/// the jobs newest first and probes each) and for one in few (it reads the server's jobs and
+/// sorts them): the same jobs, newest first, each once, as the unfiltered list shows them.
+#[tokio::test]
+async fn jobs_of_a_server_in_many_or_few_jobs_page_alike() {
+    use fleetsync_sync_agent::{
+        model::{JobOrigin as Origin, Scopes},
+        store::{JobFilter, NewJob, Selection, Store},
+    };
+    use fleetsync_tests::{catalog::count, db::ALL_BACKENDS};
+
+    for backend in ALL_BACKENDS {
+        let db = TestDb::create(backend).await;
+        migrate(db.url()).await;
+        let conn = db.connect().await;
+        insert_servers(&conn, 2, 22, |i| format!("192.0.2.{}", i + 1)).await;
+        let store = Store::new(conn.clone());
+        let first = count(&conn, "SELECT MIN(id) FROM servers").await;
+        let (many, few) = (first, first + 1);
+        // 30 jobs of the first server; the second is in 3 of them. A page of 2 asks SQLite
+        // whether the server is in at least 20 jobs.
+        for i in 0..30 {
+            let ids = if [4, 16, 27].contains(&i) {
+                vec![many, few]
+            } else {
+                vec![many]
+            };
+            store
+                .create_job(&NewJob {
+                    request_id: format!("paged-{i}"),
+                    origin: Origin::Rpc,
+                    selection: Selection::Ids(ids),
+                    scopes: Scopes::ALL,
+                    force: false,
+                    reason: String::new(),
+                })
+                .await
+                .expect("create job");
+        }
+        let rpc = |server_id| JobFilter {
+            origin: Some(Origin::Rpc),
+            server_id,
+            ..Default::default()
+        };
+        let all = store.list_jobs(&rpc(None), None, 100).await.expect("list");
+        assert_eq!(all.len(), 30, "{backend}");
+        for (server, expected) in [(many, 30), (few, 3)] {
+            let mut paged = Vec::new();
+            let mut after = None;
+            loop {
+                let page = store
+                    .list_jobs(&rpc(Some(server)), after.clone(), 2)
+                    .await
+                    .expect("page");
+                let Some(last) = page.last() else { break };
+                after = Some((last.created_at, last.id.clone()));
+                paged.extend(page.into_iter().map(|j| j.id));
+            }
+            let wanted: Vec<String> = all
+                .iter()
+                .filter(|j| server == many || j.total == 2)
+                .map(|j| j.id.clone())
+                .collect();
+            assert_eq!(paged.len(), expected, "{backend}, server {server}");
+            assert_eq!(
+                paged, wanted,
+                "{backend}, server {server}: newest first, once"
+            );
+        }
+    }
+}
