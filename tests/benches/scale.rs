@@ -541,13 +541,15 @@ async fn main() {
 fn write_history(table: &mut String, histories: &[(Backend, HistoryFigures)]) {
     writeln!(
         table,
-        "\nHistory: finished jobs of 1,000 servers each (as many job rows as runs), a tenth of \
-         the runs past the retention; one agent; medians of at least 5 calls, in ms. Retention: \
-         one pass (`Store::prune`, one batch: up to 2,000 runs). DeleteServer: a server with its \
-         runs (the count shown) and a row in every job. ListJobs: a page of 100, also filtered \
-         by a server that is in every job. WatchSync: a finished job resumed at cursor 500, read \
-         to its summary. Targets: each under 100 ms, and within 1.5x of the same at 10,000 \
-         rows.\n"
+        "\nHistory: finished jobs of 100 servers each (as many job rows as runs) over 1,000 \
+         servers, a tenth of the runs past the retention; one agent; medians of at least 5 \
+         calls, in ms. Each call does the same work at every size; only the history around it \
+         grows. Retention: one pass (`Store::prune`, one batch: up to 2,000 runs, the oldest, \
+         of every server). DeleteServer: a server with its runs (the count shown; the newest \
+         runs, interleaved with 8 other such servers', at every size). ListJobs: a page of 100, \
+         also filtered by a server that is in every job. WatchSync: a finished job resumed at \
+         cursor 50, read to its summary. Targets: each under 100 ms, and within 1.5x of the \
+         same at 10,000 rows.\n"
     )
     .unwrap();
     writeln!(table, "| backend | job rows + runs | retention pass (runs due) | DeleteServer (its runs) | ListJobs | ListJobs by server | GetServer | WatchSync resume |").unwrap();

@@ -1,6 +1,8 @@
 //! History at scale, for `just bench-scale`: a control plane filled by bulk SQL with finished
-//! jobs (1,000 servers each) and runs, 10% of them past the retention, and the calls that must
-//! stay flat as that history grows, timed against a real agent.
+//! jobs (100 servers each) and runs, 10% of them past the retention, and the calls that must
+//! stay flat as that history grows, timed against a real agent. Each call does the same work at
+//! every size (a full page, a server with the same runs laid out alike): only the history
+//! around it grows.
 
 use std::{net::SocketAddr, time::Instant};
 
@@ -19,9 +21,15 @@ use crate::{
     catalog::{add_mariadb_everywhere, count, execute, insert_servers},
 };
 
-/// Servers in the filled control plane; every job covers all of them.
+/// Servers in the filled control plane.
 pub const SERVERS: usize = 1_000;
-/// Servers `measure` deletes (at most), each with [`RUNS_OF_DELETED`] runs.
+/// Servers of each job: the first is always [`HOT`], the others the next 99 of a rotation
+/// over the rest.
+const JOB_SIZE: usize = 100;
+/// The server (offset from the first) that is in every job: `ListJobs` filtered by it.
+const HOT: usize = SERVERS - 1;
+/// Servers `measure` deletes (at most; offsets 0..), each with [`RUNS_OF_DELETED`] runs, the
+/// newest runs, interleaved among them, at every size. The other runs rotate over the others.
 const DELETED: usize = 9;
 /// Runs of each server `DeleteServer` is timed on, whatever the size.
 const RUNS_OF_DELETED: usize = 1_000;
@@ -48,7 +56,7 @@ pub struct HistoryFigures {
     pub list_jobs_by_server: f64,
     /// `Fleet/GetServer`.
     pub get_server: f64,
-    /// `WatchSync` of a finished job resumed at its middle (cursor 500), read to its summary.
+    /// `WatchSync` of a finished job resumed at its middle (cursor 50), read to its summary.
     pub watch_resume: f64,
 }
 
@@ -78,10 +86,11 @@ fn div(backend: Backend, expr: &str, by: usize) -> String {
     }
 }
 
-/// Fills a freshly migrated database: [`SERVERS`] servers with a MariaDB service, `rows / 1000`
-/// finished jobs of every server (their rows filled, counts kept) and `rows` runs spread evenly
-/// over the servers, the oldest tenth (at least 12,000) 30 days old and the rest an hour old. Returns the clock
-/// the times were set from (ms).
+/// Fills a freshly migrated database: [`SERVERS`] servers with a MariaDB service, `rows / 100`
+/// finished jobs of 100 servers (their rows filled, counts kept), `rows` runs spread evenly
+/// over the servers not deleted, the oldest tenth (at least 12,000) 30 days old and the rest an
+/// hour old, and the deleted servers' runs, newest. Returns the clock the times were set from
+/// (ms).
 pub async fn fill(conn: &Db, rows: usize) -> i64 {
     let backend = conn.backend();
     insert_servers(conn, SERVERS, 1, |_| "127.0.0.1".into()).await;
@@ -90,7 +99,7 @@ pub async fn fill(conn: &Db, rows: usize) -> i64 {
     let now = fleetsync_common::clock::now_ms();
     let recent = now - 3_600_000;
     let old = now - 30 * DAY_MS;
-    let jobs = rows / SERVERS;
+    let jobs = rows / JOB_SIZE;
     let scopes = Scopes::ALL.to_string();
     let id = concat(backend, "h", "i");
     execute(
@@ -98,8 +107,8 @@ pub async fn fill(conn: &Db, rows: usize) -> i64 {
         &format!(
             "INSERT INTO sync_jobs (id, request_id, origin, state, scopes, force_offline, reason, \
              total, finished, created_at, finished_at, selection, outcome_counts) \
-             SELECT {id}, {id}, 'rpc', 'done', '{scopes}', 0, '', {SERVERS}, {SERVERS}, \
-             {recent} + i * 1000, {recent} + i * 1000 + 500, 'all', '{{\"OK\":{SERVERS}}}' \
+             SELECT {id}, {id}, 'rpc', 'done', '{scopes}', 0, '', {JOB_SIZE}, {JOB_SIZE}, \
+             {recent} + i * 1000, {recent} + i * 1000 + 500, 'all', '{{\"OK\":{JOB_SIZE}}}' \
              FROM {}",
             series(backend, jobs)
         ),
@@ -108,14 +117,22 @@ pub async fn fill(conn: &Db, rows: usize) -> i64 {
     for start in (0..rows).step_by(CHUNK) {
         let n = CHUNK.min(rows - start);
         let at = format!("(i + {start} - 1)");
-        let job = concat(backend, "h", &format!("{} + 1", div(backend, &at, SERVERS)));
-        let name = concat(backend, "srv-", &format!("{at} % {SERVERS}"));
+        let job = concat(
+            backend,
+            "h",
+            &format!("{} + 1", div(backend, &at, JOB_SIZE)),
+        );
+        let server = format!(
+            "(CASE WHEN {at} % {JOB_SIZE} = 0 THEN {HOT} ELSE ({at} - {}) % {HOT} END)",
+            div(backend, &at, JOB_SIZE)
+        );
+        let name = concat(backend, "srv-", &server);
         execute(
             conn,
             &format!(
                 "INSERT INTO sync_job_servers (job_id, server_id, server_name, seq, outcome, \
                  message, duration_ms, finished_at) \
-                 SELECT {job}, {first} + {at} % {SERVERS}, {name}, {at} % {SERVERS} + 1, 'OK', \
+                 SELECT {job}, {first} + {server}, {name}, {at} % {JOB_SIZE} + 1, 'OK', \
                  '', 1, {recent} FROM {}",
                 series(backend, n)
             ),
@@ -128,31 +145,28 @@ pub async fn fill(conn: &Db, rows: usize) -> i64 {
             &format!(
                 "INSERT INTO sync_runs (server_id, lease_token, holder, scopes, started_at, \
                  finished_at, outcome, message, duration_ms) \
-                 SELECT {first} + {at} % {SERVERS}, 1, 'bench', '{scopes}', \
+                 SELECT {first} + {DELETED} + {at} % {}, 1, 'bench', '{scopes}', \
                  CASE WHEN {at} < {due} THEN {old} ELSE {recent} END + {at}, \
                  CASE WHEN {at} < {due} THEN {old} ELSE {recent} END + {at}, 'OK', '', 1 FROM {}",
+                SERVERS - DELETED,
                 series(backend, n)
             ),
         )
         .await;
     }
-    // The servers `measure` deletes have 1,000 runs at every size.
-    let per_server = rows / SERVERS;
-    if per_server < RUNS_OF_DELETED {
-        for k in 0..DELETED as i64 {
-            execute(
-                conn,
-                &format!(
-                    "INSERT INTO sync_runs (server_id, lease_token, holder, scopes, started_at, \
-                     finished_at, outcome, message, duration_ms) \
-                     SELECT {first} + {k}, 1, 'bench', '{scopes}', {recent} + i, {recent} + i, \
-                     'OK', '', 1 FROM {}",
-                    series(backend, RUNS_OF_DELETED - per_server)
-                ),
-            )
-            .await;
-        }
-    }
+    // The servers `measure` deletes: 1,000 runs each, the newest, interleaved, at every size.
+    let newest = recent + rows as i64;
+    execute(
+        conn,
+        &format!(
+            "INSERT INTO sync_runs (server_id, lease_token, holder, scopes, started_at, \
+             finished_at, outcome, message, duration_ms) \
+             SELECT {first} + i % {DELETED}, 1, 'bench', '{scopes}', {newest} + i, \
+             {newest} + i, 'OK', '', 1 FROM {}",
+            series(backend, DELETED * RUNS_OF_DELETED)
+        ),
+    )
+    .await;
     // The migrations' sync request would be a job of every server at the agent's start.
     execute(conn, "UPDATE sync_requests SET state = 'taken'").await;
     if backend == Backend::Postgres {
@@ -189,7 +203,8 @@ pub async fn measure(
     let mut by_server = Vec::new();
     let mut get = Vec::new();
     let mut watch = Vec::new();
-    let newest = format!("h{}", rows / SERVERS);
+    let newest = format!("h{}", rows / JOB_SIZE);
+    let hot = first + HOT as i64;
     for i in 0..samples {
         let started = Instant::now();
         let page = sync
@@ -201,12 +216,11 @@ pub async fn measure(
             .expect("list jobs")
             .into_inner();
         list.push(ms(started));
-        assert_eq!(page.jobs.len(), (rows / SERVERS).min(100));
-        let server = first + 500 + i as i64;
+        assert_eq!(page.jobs.len(), 100);
         let started = Instant::now();
         let page = sync
             .list_jobs(ListJobsRequest {
-                server_id: server,
+                server_id: hot,
                 page_size: 100,
                 ..Default::default()
             })
@@ -214,10 +228,12 @@ pub async fn measure(
             .expect("list jobs by server")
             .into_inner();
         by_server.push(ms(started));
-        assert_eq!(page.jobs.len(), (rows / SERVERS).min(100));
+        assert_eq!(page.jobs.len(), 100);
         let started = Instant::now();
         fleet
-            .get_server(GetServerRequest { id: server })
+            .get_server(GetServerRequest {
+                id: first + 500 + i as i64,
+            })
             .await
             .expect("get server");
         get.push(ms(started));
@@ -225,7 +241,7 @@ pub async fn measure(
         let mut stream = sync
             .watch_sync(WatchSyncRequest {
                 job_id: newest.clone(),
-                cursor: 500,
+                cursor: 50,
             })
             .await
             .expect("watch")
@@ -238,7 +254,7 @@ pub async fn measure(
         watch.push(ms(started));
         assert_eq!(
             events,
-            SERVERS - 500 + 1,
+            JOB_SIZE - 50 + 1,
             "the rest of the job and its summary"
         );
     }
