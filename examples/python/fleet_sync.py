@@ -4,8 +4,9 @@
 A client as another team writes one: stubs generated from the repository's proto/ with
 grpcio-tools (see README.md beside this file), the health stubs from grpcio-health-checking.
 Prints one JSON object per line: each server's outcome as it is recorded, a line when the
-watch resumes, and the job's summary last. Exits 0 when every server ended OK, 1 otherwise,
-2 on a usage or connection error.
+watch resumes, and the job's summary last. Exits as the `sync-agent` CLI does: 0 when every
+server ended OK, 1 when some did not, 2 on a usage error, 3 when the agent refused a request,
+4 when the agent could not be reached or did not answer in time.
 
     python3 fleet_sync.py --agent 127.0.0.1:50051 --user vito \\
         --server db-1=10.0.0.5:22 --server db-2=10.0.0.6:22:postgresql
@@ -106,7 +107,24 @@ def follow(sync, job_id, metadata, drop_after):
         emit(event="resumed", after_cursor=cursor)
 
 
+# The exit statuses shared with the `sync-agent` CLI (README: "Exit statuses").
+EXIT_OK, EXIT_NOT_OK, EXIT_USAGE, EXIT_REFUSED, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
+UNREACHABLE_CODES = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+)
+
+
 def main():
+    try:
+        return run()
+    except grpc.RpcError as err:
+        print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+        return EXIT_UNREACHABLE if err.code() in UNREACHABLE_CODES else EXIT_REFUSED
+
+
+def run():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--agent", default="127.0.0.1:50051", help="the agent's gRPC address")
     parser.add_argument("--token-file", help="file with the agent's bearer token")
@@ -145,10 +163,10 @@ def main():
         )
     except grpc.RpcError as err:
         print(f"error: the agent at {args.agent} does not answer: {err.details()}", file=sys.stderr)
-        return 2
+        return EXIT_UNREACHABLE
     if health.status != health_pb2.HealthCheckResponse.SERVING:
         print("error: the agent is not serving (its database may be down)", file=sys.stderr)
-        return 2
+        return EXIT_UNREACHABLE
 
     fleet = fleet_pb2_grpc.FleetStub(channel)
     ids = []
@@ -187,7 +205,7 @@ def main():
             for c in summary.outcome_counts
         },
     )
-    return 0 if all(o["outcome"] == "OK" for o in outcomes) else 1
+    return EXIT_OK if all(o["outcome"] == "OK" for o in outcomes) else EXIT_NOT_OK
 
 
 if __name__ == "__main__":

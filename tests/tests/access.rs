@@ -180,6 +180,40 @@ async fn with_tls_plaintext_fails_and_the_ca_works() {
         .await
         .expect("list over TLS");
 
+    // The CLI: with the CA and the token it lists; `http://` against TLS says what to change,
+    // a CA it does not know says so once; both exit 4 (unreachable).
+    let cli = |url: String, ca: Option<&str>| {
+        let mut command = Command::new(bin_path("sync-agent"));
+        command.args([
+            "servers",
+            "--agent-url",
+            &url,
+            "--agent-token-file",
+            &token,
+            "--timeout",
+            "5s",
+        ]);
+        if let Some(ca) = ca {
+            command.args(["--agent-ca", ca]);
+        }
+        command.output().expect("run sync-agent")
+    };
+    let listed = cli(format!("https://{addr}"), Some(ca_path));
+    assert_eq!(
+        listed.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let plain = cli(format!("http://{addr}"), None);
+    let stderr = String::from_utf8_lossy(&plain.stderr);
+    assert_eq!(plain.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("use https://"), "{stderr}");
+    let unknown_ca = cli(format!("https://{addr}"), None);
+    let stderr = String::from_utf8_lossy(&unknown_ca.stderr);
+    assert_eq!(unknown_ca.status.code(), Some(4), "{stderr}");
+    assert_eq!(stderr.matches("UnknownIssuer").count(), 1, "{stderr}");
+
     // The migrator hands its request over through TLS with the token.
     let run = migrator(
         db.url(),

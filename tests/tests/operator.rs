@@ -69,19 +69,22 @@ async fn the_agent_cli_speaks_json_for_scripts() {
         dir.path(),
     );
     let url = format!("http://{}", agent.addr);
-    let cli = |args: &[&str]| -> Value {
+    // Exits 0 (every server OK) or, where a server failed, 1.
+    let cli_exiting = |args: &[&str], status: i32| -> Value {
         let output = Command::new(bin_path("sync-agent"))
             .args(args)
             .args(["--agent-url", &url, "-o", "json"])
             .output()
             .expect("run sync-agent");
-        assert!(
-            output.status.success(),
+        assert_eq!(
+            output.status.code(),
+            Some(status),
             "{args:?}: {}",
             String::from_utf8_lossy(&output.stderr)
         );
         serde_json::from_slice(&output.stdout).expect("JSON on stdout")
     };
+    let cli = |args: &[&str]| cli_exiting(args, 0);
 
     let mut fleet_api =
         fleetsync_common::proto::sync::v1::fleet_client::FleetClient::connect(url.clone())
@@ -141,7 +144,7 @@ async fn the_agent_cli_speaks_json_for_scripts() {
         stdout.contains(r"\u{1b}]0;owned\u{7}\u{1b}[2Jboom"),
         "{stdout}"
     );
-    let exact = cli(&["sync", "--all", "--watch"]);
+    let exact = cli_exiting(&["sync", "--all", "--watch"], 1);
     let message = exact["outcomes"][0]["message"].as_str().expect("message");
     assert!(
         message.contains("\u{1b}]0;owned\u{7}\u{1b}[2Jboom"),

@@ -183,14 +183,14 @@ fn the_python_example_says_what_is_wrong() {
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("service must be one of"), "{stderr}");
 
-    // Nothing listens there: a clear message, exit 2, no traceback.
+    // Nothing listens there: a clear message, exit 4 (as the CLI's), no traceback.
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
         .local_addr()
         .expect("addr")
         .to_string();
     let (code, stderr) = run(&["--agent", &closed, "--server", "a=127.0.0.1:22"]);
-    assert_eq!(code, Some(2), "{stderr}");
+    assert_eq!(code, Some(4), "{stderr}");
     assert!(stderr.contains("does not answer"), "{stderr}");
     assert!(!stderr.contains("Traceback"), "{stderr}");
 }

@@ -2,6 +2,31 @@
 
 use clap::{Args, ValueEnum};
 
+/// Writes a line to stdout and returns the write's `io::Result` (`println!` panics when the
+/// reader has gone away, as in `migrator plan | head -5`).
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)
+    }};
+}
+
+/// Whether an error, or one of its causes, is a write to a pipe whose reader has gone: the
+/// command ends quietly with success, like the Unix tools it is piped with.
+pub fn is_closed_pipe(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+        {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
 use crate::telemetry::LogFormat;
 
 /// Where the control-plane database is and how to log.

@@ -370,6 +370,22 @@ async fn probe<C: sqlx::Connection>(options: &C::Options) -> Result<(), sqlx::Er
     connection.close().await
 }
 
+/// Where a database URL points, for messages: the absolute path of a SQLite file (a relative
+/// path is taken from the working directory, where it is created if missing), or the URL with
+/// its password redacted.
+pub fn describe_url(url: &str) -> String {
+    let Some(rest) = url.strip_prefix("sqlite:") else {
+        return redact_url(url);
+    };
+    let path = rest.trim_start_matches("//");
+    let path = path.split('?').next().unwrap_or_default();
+    if path.is_empty() || path == ":memory:" {
+        return "an in-memory SQLite database".into();
+    }
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.into());
+    format!("the SQLite file {}", absolute.display())
+}
+
 /// The URL with its password replaced by `***`, fit for messages and logs: the one in the
 /// user info (`user:PASSWORD@host`) and any `password=` query parameter (sqlx accepts both).
 pub fn redact_url(url: &str) -> String {
@@ -424,6 +440,27 @@ mod tests {
         assert!(err.contains("unsupported scheme `redis`"), "{err}");
         let err = Backend::from_url("fleetsync.db").unwrap_err().to_string();
         assert!(err.contains("expected a URL"), "{err}");
+    }
+
+    #[test]
+    fn describes_where_a_url_points() {
+        let here = std::env::current_dir().expect("cwd");
+        assert_eq!(
+            describe_url("sqlite://fleetsync.db?mode=rwc"),
+            format!("the SQLite file {}", here.join("fleetsync.db").display())
+        );
+        assert_eq!(
+            describe_url("sqlite:///var/lib/fleetsync/cp.db"),
+            "the SQLite file /var/lib/fleetsync/cp.db"
+        );
+        assert_eq!(
+            describe_url("sqlite::memory:"),
+            "an in-memory SQLite database"
+        );
+        assert_eq!(
+            describe_url("postgres://app:s3cret@db/cp"),
+            "postgres://app:***@db/cp"
+        );
     }
 
     #[test]

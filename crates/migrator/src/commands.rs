@@ -5,7 +5,7 @@ use std::{
     time::{Duration, UNIX_EPOCH},
 };
 
-use fleetsync_common::Db;
+use fleetsync_common::{Db, out};
 use serde_json::{Value, json};
 
 use crate::{
@@ -14,22 +14,49 @@ use crate::{
     outbox::{AgentTarget, dispatch_pending},
 };
 
+/// Exit status for a command line that names what does not exist (clap exits 2 as well).
+pub const EXIT_USAGE: u8 = 2;
 /// Exit status for refusals where the database and the binary disagree.
 pub const EXIT_VERIFICATION: u8 = 3;
 
-fn exit_for(err: &EngineError) -> ExitCode {
-    if err.is_verification() {
-        ExitCode::from(EXIT_VERIFICATION)
+fn exit_status(err: &EngineError) -> u8 {
+    if matches!(err, EngineError::UnknownTarget(_)) {
+        EXIT_USAGE
+    } else if err.is_verification() {
+        EXIT_VERIFICATION
     } else {
-        ExitCode::FAILURE
+        1
     }
 }
 
-fn print_json(value: &Value) {
-    println!(
+fn exit_for(err: &EngineError) -> ExitCode {
+    ExitCode::from(exit_status(err))
+}
+
+/// How a failed command ends: the error on stderr, or with `-o json` one document on stdout,
+/// `{"error": {"exit": N, "message": "..."}}`. A stdout closed by its reader (`| head`) ends
+/// the command quietly, with success.
+pub fn fail(output: Output, err: &anyhow::Error) -> ExitCode {
+    if fleetsync_common::cli::is_closed_pipe(err.as_ref()) {
+        return ExitCode::SUCCESS;
+    }
+    let exit = err.downcast_ref::<EngineError>().map_or(1, exit_status);
+    let message = format!("{err:#}");
+    match output {
+        Output::Json => {
+            // Nothing else to do if even this cannot be written.
+            let _ = out!("{:#}", json!({"error": {"exit": exit, "message": message}}));
+        }
+        Output::Human => eprintln!("error: {message}"),
+    }
+    ExitCode::from(exit)
+}
+
+fn print_json(value: &Value) -> std::io::Result<()> {
+    out!(
         "{}",
         serde_json::to_string_pretty(value).expect("JSON values serialise")
-    );
+    )
 }
 
 fn time(ms: Option<i64>) -> String {
@@ -45,8 +72,8 @@ pub async fn status(db: Db, args: &ReadArgs) -> anyhow::Result<ExitCode> {
     let engine = Engine::new(db, Options::default());
     let status = engine.status().await?;
     match args.output {
-        Output::Json => print_json(&status_json(&status)),
-        Output::Human => print_status(&status),
+        Output::Json => print_json(&status_json(&status))?,
+        Output::Human => print_status(&status)?,
     }
     Ok(if status.unknown_versions.is_empty() {
         ExitCode::SUCCESS
@@ -84,12 +111,14 @@ fn status_json(status: &Status) -> Value {
     })
 }
 
-fn print_status(status: &Status) {
-    println!(
+fn print_status(status: &Status) -> std::io::Result<()> {
+    out!(
         "backend {}: at version {} of {}",
-        status.backend, status.current_version, status.latest_version
-    );
-    println!("{:<16} {:<8} {:<40} APPLIED", "VERSION", "STATE", "NAME");
+        status.backend,
+        status.current_version,
+        status.latest_version
+    )?;
+    out!("{:<16} {:<8} {:<40} APPLIED", "VERSION", "STATE", "NAME")?;
     for m in &status.migrations {
         let h = m.history.as_ref();
         let when = match h {
@@ -109,18 +138,18 @@ fn print_status(status: &Status) {
             ),
             None => String::new(),
         };
-        println!(
+        out!(
             "{:<16} {:<8} {:<40} {}",
             m.migration.version,
             m.state.as_str(),
             m.migration.name,
             when
-        );
+        )?;
     }
     for version in &status.unknown_versions {
-        println!("{version:<16} unknown  (recorded in the database, not in this binary)");
+        out!("{version:<16} unknown  (recorded in the database, not in this binary)")?;
     }
-    println!("pending sync requests: {}", status.pending_sync_requests);
+    out!("pending sync requests: {}", status.pending_sync_requests)
 }
 
 /// `migrator plan`.
@@ -128,10 +157,7 @@ pub async fn plan(db: Db, args: &PlanArgs) -> anyhow::Result<ExitCode> {
     let engine = Engine::new(db, Options::default());
     let planned = match engine.plan(args.target.unwrap_or(0)).await {
         Ok(planned) => planned,
-        Err(err) => {
-            eprintln!("error: {err}");
-            return Ok(exit_for(&err));
-        }
+        Err(err) => return Err(err.into()),
     };
     match args.read.output {
         Output::Json => print_json(&json!({
@@ -142,27 +168,27 @@ pub async fn plan(db: Db, args: &PlanArgs) -> anyhow::Result<ExitCode> {
                 "statements": p.statements,
                 "resync": p.resync.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
-        })),
+        }))?,
         Output::Human => {
             if planned.is_empty() {
-                println!("-- nothing to migrate");
+                out!("-- nothing to migrate")?;
             }
             for p in &planned {
-                println!("-- {} {}", p.version, p.name);
+                out!("-- {} {}", p.version, p.name)?;
                 if !p.resync.is_empty() {
                     let scopes: Vec<&str> = p.resync.iter().map(|s| s.as_str()).collect();
-                    println!("-- then re-sync: {}", scopes.join(", "));
+                    out!("-- then re-sync: {}", scopes.join(", "))?;
                 }
                 if p.transactional {
-                    println!("BEGIN;");
+                    out!("BEGIN;")?;
                 }
                 for statement in &p.statements {
-                    println!("{statement};");
+                    out!("{statement};")?;
                 }
                 if p.transactional {
-                    println!("COMMIT;");
+                    out!("COMMIT;")?;
                 }
-                println!();
+                out!()?;
             }
         }
     }
@@ -177,13 +203,13 @@ pub async fn verify(db: Db, args: &ReadArgs) -> anyhow::Result<ExitCode> {
         Output::Json => print_json(&json!({
             "ok": problems.is_empty(),
             "problems": problems.iter().map(|p| json!({"version": p.version, "problem": p.problem})).collect::<Vec<_>>(),
-        })),
+        }))?,
         Output::Human if problems.is_empty() => {
-            println!("ok: every applied migration matches this binary")
+            out!("ok: every applied migration matches this binary")?
         }
         Output::Human => {
             for p in &problems {
-                println!("{}: {}", p.version, p.problem);
+                out!("{}: {}", p.version, p.problem)?;
             }
         }
     }
@@ -208,7 +234,8 @@ pub async fn migrate(db: Db, args: &MigrateArgs) -> anyhow::Result<ExitCode> {
     let result = engine
         .migrate(args.target.unwrap_or(0), &mut |event| {
             if human {
-                print_event(&event);
+                // A closed stdout does not stop a migration that is under way.
+                let _ = print_event(&event);
             }
             events.push(event);
         })
@@ -263,24 +290,24 @@ pub async fn migrate(db: Db, args: &MigrateArgs) -> anyhow::Result<ExitCode> {
     if human {
         match &result {
             Ok(report) if report.applied.is_empty() => {
-                println!(
+                out!(
                     "nothing to migrate: the database is at version {}",
                     report.current_version
-                );
+                )?;
             }
-            Ok(report) => println!(
+            Ok(report) => out!(
                 "done: {} migration(s) applied, the database is at version {}",
                 report.applied.len(),
                 report.current_version
-            ),
+            )?,
             Err(err) => eprintln!("error: {err}"),
         }
         for d in &dispatches {
             match &d.result {
-                Ok(job) => println!(
+                Ok(job) => out!(
                     "sync request {} handed to the sync-agent: job {job}",
                     d.request_id
-                ),
+                )?,
                 Err(why) => eprintln!(
                     "warning: sync request {} stays pending ({why}); the sync-agent takes it when it runs",
                     d.request_id
@@ -300,7 +327,7 @@ pub async fn migrate(db: Db, args: &MigrateArgs) -> anyhow::Result<ExitCode> {
                 "job_id": d.result.as_ref().ok(),
                 "error": d.result.as_ref().err(),
             })).collect::<Vec<_>>(),
-        }));
+        }))?;
     }
     Ok(match &result {
         Ok(_) => ExitCode::SUCCESS,
@@ -308,13 +335,13 @@ pub async fn migrate(db: Db, args: &MigrateArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn print_event(event: &Event) {
+fn print_event(event: &Event) -> std::io::Result<()> {
     match event {
         Event::Started {
             version,
             name,
             statements,
-        } => println!("applying {version} {name} ({statements} statement(s))"),
+        } => out!("applying {version} {name} ({statements} statement(s))")?,
         Event::Applied {
             version,
             duration,
@@ -322,12 +349,13 @@ fn print_event(event: &Event) {
         } => {
             let ms = duration.as_millis();
             match sync_request {
-                Some(id) => println!("  applied {version} in {ms} ms; recorded sync request {id}"),
-                None => println!("  applied {version} in {ms} ms"),
+                Some(id) => out!("  applied {version} in {ms} ms; recorded sync request {id}")?,
+                None => out!("  applied {version} in {ms} ms")?,
             }
         }
-        Event::Failed { version, .. } => println!("  {version} failed"),
+        Event::Failed { version, .. } => out!("  {version} failed")?,
     }
+    Ok(())
 }
 
 fn event_json(event: &Event) -> Value {

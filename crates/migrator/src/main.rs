@@ -8,18 +8,21 @@ use clap::Parser;
 use fleetsync_common::{Db, shutdown, telemetry};
 use fleetsync_migrator::{
     Config, commands,
-    config::{Cli, Command},
+    config::{Cli, Command, Output},
 };
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    let output = match &cli.command {
+        Command::Serve(_) => Output::Human,
+        Command::Migrate(args) => args.read.output,
+        Command::Status(args) | Command::Verify(args) => args.output,
+        Command::Plan(args) => args.read.output,
+    };
     match run(cli).await {
         Ok(code) => code,
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            ExitCode::FAILURE
-        }
+        Err(err) => commands::fail(output, &err),
     }
 }
 

@@ -40,7 +40,8 @@ pub struct Cli {
 pub enum Command {
     /// Serve the SyncAgent and Fleet gRPC services (with health and reflection).
     Serve(Box<ServeArgs>),
-    /// List registered servers with their reachability and last outcome.
+    /// List registered servers with their reachability and last outcome; `servers add` and
+    /// `servers remove` register and remove one.
     Servers(ServersArgs),
     /// Sync some servers (or all), and with --watch follow the job live.
     Sync(SyncArgs),
@@ -56,28 +57,55 @@ pub enum Command {
     ResetHostKey(ResetHostKeyArgs),
 }
 
-/// How the operator commands reach a running agent.
+/// How the operator commands reach a running agent (given before or after a subcommand).
 #[derive(Debug, Clone, Args)]
 pub struct AgentArgs {
     /// The agent's gRPC URL (`https://` for TLS).
     #[arg(
         long,
+        global = true,
         env = "FLEETSYNC_AGENT_URL",
         default_value = "http://127.0.0.1:50051"
     )]
     pub agent_url: String,
 
     /// File holding the agent's bearer token, if it requires one.
-    #[arg(long, env = "FLEETSYNC_AGENT_TOKEN_FILE")]
+    #[arg(long, global = true, env = "FLEETSYNC_AGENT_TOKEN_FILE")]
     pub agent_token_file: Option<PathBuf>,
 
     /// PEM certificate of the CA that signed the agent's certificate (private CA).
-    #[arg(long, env = "FLEETSYNC_AGENT_CA")]
+    #[arg(long, global = true, env = "FLEETSYNC_AGENT_CA")]
     pub agent_ca: Option<PathBuf>,
 
     /// Output format.
-    #[arg(long, short, env = "FLEETSYNC_OUTPUT", value_enum, default_value_t = Output::Human)]
+    #[arg(long, short, global = true, env = "FLEETSYNC_OUTPUT", value_enum, default_value_t = Output::Human)]
     pub output: Output,
+
+    /// How long to wait for the agent: to connect, and for each answer. A watch waits for
+    /// events as long as the job runs, but a connection that stops answering its keepalive
+    /// pings for this long is given up.
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETSYNC_TIMEOUT",
+        default_value = "30s",
+        value_parser = positive_duration
+    )]
+    pub timeout: humantime::Duration,
+}
+
+/// A count of at least 1.
+fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(1..)
+}
+
+/// A duration greater than zero.
+fn positive_duration(text: &str) -> Result<humantime::Duration, String> {
+    let d: humantime::Duration = text.parse().map_err(|e| format!("{e}"))?;
+    if d.is_zero() {
+        return Err("must be greater than 0".into());
+    }
+    Ok(d)
 }
 
 /// Output format of the operator commands.
@@ -89,15 +117,72 @@ pub enum Output {
     Json,
 }
 
-/// `sync-agent servers`.
+/// `sync-agent servers [add|remove]`.
 #[derive(Debug, Clone, Args)]
 pub struct ServersArgs {
+    /// Without one: list the servers.
+    #[command(subcommand)]
+    pub action: Option<ServersAction>,
+
     #[command(flatten)]
     pub agent: AgentArgs,
 
     /// Only servers with this reachability.
     #[arg(long, value_parser = stored(Reachability::ALL, Reachability::as_str))]
     pub reachability: Option<Reachability>,
+}
+
+/// `sync-agent servers add|remove`: the Fleet API's UpsertServer and DeleteServer.
+#[derive(Debug, Clone, Subcommand)]
+pub enum ServersAction {
+    /// Register a server (or, with --id, change the registered one); prints its id.
+    Add(AddServerArgs),
+    /// Remove a server and what was stored about it (its rows in past jobs stay, by name).
+    Remove(RemoveServerArgs),
+}
+
+/// `sync-agent servers add NAME IP`.
+#[derive(Debug, Clone, Args)]
+pub struct AddServerArgs {
+    /// The server's name, as the panel shows it.
+    pub name: String,
+    /// Its IP address (IPv4 or IPv6) or host name.
+    pub ip: String,
+    /// SSH port.
+    #[arg(long, default_value_t = 22, value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: u16,
+    /// The SSH login user (it needs passwordless sudo for the database client).
+    #[arg(long, default_value = "vito")]
+    pub user: String,
+    /// The database service whose inventory is synced.
+    #[arg(long, value_enum, default_value_t = ServiceArg::Mariadb)]
+    pub service: ServiceArg,
+    /// The service's version, as the panel records it (informational).
+    #[arg(long, default_value = "")]
+    pub service_version: String,
+    /// Change the server with this id instead of registering a new one.
+    #[arg(long)]
+    pub id: Option<i64>,
+}
+
+/// A server's database service on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ServiceArg {
+    /// No database service: syncs skip it (SKIPPED_NO_DATABASE_SERVICE).
+    None,
+    /// MySQL.
+    Mysql,
+    /// MariaDB.
+    Mariadb,
+    /// PostgreSQL.
+    Postgresql,
+}
+
+/// `sync-agent servers remove ID`.
+#[derive(Debug, Clone, Args)]
+pub struct RemoveServerArgs {
+    /// The server's id.
+    pub server_id: i64,
 }
 
 /// `sync-agent sync`.
@@ -211,13 +296,13 @@ pub struct ServeArgs {
     /// being dialed (TCP connect and banner, which cost waiting, not CPU) do not count: up to
     /// 4x this (at least 256, at most 1024) are in flight, so unreachable servers wait out
     /// their timeouts alongside the healthy work.
-    #[arg(long, env = "FLEETSYNC_CONCURRENCY", default_value_t = 64)]
+    #[arg(long, env = "FLEETSYNC_CONCURRENCY", default_value_t = 64, value_parser = at_least_one())]
     pub concurrency: usize,
 
     /// Most servers in flight, dialing included (default 4x --concurrency, 256 to 1024; never
     /// fewer than --concurrency). An agent claims this many at once: agents side by side share
     /// jobs larger than this, and a smaller job is run by the agent that claims it first.
-    #[arg(long, env = "FLEETSYNC_IN_FLIGHT")]
+    #[arg(long, env = "FLEETSYNC_IN_FLIGHT", value_parser = at_least_one())]
     pub in_flight: Option<usize>,
 
     /// Lease on a server while it is synced; renewed during the run, taken over by another

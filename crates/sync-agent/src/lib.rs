@@ -96,7 +96,12 @@ pub async fn run(
         },
     )
     .await?;
-    let version = schema::check(&db).await?;
+    let version = schema::check(&db).await.with_context(|| {
+        format!(
+            "checking the schema of {}",
+            fleetsync_common::db::describe_url(&config.database_url)
+        )
+    })?;
     let store = Store::new(db.clone());
     let marked = store
         .repair_queue()

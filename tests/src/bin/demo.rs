@@ -358,6 +358,10 @@ async fn reregister(fleet: &SshFleet, agent_url: &str) {
         .stdout(Stdio::null())
         .status()
         .expect("run sync-agent");
-    assert!(status.success());
+    // 1: done, with the servers that are down or without a service by design.
+    assert!(
+        matches!(status.code(), Some(0 | 1)),
+        "sync-agent sync ended with {status}"
+    );
     note("registrations updated and the new host keys pinned");
 }

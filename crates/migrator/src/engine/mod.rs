@@ -93,7 +93,9 @@ pub enum EngineError {
     )]
     UnknownVersions(Vec<i64>),
     /// `--target` names no migration.
-    #[error("no migration has version {0}")]
+    #[error(
+        "no migration has version {0} (`migrator status` lists the versions this binary knows)"
+    )]
     UnknownTarget(i64),
     /// A statement failed; nothing of the migration is applied (transactional backends) or the
     /// statements before it are (MySQL), and the next run retries from there.

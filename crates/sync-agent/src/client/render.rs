@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use fleetsync_common::proto::sync::v1 as pb;
 use serde_json::{Value, json};
 
+use super::exit::out;
 use crate::config::Output;
 
 pub(super) fn short(name: &str, prefix: &str) -> String {
@@ -86,17 +87,19 @@ pub(super) fn printable(text: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
-pub(super) fn print_outcomes(outcomes: &[pb::ServerOutcome]) {
+pub(super) fn print_outcomes(outcomes: &[pb::ServerOutcome]) -> std::io::Result<()> {
     let width = outcomes
         .iter()
         .map(|o| o.server_name.chars().count())
         .max()
         .unwrap_or(6)
         .max(6);
-    println!(
+    out!(
         "{:<width$}  {:<30} {:>8}  DETAIL",
-        "SERVER", "OUTCOME", "TIME"
-    );
+        "SERVER",
+        "OUTCOME",
+        "TIME"
+    )?;
     for o in outcomes {
         let detail = match o.outcome() {
             pb::Outcome::Ok => o
@@ -116,17 +119,18 @@ pub(super) fn print_outcomes(outcomes: &[pb::ServerOutcome]) {
                 .unwrap_or_else(|| o.message.clone()),
             _ => o.message.replace('\n', " "),
         };
-        println!(
+        out!(
             "{:<width$}  {:<30} {:>6}ms  {}",
             printable(&o.server_name),
             outcome_name(o),
             millis(o.duration.as_ref()),
             printable(&detail)
-        );
+        )?;
     }
+    Ok(())
 }
 
-pub(super) fn print_summary(s: &pb::JobSummary) {
+pub(super) fn print_summary(s: &pb::JobSummary) -> std::io::Result<()> {
     let counts: Vec<String> = s
         .outcome_counts
         .iter()
@@ -138,7 +142,7 @@ pub(super) fn print_summary(s: &pb::JobSummary) {
             )
         })
         .collect();
-    println!(
+    out!(
         "job {}: {} of {} server(s) finished in {} ms: {}",
         s.job_id,
         s.finished,
@@ -149,16 +153,16 @@ pub(super) fn print_summary(s: &pb::JobSummary) {
         } else {
             counts.join(", ")
         }
-    );
+    )
 }
 
 pub(super) fn report(
     outcomes: &[pb::ServerOutcome],
     summary: Option<&pb::JobSummary>,
     output: Output,
-) {
+) -> std::io::Result<()> {
     match output {
-        Output::Json => println!(
+        Output::Json => out!(
             "{}",
             serde_json::to_string_pretty(&json!({
                 "job": summary.map(summary_json),
@@ -167,9 +171,10 @@ pub(super) fn report(
             .expect("JSON")
         ),
         Output::Human => {
-            print_outcomes(outcomes);
-            if let Some(s) = summary {
-                print_summary(s);
+            print_outcomes(outcomes)?;
+            match summary {
+                Some(s) => print_summary(s),
+                None => Ok(()),
             }
         }
     }

@@ -1,0 +1,397 @@
+//! The operator commands in scripts, pipelines and service managers, run as the real binaries:
+//! documented exit statuses (0 every server OK, 1 some server not OK, 2 usage, 3 refused by the
+//! agent, 4 agent unreachable), a timeout on every call, one JSON document on stdout for every
+//! failure under `-o json`, and a quiet end when the reader of stdout goes away.
+
+use std::{
+    path::Path,
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use fleetsync_tests::{
+    TestDb,
+    bench::silent_listener,
+    catalog::{add_mariadb_everywhere, count, insert_servers},
+    process::bin_path,
+    services::{ServeProcess, migrate},
+};
+use serde_json::Value;
+
+fn run(binary: &str, args: &[&str]) -> Output {
+    run_in(binary, args, Path::new("."))
+}
+
+fn run_in(binary: &str, args: &[&str], dir: &Path) -> Output {
+    Command::new(bin_path(binary))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("FLEETSYNC_OUTPUT")
+        .env_remove("FLEETSYNC_TIMEOUT")
+        .env_remove("FLEETSYNC_AGENT_URL")
+        .output()
+        .expect("run the binary")
+}
+
+fn code(output: &Output) -> i32 {
+    output.status.code().expect("exited, not killed")
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// The command ended with `status`.
+fn exits(output: &Output, status: i32) {
+    assert_eq!(code(output), status, "{}", text(output));
+}
+
+/// `stream` (the output's stdout or stderr) contains `what`.
+fn shows(stream: &[u8], what: &str, output: &Output) {
+    assert!(
+        String::from_utf8_lossy(stream).contains(what),
+        "{what:?}: {}",
+        text(output)
+    );
+}
+
+/// `stream` starts with `what`.
+fn begins(stream: &[u8], what: &str, output: &Output) {
+    assert!(
+        String::from_utf8_lossy(stream).starts_with(what),
+        "{what:?}: {}",
+        text(output)
+    );
+}
+
+/// Stdout holds exactly one JSON document.
+fn document(output: &Output) -> Value {
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|err| panic!("one JSON document on stdout ({err}): {}", text(output)))
+}
+
+/// An agent (the real binary) on a fresh SQLite database with `servers` servers at
+/// 127.0.0.1:1, where every connection is refused at once, each with MariaDB.
+struct Agent {
+    db: TestDb,
+    conn: fleetsync_common::Db,
+    url: String,
+    _process: ServeProcess,
+    _dir: tempfile::TempDir,
+}
+
+async fn agent_with(servers: usize) -> Agent {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = TestDb::sqlite().await;
+    migrate(db.url()).await;
+    let conn = db.connect().await;
+    insert_servers(&conn, servers, 1, |_| "127.0.0.1".into()).await;
+    add_mariadb_everywhere(&conn, "").await;
+    let process = ServeProcess::start("sync-agent", &["--database-url", db.url()], dir.path());
+    Agent {
+        url: format!("http://{}", process.addr),
+        db,
+        conn,
+        _process: process,
+        _dir: dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exit_statuses_say_what_happened() {
+    let agent = agent_with(2).await;
+    let (db, conn, url) = (&agent.db, &agent.conn, &agent.url);
+    let first = count(conn, "SELECT MIN(id) FROM servers").await.to_string();
+    let cli = |args: &[&str]| {
+        run(
+            "sync-agent",
+            &[args, &["--agent-url", url.as_str()]].concat(),
+        )
+    };
+
+    // Servers that did not end OK: 1, in both outputs.
+    let synced = cli(&["sync", "--all", "--force", "--watch"]);
+    exits(&synced, 1);
+    shows(&synced.stdout, "UNREACHABLE (refused)", &synced);
+    let synced = cli(&["sync", "--all", "--force", "--watch", "-o", "json"]);
+    exits(&synced, 1);
+    let synced = document(&synced);
+    assert_eq!(synced["outcomes"][0]["outcome"], "UNREACHABLE");
+    let job_id = synced["job"]["job_id"].as_str().expect("job id").to_owned();
+    let job = cli(&["job", &job_id, "-o", "json"]);
+    exits(&job, 1);
+    assert_eq!(document(&job)["job"]["outcomes"]["UNREACHABLE"], 2);
+
+    // `check` says why, and exits 1: `check 3 && deploy` does not deploy.
+    let check = cli(&["check", &first]);
+    exits(&check, 1);
+    shows(&check.stdout, "UNREACHABLE (refused)", &check);
+    let check = cli(&["check", &first, "-o", "json"]);
+    exits(&check, 1);
+    let check = document(&check);
+    assert_eq!(
+        (check["outcome"].as_str(), check["cause"].as_str()),
+        (Some("UNREACHABLE"), Some("REFUSED")),
+        "{check}"
+    );
+
+    // Started, not watched; listings: 0.
+    for args in [
+        &["sync", "--all"][..],
+        &["servers"],
+        &["jobs"],
+        &["servers", "-o", "json"],
+    ] {
+        let ran = cli(args);
+        assert_eq!(code(&ran), 0, "{args:?}: {}", text(&ran));
+    }
+
+    // The agent refuses: 3, the error as a JSON document on stdout, or a line on stderr.
+    let unknown = cli(&["job", "no-such-job", "-o", "json"]);
+    exits(&unknown, 3);
+    let error = &document(&unknown)["error"];
+    assert_eq!(
+        (
+            error["exit"].as_u64(),
+            error["kind"].as_str(),
+            error["grpc_code"].as_str()
+        ),
+        (Some(3), Some("refused"), Some("NotFound")),
+        "{error}"
+    );
+    let unknown = cli(&["job", "no-such-job"]);
+    exits(&unknown, 3);
+    assert!(unknown.stdout.is_empty(), "{}", text(&unknown));
+    begins(&unknown.stderr, "error: NotFound: ", &unknown);
+
+    // reset-host-key speaks JSON too.
+    let reset = cli(&["reset-host-key", &first, "-o", "json"]);
+    exits(&reset, 0);
+    let reset = document(&reset);
+    assert_eq!(reset["server_id"].to_string(), first);
+    assert!(reset["forgotten"].is_null(), "{reset}");
+    let reset = cli(&["reset-host-key", "999999", "-o", "json"]);
+    exits(&reset, 3);
+    assert_eq!(document(&reset)["error"]["grpc_code"], "NotFound");
+
+    // Register, change and remove a server from the CLI (the Fleet API underneath).
+    let added = cli(&[
+        "servers",
+        "add",
+        "db-9",
+        "127.0.0.1",
+        "--port",
+        "1",
+        "-o",
+        "json",
+    ]);
+    exits(&added, 0);
+    let added = document(&added);
+    assert_eq!(added["created"], true, "{added}");
+    let id = added["id"].to_string();
+    let changed = cli(&[
+        "servers",
+        "add",
+        "db-9",
+        "127.0.0.1",
+        "--port",
+        "2",
+        "--service",
+        "postgresql",
+        "--id",
+        &id,
+    ]);
+    exits(&changed, 0);
+    assert!(
+        String::from_utf8_lossy(&changed.stdout)
+            .contains(&format!("server {id} db-9 (127.0.0.1:2) updated")),
+        "{}",
+        text(&changed)
+    );
+    let listed = document(&cli(&["servers", "-o", "json"]));
+    let db9 = listed
+        .as_array()
+        .and_then(|l| l.iter().find(|s| s["name"] == "db-9"))
+        .unwrap_or_else(|| panic!("db-9 listed: {listed}"));
+    assert_eq!(
+        (db9["port"].as_u64(), db9["database_service"].as_str()),
+        (Some(2), Some("postgresql"))
+    );
+    let invalid = cli(&["servers", "add", "db-10", "999.1.1.1"]);
+    exits(&invalid, 3);
+    shows(&invalid.stderr, "InvalidArgument", &invalid);
+    let removed = cli(&["servers", "remove", &id, "-o", "json"]);
+    exits(&removed, 0);
+    assert_eq!(document(&removed)["removed"], true);
+    let again = cli(&["servers", "remove", &id]);
+    exits(&again, 3);
+
+    // Usage: 2.
+    let zero = cli(&["servers", "--timeout", "0s"]);
+    exits(&zero, 2);
+    let zero = run(
+        "sync-agent",
+        &["serve", "--concurrency", "0", "--database-url", db.url()],
+    );
+    exits(&zero, 2);
+    shows(&zero.stderr, "--concurrency", &zero);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_or_absent_agent_ends_the_command_with_4() {
+    // Accepts TCP and never answers, as a hung process or a black-holing proxy would.
+    let (port, _listener) = silent_listener().await;
+    for url in [
+        format!("http://127.0.0.1:{port}"),
+        format!("https://127.0.0.1:{port}"),
+    ] {
+        let started = Instant::now();
+        let silent = run(
+            "sync-agent",
+            &["servers", "--agent-url", &url, "--timeout", "1s"],
+        );
+        assert_eq!(code(&silent), 4, "{url}: {}", text(&silent));
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{url}: {:?}",
+            started.elapsed()
+        );
+        assert!(
+            String::from_utf8_lossy(&silent.stderr).contains("did not answer within 1s"),
+            "{url}: {}",
+            text(&silent)
+        );
+    }
+    // The timeout from the environment, and the failure as JSON.
+    let silent = Command::new(bin_path("sync-agent"))
+        .args(["check", "1", "-o", "json"])
+        .env("FLEETSYNC_AGENT_URL", format!("http://127.0.0.1:{port}"))
+        .env("FLEETSYNC_TIMEOUT", "1s")
+        .output()
+        .expect("run");
+    exits(&silent, 4);
+    let error = &document(&silent)["error"];
+    assert_eq!(error["kind"], "unreachable", "{error}");
+
+    // Nothing listening: 4, each cause said once.
+    let absent = run(
+        "sync-agent",
+        &["servers", "--agent-url", "http://127.0.0.1:1"],
+    );
+    exits(&absent, 4);
+    let stderr = String::from_utf8_lossy(&absent.stderr);
+    assert!(
+        stderr.contains("cannot reach the sync-agent at http://127.0.0.1:1"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("Connection refused"), "{stderr}");
+    assert!(
+        !stderr.contains("tcp connect error: tcp connect error"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_closed_stdout_ends_the_command_quietly() {
+    let agent = agent_with(50).await;
+    let (db, url) = (&agent.db, &agent.url);
+    let unmigrated = TestDb::sqlite().await;
+    for (binary, args) in [
+        ("sync-agent", vec!["servers", "--agent-url", url.as_str()]),
+        ("sync-agent", vec!["jobs", "--agent-url", url.as_str()]),
+        ("migrator", vec!["plan", "--database-url", unmigrated.url()]),
+        ("migrator", vec!["status", "--database-url", db.url()]),
+    ] {
+        let mut child = Command::new(bin_path(binary))
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        // The reader goes away before the first line (`| head -0`).
+        drop(child.stdout.take());
+        let ended = child.wait_with_output().expect("wait");
+        assert_eq!(code(&ended), 0, "{binary} {args:?}: {}", text(&ended));
+        assert!(
+            !String::from_utf8_lossy(&ended.stderr).contains("panicked"),
+            "{binary} {args:?}: {}",
+            text(&ended)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_migrator_reports_failures_as_json_and_names_what_it_opened() {
+    let db = TestDb::sqlite().await;
+    migrate(db.url()).await;
+    // A version that does not exist is a usage error (2), said as one JSON document.
+    let unknown = run(
+        "migrator",
+        &[
+            "plan",
+            "--target",
+            "42",
+            "-o",
+            "json",
+            "--database-url",
+            db.url(),
+        ],
+    );
+    exits(&unknown, 2);
+    let error = &document(&unknown)["error"];
+    assert_eq!(error["exit"], 2, "{error}");
+    assert!(
+        error["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("no migration has version 42")),
+        "{error}"
+    );
+    let unknown = run(
+        "migrator",
+        &[
+            "migrate",
+            "--no-dispatch",
+            "--target",
+            "42",
+            "--database-url",
+            db.url(),
+        ],
+    );
+    exits(&unknown, 2);
+    // A database that cannot be reached: 1, and JSON.
+    let down = run(
+        "migrator",
+        &[
+            "status",
+            "-o",
+            "json",
+            "--database-url",
+            "postgres://fleetsync@127.0.0.1:1/none",
+        ],
+    );
+    exits(&down, 1);
+    assert_eq!(document(&down)["error"]["exit"], 1);
+
+    // The agent started from another directory with a relative SQLite URL: the error names
+    // the file it opened.
+    let elsewhere = tempfile::tempdir().expect("temp dir");
+    let agent = run_in(
+        "sync-agent",
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            "sqlite://fleetsync.db",
+        ],
+        elsewhere.path(),
+    );
+    assert_ne!(code(&agent), 0, "{}", text(&agent));
+    let opened = elsewhere.path().join("fleetsync.db");
+    shows(&agent.stderr, &opened.display().to_string(), &agent);
+}
