@@ -140,6 +140,31 @@ async fn exit_statuses_say_what_happened() {
         "{check}"
     );
 
+    // In backoff now: a sync skips them, and `servers` says why they went offline.
+    let skipped = cli(&["sync", "--all", "--watch", "-o", "json"]);
+    exits(&skipped, 1);
+    assert_eq!(
+        document(&skipped)["outcomes"][0]["outcome"],
+        "SKIPPED_OFFLINE"
+    );
+    let listed = document(&cli(&["servers", "-o", "json"]));
+    let server = &listed[0];
+    assert_eq!(
+        (
+            server["last_outcome"]["outcome"].as_str(),
+            server["last_attempt"]["outcome"].as_str(),
+            server["last_attempt"]["cause"].as_str()
+        ),
+        (
+            Some("SKIPPED_OFFLINE"),
+            Some("UNREACHABLE"),
+            Some("REFUSED")
+        ),
+        "{server}"
+    );
+    let listed = cli(&["servers"]);
+    shows(&listed.stdout, "SKIPPED_OFFLINE (refused)", &listed);
+
     // Started, not watched; listings: 0.
     for args in [
         &["sync", "--all"][..],

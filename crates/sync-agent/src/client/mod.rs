@@ -487,6 +487,7 @@ async fn list_servers(agent: &Agent, args: &ServersArgs) -> Result<Exit, Failure
                     "next_probe_at": s.next_probe_at.as_ref().map(|t| time(Some(t))),
                     "host_key": s.host_key.as_ref().map(|k| k.fingerprint.clone()),
                     "last_outcome": s.last_outcome.as_ref().map(outcome_json),
+                    "last_attempt": s.last_attempt.as_ref().map(outcome_json),
                 })
             })
             .collect();
@@ -511,15 +512,33 @@ async fn list_servers(agent: &Agent, args: &ServersArgs) -> Result<Exit, Failure
             format!("{}:{}", spec.ip, spec.port),
             short(spec.database_service().as_str_name(), "DATABASE_SERVICE_").to_lowercase(),
             short(s.reachability().as_str_name(), "REACHABILITY_").to_lowercase(),
-            s.last_outcome
-                .as_ref()
-                .map(outcome_name)
-                .unwrap_or_else(|| "-".into()),
+            last_outcome(s),
             time(s.next_probe_at.as_ref()),
         )?;
     }
     out!("{} server(s)", servers.len())?;
     Ok(Exit::Ok)
+}
+
+/// A server's last outcome for the table; a skip of an offline server says why it is
+/// offline: "SKIPPED_OFFLINE (refused)", or the last attempt's outcome.
+fn last_outcome(s: &pb::Server) -> String {
+    let Some(last) = &s.last_outcome else {
+        return "-".into();
+    };
+    match &s.last_attempt {
+        Some(attempt) if attempt.cause() != pb::UnreachableCause::Unspecified => format!(
+            "{} ({})",
+            short(last.outcome().as_str_name(), "OUTCOME_"),
+            short(attempt.cause().as_str_name(), "UNREACHABLE_CAUSE_").to_lowercase()
+        ),
+        Some(attempt) => format!(
+            "{} ({})",
+            short(last.outcome().as_str_name(), "OUTCOME_"),
+            short(attempt.outcome().as_str_name(), "OUTCOME_")
+        ),
+        None => outcome_name(last),
+    }
 }
 
 /// `sync-agent check`: 0 when the server answered, authenticated and matched its pinned key.

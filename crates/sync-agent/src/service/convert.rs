@@ -6,7 +6,8 @@ use fleetsync_common::proto::sync::v1 as pb;
 
 use crate::model::{Cause, JobOrigin, JobState, Outcome, Reachability};
 use crate::store::{
-    DatabaseService, HostKeyRecord, Inventory, JobRecord, OutcomeRecord, RunResult, ServerRecord,
+    DatabaseService, HostKeyRecord, Inventory, JobRecord, LastRuns, OutcomeRecord, RunResult,
+    ServerRecord,
 };
 
 /// Milliseconds since the epoch as a timestamp.
@@ -174,8 +175,10 @@ fn host_key(key: &HostKeyRecord) -> pb::HostKey {
     }
 }
 
-/// A server with its last outcome.
-pub fn server(record: &ServerRecord, last: Option<&(RunResult, i64)>) -> pb::Server {
+/// A server with its last outcome (and, behind a skip, its last attempt).
+pub fn server(record: &ServerRecord, last: Option<&LastRuns>) -> pb::Server {
+    let outcome =
+        |(result, at): &(RunResult, i64)| server_outcome(record.id, &record.name, result, *at);
     pb::Server {
         id: record.id,
         spec: Some(pb::ServerSpec {
@@ -192,9 +195,10 @@ pub fn server(record: &ServerRecord, last: Option<&(RunResult, i64)>) -> pb::Ser
         consecutive_failures: record.consecutive_failures.max(0) as u32,
         next_probe_at: record.next_probe_at.and_then(timestamp),
         host_key: record.host_key.as_ref().map(host_key),
-        last_outcome: last.map(|(result, at)| server_outcome(record.id, &record.name, result, *at)),
+        last_outcome: last.map(|runs| outcome(&runs.last)),
         created_at: timestamp(record.created_at),
         updated_at: timestamp(record.updated_at),
+        last_attempt: last.and_then(|runs| runs.attempt.as_ref()).map(outcome),
     }
 }
 

@@ -30,7 +30,7 @@ pub use inventory::{Charsets, DatabaseRead, InventoryCounts, InventoryWrite, Use
 use jobs::OutcomeCounts;
 pub use jobs::{JobFilter, JobRecord, NewJob, Selection};
 pub use outbox::SyncRequest;
-pub use outcomes::{OutcomeRecord, RunResult};
+pub use outcomes::{LastRuns, OutcomeRecord, RunResult};
 pub use queue::{Claim, ClaimedServer, Renewal};
 pub use retention::Pruned;
 pub use servers::{

@@ -23,6 +23,16 @@ pub struct OutcomeRecord {
     pub finished_at: i64,
 }
 
+/// A server's latest run (result, finished_at), and when that skipped the server as offline,
+/// the latest run that did try it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastRuns {
+    /// The latest run.
+    pub last: (RunResult, i64),
+    /// The latest run other than SKIPPED_OFFLINE, when `last` is one.
+    pub attempt: Option<(RunResult, i64)>,
+}
+
 /// The result of one server's run, as stored with every job it satisfies.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunResult {
@@ -115,25 +125,68 @@ impl Store {
             .collect()
     }
 
-    /// The latest run of each of these servers: server id -> (result, finished_at).
-    pub async fn last_runs(
+    /// The latest run of each of these servers, and where that run skipped an offline server,
+    /// the latest run that did try it (why it is offline).
+    pub async fn last_runs(&self, ids: &[i64]) -> Result<HashMap<i64, LastRuns>, sqlx::Error> {
+        let mut out: HashMap<i64, LastRuns> = HashMap::new();
+        for (id, last) in self.latest_runs(ids, None).await? {
+            out.insert(
+                id,
+                LastRuns {
+                    last,
+                    attempt: None,
+                },
+            );
+        }
+        let skipped: Vec<i64> = out
+            .iter()
+            .filter(|(_, runs)| runs.last.0.outcome == Outcome::SkippedOffline)
+            .map(|(&id, _)| id)
+            .collect();
+        if !skipped.is_empty() {
+            for (id, attempt) in self
+                .latest_runs(&skipped, Some(Outcome::SkippedOffline))
+                .await?
+            {
+                if let Some(runs) = out.get_mut(&id) {
+                    runs.attempt = Some(attempt);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The latest run of each of these servers (other than `except`): (server id, (result,
+    /// finished_at)).
+    async fn latest_runs(
         &self,
         ids: &[i64],
-    ) -> Result<HashMap<i64, (RunResult, i64)>, sqlx::Error> {
-        let mut out = HashMap::new();
+        except: Option<Outcome>,
+    ) -> Result<Vec<(i64, (RunResult, i64))>, sqlx::Error> {
+        let mut out = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(CHUNK) {
             // One index probe per server (`sync_runs_last`, (server_id, id)): a correlated
             // MAX is a seek to the end of the server's range on every backend, where a MAX
-            // grouped over an IN list read every run of every server.
+            // grouped over an IN list read every run of every server. Skipping an outcome
+            // walks back over the runs that have it (a server in backoff: one skip per
+            // periodic sync since its last attempt).
+            let mut args: Vec<Value> = Vec::with_capacity(chunk.len() + 1);
+            let skip = match except {
+                Some(outcome) => {
+                    args.push(outcome.as_str().into());
+                    " AND r.outcome <> ?"
+                }
+                None => "",
+            };
             let sql = format!(
                 "SELECT server_id, finished_at, {RESULT_COLUMNS} FROM sync_runs \
-                 WHERE id IN (SELECT (SELECT MAX(r.id) FROM sync_runs r WHERE r.server_id = s.id) \
-                 FROM servers s WHERE s.id IN {})",
+                 WHERE id IN (SELECT (SELECT MAX(r.id) FROM sync_runs r \
+                 WHERE r.server_id = s.id{skip}) FROM servers s WHERE s.id IN {})",
                 list(chunk.len())
             );
-            let args: Vec<Value> = chunk.iter().map(|&i| Value::Int(i)).collect();
-            for r in self.db.fetch(&sql, &args).await? {
-                out.insert(r.int(0)?, (result_from(&r, 2)?, r.opt_int(1)?.unwrap_or(0)));
+            args.extend(chunk.iter().map(|&i| Value::Int(i)));
+            for r in self.db.fetch(&self.sql(&sql), &args).await? {
+                out.push((r.int(0)?, (result_from(&r, 2)?, r.opt_int(1)?.unwrap_or(0))));
             }
         }
         Ok(out)
