@@ -33,6 +33,29 @@ pub struct Running {
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
+/// The in-process agent's settings: a short shutdown grace, no drain delay, no metrics, and a
+/// database that does not answer at start waited for as long as it takes.
+pub fn agent_config(
+    database_url: &str,
+    ssh: SshClient,
+    runner: RunnerConfig,
+) -> fleetsync_sync_agent::Config {
+    fleetsync_sync_agent::Config {
+        database_url: database_url.to_owned(),
+        shutdown_grace: Duration::from_secs(1),
+        drain_delay: Duration::ZERO,
+        ssh,
+        runner,
+        security: Default::default(),
+        db_pool_size: 16,
+        max_streams: 1024,
+        metrics_listen: None,
+        metrics_interval: Duration::ZERO,
+        max_checks: 64,
+        database_wait: None,
+    }
+}
+
 impl Running {
     async fn spawn<F>(run: impl FnOnce(TcpListener, CancellationToken) -> F) -> Self
     where
@@ -167,17 +190,8 @@ impl TestAgent {
         max_streams: usize,
     ) -> Self {
         let config = fleetsync_sync_agent::Config {
-            database_url: database_url.to_owned(),
-            shutdown_grace: Duration::from_secs(1),
-            drain_delay: Duration::ZERO,
-            ssh,
-            runner,
-            security: Default::default(),
-            db_pool_size: 16,
             max_streams,
-            metrics_listen: None,
-            metrics_interval: Duration::ZERO,
-            max_checks: 64,
+            ..agent_config(database_url, ssh, runner)
         };
         let service = Running::spawn(move |listener, shutdown| {
             fleetsync_sync_agent::run(config, listener, shutdown)

@@ -42,13 +42,19 @@ async fn wait_for(agent: &TestAgent, wanted: ServingStatus) {
     .await;
 }
 
-#[tokio::test]
-async fn the_agent_survives_its_database_going_down() {
+/// A migrated PostgreSQL database, and its URL through a proxy that can cut it off.
+async fn postgres_behind_a_proxy() -> (TestDb, TcpProxy, String) {
     let db = TestDb::postgres().await;
     migrate(db.url()).await;
     let proxy = TcpProxy::start("127.0.0.1:5432".parse().expect("addr")).await;
     let url = db.url().replace("127.0.0.1:5432", &proxy.addr.to_string());
     assert_ne!(url, db.url(), "the URL goes through the proxy");
+    (db, proxy, url)
+}
+
+#[tokio::test]
+async fn the_agent_survives_its_database_going_down() {
+    let (_db, proxy, url) = postgres_behind_a_proxy().await;
     let ssh = SshClient::new(Timeouts::default(), 1024, ClientKeys::default());
     let agent = TestAgent::spawn_with(&url, ssh, test_runner_config()).await;
     let mut fleet = agent.fleet();
@@ -99,6 +105,105 @@ async fn the_agent_survives_its_database_going_down() {
     agent.service.stop().await.expect("clean stop");
 }
 
+/// An agent started while its database is down (a machine booting, a failover) stays up,
+/// answers health NOT_SERVING, and serves once the database answers; shut down while it
+/// waits, it ends cleanly. No crash loop under a service manager.
+#[tokio::test]
+async fn an_agent_started_while_its_database_is_down_waits_for_it() {
+    use fleetsync_tests::services::agent_config;
+    use tokio_util::sync::CancellationToken;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let (_db, proxy, url) = postgres_behind_a_proxy().await;
+    proxy.cut();
+    let start = |url: String| async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let ssh = SshClient::new(Timeouts::default(), 1024, ClientKeys::default());
+        let task = tokio::spawn(fleetsync_sync_agent::run(
+            agent_config(&url, ssh, test_runner_config()),
+            listener,
+            shutdown.clone(),
+        ));
+        let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .expect("uri")
+            .connect_lazy();
+        (task, shutdown, channel, addr)
+    };
+    let health_of = |channel: tonic::transport::Channel| async move {
+        HealthClient::new(channel)
+            .check(HealthCheckRequest::default())
+            .await
+            .map(|r| r.into_inner().status())
+            .map_err(|s| s.to_string())
+    };
+    let health_becomes = |channel: tonic::transport::Channel, wanted: ServingStatus| async move {
+        fleetsync_tests::poll_until(
+            &format!("health {wanted:?}"),
+            Duration::from_secs(30),
+            || {
+                let channel = channel.clone();
+                async move {
+                    match health_of(channel).await {
+                        Ok(seen) if seen == wanted => Ok(()),
+                        other => Err(format!("{other:?}")),
+                    }
+                }
+            },
+        )
+        .await
+    };
+
+    let (task, shutdown, channel, addr) = start(url.clone()).await;
+    health_becomes(channel.clone(), ServingStatus::NotServing).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!task.is_finished(), "the agent waits, it does not exit");
+    assert_eq!(
+        health_of(channel.clone()).await,
+        Ok(ServingStatus::NotServing)
+    );
+    // As the README checks it: grpcurl finds health through reflection meanwhile too.
+    let grpcurl = std::env::var("FLEETSYNC_GRPCURL").unwrap_or_else(|_| "grpcurl".into());
+    let checked = tokio::process::Command::new(grpcurl)
+        .args([
+            "-plaintext",
+            &addr.to_string(),
+            "grpc.health.v1.Health/Check",
+        ])
+        .output()
+        .await
+        .expect("run grpcurl (`just setup`)");
+    assert!(
+        String::from_utf8_lossy(&checked.stdout).contains("NOT_SERVING"),
+        "{}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+
+    proxy.restore().await;
+    health_becomes(channel.clone(), ServingStatus::Serving).await;
+    let mut fleet = fleetsync_common::proto::sync::v1::fleet_client::FleetClient::new(channel);
+    fleet
+        .list_servers(ListServersRequest::default())
+        .await
+        .expect("served once the database is back");
+    shutdown.cancel();
+    task.await.expect("join").expect("a clean stop");
+
+    // Shut down while it waits: a clean end, at once.
+    proxy.cut();
+    let (task, shutdown, _channel, _addr) = start(url).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    shutdown.cancel();
+    let ended = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("ends soon after shutdown");
+    ended.expect("join").expect("a clean stop while waiting");
+}
+
 /// Runs that finish while the database is down wait for it: their outcomes are the real ones
 /// once it is back (never CANCELLED or SKIPPED for a pool timeout), and the job completes.
 ///
@@ -129,10 +234,7 @@ async fn runs_that_end_while_the_database_is_down_are_recorded_when_it_is_back()
             ),
         );
     }
-    let db = TestDb::postgres().await;
-    migrate(db.url()).await;
-    let proxy = TcpProxy::start("127.0.0.1:5432".parse().expect("addr")).await;
-    let url = db.url().replace("127.0.0.1:5432", &proxy.addr.to_string());
+    let (db, proxy, url) = postgres_behind_a_proxy().await;
     let ssh = fleet.client(Timeouts::default(), 1 << 20);
     let agent = TestAgent::spawn_with(&url, ssh, test_runner_config()).await;
     let mut fleet_api = agent.fleet();

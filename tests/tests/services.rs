@@ -539,13 +539,19 @@ async fn stopping_hands_over_at_once_the_runs_waiting_for_a_slot() {
 
 #[tokio::test]
 async fn a_database_that_is_down_is_a_clear_startup_error() {
-    // Port 1 on loopback: nothing listens, connection refused at once.
-    for (binary, url) in [
-        ("sync-agent", "postgres://postgres:hunter2@127.0.0.1:1/nope"),
-        ("migrator", "mysql://root:hunter2@127.0.0.1:1/nope"),
+    // Port 1 on loopback: nothing listens, connection refused at once. The agent waits for
+    // its database (here at most a second: `--database-wait`), the migrator does not.
+    for (binary, url, wait) in [
+        (
+            "sync-agent",
+            "postgres://postgres:hunter2@127.0.0.1:1/nope",
+            &["--database-wait", "1s"][..],
+        ),
+        ("migrator", "mysql://root:hunter2@127.0.0.1:1/nope", &[]),
     ] {
         let output = Command::new(bin_path(binary))
             .args(["serve", "--listen", "127.0.0.1:0", "--database-url", url])
+            .args(wait)
             .output()
             .expect("run");
         assert!(!output.status.success(), "{binary} must fail");

@@ -279,6 +279,61 @@ pub async fn base_router(
     Ok((router, health))
 }
 
+/// Runs `until` while health alone answers on `listener`, `NOT_SERVING` for the server and
+/// every one of `services` (a service waiting for its database at start: a service manager and
+/// a load balancer see it alive but not ready, instead of a refused port or a crash loop).
+/// The listener is only borrowed: the full router serves it afterwards; connections made in
+/// the meantime are closed when `until` ends, and clients connect again.
+pub async fn not_serving_until<F: std::future::Future>(
+    listener: &TcpListener,
+    services: &[&'static str],
+    descriptor_set: &'static [u8],
+    security: &Security,
+    until: F,
+) -> Result<F::Output, BuildError> {
+    // Health (NOT_SERVING) and reflection, so that grpcurl finds `Health/Check`; no services.
+    let (router, _health) =
+        base_router(services, descriptor_set, security, CallCounter::default()).await?;
+    let stop = CancellationToken::new();
+    let server =
+        router.serve_with_incoming_shutdown(Accepting(listener), stop.clone().cancelled_owned());
+    tokio::pin!(server);
+    tokio::pin!(until);
+    let output = tokio::select! {
+        output = &mut until => output,
+        ended = &mut server => {
+            if let Err(err) = ended {
+                tracing::warn!(error = %err, "the health-only server stopped; waiting without it");
+            }
+            return Ok(until.await);
+        }
+    };
+    stop.cancel();
+    // Health checks are short; a client that keeps its connection open is cut after a moment.
+    let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
+    Ok(output)
+}
+
+/// The connections a borrowed listener accepts, as a stream.
+struct Accepting<'a>(&'a TcpListener);
+
+impl tokio_stream::Stream for Accepting<'_> {
+    type Item = std::io::Result<tokio::net::TcpStream>;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_accept(cx).map(|accepted| {
+            Some(accepted.map(|(stream, _)| {
+                // As `serve` does: no delayed-ACK wait on small answers.
+                let _ = stream.set_nodelay(true);
+                stream
+            }))
+        })
+    }
+}
+
 /// Serves `router` on `listener` until `shutdown` is cancelled. Health turns `NOT_SERVING`
 /// first, then the server stops accepting and waits up to `grace` for calls in flight to end
 /// (a health watch or a sync stream may never end by itself); then it stops regardless.

@@ -354,6 +354,13 @@ pub struct ServeArgs {
     #[arg(long, env = "FLEETSYNC_MAX_CHECKS", default_value_t = 64)]
     pub max_checks: usize,
 
+    /// How long to wait at start for a PostgreSQL or MySQL database that does not answer
+    /// (health says NOT_SERVING meanwhile, and every attempt is logged); then exit with its
+    /// error. Without it, the agent waits as long as it takes: a service manager sees it up
+    /// but not ready, instead of a crash loop. A SQLite file is never waited for.
+    #[arg(long, env = "FLEETSYNC_DATABASE_WAIT")]
+    pub database_wait: Option<humantime::Duration>,
+
     /// Serve Prometheus metrics as plain HTTP `GET /metrics` on this address (off unless
     /// set), e.g. `127.0.0.1:9464`. The metrics hold no secrets, only counts and names of
     /// outcomes, stages and methods.

@@ -19,7 +19,7 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
 use fleetsync_common::{
-    Db, DbOptions, SessionLimits,
+    Db, DbError, DbOptions, SessionLimits,
     calls::CallCounter,
     grpc,
     proto::{
@@ -72,12 +72,16 @@ pub struct Config {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// The fleet-wide gauges are read at most this often.
     pub metrics_interval: Duration,
+    /// How long a PostgreSQL or MySQL database that does not answer at start is waited for
+    /// (`None`: as long as it takes).
+    pub database_wait: Option<Duration>,
 }
 
 /// Runs the agent on `listener` until `shutdown` is cancelled.
 ///
-/// Refuses to start on a schema older than it needs. Health reports `SERVING` once the
-/// database answers and the schema is current, and `NOT_SERVING` as soon as shutdown begins.
+/// Waits for a database that does not answer yet (health `NOT_SERVING` meanwhile), refuses to
+/// start on a schema older than it needs. Health reports `SERVING` once the database answers
+/// and the schema is current, and `NOT_SERVING` as soon as shutdown begins.
 pub async fn run(
     config: Config,
     listener: TcpListener,
@@ -88,14 +92,14 @@ pub async fn run(
         Some(addr) => Some(metrics::bind(addr).await?),
         None => None,
     };
-    let db = Db::connect_with(
-        &config.database_url,
-        DbOptions {
-            pool_size: config.db_pool_size,
-            ..DbOptions::default()
-        },
-    )
-    .await?;
+    let services = [
+        SyncAgentServer::<SyncAgentService>::NAME,
+        FleetServer::<FleetService>::NAME,
+    ];
+    let Some(db) = open_database(&config, &listener, &services, &shutdown).await? else {
+        tracing::info!("shutdown before the database answered");
+        return Ok(());
+    };
     let version = schema::check(&db).await.with_context(|| {
         format!(
             "checking the schema of {}",
@@ -157,10 +161,6 @@ pub async fn run(
         streams: Arc::new(tokio::sync::Semaphore::new(config.max_streams.max(1))),
         checks: Arc::new(tokio::sync::Semaphore::new(config.max_checks.max(1))),
     };
-    let services = [
-        SyncAgentServer::<SyncAgentService>::NAME,
-        FleetServer::<FleetService>::NAME,
-    ];
     let counted = [services[0], services[1], "grpc.health.v1.Health"];
     let (router, health) = grpc::base_router(
         &services,
@@ -234,6 +234,76 @@ pub async fn run(
     Ok(())
 }
 
+/// The control-plane database, waited for at start: a PostgreSQL or MySQL server that does not
+/// answer yet (a machine booting, a failover, a network still coming up) is tried again with
+/// backoff (0.5 s doubling to 30 s) while health answers `NOT_SERVING` on `listener`, until it
+/// answers, `config.database_wait` has passed (then its error), or shutdown (then `None`). A
+/// URL that cannot work and a SQLite file fail at once.
+async fn open_database(
+    config: &Config,
+    listener: &TcpListener,
+    services: &[&'static str],
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<Db>> {
+    let options = DbOptions {
+        pool_size: config.db_pool_size,
+        ..DbOptions::default()
+    };
+    let url = &config.database_url;
+    let first = match Db::connect_with(url, options).await {
+        Ok(db) => return Ok(Some(db)),
+        Err(err) => err,
+    };
+    let server = fleetsync_common::Backend::from_url(url)
+        .is_ok_and(|b| b != fleetsync_common::Backend::Sqlite);
+    if !server || !matches!(first, DbError::Connect { .. } | DbError::Timeout { .. }) {
+        return Err(first.into());
+    }
+    let started = std::time::Instant::now();
+    let wait = async {
+        let mut delay = Duration::from_millis(500);
+        let mut err = first;
+        loop {
+            let left = config
+                .database_wait
+                .map(|limit| limit.saturating_sub(started.elapsed()));
+            if left == Some(Duration::ZERO) {
+                return Err(anyhow::Error::from(err).context(format!(
+                    "the database did not answer within --database-wait {}",
+                    humantime::format_duration(config.database_wait.unwrap_or_default())
+                )));
+            }
+            let pause = left.map_or(delay, |left| delay.min(left));
+            tracing::warn!(
+                error = %err,
+                retry_in = %humantime::format_duration(pause),
+                "the control-plane database does not answer; health is NOT_SERVING until it does"
+            );
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = shutdown.cancelled() => return Ok(None),
+            }
+            delay = (delay * 2).min(Duration::from_secs(30));
+            match Db::connect_with(url, options).await {
+                Ok(db) => {
+                    tracing::info!("the control-plane database answers");
+                    return Ok(Some(db));
+                }
+                Err(next) => err = next,
+            }
+        }
+    };
+    grpc::not_serving_until(
+        listener,
+        services,
+        SYNC_DESCRIPTOR_SET,
+        &config.security,
+        wait,
+    )
+    .await
+    .context("answering health while waiting for the database")?
+}
+
 /// Builds the run configuration from `sync-agent serve` arguments, loading the key files.
 pub fn config_from_args(args: &config::ServeArgs) -> anyhow::Result<Config> {
     let keys = if args.ssh.ssh_keys.is_empty() {
@@ -292,6 +362,7 @@ pub fn config_from_args(args: &config::ServeArgs) -> anyhow::Result<Config> {
         metrics_listen: args.metrics_listen,
         metrics_interval: args.metrics_interval.into(),
         max_checks: args.max_checks,
+        database_wait: args.database_wait.map(Into::into),
         max_streams: args.max_streams,
         security,
         database_url: args.common.database_url.clone(),
