@@ -107,7 +107,7 @@ def follow(sync, job_id, metadata, drop_after):
         emit(event="resumed", after_cursor=cursor)
 
 
-# The exit statuses shared with the `sync-agent` CLI (README: "Exit statuses").
+# The exit statuses shared with the `sync-agent` CLI (README: "Exit statuses and timeouts").
 EXIT_OK, EXIT_NOT_OK, EXIT_USAGE, EXIT_REFUSED, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
 UNREACHABLE_CODES = (
     grpc.StatusCode.UNAVAILABLE,

@@ -212,6 +212,34 @@ async fn metrics_count_what_a_real_sync_did() {
         Some(5.0)
     );
 
+    // grpcurl's reflection calls are counted by their service, not as "unknown".
+    let grpcurl = std::env::var("FLEETSYNC_GRPCURL").unwrap_or_else(|_| "grpcurl".into());
+    let listed = std::process::Command::new(grpcurl)
+        .args(["-plaintext", &agent.addr.to_string(), "list"])
+        .output()
+        .expect("run grpcurl (`just setup`)");
+    assert!(listed.status.success(), "{listed:?}");
+    let reflected = scrape(metrics_addr).await;
+    let reflection = sum(
+        &reflected,
+        "fleetsync_grpc_calls_total",
+        "service=\"grpc.reflection.v1.ServerReflection\"",
+    ) + sum(
+        &reflected,
+        "fleetsync_grpc_calls_total",
+        "service=\"grpc.reflection.v1alpha.ServerReflection\"",
+    );
+    assert!(reflection >= 1.0, "{reflected}");
+    assert_eq!(
+        sum(
+            &reflected,
+            "fleetsync_grpc_calls_total",
+            "service=\"unknown\""
+        ),
+        sum(&after, "fleetsync_grpc_calls_total", "service=\"unknown\""),
+        "{reflected}"
+    );
+
     // The fleet's state, from the database: nothing waits, the refused host is offline, the
     // server without a database service was never tried.
     for (labels, n) in [

@@ -43,21 +43,25 @@ pub struct CommonArgs {
     )]
     pub database_url: String,
 
-    /// On SIGTERM or ctrl-c, how long calls in flight (streams included), and the agent's
-    /// syncs in flight, may take to finish before the server stops anyway. Health turns
-    /// NOT_SERVING at once.
-    #[arg(long, env = "FLEETSYNC_SHUTDOWN_GRACE", default_value = "5s")]
-    pub shutdown_grace: humantime::Duration,
+    /// Log format on stderr; the level comes from `RUST_LOG` (default `info`).
+    #[arg(long, env = "FLEETSYNC_LOG_FORMAT", value_enum, default_value_t = LogFormatArg::Plain)]
+    pub log_format: LogFormatArg,
+}
 
+/// How a server (`serve`) stops on SIGTERM or ctrl-c: first the drain delay, then the grace.
+#[derive(Debug, Clone, Args)]
+pub struct ShutdownArgs {
     /// On SIGTERM or ctrl-c, how long health reports NOT_SERVING while every call is still
     /// served, so that load balancers and probes stop sending calls before the server refuses
     /// them; the shutdown grace follows.
     #[arg(long, env = "FLEETSYNC_DRAIN_DELAY", default_value = "3s")]
     pub drain_delay: humantime::Duration,
 
-    /// Log format on stderr; the level comes from `RUST_LOG` (default `info`).
-    #[arg(long, env = "FLEETSYNC_LOG_FORMAT", value_enum, default_value_t = LogFormatArg::Plain)]
-    pub log_format: LogFormatArg,
+    /// After the drain delay, how long calls in flight (streams included), and the agent's
+    /// syncs in flight, may take to finish while no new call is taken; then the server stops
+    /// anyway.
+    #[arg(long, env = "FLEETSYNC_SHUTDOWN_GRACE", default_value = "5s")]
+    pub shutdown_grace: humantime::Duration,
 }
 
 /// Who may call a gRPC server: bearer token and TLS.

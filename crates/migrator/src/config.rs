@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use fleetsync_common::cli::{CommonArgs, SecurityArgs};
+use fleetsync_common::cli::{CommonArgs, SecurityArgs, ShutdownArgs};
 
 /// The fleetsync migrator: applies the control-plane schema atomically and retryably, and never
 /// connects to a managed server.
@@ -125,6 +125,9 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub common: CommonArgs,
+
+    #[command(flatten)]
+    pub shutdown: ShutdownArgs,
 
     #[command(flatten)]
     pub security: SecurityArgs,

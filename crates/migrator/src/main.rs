@@ -38,8 +38,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let shutdown = shutdown::on_signals().context("installing signal handlers")?;
             let config = Config {
                 database_url: args.common.database_url,
-                shutdown_grace: args.common.shutdown_grace.into(),
-                drain_delay: args.common.drain_delay.into(),
+                shutdown_grace: args.shutdown.shutdown_grace.into(),
+                drain_delay: args.shutdown.drain_delay.into(),
                 lock_timeout: args.lock_timeout.into(),
                 security,
             };

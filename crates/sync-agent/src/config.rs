@@ -6,7 +6,7 @@ use clap::{
     Args, Parser, Subcommand,
     builder::{PossibleValuesParser, TypedValueParser},
 };
-use fleetsync_common::cli::{CommonArgs, SecurityArgs};
+use fleetsync_common::cli::{CommonArgs, SecurityArgs, ShutdownArgs};
 
 use crate::{
     model::{JobOrigin, JobState, Reachability},
@@ -285,6 +285,9 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub common: CommonArgs,
+
+    #[command(flatten)]
+    pub shutdown: ShutdownArgs,
 
     #[command(flatten)]
     pub security: SecurityArgs,

@@ -161,7 +161,13 @@ pub async fn run(
         streams: Arc::new(tokio::sync::Semaphore::new(config.max_streams.max(1))),
         checks: Arc::new(tokio::sync::Semaphore::new(config.max_checks.max(1))),
     };
-    let counted = [services[0], services[1], "grpc.health.v1.Health"];
+    let counted = [
+        services[0],
+        services[1],
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ];
     let (router, health) = grpc::base_router(
         &services,
         SYNC_DESCRIPTOR_SET,
@@ -366,8 +372,8 @@ pub fn config_from_args(args: &config::ServeArgs) -> anyhow::Result<Config> {
         max_streams: args.max_streams,
         security,
         database_url: args.common.database_url.clone(),
-        shutdown_grace: args.common.shutdown_grace.into(),
-        drain_delay: args.common.drain_delay.into(),
+        shutdown_grace: args.shutdown.shutdown_grace.into(),
+        drain_delay: args.shutdown.drain_delay.into(),
         ssh: SshClient::new(args.ssh.timeouts(), args.ssh.output_cap, keys),
         runner: RunnerConfig {
             concurrency: args.concurrency.max(1),
