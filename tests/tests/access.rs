@@ -109,6 +109,75 @@ async fn without_the_token_every_rpc_but_health_is_unauthenticated() {
     );
 }
 
+/// A token is rotated without a restart: the file holds the old and the new one while clients
+/// move over, then only the new one; the agent reads it again by itself.
+#[tokio::test]
+async fn a_token_is_rotated_without_a_restart() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = TestDb::sqlite().await;
+    migrate(db.url()).await;
+    let served = dir.path().join("served-tokens");
+    std::fs::write(&served, "old-token\n").expect("write");
+    let agent = ServeProcess::start(
+        "sync-agent",
+        &[
+            "--database-url",
+            db.url(),
+            "--auth-token-file",
+            served.to_str().expect("utf-8"),
+        ],
+        dir.path(),
+    );
+    let url = format!("http://{}", agent.addr);
+    let client_file = |name: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, format!("{name}\n")).expect("write");
+        path
+    };
+    let (old, new) = (client_file("old-token"), client_file("new-token"));
+    let lists = |token: &Path| {
+        Command::new(bin_path("sync-agent"))
+            .args(["servers", "--agent-url", &url, "--agent-token-file"])
+            .arg(token)
+            .output()
+            .expect("run sync-agent")
+            .status
+            .code()
+    };
+    // Until the file changes, only the old token (3: refused, Unauthenticated).
+    let accepts = |old_code: i32, new_code: i32| {
+        let (lists, old, new) = (&lists, &old, &new);
+        async move {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+            loop {
+                let seen = (lists(old), lists(new));
+                if seen == (Some(old_code), Some(new_code)) {
+                    return;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "wanted old {old_code}, new {new_code}; saw {seen:?}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+    };
+    accepts(0, 3).await;
+    std::fs::write(&served, "# rotating\nnew-token\nold-token\n").expect("write");
+    accepts(0, 0).await;
+    std::fs::write(&served, "new-token\n").expect("write");
+    accepts(3, 0).await;
+    // A file that holds no token keeps the tokens in use.
+    std::fs::write(&served, "\n").expect("write");
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!((lists(&old), lists(&new)), (Some(3), Some(0)));
+    assert!(
+        agent.log().contains("keeping the bearer tokens in use"),
+        "{}",
+        agent.log()
+    );
+}
+
 #[tokio::test]
 async fn with_tls_plaintext_fails_and_the_ca_works() {
     let dir = tempfile::tempdir().expect("temp dir");

@@ -67,8 +67,10 @@ pub struct ShutdownArgs {
 /// Who may call a gRPC server: bearer token and TLS.
 #[derive(Debug, Clone, Args)]
 pub struct SecurityArgs {
-    /// File holding a bearer token every RPC but health must present (`authorization: Bearer
-    /// TOKEN`). Without it, anyone who can reach the port can call every RPC.
+    /// File holding the bearer token every RPC but health must present (`authorization: Bearer
+    /// TOKEN`), or several, one per line, all accepted (rotation). Read again every 2 s: a
+    /// changed file takes effect without a restart. Without it, anyone who can reach the port
+    /// can call every RPC.
     #[arg(long, env = "FLEETSYNC_AUTH_TOKEN_FILE")]
     pub auth_token_file: Option<std::path::PathBuf>,
 

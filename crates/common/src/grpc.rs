@@ -18,10 +18,14 @@ use crate::{calls::CallCounter, cli::SecurityArgs};
 pub type Router =
     tonic::transport::server::Router<tower_layer::Stack<CallCounter, tower_layer::Identity>>;
 
-/// How a server is protected: an optional bearer token (every RPC but health) and optional TLS.
+/// The bearer tokens a server accepts: any line of the token file. Shared by every interceptor
+/// and replaced whole when the file changes.
+type Tokens = Arc<std::sync::RwLock<Arc<[String]>>>;
+
+/// How a server is protected: optional bearer tokens (every RPC but health) and optional TLS.
 #[derive(Clone, Default)]
 pub struct Security {
-    token: Option<Arc<str>>,
+    token: Option<Tokens>,
     tls: Option<ServerTlsConfig>,
 }
 
@@ -47,8 +51,8 @@ pub enum SecurityError {
         #[source]
         source: std::io::Error,
     },
-    /// The token file is empty.
-    #[error("the token file {0} is empty")]
+    /// The token file holds no token.
+    #[error("the token file {0} holds no token")]
     EmptyToken(String),
     /// Listening beyond loopback without a token.
     #[error(
@@ -72,23 +76,72 @@ fn read(path: &Path) -> Result<Vec<u8>, SecurityError> {
     })
 }
 
-/// Reads a bearer token file (trimmed; empty is an error).
-pub fn read_token(path: &Path) -> Result<String, SecurityError> {
-    let token = String::from_utf8_lossy(&read(path)?).trim().to_owned();
-    if token.is_empty() {
+/// Reads a bearer token file: one token per line (blank lines and `#` comments ignored); none
+/// is an error. A server accepts every one of them, so that a token is rotated without
+/// downtime: add the new line, move the clients to it, remove the old line.
+pub fn read_tokens(path: &Path) -> Result<Vec<String>, SecurityError> {
+    let tokens: Vec<String> = String::from_utf8_lossy(&read(path)?)
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect();
+    if tokens.is_empty() {
         return Err(SecurityError::EmptyToken(path.display().to_string()));
     }
-    Ok(token)
+    Ok(tokens)
+}
+
+/// The token a client sends: the first of the file's.
+pub fn read_token(path: &Path) -> Result<String, SecurityError> {
+    Ok(read_tokens(path)?.swap_remove(0))
+}
+
+/// How often a server reads its token file again.
+const TOKEN_RELOAD: Duration = Duration::from_secs(2);
+
+/// Reads `path` again every [`TOKEN_RELOAD`] and replaces the accepted tokens when its tokens
+/// change; a file that cannot be read or holds none keeps the ones in use (with a warning).
+fn reload_tokens(path: std::path::PathBuf, tokens: Tokens) {
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(TOKEN_RELOAD);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut warned = false;
+        loop {
+            interval.tick().await;
+            match read_tokens(&path) {
+                Ok(read) => {
+                    warned = false;
+                    let current = tokens.read().unwrap_or_else(|e| e.into_inner()).clone();
+                    if *current != *read {
+                        tracing::info!(file = %path.display(), tokens = read.len(), "bearer tokens reloaded");
+                        *tokens.write().unwrap_or_else(|e| e.into_inner()) = read.into();
+                    }
+                }
+                Err(err) if !warned => {
+                    warned = true;
+                    tracing::warn!(error = %err, "keeping the bearer tokens in use");
+                }
+                Err(_) => {}
+            }
+        }
+    });
 }
 
 impl Security {
     /// Security from the command line, checked against the address the server will listen on.
     pub fn from_args(args: &SecurityArgs, listen: SocketAddr) -> Result<Self, SecurityError> {
-        let token = args
-            .auth_token_file
-            .as_deref()
-            .map(read_token)
-            .transpose()?;
+        let token: Option<Tokens> = match &args.auth_token_file {
+            Some(path) => {
+                let tokens: Tokens = Arc::new(std::sync::RwLock::new(read_tokens(path)?.into()));
+                // The binaries run in a runtime; a caller without one reads the file once.
+                if tokio::runtime::Handle::try_current().is_ok() {
+                    reload_tokens(path.clone(), Arc::clone(&tokens));
+                }
+                Some(tokens)
+            }
+            None => None,
+        };
         if token.is_none() && !listen.ip().is_loopback() && !args.allow_unauthenticated {
             return Err(SecurityError::Exposed(listen));
         }
@@ -105,16 +158,15 @@ impl Security {
         {
             return Err(SecurityError::PlaintextToken(listen));
         }
-        Ok(Self {
-            token: token.map(Arc::from),
-            tls,
-        })
+        Ok(Self { token, tls })
     }
 
     /// Only a token (tests).
     pub fn with_token(token: &str) -> Self {
         Self {
-            token: Some(Arc::from(token)),
+            token: Some(Arc::new(std::sync::RwLock::new(
+                vec![token.to_owned()].into(),
+            ))),
             tls: None,
         }
     }
@@ -137,10 +189,10 @@ impl Security {
     }
 }
 
-/// Checks `authorization: Bearer TOKEN` in constant time.
+/// Checks `authorization: Bearer TOKEN` against each accepted token, in constant time.
 #[derive(Clone)]
 pub struct Auth {
-    token: Option<Arc<str>>,
+    token: Option<Tokens>,
 }
 
 impl tonic::service::Interceptor for Auth {
@@ -154,7 +206,12 @@ impl tonic::service::Interceptor for Auth {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
-        if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+        let accepted = expected.read().unwrap_or_else(|e| e.into_inner()).clone();
+        // Every token compared, so the time says nothing about which one matched.
+        let matched = accepted.iter().fold(false, |found, t| {
+            constant_time_eq(given.as_bytes(), t.as_bytes()) | found
+        });
+        if matched {
             Ok(request)
         } else {
             Err(Status::unauthenticated(
