@@ -320,6 +320,25 @@ async fn with_tls_plaintext_fails_and_the_ca_works() {
     .await;
     assert_eq!(run.code(), 0);
     assert!(run.stderr.contains("Unauthenticated"), "{}", run.stderr);
+    // A CA it does not know: still pending, the cause said once.
+    let run = migrator(
+        db.url(),
+        &[
+            "migrate",
+            "--agent-url",
+            &format!("https://{addr}"),
+            "--agent-token-file",
+            &token,
+        ],
+    )
+    .await;
+    assert_eq!(run.code(), 0, "{}", run.stderr);
+    assert_eq!(
+        run.stderr.matches("UnknownIssuer").count(),
+        1,
+        "{}",
+        run.stderr
+    );
     // A token file that cannot be read is a warning too: the migration stands, exit 0, and the
     // request waits in the outbox.
     let run = migrator(

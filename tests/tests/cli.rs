@@ -256,6 +256,24 @@ async fn exit_statuses_say_what_happened() {
     let again = cli(&["servers", "remove", &id]);
     exits(&again, 3);
 
+    // Flags that only serving uses are offered only by `serve`.
+    for (binary, command, has) in [
+        ("migrator", "status", false),
+        ("migrator", "plan", false),
+        ("migrator", "serve", true),
+        ("sync-agent", "serve", true),
+    ] {
+        let help = run(binary, &[command, "--help"]);
+        let help = String::from_utf8_lossy(&help.stdout);
+        for flag in ["--shutdown-grace", "--drain-delay"] {
+            assert_eq!(
+                help.contains(flag),
+                has,
+                "{binary} {command} --help and {flag}"
+            );
+        }
+    }
+
     // Usage: 2.
     let zero = cli(&["servers", "--timeout", "0s"]);
     exits(&zero, 2);

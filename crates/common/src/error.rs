@@ -3,6 +3,8 @@
 //! Services return `ServiceError`; `From<ServiceError> for Status` decides the code. Internal
 //! details are logged where the error is handled and never sent to the client.
 
+use std::error::Error as StdError;
+
 use tonic::{Code, Status};
 
 /// An error a request can end with, as the client should see it.
@@ -126,9 +128,70 @@ impl From<ServiceError> for Status {
     }
 }
 
+/// The error and its sources, each said once: transport errors repeat their source's text
+/// ("tcp connect error: tcp connect error: Connection refused").
+pub fn causes(err: &(dyn StdError + 'static)) -> String {
+    join_causes(Vec::new(), err)
+}
+
+/// `parts`, then the error and its sources, each said once.
+pub fn join_causes(mut parts: Vec<String>, err: &(dyn StdError + 'static)) -> String {
+    parts.retain(|p| !p.trim().is_empty());
+    let mut next = Some(err);
+    while let Some(e) = next {
+        let text = e.to_string();
+        let text = text.trim();
+        if !text.is_empty() && !parts.iter().any(|p| p.contains(text)) {
+            // A part that repeats this one whole gives way to it.
+            parts.retain(|p| !text.contains(p.as_str()));
+            parts.push(text.to_owned());
+        }
+        next = e.source();
+    }
+    parts.join(": ")
+}
+
 #[cfg(test)]
 mod tests {
+    use std::fmt;
+
     use super::*;
+
+    #[derive(Debug)]
+    struct E(&'static str, Option<Box<E>>);
+    impl fmt::Display for E {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+    impl StdError for E {
+        fn source(&self) -> Option<&(dyn StdError + 'static)> {
+            self.1.as_deref().map(|e| e as _)
+        }
+    }
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let err = E(
+            "transport error",
+            Some(Box::new(E(
+                "tcp connect error",
+                Some(Box::new(E(
+                    "tcp connect error",
+                    Some(Box::new(E("Connection refused (os error 111)", None))),
+                ))),
+            ))),
+        );
+        assert_eq!(
+            causes(&err),
+            "transport error: tcp connect error: Connection refused (os error 111)"
+        );
+        let err = E(
+            "invalid peer certificate: UnknownIssuer",
+            Some(Box::new(E("UnknownIssuer", None))),
+        );
+        assert_eq!(causes(&err), "invalid peer certificate: UnknownIssuer");
+    }
 
     #[test]
     fn maps_codes_and_hides_internals() {

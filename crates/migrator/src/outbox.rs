@@ -150,7 +150,7 @@ async fn hand_over(pending: &[SyncRequest], agent: &AgentTarget) -> Vec<Dispatch
                 return failed_all(format!(
                     "TLS settings for {}: {}",
                     agent.url,
-                    error_chain(&err)
+                    fleetsync_common::error::causes(&err)
                 ));
             }
         };
@@ -161,7 +161,7 @@ async fn hand_over(pending: &[SyncRequest], agent: &AgentTarget) -> Vec<Dispatch
             return failed_all(format!(
                 "cannot reach the sync-agent at {}: {}",
                 agent.url,
-                error_chain(&err)
+                fleetsync_common::error::causes(&err)
             ));
         }
     };
@@ -214,19 +214,4 @@ async fn hand_over(pending: &[SyncRequest], agent: &AgentTarget) -> Vec<Dispatch
         });
     }
     results
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut message = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        // Transport errors repeat their cause in their own message.
-        if !message.ends_with(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        source = cause.source();
-    }
-    message
 }
