@@ -307,31 +307,21 @@ async fn with_tls_plaintext_fails_and_the_ca_works() {
     // Without the token it stays pending, with a clear reason, and still exits 0.
     let conn = db.connect().await;
     fleetsync_tests::catalog::execute(&conn, "UPDATE sync_requests SET state = 'pending'").await;
-    let run = migrator(
-        db.url(),
-        &[
-            "migrate",
-            "--agent-url",
-            &format!("https://{addr}"),
-            "--agent-ca",
-            tls.ca.to_str().expect("utf-8"),
-        ],
-    )
-    .await;
+    let https = format!("https://{addr}");
+    let (url, ca) = (db.url(), tls.ca.to_str().expect("utf-8"));
+    let hand_over = |extra: Vec<&str>| {
+        let mut args: Vec<String> = vec!["migrate".into(), "--agent-url".into(), https.clone()];
+        args.extend(extra.into_iter().map(str::to_owned));
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            migrator(url, &args).await
+        }
+    };
+    let run = hand_over(vec!["--agent-ca", ca]).await;
     assert_eq!(run.code(), 0);
     assert!(run.stderr.contains("Unauthenticated"), "{}", run.stderr);
     // A CA it does not know: still pending, the cause said once.
-    let run = migrator(
-        db.url(),
-        &[
-            "migrate",
-            "--agent-url",
-            &format!("https://{addr}"),
-            "--agent-token-file",
-            &token,
-        ],
-    )
-    .await;
+    let run = hand_over(vec!["--agent-token-file", &token]).await;
     assert_eq!(run.code(), 0, "{}", run.stderr);
     assert_eq!(
         run.stderr.matches("UnknownIssuer").count(),
@@ -341,17 +331,7 @@ async fn with_tls_plaintext_fails_and_the_ca_works() {
     );
     // A token file that cannot be read is a warning too: the migration stands, exit 0, and the
     // request waits in the outbox.
-    let run = migrator(
-        db.url(),
-        &[
-            "migrate",
-            "--agent-url",
-            &format!("https://{addr}"),
-            "--agent-token-file",
-            "/nonexistent/token",
-        ],
-    )
-    .await;
+    let run = hand_over(vec!["--agent-token-file", "/nonexistent/token"]).await;
     assert_eq!(run.code(), 0, "{}{}", run.stdout, run.stderr);
     assert!(
         run.stderr
