@@ -54,9 +54,15 @@ setup:
     [ "$ok" = 1 ] || exit 1
     echo "setup: ready (sshd $(/usr/sbin/sshd -V 2>&1 | head -1 | cut -d, -f1), grpcurl, grpcio, PostgreSQL, MariaDB)"
 
-# Build the binaries: migrator (with the tests' crash points), sync-agent and the demo (debug)
+# Build the binaries (debug): migrator, sync-agent, the demo, and the tests' migrator-crash (the migrator with crash points)
 build:
-    cargo build --workspace --locked --bins --features fleetsync-migrator/crash-points
+    cargo build --workspace --locked --bins
+    cargo build --locked -p fleetsync-migrator --bin migrator-crash --features crash-points
+
+# Release binaries for installing (no test hooks): prints their paths and sizes
+release:
+    cargo build --release --locked -p fleetsync-migrator -p fleetsync-sync-agent --bins
+    @for bin in migrator sync-agent; do printf '%-40s %s\n' "$(realpath target/release/$bin)" "$(du -h target/release/$bin | cut -f1)"; done
 
 # Run the whole test suite against real sshd, PostgreSQL, MariaDB and gRPC (runs setup first)
 test: setup build

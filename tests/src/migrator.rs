@@ -39,7 +39,17 @@ impl Run {
 
 /// Runs `migrator ARGS... --database-url URL` (a minute at most).
 pub async fn migrator(url: &str, args: &[&str]) -> Run {
-    let child = tokio::process::Command::new(bin_path("migrator"))
+    run_binary("migrator", url, args).await
+}
+
+/// Runs `migrator-crash ARGS... --database-url URL`: the migrator with `--crash-at` (`just
+/// build` makes it).
+pub async fn migrator_crash(url: &str, args: &[&str]) -> Run {
+    run_binary("migrator-crash", url, args).await
+}
+
+async fn run_binary(binary: &str, url: &str, args: &[&str]) -> Run {
+    let child = tokio::process::Command::new(bin_path(binary))
         .args(args)
         .args(["--database-url", url])
         .env_remove("RUST_LOG")

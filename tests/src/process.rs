@@ -54,7 +54,7 @@ pub fn bin_path(name: &str) -> PathBuf {
     let path = dir.join(name);
     assert!(
         path.exists(),
-        "{} is not built: run the tests with `cargo test --workspace` (or `just test`)",
+        "{} is not built: run `just test` (or `just build`, then `cargo test --workspace`)",
         path.display()
     );
     path

@@ -19,7 +19,7 @@ use fleetsync_tests::{
     TestDb,
     catalog::{count, dump, execute},
     db::ALL_BACKENDS,
-    migrator::migrator,
+    migrator::{migrator, migrator_crash},
 };
 use serde_json::Value;
 
@@ -119,7 +119,7 @@ async fn crash_anywhere(backend: Backend) {
             let expected = expected.clone();
             tasks.spawn(async move {
                 let db = TestDb::create(backend).await;
-                let crashed = migrator(
+                let crashed = migrator_crash(
                     db.url(),
                     &["migrate", "--no-dispatch", "--crash-at", &point],
                 )
@@ -617,4 +617,21 @@ async fn incident_replay_postgres() {
 #[tokio::test]
 async fn incident_replay_mariadb() {
     incident(Backend::MySql).await;
+}
+
+/// The migrator that is shipped has no test hooks: only `migrator-crash` (built with the
+/// `crash-points` feature, which nothing in the workspace turns on) knows `--crash-at`, so
+/// `cargo build --release` and `cargo install` give a migrator without it.
+#[tokio::test]
+async fn the_shipped_migrator_has_no_crash_points() {
+    let db = TestDb::sqlite().await;
+    let run = migrator(db.url(), &["migrate", "--no-dispatch", "--crash-at", "x"]).await;
+    assert_eq!(run.code(), 2, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("unexpected argument '--crash-at'"),
+        "{}",
+        run.stderr
+    );
+    let help = migrator(db.url(), &["migrate", "--help"]).await;
+    assert!(!help.stdout.contains("crash"), "{}", help.stdout);
 }

@@ -6,6 +6,7 @@ mod catalog;
 pub mod commands;
 pub mod config;
 pub mod engine;
+pub mod entry;
 mod history;
 pub mod migration;
 pub mod model;
