@@ -59,10 +59,21 @@ build:
     cargo build --workspace --locked --bins
     cargo build --locked -p fleetsync-migrator --bin migrator-crash --features crash-points
 
-# Release binaries for installing (no test hooks): prints their paths and sizes
+# Release binaries for installing (no test hooks), with shell completions and man pages under target/release/share: prints their paths and sizes
 release:
+    #!/usr/bin/env bash
+    set -euo pipefail
     cargo build --release --locked -p fleetsync-migrator -p fleetsync-sync-agent --bins
-    @for bin in migrator sync-agent; do printf '%-40s %s\n' "$(realpath target/release/$bin)" "$(du -h target/release/$bin | cut -f1)"; done
+    share=target/release/share
+    mkdir -p "$share/bash-completion/completions" "$share/zsh/site-functions" "$share/fish/vendor_completions.d" "$share/man/man1"
+    for bin in migrator sync-agent; do
+        "target/release/$bin" completions bash > "$share/bash-completion/completions/$bin"
+        "target/release/$bin" completions zsh > "$share/zsh/site-functions/_$bin"
+        "target/release/$bin" completions fish > "$share/fish/vendor_completions.d/$bin.fish"
+        "target/release/$bin" man --dir "$share/man/man1"
+        printf '%-44s %s\n' "$(realpath "target/release/$bin")" "$(du -h "target/release/$bin" | cut -f1)"
+    done
+    echo "completions and man pages: $(realpath "$share")"
 
 # Run the whole test suite against real sshd, PostgreSQL, MariaDB and gRPC (runs setup first)
 test: setup build

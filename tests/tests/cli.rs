@@ -438,3 +438,34 @@ async fn the_migrator_reports_failures_as_json_and_names_what_it_opened() {
     let opened = elsewhere.path().join("fleetsync.db");
     shows(&agent.stderr, &opened.display().to_string(), &agent);
 }
+
+#[test]
+fn completions_and_man_pages_come_from_the_command_line_definitions() {
+    for (binary, flag, subcommand) in [
+        ("sync-agent", "--agent-url", "serve"),
+        ("migrator", "--database-url", "migrate"),
+    ] {
+        for shell in ["bash", "zsh", "fish"] {
+            let script = run(binary, &["completions", shell]);
+            exits(&script, 0);
+            // fish writes long flags without their dashes (`-l agent-url`).
+            shows(&script.stdout, flag.trim_start_matches('-'), &script);
+            shows(&script.stdout, subcommand, &script);
+        }
+        let page = run(binary, &["man"]);
+        exits(&page, 0);
+        shows(&page.stdout, &format!(".TH {binary} 1"), &page);
+        shows(&page.stdout, subcommand, &page);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pages = run(
+            binary,
+            &["man", "--dir", dir.path().to_str().expect("utf-8")],
+        );
+        exits(&pages, 0);
+        for name in [format!("{binary}.1"), format!("{binary}-{subcommand}.1")] {
+            let text = std::fs::read_to_string(dir.path().join(&name))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(text.contains(".SH"), "{name}: {text}");
+        }
+    }
+}

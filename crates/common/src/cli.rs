@@ -109,3 +109,50 @@ impl From<LogFormatArg> for LogFormat {
         }
     }
 }
+
+/// `completions SHELL` and `man [--dir DIR]`: what a package installs beside a binary, made
+/// from its clap definition.
+#[derive(Debug, Clone, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+/// `man [--dir DIR]`.
+#[derive(Debug, Clone, Args)]
+pub struct ManArgs {
+    /// Write one page per command (`BINARY.1`, `BINARY-SUBCOMMAND.1`, ...) into this directory
+    /// instead of printing the main page.
+    #[arg(long)]
+    pub dir: Option<std::path::PathBuf>,
+}
+
+/// Prints the completion script of `command` for `shell` (e.g. `sync-agent completions bash >
+/// /etc/bash_completion.d/sync-agent`).
+pub fn print_completions(
+    mut command: clap::Command,
+    args: &CompletionsArgs,
+) -> std::io::Result<()> {
+    let name = command.get_name().to_owned();
+    let mut script = Vec::new();
+    clap_complete::generate(args.shell, &mut command, name, &mut script);
+    use std::io::Write as _;
+    std::io::stdout().lock().write_all(&script)
+}
+
+/// Prints `command`'s man page, or with `--dir` writes a page for it and each of its subcommands.
+pub fn print_man(command: clap::Command, args: &ManArgs) -> std::io::Result<()> {
+    match &args.dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            clap_mangen::generate_to(command, dir)
+        }
+        None => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(command).render(&mut page)?;
+            use std::io::Write as _;
+            std::io::stdout().lock().write_all(&page)
+        }
+    }
+}

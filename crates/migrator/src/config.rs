@@ -33,6 +33,10 @@ pub enum Command {
     Verify(ReadArgs),
     /// Serve the Migrator gRPC service (with health and reflection).
     Serve(ServeArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(fleetsync_common::cli::CompletionsArgs),
+    /// Print the man page (with --dir: write one page per command).
+    Man(fleetsync_common::cli::ManArgs),
 }
 
 /// Output format of the commands.

@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use fleetsync_common::{Db, shutdown, telemetry};
 
 use crate::{
@@ -21,6 +21,7 @@ pub async fn main() -> ExitCode {
         Command::Migrate(args) => args.read.output,
         Command::Status(args) | Command::Verify(args) => args.output,
         Command::Plan(args) => args.read.output,
+        Command::Completions(_) | Command::Man(_) => Output::Human,
     };
     match run(cli).await {
         Ok(code) => code,
@@ -55,6 +56,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status(args) => commands::status(open(&args.common).await?, &args).await,
         Command::Plan(args) => commands::plan(open(&args.read.common).await?, &args).await,
         Command::Verify(args) => commands::verify(open(&args.common).await?, &args).await,
+        Command::Completions(args) => {
+            fleetsync_common::cli::print_completions(Cli::command(), &args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man(args) => {
+            fleetsync_common::cli::print_man(Cli::command(), &args)?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

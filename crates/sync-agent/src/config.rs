@@ -55,6 +55,10 @@ pub enum Command {
     /// Forget a server's pinned host key (after a legitimate re-install); the next sync pins
     /// the key the server presents.
     ResetHostKey(ResetHostKeyArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(fleetsync_common::cli::CompletionsArgs),
+    /// Print the man page (with --dir: write one page per command).
+    Man(fleetsync_common::cli::ManArgs),
 }
 
 /// How the operator commands reach a running agent (given before or after a subcommand).

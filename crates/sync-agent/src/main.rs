@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use fleetsync_common::{shutdown, telemetry};
 use fleetsync_sync_agent::{
     client,
@@ -30,10 +30,30 @@ async fn main() -> ExitCode {
         Command::Jobs(args) => (args.agent.output, client::jobs(&args).await),
         Command::Check(args) => (args.agent.output, client::check(&args).await),
         Command::ResetHostKey(args) => (args.agent.output, client::reset_host_key(&args).await),
+        Command::Completions(args) => {
+            return generated(fleetsync_common::cli::print_completions(
+                Cli::command(),
+                &args,
+            ));
+        }
+        Command::Man(args) => {
+            return generated(fleetsync_common::cli::print_man(Cli::command(), &args));
+        }
     };
     match ended {
         Ok(exit) => exit.code(),
         Err(failure) => failure.report(output),
+    }
+}
+
+/// How `completions` and `man` end: a closed stdout is no failure.
+fn generated(written: std::io::Result<()>) -> ExitCode {
+    match written {
+        Err(err) if !fleetsync_common::cli::is_closed_pipe(&err) => {
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
+        _ => ExitCode::SUCCESS,
     }
 }
 
