@@ -260,6 +260,14 @@ impl SshHost {
             .map(Child::id)
     }
 
+    /// The host's public key as OpenSSH writes it (`ssh-ed25519 AAAA... comment`).
+    pub fn host_public_key(&self) -> String {
+        fs::read_to_string(self.host_key.with_extension("pub"))
+            .expect("read the host's public key")
+            .trim()
+            .to_owned()
+    }
+
     /// The host key sshd presents now.
     pub fn host_key(&self) -> HostKeyInfo {
         let public = russh::keys::PublicKey::read_openssh_file(self.host_key.with_extension("pub"))

@@ -349,8 +349,16 @@ async fn malformed_and_hostile_requests_get_the_right_status() {
         database_service: DatabaseService::Mysql as i32,
         database_version: String::new(),
         status: 0,
+        host_key: String::new(),
     };
     for (spec, field) in [
+        (
+            ServerSpec {
+                host_key: "ssh-ed25519 not-a-key".into(),
+                ..good.clone()
+            },
+            "spec.host_key",
+        ),
         (
             ServerSpec {
                 name: String::new(),
@@ -472,6 +480,7 @@ async fn fleet_upserts_by_name_pages_and_deletes() {
         database_service: service as i32,
         database_version: "10.11".into(),
         status: 0,
+        host_key: String::new(),
     };
     let mut ids = Vec::new();
     for i in 0..5 {

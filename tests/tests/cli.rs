@@ -238,7 +238,40 @@ async fn exit_statuses_say_what_happened() {
         "{}",
         text(&changed)
     );
+    // With the host key the panel knows: pinned at once.
+    let keys = tempfile::tempdir().expect("temp dir");
+    let key_path = keys.path().join("host");
+    let generated = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key_path)
+        .output()
+        .expect("run ssh-keygen");
+    assert!(generated.status.success(), "{generated:?}");
+    let public = std::fs::read_to_string(key_path.with_extension("pub")).expect("public key");
+    let pinned = cli(&[
+        "servers",
+        "add",
+        "db-11",
+        "127.0.0.1",
+        "--port",
+        "1",
+        "--host-key",
+        public.trim(),
+        "-o",
+        "json",
+    ]);
+    exits(&pinned, 0);
     let listed = document(&cli(&["servers", "-o", "json"]));
+    let db11 = listed
+        .as_array()
+        .and_then(|l| l.iter().find(|s| s["name"] == "db-11"))
+        .unwrap_or_else(|| panic!("db-11 listed: {listed}"));
+    assert!(
+        db11["host_key"]
+            .as_str()
+            .is_some_and(|k| k.starts_with("SHA256:")),
+        "{db11}"
+    );
     let db9 = listed
         .as_array()
         .and_then(|l| l.iter().find(|s| s["name"] == "db-9"))

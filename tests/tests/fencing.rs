@@ -29,6 +29,7 @@ async fn an_agent_that_lost_its_lease_writes_nothing_and_runs_serve_only_older_r
             database_service: None,
             database_version: String::new(),
             status: None,
+            host_key: None,
         };
         let server = store
             .upsert_server(None, &spec)

@@ -375,3 +375,94 @@ async fn offline_servers_are_probed_in_parallel() {
     agent.service.stop().await.expect("clean stop");
     holder.abort();
 }
+
+/// A server registered with the host key the panel knows is pinned before its first contact:
+/// on an address where another sshd answers (an impostor, a reused IP), the sync and the check
+/// end HOST_KEY_MISMATCH without authenticating; with the right key, it syncs. A malformed key
+/// is INVALID_ARGUMENT. Without a key, trust on first use stays.
+#[tokio::test]
+async fn a_host_key_given_at_registration_is_pinned_before_the_first_contact() {
+    let fleet = SshFleet::start(2).await;
+    let db = TestDb::sqlite().await;
+    let agent = TestAgent::spawn(db.url(), fleet.client(timeouts(), DEFAULT_OUTPUT_CAP)).await;
+    let mut sync_api = agent.sync();
+    let mut fleet_api = agent.fleet();
+    let registrar = agent.fleet();
+    let register = |name: &str, key: String| {
+        let mut fleet_api = registrar.clone();
+        let host = fleet.host(0);
+        let spec = ServerSpec {
+            name: name.into(),
+            ip: host.addr().to_string(),
+            port: u32::from(host.port()),
+            ssh_user: SSH_USER.into(),
+            database_service: DatabaseService::Mariadb as i32,
+            host_key: key,
+            ..Default::default()
+        };
+        async move {
+            fleet_api
+                .upsert_server(UpsertServerRequest {
+                    id: 0,
+                    spec: Some(spec),
+                })
+                .await
+                .map(|r| r.into_inner().server.expect("server"))
+        }
+    };
+    // Host 0 answers; the panel believes the server there has host 1's key.
+    let impostor = register("expects-host-1", fleet.host(1).host_public_key())
+        .await
+        .expect("register");
+    let pinned = impostor.host_key.as_ref().expect("pinned at registration");
+    assert_eq!(pinned.fingerprint, fleet.host(1).host_key().fingerprint);
+    assert!(pinned.pinned_at.is_some());
+    let genuine = register("expects-host-0", fleet.host(0).host_public_key())
+        .await
+        .expect("register");
+    let trusting = register("trusts-first-use", String::new())
+        .await
+        .expect("register");
+    assert!(trusting.host_key.is_none(), "no key given, none pinned");
+
+    let checked = sync_api
+        .check_connection(CheckConnectionRequest {
+            server_id: impostor.id,
+        })
+        .await
+        .expect("check")
+        .into_inner();
+    assert_eq!(checked.outcome(), Outcome::HostKeyMismatch, "{checked:?}");
+    assert_eq!(checked.host_key_check(), HostKeyCheck::Mismatch);
+    assert!(!checked.authenticated, "nothing is sent to an impostor");
+
+    let outcomes = sync_all(&mut sync_api, true).await;
+    let of = |id: i64| {
+        outcomes
+            .iter()
+            .find(|o| o.server_id == id)
+            .unwrap_or_else(|| panic!("outcome of {id}: {outcomes:?}"))
+            .outcome()
+    };
+    assert_eq!(of(impostor.id), Outcome::HostKeyMismatch);
+    assert_eq!(of(genuine.id), Outcome::Ok);
+    assert_eq!(of(trusting.id), Outcome::Ok);
+    let trusted = server(&mut fleet_api, trusting.id).await;
+    assert_eq!(
+        trusted.host_key.map(|k| k.fingerprint),
+        Some(fleet.host(0).host_key().fingerprint),
+        "pinned on first use"
+    );
+    // The pin given for the impostor stands: the sync did not replace it.
+    let still = server(&mut fleet_api, impostor.id).await;
+    assert_eq!(
+        still.host_key.map(|k| k.fingerprint),
+        Some(fleet.host(1).host_key().fingerprint)
+    );
+
+    let bad = register("bad-key", "ssh-ed25519 not-base64!".into())
+        .await
+        .expect_err("a malformed key");
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(bad.message().contains("spec.host_key"), "{}", bad.message());
+}

@@ -167,6 +167,10 @@ pub struct AddServerArgs {
     /// Change the server with this id instead of registering a new one.
     #[arg(long)]
     pub id: Option<i64>,
+    /// Its SSH host public key, as in `/etc/ssh/ssh_host_ed25519_key.pub` ("ssh-ed25519 AAAA..."):
+    /// pinned now, so that the first contact already refuses another key.
+    #[arg(long)]
+    pub host_key: Option<String>,
 }
 
 /// A server's database service on the command line.

@@ -406,6 +406,7 @@ async fn add_server(agent: &Agent, add: &AddServerArgs, output: Output) -> Resul
                 ssh_user: add.user.clone(),
                 database_service: service as i32,
                 database_version: add.service_version.clone(),
+                host_key: add.host_key.clone().unwrap_or_default(),
                 ..Default::default()
             }),
         }))

@@ -189,6 +189,8 @@ pub fn server(record: &ServerRecord, last: Option<&LastRuns>) -> pb::Server {
             database_service: database_service(record.database_service) as i32,
             database_version: record.database_version.clone(),
             status: status(&record.status) as i32,
+            // The pinned key is in `host_key` below (its fingerprint); the key itself is not kept.
+            host_key: String::new(),
         }),
         reachability: reachability(record.reachability) as i32,
         last_seen_at: record.last_seen_at.and_then(timestamp),

@@ -131,6 +131,22 @@ pub fn validate_spec(spec: Option<pb::ServerSpec>) -> Result<ServerSpec, Service
                 .to_ascii_lowercase(),
         )
     })?;
+    let host_key = match spec.host_key.trim() {
+        "" => None,
+        line => Some(
+            russh::keys::PublicKey::from_openssh(line)
+                .map(|key| crate::ssh::HostKeyInfo::of(&key))
+                .map_err(|err| {
+                    ServiceError::invalid(
+                        "spec.host_key",
+                        format!(
+                            "not an OpenSSH public key (\"ssh-ed25519 AAAA...\", as in \
+                             /etc/ssh/ssh_host_ed25519_key.pub): {err}"
+                        ),
+                    )
+                })?,
+        ),
+    };
     Ok(ServerSpec {
         name,
         ip,
@@ -139,6 +155,7 @@ pub fn validate_spec(spec: Option<pb::ServerSpec>) -> Result<ServerSpec, Service
         database_service,
         database_version: spec.database_version,
         status,
+        host_key,
     })
 }
 
@@ -292,6 +309,7 @@ mod tests {
             database_service: pb::DatabaseService::Mariadb as i32,
             database_version: "10.11".into(),
             status: 0,
+            host_key: String::new(),
         }
     }
 

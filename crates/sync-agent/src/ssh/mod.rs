@@ -18,7 +18,7 @@ use std::{
 
 use russh::{
     client::{self, Handle},
-    keys::{HashAlg, PublicKey, PublicKeyOrCertificate},
+    keys::{Algorithm, HashAlg, PublicKey, PublicKeyOrCertificate},
 };
 use tokio::{io::AsyncReadExt, net::TcpStream};
 
@@ -184,21 +184,53 @@ struct Handshake {
     key_exchange_time: Duration,
 }
 
+/// The client settings, with these algorithm preferences.
+fn client_config(preferred: russh::Preferred) -> client::Config {
+    client::Config {
+        nodelay: true,
+        // Stage timeouts bound every wait; a connection lives for one run only.
+        inactivity_timeout: None,
+        preferred,
+        ..Default::default()
+    }
+}
+
 impl SshClient {
     /// A client with these timeouts, output cap and keys.
     pub fn new(timeouts: Timeouts, output_cap: usize, keys: ClientKeys) -> Self {
-        let config = client::Config {
-            nodelay: true,
-            // Stage timeouts below bound every wait; a connection lives for one run only.
-            inactivity_timeout: None,
-            ..Default::default()
-        };
         Self {
             timeouts,
             output_cap,
             keys,
-            config: Arc::new(config),
+            config: Arc::new(client_config(russh::Preferred::default())),
         }
+    }
+
+    /// The client settings for a server with this pinned key: its key type asked for first, so
+    /// that a server with several host keys presents the pinned one (a key the panel gave may
+    /// be an ECDSA or RSA key where the default order would negotiate Ed25519).
+    fn config_for(&self, pinned: Option<&HostKeyInfo>) -> Arc<client::Config> {
+        let Some(wanted) = pinned.and_then(|p| p.algorithm.parse::<Algorithm>().ok()) else {
+            return Arc::clone(&self.config);
+        };
+        let same = |a: &Algorithm| match (a, &wanted) {
+            (Algorithm::Rsa { .. }, Algorithm::Rsa { .. }) => true,
+            (a, wanted) => a == wanted,
+        };
+        let order = &self.config.preferred.key;
+        if order.first().is_some_and(same) {
+            return Arc::clone(&self.config);
+        }
+        let key: Vec<Algorithm> = order
+            .iter()
+            .filter(|a| same(a))
+            .chain(order.iter().filter(|a| !same(a)))
+            .cloned()
+            .collect();
+        Arc::new(client_config(russh::Preferred {
+            key: key.into(),
+            ..self.config.preferred.clone()
+        }))
     }
 
     /// The stage timeouts.
@@ -380,7 +412,7 @@ impl SshClient {
         let stream = Prefixed::new(replay, tcp, kill);
         let result = tokio::time::timeout_at(
             deadline,
-            client::connect_stream(Arc::clone(&self.config), stream, handler),
+            client::connect_stream(self.config_for(pinned), stream, handler),
         )
         .await
         .map_err(|_| SshError::Timeout {

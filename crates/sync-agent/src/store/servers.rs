@@ -6,7 +6,7 @@ use fleetsync_common::{
     sql::{Row, Value, is_unique_violation, retry},
 };
 
-use crate::model::Reachability;
+use crate::{model::Reachability, ssh::HostKeyInfo};
 
 use super::Store;
 
@@ -59,6 +59,8 @@ pub struct ServerSpec {
     pub database_version: String,
     /// Lifecycle status; `None` keeps the current one.
     pub status: Option<String>,
+    /// The host key the panel knows: pinned now, before any contact (`None` keeps the pin).
+    pub host_key: Option<HostKeyInfo>,
 }
 
 /// A pinned host key.
@@ -368,6 +370,19 @@ impl Store {
                 id
             }
         };
+        if let Some(key) = &spec.host_key {
+            tx.execute(
+                "UPDATE servers SET host_key_algorithm = ?, host_key_fingerprint = ?, \
+                 host_key_pinned_at = ? WHERE id = ?",
+                &[
+                    key.algorithm.as_str().into(),
+                    key.fingerprint.as_str().into(),
+                    now.into(),
+                    id.into(),
+                ],
+            )
+            .await?;
+        }
         // The database service: kept (with its stored charsets) if unchanged.
         let current = tx
             .fetch_optional(
