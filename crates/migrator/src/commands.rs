@@ -40,7 +40,14 @@ pub fn fail(output: Output, err: &anyhow::Error) -> ExitCode {
     if fleetsync_common::cli::is_closed_pipe(err.as_ref()) {
         return ExitCode::SUCCESS;
     }
-    let exit = err.downcast_ref::<EngineError>().map_or(1, exit_status);
+    let exit = match (
+        err.downcast_ref::<EngineError>(),
+        err.downcast_ref::<crate::grants::GrantError>(),
+    ) {
+        (Some(err), _) => exit_status(err),
+        (None, Some(crate::grants::GrantError::Database { .. })) | (None, None) => 1,
+        (None, Some(_)) => EXIT_USAGE,
+    };
     let message = format!("{err:#}");
     match output {
         Output::Json => {
@@ -223,6 +230,10 @@ pub async fn verify(db: Db, args: &ReadArgs) -> anyhow::Result<ExitCode> {
 /// `migrator migrate`.
 pub async fn migrate(db: Db, args: &MigrateArgs) -> anyhow::Result<ExitCode> {
     let human = args.read.output == Output::Human;
+    // A role that cannot be granted is refused before anything is written.
+    if let Some(role) = &args.agent_role {
+        crate::grants::statements(db.backend(), role)?;
+    }
     let options = Options {
         lock_timeout: args.lock_timeout.into(),
         #[cfg(feature = "crash-points")]
@@ -240,6 +251,11 @@ pub async fn migrate(db: Db, args: &MigrateArgs) -> anyhow::Result<ExitCode> {
             events.push(event);
         })
         .await;
+    // The agent's rights, once the tables are there (a failure here fails the command).
+    let granted = match (&result, &args.agent_role) {
+        (Ok(_), Some(role)) => Some(crate::grants::grant_agent(&db, role).await.map(|_| role)),
+        _ => None,
+    };
 
     // Whatever happened, requests that did commit are handed over (best effort).
     // Like every other hand-over problem, an unreadable token or CA file is a warning: the
@@ -302,6 +318,11 @@ pub async fn migrate(db: Db, args: &MigrateArgs) -> anyhow::Result<ExitCode> {
             )?,
             Err(err) => eprintln!("error: {err}"),
         }
+        match &granted {
+            Some(Ok(role)) => out!("granted the sync-agent's rights to {role}")?,
+            Some(Err(err)) => eprintln!("error: {err}"),
+            None => {}
+        }
         for d in &dispatches {
             match &d.result {
                 Ok(job) => out!(
@@ -322,6 +343,10 @@ pub async fn migrate(db: Db, args: &MigrateArgs) -> anyhow::Result<ExitCode> {
             "current_version": result.as_ref().map(|r| r.current_version).ok(),
             "sync_requests": result.as_ref().map(|r| r.sync_requests.clone()).unwrap_or_default(),
             "events": events.iter().map(event_json).collect::<Vec<_>>(),
+            "agent_role": granted.as_ref().map(|g| json!({
+                "granted": g.is_ok(),
+                "error": g.as_ref().err().map(ToString::to_string),
+            })),
             "dispatch": dispatches.iter().map(|d| json!({
                 "request_id": d.request_id,
                 "job_id": d.result.as_ref().ok(),
@@ -329,9 +354,11 @@ pub async fn migrate(db: Db, args: &MigrateArgs) -> anyhow::Result<ExitCode> {
             })).collect::<Vec<_>>(),
         }))?;
     }
-    Ok(match &result {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(err) => exit_for(err),
+    Ok(match (&result, &granted) {
+        (Err(err), _) => exit_for(err),
+        (Ok(_), Some(Err(crate::grants::GrantError::Database { .. }))) => ExitCode::FAILURE,
+        (Ok(_), Some(Err(_))) => ExitCode::from(EXIT_USAGE),
+        (Ok(_), _) => ExitCode::SUCCESS,
     })
 }
 

@@ -109,6 +109,12 @@ pub struct MigrateArgs {
     #[arg(long, env = "FLEETSYNC_LOCK_TIMEOUT", default_value = "60s")]
     pub lock_timeout: humantime::Duration,
 
+    /// After migrating, grant this database role exactly the rights the sync-agent needs (rows
+    /// of its tables, never the schema): PostgreSQL role name, or MySQL `USER[@HOST]` (host
+    /// `%` by default). Run it as the role that owns the schema.
+    #[arg(long, env = "FLEETSYNC_AGENT_ROLE")]
+    pub agent_role: Option<String>,
+
     /// Test hook (built with the `crash-points` feature only): SIGKILL this process at a crash
     /// point (`VERSION:STATEMENT`, `VERSION:STATEMENT:journal` or `VERSION:commit`).
     #[cfg(feature = "crash-points")]

@@ -7,6 +7,7 @@ pub mod commands;
 pub mod config;
 pub mod engine;
 pub mod entry;
+pub mod grants;
 mod history;
 pub mod migration;
 pub mod model;
