@@ -12,7 +12,7 @@ export FLEETSYNC_PYTHON := tools / "python" / "bin" / "python"
 default:
     @just --list
 
-# Install what the tests need and is missing (openssh-server, sudo, iproute2, grpcurl, grpcio); check the databases
+# Install what the tests need and is missing (openssh-server, sudo, iproute2, systemd-analyze, grpcurl, grpcio); check the databases
 setup:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -23,6 +23,7 @@ setup:
     command -v ssh-keygen >/dev/null || missing+=(openssh-client)
     command -v setpriv >/dev/null || missing+=(util-linux)
     command -v openssl >/dev/null || missing+=(openssl)
+    command -v systemd-analyze >/dev/null || missing+=(systemd)
     if [ ${#missing[@]} -gt 0 ]; then
         echo "setup: installing ${missing[*]}"
         if [ "$(id -u)" -ne 0 ]; then echo "setup: run as root to install packages" >&2; exit 1; fi
