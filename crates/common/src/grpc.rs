@@ -22,6 +22,16 @@ pub type Router =
 /// and replaced whole when the file changes.
 type Tokens = Arc<std::sync::RwLock<Arc<[String]>>>;
 
+/// TLS for a client of an agent: with `ca_pem`, that CA alone is trusted (a private CA, or a
+/// public one pinned); without, the public web PKI (Mozilla's roots, built in).
+pub fn client_tls(ca_pem: Option<Vec<u8>>) -> tonic::transport::ClientTlsConfig {
+    let tls = tonic::transport::ClientTlsConfig::new();
+    match ca_pem {
+        Some(pem) => tls.ca_certificate(tonic::transport::Certificate::from_pem(pem)),
+        None => tls.with_webpki_roots(),
+    }
+}
+
 /// How a server is protected: optional bearer tokens (every RPC but health) and optional TLS.
 #[derive(Clone, Default)]
 pub struct Security {

@@ -9,7 +9,7 @@ use fleetsync_common::{
     proto::sync::v1::{StartSyncRequest, sync_agent_client::SyncAgentClient},
     sql::{Conn, Value},
 };
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+use tonic::transport::Endpoint;
 
 use crate::{catalog::table_exists, engine::now_ms, model::SyncRequest};
 
@@ -140,10 +140,7 @@ async fn hand_over(pending: &[SyncRequest], agent: &AgentTarget) -> Vec<Dispatch
         Err(err) => return failed_all(format!("invalid agent URL {}: {err}", agent.url)),
     };
     if agent.url.starts_with("https://") || agent.ca_pem.is_some() {
-        let mut tls = ClientTlsConfig::new();
-        if let Some(ca) = &agent.ca_pem {
-            tls = tls.ca_certificate(Certificate::from_pem(ca));
-        }
+        let tls = fleetsync_common::grpc::client_tls(agent.ca_pem.clone());
         endpoint = match endpoint.tls_config(tls) {
             Ok(endpoint) => endpoint,
             Err(err) => {

@@ -15,7 +15,7 @@ use tokio_stream::StreamExt;
 use tonic::{
     metadata::{Ascii, MetadataValue},
     service::interceptor::InterceptedService,
-    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
+    transport::{Channel, Endpoint},
 };
 
 use crate::config::{
@@ -99,12 +99,15 @@ async fn connect(args: &AgentArgs) -> Result<Agent, Failure> {
         .keep_alive_timeout(timeout)
         .keep_alive_while_idle(true);
     if url.starts_with("https://") || args.agent_ca.is_some() {
-        let mut tls = ClientTlsConfig::new();
-        if let Some(ca) = &args.agent_ca {
-            let pem = std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
-            tls = tls.ca_certificate(Certificate::from_pem(pem));
-        }
-        endpoint = endpoint.tls_config(tls).context("TLS settings")?;
+        let ca_pem = match &args.agent_ca {
+            Some(ca) => {
+                Some(std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?)
+            }
+            None => None,
+        };
+        endpoint = endpoint
+            .tls_config(fleetsync_common::grpc::client_tls(ca_pem))
+            .context("TLS settings")?;
     }
     let token = match &args.agent_token_file {
         Some(path) => {
