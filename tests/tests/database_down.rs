@@ -195,8 +195,8 @@ async fn an_agent_started_while_its_database_is_down_waits_for_it() {
 
     // Shut down while it waits: a clean end, at once.
     proxy.cut();
-    let (task, shutdown, _channel, _addr) = start(url).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (task, shutdown, channel, _addr) = start(url).await;
+    health_becomes(channel, ServingStatus::NotServing).await;
     shutdown.cancel();
     let ended = tokio::time::timeout(Duration::from_secs(10), task)
         .await

@@ -65,11 +65,9 @@ impl Agent {
         &self,
         call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     ) -> Result<T, Failure> {
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(response)) => Ok(response.into_inner()),
-            Ok(Err(status)) => Err(Failure::status(&self.url, status)),
-            Err(_) => Err(Failure::silent(&self.url, self.timeout)),
-        }
+        within(self.timeout, call)
+            .await
+            .map_err(|status| Failure::status(&self.url, status))
     }
 }
 
