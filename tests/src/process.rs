@@ -21,6 +21,22 @@ pub fn run(program: &str, args: &[&str]) -> Output {
     output
 }
 
+/// A finished command as a failed assertion shows it: its exit status, stdout and stderr.
+pub fn described(output: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// The one JSON document a command printed on stdout (a failed assertion otherwise).
+pub fn json_document(output: &Output) -> serde_json::Value {
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|err| panic!("one JSON document on stdout ({err}): {}", described(output)))
+}
+
 /// Runs a command to completion and reports whether it succeeded; for cleanup paths that must
 /// not panic.
 pub fn run_quiet(program: &str, args: &[&str]) -> bool {

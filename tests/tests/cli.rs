@@ -13,10 +13,9 @@ use fleetsync_tests::{
     TestDb,
     bench::silent_listener,
     catalog::{add_mariadb_everywhere, count, insert_servers},
-    process::bin_path,
+    process::{bin_path, described as text, json_document as document},
     services::{ServeProcess, migrate},
 };
-use serde_json::Value;
 
 fn run(binary: &str, args: &[&str]) -> Output {
     run_in(binary, args, Path::new("."))
@@ -35,15 +34,6 @@ fn run_in(binary: &str, args: &[&str], dir: &Path) -> Output {
 
 fn code(output: &Output) -> i32 {
     output.status.code().expect("exited, not killed")
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
 }
 
 /// The command ended with `status`.
@@ -67,12 +57,6 @@ fn begins(stream: &[u8], what: &str, output: &Output) {
         "{what:?}: {}",
         text(output)
     );
-}
-
-/// Stdout holds exactly one JSON document.
-fn document(output: &Output) -> Value {
-    serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|err| panic!("one JSON document on stdout ({err}): {}", text(output)))
 }
 
 /// An agent (the real binary) on a fresh SQLite database with `servers` servers at

@@ -143,6 +143,40 @@ pub enum ServersAction {
     Add(AddServerArgs),
     /// Remove a server and what was stored about it (its rows in past jobs stay, by name).
     Remove(RemoveServerArgs),
+    /// Register many servers from a file: JSON lines (one ServerSpec per line, as grpcurl
+    /// prints it) or CSV with a header row. Each server is created or updated by name, so an
+    /// import can be run again; a bad line is reported with its number and skipped.
+    Import(ImportArgs),
+}
+
+/// `sync-agent servers import FILE`.
+#[derive(Debug, Clone, Args)]
+pub struct ImportArgs {
+    /// The file to read; `-` reads standard input.
+    pub file: std::path::PathBuf,
+    /// Its format. `auto`: by the extension (`.csv`; `.jsonl`, `.ndjson`, `.json`), else JSON
+    /// lines when the first character is `{`, else CSV.
+    #[arg(long, value_enum, default_value_t = ImportFormat::Auto)]
+    pub format: ImportFormat,
+    /// Servers per call to the agent (at most 10,000; a call also stays under 3 MiB).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub batch: u32,
+    /// Calls in flight at once (a name never travels in two at once, so the later line wins).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub parallel: u32,
+}
+
+/// The format of an import file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ImportFormat {
+    /// From the file's name or first character.
+    Auto,
+    /// One JSON object per line: a ServerSpec in the proto3 JSON mapping (`grpcurl` prints it
+    /// so), field names in camelCase or as in the proto, enums by name or number.
+    Jsonl,
+    /// A header row naming ServerSpec fields (`name,ip,port,ssh_user,database_service,...`),
+    /// then one server per row; enums by name (`mariadb` or `DATABASE_SERVICE_MARIADB`).
+    Csv,
 }
 
 /// `sync-agent servers add NAME IP`.

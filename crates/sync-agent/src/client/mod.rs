@@ -25,6 +25,7 @@ use crate::config::{
 use crate::service::convert;
 
 mod exit;
+mod import;
 mod render;
 
 use exit::out;
@@ -376,7 +377,7 @@ pub async fn jobs(args: &JobsArgs) -> Result<Exit, Failure> {
     Ok(Exit::Ok)
 }
 
-/// `sync-agent servers`, `servers add`, `servers remove`.
+/// `sync-agent servers`, `servers add`, `servers remove`, `servers import`.
 pub async fn servers(args: &ServersArgs) -> Result<Exit, Failure> {
     let agent = connect(&args.agent).await?;
     match &args.action {
@@ -385,6 +386,7 @@ pub async fn servers(args: &ServersArgs) -> Result<Exit, Failure> {
         Some(ServersAction::Remove(remove)) => {
             remove_server(&agent, remove, args.agent.output).await
         }
+        Some(ServersAction::Import(file)) => import::import(&agent, file, args.agent.output).await,
     }
 }
 

@@ -6,8 +6,9 @@ use fleetsync_common::{
     ServiceError,
     proto::sync::v1::{
         self as pb, DeleteServerRequest, DeleteServerResponse, GetServerRequest, GetServerResponse,
-        ListServersRequest, ListServersResponse, ResetHostKeyRequest, ResetHostKeyResponse,
-        UpsertServerRequest, UpsertServerResponse, fleet_server::Fleet,
+        ImportServersRequest, ImportServersResponse, ListServersRequest, ListServersResponse,
+        ResetHostKeyRequest, ResetHostKeyResponse, UpsertServerRequest, UpsertServerResponse,
+        fleet_server::Fleet,
     },
 };
 use tonic::{Request, Response, Status};
@@ -17,7 +18,7 @@ use super::{
     fields::{id, optional_enum, page_size, text},
 };
 use crate::model::Reachability;
-use crate::store::{DatabaseService, HostKeyReset, ServerSpec};
+use crate::store::{DatabaseService, HostKeyReset, Registered, ServerSpec};
 
 /// `fleetsync.sync.v1.Fleet`.
 #[derive(Debug, Clone)]
@@ -159,6 +160,25 @@ pub fn validate_spec(spec: Option<pb::ServerSpec>) -> Result<ServerSpec, Service
     })
 }
 
+/// Most specs one `ImportServers` call may carry.
+pub const MAX_IMPORT: usize = 10_000;
+
+/// A spec of an import refused by [`validate_spec`], by position, its field named as in the spec.
+fn rejected(index: usize, err: ServiceError) -> pb::RejectedServer {
+    let (field, reason) = match err {
+        ServiceError::InvalidArgument { field, reason } => (
+            field.strip_prefix("spec.").unwrap_or(field).to_owned(),
+            reason,
+        ),
+        other => (String::new(), other.to_string()),
+    };
+    pb::RejectedServer {
+        index: u32::try_from(index).unwrap_or(u32::MAX),
+        field,
+        reason,
+    }
+}
+
 #[tonic::async_trait]
 impl Fleet for FleetService {
     async fn upsert_server(
@@ -176,6 +196,55 @@ impl Fleet for FleetService {
             server: Some(convert::server(&upserted.server, None)),
             created: upserted.created,
         }))
+    }
+
+    async fn import_servers(
+        &self,
+        request: Request<ImportServersRequest>,
+    ) -> Result<Response<ImportServersResponse>, Status> {
+        let specs = request.into_inner().servers;
+        if specs.len() > MAX_IMPORT {
+            return Err(ServiceError::invalid(
+                "servers",
+                format!(
+                    "at most {MAX_IMPORT} per call, got {}: send a larger fleet in several calls",
+                    specs.len()
+                ),
+            )
+            .into());
+        }
+        let mut response = ImportServersResponse {
+            ids: vec![0; specs.len()],
+            ..Default::default()
+        };
+        let mut valid = Vec::with_capacity(specs.len());
+        let mut positions = Vec::with_capacity(specs.len());
+        for (index, spec) in specs.into_iter().enumerate() {
+            match validate_spec(Some(spec)) {
+                Ok(spec) => {
+                    valid.push(spec);
+                    positions.push(index);
+                }
+                Err(err) => response.rejected.push(rejected(index, err)),
+            }
+        }
+        let imported = self.state.store.import_servers(&valid).await?;
+        for (index, imported) in positions.into_iter().zip(imported) {
+            response.ids[index] = imported.id;
+            match imported.action {
+                Registered::Created => response.created += 1,
+                Registered::Updated => response.updated += 1,
+                Registered::Unchanged => response.unchanged += 1,
+            }
+        }
+        tracing::debug!(
+            created = response.created,
+            updated = response.updated,
+            unchanged = response.unchanged,
+            rejected = response.rejected.len(),
+            "servers imported"
+        );
+        Ok(Response::new(response))
     }
 
     async fn delete_server(

@@ -1,5 +1,6 @@
 //! Everything the agent reads and writes in the control-plane database, over the three
-//! backends: servers and their inventory (`servers`, `inventory`), jobs (`jobs`) and the run
+//! backends: servers, their registration by name one or many at once, and their inventory
+//! (`servers`, `import`, `inventory`), jobs (`jobs`) and the run
 //! results they report (`outcomes`), the migrations' sync requests (`outbox`), the work queue
 //! and its fenced leases (`queue`), batched completion of runs (`complete`), reachability
 //! probes (`reachability`), pruning of old history (`retention`) and the counts the metrics
@@ -11,6 +12,7 @@
 mod complete;
 mod fill;
 mod gauges;
+mod import;
 mod inventory;
 mod jobs;
 mod outbox;
@@ -26,6 +28,7 @@ use fleetsync_common::{Backend, Db, sql::Tx};
 
 pub use complete::{Completion, Reach, Recorded};
 pub use gauges::FleetGauges;
+pub use import::{Imported, Registered};
 pub use inventory::{Charsets, DatabaseRead, InventoryCounts, InventoryWrite, UserRead};
 use jobs::OutcomeCounts;
 pub use jobs::{JobFilter, JobRecord, NewJob, Selection};

@@ -8,7 +8,7 @@ use fleetsync_common::{
 
 use crate::{model::Reachability, ssh::HostKeyInfo};
 
-use super::Store;
+use super::{Registered, Store};
 
 /// The database service registered for a server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -269,7 +269,19 @@ impl Store {
         id: Option<i64>,
         spec: &ServerSpec,
     ) -> Result<UpsertOutcome, ServiceError> {
-        let (id, created) = retry("upsert server", || self.upsert_server_once(id, spec)).await?;
+        let (id, created) = match id {
+            None => {
+                let imported = self.import_servers(std::slice::from_ref(spec)).await?;
+                let imported = imported.first().ok_or_else(|| {
+                    ServiceError::Internal("an import of one server returned nothing".into())
+                })?;
+                (imported.id, imported.action == Registered::Created)
+            }
+            Some(id) => (
+                retry("update server", || self.update_server_once(id, spec)).await?,
+                false,
+            ),
+        };
         let server = self
             .server(id)
             .await?
@@ -277,153 +289,75 @@ impl Store {
         Ok(UpsertOutcome { server, created })
     }
 
-    /// One attempt: the server's id and whether it was created. A concurrent twin inserting the
-    /// same name makes this a conflict, retried (the next attempt updates the twin's row).
-    async fn upsert_server_once(
-        &self,
-        id: Option<i64>,
-        spec: &ServerSpec,
-    ) -> Result<(i64, bool), ServiceError> {
+    /// One attempt at changing the server with this id (a rename included).
+    async fn update_server_once(&self, id: i64, spec: &ServerSpec) -> Result<i64, ServiceError> {
         let now = crate::now_ms();
         let mut tx = self.db.begin().await?;
-        let existing = match id {
-            Some(id) => {
-                let found = tx
-                    .fetch_optional("SELECT id FROM servers WHERE id = ?", &[id.into()])
-                    .await?;
-                if found.is_none() {
-                    return Err(ServiceError::not_found("server", id));
-                }
-                let clash = tx
-                    .fetch_optional(
-                        "SELECT id FROM servers WHERE name = ? AND id <> ?",
-                        &[spec.name.as_str().into(), id.into()],
-                    )
-                    .await?;
-                if let Some(other) = clash {
-                    return Err(ServiceError::AlreadyExists(format!(
-                        "another server (id {}) is named {:?}",
-                        other.int(0)?,
-                        spec.name
-                    )));
-                }
-                Some(id)
-            }
-            None => tx
-                .fetch_optional(
-                    "SELECT id FROM servers WHERE name = ?",
-                    &[spec.name.as_str().into()],
-                )
-                .await?
-                .map(|r| r.int(0))
-                .transpose()?,
+        let Some(current) = tx
+            .fetch_optional(
+                "SELECT sv.name, sv.version FROM servers s LEFT JOIN services sv \
+                 ON sv.server_id = s.id AND sv.type = 'database' WHERE s.id = ?",
+                &[id.into()],
+            )
+            .await?
+        else {
+            return Err(ServiceError::not_found("server", id));
         };
-        let status = spec.status.clone();
-        let id = match existing {
-            Some(id) => {
-                tx.execute(
-                    "UPDATE servers SET name = ?, ip = ?, port = ?, ssh_user = ?, \
-                     status = COALESCE(?, status), updated_at = ? WHERE id = ?",
-                    &[
-                        spec.name.as_str().into(),
-                        spec.ip.as_str().into(),
-                        i64::from(spec.port).into(),
-                        spec.ssh_user.as_str().into(),
-                        status.into(),
-                        now.into(),
-                        id.into(),
-                    ],
-                )
-                .await
-                .map_err(|err| name_taken(err, &spec.name))?;
-                id
-            }
-            None => {
-                tx.execute(
-                    "INSERT INTO servers (name, ip, port, ssh_user, status, created_at, updated_at) \
-                     VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    &[
-                        spec.name.as_str().into(),
-                        spec.ip.as_str().into(),
-                        i64::from(spec.port).into(),
-                        spec.ssh_user.as_str().into(),
-                        status.unwrap_or_else(|| "ready".into()).into(),
-                        now.into(),
-                        now.into(),
-                    ],
-                )
-                .await
-                .map_err(|err| name_taken(err, &spec.name))?;
-                let row = tx
-                    .fetch_optional(
-                        "SELECT id FROM servers WHERE name = ?",
-                        &[spec.name.as_str().into()],
-                    )
-                    .await?
-                    .ok_or_else(|| ServiceError::Internal("inserted server vanished".into()))?;
-                let id = row.int(0)?;
-                tx.execute(
-                    "INSERT INTO server_leases (server_id, token) VALUES (?, 0)",
-                    &[id.into()],
-                )
-                .await?;
-                id
-            }
-        };
+        let clash = tx
+            .fetch_optional(
+                "SELECT id FROM servers WHERE name = ? AND id <> ?",
+                &[spec.name.as_str().into(), id.into()],
+            )
+            .await?;
+        if let Some(other) = clash {
+            return Err(ServiceError::AlreadyExists(format!(
+                "another server (id {}) is named {:?}",
+                other.int(0)?,
+                spec.name
+            )));
+        }
+        tx.execute(
+            "UPDATE servers SET name = ?, ip = ?, port = ?, ssh_user = ?, \
+             status = COALESCE(?, status), updated_at = ? WHERE id = ?",
+            &[
+                spec.name.as_str().into(),
+                spec.ip.as_str().into(),
+                i64::from(spec.port).into(),
+                spec.ssh_user.as_str().into(),
+                spec.status.clone().into(),
+                now.into(),
+                id.into(),
+            ],
+        )
+        .await
+        .map_err(|err| name_taken(err, &spec.name))?;
         if let Some(key) = &spec.host_key {
             tx.execute(
-                "UPDATE servers SET host_key_algorithm = ?, host_key_fingerprint = ?, \
-                 host_key_pinned_at = ? WHERE id = ?",
+                "UPDATE servers SET host_key_pinned_at = CASE WHEN host_key_fingerprint = ? \
+                 THEN host_key_pinned_at ELSE ? END, host_key_algorithm = ?, \
+                 host_key_fingerprint = ? WHERE id = ?",
                 &[
-                    key.algorithm.as_str().into(),
                     key.fingerprint.as_str().into(),
                     now.into(),
+                    key.algorithm.as_str().into(),
+                    key.fingerprint.as_str().into(),
                     id.into(),
                 ],
             )
             .await?;
         }
-        // The database service: kept (with its stored charsets) if unchanged.
-        let current = tx
-            .fetch_optional(
-                "SELECT name FROM services WHERE server_id = ? AND type = 'database'",
-                &[id.into()],
-            )
-            .await?
-            .map(|r| r.text(0))
-            .transpose()?;
-        let wanted = spec.database_service.map(DatabaseService::as_str);
-        if current.as_deref() == wanted {
-            if wanted.is_some() {
-                tx.execute(
-                    "UPDATE services SET version = ?, updated_at = ? WHERE server_id = ? AND type = 'database'",
-                    &[spec.database_version.as_str().into(), now.into(), id.into()],
-                )
-                .await?;
-            }
-        } else {
-            tx.execute(
-                "DELETE FROM services WHERE server_id = ? AND type = 'database'",
-                &[id.into()],
-            )
-            .await?;
-            if let Some(name) = wanted {
-                tx.execute(
-                    "INSERT INTO services (server_id, type, name, version, status, created_at, updated_at) \
-                     VALUES (?, 'database', ?, ?, 'ready', ?, ?)",
-                    &[
-                        id.into(),
-                        name.into(),
-                        spec.database_version.as_str().into(),
-                        now.into(),
-                        now.into(),
-                    ],
-                )
-                .await?;
-            }
+        let stored = match current.opt_text(0)? {
+            Some(name) => Some((name, current.opt_text(1)?.unwrap_or_default())),
+            None => None,
+        };
+        let wanted = spec
+            .database_service
+            .map(|s| (s.as_str(), spec.database_version.as_str()));
+        if stored.as_ref().map(|(n, v)| (n.as_str(), v.as_str())) != wanted {
+            super::import::write_services(&mut tx, now, &[(id, wanted)]).await?;
         }
         tx.commit().await?;
-        Ok((id, existing.is_none()))
+        Ok(id)
     }
 
     /// Deletes a server with its inventory and lease; the job rows waiting for it end as

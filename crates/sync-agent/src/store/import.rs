@@ -1,0 +1,400 @@
+//! Registration by name, one server or a whole fleet at once (`Fleet/ImportServers`, and
+//! `UpsertServer` without an id): the stored registrations of a batch are read in one statement
+//! per chunk, each spec is merged in order, and only new or changed servers are written, in
+//! multi-row upserts sorted by name (so concurrent importers lock in one order).
+
+use std::collections::HashMap;
+
+use fleetsync_common::{
+    Backend, ServiceError,
+    sql::{Tx, Value, is_unique_violation, retry},
+};
+
+use super::{CHUNK, Store, list, rows, servers::ServerSpec};
+use crate::ssh::HostKeyInfo;
+
+/// What registering one spec did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registered {
+    /// A new server.
+    Created,
+    /// A registered server changed.
+    Updated,
+    /// The spec equals what was registered: nothing was written for it.
+    Unchanged,
+}
+
+/// One spec's server and what registering it did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Imported {
+    /// The server's id.
+    pub id: i64,
+    /// Created, updated or unchanged.
+    pub action: Registered,
+}
+
+/// The part of a server an import writes, as stored: what decides "unchanged".
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Registration {
+    ip: String,
+    port: u16,
+    ssh_user: String,
+    status: String,
+    /// Algorithm and fingerprint of the pinned key.
+    host_key: Option<(String, String)>,
+    /// The database service's stored name and version.
+    service: Option<(String, String)>,
+}
+
+/// A name of the batch: as stored before it, as its specs leave it, and the host key they gave.
+struct Entry<'a> {
+    stored: Option<(i64, Registration)>,
+    now: Option<Registration>,
+    given_key: Option<&'a HostKeyInfo>,
+}
+
+/// Rows per multi-row statement: 10 columns each, within every backend's bind limit.
+const ROWS: usize = 500;
+
+impl Store {
+    /// Registers `specs` by name in one transaction (retried on conflicts): each creates its
+    /// server or updates the one with its name; a name given twice is applied twice, in order.
+    /// One result per spec, in order.
+    pub async fn import_servers(
+        &self,
+        specs: &[ServerSpec],
+    ) -> Result<Vec<Imported>, ServiceError> {
+        retry("import servers", || self.import_once(specs)).await
+    }
+
+    async fn import_once(&self, specs: &[ServerSpec]) -> Result<Vec<Imported>, ServiceError> {
+        let now = crate::now_ms();
+        let backend = self.backend();
+        let mut tx = self.db.begin().await?;
+        let mut entries = stored(&mut tx, specs).await?;
+
+        // Each spec against the registration its name has at that point, in order.
+        let mut actions = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let entry = entries
+                .get_mut(spec.name.as_str())
+                .expect("every name was read");
+            let wanted = Registration {
+                ip: spec.ip.clone(),
+                port: spec.port,
+                ssh_user: spec.ssh_user.clone(),
+                status: spec
+                    .status
+                    .clone()
+                    .or_else(|| entry.now.as_ref().map(|r| r.status.clone()))
+                    .unwrap_or_else(|| "ready".to_owned()),
+                host_key: match &spec.host_key {
+                    Some(key) => Some((key.algorithm.clone(), key.fingerprint.clone())),
+                    None => entry.now.as_ref().and_then(|r| r.host_key.clone()),
+                },
+                service: spec
+                    .database_service
+                    .map(|s| (s.as_str().to_owned(), spec.database_version.clone())),
+            };
+            actions.push(match &entry.now {
+                None => Registered::Created,
+                Some(now) if *now == wanted => Registered::Unchanged,
+                Some(_) => Registered::Updated,
+            });
+            if spec.host_key.is_some() {
+                entry.given_key = spec.host_key.as_ref();
+            }
+            entry.now = Some(wanted);
+        }
+
+        // The names whose registration changed, by name: importers racing on the same names
+        // lock them in one order, and never deadlock.
+        let mut changed: Vec<(&str, &Entry<'_>)> = entries
+            .iter()
+            .filter(|(_, e)| e.now.as_ref() != e.stored.as_ref().map(|(_, r)| r))
+            .map(|(name, e)| (*name, e))
+            .collect();
+        changed.sort_unstable_by_key(|(name, _)| *name);
+        write_servers(&mut tx, backend, now, &changed)
+            .await
+            .map_err(|err| {
+                conflict_if_taken(err, "a concurrent call registered one of these names")
+            })?;
+
+        // Ids of the new servers, and their lease rows.
+        let new: Vec<&str> = changed
+            .iter()
+            .filter(|(_, e)| e.stored.is_none())
+            .map(|(name, _)| *name)
+            .collect();
+        let mut ids: HashMap<String, i64> = HashMap::with_capacity(new.len());
+        for chunk in new.chunks(CHUNK) {
+            let args: Vec<Value> = chunk.iter().map(|n| (*n).into()).collect();
+            for row in tx
+                .fetch(
+                    &format!(
+                        "SELECT id, name FROM servers WHERE name IN {}",
+                        list(chunk.len())
+                    ),
+                    &args,
+                )
+                .await?
+            {
+                ids.insert(row.text(1)?, row.int(0)?);
+            }
+        }
+        let new_ids: Vec<i64> = new.iter().filter_map(|n| ids.get(*n).copied()).collect();
+        for chunk in new_ids.chunks(ROWS) {
+            let args: Vec<Value> = chunk.iter().map(|id| (*id).into()).collect();
+            tx.execute(
+                &format!(
+                    "INSERT INTO server_leases (server_id, token) VALUES {}",
+                    rows(chunk.len(), 1).replace('?', "?, 0")
+                ),
+                &args,
+            )
+            .await
+            .map_err(|err| {
+                conflict_if_taken(err, "a concurrent call registered one of these names")
+            })?;
+        }
+
+        // Database services that changed.
+        let id_of = |name: &str, entry: &Entry<'_>| -> Result<i64, ServiceError> {
+            match &entry.stored {
+                Some((id, _)) => Ok(*id),
+                None => ids.get(name).copied().ok_or_else(|| {
+                    ServiceError::Aborted(format!("server {name:?} was deleted while registered"))
+                }),
+            }
+        };
+        let mut services = Vec::new();
+        for (name, entry) in &changed {
+            let before = entry.stored.as_ref().and_then(|(_, r)| r.service.as_ref());
+            let after = entry.now.as_ref().and_then(|r| r.service.as_ref());
+            if before != after {
+                services.push((
+                    id_of(name, entry)?,
+                    after.map(|(n, v)| (n.as_str(), v.as_str())),
+                ));
+            }
+        }
+        write_services(&mut tx, now, &services)
+            .await
+            .map_err(|err| {
+                conflict_if_taken(
+                    err,
+                    "a concurrent call registered one of these servers' services",
+                )
+            })?;
+        tx.commit().await?;
+
+        specs
+            .iter()
+            .zip(actions)
+            .map(|(spec, action)| {
+                let entry = &entries[spec.name.as_str()];
+                Ok(Imported {
+                    id: id_of(&spec.name, entry)?,
+                    action,
+                })
+            })
+            .collect()
+    }
+}
+
+/// The stored registration of every name in `specs`.
+async fn stored<'a>(
+    tx: &mut Tx,
+    specs: &'a [ServerSpec],
+) -> Result<HashMap<&'a str, Entry<'a>>, sqlx::Error> {
+    let mut entries: HashMap<&str, Entry<'_>> = HashMap::with_capacity(specs.len());
+    for spec in specs {
+        entries.entry(spec.name.as_str()).or_insert(Entry {
+            stored: None,
+            now: None,
+            given_key: None,
+        });
+    }
+    let names: Vec<&str> = entries.keys().copied().collect();
+    for chunk in names.chunks(CHUNK) {
+        let args: Vec<Value> = chunk.iter().map(|n| (*n).into()).collect();
+        let sql = format!(
+            "SELECT s.id, s.name, s.ip, s.port, s.ssh_user, s.status, s.host_key_algorithm, \
+             s.host_key_fingerprint, sv.name, sv.version FROM servers s LEFT JOIN services sv \
+             ON sv.server_id = s.id AND sv.type = 'database' WHERE s.name IN {}",
+            list(chunk.len())
+        );
+        for r in tx.fetch(&sql, &args).await? {
+            let name = r.text(1)?;
+            let port = r.int(3)?;
+            let registration = Registration {
+                ip: r.text(2)?,
+                port: u16::try_from(port).map_err(|_| {
+                    sqlx::Error::Decode(format!("server {name:?} has port {port}").into())
+                })?,
+                ssh_user: r.text(4)?,
+                status: r.text(5)?,
+                host_key: match (r.opt_text(6)?, r.opt_text(7)?) {
+                    (Some(algorithm), Some(fingerprint)) => Some((algorithm, fingerprint)),
+                    _ => None,
+                },
+                service: match r.opt_text(8)? {
+                    Some(service) => Some((service, r.opt_text(9)?.unwrap_or_default())),
+                    None => None,
+                },
+            };
+            // Names compare byte for byte on every backend (MySQL's columns are utf8mb4_bin).
+            let Some(entry) = entries.get_mut(name.as_str()) else {
+                continue;
+            };
+            entry.now = Some(registration.clone());
+            entry.stored = Some((r.int(0)?, registration));
+        }
+    }
+    Ok(entries)
+}
+
+/// Inserts or updates the changed servers' rows. A key given is pinned (its pin time kept when
+/// it is the key already pinned); without one the stored pin stays, also one an agent made
+/// since the batch was read.
+async fn write_servers(
+    tx: &mut Tx,
+    backend: Backend,
+    now: i64,
+    changed: &[(&str, &Entry<'_>)],
+) -> Result<(), sqlx::Error> {
+    let upsert = match backend {
+        // Assignments run left to right and see the new values: the pin time goes first.
+        Backend::MySql => {
+            "ON DUPLICATE KEY UPDATE ip = VALUES(ip), port = VALUES(port), \
+             ssh_user = VALUES(ssh_user), status = VALUES(status), \
+             host_key_pinned_at = CASE WHEN VALUES(host_key_fingerprint) IS NULL \
+               OR VALUES(host_key_fingerprint) = host_key_fingerprint THEN host_key_pinned_at \
+               ELSE VALUES(host_key_pinned_at) END, \
+             host_key_algorithm = COALESCE(VALUES(host_key_algorithm), host_key_algorithm), \
+             host_key_fingerprint = COALESCE(VALUES(host_key_fingerprint), host_key_fingerprint), \
+             updated_at = VALUES(updated_at)"
+        }
+        _ => {
+            "ON CONFLICT (name) DO UPDATE SET ip = excluded.ip, port = excluded.port, \
+             ssh_user = excluded.ssh_user, status = excluded.status, \
+             host_key_pinned_at = CASE WHEN excluded.host_key_fingerprint IS NULL \
+               OR excluded.host_key_fingerprint = servers.host_key_fingerprint \
+               THEN servers.host_key_pinned_at ELSE excluded.host_key_pinned_at END, \
+             host_key_algorithm = COALESCE(excluded.host_key_algorithm, servers.host_key_algorithm), \
+             host_key_fingerprint = COALESCE(excluded.host_key_fingerprint, servers.host_key_fingerprint), \
+             updated_at = excluded.updated_at"
+        }
+    };
+    for chunk in changed.chunks(ROWS) {
+        let mut args: Vec<Value> = Vec::with_capacity(chunk.len() * 10);
+        for (name, entry) in chunk {
+            let r = entry
+                .now
+                .as_ref()
+                .expect("a changed name has a registration");
+            let key = entry.given_key;
+            args.extend([
+                (*name).into(),
+                r.ip.as_str().into(),
+                i64::from(r.port).into(),
+                r.ssh_user.as_str().into(),
+                r.status.as_str().into(),
+                key.map(|k| k.algorithm.as_str()).into(),
+                key.map(|k| k.fingerprint.as_str()).into(),
+                key.map(|_| now).into(),
+                now.into(),
+                now.into(),
+            ]);
+        }
+        tx.execute(
+            &format!(
+                "INSERT INTO servers (name, ip, port, ssh_user, status, host_key_algorithm, \
+                 host_key_fingerprint, host_key_pinned_at, created_at, updated_at) VALUES {} {upsert}",
+                rows(chunk.len(), 10)
+            ),
+            &args,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Sets the database service of each server in `changes` (its id and the service's name and
+/// version, `None` for no service). A service of another kind starts afresh: the charsets and
+/// the inventory key read from the old one are dropped.
+pub(super) async fn write_services(
+    tx: &mut Tx,
+    now: i64,
+    changes: &[(i64, Option<(&str, &str)>)],
+) -> Result<(), sqlx::Error> {
+    let gone: Vec<i64> = changes
+        .iter()
+        .filter(|(_, s)| s.is_none())
+        .map(|(id, _)| *id)
+        .collect();
+    for chunk in gone.chunks(CHUNK) {
+        let args: Vec<Value> = chunk.iter().map(|id| (*id).into()).collect();
+        tx.execute(
+            &format!(
+                "DELETE FROM services WHERE type = 'database' AND server_id IN {}",
+                list(chunk.len())
+            ),
+            &args,
+        )
+        .await?;
+    }
+    let set: Vec<(i64, (&str, &str))> = changes
+        .iter()
+        .filter_map(|(id, s)| s.map(|s| (*id, s)))
+        .collect();
+    let upsert = match tx.backend() {
+        Backend::MySql => {
+            "ON DUPLICATE KEY UPDATE \
+             type_data = CASE WHEN name = VALUES(name) THEN type_data END, \
+             inventory_key = CASE WHEN name = VALUES(name) THEN inventory_key END, \
+             name = VALUES(name), version = VALUES(version), updated_at = VALUES(updated_at)"
+        }
+        _ => {
+            "ON CONFLICT (server_id, type) DO UPDATE SET \
+             type_data = CASE WHEN services.name = excluded.name THEN services.type_data END, \
+             inventory_key = CASE WHEN services.name = excluded.name \
+               THEN services.inventory_key END, \
+             name = excluded.name, version = excluded.version, updated_at = excluded.updated_at"
+        }
+    };
+    for chunk in set.chunks(ROWS) {
+        let mut args: Vec<Value> = Vec::with_capacity(chunk.len() * 5);
+        for (id, (name, version)) in chunk {
+            args.extend([
+                (*id).into(),
+                (*name).into(),
+                (*version).into(),
+                now.into(),
+                now.into(),
+            ]);
+        }
+        tx.execute(
+            &format!(
+                "INSERT INTO services (server_id, type, name, version, status, created_at, \
+                 updated_at) VALUES {} {upsert}",
+                rows(chunk.len(), 5)
+                    .replace("(?, ?, ?, ?, ?)", "(?, 'database', ?, ?, 'ready', ?, ?)")
+            ),
+            &args,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// A unique violation means a concurrent call inserted the same key: a conflict, retried (the
+/// next attempt reads that row and updates it).
+fn conflict_if_taken(err: sqlx::Error, what: &str) -> ServiceError {
+    if is_unique_violation(&err) {
+        ServiceError::Aborted(what.to_owned())
+    } else {
+        err.into()
+    }
+}
