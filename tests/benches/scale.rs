@@ -8,6 +8,9 @@
 //!   listener on the wildcard address serves 127.1.x.y), `--handshake-timeout 1s`, fixed
 //!   concurrency per agent, 1 and 3 agents: where agents, not the database, are the limit;
 //! - registration: 10,000 `Fleet/UpsertServer` calls with 64 in flight, per backend;
+//! - import: `sync-agent servers import` of a JSON-lines file of 100,000 and 1,000,000 servers
+//!   (`BENCH_IMPORT_SIZES`) into an empty control plane, then the same file again (every server
+//!   unchanged), per backend, the real CLI against one agent;
 //! - history: 10,000, 100,000 and 1,000,000 job rows and runs stored (`BENCH_HISTORY_SIZES`), per
 //!   backend: a retention pass, `DeleteServer`, `ListJobs` (also by server), `GetServer` and a
 //!   `WatchSync` resume, each the median of `BENCH_RUNS` (at least 5).
@@ -50,7 +53,7 @@ fn sizes() -> Vec<usize> {
         .unwrap_or_else(|| vec![1_000, 10_000, 100_000])
 }
 
-/// Which parts to run (`BENCH_ONLY=refused,three,silent,registration,history`); all by default. A
+/// Which parts to run (`BENCH_ONLY=refused,three,silent,registration,import,history`); all by default. A
 /// partial run prints its table and leaves `bench/scale.md` alone.
 fn only() -> Option<Vec<String>> {
     std::env::var("BENCH_ONLY")
@@ -314,6 +317,93 @@ async fn registration(backend: Backend) -> (f64, usize) {
     (rate, errors.load(Ordering::Relaxed))
 }
 
+fn import_sizes() -> Vec<usize> {
+    std::env::var("BENCH_IMPORT_SIZES")
+        .ok()
+        .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![100_000, 1_000_000])
+}
+
+/// A JSON-lines file of `n` servers, as a panel would export them.
+fn import_file(dir: &std::path::Path, n: usize) -> std::path::PathBuf {
+    use std::io::Write as _;
+    let path = dir.join(format!("fleet-{n}.jsonl"));
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&path).expect("create"));
+    for i in 0..n {
+        writeln!(
+            file,
+            r#"{{"name": "srv-{i:07}", "ip": "10.{}.{}.{}", "databaseService": "DATABASE_SERVICE_MARIADB", "databaseVersion": "10.11"}}"#,
+            i >> 16,
+            (i >> 8) & 255,
+            i & 255
+        )
+        .expect("write");
+    }
+    file.flush().expect("flush");
+    path
+}
+
+/// An import's medians: seconds into an empty control plane, seconds of the same file again,
+/// and the agent's CPU per server of the first.
+#[derive(Debug, Clone, Copy)]
+struct ImportFigures {
+    backend: Backend,
+    servers: usize,
+    create: f64,
+    again: f64,
+    cpu_us: f64,
+}
+
+/// `sync-agent servers import` of `file` (`n` servers): `BENCH_RUNS` times into a fresh
+/// database, then again.
+async fn import(backend: Backend, n: usize, file: &std::path::Path) -> ImportFigures {
+    let run = |url: String, expect: &'static str| {
+        let file = file.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let output =
+                std::process::Command::new(fleetsync_tests::process::bin_path("sync-agent"))
+                    .args(["servers", "import"])
+                    .arg(&file)
+                    .args(["--agent-url", &url, "-o", "json", "--timeout", "5m"])
+                    .output()
+                    .expect("run the import");
+            let seconds = started.elapsed().as_secs_f64();
+            let report = fleetsync_tests::process::json_document(&output);
+            assert_eq!(report[expect].as_u64(), Some(n as u64), "{report}");
+            seconds
+        })
+    };
+    let (mut create, mut again, mut cpu) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs() {
+        let db = TestDb::create(backend).await;
+        migrate(db.url()).await;
+        let agents = Agents::start(&db, 1, &[]);
+        let url = format!("http://{}", agents.addr());
+        let before = agents.cpu();
+        create.push(run(url.clone(), "created").await.expect("import"));
+        cpu.push((agents.cpu() - before) / n as f64 * 1e6);
+        again.push(run(url, "unchanged").await.expect("import again"));
+    }
+    let figures = ImportFigures {
+        backend,
+        servers: n,
+        create: median(create),
+        again: median(again),
+        cpu_us: median(cpu),
+    };
+    eprintln!(
+        "import {:<8} {n:>9}: {:.2} s ({:.0}/s), again {:.2} s ({:.0}/s), agent {:.1} µs/server",
+        backend.as_str(),
+        figures.create,
+        n as f64 / figures.create,
+        figures.again,
+        n as f64 / figures.again,
+        figures.cpu_us
+    );
+    figures
+}
+
 fn history_sizes() -> Vec<usize> {
     std::env::var("BENCH_HISTORY_SIZES")
         .ok()
@@ -427,7 +517,19 @@ async fn main() {
         registrations.push((backend, rate, errors));
     }
 
-    // 5. History.
+    // 5. Import.
+    let mut imports = Vec::new();
+    if wanted("import") {
+        let dir = tempfile::tempdir().expect("temp dir");
+        for &n in &import_sizes() {
+            let file = import_file(dir.path(), n);
+            for backend in ALL_BACKENDS.into_iter().filter(backend_wanted) {
+                imports.push(import(backend, n, &file).await);
+            }
+        }
+    }
+
+    // 6. History.
     let mut histories = Vec::new();
     for backend in ALL_BACKENDS
         .into_iter()
@@ -523,6 +625,9 @@ async fn main() {
     for (backend, rate, errors) in &registrations {
         writeln!(table, "| {} | {rate:.0} | {errors} |", backend.as_str()).unwrap();
     }
+    if !imports.is_empty() {
+        write_imports(&mut table, &imports);
+    }
     if !histories.is_empty() {
         write_history(&mut table, &histories);
     }
@@ -534,6 +639,43 @@ async fn main() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/scale.md");
     std::fs::write(&path, &table).expect("write bench/scale.md");
     eprintln!("wrote {}", path.display());
+}
+
+/// The import table, with the targets (PostgreSQL ≥ 50,000 servers/s, SQLite and MariaDB ≥
+/// 20,000/s).
+fn write_imports(table: &mut String, imports: &[ImportFigures]) {
+    writeln!(
+        table,
+        "\nImport: `sync-agent servers import FILE` (JSON lines, the default 1,000 servers per \
+         call and 4 calls in flight) into an empty control plane, then the same file again \
+         (every server unchanged); the CLI, one agent and the database share the machine; \
+         median of {} runs:\n",
+        runs()
+    )
+    .unwrap();
+    writeln!(
+        table,
+        "| backend | servers | import | servers/s | target | again | servers/s | agent CPU per server |\n|---|---|---|---|---|---|---|---|"
+    )
+    .unwrap();
+    for f in imports {
+        let target = match f.backend {
+            Backend::Postgres => 50_000,
+            _ => 20_000,
+        };
+        writeln!(
+            table,
+            "| {} | {} | {:.2} s | {:.0} | ≥ {target} | {:.2} s | {:.0} | {:.1} µs |",
+            f.backend.as_str(),
+            f.servers,
+            f.create,
+            f.servers as f64 / f.create,
+            f.again,
+            f.servers as f64 / f.again,
+            f.cpu_us
+        )
+        .unwrap();
+    }
 }
 
 /// The history table: each call's median at each size, and the largest size against the

@@ -71,6 +71,12 @@ impl Store {
         let now = crate::now_ms();
         let backend = self.backend();
         let mut tx = self.db.begin().await?;
+        if backend == Backend::Postgres {
+            // Lookups by name and id here are always selective; a table that a large import has
+            // just filled has no statistics yet, and PostgreSQL would scan all of it for each
+            // chunk (at 100,000 servers, 11 ms a chunk instead of 0.8).
+            tx.execute("SET LOCAL enable_seqscan = off", &[]).await?;
+        }
         let mut entries = stored(&mut tx, specs).await?;
 
         // Each spec against the registration its name has at that point, in order.
@@ -115,7 +121,7 @@ impl Store {
             .map(|(name, e)| (*name, e))
             .collect();
         changed.sort_unstable_by_key(|(name, _)| *name);
-        write_servers(&mut tx, backend, now, &changed)
+        let mut ids = write_servers(&mut tx, backend, now, &changed)
             .await
             .map_err(|err| {
                 conflict_if_taken(err, "a concurrent call registered one of these names")
@@ -127,8 +133,13 @@ impl Store {
             .filter(|(_, e)| e.stored.is_none())
             .map(|(name, _)| *name)
             .collect();
-        let mut ids: HashMap<String, i64> = HashMap::with_capacity(new.len());
-        for chunk in new.chunks(CHUNK) {
+        // (MySQL has no RETURNING: they are read back.)
+        let unread: Vec<&str> = new
+            .iter()
+            .filter(|n| !ids.contains_key(**n))
+            .copied()
+            .collect();
+        for chunk in unread.chunks(CHUNK) {
             let args: Vec<Value> = chunk.iter().map(|n| (*n).into()).collect();
             for row in tx
                 .fetch(
@@ -217,17 +228,21 @@ async fn stored<'a>(
         });
     }
     let names: Vec<&str> = entries.keys().copied().collect();
+    let mut by_id: HashMap<i64, &str> = HashMap::new();
     for chunk in names.chunks(CHUNK) {
         let args: Vec<Value> = chunk.iter().map(|n| (*n).into()).collect();
         let sql = format!(
-            "SELECT s.id, s.name, s.ip, s.port, s.ssh_user, s.status, s.host_key_algorithm, \
-             s.host_key_fingerprint, sv.name, sv.version FROM servers s LEFT JOIN services sv \
-             ON sv.server_id = s.id AND sv.type = 'database' WHERE s.name IN {}",
+            "SELECT id, name, ip, port, ssh_user, status, host_key_algorithm, \
+             host_key_fingerprint FROM servers WHERE name IN {}",
             list(chunk.len())
         );
         for r in tx.fetch(&sql, &args).await? {
             let name = r.text(1)?;
             let port = r.int(3)?;
+            // Names compare byte for byte on every backend (MySQL's columns are utf8mb4_bin).
+            let Some((&name, _)) = entries.get_key_value(name.as_str()) else {
+                continue;
+            };
             let registration = Registration {
                 ip: r.text(2)?,
                 port: u16::try_from(port).map_err(|_| {
@@ -239,31 +254,49 @@ async fn stored<'a>(
                     (Some(algorithm), Some(fingerprint)) => Some((algorithm, fingerprint)),
                     _ => None,
                 },
-                service: match r.opt_text(8)? {
-                    Some(service) => Some((service, r.opt_text(9)?.unwrap_or_default())),
-                    None => None,
-                },
+                service: None,
             };
-            // Names compare byte for byte on every backend (MySQL's columns are utf8mb4_bin).
-            let Some(entry) = entries.get_mut(name.as_str()) else {
+            let id = r.int(0)?;
+            by_id.insert(id, name);
+            if let Some(entry) = entries.get_mut(name) {
+                entry.stored = Some((id, registration));
+            }
+        }
+    }
+    // Their services, by id: a join here would scan every service on PostgreSQL.
+    let ids: Vec<i64> = by_id.keys().copied().collect();
+    for chunk in ids.chunks(CHUNK) {
+        let args: Vec<Value> = chunk.iter().map(|id| (*id).into()).collect();
+        let sql = format!(
+            "SELECT server_id, name, version FROM services \
+             WHERE type = 'database' AND server_id IN {}",
+            list(chunk.len())
+        );
+        for r in tx.fetch(&sql, &args).await? {
+            let Some(entry) = by_id.get(&r.int(0)?).and_then(|n| entries.get_mut(n)) else {
                 continue;
             };
-            entry.now = Some(registration.clone());
-            entry.stored = Some((r.int(0)?, registration));
+            if let Some((_, stored)) = &mut entry.stored {
+                stored.service = Some((r.text(1)?, r.text(2)?));
+            }
         }
+    }
+    for entry in entries.values_mut() {
+        entry.now = entry.stored.as_ref().map(|(_, r)| r.clone());
     }
     Ok(entries)
 }
 
 /// Inserts or updates the changed servers' rows. A key given is pinned (its pin time kept when
 /// it is the key already pinned); without one the stored pin stays, also one an agent made
-/// since the batch was read.
+/// since the batch was read. Returns the rows' ids by name where the backend can say them.
 async fn write_servers(
     tx: &mut Tx,
     backend: Backend,
     now: i64,
     changed: &[(&str, &Entry<'_>)],
-) -> Result<(), sqlx::Error> {
+) -> Result<HashMap<String, i64>, sqlx::Error> {
+    let mut ids = HashMap::new();
     let upsert = match backend {
         // Assignments run left to right and see the new values: the pin time goes first.
         Backend::MySql => {
@@ -284,7 +317,7 @@ async fn write_servers(
                THEN servers.host_key_pinned_at ELSE excluded.host_key_pinned_at END, \
              host_key_algorithm = COALESCE(excluded.host_key_algorithm, servers.host_key_algorithm), \
              host_key_fingerprint = COALESCE(excluded.host_key_fingerprint, servers.host_key_fingerprint), \
-             updated_at = excluded.updated_at"
+             updated_at = excluded.updated_at RETURNING id, name"
         }
     };
     for chunk in changed.chunks(ROWS) {
@@ -308,17 +341,20 @@ async fn write_servers(
                 now.into(),
             ]);
         }
-        tx.execute(
-            &format!(
-                "INSERT INTO servers (name, ip, port, ssh_user, status, host_key_algorithm, \
-                 host_key_fingerprint, host_key_pinned_at, created_at, updated_at) VALUES {} {upsert}",
-                rows(chunk.len(), 10)
-            ),
-            &args,
-        )
-        .await?;
+        let sql = format!(
+            "INSERT INTO servers (name, ip, port, ssh_user, status, host_key_algorithm, \
+             host_key_fingerprint, host_key_pinned_at, created_at, updated_at) VALUES {} {upsert}",
+            rows(chunk.len(), 10)
+        );
+        if backend == Backend::MySql {
+            tx.execute(&sql, &args).await?;
+        } else {
+            for row in tx.fetch(&sql, &args).await? {
+                ids.insert(row.text(1)?, row.int(0)?);
+            }
+        }
     }
-    Ok(())
+    Ok(ids)
 }
 
 /// Sets the database service of each server in `changes` (its id and the service's name and
