@@ -32,6 +32,14 @@ fn commands(readme: &str) -> Vec<String> {
     lines
 }
 
+/// The body of the README's first fenced block in `language`.
+fn block(readme: &str, language: &str) -> String {
+    let fence = format!("```{language}\n");
+    let start = readme.find(&fence).expect("the block") + fence.len();
+    let end = start + readme[start..].find("```").expect("its end");
+    readme[start..end].to_owned()
+}
+
 /// The line with its placeholders filled: optional `[--flag value]` groups given, `JOB_ID` and
 /// `ID` replaced by a real job and server.
 fn filled(line: &str, job: &str, server: i64) -> String {
@@ -59,6 +67,31 @@ async fn every_operator_command_in_the_readme_runs_as_written() {
     assert_eq!(count(&conn, "SELECT MAX(id) FROM servers").await, 8);
     let agent = ServeProcess::start("sync-agent", &["--database-url", db.url()], dir.path());
     let url = format!("http://{}", agent.addr);
+    // The import examples, as the files the import line reads; both import cleanly. Their
+    // addresses become refused loopback ones: the syncs below must not leave the machine.
+    for (language, file) in [("csv", "fleet.csv"), ("jsonl", "fleet.jsonl")] {
+        let example = block(&readme, language)
+            .replace("10.0.0.5", "127.0.0.1")
+            .replace("db-2.example.net", "localhost")
+            .replace("2222", "1");
+        assert!(
+            !example.contains("10.0.") && !example.contains(".example"),
+            "an address the test does not know in the README's {language} example"
+        );
+        std::fs::write(dir.path().join(file), example).expect("write");
+        let imported = Command::new(bin_path("sync-agent"))
+            .args(["servers", "import", file, "-o", "json", "--agent-url", &url])
+            .current_dir(dir.path())
+            .output()
+            .expect("run sync-agent");
+        let report = fleetsync_tests::process::json_document(&imported);
+        assert_eq!(imported.status.code(), Some(0), "{file}: {report}");
+        assert_eq!(
+            report["rejected"],
+            serde_json::json!([]),
+            "{file}: {report}"
+        );
+    }
     // A job for `JOB_ID`.
     let started = Command::new(bin_path("sync-agent"))
         .args(["sync", "--all", "-o", "json", "--agent-url", &url])
