@@ -197,6 +197,13 @@ async fn an_import_registers_a_fleet_and_is_safe_to_repeat_on_every_backend() {
             );
         }
 
+        // Syncs store the version each server reports; a registration's "10.11" stands for it.
+        conn.execute(
+            "UPDATE services SET version = '10.11.19-MariaDB' WHERE name = 'mariadb'",
+            &[],
+        )
+        .await
+        .expect("a sync's version");
         // Again: nothing changes but the name given twice, written twice.
         let again = import(&url, &jsonl, &["-o", "json"]);
         assert_eq!(again.status.code(), Some(1), "{backend}: {}", text(&again));
@@ -222,6 +229,15 @@ async fn an_import_registers_a_fleet_and_is_safe_to_repeat_on_every_backend() {
             .collect();
         assert_eq!(rejected, expected, "{backend}: bad lines in file order");
         assert_eq!(report["rejected"][3]["field"], "port", "{backend}");
+        assert_eq!(
+            count(
+                &conn,
+                "SELECT COUNT(*) FROM services WHERE version = '10.11.19-MariaDB'"
+            )
+            .await,
+            2499,
+            "{backend}: the versions read by syncs stay (imp-5 was written twice)"
+        );
         let pinned_at = count(
             &conn,
             "SELECT host_key_pinned_at FROM servers WHERE name = 'imp-0'",

@@ -98,9 +98,19 @@ impl Store {
                     Some(key) => Some((key.algorithm.clone(), key.fingerprint.clone())),
                     None => entry.now.as_ref().and_then(|r| r.host_key.clone()),
                 },
-                service: spec
-                    .database_service
-                    .map(|s| (s.as_str().to_owned(), spec.database_version.clone())),
+                service: spec.database_service.map(|s| {
+                    let stored = entry.now.as_ref().and_then(|r| r.service.as_ref());
+                    let version = match stored {
+                        Some((name, version))
+                            if name == s.as_str()
+                                && version_kept(&spec.database_version, version) =>
+                        {
+                            version.clone()
+                        }
+                        _ => spec.database_version.clone(),
+                    };
+                    (s.as_str().to_owned(), version)
+                }),
             };
             actions.push(match &entry.now {
                 None => Registered::Created,
@@ -425,6 +435,16 @@ pub(super) async fn write_services(
     Ok(())
 }
 
+/// Whether a registered service `given` version leaves the `stored` one as it is: when it says
+/// nothing, or the same, or less of it (a panel's "10.11" for the "10.11.19-MariaDB" a sync read
+/// from the server since). So registering a fleet again does not undo what its syncs learnt.
+pub(super) fn version_kept(given: &str, stored: &str) -> bool {
+    given.is_empty()
+        || stored
+            .strip_prefix(given)
+            .is_some_and(|rest| !rest.starts_with(|c: char| c.is_ascii_digit()))
+}
+
 /// A unique violation means a concurrent call inserted the same key: a conflict, retried (the
 /// next attempt reads that row and updates it).
 fn conflict_if_taken(err: sqlx::Error, what: &str) -> ServiceError {
@@ -432,5 +452,21 @@ fn conflict_if_taken(err: sqlx::Error, what: &str) -> ServiceError {
         ServiceError::Aborted(what.to_owned())
     } else {
         err.into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::version_kept;
+
+    #[test]
+    fn a_registered_version_stands_for_the_precise_one_a_sync_read() {
+        assert!(version_kept("", "10.11.19-MariaDB"));
+        assert!(version_kept("10.11", "10.11.19-MariaDB"));
+        assert!(version_kept("10.11.19-MariaDB", "10.11.19-MariaDB"));
+        assert!(version_kept("16", "16.4"));
+        assert!(!version_kept("10.1", "10.11.19-MariaDB"));
+        assert!(!version_kept("10.6", "10.11.19-MariaDB"));
+        assert!(!version_kept("10.11", ""));
     }
 }

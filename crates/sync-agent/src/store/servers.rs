@@ -353,7 +353,14 @@ impl Store {
         let wanted = spec
             .database_service
             .map(|s| (s.as_str(), spec.database_version.as_str()));
-        if stored.as_ref().map(|(n, v)| (n.as_str(), v.as_str())) != wanted {
+        let kept = match (&stored, wanted) {
+            (Some((name, version)), Some((wanted, given))) => {
+                name == wanted && super::import::version_kept(given, version)
+            }
+            (None, None) => true,
+            _ => false,
+        };
+        if !kept {
             super::import::write_services(&mut tx, now, &[(id, wanted)]).await?;
         }
         tx.commit().await?;
