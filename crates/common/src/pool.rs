@@ -119,15 +119,53 @@ pub(crate) async fn acquire<DB: Database>(
     let started = Instant::now();
     let connection = pool.acquire().await;
     ACQUIRE_WAIT.observe(started.elapsed());
-    connection
+    match connection {
+        Err(err) => Err(explain(pool, err).await),
+        ok => ok,
+    }
 }
 
-/// Runs `begin` (a pool's `begin`), the wait recorded in [`ACQUIRE_WAIT`].
-pub(crate) async fn timed<T>(begin: impl Future<Output = T>) -> T {
+/// Runs `begin` (`pool`'s `begin`), the wait recorded in [`ACQUIRE_WAIT`].
+pub(crate) async fn timed<DB: Database, T>(
+    pool: &Pool<DB>,
+    begin: impl Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, sqlx::Error> {
     let started = Instant::now();
     let result = begin.await;
     ACQUIRE_WAIT.observe(started.elapsed());
-    result
+    match result {
+        Err(err) => Err(explain(pool, err).await),
+        ok => ok,
+    }
+}
+
+/// A pool that gave up waiting because it could not open a connection (not because all of its
+/// connections were busy) only says "pool timed out": one direct attempt says why, e.g.
+/// PostgreSQL's "sorry, too many clients already". The error stays one that passes
+/// (`sql::classify`: unavailable).
+async fn explain<DB: Database>(pool: &Pool<DB>, err: sqlx::Error) -> sqlx::Error {
+    use sqlx::ConnectOptions;
+    if !matches!(err, sqlx::Error::PoolTimedOut)
+        || pool.size() >= pool.options().get_max_connections()
+    {
+        return err;
+    }
+    let options = pool.connect_options();
+    match tokio::time::timeout(Duration::from_secs(2), options.connect()).await {
+        Ok(Err(reason)) => std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            format!(
+                "no connection within the pool's timeout; the database refuses new ones: {reason}"
+            ),
+        )
+        .into(),
+        Ok(Ok(connection)) => {
+            use sqlx::Connection;
+            let _ = connection.close().await;
+            err
+        }
+        Err(_) => err,
+    }
 }
 
 #[cfg(test)]

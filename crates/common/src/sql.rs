@@ -179,7 +179,8 @@ pub enum Failure {
 
 /// Classifies a database error (PostgreSQL 40001/40P01/55P03, MySQL 1213/1205, SQLite
 /// BUSY/LOCKED are conflicts; a cancelled statement, PostgreSQL 57014 and MySQL 1317/1969/3024,
-/// is transient like a lost connection, never permanent).
+/// is transient like a lost connection, never permanent, and so are "too many clients",
+/// PostgreSQL 53300 and MySQL 1040).
 pub fn classify(err: &sqlx::Error) -> Failure {
     match err {
         sqlx::Error::PoolTimedOut
@@ -205,7 +206,13 @@ pub fn classify(err: &sqlx::Error) -> Failure {
                 Some("57014") => Failure::Unavailable,
                 // SQLite: BUSY, LOCKED and their extended codes.
                 Some("5" | "6" | "261" | "262" | "517") => Failure::Conflict,
-                Some(code) if code.starts_with("08") || code.starts_with("57P") => {
+                // Connection exceptions, shutdowns, and insufficient resources (53300: too
+                // many clients already; 53100: disk full) pass, or are worth waiting out.
+                Some(code)
+                    if code.starts_with("08")
+                        || code.starts_with("57P")
+                        || code.starts_with("53") =>
+                {
                     Failure::Unavailable
                 }
                 _ => Failure::Permanent,
@@ -419,9 +426,11 @@ impl Db {
     /// the start and never fails to upgrade later). Dropping it rolls back.
     pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
         Ok(match self {
-            Self::Sqlite(pool) => Tx::Sqlite(timed(pool.begin_with("BEGIN IMMEDIATE")).await?),
-            Self::Postgres(pool) => Tx::Postgres(timed(pool.begin()).await?),
-            Self::MySql(pool) => Tx::MySql(timed(pool.begin()).await?),
+            Self::Sqlite(pool) => {
+                Tx::Sqlite(timed(pool, pool.begin_with("BEGIN IMMEDIATE")).await?)
+            }
+            Self::Postgres(pool) => Tx::Postgres(timed(pool, pool.begin()).await?),
+            Self::MySql(pool) => Tx::MySql(timed(pool, pool.begin()).await?),
         })
     }
 }

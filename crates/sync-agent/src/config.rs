@@ -385,9 +385,11 @@ pub struct ServeArgs {
     pub retention: humantime::Duration,
 
     /// Connections to the control-plane database (PostgreSQL, MySQL) for RPCs and watch
-    /// streams. The work path (claims, batched completions, the heartbeat) has a small pool of
-    /// its own, so that busy clients never delay lease renewals.
-    #[arg(long, env = "FLEETSYNC_DB_POOL_SIZE", default_value_t = 32)]
+    /// streams (the watchers of one job share their reads: one connection per change, however
+    /// many watch). The work path (claims, batched completions, the heartbeat) has 6 of its own,
+    /// so that busy clients never delay lease renewals, and LISTEN one more: an agent opens at
+    /// most this + 7.
+    #[arg(long, env = "FLEETSYNC_DB_POOL_SIZE", default_value_t = 6)]
     pub db_pool_size: u32,
 
     /// Most WatchSync/Sync streams open at once; more get RESOURCE_EXHAUSTED.

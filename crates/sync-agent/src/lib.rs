@@ -41,8 +41,10 @@ use crate::{
 
 /// Connections of the work path's own pool: the claimer, the completer, the heartbeat, the
 /// prober, the outbox drain and retention each use at most one at a time; PostgreSQL's
-/// `LISTEN` keeps one more.
-const WORK_POOL_SIZE: u32 = 8;
+/// `LISTEN` keeps one more, outside the pool. With the default `--db-pool-size` (6) an agent
+/// opens at most 6 + 6 + 1 = 13 connections: six agents fit PostgreSQL's default
+/// `max_connections` (100, 3 of them reserved) with room for the panel and the migrator.
+pub const WORK_POOL_SIZE: u32 = 6;
 /// How long, past the shutdown grace, the scheduler may take to release the leases of the runs
 /// it stopped and to record the runs that finished.
 const WIND_DOWN: Duration = Duration::from_secs(5);
@@ -158,6 +160,7 @@ pub async fn run(
         signals,
         shutdown: stop.clone(),
         watch_poll: config.runner.poll_interval.max(Duration::from_millis(100)),
+        feeds: service::Feeds::default(),
         streams: Arc::new(tokio::sync::Semaphore::new(config.max_streams.max(1))),
         checks: Arc::new(tokio::sync::Semaphore::new(config.max_checks.max(1))),
     };

@@ -2,6 +2,7 @@
 //! and their inventory), over the store and the scheduler's signals.
 
 pub(crate) mod convert;
+mod feeds;
 mod fields;
 mod fleet;
 mod sync;
@@ -14,6 +15,7 @@ use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
+pub use feeds::Feeds;
 pub use fleet::FleetService;
 pub use sync::SyncAgentService;
 
@@ -36,6 +38,8 @@ pub struct AgentState {
     /// How often watchers re-read the database when nothing woke them (outcomes recorded by
     /// other agents).
     pub watch_poll: Duration,
+    /// The jobs being watched: their watchers share reads.
+    pub feeds: Feeds,
     /// One permit per open event stream: streams are capped.
     pub streams: std::sync::Arc<tokio::sync::Semaphore>,
     /// One permit per `CheckConnection` in flight: each holds a socket and a task for up to

@@ -114,16 +114,18 @@ impl SyncAgentService {
             // job pruned by retention while watched ends the stream with NOT_FOUND instead of
             // leaving it open forever.
             let mut idle = 0u32;
+            let feed = state.feeds.feed(&job_id);
             loop {
+                let woke = std::time::Instant::now();
                 changed.mark_unchanged();
-                let batch = match state.store.outcomes_after(&job_id, cursor, BATCH).await {
+                let batch = match feed.after(&state.store, &job_id, cursor, BATCH, woke).await {
                     Ok(batch) => batch,
                     Err(err) => {
                         let _ = tx.send(Err(ServiceError::from(err).into())).await;
                         return;
                     }
                 };
-                for record in &batch {
+                for record in batch.iter() {
                     cursor = record.seq;
                     if tx.send(Ok(convert::outcome_event(record))).await.is_err() {
                         return; // The client left.
