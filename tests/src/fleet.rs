@@ -494,6 +494,44 @@ fn keygen(path: &Path) {
     );
 }
 
+/// A key pair made by `ssh-keygen` for a test: the private key's path, the public key's line
+/// (as in `id_ed25519.pub` or a host's `ssh_host_ed25519_key.pub`), and its fingerprint as
+/// `ssh-keygen -l` prints it (`SHA256:...`).
+#[derive(Debug, Clone)]
+pub struct GeneratedKey {
+    /// The private key file.
+    pub path: PathBuf,
+    /// The public key's line, without its newline.
+    pub public: String,
+    /// `SHA256:...`.
+    pub fingerprint: String,
+}
+
+/// A fresh ed25519 key pair at `dir/name` (and `name.pub`).
+pub fn generate_key(dir: &Path, name: &str) -> GeneratedKey {
+    let path = dir.join(name);
+    keygen(&path);
+    let public_path = path.with_extension("pub");
+    let public = fs::read_to_string(&public_path)
+        .expect("the public key")
+        .trim()
+        .to_owned();
+    let listed = run(
+        "ssh-keygen",
+        &["-lf", public_path.to_str().expect("utf-8 path")],
+    );
+    let fingerprint = String::from_utf8_lossy(&listed.stdout)
+        .split_whitespace()
+        .nth(1)
+        .expect("a fingerprint")
+        .to_owned();
+    GeneratedKey {
+        path,
+        public,
+        fingerprint,
+    }
+}
+
 fn make_readable(dir: &Path) {
     fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).expect("chmod dir");
 }

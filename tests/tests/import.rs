@@ -15,6 +15,7 @@ use fleetsync_tests::{
     TestAgent, TestDb,
     catalog::count,
     db::ALL_BACKENDS,
+    fleet::generate_key,
     process::{bin_path, described as text, json_document as document},
     services::{ServeProcess, migrate},
 };
@@ -46,34 +47,14 @@ fn listed(url: &str) -> HashMap<String, Value> {
         .collect()
 }
 
-/// A fresh ed25519 public key line and its fingerprint, made by ssh-keygen.
-fn host_key(dir: &Path, name: &str) -> (String, String) {
-    let path = dir.join(name);
-    let made = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
-        .arg(&path)
-        .output()
-        .expect("ssh-keygen");
-    assert!(made.status.success(), "{made:?}");
-    let line = std::fs::read_to_string(path.with_extension("pub")).expect("public key");
-    let listed = Command::new("ssh-keygen")
-        .arg("-lf")
-        .arg(path.with_extension("pub"))
-        .output()
-        .expect("ssh-keygen -l");
-    let fingerprint = String::from_utf8_lossy(&listed.stdout)
-        .split_whitespace()
-        .nth(1)
-        .expect("a fingerprint")
-        .to_owned();
-    (line.trim().to_owned(), fingerprint)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn an_import_registers_a_fleet_and_is_safe_to_repeat_on_every_backend() {
     let dir = tempfile::tempdir().expect("temp dir");
     let keys: Vec<(String, String)> = (0..3)
-        .map(|i| host_key(dir.path(), &format!("key{i}")))
+        .map(|i| {
+            let key = generate_key(dir.path(), &format!("key{i}"));
+            (key.public, key.fingerprint)
+        })
         .collect();
     // 2,500 servers (three calls of 1,000), bad lines among them, one name given twice.
     let mut lines: Vec<String> = (0..2500)

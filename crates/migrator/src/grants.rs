@@ -15,6 +15,8 @@ pub const AGENT_RIGHTS: &[(&str, &str)] = &[
     ("sync_jobs", "SELECT, INSERT, UPDATE, DELETE"),
     ("sync_job_servers", "SELECT, INSERT, UPDATE, DELETE"),
     ("sync_runs", "SELECT, INSERT, UPDATE, DELETE"),
+    // Each agent's own row: written at start, on each heartbeat and at stop; gone ones pruned.
+    ("sync_agents", "SELECT, INSERT, UPDATE, DELETE"),
     // The migrations' requests: taken, never made.
     ("sync_requests", "SELECT, UPDATE"),
     // Read at start, to check the schema is recent enough.

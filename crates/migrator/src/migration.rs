@@ -265,6 +265,7 @@ const SOURCES: &[Source] = &[
     source!(20250501000001, "add_inventory_key_to_services"),
     source!(20261201000001, "flat_history"),
     source!(20261206000001, "drop_sync_runs_server"),
+    source!(20261207000001, "create_sync_agents"),
 ];
 
 /// The version that adds `charset` and `collation` to `databases` (Vito's incident).

@@ -52,6 +52,9 @@ pub enum Command {
     Jobs(JobsArgs),
     /// Check one server now: connect, banner, host key, authentication (runs nothing).
     Check(CheckArgs),
+    /// List the sync-agents of this control plane: state, version, keys, heartbeat, leases,
+    /// runs in flight and outcomes (any agent answers for all).
+    Agents(AgentsArgs),
     /// Forget a server's pinned host key (after a legitimate re-install); the next sync pins
     /// the key the server presents.
     ResetHostKey(ResetHostKeyArgs),
@@ -293,6 +296,13 @@ pub struct JobsArgs {
     /// Most jobs to show.
     #[arg(long, default_value_t = 20)]
     pub limit: u32,
+}
+
+/// `sync-agent agents`.
+#[derive(Debug, Clone, Args)]
+pub struct AgentsArgs {
+    #[command(flatten)]
+    pub agent: AgentArgs,
 }
 
 #[derive(Debug, Clone, Args)]

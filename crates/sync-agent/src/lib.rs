@@ -145,10 +145,19 @@ pub async fn run(
     // `shutdown` starts the drain (health NOT_SERVING, everything still served); `stop` ends
     // the work, the streams and the server once the drain delay is over.
     let stop = CancellationToken::new();
+    let report = store::AgentReport {
+        id: holder.clone(),
+        host: fleetsync_common::clock::hostname("agent"),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        schema_version: schema::REQUIRED_VERSION,
+        key_fingerprints: config.ssh.key_fingerprints(),
+        zone: String::new(),
+        lease_ttl_ms: config.runner.lease_ttl.as_millis() as i64,
+    };
     let runner = Runner::new(
         Store::new(work_db.clone()),
         config.ssh.clone(),
-        holder.clone(),
+        report,
         config.runner.clone(),
         signals.clone(),
         stop.clone(),

@@ -29,6 +29,7 @@ async fn main() -> ExitCode {
         Command::Job(args) => (args.agent.output, client::job(&args).await),
         Command::Jobs(args) => (args.agent.output, client::jobs(&args).await),
         Command::Check(args) => (args.agent.output, client::check(&args).await),
+        Command::Agents(args) => (args.agent.output, client::agents(&args).await),
         Command::ResetHostKey(args) => (args.agent.output, client::reset_host_key(&args).await),
         Command::Completions(args) => {
             return generated(fleetsync_common::cli::print_completions(

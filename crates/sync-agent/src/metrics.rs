@@ -28,7 +28,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    model::{Cause, JobState, Outcome, Reachability},
+    model::{AgentState, Cause, JobState, Outcome, Reachability},
     ssh::StageTimes,
     store::Store,
 };
@@ -95,6 +95,10 @@ pub struct Metrics {
     calls: Family<CallLabels, Counter>,
     runs_in_flight: Gauge,
     leases_held: Gauge,
+    /// `fleetsync_agent_state`: 1 for this agent's state (serving, draining...), 0 for others.
+    agent_state: Family<StateLabels, Gauge>,
+    /// Runs recorded since start, by outcome (in `Outcome::ALL` order), for the registry.
+    outcomes: Vec<std::sync::atomic::AtomicU64>,
     fleet: FleetGauges,
 }
 
@@ -142,6 +146,8 @@ impl Metrics {
             calls: Family::default(),
             runs_in_flight: Gauge::default(),
             leases_held: Gauge::default(),
+            agent_state: Family::default(),
+            outcomes: Outcome::ALL.iter().map(|_| Default::default()).collect(),
             fleet: FleetGauges::default(),
             registry: Registry::default(),
         };
@@ -181,6 +187,11 @@ impl Metrics {
             "Server leases this agent holds (runs in flight, probes, and runs waiting to be recorded)",
             this.leases_held.clone(),
         );
+        registry.register(
+            "fleetsync_agent_state",
+            "This agent's state in the registry: 1 for the one it is in (serving, draining, quarantined, gone)",
+            this.agent_state.clone(),
+        );
         this.fleet.register(&mut registry);
         registry.register_collector(Box::new(AcquireWait));
         Self { registry, ..this }
@@ -188,6 +199,9 @@ impl Metrics {
 
     /// One run recorded with this outcome and cause (`None`: no cause).
     pub fn synced(&self, outcome: Outcome, cause: Option<Cause>) {
+        if let Some(i) = Outcome::ALL.iter().position(|o| *o == outcome) {
+            self.outcomes[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         self.syncs
             .get_or_create(&SyncLabels {
                 outcome: outcome.as_str(),
@@ -228,6 +242,30 @@ impl Metrics {
     pub fn probed(&self, online: bool) {
         let result = if online { "online" } else { "offline" };
         self.probes.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// Runs recorded since start, by outcome (those with none left out).
+    pub fn outcomes(&self) -> std::collections::BTreeMap<String, u64> {
+        Outcome::ALL
+            .iter()
+            .zip(&self.outcomes)
+            .map(|(o, n)| {
+                (
+                    o.as_str().to_owned(),
+                    n.load(std::sync::atomic::Ordering::Relaxed),
+                )
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+
+    /// This agent's state, for `fleetsync_agent_state`.
+    pub fn agent_state(&self, state: AgentState) {
+        for s in AgentState::ALL {
+            self.agent_state
+                .get_or_create(&StateLabels { state: s.as_str() })
+                .set(i64::from(*s == state));
+        }
     }
 
     /// The gauge of runs in flight.

@@ -19,6 +19,20 @@ stored_enum! {
 }
 
 stored_enum! {
+    /// How a sync-agent is doing, as the registry (`sync_agents`) shows it.
+    pub enum AgentState in "agent state in sync_agents" {
+        /// Claiming and running work.
+        Serving => "serving",
+        /// Shutting down: claims nothing new, finishes or hands over what it holds.
+        Draining => "draining",
+        /// Claims nothing: its own attempts keep failing where its peers succeed.
+        Quarantined => "quarantined",
+        /// Stopped, or its heartbeat stopped.
+        Gone => "gone",
+    }
+}
+
+stored_enum! {
     /// Where a job came from.
     pub enum JobOrigin in "job origin in sync_jobs" {
         /// An RPC.

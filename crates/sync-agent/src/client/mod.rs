@@ -19,7 +19,7 @@ use tonic::{
 };
 
 use crate::config::{
-    AddServerArgs, AgentArgs, CheckArgs, JobArgs, JobsArgs, Output, RemoveServerArgs,
+    AddServerArgs, AgentArgs, AgentsArgs, CheckArgs, JobArgs, JobsArgs, Output, RemoveServerArgs,
     ResetHostKeyArgs, ServersAction, ServersArgs, ServiceArg, SyncArgs,
 };
 use crate::service::convert;
@@ -374,6 +374,70 @@ pub async fn jobs(args: &JobsArgs) -> Result<Exit, Failure> {
         )?;
     }
     out!("{} job(s)", jobs.len())?;
+    Ok(Exit::Ok)
+}
+
+/// `sync-agent agents`: the registry, oldest agent first.
+pub async fn agents(args: &AgentsArgs) -> Result<Exit, Failure> {
+    let agent = connect(&args.agent).await?;
+    let mut client = agent.sync.clone();
+    let agents = agent
+        .answer(client.list_agents(pb::ListAgentsRequest {}))
+        .await?
+        .agents;
+    if args.agent.output == Output::Json {
+        let list: Vec<Value> = agents
+            .iter()
+            .map(|a| {
+                json!({
+                    "id": a.id, "host": a.host, "version": a.version,
+                    "schema_version": a.schema_version, "key_fingerprints": a.key_fingerprints,
+                    "zone": a.zone,
+                    "state": short(a.state().as_str_name(), "AGENT_STATE_").to_lowercase(),
+                    "reason": a.reason,
+                    "started_at": time(a.started_at.as_ref()),
+                    "heartbeat_at": time(a.heartbeat_at.as_ref()),
+                    "leases": a.leases, "runs_in_flight": a.runs_in_flight,
+                    "outcomes": a.outcomes.iter()
+                        .map(|(o, n)| (short(o, "OUTCOME_"), *n))
+                        .collect::<std::collections::BTreeMap<_, _>>(),
+                })
+            })
+            .collect();
+        out!("{}", serde_json::to_string_pretty(&list).expect("JSON"))?;
+        return Ok(Exit::Ok);
+    }
+    out!(
+        "{:<36}  {:<11} {:<8} {:<20}  {:>6} {:>9}  OUTCOMES",
+        "AGENT",
+        "STATE",
+        "VERSION",
+        "HEARTBEAT",
+        "LEASES",
+        "IN FLIGHT"
+    )?;
+    for a in &agents {
+        let mut outcomes: Vec<(&String, &u64)> = a.outcomes.iter().collect();
+        outcomes.sort_by(|x, y| y.1.cmp(x.1).then(x.0.cmp(y.0)));
+        let outcomes: Vec<String> = outcomes
+            .iter()
+            .map(|(o, n)| format!("{} {n}", short(o, "OUTCOME_")))
+            .collect();
+        out!(
+            "{:<36}  {:<11} {:<8} {:<20}  {:>6} {:>9}  {}",
+            printable(&a.id),
+            short(a.state().as_str_name(), "AGENT_STATE_").to_lowercase(),
+            printable(&a.version),
+            time(a.heartbeat_at.as_ref()),
+            a.leases,
+            a.runs_in_flight,
+            outcomes.join(", ")
+        )?;
+        if !a.reason.is_empty() {
+            out!("    {}", printable(&a.reason))?;
+        }
+    }
+    out!("{} agent(s)", agents.len())?;
     Ok(Exit::Ok)
 }
 

@@ -11,7 +11,10 @@ use std::{
 use prometheus_client::metrics::gauge::Gauge;
 
 use super::Runner;
-use crate::store::Claim;
+use crate::{
+    model::AgentState,
+    store::{AgentStatus, Claim},
+};
 
 /// The leases this agent holds for runs in flight or waiting to be recorded: the heartbeat
 /// renews exactly these. A lease leaves the set when its guard drops, whatever ends the run
@@ -121,9 +124,18 @@ impl Runner {
                 () = self.abandon.cancelled() => return,
                 () = tokio::time::sleep(ttl / 3) => {}
             }
+            self.renew_leases().await;
+            self.report_alive().await;
+        }
+    }
+
+    /// One renewal of every lease held.
+    async fn renew_leases(&self) {
+        let ttl = self.config.lease_ttl;
+        {
             let ids = self.held.server_ids();
             if ids.is_empty() {
-                continue;
+                return;
             }
             let sent = Instant::now();
             match self
@@ -146,6 +158,62 @@ impl Runner {
                 }
                 Err(err) => tracing::warn!(error = %err, "lease heartbeat failed"),
             }
+        }
+    }
+
+    /// This agent's state as the registry shows it now.
+    fn status(&self, stopped: bool) -> AgentStatus {
+        let (state, reason) = if stopped {
+            (AgentState::Gone, "stopped".to_owned())
+        } else if self.shutdown.is_cancelled() {
+            (
+                AgentState::Draining,
+                "shutting down: claims nothing new, finishes or hands over what it holds"
+                    .to_owned(),
+            )
+        } else {
+            (AgentState::Serving, String::new())
+        };
+        AgentStatus {
+            state,
+            reason,
+            leases: self.metrics.leases_held().get(),
+            in_flight: self.metrics.runs_in_flight().get(),
+            outcomes: self.metrics.outcomes(),
+        }
+    }
+
+    /// Writes this agent's row in the registry as it starts.
+    pub(super) async fn register(&self) {
+        let status = self.status(false);
+        self.metrics.agent_state(status.state);
+        if let Err(err) = self.store.register_agent(&self.report, &status).await {
+            tracing::warn!(error = %err, "could not register in sync_agents; the heartbeat tries again");
+        }
+    }
+
+    /// The registry's heartbeat: state, leases, runs in flight, outcomes. A row gone meanwhile
+    /// (pruned while this agent stalled) is written again.
+    async fn report_alive(&self) {
+        let status = self.status(false);
+        self.metrics.agent_state(status.state);
+        match self.store.agent_heartbeat(&self.holder, &status).await {
+            Ok(true) => {}
+            Ok(false) => {
+                if let Err(err) = self.store.register_agent(&self.report, &status).await {
+                    tracing::warn!(error = %err, "could not register in sync_agents");
+                }
+            }
+            Err(err) => tracing::warn!(error = %err, "registry heartbeat failed"),
+        }
+    }
+
+    /// The last word in the registry: stopped.
+    pub(super) async fn report_stopped(&self) {
+        let status = self.status(true);
+        self.metrics.agent_state(status.state);
+        if let Err(err) = self.store.agent_heartbeat(&self.holder, &status).await {
+            tracing::warn!(error = %err, "could not record the stop in sync_agents");
         }
     }
 }

@@ -28,7 +28,9 @@ use crate::{
     metrics::Metrics,
     model::{JobOrigin, Scopes},
     ssh::SshClient,
-    store::{Completion, NewJob, OUTCOMES_CHANNEL, Pruned, Selection, Store, WORK_CHANNEL},
+    store::{
+        AgentReport, Completion, NewJob, OUTCOMES_CHANNEL, Pruned, Selection, Store, WORK_CHANNEL,
+    },
 };
 
 /// Scheduler settings.
@@ -162,14 +164,16 @@ pub struct Runner {
     abandon: CancellationToken,
     held: Arc<HeldLeases>,
     metrics: Arc<Metrics>,
+    /// What this agent says about itself in the registry (`sync_agents`).
+    report: AgentReport,
 }
 
 impl Runner {
-    /// A scheduler; `holder` names this agent in leases.
+    /// A scheduler; `report.id` names this agent in leases and in the registry.
     pub fn new(
         store: Store,
         ssh: SshClient,
-        holder: String,
+        report: AgentReport,
         config: RunnerConfig,
         signals: Signals,
         shutdown: CancellationToken,
@@ -178,7 +182,8 @@ impl Runner {
         Self {
             store,
             ssh,
-            holder,
+            holder: report.id.clone(),
+            report,
             config,
             signals,
             shutdown,
@@ -195,6 +200,7 @@ impl Runner {
     /// released, their job rows still waiting). Returns once every finished run is recorded.
     pub async fn run(self, grace: Duration) {
         let this = Arc::new(self);
+        this.register().await;
         let background = [
             tokio::spawn(Arc::clone(&this).drain_outbox_forever()),
             tokio::spawn(Arc::clone(&this).probe_offline_forever()),
@@ -256,6 +262,7 @@ impl Runner {
         for task in background {
             let _ = task.await;
         }
+        this.report_stopped().await;
     }
 
     /// Claims as many waiting servers as there are free slots and starts their runs. Returns

@@ -4,10 +4,10 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use fleetsync_common::proto::sync::v1 as pb;
 
-use crate::model::{Cause, JobOrigin, JobState, Outcome, Reachability};
+use crate::model::{AgentState, Cause, JobOrigin, JobState, Outcome, Reachability};
 use crate::store::{
-    DatabaseService, HostKeyRecord, Inventory, JobRecord, LastRuns, OutcomeRecord, RunResult,
-    ServerRecord,
+    AgentRecord, DatabaseService, HostKeyRecord, Inventory, JobRecord, LastRuns, OutcomeRecord,
+    RunResult, ServerRecord,
 };
 
 /// Milliseconds since the epoch as a timestamp.
@@ -276,4 +276,34 @@ pub fn inventory(service: Option<DatabaseService>, inventory: &Inventory) -> Opt
             .max()
             .and_then(timestamp),
     })
+}
+
+/// An agent of the registry.
+pub fn agent(record: &AgentRecord) -> pb::Agent {
+    let state = match record.status.state {
+        AgentState::Serving => pb::AgentState::Serving,
+        AgentState::Draining => pb::AgentState::Draining,
+        AgentState::Quarantined => pb::AgentState::Quarantined,
+        AgentState::Gone => pb::AgentState::Gone,
+    };
+    pb::Agent {
+        id: record.report.id.clone(),
+        host: record.report.host.clone(),
+        version: record.report.version.clone(),
+        schema_version: record.report.schema_version,
+        key_fingerprints: record.report.key_fingerprints.clone(),
+        zone: record.report.zone.clone(),
+        started_at: timestamp(record.started_at),
+        heartbeat_at: timestamp(record.heartbeat_at),
+        state: state as i32,
+        reason: record.status.reason.clone(),
+        leases: u32::try_from(record.status.leases).unwrap_or(u32::MAX),
+        runs_in_flight: u32::try_from(record.status.in_flight).unwrap_or(u32::MAX),
+        outcomes: record
+            .status
+            .outcomes
+            .iter()
+            .map(|(outcome, n)| (format!("OUTCOME_{outcome}"), *n))
+            .collect(),
+    }
 }

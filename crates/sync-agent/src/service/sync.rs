@@ -7,8 +7,9 @@ use fleetsync_common::{
     ServiceError,
     proto::sync::v1::{
         self as pb, CheckConnectionRequest, CheckConnectionResponse, GetSyncJobRequest,
-        GetSyncJobResponse, ListJobsRequest, ListJobsResponse, StartSyncRequest, StartSyncResponse,
-        WatchSyncRequest, sync_agent_server::SyncAgent,
+        GetSyncJobResponse, ListAgentsRequest, ListAgentsResponse, ListJobsRequest,
+        ListJobsResponse, StartSyncRequest, StartSyncResponse, WatchSyncRequest,
+        sync_agent_server::SyncAgent,
     },
 };
 use tokio::sync::mpsc;
@@ -317,6 +318,21 @@ impl SyncAgent for SyncAgentService {
         Ok(Response::new(ListJobsResponse {
             jobs: page.iter().map(convert::summary).collect(),
             next_page_token,
+        }))
+    }
+
+    async fn list_agents(
+        &self,
+        _request: Request<ListAgentsRequest>,
+    ) -> Result<Response<ListAgentsResponse>, Status> {
+        let agents = self
+            .state
+            .store
+            .agents()
+            .await
+            .map_err(ServiceError::from)?;
+        Ok(Response::new(ListAgentsResponse {
+            agents: agents.iter().map(convert::agent).collect(),
         }))
     }
 

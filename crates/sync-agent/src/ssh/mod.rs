@@ -233,6 +233,11 @@ impl SshClient {
         }))
     }
 
+    /// The SHA256 fingerprints of the client keys, in the order they are offered.
+    pub fn key_fingerprints(&self) -> Vec<String> {
+        self.keys.fingerprints()
+    }
+
     /// The stage timeouts.
     pub fn timeouts(&self) -> Timeouts {
         self.timeouts

@@ -1,5 +1,5 @@
 //! Everything the agent reads and writes in the control-plane database, over the three
-//! backends: servers, their registration by name one or many at once, and their inventory
+//! backends: the registry of agents (`agents`), servers, their registration by name one or many at once, and their inventory
 //! (`servers`, `import`, `inventory`), jobs (`jobs`) and the run
 //! results they report (`outcomes`), the migrations' sync requests (`outbox`), the work queue
 //! and its fenced leases (`queue`), batched completion of runs (`complete`), reachability
@@ -9,6 +9,7 @@
 //! SQL here uses `?` placeholders and double-quoted identifiers where a name is a reserved word
 //! somewhere (`"databases"`, `"collation"`); [`Store::sql`] adapts both per backend.
 
+mod agents;
 mod complete;
 mod fill;
 mod gauges;
@@ -26,6 +27,7 @@ use std::borrow::Cow;
 
 use fleetsync_common::{Backend, Db, sql::Tx};
 
+pub use agents::{AgentRecord, AgentReport, AgentStatus};
 pub use complete::{Completion, Reach, Recorded};
 pub use gauges::FleetGauges;
 pub use import::{Imported, Registered};

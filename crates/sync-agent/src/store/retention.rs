@@ -1,5 +1,5 @@
-//! Retention: finished jobs (with their per-server rows), runs, and inventory rows marked gone
-//! longer ago than the retention period are deleted in small batches, so that history never
+//! Retention: finished jobs (with their per-server rows), runs, inventory rows marked gone and
+//! agents silent longer ago than the retention period are deleted in small batches, so that history never
 //! grows without bound and the tables on the work path stay small. The cutoff is taken by the
 //! database's clock, like every time it is compared with. Also ends the rows left waiting for
 //! servers that were deleted without going through the Fleet API.
@@ -20,6 +20,8 @@ pub struct Pruned {
     pub orphans: u64,
     /// Databases and users marked gone before the cutoff, deleted.
     pub gone: u64,
+    /// Agents silent since before the cutoff, dropped from the registry.
+    pub agents: u64,
 }
 
 /// Rows deleted per statement: short transactions that never hold locks for long.
@@ -86,6 +88,13 @@ impl Store {
         }
         pruned.runs = self
             .delete_old("sync_runs", "finished_at", "", cutoff_ms, max_batches)
+            .await?;
+        pruned.agents = self
+            .db
+            .execute(
+                "DELETE FROM sync_agents WHERE heartbeat_at < ?",
+                &[cutoff_ms.into()],
+            )
             .await?;
         for table in ["\"databases\"", "database_users"] {
             // Still gone and still old when deleted: a row seen again meanwhile is kept.

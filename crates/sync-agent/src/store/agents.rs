@@ -1,0 +1,217 @@
+//! The registry of sync-agents (`sync_agents`): each agent writes only its own row, at start,
+//! on every heartbeat and when it stops; any agent lists them all, with "gone" decided by the
+//! database's clock (no heartbeat for two of that agent's lease TTLs).
+
+use std::collections::BTreeMap;
+
+use fleetsync_common::{
+    Backend,
+    sql::{Row, Value, now_ms_sql},
+};
+
+use super::Store;
+use crate::model::AgentState;
+
+/// What an agent says about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentReport {
+    /// The holder its leases carry.
+    pub id: String,
+    /// The machine it runs on.
+    pub host: String,
+    /// Its build's version.
+    pub version: String,
+    /// The newest migration it needs.
+    pub schema_version: i64,
+    /// SHA256 fingerprints of its SSH keys.
+    pub key_fingerprints: Vec<String>,
+    /// Its zone (empty: none).
+    pub zone: String,
+    /// Its lease TTL (ms): two of them without a heartbeat and it is gone.
+    pub lease_ttl_ms: i64,
+}
+
+/// How an agent is doing, as its heartbeat reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentStatus {
+    /// Serving, draining, quarantined, or gone (stopped).
+    pub state: AgentState,
+    /// Why, when not serving.
+    pub reason: String,
+    /// Leases held.
+    pub leases: i64,
+    /// SSH runs in flight.
+    pub in_flight: i64,
+    /// Runs recorded since it started, by outcome.
+    pub outcomes: BTreeMap<String, u64>,
+}
+
+/// An agent as the registry shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentRecord {
+    /// What it said about itself.
+    pub report: AgentReport,
+    /// Its last heartbeat's status; `state` is `Gone` for an agent whose heartbeat stopped.
+    pub status: AgentStatus,
+    /// When it started (ms, database clock).
+    pub started_at: i64,
+    /// Its last heartbeat (ms, database clock).
+    pub heartbeat_at: i64,
+}
+
+impl AgentStatus {
+    /// `state, reason, leases, in_flight, outcomes`, as bound.
+    fn values(&self) -> [Value; 5] {
+        [
+            self.state.as_str().into(),
+            self.reason.as_str().into(),
+            self.leases.into(),
+            self.in_flight.into(),
+            serde_json::to_string(&self.outcomes)
+                .expect("counts serialize")
+                .into(),
+        ]
+    }
+}
+
+const COLUMNS: &str = "id, host, version, schema_version, key_fingerprints, zone, lease_ttl_ms, \
+    started_at, heartbeat_at, state, reason, leases, in_flight, outcomes";
+
+fn decode(r: &Row, now: i64) -> Result<AgentRecord, sqlx::Error> {
+    let json = |index: usize, what: &str| -> Result<serde_json::Value, sqlx::Error> {
+        serde_json::from_str(&r.text(index)?)
+            .map_err(|e| sqlx::Error::Decode(format!("sync_agents.{what}: {e}").into()))
+    };
+    let key_fingerprints = serde_json::from_value(json(4, "key_fingerprints")?)
+        .map_err(|e| sqlx::Error::Decode(format!("sync_agents.key_fingerprints: {e}").into()))?;
+    let outcomes = serde_json::from_value(json(13, "outcomes")?)
+        .map_err(|e| sqlx::Error::Decode(format!("sync_agents.outcomes: {e}").into()))?;
+    let report = AgentReport {
+        id: r.text(0)?,
+        host: r.text(1)?,
+        version: r.text(2)?,
+        schema_version: r.int(3)?,
+        key_fingerprints,
+        zone: r.text(5)?,
+        lease_ttl_ms: r.int(6)?,
+    };
+    let heartbeat_at = r.int(8)?;
+    let stored =
+        AgentState::parse(&r.text(9)?).map_err(|e| sqlx::Error::Decode(e.to_string().into()))?;
+    let silent = now - heartbeat_at > 2 * report.lease_ttl_ms;
+    let (state, reason) = if silent && stored != AgentState::Gone {
+        (
+            AgentState::Gone,
+            format!(
+                "no heartbeat for {} s (last state: {stored})",
+                (now - heartbeat_at) / 1000
+            ),
+        )
+    } else {
+        (stored, r.text(10)?)
+    };
+    Ok(AgentRecord {
+        report,
+        status: AgentStatus {
+            state,
+            reason,
+            leases: r.int(11)?,
+            in_flight: r.int(12)?,
+            outcomes,
+        },
+        started_at: r.int(7)?,
+        heartbeat_at,
+    })
+}
+
+impl Store {
+    /// Writes this agent's row as it starts (a restarted agent with the same id starts afresh).
+    pub async fn register_agent(
+        &self,
+        report: &AgentReport,
+        status: &AgentStatus,
+    ) -> Result<(), sqlx::Error> {
+        let now = now_ms_sql(self.backend());
+        let upsert = match self.backend() {
+            Backend::MySql => {
+                "ON DUPLICATE KEY UPDATE host = VALUES(host), version = VALUES(version), \
+                 schema_version = VALUES(schema_version), \
+                 key_fingerprints = VALUES(key_fingerprints), zone = VALUES(zone), \
+                 lease_ttl_ms = VALUES(lease_ttl_ms), started_at = VALUES(started_at), \
+                 heartbeat_at = VALUES(heartbeat_at), state = VALUES(state), \
+                 reason = VALUES(reason), leases = VALUES(leases), \
+                 in_flight = VALUES(in_flight), outcomes = VALUES(outcomes)"
+            }
+            _ => {
+                "ON CONFLICT (id) DO UPDATE SET host = excluded.host, version = excluded.version, \
+                 schema_version = excluded.schema_version, \
+                 key_fingerprints = excluded.key_fingerprints, zone = excluded.zone, \
+                 lease_ttl_ms = excluded.lease_ttl_ms, started_at = excluded.started_at, \
+                 heartbeat_at = excluded.heartbeat_at, state = excluded.state, \
+                 reason = excluded.reason, leases = excluded.leases, \
+                 in_flight = excluded.in_flight, outcomes = excluded.outcomes"
+            }
+        };
+        self.db
+            .execute(
+                &format!(
+                    "INSERT INTO sync_agents ({COLUMNS}) VALUES \
+                     (?, ?, ?, ?, ?, ?, ?, {now}, {now}, ?, ?, ?, ?, ?) {upsert}"
+                ),
+                &[
+                    report.id.as_str().into(),
+                    report.host.as_str().into(),
+                    report.version.as_str().into(),
+                    report.schema_version.into(),
+                    serde_json::to_string(&report.key_fingerprints)
+                        .expect("strings serialize")
+                        .into(),
+                    report.zone.as_str().into(),
+                    report.lease_ttl_ms.into(),
+                ]
+                .into_iter()
+                .chain(status.values())
+                .collect::<Vec<_>>(),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// This agent's heartbeat in the registry. False if its row is gone (pruned while this
+    /// agent stalled): the caller registers again.
+    pub async fn agent_heartbeat(
+        &self,
+        id: &str,
+        status: &AgentStatus,
+    ) -> Result<bool, sqlx::Error> {
+        let now = now_ms_sql(self.backend());
+        let updated = self
+            .db
+            .execute(
+                &format!(
+                    "UPDATE sync_agents SET heartbeat_at = {now}, state = ?, reason = ?, \
+                     leases = ?, in_flight = ?, outcomes = ? WHERE id = ?"
+                ),
+                &status
+                    .values()
+                    .into_iter()
+                    .chain([id.into()])
+                    .collect::<Vec<_>>(),
+            )
+            .await?;
+        Ok(updated > 0)
+    }
+
+    /// Every agent in the registry, oldest first.
+    pub async fn agents(&self) -> Result<Vec<AgentRecord>, sqlx::Error> {
+        let now = now_ms_sql(self.backend());
+        let rows = self
+            .db
+            .fetch(
+                &format!("SELECT {COLUMNS}, {now} FROM sync_agents ORDER BY started_at, id"),
+                &[],
+            )
+            .await?;
+        rows.iter().map(|r| decode(r, r.int(14)?)).collect()
+    }
+}
