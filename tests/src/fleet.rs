@@ -507,6 +507,16 @@ pub struct GeneratedKey {
     pub fingerprint: String,
 }
 
+/// The key an agent of a test logs in with when the test gives none: `dir/agent_ed25519`,
+/// made on first use (an agent refuses to start without a key).
+pub fn agent_key(dir: &Path) -> PathBuf {
+    let path = dir.join("agent_ed25519");
+    if !path.exists() {
+        keygen(&path);
+    }
+    path
+}
+
 /// A fresh ed25519 key pair at `dir/name` (and `name.pub`).
 pub fn generate_key(dir: &Path, name: &str) -> GeneratedKey {
     let path = dir.join(name);

@@ -284,8 +284,15 @@ pub struct ServeProcess {
 impl ServeProcess {
     /// Runs `BINARY serve --listen 127.0.0.1:0 ARGS...` and waits for its "listening" line.
     pub fn start(binary: &str, args: &[&str], dir: &Path) -> Self {
+        // An agent needs a key to start; one of the test's own unless the test gives one.
+        let key = (binary == "sync-agent" && !args.contains(&"--ssh-key"))
+            .then(|| crate::fleet::agent_key(dir));
+        let key_args = key
+            .iter()
+            .flat_map(|k| ["--ssh-key".to_owned(), k.display().to_string()]);
         let mut child = Command::new(bin_path(binary))
             .arg("serve")
+            .args(key_args)
             .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
             // Tests stop services at once; the drain delay has its own test.
             .env("FLEETSYNC_DRAIN_DELAY", "0s")
@@ -404,6 +411,17 @@ fn json_field(line: &str, key: &str) -> Option<String> {
     let start = line.find(&needle)? + needle.len();
     let end = line[start..].find('"')? + start;
     Some(line[start..end].to_owned())
+}
+
+/// `BINARY serve` as a test runs it by hand (to see it refuse something): for the agent, with
+/// a key of the test's own in `dir` (without one it refuses to start).
+pub fn serve_command(binary: &str, dir: &Path) -> Command {
+    let mut command = Command::new(bin_path(binary));
+    command.arg("serve");
+    if binary == "sync-agent" {
+        command.arg("--ssh-key").arg(crate::fleet::agent_key(dir));
+    }
+    command
 }
 
 /// Registers a sshd host of a fleet as a server through `Fleet/UpsertServer`; returns its id.

@@ -344,9 +344,9 @@ async fn with_tls_plaintext_fails_and_the_ca_works() {
 
 #[test]
 fn listening_beyond_loopback_without_a_token_is_refused() {
-    let output = Command::new(bin_path("sync-agent"))
+    let dir = tempfile::tempdir().expect("temp dir");
+    let output = fleetsync_tests::services::serve_command("sync-agent", dir.path())
         .args([
-            "serve",
             "--listen",
             "0.0.0.0:0",
             "--database-url",

@@ -440,17 +440,16 @@ async fn the_migrator_reports_failures_as_json_and_names_what_it_opened() {
     // The agent started from another directory with a relative SQLite URL: the error names
     // the file it opened.
     let elsewhere = tempfile::tempdir().expect("temp dir");
-    let agent = run_in(
-        "sync-agent",
-        &[
-            "serve",
+    let agent = fleetsync_tests::services::serve_command("sync-agent", elsewhere.path())
+        .args([
             "--listen",
             "127.0.0.1:0",
             "--database-url",
             "sqlite://fleetsync.db",
-        ],
-        elsewhere.path(),
-    );
+        ])
+        .current_dir(elsewhere.path())
+        .output()
+        .expect("run the agent");
     assert_ne!(code(&agent), 0, "{}", text(&agent));
     let opened = elsewhere.path().join("fleetsync.db");
     shows(&agent.stderr, &opened.display().to_string(), &agent);

@@ -303,9 +303,9 @@ async fn idle_scrape(addr: std::net::SocketAddr) -> String {
 
 /// Runs `sync-agent serve` with metrics on `addr`, for a start that must fail.
 fn start_with_metrics_on(addr: &str) -> std::process::Output {
-    std::process::Command::new(fleetsync_tests::process::bin_path("sync-agent"))
+    let dir = tempfile::tempdir().expect("temp dir");
+    fleetsync_tests::services::serve_command("sync-agent", dir.path())
         .args([
-            "serve",
             "--listen",
             "127.0.0.1:0",
             "--database-url",

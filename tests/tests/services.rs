@@ -13,7 +13,7 @@ use fleetsync_sync_agent::ssh::{ClientKeys, SshClient, Timeouts};
 use fleetsync_tests::{
     TestAgent, TestDb, TestMigrator,
     process::bin_path,
-    services::{ServeProcess, migrate},
+    services::{ServeProcess, migrate, serve_command},
 };
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -539,6 +539,7 @@ async fn stopping_hands_over_at_once_the_runs_waiting_for_a_slot() {
 
 #[tokio::test]
 async fn a_database_that_is_down_is_a_clear_startup_error() {
+    let dir = tempfile::tempdir().expect("temp dir");
     // Port 1 on loopback: nothing listens, connection refused at once. The agent waits for
     // its database (here at most a second: `--database-wait`), the migrator does not.
     for (binary, url, wait) in [
@@ -549,8 +550,8 @@ async fn a_database_that_is_down_is_a_clear_startup_error() {
         ),
         ("migrator", "mysql://root:hunter2@127.0.0.1:1/nope", &[]),
     ] {
-        let output = Command::new(bin_path(binary))
-            .args(["serve", "--listen", "127.0.0.1:0", "--database-url", url])
+        let output = serve_command(binary, dir.path())
+            .args(["--listen", "127.0.0.1:0", "--database-url", url])
             .args(wait)
             .output()
             .expect("run");
@@ -560,14 +561,8 @@ async fn a_database_that_is_down_is_a_clear_startup_error() {
         assert!(stderr.contains("127.0.0.1:1"), "{stderr}");
         assert!(!stderr.contains("hunter2"), "password leaked: {stderr}");
     }
-    let output = Command::new(bin_path("sync-agent"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--database-url",
-            "redis://x",
-        ])
+    let output = serve_command("sync-agent", dir.path())
+        .args(["--listen", "127.0.0.1:0", "--database-url", "redis://x"])
         .output()
         .expect("run");
     assert!(!output.status.success());
@@ -575,8 +570,33 @@ async fn a_database_that_is_down_is_a_clear_startup_error() {
     assert!(stderr.contains("unsupported scheme `redis`"), "{stderr}");
 }
 
+#[test]
+fn an_agent_without_a_usable_key_refuses_to_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bogus = dir.path().join("not-a-key");
+    std::fs::write(&bogus, "not a key\n").expect("write");
+    let bogus = bogus.to_str().expect("utf-8").to_owned();
+    // No key at all; a file that is no key (named in the error).
+    for (keys, says) in [
+        (vec![], "no --ssh-key given"),
+        (vec!["--ssh-key", bogus.as_str()], "not-a-key"),
+    ] {
+        let output = Command::new(bin_path("sync-agent"))
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(["--database-url", "sqlite:///nonexistent/never-opened.db"])
+            .args(&keys)
+            .env_remove("FLEETSYNC_SSH_KEYS")
+            .output()
+            .expect("run");
+        assert!(!output.status.success(), "{keys:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(says), "{keys:?}: {stderr}");
+    }
+}
+
 #[tokio::test]
 async fn the_agent_refuses_a_schema_older_than_it_needs() {
+    let dir = tempfile::tempdir().expect("temp dir");
     let db = TestDb::sqlite().await;
     let run = fleetsync_tests::migrator::migrator(
         db.url(),
@@ -584,14 +604,8 @@ async fn the_agent_refuses_a_schema_older_than_it_needs() {
     )
     .await;
     assert_eq!(run.code(), 0, "{}", run.stderr);
-    let output = Command::new(bin_path("sync-agent"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--database-url",
-            db.url(),
-        ])
+    let output = serve_command("sync-agent", dir.path())
+        .args(["--listen", "127.0.0.1:0", "--database-url", db.url()])
         .output()
         .expect("run");
     assert!(!output.status.success());
@@ -637,6 +651,7 @@ fn help_documents_every_flag_with_its_environment_variable() {
 
 #[test]
 fn intervals_that_would_busy_loop_are_refused_at_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
     for (flag, value, says) in [
         (
             "--lease-ttl",
@@ -654,9 +669,8 @@ fn intervals_that_would_busy_loop_are_refused_at_start() {
             "--probe-interval 1ms is too short",
         ),
     ] {
-        let output = Command::new(bin_path("sync-agent"))
+        let output = serve_command("sync-agent", dir.path())
             .args([
-                "serve",
                 "--listen",
                 "127.0.0.1:0",
                 "--database-url",

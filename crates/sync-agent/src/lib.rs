@@ -324,14 +324,17 @@ async fn open_database(
 
 /// Builds the run configuration from `sync-agent serve` arguments, loading the key files.
 pub fn config_from_args(args: &config::ServeArgs) -> anyhow::Result<Config> {
-    let keys = if args.ssh.ssh_keys.is_empty() {
-        tracing::warn!("no --ssh-key given: every sync will end with AUTH_FAILED");
-        ssh::ClientKeys::default()
-    } else {
-        let keys = ssh::ClientKeys::load(&args.ssh.ssh_keys)?;
-        tracing::info!(keys = ?keys.fingerprints(), "loaded ssh keys");
-        keys
-    };
+    // An agent without a key would claim servers and end every one AUTH_FAILED, in the jobs
+    // of every operator: it does not start.
+    if args.ssh.ssh_keys.is_empty() {
+        anyhow::bail!(
+            "no --ssh-key given (FLEETSYNC_SSH_KEYS): this agent could log in to no server, and \
+             every sync it took would end AUTH_FAILED. Give the private key(s) whose public half \
+             is in the servers' ~/.ssh/authorized_keys"
+        );
+    }
+    let keys = ssh::ClientKeys::load(&args.ssh.ssh_keys)?;
+    tracing::info!(keys = ?keys.fingerprints(), "loaded ssh keys");
     let security = grpc::Security::from_args(&args.security, args.listen)?;
     // The metrics endpoint has no token: beyond loopback it needs the same explicit opt-in as
     // an unauthenticated gRPC port.
