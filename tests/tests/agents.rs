@@ -76,7 +76,12 @@ async fn the_registry_shows_every_agent_and_what_became_of_it() {
             "3s",
         ];
         if metrics {
-            args.extend(["--metrics-listen", "127.0.0.1:0"]);
+            args.extend([
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--metrics-interval",
+                "0s",
+            ]);
         }
         ServeProcess::start("sync-agent", &args, dir.path())
     };
@@ -155,6 +160,11 @@ async fn the_registry_shows_every_agent_and_what_became_of_it() {
         sample(&text, "fleetsync_agent_state", r#"state="gone""#),
         Some(0.0)
     );
+    assert_eq!(
+        sample(&text, "fleetsync_agents", r#"state="serving""#),
+        Some(3.0),
+        "the fleet's agents by state: {text}"
+    );
 
     // Killed: gone once two TTLs pass without a heartbeat. Stopped: gone, "stopped".
     let killed = Command::new("kill")
@@ -178,6 +188,15 @@ async fn the_registry_shows_every_agent_and_what_became_of_it() {
         "{silent}"
     );
     assert_eq!(find(&list, &ids[0])["state"], "serving");
+    let text = scrape(metrics_addr).await;
+    assert_eq!(
+        sample(&text, "fleetsync_agents", r#"state="gone""#),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(&text, "fleetsync_agents", r#"state="serving""#),
+        Some(1.0)
+    );
 
     // Retention drops the gone ones; a live agent whose row went too writes it again.
     let store = Store::new(conn.clone());

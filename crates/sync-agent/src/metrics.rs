@@ -117,6 +117,7 @@ struct FleetGauges {
     servers_waiting: Gauge,
     servers: Family<ReachabilityLabels, Gauge>,
     outbox_pending: Gauge,
+    agents: Family<StateLabels, Gauge>,
     database_up: Gauge,
     pool_connections: Family<PoolLabels, Gauge>,
     pool_max: Family<PoolNameLabels, Gauge>,
@@ -341,6 +342,11 @@ impl FleetGauges {
             self.outbox_pending.clone(),
         );
         registry.register(
+            "fleetsync_agents",
+            "Agents of the registry by state: serving, draining, quarantined, gone (fleet-wide, read at scrape)",
+            self.agents.clone(),
+        );
+        registry.register(
             "fleetsync_database_up",
             "1 if the control-plane database answered the last scrape's queries, else 0",
             self.database_up.clone(),
@@ -388,6 +394,20 @@ impl FleetGauges {
                 }
                 self.servers_waiting.set(gauges.servers_waiting);
                 self.outbox_pending.set(gauges.outbox_pending);
+                for state in AgentState::ALL {
+                    self.agents
+                        .get_or_create(&StateLabels {
+                            state: state.as_str(),
+                        })
+                        .set(0);
+                }
+                for (state, n) in gauges.agents {
+                    self.agents
+                        .get_or_create(&StateLabels {
+                            state: state.as_str(),
+                        })
+                        .set(n);
+                }
             }
             Ok(Err(err)) => {
                 tracing::debug!(error = %err, "metrics: the database did not answer");

@@ -1,8 +1,9 @@
 //! What the metrics endpoint reads from the database at each scrape: jobs not done, servers
-//! waiting for a run, servers per reachability and sync requests not yet taken.
+//! waiting for a run, servers per reachability, sync requests not yet taken, and the agents of
+//! the registry by state.
 
 use super::Store;
-use crate::model::{JobState, Reachability};
+use crate::model::{AgentState, JobState, Reachability};
 
 /// The fleet's state as the database holds it (every agent's work, not only this one's).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -15,6 +16,8 @@ pub struct FleetGauges {
     pub servers: Vec<(Reachability, i64)>,
     /// Sync requests recorded by migrations and not yet turned into jobs.
     pub outbox_pending: i64,
+    /// Agents of the registry by state (gone ones until the retention drops them).
+    pub agents: Vec<(AgentState, i64)>,
 }
 
 impl Store {
@@ -41,6 +44,13 @@ impl Store {
             .iter()
             .map(|r| Ok((Reachability::parse(&r.text(0)?)?, r.int(1)?)))
             .collect::<Result<_, sqlx::Error>>()?;
+        let mut agents: Vec<(AgentState, i64)> = Vec::new();
+        for agent in self.agents().await? {
+            match agents.iter_mut().find(|(s, _)| *s == agent.status.state) {
+                Some((_, n)) => *n += 1,
+                None => agents.push((agent.status.state, 1)),
+            }
+        }
         let count = |sql: &'static str| async move {
             let row = self.db.fetch_optional(sql, &[]).await?;
             row.map_or(Ok(0), |r| r.int(0))
@@ -54,6 +64,7 @@ impl Store {
             servers,
             outbox_pending: count("SELECT COUNT(*) FROM sync_requests WHERE state <> 'taken'")
                 .await?,
+            agents,
         })
     }
 }
