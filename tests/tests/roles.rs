@@ -6,8 +6,8 @@
 use fleetsync_common::{
     Backend, Db,
     proto::sync::v1::{
-        DatabaseService, DeleteServerRequest, Outcome, ServerSpec, StartSyncRequest,
-        UpsertServerRequest,
+        DatabaseService, DeleteServerRequest, ListAgentsRequest, Outcome, ServerSpec,
+        StartSyncRequest, UpsertServerRequest,
     },
 };
 use fleetsync_sync_agent::{
@@ -183,6 +183,14 @@ async fn the_agent_does_its_job_with_only_its_rights(backend: Backend) {
     watch_to_end(&mut sync, &job.job_id).await;
     let outcomes = job_outcomes(&mut sync, &job.job_id).await;
     assert_eq!(outcomes.len(), 1);
+    // Its row of the registry, written as its role.
+    let agents = sync
+        .list_agents(ListAgentsRequest {})
+        .await
+        .expect("list the agents as the agent's role")
+        .into_inner()
+        .agents;
+    assert_eq!(agents.len(), 1, "{backend}: {agents:?}");
     assert_eq!(outcomes[0].outcome(), Outcome::Unreachable);
     fleet
         .delete_server(DeleteServerRequest { id: server.id })
