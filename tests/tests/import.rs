@@ -425,3 +425,107 @@ async fn import_servers_at_its_edges() {
     );
     agent.service.stop().await.expect("clean stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn imports_racing_deletes_leave_every_server_whole_on_every_backend() {
+    for backend in ALL_BACKENDS {
+        let db = TestDb::create(backend).await;
+        let ssh = SshClient::new(Timeouts::default(), 16, ClientKeys::default());
+        let agent = TestAgent::spawn(db.url(), ssh).await;
+        let specs = |round: usize| -> Vec<ServerSpec> {
+            (0..200)
+                .map(|i| ServerSpec {
+                    name: format!("churn-{i}"),
+                    // Another address each round: every spec changes its server.
+                    ip: format!("192.0.2.{}", round % 200 + 1),
+                    database_service: if round.is_multiple_of(2) {
+                        DatabaseService::Mariadb
+                    } else {
+                        DatabaseService::Postgresql
+                    } as i32,
+                    ..Default::default()
+                })
+                .collect()
+        };
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let importer = {
+            let (mut fleet, done) = (agent.fleet(), done.clone());
+            tokio::spawn(async move {
+                let mut failures = Vec::new();
+                for round in 0..20 {
+                    if let Err(status) = fleet
+                        .import_servers(ImportServersRequest {
+                            servers: specs(round),
+                        })
+                        .await
+                    {
+                        failures.push(format!("import {round}: {status}"));
+                    }
+                }
+                done.store(true, std::sync::atomic::Ordering::Relaxed);
+                failures
+            })
+        };
+        let deleter = {
+            let (mut fleet, done) = (agent.fleet(), done.clone());
+            tokio::spawn(async move {
+                let mut failures = Vec::new();
+                let mut deleted = 0;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    let listed = match fleet
+                        .list_servers(fleetsync_common::proto::sync::v1::ListServersRequest {
+                            page_size: 1000,
+                            ..Default::default()
+                        })
+                        .await
+                    {
+                        Ok(page) => page.into_inner().servers,
+                        Err(status) => {
+                            failures.push(format!("list: {status}"));
+                            continue;
+                        }
+                    };
+                    for server in listed.iter().step_by(3) {
+                        match fleet
+                            .delete_server(fleetsync_common::proto::sync::v1::DeleteServerRequest {
+                                id: server.id,
+                            })
+                            .await
+                        {
+                            Ok(_) => deleted += 1,
+                            Err(status) if status.code() == tonic::Code::NotFound => {}
+                            Err(status) => failures.push(format!("delete: {status}")),
+                        }
+                    }
+                }
+                (failures, deleted)
+            })
+        };
+        let mut failures = importer.await.expect("importer");
+        let (deleting, deleted) = deleter.await.expect("deleter");
+        failures.extend(deleting);
+        assert!(failures.is_empty(), "{backend}: {failures:?}");
+        assert!(deleted > 0, "{backend}: the deletes raced the imports");
+        let conn = db.connect().await;
+        for (what, sql) in [
+            (
+                "servers without a lease",
+                "SELECT COUNT(*) FROM servers s WHERE NOT EXISTS \
+                 (SELECT 1 FROM server_leases l WHERE l.server_id = s.id)",
+            ),
+            (
+                "leases without a server",
+                "SELECT COUNT(*) FROM server_leases l WHERE NOT EXISTS \
+                 (SELECT 1 FROM servers s WHERE s.id = l.server_id)",
+            ),
+            (
+                "services without a server",
+                "SELECT COUNT(*) FROM services v WHERE NOT EXISTS \
+                 (SELECT 1 FROM servers s WHERE s.id = v.server_id)",
+            ),
+        ] {
+            assert_eq!(count(&conn, sql).await, 0, "{backend}: {what}");
+        }
+        agent.service.stop().await.expect("clean stop");
+    }
+}

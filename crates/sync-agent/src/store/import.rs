@@ -137,17 +137,11 @@ impl Store {
                 conflict_if_taken(err, "a concurrent call registered one of these names")
             })?;
 
-        // Ids of the new servers, and their lease rows.
-        let new: Vec<&str> = changed
+        // The written rows' ids (MySQL has no RETURNING: they are read back).
+        let unread: Vec<&str> = changed
             .iter()
-            .filter(|(_, e)| e.stored.is_none())
             .map(|(name, _)| *name)
-            .collect();
-        // (MySQL has no RETURNING: they are read back.)
-        let unread: Vec<&str> = new
-            .iter()
-            .filter(|n| !ids.contains_key(**n))
-            .copied()
+            .filter(|name| !ids.contains_key(*name))
             .collect();
         for chunk in unread.chunks(CHUNK) {
             let args: Vec<Value> = chunk.iter().map(|n| (*n).into()).collect();
@@ -164,7 +158,24 @@ impl Store {
                 ids.insert(row.text(1)?, row.int(0)?);
             }
         }
-        let new_ids: Vec<i64> = new.iter().filter_map(|n| ids.get(*n).copied()).collect();
+        // A server read above and deleted since (a DeleteServer between the read and the
+        // write) was inserted again by the upsert, without its lease: start over, and the next
+        // attempt creates it whole.
+        for (name, entry) in &changed {
+            if let Some((id, _)) = &entry.stored
+                && ids.get(*name) != Some(id)
+            {
+                return Err(ServiceError::Aborted(format!(
+                    "server {name:?} was deleted while it was registered again"
+                )));
+            }
+        }
+        // Lease rows of the new servers.
+        let new_ids: Vec<i64> = changed
+            .iter()
+            .filter(|(_, e)| e.stored.is_none())
+            .filter_map(|(name, _)| ids.get(*name).copied())
+            .collect();
         for chunk in new_ids.chunks(ROWS) {
             let args: Vec<Value> = chunk.iter().map(|id| (*id).into()).collect();
             tx.execute(
@@ -445,10 +456,12 @@ pub(super) fn version_kept(given: &str, stored: &str) -> bool {
             .is_some_and(|rest| !rest.starts_with(|c: char| c.is_ascii_digit()))
 }
 
-/// A unique violation means a concurrent call inserted the same key: a conflict, retried (the
-/// next attempt reads that row and updates it).
+/// A unique violation means a concurrent call inserted the same key, a foreign key one that it
+/// deleted the server: a conflict, retried (the next attempt reads the rows as they are now).
 fn conflict_if_taken(err: sqlx::Error, what: &str) -> ServiceError {
-    if is_unique_violation(&err) {
+    let raced = is_unique_violation(&err)
+        || matches!(&err, sqlx::Error::Database(db) if db.is_foreign_key_violation());
+    if raced {
         ServiceError::Aborted(what.to_owned())
     } else {
         err.into()
