@@ -40,8 +40,9 @@ pub struct Cli {
 pub enum Command {
     /// Serve the SyncAgent and Fleet gRPC services (with health and reflection).
     Serve(Box<ServeArgs>),
-    /// List registered servers with their reachability and last outcome; `servers add` and
-    /// `servers remove` register and remove one.
+    /// List registered servers with their reachability and last outcome; `servers add`,
+    /// `servers remove` and `servers import` register one, remove one, and register a whole
+    /// fleet from a file.
     Servers(ServersArgs),
     /// Sync some servers (or all), and with --watch follow the job live.
     Sync(SyncArgs),
