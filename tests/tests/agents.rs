@@ -1,15 +1,18 @@
-//! The registry of agents on one PostgreSQL: `sync-agent agents` (the real binaries) lists
-//! every agent with its version, schema, key fingerprints, heartbeat, leases and outcomes; a
-//! stopped agent shows as gone with "stopped", a killed one as gone once its heartbeat is two
-//! TTLs late; retention drops them, and a live agent whose row was dropped writes it again.
-//! The metrics carry the state.
+//! The registry of agents on one PostgreSQL or MariaDB: `sync-agent agents` (the real
+//! binaries) lists every agent with its version, schema, key fingerprints, heartbeat, leases and
+//! outcomes; a stopped agent shows as gone with "stopped", a killed one as gone once its
+//! heartbeat is two TTLs late; retention drops them, and a live agent whose row was dropped
+//! writes it again. The metrics carry the state.
 
 use std::{
     process::Command,
     time::{Duration, Instant},
 };
 
-use fleetsync_common::proto::sync::v1::{StartSyncRequest, sync_agent_client::SyncAgentClient};
+use fleetsync_common::{
+    Backend,
+    proto::sync::v1::{StartSyncRequest, sync_agent_client::SyncAgentClient},
+};
 use fleetsync_sync_agent::store::Store;
 use fleetsync_tests::{
     TestDb,
@@ -59,9 +62,19 @@ async fn until(
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_registry_shows_every_agent_and_what_became_of_it() {
+async fn the_registry_shows_every_agent_and_what_became_of_it_on_postgres() {
+    the_registry_shows_every_agent_and_what_became_of_it(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_registry_shows_every_agent_and_what_became_of_it_on_mariadb() {
+    the_registry_shows_every_agent_and_what_became_of_it(Backend::MySql).await;
+}
+
+/// Several agents on one control plane (SQLite serves one agent only).
+async fn the_registry_shows_every_agent_and_what_became_of_it(backend: Backend) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let db = TestDb::postgres().await;
+    let db = TestDb::create(backend).await;
     migrate(db.url()).await;
     let conn = db.connect().await;
     insert_servers(&conn, 60, 1, |_| "127.0.0.1".into()).await;
