@@ -226,6 +226,11 @@ impl SshHost {
         &self.name
     }
 
+    /// The network namespace the host lives in ([`Placement::Namespace`]).
+    pub fn netns(&self) -> Option<&NetNs> {
+        self.netns.as_ref()
+    }
+
     /// The address sshd listens on.
     pub fn addr(&self) -> IpAddr {
         self.addr

@@ -20,7 +20,13 @@ pub struct TcpProxy {
 impl TcpProxy {
     /// Starts forwarding `127.0.0.1:<free port>` to `target`.
     pub async fn start(target: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        Self::start_on("127.0.0.1".parse().expect("loopback"), target).await
+    }
+
+    /// Starts forwarding `<ip>:<free port>` to `target` (e.g. a namespace's veth address, so
+    /// that a process inside it reaches a database on this machine's loopback).
+    pub async fn start_on(ip: std::net::IpAddr, target: SocketAddr) -> Self {
+        let listener = TcpListener::bind((ip, 0)).await.expect("bind proxy");
         let addr = listener.local_addr().expect("proxy addr");
         let proxy = Self {
             addr,

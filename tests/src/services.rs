@@ -284,16 +284,42 @@ pub struct ServeProcess {
 impl ServeProcess {
     /// Runs `BINARY serve --listen 127.0.0.1:0 ARGS...` and waits for its "listening" line.
     pub fn start(binary: &str, args: &[&str], dir: &Path) -> Self {
+        Self::spawn(
+            Command::new(bin_path(binary)),
+            binary,
+            "127.0.0.1",
+            args,
+            dir,
+        )
+    }
+
+    /// The same, inside a network namespace (`ip netns exec`), listening on its address: the
+    /// process reaches only what the namespace routes to (its database through a proxy on the
+    /// namespace's veth, say).
+    pub fn start_in(netns: &crate::netns::NetNs, binary: &str, args: &[&str], dir: &Path) -> Self {
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", netns.name()])
+            .arg(bin_path(binary));
+        // The namespace's address is no loopback: the agent wants a token or the explicit
+        // opt-in (only this test can reach the namespace).
+        let mut args = args.to_vec();
+        args.push("--allow-unauthenticated");
+        Self::spawn(command, binary, &netns.ns_addr.to_string(), &args, dir)
+    }
+
+    fn spawn(mut command: Command, binary: &str, ip: &str, args: &[&str], dir: &Path) -> Self {
         // An agent needs a key to start; one of the test's own unless the test gives one.
         let key = (binary == "sync-agent" && !args.contains(&"--ssh-key"))
             .then(|| crate::fleet::agent_key(dir));
         let key_args = key
             .iter()
             .flat_map(|k| ["--ssh-key".to_owned(), k.display().to_string()]);
-        let mut child = Command::new(bin_path(binary))
+        let listen = format!("{ip}:0");
+        let mut child = command
             .arg("serve")
             .args(key_args)
-            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(["--listen", &listen, "--log-format", "json"])
             // Tests stop services at once; the drain delay has its own test.
             .env("FLEETSYNC_DRAIN_DELAY", "0s")
             // The agent's default schedule syncs every server on each wall-clock hour: a test

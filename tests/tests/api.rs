@@ -350,6 +350,7 @@ async fn malformed_and_hostile_requests_get_the_right_status() {
         database_version: String::new(),
         status: 0,
         host_key: String::new(),
+        zone: String::new(),
     };
     for (spec, field) in [
         (
@@ -408,6 +409,13 @@ async fn malformed_and_hostile_requests_get_the_right_status() {
                 ..good.clone()
             },
             "spec.database_service",
+        ),
+        (
+            ServerSpec {
+                zone: "eu/1; DROP TABLE servers".into(),
+                ..good.clone()
+            },
+            "spec.zone",
         ),
     ] {
         let (c, m) = bad(spec).await;
@@ -481,6 +489,7 @@ async fn fleet_upserts_by_name_pages_and_deletes() {
         database_version: "10.11".into(),
         status: 0,
         host_key: String::new(),
+        zone: String::new(),
     };
     let mut ids = Vec::new();
     for i in 0..5 {

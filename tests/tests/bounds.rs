@@ -207,6 +207,7 @@ async fn the_cli_reads_a_10000_server_job_whose_outcomes_carry_1_kb_messages() {
                 inventory: None,
                 pin: None,
                 reach: Reach::Untried,
+                ask_peer_ms: None,
             })
             .collect();
         store.complete("bench", &batch).await.expect("complete");

@@ -137,6 +137,7 @@ fn completion(claim: Claim) -> Completion {
         inventory: None,
         pin: None,
         reach: Reach::Untried,
+        ask_peer_ms: None,
     }
 }
 

@@ -30,6 +30,7 @@ async fn an_agent_that_lost_its_lease_writes_nothing_and_runs_serve_only_older_r
             database_version: String::new(),
             status: None,
             host_key: None,
+            zone: String::new(),
         };
         let server = store
             .upsert_server(None, &spec)
@@ -78,6 +79,7 @@ async fn an_agent_that_lost_its_lease_writes_nothing_and_runs_serve_only_older_r
             inventory: None,
             pin: None,
             reach: Reach::Online,
+            ask_peer_ms: None,
         };
         let stale = store
             .complete("agent-a", &[completion(a, Outcome::AuthFailed)])

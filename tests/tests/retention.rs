@@ -46,6 +46,7 @@ async fn old_history_is_pruned_and_open_work_is_kept() {
                 inventory: None,
                 pin: None,
                 reach: Reach::Online,
+                ask_peer_ms: None,
             })
             .collect();
         let recorded = store.complete("agent", &done).await.expect("complete");

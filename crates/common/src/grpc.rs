@@ -294,6 +294,17 @@ impl Health {
         })
     }
 
+    /// Sets the status of one named entry that is not a gRPC service of its own (e.g. the
+    /// agent's claiming of work), leaving the server's and the services' statuses alone.
+    pub async fn set_entry(&self, name: &str, serving: bool) {
+        let status = if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        self.reporter.set_service_status(name, status).await;
+    }
+
     async fn set(&self, status: ServingStatus) {
         self.reporter.set_service_status("", status).await;
         for service in &self.services {

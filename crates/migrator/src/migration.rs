@@ -266,6 +266,7 @@ const SOURCES: &[Source] = &[
     source!(20261201000001, "flat_history"),
     source!(20261206000001, "drop_sync_runs_server"),
     source!(20261207000001, "create_sync_agents"),
+    source!(20261208000001, "zones_and_second_opinions"),
 ];
 
 /// The version that adds `charset` and `collation` to `databases` (Vito's incident).

@@ -53,8 +53,9 @@ pub enum Command {
     Jobs(JobsArgs),
     /// Check one server now: connect, banner, host key, authentication (runs nothing).
     Check(CheckArgs),
-    /// List the sync-agents of this control plane: state, version, keys, heartbeat, leases,
-    /// runs in flight and outcomes (any agent answers for all).
+    /// List the sync-agents of this control plane: state, zone, version, keys, heartbeat,
+    /// leases, runs in flight, outcomes and second opinions (any agent answers for all);
+    /// `agents resume ID` returns a quarantined agent to service.
     Agents(AgentsArgs),
     /// Forget a server's pinned host key (after a legitimate re-install); the next sync pins
     /// the key the server presents.
@@ -209,6 +210,9 @@ pub struct AddServerArgs {
     /// pinned now, so that the first contact already refuses another key.
     #[arg(long)]
     pub host_key: Option<String>,
+    /// The zone (network) it lives in: only agents started with the same --zone sync it.
+    #[arg(long, default_value = "")]
+    pub zone: String,
 }
 
 /// A server's database service on the command line.
@@ -304,6 +308,20 @@ pub struct JobsArgs {
 pub struct AgentsArgs {
     #[command(flatten)]
     pub agent: AgentArgs,
+
+    #[command(subcommand)]
+    pub action: Option<AgentsAction>,
+}
+
+/// What `sync-agent agents` does besides listing.
+#[derive(Debug, Clone, Subcommand)]
+pub enum AgentsAction {
+    /// Ask a quarantined agent to serve again (it acts at its next heartbeat). Fix what made
+    /// its attempts fail first: it quarantines itself again if they keep failing.
+    Resume {
+        /// The agent's id, as `sync-agent agents` shows it.
+        id: String,
+    },
 }
 
 #[derive(Debug, Clone, Args)]
@@ -360,6 +378,12 @@ pub struct ServeArgs {
     /// jobs larger than this, and a smaller job is run by the agent that claims it first.
     #[arg(long, env = "FLEETSYNC_IN_FLIGHT", value_parser = at_least_one())]
     pub in_flight: Option<usize>,
+
+    /// The zone (network) this agent serves: it syncs only servers registered with this zone,
+    /// and asks only agents of this zone for second opinions. Without one, it syncs the servers
+    /// without a zone.
+    #[arg(long, env = "FLEETSYNC_ZONE", default_value = "", value_parser = zone_name)]
+    pub zone: String,
 
     /// Lease on a server while it is synced; renewed during the run, taken over by another
     /// agent if this one dies.
@@ -471,6 +495,11 @@ impl SshArgs {
             command: self.command_timeout.into(),
         }
     }
+}
+
+fn zone_name(zone: &str) -> Result<String, String> {
+    crate::model::check_zone(zone)?;
+    Ok(zone.to_owned())
 }
 
 #[cfg(test)]

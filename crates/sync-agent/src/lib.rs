@@ -151,7 +151,7 @@ pub async fn run(
         version: env!("CARGO_PKG_VERSION").to_owned(),
         schema_version: schema::REQUIRED_VERSION,
         key_fingerprints: config.ssh.key_fingerprints(),
-        zone: String::new(),
+        zone: config.runner.zone.clone(),
         lease_ttl_ms: config.runner.lease_ttl.as_millis() as i64,
     };
     let runner = Runner::new(
@@ -193,6 +193,7 @@ pub async fn run(
         .add_service(security.protect(SyncAgentServer::new(SyncAgentService::new(state.clone()))))
         .add_service(security.protect(FleetServer::new(FleetService::new(state))));
 
+    follow_work(runner.work_state(), health.clone());
     let scheduler = tokio::spawn(runner.run(config.shutdown_grace));
     if let Some(listener) = metrics_listener {
         let addr = listener
@@ -250,6 +251,27 @@ pub async fn run(
     work_db.close().await;
     tracing::info!("sync-agent stopped");
     Ok(())
+}
+
+/// The health entry that says whether this agent claims work: `NOT_SERVING` while it is
+/// quarantined or draining (the reason is in `sync-agent agents` and the log), even though its
+/// RPCs are served.
+pub const WORK_HEALTH: &str = "fleetsync.sync.v1.Work";
+
+/// Keeps [`WORK_HEALTH`] in step with the scheduler's state.
+fn follow_work(
+    mut work: tokio::sync::watch::Receiver<(model::AgentState, String)>,
+    health: fleetsync_common::grpc::Health,
+) {
+    tokio::spawn(async move {
+        loop {
+            let serving = work.borrow_and_update().0 == model::AgentState::Serving;
+            health.set_entry(WORK_HEALTH, serving).await;
+            if work.changed().await.is_err() {
+                return;
+            }
+        }
+    });
 }
 
 /// The control-plane database, waited for at start: a PostgreSQL or MySQL server that does not
@@ -401,6 +423,7 @@ pub fn config_from_args(args: &config::ServeArgs) -> anyhow::Result<Config> {
             probe_interval: args.probe_interval.into(),
             sync_interval: Some(args.sync_interval.into()).filter(|i: &Duration| !i.is_zero()),
             retention: args.retention.into(),
+            zone: args.zone.clone(),
         },
     })
 }

@@ -98,9 +98,67 @@ stored_enum! {
     }
 }
 
+impl Outcome {
+    /// True for the failures that may be the agent's rather than the server's: its key refused,
+    /// no connection from where it stands, a handshake that broke on its path. Before one of
+    /// these becomes a server's outcome, another live agent of the zone is asked for a second
+    /// opinion (see `store::complete`).
+    pub fn may_be_the_agents(self) -> bool {
+        matches!(
+            self,
+            Self::Unreachable | Self::HandshakeFailed | Self::AuthFailed
+        )
+    }
+}
+
+impl Outcome {
+    /// True when the run got past authentication: whatever failed after, the way to the server
+    /// and the agent's key were fine.
+    pub fn reached_the_server(self) -> bool {
+        matches!(self, Self::Ok | Self::CommandFailed | Self::ParseFailed)
+    }
+}
+
+/// Most characters of a zone name.
+pub const ZONE_MAX: usize = 64;
+
+/// Checks a zone name (a server's `zone`, an agent's `--zone`): empty (no zone), or 1 to
+/// [`ZONE_MAX`] ASCII letters, digits, `.`, `_` and `-`, starting with a letter or digit.
+pub fn check_zone(zone: &str) -> Result<(), String> {
+    if zone.is_empty() {
+        return Ok(());
+    }
+    let valid = zone.len() <= ZONE_MAX
+        && zone.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && zone
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "{zone:?} is not a zone name (letters, digits, '.', '_' and '-', starting with a \
+             letter or digit, at most {ZONE_MAX})"
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zone_names() {
+        for good in ["", "eu-1", "dc2.rack_7", "A"] {
+            assert_eq!(check_zone(good), Ok(()), "{good:?}");
+        }
+        for bad in ["-eu", "eu 1", "eu/1", "é", &"z".repeat(65)] {
+            assert!(check_zone(bad).is_err(), "{bad:?}");
+        }
+        assert!(Outcome::AuthFailed.may_be_the_agents());
+        assert!(!Outcome::HostKeyMismatch.may_be_the_agents());
+        assert!(!Outcome::CommandFailed.may_be_the_agents());
+    }
 
     #[test]
     fn stored_names_round_trip_and_unknown_text_is_refused() {

@@ -3,8 +3,8 @@
 
 use fleetsync_common::{Backend, Db};
 
-/// The newest migration whose tables the agent uses (`create_sync_agents`).
-pub const REQUIRED_VERSION: i64 = 20261207000001;
+/// The newest migration whose tables the agent uses (`zones_and_second_opinions`).
+pub const REQUIRED_VERSION: i64 = 20261208000001;
 
 /// The schema is not what the agent needs.
 #[derive(Debug, thiserror::Error)]

@@ -348,6 +348,7 @@ fn spec_size(spec: &pb::ServerSpec) -> usize {
         + spec.ssh_user.len()
         + spec.database_version.len()
         + spec.host_key.len()
+        + spec.zone.len()
         + 24
 }
 
@@ -484,11 +485,12 @@ enum Field {
     DatabaseVersion,
     Status,
     HostKey,
+    Zone,
 }
 
 impl Field {
     const NAMES: &'static str =
-        "name, ip, port, ssh_user, database_service, database_version, status, host_key";
+        "name, ip, port, ssh_user, database_service, database_version, status, host_key, zone";
 
     fn of(key: &str) -> Option<Self> {
         Some(match key {
@@ -500,6 +502,7 @@ impl Field {
             "databaseVersion" | "database_version" => Self::DatabaseVersion,
             "status" => Self::Status,
             "hostKey" | "host_key" => Self::HostKey,
+            "zone" => Self::Zone,
             _ => return None,
         })
     }
@@ -514,6 +517,7 @@ impl Field {
             Self::DatabaseVersion => "database_version",
             Self::Status => "status",
             Self::HostKey => "host_key",
+            Self::Zone => "zone",
         }
     }
 
@@ -531,6 +535,7 @@ impl Field {
             Self::SshUser => spec.ssh_user = text()?,
             Self::DatabaseVersion => spec.database_version = text()?,
             Self::HostKey => spec.host_key = text()?,
+            Self::Zone => spec.zone = text()?,
             Self::Port => {
                 let port = match value {
                     Value::Number(n) => n.as_u64(),

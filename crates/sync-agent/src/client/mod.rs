@@ -381,6 +381,23 @@ pub async fn jobs(args: &JobsArgs) -> Result<Exit, Failure> {
 pub async fn agents(args: &AgentsArgs) -> Result<Exit, Failure> {
     let agent = connect(&args.agent).await?;
     let mut client = agent.sync.clone();
+    if let Some(crate::config::AgentsAction::Resume { id }) = &args.action {
+        let resumed = agent
+            .answer(client.resume_agent(pb::ResumeAgentRequest { id: id.clone() }))
+            .await?;
+        if args.agent.output == Output::Json {
+            out!(
+                "{}",
+                json!({"id": id, "resume_requested": true, "reason": resumed.agent.map(|a| a.reason)})
+            )?;
+        } else {
+            out!(
+                "asked agent {} to serve again; it acts at its next heartbeat",
+                printable(id)
+            )?;
+        }
+        return Ok(Exit::Ok);
+    }
     let agents = agent
         .answer(client.list_agents(pb::ListAgentsRequest {}))
         .await?
@@ -401,6 +418,11 @@ pub async fn agents(args: &AgentsArgs) -> Result<Exit, Failure> {
                     "outcomes": a.outcomes.iter()
                         .map(|(o, n)| (short(o, "OUTCOME_"), *n))
                         .collect::<std::collections::BTreeMap<_, _>>(),
+                    "second_opinions": {
+                        "asked": a.second_opinions_asked,
+                        "overruled": a.overruled,
+                        "confirmed": a.confirmed,
+                    },
                 })
             })
             .collect();
@@ -408,13 +430,15 @@ pub async fn agents(args: &AgentsArgs) -> Result<Exit, Failure> {
         return Ok(Exit::Ok);
     }
     out!(
-        "{:<36}  {:<11} {:<8} {:<20}  {:>6} {:>9}  OUTCOMES",
+        "{:<36}  {:<11} {:<10} {:<8} {:<20}  {:>6} {:>9}  {:<14}  OUTCOMES",
         "AGENT",
         "STATE",
+        "ZONE",
         "VERSION",
         "HEARTBEAT",
         "LEASES",
-        "IN FLIGHT"
+        "IN FLIGHT",
+        "ASKED/OVR/CNF"
     )?;
     for a in &agents {
         let mut outcomes: Vec<(&String, &u64)> = a.outcomes.iter().collect();
@@ -424,13 +448,22 @@ pub async fn agents(args: &AgentsArgs) -> Result<Exit, Failure> {
             .map(|(o, n)| format!("{} {n}", short(o, "OUTCOME_")))
             .collect();
         out!(
-            "{:<36}  {:<11} {:<8} {:<20}  {:>6} {:>9}  {}",
+            "{:<36}  {:<11} {:<10} {:<8} {:<20}  {:>6} {:>9}  {:<14}  {}",
             printable(&a.id),
             short(a.state().as_str_name(), "AGENT_STATE_").to_lowercase(),
+            if a.zone.is_empty() {
+                "-"
+            } else {
+                a.zone.as_str()
+            },
             printable(&a.version),
             time(a.heartbeat_at.as_ref()),
             a.leases,
             a.runs_in_flight,
+            format!(
+                "{}/{}/{}",
+                a.second_opinions_asked, a.overruled, a.confirmed
+            ),
             outcomes.join(", ")
         )?;
         if !a.reason.is_empty() {
@@ -474,6 +507,7 @@ async fn add_server(agent: &Agent, add: &AddServerArgs, output: Output) -> Resul
                 database_service: service as i32,
                 database_version: add.service_version.clone(),
                 host_key: add.host_key.clone().unwrap_or_default(),
+                zone: add.zone.clone(),
                 ..Default::default()
             }),
         }))
@@ -548,7 +582,7 @@ async fn list_servers(agent: &Agent, args: &ServersArgs) -> Result<Exit, Failure
                 let spec = s.spec.clone().unwrap_or_default();
                 json!({
                     "id": s.id, "name": spec.name, "ip": spec.ip, "port": spec.port,
-                    "ssh_user": spec.ssh_user,
+                    "ssh_user": spec.ssh_user, "zone": spec.zone,
                     "database_service": short(spec.database_service().as_str_name(), "DATABASE_SERVICE_").to_lowercase(),
                     "reachability": short(s.reachability().as_str_name(), "REACHABILITY_").to_lowercase(),
                     "consecutive_failures": s.consecutive_failures,

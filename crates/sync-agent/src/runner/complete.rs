@@ -163,6 +163,10 @@ impl Runner {
                     self.metrics.discarded();
                     tracing::warn!(server_id, "lease lost during the run: result discarded")
                 }
+                Recorded::Deferred => {
+                    self.standing.handed_over(server_id);
+                    tracing::info!(server_id, outcome = %item.result.outcome, message = %item.result.message, "failed here; asked a peer of the zone for a second opinion");
+                }
             }
         }
         if any {

@@ -125,7 +125,8 @@ impl Runner {
                 () = tokio::time::sleep(ttl / 3) => {}
             }
             self.renew_leases().await;
-            self.report_alive().await;
+            let verdicts = self.report_alive().await;
+            self.govern(verdicts).await;
         }
     }
 
@@ -171,6 +172,8 @@ impl Runner {
                 "shutting down: claims nothing new, finishes or hands over what it holds"
                     .to_owned(),
             )
+        } else if let Some(reason) = self.standing.quarantined() {
+            (AgentState::Quarantined, reason)
         } else {
             (AgentState::Serving, String::new())
         };
@@ -180,31 +183,48 @@ impl Runner {
             leases: self.metrics.leases_held().get(),
             in_flight: self.metrics.runs_in_flight().get(),
             outcomes: self.metrics.outcomes(),
+            asked: self
+                .standing
+                .asked
+                .load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 
-    /// Writes this agent's row in the registry as it starts.
-    pub(super) async fn register(&self) {
+    /// Tells the metrics and the health service whether this agent claims work.
+    pub(super) fn publish_state(&self) {
         let status = self.status(false);
         self.metrics.agent_state(status.state);
+        self.work.send_replace((status.state, status.reason));
+    }
+
+    /// Writes this agent's row in the registry as it starts, and reads who its peers are.
+    pub(super) async fn register(&self) {
+        let status = self.status(false);
+        self.publish_state();
         if let Err(err) = self.store.register_agent(&self.report, &status).await {
             tracing::warn!(error = %err, "could not register in sync_agents; the heartbeat tries again");
         }
+        self.govern(None).await;
     }
 
-    /// The registry's heartbeat: state, leases, runs in flight, outcomes. A row gone meanwhile
-    /// (pruned while this agent stalled) is written again.
-    async fn report_alive(&self) {
+    /// The registry's heartbeat: state, leases, runs in flight, outcomes; returns what peers
+    /// and operators wrote on this agent's row. A row gone meanwhile (pruned while this agent
+    /// stalled) is written again.
+    async fn report_alive(&self) -> Option<crate::store::Verdicts> {
         let status = self.status(false);
-        self.metrics.agent_state(status.state);
+        self.publish_state();
         match self.store.agent_heartbeat(&self.holder, &status).await {
-            Ok(true) => {}
-            Ok(false) => {
+            Ok(Some(verdicts)) => Some(verdicts),
+            Ok(None) => {
                 if let Err(err) = self.store.register_agent(&self.report, &status).await {
                     tracing::warn!(error = %err, "could not register in sync_agents");
                 }
+                None
             }
-            Err(err) => tracing::warn!(error = %err, "registry heartbeat failed"),
+            Err(err) => {
+                tracing::warn!(error = %err, "registry heartbeat failed");
+                None
+            }
         }
     }
 
@@ -212,6 +232,8 @@ impl Runner {
     pub(super) async fn report_stopped(&self) {
         let status = self.status(true);
         self.metrics.agent_state(status.state);
+        self.work
+            .send_replace((status.state, status.reason.clone()));
         if let Err(err) = self.store.agent_heartbeat(&self.holder, &status).await {
             tracing::warn!(error = %err, "could not record the stop in sync_agents");
         }

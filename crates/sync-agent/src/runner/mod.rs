@@ -7,11 +7,12 @@
 //!
 //! Here: the slots, claiming and the background loops; `run` is one server's run, `complete`
 //! the completer, `leases` the leases held and their heartbeat, `prober` the reachability
-//! probes.
+//! probes, `quarantine` the peers, second opinions and quarantine.
 
 mod complete;
 mod leases;
 mod prober;
+mod quarantine;
 mod run;
 
 use std::{
@@ -20,16 +21,18 @@ use std::{
 };
 
 use leases::{HeldLeases, LeaseGuard};
+use quarantine::Standing;
 use run::RunEnd;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     metrics::Metrics,
-    model::{JobOrigin, Scopes},
+    model::{AgentState, JobOrigin, Scopes},
     ssh::SshClient,
     store::{
-        AgentReport, Completion, NewJob, OUTCOMES_CHANNEL, Pruned, Selection, Store, WORK_CHANNEL,
+        AgentReport, Claimer, Completion, NewJob, OUTCOMES_CHANNEL, Pruned, Selection, Store,
+        WORK_CHANNEL,
     },
 };
 
@@ -57,6 +60,8 @@ pub struct RunnerConfig {
     pub sync_interval: Option<Duration>,
     /// Finished jobs and runs are deleted this long after they finished.
     pub retention: Duration,
+    /// The zone it serves (empty: servers without one).
+    pub zone: String,
 }
 
 impl Default for RunnerConfig {
@@ -72,6 +77,7 @@ impl Default for RunnerConfig {
             probe_interval: Duration::from_secs(5),
             sync_interval: Some(Duration::from_secs(3600)),
             retention: Duration::from_secs(7 * 24 * 3600),
+            zone: String::new(),
         }
     }
 }
@@ -166,6 +172,10 @@ pub struct Runner {
     metrics: Arc<Metrics>,
     /// What this agent says about itself in the registry (`sync_agents`).
     report: AgentReport,
+    /// Its peers and its quarantine.
+    standing: Arc<Standing>,
+    /// Whether it claims work, and why not: followed by the health service.
+    work: watch::Sender<(AgentState, String)>,
 }
 
 impl Runner {
@@ -190,7 +200,14 @@ impl Runner {
             abandon: CancellationToken::new(),
             held: Arc::new(HeldLeases::new(metrics.leases_held().clone())),
             metrics,
+            standing: Arc::default(),
+            work: watch::channel((AgentState::Serving, String::new())).0,
         }
+    }
+
+    /// Whether this agent claims work (serving), or why not (quarantined, draining).
+    pub fn work_state(&self) -> watch::Receiver<(AgentState, String)> {
+        self.work.subscribe()
     }
 
     /// Runs until shutdown, then claims nothing more and gives the runs past the key exchange up
@@ -278,12 +295,16 @@ impl Runner {
             .available_permits()
             .min(slots.leases.available_permits())
             .min(CLAIM_BATCH);
-        if free == 0 {
+        if free == 0 || self.standing.quarantined().is_some() {
             return Ok(0);
         }
         let ttl = self.config.lease_ttl.as_millis() as i64;
         let started = Instant::now();
-        let claimed = self.store.claim(&self.holder, ttl, free).await?;
+        let claimer = Claimer {
+            holder: &self.holder,
+            zone: &self.report.zone,
+        };
+        let claimed = self.store.claim(claimer, ttl, free).await?;
         let n = claimed.len();
         tracing::debug!(
             asked = free,

@@ -52,6 +52,7 @@ impl Runner {
             inventory: None,
             pin: None,
             reach,
+            ask_peer_ms: None,
         };
         let Some(service) = server.database_service else {
             let result = failure(
@@ -95,12 +96,20 @@ impl Runner {
                 backoff_ms: self.backoff_ms(server.consecutive_failures + 1),
             }
         };
+        let ask_peer_ms = (result.outcome.may_be_the_agents()
+            && self
+                .standing
+                .peers
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 0)
+        .then_some(self.config.lease_ttl.as_millis() as i64);
         RunEnd::Done(Box::new(Completion {
             claim: work.claim,
             result: finish(result, started),
             inventory,
             pin: pin.map(|k| (k.algorithm, k.fingerprint)),
             reach,
+            ask_peer_ms,
         }))
     }
 

@@ -191,6 +191,7 @@ pub fn server(record: &ServerRecord, last: Option<&LastRuns>) -> pb::Server {
             status: status(&record.status) as i32,
             // The pinned key is in `host_key` below (its fingerprint); the key itself is not kept.
             host_key: String::new(),
+            zone: record.zone.clone(),
         }),
         reachability: reachability(record.reachability) as i32,
         last_seen_at: record.last_seen_at.and_then(timestamp),
@@ -305,5 +306,8 @@ pub fn agent(record: &AgentRecord) -> pb::Agent {
             .iter()
             .map(|(outcome, n)| (format!("OUTCOME_{outcome}"), *n))
             .collect(),
+        second_opinions_asked: record.status.asked,
+        overruled: record.verdicts.overruled,
+        confirmed: record.verdicts.confirmed,
     }
 }

@@ -148,6 +148,8 @@ pub fn validate_spec(spec: Option<pb::ServerSpec>) -> Result<ServerSpec, Service
                 })?,
         ),
     };
+    let zone = spec.zone.trim();
+    crate::model::check_zone(zone).map_err(|reason| ServiceError::invalid("spec.zone", reason))?;
     Ok(ServerSpec {
         name,
         ip,
@@ -157,6 +159,7 @@ pub fn validate_spec(spec: Option<pb::ServerSpec>) -> Result<ServerSpec, Service
         database_version: spec.database_version,
         status,
         host_key,
+        zone: zone.to_owned(),
     })
 }
 
@@ -379,6 +382,7 @@ mod tests {
             database_version: "10.11".into(),
             status: 0,
             host_key: String::new(),
+            zone: String::new(),
         }
     }
 
@@ -456,6 +460,13 @@ mod tests {
                 ..spec()
             }),
             "spec.ssh_user"
+        );
+        assert_eq!(
+            field_of(pb::ServerSpec {
+                zone: "eu 1".into(),
+                ..spec()
+            }),
+            "spec.zone"
         );
         assert_eq!(
             field_of(pb::ServerSpec {

@@ -8,8 +8,8 @@ use fleetsync_common::{
     proto::sync::v1::{
         self as pb, CheckConnectionRequest, CheckConnectionResponse, GetSyncJobRequest,
         GetSyncJobResponse, ListAgentsRequest, ListAgentsResponse, ListJobsRequest,
-        ListJobsResponse, StartSyncRequest, StartSyncResponse, WatchSyncRequest,
-        sync_agent_server::SyncAgent,
+        ListJobsResponse, ResumeAgentRequest, ResumeAgentResponse, StartSyncRequest,
+        StartSyncResponse, WatchSyncRequest, sync_agent_server::SyncAgent,
     },
 };
 use tokio::sync::mpsc;
@@ -20,11 +20,7 @@ use super::{
     AgentState, EventStream, convert,
     sync_requests::{ListQuery, Start, validate_list, validate_start},
 };
-use crate::{
-    model::Outcome,
-    ssh::{HostKeyInfo, Target},
-    store::JobRecord,
-};
+use crate::{model::Outcome, store::JobRecord};
 
 /// Outcomes read per database round trip while streaming.
 const BATCH: i64 = 256;
@@ -336,6 +332,38 @@ impl SyncAgent for SyncAgentService {
         }))
     }
 
+    async fn resume_agent(
+        &self,
+        request: Request<ResumeAgentRequest>,
+    ) -> Result<Response<ResumeAgentResponse>, Status> {
+        let id = request.into_inner().id;
+        let id = id.trim();
+        if id.is_empty() {
+            return Err(ServiceError::invalid(
+                "id",
+                "required: an agent id, as ListAgents shows it",
+            )
+            .into());
+        }
+        let agent = self
+            .state
+            .store
+            .request_resume(id)
+            .await
+            .map_err(ServiceError::from)?
+            .ok_or_else(|| ServiceError::not_found("agent", id))?;
+        if agent.status.state != crate::model::AgentState::Quarantined {
+            return Err(ServiceError::FailedPrecondition(format!(
+                "agent {id} is {}, not quarantined: nothing to resume",
+                agent.status.state
+            ))
+            .into());
+        }
+        Ok(Response::new(ResumeAgentResponse {
+            agent: Some(convert::agent(&agent)),
+        }))
+    }
+
     async fn check_connection(
         &self,
         request: Request<CheckConnectionRequest>,
@@ -364,20 +392,8 @@ impl SyncAgent for SyncAgentService {
             .await
             .map_err(ServiceError::from)?
             .ok_or_else(|| ServiceError::not_found("server", server_id))?;
-        let pinned = server.host_key.as_ref().map(|k| HostKeyInfo {
-            algorithm: k.algorithm.clone(),
-            fingerprint: k.fingerprint.clone(),
-        });
-        let check = self
-            .state
-            .ssh
-            .check(Target {
-                host: &server.ip,
-                port: server.port,
-                user: &server.ssh_user,
-                pinned: pinned.as_ref(),
-            })
-            .await;
+        let pinned = server.pinned_key();
+        let check = self.state.ssh.check(server.target(pinned.as_ref())).await;
         let (outcome, cause) = match &check.error {
             None => (Outcome::Ok, None),
             Some(err) => err.outcome(),

@@ -1,6 +1,10 @@
-//! The registry of sync-agents (`sync_agents`): each agent writes only its own row, at start,
-//! on every heartbeat and when it stops; any agent lists them all, with "gone" decided by the
-//! database's clock (no heartbeat for two of that agent's lease TTLs).
+//! The registry of sync-agents (`sync_agents`): each agent writes its own row, at start, on
+//! every heartbeat and when it stops; any agent lists them all, with "gone" decided by the
+//! database's clock (no heartbeat for two of that agent's lease TTLs). Two things are written
+//! by others: the second-opinion counts (`overruled`, `confirmed`: by the agent whose run judged
+//! this one's failure, in that completion's transaction) and an operator's resume request
+//! (`resume_requested_at`, by whichever agent took the `ResumeAgent` call); the agent reads
+//! both back on its heartbeat.
 
 use std::collections::BTreeMap;
 
@@ -44,6 +48,19 @@ pub struct AgentStatus {
     pub in_flight: i64,
     /// Runs recorded since it started, by outcome.
     pub outcomes: BTreeMap<String, u64>,
+    /// Failures it handed to a peer for a second opinion since it started.
+    pub asked: u64,
+}
+
+/// What others wrote on an agent's row, as its heartbeat reads it back.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Verdicts {
+    /// Its failures a peer then succeeded on, since it started.
+    pub overruled: u64,
+    /// Its failures a peer failed on too, since it started.
+    pub confirmed: u64,
+    /// An operator asked it to serve again (ms, database clock), not yet acted on.
+    pub resume_requested_at: Option<i64>,
 }
 
 /// An agent as the registry shows it.
@@ -57,11 +74,13 @@ pub struct AgentRecord {
     pub started_at: i64,
     /// Its last heartbeat (ms, database clock).
     pub heartbeat_at: i64,
+    /// What its peers' second opinions said of its failures.
+    pub verdicts: Verdicts,
 }
 
 impl AgentStatus {
-    /// `state, reason, leases, in_flight, outcomes`, as bound.
-    fn values(&self) -> [Value; 5] {
+    /// `state, reason, leases, in_flight, outcomes, asked`, as bound.
+    fn values(&self) -> [Value; 6] {
         [
             self.state.as_str().into(),
             self.reason.as_str().into(),
@@ -70,12 +89,29 @@ impl AgentStatus {
             serde_json::to_string(&self.outcomes)
                 .expect("counts serialize")
                 .into(),
+            (self.asked as i64).into(),
         ]
     }
 }
 
+/// The columns an agent writes itself.
 const COLUMNS: &str = "id, host, version, schema_version, key_fingerprints, zone, lease_ttl_ms, \
-    started_at, heartbeat_at, state, reason, leases, in_flight, outcomes";
+    started_at, heartbeat_at, state, reason, leases, in_flight, outcomes, asked";
+/// What others write on it.
+const VERDICT_COLUMNS: &str = "overruled, confirmed, resume_requested_at";
+
+fn count(r: &Row, index: usize) -> Result<u64, sqlx::Error> {
+    let n = r.int(index)?;
+    u64::try_from(n).map_err(|_| sqlx::Error::Decode(format!("sync_agents: count {n}").into()))
+}
+
+fn verdicts(r: &Row, first: usize) -> Result<Verdicts, sqlx::Error> {
+    Ok(Verdicts {
+        overruled: count(r, first)?,
+        confirmed: count(r, first + 1)?,
+        resume_requested_at: r.opt_int(first + 2)?,
+    })
+}
 
 fn decode(r: &Row, now: i64) -> Result<AgentRecord, sqlx::Error> {
     let json = |index: usize, what: &str| -> Result<serde_json::Value, sqlx::Error> {
@@ -118,9 +154,11 @@ fn decode(r: &Row, now: i64) -> Result<AgentRecord, sqlx::Error> {
             leases: r.int(11)?,
             in_flight: r.int(12)?,
             outcomes,
+            asked: count(r, 14)?,
         },
         started_at: r.int(7)?,
         heartbeat_at,
+        verdicts: verdicts(r, 15)?,
     })
 }
 
@@ -140,7 +178,8 @@ impl Store {
                  lease_ttl_ms = VALUES(lease_ttl_ms), started_at = VALUES(started_at), \
                  heartbeat_at = VALUES(heartbeat_at), state = VALUES(state), \
                  reason = VALUES(reason), leases = VALUES(leases), \
-                 in_flight = VALUES(in_flight), outcomes = VALUES(outcomes)"
+                 in_flight = VALUES(in_flight), outcomes = VALUES(outcomes), \
+                 asked = VALUES(asked), overruled = 0, confirmed = 0, resume_requested_at = NULL"
             }
             _ => {
                 "ON CONFLICT (id) DO UPDATE SET host = excluded.host, version = excluded.version, \
@@ -149,14 +188,16 @@ impl Store {
                  lease_ttl_ms = excluded.lease_ttl_ms, started_at = excluded.started_at, \
                  heartbeat_at = excluded.heartbeat_at, state = excluded.state, \
                  reason = excluded.reason, leases = excluded.leases, \
-                 in_flight = excluded.in_flight, outcomes = excluded.outcomes"
+                 in_flight = excluded.in_flight, outcomes = excluded.outcomes, \
+                 asked = excluded.asked, overruled = 0, confirmed = 0, \
+                 resume_requested_at = NULL"
             }
         };
         self.db
             .execute(
                 &format!(
                     "INSERT INTO sync_agents ({COLUMNS}) VALUES \
-                     (?, ?, ?, ?, ?, ?, ?, {now}, {now}, ?, ?, ?, ?, ?) {upsert}"
+                     (?, ?, ?, ?, ?, ?, ?, {now}, {now}, ?, ?, ?, ?, ?, ?) {upsert}"
                 ),
                 &[
                     report.id.as_str().into(),
@@ -177,20 +218,20 @@ impl Store {
         Ok(())
     }
 
-    /// This agent's heartbeat in the registry. False if its row is gone (pruned while this
-    /// agent stalled): the caller registers again.
+    /// This agent's heartbeat in the registry, and what others wrote on its row since.
+    /// `None` if its row is gone (pruned while this agent stalled): the caller registers again.
     pub async fn agent_heartbeat(
         &self,
         id: &str,
         status: &AgentStatus,
-    ) -> Result<bool, sqlx::Error> {
+    ) -> Result<Option<Verdicts>, sqlx::Error> {
         let now = now_ms_sql(self.backend());
         let updated = self
             .db
             .execute(
                 &format!(
                     "UPDATE sync_agents SET heartbeat_at = {now}, state = ?, reason = ?, \
-                     leases = ?, in_flight = ?, outcomes = ? WHERE id = ?"
+                     leases = ?, in_flight = ?, outcomes = ?, asked = ? WHERE id = ?"
                 ),
                 &status
                     .values()
@@ -199,7 +240,55 @@ impl Store {
                     .collect::<Vec<_>>(),
             )
             .await?;
-        Ok(updated > 0)
+        if updated == 0 {
+            return Ok(None);
+        }
+        let row = self
+            .db
+            .fetch_optional(
+                &format!("SELECT {VERDICT_COLUMNS} FROM sync_agents WHERE id = ?"),
+                &[id.into()],
+            )
+            .await?;
+        row.map(|r| verdicts(&r, 0)).transpose()
+    }
+
+    /// An operator asks a quarantined agent to serve again: recorded on its row, acted on at
+    /// its next heartbeat. `None` for an unknown id; the record (as it was) says whether it
+    /// was quarantined, and only then is the request recorded.
+    pub async fn request_resume(&self, id: &str) -> Result<Option<AgentRecord>, sqlx::Error> {
+        let now = now_ms_sql(self.backend());
+        self.db
+            .execute(
+                &format!(
+                    "UPDATE sync_agents SET resume_requested_at = {now} WHERE id = ? AND state = ?"
+                ),
+                &[id.into(), AgentState::Quarantined.as_str().into()],
+            )
+            .await?;
+        let row = self
+            .db
+            .fetch_optional(
+                &format!(
+                    "SELECT {COLUMNS}, {VERDICT_COLUMNS}, {now} FROM sync_agents WHERE id = ?"
+                ),
+                &[id.into()],
+            )
+            .await?;
+        row.map(|r| decode(&r, r.int(18)?)).transpose()
+    }
+
+    /// The agent acted on its operator's resume request (made at `at`): cleared, unless a newer
+    /// one came meanwhile.
+    pub async fn clear_resume_request(&self, id: &str, at: i64) -> Result<(), sqlx::Error> {
+        self.db
+            .execute(
+                "UPDATE sync_agents SET resume_requested_at = NULL \
+                 WHERE id = ? AND resume_requested_at = ?",
+                &[id.into(), at.into()],
+            )
+            .await?;
+        Ok(())
     }
 
     /// Every agent in the registry, oldest first.
@@ -208,10 +297,13 @@ impl Store {
         let rows = self
             .db
             .fetch(
-                &format!("SELECT {COLUMNS}, {now} FROM sync_agents ORDER BY started_at, id"),
+                &format!(
+                    "SELECT {COLUMNS}, {VERDICT_COLUMNS}, {now} FROM sync_agents \
+                     ORDER BY started_at, id"
+                ),
                 &[],
             )
             .await?;
-        rows.iter().map(|r| decode(r, r.int(14)?)).collect()
+        rows.iter().map(|r| decode(r, r.int(18)?)).collect()
     }
 }

@@ -5,8 +5,15 @@
 //! Every write is fenced: the batch first locks the lease rows of its servers and drops the
 //! items whose lease is no longer `(holder, token)`. A run serves only the job rows created
 //! by its claim; rows that arrived during the run keep the server waiting for the next one.
+//!
+//! Second opinions: a failure that may be the agent's own (`Outcome::may_be_the_agents`) of a
+//! run whose agent knows a live peer in its zone is not recorded: the lease goes back with the
+//! agent's name (`second_opinion_of`), nothing else is written (no run, no reachability, no
+//! outcome), and the next agent to claim the server decides. That agent's outcome is recorded
+//! whatever it is, and counts for or against the first agent in the registry (`overruled`,
+//! `confirmed`).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use fleetsync_common::sql::{Tx, Value, is_lock_timeout, retry};
 
@@ -48,6 +55,10 @@ pub struct Completion {
     pub pin: Option<(String, String)>,
     /// What the run learned about reaching the server.
     pub reach: Reach,
+    /// Set when the agent knows a live peer in its zone: a failure that may be the agent's own
+    /// is then handed to a peer instead of recorded, and this agent may take the server again
+    /// only after this long (ms), should no peer answer.
+    pub ask_peer_ms: Option<i64>,
 }
 
 /// What became of one completion.
@@ -63,6 +74,17 @@ pub enum Recorded {
     /// The lease was lost (expired, perhaps taken by another agent): nothing written; the
     /// server stays waiting.
     LeaseLost,
+    /// A failure handed to a peer for a second opinion: nothing recorded; the server waits for
+    /// the peer.
+    Deferred,
+}
+
+/// What the fence found on a lease row that is still ours: who asked for a second opinion on
+/// this server (and what they saw), if anyone did.
+#[derive(Debug, Clone)]
+struct Asked {
+    agent: String,
+    note: String,
 }
 
 impl Store {
@@ -124,34 +146,69 @@ impl Store {
         sorted.sort_unstable();
         for chunk in sorted.chunks(CHUNK) {
             let sql = format!(
-                "SELECT server_id, token, holder, expires_at FROM server_leases \
+                "SELECT server_id, token, holder, expires_at, second_opinion_of, \
+                 second_opinion_note FROM server_leases \
                  WHERE server_id IN {} ORDER BY server_id{lock}",
                 list(chunk.len())
             );
             let args: Vec<Value> = chunk.iter().map(|&id| Value::Int(id)).collect();
             for row in tx.fetch(&sql, &args).await? {
+                let asked = match row.opt_text(4)? {
+                    Some(agent) => Some(Asked {
+                        agent,
+                        note: row.opt_text(5)?.unwrap_or_default(),
+                    }),
+                    None => None,
+                };
                 held.insert(
                     row.int(0)?,
-                    (row.int(1)?, row.opt_text(2)?, row.opt_int(3)?),
+                    (row.int(1)?, row.opt_text(2)?, row.opt_int(3)?, asked),
                 );
             }
         }
         let mut results: Vec<Option<RunResult>> = vec![None; batch.len()];
+        let mut deferred: Vec<(i64, i64, String)> = Vec::new();
+        let mut deferred_at: BTreeSet<usize> = BTreeSet::new();
+        let mut verdicts: BTreeMap<String, (i64, i64)> = BTreeMap::new();
         for (i, item) in batch.iter().enumerate() {
             // Ours: same holder and token, and not expired. An agent that stalled past its
             // lease (a pause, a frozen VM) may have timed out on its own stall: its result is
             // dropped and the server synced again, whether or not another agent took over.
-            let ours = held
-                .get(&item.claim.server_id)
-                .is_some_and(|(token, h, expires)| {
-                    *token == item.claim.token
-                        && h.as_deref() == Some(holder)
-                        && expires.is_some_and(|e| e >= now)
-                });
-            if !ours {
+            let Some((_, _, _, asked)) =
+                held.get(&item.claim.server_id)
+                    .filter(|(token, h, expires, _)| {
+                        *token == item.claim.token
+                            && h.as_deref() == Some(holder)
+                            && expires.is_some_and(|e| e >= now)
+                    })
+            else {
                 continue;
-            }
+            };
             let mut result = item.result.clone();
+            let agents_fault = result.outcome.may_be_the_agents();
+            match (asked, item.ask_peer_ms) {
+                // A first failure that may be ours, with a peer to ask: handed over.
+                (None, Some(wait_ms)) if agents_fault => {
+                    let note = truncate_note(&format!("{}: {}", result.outcome, result.message));
+                    deferred.push((item.claim.server_id, now + wait_ms, note));
+                    deferred_at.insert(i);
+                    continue;
+                }
+                // A second opinion: recorded as it is, and it judges the first agent's failure.
+                (Some(asked), _) if asked.agent != holder => {
+                    let verdict = verdicts.entry(asked.agent.clone()).or_default();
+                    if agents_fault {
+                        verdict.1 += 1;
+                        result.message = truncate_note(&format!(
+                            "{} (agent {} failed too: {})",
+                            result.message, asked.agent, asked.note
+                        ));
+                    } else if result.outcome.reached_the_server() {
+                        verdict.0 += 1;
+                    }
+                }
+                _ => {}
+            }
             if let Reach::Offline { backoff_ms } = item.reach {
                 result.next_probe_at = Some(now + backoff_ms);
             }
@@ -302,10 +359,14 @@ impl Store {
         if !report.jobs.is_empty() {
             notify(tx, OUTCOMES_CHANNEL).await?;
         }
+        hand_over(tx, holder, &deferred).await?;
+        judge(tx, &verdicts).await?;
         Ok(batch
             .iter()
             .zip(results)
-            .map(|(item, result)| match result {
+            .enumerate()
+            .map(|(i, (item, result))| match result {
+                _ if deferred_at.contains(&i) => Recorded::Deferred,
                 Some(result) => Recorded::Stored {
                     result,
                     jobs: report
@@ -317,6 +378,70 @@ impl Store {
             })
             .collect())
     }
+}
+
+/// Most characters of what a first agent saw, kept for the second opinion's message.
+const NOTE_MAX: usize = 1000;
+
+fn truncate_note(text: &str) -> String {
+    match text.char_indices().nth(NOTE_MAX) {
+        Some((at, _)) => format!("{}...", &text[..at]),
+        None => text.to_owned(),
+    }
+}
+
+/// Hands failures over for a second opinion: each lease released with the asking agent's name,
+/// the time it may take the server again, and what it saw; the server keeps waiting, and the
+/// other agents are woken.
+async fn hand_over(
+    tx: &mut Tx,
+    holder: &str,
+    deferred: &[(i64, i64, String)],
+) -> Result<(), sqlx::Error> {
+    if deferred.is_empty() {
+        return Ok(());
+    }
+    for chunk in deferred.chunks(CHUNK / 4) {
+        let until = case(chunk.len()).replace("CASE id", "CASE server_id");
+        let note = until.clone();
+        let mut args: Vec<Value> = vec![holder.into()];
+        for (id, at, _) in chunk {
+            args.extend([Value::Int(*id), Value::Int(*at)]);
+        }
+        for (id, _, text) in chunk {
+            args.extend([Value::Int(*id), text.as_str().into()]);
+        }
+        args.extend(chunk.iter().map(|(id, _, _)| Value::Int(*id)));
+        tx.execute(
+            &format!(
+                "UPDATE server_leases SET holder = NULL, expires_at = NULL, \
+                 second_opinion_of = ?, second_opinion_until = {until}, \
+                 second_opinion_note = {note} WHERE server_id IN {}",
+                list(chunk.len())
+            ),
+            &args,
+        )
+        .await?;
+    }
+    notify(tx, super::WORK_CHANNEL).await
+}
+
+/// Counts second opinions against (overruled) or for (confirmed) the agents that asked, in
+/// their registry rows, in id order (two completions never wait on each other in a circle).
+async fn judge(tx: &mut Tx, verdicts: &BTreeMap<String, (i64, i64)>) -> Result<(), sqlx::Error> {
+    for (agent, (overruled, confirmed)) in verdicts {
+        tx.execute(
+            "UPDATE sync_agents SET overruled = overruled + ?, confirmed = confirmed + ? \
+             WHERE id = ?",
+            &[
+                (*overruled).into(),
+                (*confirmed).into(),
+                agent.as_str().into(),
+            ],
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// `CASE id WHEN ? THEN ? ... END` with `n` branches.

@@ -44,6 +44,8 @@ struct Registration {
     host_key: Option<(String, String)>,
     /// The database service's stored name and version.
     service: Option<(String, String)>,
+    /// The zone (empty: none).
+    zone: String,
 }
 
 /// A name of the batch: as stored before it, as its specs leave it, and the host key they gave.
@@ -53,7 +55,7 @@ struct Entry<'a> {
     given_key: Option<&'a HostKeyInfo>,
 }
 
-/// Rows per multi-row statement: 10 columns each, within every backend's bind limit.
+/// Rows per multi-row statement: 11 columns each, within every backend's bind limit.
 const ROWS: usize = 500;
 
 impl Store {
@@ -111,6 +113,7 @@ impl Store {
                     };
                     (s.as_str().to_owned(), version)
                 }),
+                zone: spec.zone.clone(),
             };
             actions.push(match &entry.now {
                 None => Registered::Created,
@@ -170,18 +173,21 @@ impl Store {
                 )));
             }
         }
-        // Lease rows of the new servers.
-        let new_ids: Vec<i64> = changed
+        // Lease rows of the new servers, with their zone (the queue's copy).
+        let new_leases: Vec<(i64, &str)> = changed
             .iter()
             .filter(|(_, e)| e.stored.is_none())
-            .filter_map(|(name, _)| ids.get(*name).copied())
+            .filter_map(|(name, e)| Some((*ids.get(*name)?, zone_of(e))))
             .collect();
-        for chunk in new_ids.chunks(ROWS) {
-            let args: Vec<Value> = chunk.iter().map(|id| (*id).into()).collect();
+        for chunk in new_leases.chunks(ROWS) {
+            let args: Vec<Value> = chunk
+                .iter()
+                .flat_map(|(id, zone)| [(*id).into(), (*zone).into()])
+                .collect();
             tx.execute(
                 &format!(
-                    "INSERT INTO server_leases (server_id, token) VALUES {}",
-                    rows(chunk.len(), 1).replace('?', "?, 0")
+                    "INSERT INTO server_leases (server_id, token, zone) VALUES {}",
+                    rows(chunk.len(), 2).replace("(?, ?)", "(?, 0, ?)")
                 ),
                 &args,
             )
@@ -189,6 +195,30 @@ impl Store {
             .map_err(|err| {
                 conflict_if_taken(err, "a concurrent call registered one of these names")
             })?;
+        }
+
+        // Servers that moved to another zone: their lease rows follow (claims read the copy).
+        let mut moved: HashMap<&str, Vec<i64>> = HashMap::new();
+        for (_, entry) in &changed {
+            if let Some((id, before)) = &entry.stored
+                && before.zone != zone_of(entry)
+            {
+                moved.entry(zone_of(entry)).or_default().push(*id);
+            }
+        }
+        for (zone, ids) in moved {
+            for chunk in ids.chunks(CHUNK) {
+                let mut args: Vec<Value> = vec![zone.into()];
+                args.extend(chunk.iter().map(|id| Value::Int(*id)));
+                tx.execute(
+                    &format!(
+                        "UPDATE server_leases SET zone = ? WHERE server_id IN {}",
+                        list(chunk.len())
+                    ),
+                    &args,
+                )
+                .await?;
+            }
         }
 
         // Database services that changed.
@@ -235,6 +265,11 @@ impl Store {
     }
 }
 
+/// The zone a batch leaves a name in.
+fn zone_of<'e>(entry: &'e Entry<'_>) -> &'e str {
+    entry.now.as_ref().map_or("", |r| r.zone.as_str())
+}
+
 /// The stored registration of every name in `specs`.
 async fn stored<'a>(
     tx: &mut Tx,
@@ -254,7 +289,7 @@ async fn stored<'a>(
         let args: Vec<Value> = chunk.iter().map(|n| (*n).into()).collect();
         let sql = format!(
             "SELECT id, name, ip, port, ssh_user, status, host_key_algorithm, \
-             host_key_fingerprint FROM servers WHERE name IN {}",
+             host_key_fingerprint, zone FROM servers WHERE name IN {}",
             list(chunk.len())
         );
         for r in tx.fetch(&sql, &args).await? {
@@ -276,6 +311,7 @@ async fn stored<'a>(
                     _ => None,
                 },
                 service: None,
+                zone: r.text(8)?,
             };
             let id = r.int(0)?;
             by_id.insert(id, name);
@@ -328,7 +364,7 @@ async fn write_servers(
                ELSE VALUES(host_key_pinned_at) END, \
              host_key_algorithm = COALESCE(VALUES(host_key_algorithm), host_key_algorithm), \
              host_key_fingerprint = COALESCE(VALUES(host_key_fingerprint), host_key_fingerprint), \
-             updated_at = VALUES(updated_at)"
+             zone = VALUES(zone), updated_at = VALUES(updated_at)"
         }
         _ => {
             "ON CONFLICT (name) DO UPDATE SET ip = excluded.ip, port = excluded.port, \
@@ -338,11 +374,11 @@ async fn write_servers(
                THEN servers.host_key_pinned_at ELSE excluded.host_key_pinned_at END, \
              host_key_algorithm = COALESCE(excluded.host_key_algorithm, servers.host_key_algorithm), \
              host_key_fingerprint = COALESCE(excluded.host_key_fingerprint, servers.host_key_fingerprint), \
-             updated_at = excluded.updated_at RETURNING id, name"
+             zone = excluded.zone, updated_at = excluded.updated_at RETURNING id, name"
         }
     };
     for chunk in changed.chunks(ROWS) {
-        let mut args: Vec<Value> = Vec::with_capacity(chunk.len() * 10);
+        let mut args: Vec<Value> = Vec::with_capacity(chunk.len() * 11);
         for (name, entry) in chunk {
             let r = entry
                 .now
@@ -358,14 +394,16 @@ async fn write_servers(
                 key.map(|k| k.algorithm.as_str()).into(),
                 key.map(|k| k.fingerprint.as_str()).into(),
                 key.map(|_| now).into(),
+                r.zone.as_str().into(),
                 now.into(),
                 now.into(),
             ]);
         }
         let sql = format!(
             "INSERT INTO servers (name, ip, port, ssh_user, status, host_key_algorithm, \
-             host_key_fingerprint, host_key_pinned_at, created_at, updated_at) VALUES {} {upsert}",
-            rows(chunk.len(), 10)
+             host_key_fingerprint, host_key_pinned_at, zone, created_at, updated_at) \
+             VALUES {} {upsert}",
+            rows(chunk.len(), 11)
         );
         if backend == Backend::MySql {
             tx.execute(&sql, &args).await?;

@@ -260,8 +260,9 @@ impl Store {
         if total > 0 {
             // Servers inserted by hand (not through Fleet) may have no lease row yet.
             tx.execute(
-                "INSERT INTO server_leases (server_id, token) SELECT js.server_id, 0 \
-                 FROM sync_job_servers js WHERE js.job_id = ? AND NOT EXISTS \
+                "INSERT INTO server_leases (server_id, token, zone) SELECT js.server_id, 0, \
+                 s.zone FROM sync_job_servers js JOIN servers s ON s.id = js.server_id \
+                 WHERE js.job_id = ? AND NOT EXISTS \
                  (SELECT 1 FROM server_leases l WHERE l.server_id = js.server_id)",
                 &[id.as_str().into()],
             )

@@ -27,7 +27,7 @@ use std::borrow::Cow;
 
 use fleetsync_common::{Backend, Db, sql::Tx};
 
-pub use agents::{AgentRecord, AgentReport, AgentStatus};
+pub use agents::{AgentRecord, AgentReport, AgentStatus, Verdicts};
 pub use complete::{Completion, Reach, Recorded};
 pub use gauges::FleetGauges;
 pub use import::{Imported, Registered};
@@ -36,7 +36,7 @@ use jobs::OutcomeCounts;
 pub use jobs::{JobFilter, JobRecord, NewJob, Selection};
 pub use outbox::SyncRequest;
 pub use outcomes::{LastRuns, OutcomeRecord, RunResult};
-pub use queue::{Claim, ClaimedServer, Renewal};
+pub use queue::{Claim, ClaimedServer, Claimer, Renewal};
 pub use retention::Pruned;
 pub use servers::{
     DatabaseRecord, DatabaseService, HostKeyRecord, HostKeyReset, Inventory, ServerRecord,

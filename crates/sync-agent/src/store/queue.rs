@@ -40,6 +40,22 @@ pub struct ClaimedServer {
     pub forced: bool,
 }
 
+/// Which servers an agent may claim.
+#[derive(Debug, Clone, Copy)]
+pub struct Claimer<'a> {
+    /// The agent (its leases' holder).
+    pub holder: &'a str,
+    /// Its zone: it claims only servers of this zone (empty: servers without one).
+    pub zone: &'a str,
+}
+
+impl<'a> From<&'a str> for Claimer<'a> {
+    /// An agent without a zone.
+    fn from(holder: &'a str) -> Self {
+        Self { holder, zone: "" }
+    }
+}
+
 /// `FOR UPDATE SKIP LOCKED` where the backend has it (SQLite's write transaction is exclusive).
 fn skip_locked(backend: Backend) -> &'static str {
     match backend {
@@ -58,35 +74,62 @@ pub(super) async fn db_now(tx: &mut Tx) -> Result<i64, sqlx::Error> {
 }
 
 impl Store {
-    /// Claims up to `limit` waiting servers whose lease is free or expired, oldest request
-    /// first, for `holder`; returns them with their registration. Servers claimed by other
-    /// agents at this moment are skipped, not waited for.
-    pub async fn claim(
+    /// Claims up to `limit` waiting servers of the claimer's zone whose lease is free or
+    /// expired, oldest request first; returns them with their registration. Servers claimed by
+    /// other agents at this moment are skipped, not waited for, and so are those this agent
+    /// handed to a peer for a second opinion, until the peer's time is up.
+    pub async fn claim<'a>(
         &self,
-        holder: &str,
+        claimer: impl Into<Claimer<'a>>,
         ttl_ms: i64,
         limit: usize,
     ) -> Result<Vec<ClaimedServer>, sqlx::Error> {
         if limit == 0 {
             return Ok(Vec::new());
         }
+        let claimer = claimer.into();
+        let holder = claimer.holder;
         let mut tx = self.db.begin().await?;
         let now = db_now(&mut tx).await?;
         let ids: Vec<i64> = tx
             .fetch(
                 &format!(
                     "SELECT server_id FROM server_leases WHERE pending_since IS NOT NULL \
-                     AND (holder IS NULL OR expires_at < ?) ORDER BY pending_since LIMIT ?{}",
+                     AND (holder IS NULL OR expires_at < ?) AND zone = ? \
+                     AND (second_opinion_of IS NULL OR second_opinion_of <> ? \
+                     OR second_opinion_until < ?) ORDER BY pending_since LIMIT ?{}",
                     skip_locked(self.backend())
                 ),
-                &[now.into(), (limit as i64).into()],
+                &[
+                    now.into(),
+                    claimer.zone.into(),
+                    holder.into(),
+                    now.into(),
+                    (limit as i64).into(),
+                ],
             )
             .await?
             .iter()
             .map(|r| r.int(0))
             .collect::<Result<_, _>>()?;
         let claims = take_leases(&mut tx, &ids, holder, ttl_ms, now).await?;
-        let servers = servers_for_run(&mut tx, &ids).await?;
+        let mut servers = servers_for_run(&mut tx, &ids).await?;
+        // The queue's copy of a zone disagrees with the server's (a zone written by hand, not
+        // through Fleet): the copy is put right and the server left to its zone's agents.
+        let strays: Vec<(i64, String)> = servers
+            .values()
+            .filter(|(s, _)| s.zone != claimer.zone)
+            .map(|(s, _)| (s.id, s.zone.clone()))
+            .collect();
+        for (id, zone) in &strays {
+            tx.execute(
+                "UPDATE server_leases SET zone = ?, holder = NULL, expires_at = NULL \
+                 WHERE server_id = ?",
+                &[zone.as_str().into(), Value::Int(*id)],
+            )
+            .await?;
+            servers.remove(id);
+        }
         tx.commit().await?;
         Ok(claims
             .into_iter()
@@ -117,7 +160,8 @@ impl Store {
         retry("repair queue", || async {
             let mut tx = self.db.begin().await?;
             tx.execute(
-                "INSERT INTO server_leases (server_id, token) SELECT s.id, 0 FROM servers s \
+                "INSERT INTO server_leases (server_id, token, zone) SELECT s.id, 0, s.zone \
+                 FROM servers s \
                  WHERE NOT EXISTS (SELECT 1 FROM server_leases l WHERE l.server_id = s.id)",
                 &[],
             )
@@ -272,8 +316,9 @@ pub(super) async fn release_leases(
         args.extend(chunk.iter().map(|&id| Value::Int(id)));
         tx.execute(
             &format!(
-                "UPDATE server_leases SET holder = NULL, expires_at = NULL{pending} \
-                 WHERE {held}server_id IN {}",
+                "UPDATE server_leases SET holder = NULL, expires_at = NULL{pending}, \
+                 second_opinion_of = NULL, second_opinion_until = NULL, \
+                 second_opinion_note = NULL WHERE {held}server_id IN {}",
                 list(chunk.len())
             ),
             &args,

@@ -61,6 +61,8 @@ pub struct ServerSpec {
     pub status: Option<String>,
     /// The host key the panel knows: pinned now, before any contact (`None` keeps the pin).
     pub host_key: Option<HostKeyInfo>,
+    /// The zone it lives in (empty: none): only agents of that zone sync it.
+    pub zone: String,
 }
 
 /// A pinned host key.
@@ -113,16 +115,38 @@ pub struct ServerRecord {
     /// What the stored charset list was read under (`version|default charset`, as the server
     /// reported them), if a sync read one.
     pub inventory_key: Option<String>,
+    /// The zone it lives in (empty: none).
+    pub zone: String,
 }
 
 pub(super) const SERVER_COLUMNS: &str = "s.id, s.name, s.ip, s.port, s.ssh_user, s.status, s.reachability, \
     s.last_seen_at, s.consecutive_failures, s.next_probe_at, s.host_key_algorithm, \
     s.host_key_fingerprint, s.host_key_pinned_at, s.created_at, s.updated_at, sv.name, sv.version, \
-    sv.inventory_key";
+    sv.inventory_key, s.zone";
 /// How many columns [`SERVER_COLUMNS`] has.
-pub(super) const SERVER_COLUMN_COUNT: usize = 18;
+pub(super) const SERVER_COLUMN_COUNT: usize = 19;
 pub(super) const SERVER_FROM: &str =
     "servers s LEFT JOIN services sv ON sv.server_id = s.id AND sv.type = 'database'";
+
+impl ServerRecord {
+    /// The pinned host key, as the SSH check wants it.
+    pub fn pinned_key(&self) -> Option<HostKeyInfo> {
+        self.host_key.as_ref().map(|k| HostKeyInfo {
+            algorithm: k.algorithm.clone(),
+            fingerprint: k.fingerprint.clone(),
+        })
+    }
+
+    /// Where and as whom to connect, checking against `pinned` (its [`pinned_key`](Self::pinned_key)).
+    pub fn target<'a>(&'a self, pinned: Option<&'a HostKeyInfo>) -> crate::ssh::Target<'a> {
+        crate::ssh::Target {
+            host: &self.ip,
+            port: self.port,
+            user: &self.ssh_user,
+            pinned,
+        }
+    }
+}
 
 impl TryFrom<&Row> for ServerRecord {
     type Error = sqlx::Error;
@@ -153,6 +177,7 @@ impl TryFrom<&Row> for ServerRecord {
             database_service: r.opt_text(15)?.as_deref().and_then(DatabaseService::parse),
             database_version: r.opt_text(16)?.unwrap_or_default(),
             inventory_key: r.opt_text(17)?,
+            zone: r.text(18)?,
         })
     }
 }
