@@ -61,10 +61,11 @@ setup:
     [ "$ok" = 1 ] || exit 1
     echo "setup: ready (sshd $(/usr/sbin/sshd -V 2>&1 | head -1 | cut -d, -f1), grpcurl, grpcio, PostgreSQL, MariaDB, PostgreSQL $("$FLEETSYNC_PG18/bin/postgres" --version | awk '{print $3}'))"
 
-# Build the binaries (debug): migrator, sync-agent, the demo, and the tests' migrator-crash (the migrator with crash points)
+# Build the binaries (debug): migrator, sync-agent, the demo, and the tests' migrator-crash (the migrator with crash points) and sync-agent-older (the previous release's schema range)
 build:
     cargo build --workspace --locked --bins
     cargo build --locked -p fleetsync-migrator --bin migrator-crash --features crash-points
+    cargo build --locked -p fleetsync-sync-agent --bin sync-agent-older --features older-schema-range
 
 # Release binaries for installing (no test hooks), with shell completions and man pages under target/release/share: prints their paths and sizes
 release:

@@ -154,3 +154,63 @@ pub async fn watch_resumably(
         }
     }
 }
+
+/// What [`watch_resumably`] returns: every outcome event as (cursor, server, outcome, cause),
+/// and how often the watch resumed.
+pub type Watched = (Vec<(u64, i64, Outcome, UnreachableCause)>, usize);
+
+/// A job of every server, started on the first of `agents` and watched in the background by
+/// [`watch_resumably`] on whichever of them answers.
+pub struct WatchedJob {
+    /// The job's id.
+    pub job_id: String,
+    /// The watch, to its summary.
+    pub watcher: tokio::task::JoinHandle<Watched>,
+}
+
+impl WatchedJob {
+    /// Starts it (`force`: offline servers too, and whatever was synced lately) and its watch,
+    /// which must see the summary within `within`.
+    pub async fn start(
+        agents: Arc<Mutex<Vec<SocketAddr>>>,
+        request_id: &str,
+        force: bool,
+        within: Duration,
+    ) -> Self {
+        let first = agents.lock().expect("agents")[0];
+        let job = SyncAgentClient::new(crate::services::connect(first).await)
+            .start_sync(pb::StartSyncRequest {
+                all_servers: true,
+                force,
+                request_id: request_id.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("start")
+            .into_inner();
+        let watcher = tokio::spawn(watch_resumably(agents, job.job_id.clone(), within));
+        Self {
+            job_id: job.job_id,
+            watcher,
+        }
+    }
+
+    /// SQL counting the job's rows that have an outcome.
+    pub fn finished_sql(&self) -> String {
+        format!(
+            "SELECT COUNT(*) FROM sync_job_servers WHERE job_id = '{}' AND seq IS NOT NULL",
+            self.job_id
+        )
+    }
+
+    /// Waits until at least `n` of its servers have an outcome (at most `within`).
+    pub async fn wait_finished(&self, db: &fleetsync_common::Db, n: i64, within: Duration) {
+        crate::catalog::wait_for_count(db, &self.finished_sql(), |f| f >= n, within, "progress")
+            .await;
+    }
+
+    /// The watch's result, once the summary came.
+    pub async fn watched(self) -> Watched {
+        self.watcher.await.expect("watcher")
+    }
+}

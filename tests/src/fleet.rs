@@ -595,3 +595,86 @@ fn prepare_machine() {
         }
     });
 }
+
+/// A fake `sudo` that takes a lock directory for the length of the session (records an overlap
+/// with the holder's connection if another session holds it), takes `seconds`, and answers like
+/// a MariaDB server; a session whose answer finds no reader records itself as abandoned. It
+/// outlives its connection (`PIPE` and `HUP` ignored), as a slow command on a real server may.
+/// [`assert_no_overlaps`] reads what it leaves.
+pub fn session_script(seconds: &str) -> String {
+    format!(
+        r#"#!/bin/sh
+D=$(dirname "$0")
+cat >/dev/null
+held=
+if mkdir "$D/session.lock" 2>/dev/null; then
+    echo "$SSH_CLIENT" > "$D/session.lock/holder"
+    held=1
+    trap 'rm -rf "$D/session.lock"' EXIT
+else
+    echo "overlap $(cat "$D/session.lock/holder" 2>/dev/null)" >> "$D/overlaps"
+fi
+trap '' PIPE HUP
+echo "start $(date +%s.%N) $SSH_CLIENT" >> "$D/sessions"
+sleep {seconds}
+printf '%s\n' '{{"version": "10.11", "databases": [{{"name": "app", "charset": "utf8mb4", "collation": "utf8mb4_bin"}}]}}' \
+    || echo "abandoned $SSH_CLIENT" >> "$D/abandoned"
+# The work is done once the answer is out: the lock goes now, not when the shell exits.
+if [ -n "$held" ]; then
+    trap - EXIT
+    rm -rf "$D/session.lock"
+fi
+echo "end $(date +%s.%N) $SSH_CLIENT" >> "$D/sessions"
+"#
+    )
+}
+
+/// Panics if one of the first `hosts` hosts (those running [`session_script`]) saw two sessions
+/// at work at once, or logged no session at all.
+pub fn assert_no_overlaps(fleet: &SshFleet, hosts: usize, phase: &str) {
+    let overlapped = overlaps(fleet, hosts);
+    assert!(
+        overlapped.is_empty(),
+        "{phase}: {} host(s) saw two sessions at once, the first: {:?}",
+        overlapped.len(),
+        overlapped.first()
+    );
+}
+
+/// Hosts that saw two sessions at work at once, each with its logs: an overlap counts unless
+/// the session that held the host was abandoned (its agent went away). Every host must have
+/// logged its sessions: a script that could not write its files would see no overlap whatever
+/// happened.
+fn overlaps(fleet: &SshFleet, hosts: usize) -> Vec<(usize, String)> {
+    let read = |i: usize, name: &str| {
+        std::fs::read_to_string(fleet.host(i).program_dir().join(name)).unwrap_or_default()
+    };
+    let unlogged: Vec<usize> = (0..hosts)
+        .filter(|&i| read(i, "sessions").is_empty())
+        .collect();
+    assert!(
+        unlogged.is_empty(),
+        "hosts whose sessions left no log: {unlogged:?}"
+    );
+    (0..hosts)
+        .filter(|&i| {
+            let abandoned = read(i, "abandoned");
+            read(i, "overlaps").lines().any(|line| {
+                let holder = line.trim_start_matches("overlap").trim();
+                holder.is_empty()
+                    || !abandoned
+                        .lines()
+                        .any(|a| a.trim_start_matches("abandoned").trim() == holder)
+            })
+        })
+        .map(|i| {
+            let logs = format!(
+                "overlaps:\n{}abandoned:\n{}sessions:\n{}",
+                read(i, "overlaps"),
+                read(i, "abandoned"),
+                read(i, "sessions")
+            );
+            (i, logs)
+        })
+        .collect()
+}

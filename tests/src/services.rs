@@ -310,7 +310,7 @@ impl ServeProcess {
 
     fn spawn(mut command: Command, binary: &str, ip: &str, args: &[&str], dir: &Path) -> Self {
         // An agent needs a key to start; one of the test's own unless the test gives one.
-        let key = (binary == "sync-agent" && !args.contains(&"--ssh-key"))
+        let key = (binary.starts_with("sync-agent") && !args.contains(&"--ssh-key"))
             .then(|| crate::fleet::agent_key(dir));
         let key_args = key
             .iter()
@@ -363,6 +363,19 @@ impl ServeProcess {
             child,
             log,
         }
+    }
+
+    /// What its health service says of the entry `fleetsync.sync.v1.Work` (whether it claims
+    /// work).
+    pub async fn work_health(&self) -> tonic_health::pb::health_check_response::ServingStatus {
+        HealthClient::new(connect(self.addr).await)
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: "fleetsync.sync.v1.Work".into(),
+            })
+            .await
+            .expect("health")
+            .into_inner()
+            .status()
     }
 
     /// The process id.
@@ -444,7 +457,7 @@ fn json_field(line: &str, key: &str) -> Option<String> {
 pub fn serve_command(binary: &str, dir: &Path) -> Command {
     let mut command = Command::new(bin_path(binary));
     command.arg("serve");
-    if binary == "sync-agent" {
+    if binary.starts_with("sync-agent") {
         command.arg("--ssh-key").arg(crate::fleet::agent_key(dir));
     }
     command

@@ -121,7 +121,11 @@ async fn the_registry_shows_every_agent_and_what_became_of_it(backend: Backend) 
         assert_eq!(agent["version"], env!("CARGO_PKG_VERSION"));
         assert_eq!(
             agent["schema_version"].as_i64(),
-            Some(fleetsync_sync_agent::schema::REQUIRED_VERSION)
+            Some(fleetsync_sync_agent::schema::SCHEMA_MIN)
+        );
+        assert_eq!(
+            agent["schema_max"].as_i64(),
+            Some(fleetsync_sync_agent::schema::SCHEMA_MAX)
         );
         let fingerprints = agent["key_fingerprints"].as_array().expect("fingerprints");
         assert_eq!(fingerprints.len(), 1, "{agent}");

@@ -35,9 +35,7 @@ use fleetsync_tests::{
     services::{ServeProcess, connect, migrate, register_fleet},
 };
 use serde_json::Value;
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-};
+use tonic_health::pb::health_check_response::ServingStatus;
 
 /// The agent's flags in these tests: a 3 s lease (a heartbeat every second, a quarantine
 /// window of about nine), quick polls, no schedule.
@@ -134,17 +132,6 @@ async fn forced_job(
     outcomes
 }
 
-async fn work_health(agent: &ServeProcess) -> ServingStatus {
-    HealthClient::new(connect(agent.addr).await)
-        .check(HealthCheckRequest {
-            service: "fleetsync.sync.v1.Work".into(),
-        })
-        .await
-        .expect("health")
-        .into_inner()
-        .status()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replica_whose_key_no_host_accepts_decides_no_outcome_and_quarantines_itself() {
     let fleet = SshFleet::start(12).await;
@@ -225,8 +212,8 @@ async fn a_replica_whose_key_no_host_accepts_decides_no_outcome_and_quarantines_
             .is_some_and(|r| r.contains("where a peer of its zone then succeeded")),
         "{row}"
     );
-    assert_eq!(work_health(&broken).await, ServingStatus::NotServing);
-    assert_eq!(work_health(&good).await, ServingStatus::Serving);
+    assert_eq!(broken.work_health().await, ServingStatus::NotServing);
+    assert_eq!(good.work_health().await, ServingStatus::Serving);
     let conn = db.connect().await;
     assert_eq!(
         count(
@@ -273,7 +260,7 @@ async fn a_replica_whose_key_no_host_accepts_decides_no_outcome_and_quarantines_
         a["state"] == "serving"
     })
     .await;
-    assert_eq!(work_health(&broken).await, ServingStatus::Serving);
+    assert_eq!(broken.work_health().await, ServingStatus::Serving);
     // Resuming an agent that is not quarantined, or one that does not exist, is refused.
     for (id, code) in [(good_id.as_str(), 9), ("no-such-agent", 5)] {
         let output = Command::new(bin_path("sync-agent"))

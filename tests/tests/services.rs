@@ -138,7 +138,10 @@ async fn migrator_service_reports_plans_and_migrates_alongside_the_cli() {
         fleetsync_tests::migrator::migrator(&url, &["migrate", "--no-dispatch"]).await
     });
     let mut stream = client
-        .migrate(MigrateRequest { target_version: 0 })
+        .migrate(MigrateRequest {
+            target_version: 0,
+            stop_agents: false,
+        })
         .await
         .expect("migrate")
         .into_inner();

@@ -203,6 +203,13 @@ impl fmt::Debug for Scopes {
     }
 }
 
+/// The migrator's history of migrations; the agent reads which are applied.
+pub const SCHEMA_HISTORY_TABLE: &str = "fleetsync_schema_history";
+/// The applied migrations declared `stops-agents` (version, name, when): the migrator writes a
+/// row in the transaction that marks such a migration applied; every agent reads whether one
+/// is newer than the end of its schema range.
+pub const SCHEMA_BREAKS_TABLE: &str = "fleetsync_schema_breaks";
+
 /// A sync request a migration recorded in the outbox (`sync_requests`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SyncRequest {

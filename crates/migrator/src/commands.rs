@@ -9,6 +9,7 @@ use fleetsync_common::{Db, out};
 use serde_json::{Value, json};
 
 use crate::{
+    agents::LiveAgent,
     config::{MigrateArgs, Output, PlanArgs, ReadArgs},
     engine::{Engine, EngineError, Event, Options, Status},
     outbox::{AgentTarget, dispatch_pending},
@@ -18,10 +19,14 @@ use crate::{
 pub const EXIT_USAGE: u8 = 2;
 /// Exit status for refusals where the database and the binary disagree.
 pub const EXIT_VERIFICATION: u8 = 3;
+/// Exit status when `migrate` refuses to stop serving agents (without `--stop-agents`).
+pub const EXIT_AGENTS: u8 = 4;
 
 fn exit_status(err: &EngineError) -> u8 {
     if matches!(err, EngineError::UnknownTarget(_)) {
         EXIT_USAGE
+    } else if matches!(err, EngineError::WouldStopAgents { .. }) {
+        EXIT_AGENTS
     } else if err.is_verification() {
         EXIT_VERIFICATION
     } else {
@@ -96,6 +101,7 @@ fn status_json(status: &Status) -> Value {
         "latest_version": status.latest_version,
         "unknown_versions": status.unknown_versions,
         "pending_sync_requests": status.pending_sync_requests,
+        "agents": status.agents.iter().map(agent_json).collect::<Vec<_>>(),
         "migrations": status.migrations.iter().map(|m| {
             let h = m.history.as_ref();
             json!({
@@ -156,16 +162,34 @@ fn print_status(status: &Status) -> std::io::Result<()> {
     for version in &status.unknown_versions {
         out!("{version:<16} unknown  (recorded in the database, not in this binary)")?;
     }
-    out!("pending sync requests: {}", status.pending_sync_requests)
+    out!("pending sync requests: {}", status.pending_sync_requests)?;
+    print_agents(&status.agents)
+}
+
+fn agent_json(a: &LiveAgent) -> Value {
+    json!({
+        "id": a.id, "host": a.host, "version": a.version, "zone": a.zone, "state": a.state,
+        "schema_min": a.schema_min, "schema_max": a.schema_max,
+    })
+}
+
+/// The live agents, one line each.
+fn print_agents(agents: &[LiveAgent]) -> std::io::Result<()> {
+    if agents.is_empty() {
+        return out!("live sync-agents: none");
+    }
+    out!("live sync-agents: {}", agents.len())?;
+    for a in agents {
+        out!("  {a}")?;
+    }
+    Ok(())
 }
 
 /// `migrator plan`.
 pub async fn plan(db: Db, args: &PlanArgs) -> anyhow::Result<ExitCode> {
     let engine = Engine::new(db, Options::default());
-    let planned = match engine.plan(args.target.unwrap_or(0)).await {
-        Ok(planned) => planned,
-        Err(err) => return Err(err.into()),
-    };
+    let plan = engine.plan(args.target.unwrap_or(0)).await?;
+    let planned = &plan.migrations;
     match args.read.output {
         Output::Json => print_json(&json!({
             "migrations": planned.iter().map(|p| json!({
@@ -174,17 +198,35 @@ pub async fn plan(db: Db, args: &PlanArgs) -> anyhow::Result<ExitCode> {
                 "transactional": p.transactional,
                 "statements": p.statements,
                 "resync": p.resync.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+                "stops_agents": p.stops_agents,
+                "stops": p.stops.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
+            "agents": plan.agents.iter().map(agent_json).collect::<Vec<_>>(),
         }))?,
         Output::Human => {
+            let live = plan.agents.len();
+            out!("-- live sync-agents: {live}")?;
+            for a in &plan.agents {
+                out!("--   {a}")?;
+            }
             if planned.is_empty() {
                 out!("-- nothing to migrate")?;
             }
-            for p in &planned {
+            for p in planned {
                 out!("-- {} {}", p.version, p.name)?;
                 if !p.resync.is_empty() {
                     let scopes: Vec<&str> = p.resync.iter().map(|s| s.as_str()).collect();
                     out!("-- then re-sync: {}", scopes.join(", "))?;
+                }
+                if p.stops_agents {
+                    out!(
+                        "-- stops sync-agents built before it: {} of the {live} live agent(s){}",
+                        p.stops.len(),
+                        if p.stops.is_empty() { "" } else { ":" }
+                    )?;
+                    for a in &p.stops {
+                        out!("--   {}", a.id)?;
+                    }
                 }
                 if p.transactional {
                     out!("BEGIN;")?;
@@ -236,6 +278,7 @@ pub async fn migrate(db: Db, args: &MigrateArgs) -> anyhow::Result<ExitCode> {
     }
     let options = Options {
         lock_timeout: args.lock_timeout.into(),
+        stop_agents: args.stop_agents,
         #[cfg(feature = "crash-points")]
         crash_at: args.crash_at.clone(),
         ..Options::default()

@@ -109,6 +109,12 @@ pub struct MigrateArgs {
     #[arg(long, env = "FLEETSYNC_LOCK_TIMEOUT", default_value = "60s")]
     pub lock_timeout: humantime::Duration,
 
+    /// Apply a migration that stops sync-agents built before it even while such agents serve
+    /// (`plan` lists them): they stop claiming and hand their work over until agents of this
+    /// release take it. Without it, `migrate` refuses (exit status 4) and writes nothing.
+    #[arg(long)]
+    pub stop_agents: bool,
+
     /// After migrating, grant this database role exactly the rights the sync-agent needs (rows
     /// of its tables, never the schema): PostgreSQL role name, or MySQL `USER[@HOST]` (host
     /// `%` by default). Run it as the role that owns the schema.

@@ -1,10 +1,12 @@
 //! The history table (`fleetsync_schema_history`): its rows as `History`, read over the
 //! engine's dedicated connection (`common::sql::Conn`, detached from the pool: if the process
 //! or the task dies, closing it releases the lock and rolls back an open transaction), and the
-//! DDL of the engine's own tables (the history and the outbox).
+//! DDL of the engine's own tables (the history, the outbox, and the applied migrations that
+//! stop agents built before them).
 
 use fleetsync_common::{
     Backend,
+    model::SCHEMA_BREAKS_TABLE,
     sql::{Row, Value},
 };
 
@@ -80,7 +82,7 @@ impl TryFrom<&Row> for History {
 }
 
 /// The history table, the engine's own.
-pub(crate) const HISTORY_TABLE: &str = "fleetsync_schema_history";
+pub(crate) const HISTORY_TABLE: &str = fleetsync_common::model::SCHEMA_HISTORY_TABLE;
 
 /// Every history row, by version. Empty if the table does not exist yet.
 pub(crate) async fn history(conn: &mut Conn) -> Result<Vec<History>, sqlx::Error> {
@@ -116,7 +118,7 @@ async fn history_where(
 }
 
 /// DDL of the engine's own tables, per backend. Idempotent.
-pub(crate) fn bootstrap_sql(backend: Backend) -> [String; 2] {
+pub(crate) fn bootstrap_sql(backend: Backend) -> [String; 3] {
     let (text, key, big) = match backend {
         Backend::Sqlite | Backend::Postgres => ("TEXT", "TEXT", "BIGINT"),
         Backend::MySql => ("LONGTEXT", "VARCHAR(191)", "BIGINT"),
@@ -157,6 +159,13 @@ pub(crate) fn bootstrap_sql(backend: Backend) -> [String; 2] {
              created_at {big} NOT NULL, \
              dispatched_at {big}, \
              last_error {text})\
+             {suffix}"
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {SCHEMA_BREAKS_TABLE} (\
+             version {big} NOT NULL PRIMARY KEY, \
+             name {key} NOT NULL, \
+             applied_at {big} NOT NULL)\
              {suffix}"
         ),
     ]

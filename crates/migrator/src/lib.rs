@@ -2,6 +2,7 @@
 //! re-synced. Its only network peer is the sync-agent; it never connects to a managed server.
 #![forbid(unsafe_code)]
 
+pub mod agents;
 mod catalog;
 pub mod commands;
 pub mod config;

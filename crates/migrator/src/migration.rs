@@ -22,6 +22,10 @@ pub struct Migration {
     /// False with header option `no-transaction` (statements then run one by one, journaled,
     /// as on MySQL).
     pub transactional: bool,
+    /// Header option `stops-agents`: sync-agents built before this migration (whose schema
+    /// range ends below its version) must stop claiming once it is applied (README,
+    /// "Upgrades").
+    pub stops_agents: bool,
 }
 
 /// Why a migration's text was refused.
@@ -36,7 +40,7 @@ pub struct MigrationError {
     pub reason: String,
 }
 
-/// The header marker: `-- fleetsync: resync=databases,charsets no-transaction`.
+/// The header marker: `-- fleetsync: resync=databases,charsets no-transaction stops-agents`.
 const HEADER: &str = "-- fleetsync:";
 
 impl Migration {
@@ -50,6 +54,7 @@ impl Migration {
         let normalised = normalise(text);
         let mut resync = Scopes::empty();
         let mut transactional = true;
+        let mut stops_agents = false;
         for line in normalised.lines() {
             let Some(options) = line.trim().strip_prefix(HEADER) else {
                 continue;
@@ -57,6 +62,8 @@ impl Migration {
             for option in options.split_whitespace() {
                 if option == "no-transaction" {
                     transactional = false;
+                } else if option == "stops-agents" {
+                    stops_agents = true;
                 } else if let Some(scopes) = option.strip_prefix("resync=") {
                     for scope in scopes.split(',').filter(|s| !s.is_empty()) {
                         let scope = Scope::parse(scope).map_err(|_| {
@@ -82,6 +89,7 @@ impl Migration {
             statements,
             resync,
             transactional,
+            stops_agents,
         })
     }
 
@@ -267,10 +275,15 @@ const SOURCES: &[Source] = &[
     source!(20261206000001, "drop_sync_runs_server"),
     source!(20261207000001, "create_sync_agents"),
     source!(20261208000001, "zones_and_second_opinions"),
+    source!(20261209000001, "agent_schema_ranges"),
 ];
 
 /// The version that adds `charset` and `collation` to `databases` (Vito's incident).
 pub const CHARSET_COLLATION_VERSION: i64 = 20250215120213;
+
+/// The version from which agents declare their schema range (`sync_agents.schema_max`): the
+/// first migration that stops agents built before it.
+pub const AGENT_SCHEMA_RANGES_VERSION: i64 = 20261209000001;
 
 /// An ordered set of migrations for one dialect.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -394,6 +407,9 @@ mod tests {
 
         let manual = Migration::parse(2, "y", "-- fleetsync: no-transaction\nSELECT 1;").unwrap();
         assert!(!manual.transactional);
+        assert!(!manual.stops_agents);
+        let breaking = Migration::parse(2, "y", "-- fleetsync: stops-agents\nSELECT 1;").unwrap();
+        assert!(breaking.stops_agents && breaking.transactional);
         let err = Migration::parse(3, "z", "-- fleetsync: resync=servers\nSELECT 1;").unwrap_err();
         assert!(
             err.to_string().contains("unknown resync scope `servers`"),
@@ -422,6 +438,11 @@ mod tests {
             );
             // Only that migration asks for a re-sync.
             assert_eq!(set.iter().filter(|m| !m.resync.is_empty()).count(), 1);
+            // The first that stops agents built before it is the one that makes them check.
+            assert_eq!(
+                set.iter().find(|m| m.stops_agents).map(|m| m.version),
+                Some(AGENT_SCHEMA_RANGES_VERSION)
+            );
         }
         // Same number of statements everywhere, so that progress reads the same.
         for (a, b) in sets[0].iter().zip(sets[2].iter()) {

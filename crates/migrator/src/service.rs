@@ -34,10 +34,15 @@ impl MigratorService {
     }
 
     fn engine(&self) -> Engine {
+        self.engine_stopping(false)
+    }
+
+    fn engine_stopping(&self, stop_agents: bool) -> Engine {
         Engine::new(
             self.db.clone(),
             Options {
                 lock_timeout: self.lock_timeout,
+                stop_agents,
                 ..Options::default()
             },
         )
@@ -144,9 +149,10 @@ impl Migrator for MigratorService {
 
     async fn plan(&self, request: Request<PlanRequest>) -> Result<Response<PlanResponse>, Status> {
         let target = target(request.into_inner().target_version)?;
-        let planned = self.engine().plan(target).await.map_err(status)?;
+        let plan = self.engine().plan(target).await.map_err(status)?;
         Ok(Response::new(PlanResponse {
-            migrations: planned
+            migrations: plan
+                .migrations
                 .into_iter()
                 .map(|p| PlannedMigration {
                     version: p.version,
@@ -154,6 +160,8 @@ impl Migrator for MigratorService {
                     transactional: p.transactional,
                     statements: p.statements,
                     resync_scopes: p.resync.iter().map(|s| s.as_str().into()).collect(),
+                    stops_agents: p.stops_agents,
+                    stopped_agents: p.stops.into_iter().map(|a| a.id).collect(),
                 })
                 .collect(),
         }))
@@ -163,8 +171,9 @@ impl Migrator for MigratorService {
         &self,
         request: Request<MigrateRequest>,
     ) -> Result<Response<Self::MigrateStream>, Status> {
-        let target = target(request.into_inner().target_version)?;
-        let engine = self.engine();
+        let request = request.into_inner();
+        let target = target(request.target_version)?;
+        let engine = self.engine_stopping(request.stop_agents);
         let (tx, rx) = tokio::sync::mpsc::channel(32);
         // The run goes on to completion even if the client leaves: a migration is never cut
         // off half-way by a disconnect. Progress the client cannot take is dropped.

@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod config;
+pub mod entry;
 pub mod inventory;
 pub mod metrics;
 pub mod model;
@@ -149,7 +150,8 @@ pub async fn run(
         id: holder.clone(),
         host: fleetsync_common::clock::hostname("agent"),
         version: env!("CARGO_PKG_VERSION").to_owned(),
-        schema_version: schema::REQUIRED_VERSION,
+        schema_version: schema::SCHEMA_MIN,
+        schema_max: Some(schema::SCHEMA_MAX),
         key_fingerprints: config.ssh.key_fingerprints(),
         zone: config.runner.zone.clone(),
         lease_ttl_ms: config.runner.lease_ttl.as_millis() as i64,

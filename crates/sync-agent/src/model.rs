@@ -27,6 +27,8 @@ stored_enum! {
         Draining => "draining",
         /// Claims nothing: its own attempts keep failing where its peers succeed.
         Quarantined => "quarantined",
+        /// Claims nothing: the schema is outside the range it works with.
+        Incompatible => "incompatible",
         /// Stopped, or its heartbeat stopped.
         Gone => "gone",
     }

@@ -1,65 +1,137 @@
-//! The agent never changes the schema (the migrator does): it checks at start-up that the
-//! control-plane database is migrated far enough, and refuses to run otherwise.
+//! The agent never changes the schema (the migrator does). It works with a range of schema
+//! versions, from [`SCHEMA_MIN`] (the newest migration whose tables it uses) to [`SCHEMA_MAX`]
+//! (the newest migration it was built with). A schema newer than the range is fine unless a
+//! migration past its end was declared to stop agents built before it (`stops-agents`; the
+//! migrator lists those in `fleetsync_schema_breaks`). Checked at start-up, where the agent
+//! refuses to run, and on every heartbeat, where it stops claiming (`runner`).
 
-use fleetsync_common::{Backend, Db};
+use fleetsync_common::{
+    Backend, Db,
+    model::{SCHEMA_BREAKS_TABLE, SCHEMA_HISTORY_TABLE},
+    sql::Value,
+};
 
-/// The newest migration whose tables the agent uses (`zones_and_second_opinions`).
-pub const REQUIRED_VERSION: i64 = 20261208000001;
+/// The newest migration whose tables the agent uses (`agent_schema_ranges`).
+#[cfg(not(feature = "older-schema-range"))]
+pub const SCHEMA_MIN: i64 = 20261209000001;
+/// The newest migration this build knows.
+#[cfg(not(feature = "older-schema-range"))]
+pub const SCHEMA_MAX: i64 = 20261209000001;
+/// The previous release's range (feature `older-schema-range`): the tests build it to play the
+/// agent a rolling upgrade replaces.
+#[cfg(feature = "older-schema-range")]
+pub const SCHEMA_MIN: i64 = 20261208000001;
+/// The previous release's range (feature `older-schema-range`).
+#[cfg(feature = "older-schema-range")]
+pub const SCHEMA_MAX: i64 = 20261208000001;
 
-/// The schema is not what the agent needs.
+/// From this version on, an agent's registry row records the end of its range
+/// (`sync_agents.schema_max`); a build whose range ends before it neither writes nor reads it.
+pub const RANGES_RECORDED: i64 = 20261209000001;
+/// Whether this build's registry rows carry `schema_max`.
+pub(crate) const RECORDS_RANGE: bool = SCHEMA_MAX >= RANGES_RECORDED;
+
+/// The range, for messages: `20261208000001..20261209000001`.
+pub fn range() -> String {
+    format!("{SCHEMA_MIN}..{SCHEMA_MAX}")
+}
+
+/// The schema is outside the agent's range.
 #[derive(Debug, thiserror::Error)]
 pub enum SchemaError {
-    /// Older than needed, or never migrated.
+    /// Older than needed, never migrated, or rolled back below what it needs.
     #[error(
-        "the control-plane schema is at version {found}, the sync-agent needs {REQUIRED_VERSION}: \
-         run `migrator migrate --database-url <the same URL>` first"
+        "the control-plane schema is at version {found}, this sync-agent works with {}: run \
+         `migrator migrate --database-url <the same URL>` first",
+        range()
     )]
     TooOld {
         /// The highest applied version (0: never migrated).
         found: i64,
+    },
+    /// Migrated past a migration that stops agents built before it.
+    #[error(
+        "the control-plane schema has migration {version} ({name}), which stops sync-agents \
+         built before it; this one works with {}: upgrade it (README, \"Upgrades\")",
+        range()
+    )]
+    Stopped {
+        /// The highest applied version.
+        found: i64,
+        /// The first applied migration that stops this agent.
+        version: i64,
+        /// Its name.
+        name: String,
     },
     /// The database could not be read.
     #[error("cannot read the schema version: {0}")]
     Database(#[from] sqlx::Error),
 }
 
-/// Succeeds if every migration up to [`REQUIRED_VERSION`] is applied.
-pub async fn check(db: &Db) -> Result<i64, SchemaError> {
-    let exists = match db.backend() {
-        Backend::Sqlite => {
-            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'fleetsync_schema_history'"
-        }
+impl SchemaError {
+    /// True when the schema is out of range (as opposed to unreadable).
+    pub fn out_of_range(&self) -> bool {
+        !matches!(self, Self::Database(_))
+    }
+}
+
+async fn table_exists(db: &Db, table: &str) -> Result<bool, sqlx::Error> {
+    let sql = match db.backend() {
+        Backend::Sqlite => "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?",
         Backend::Postgres => {
             "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = current_schema() \
-             AND table_name = 'fleetsync_schema_history'"
+             AND table_name = ?"
         }
         Backend::MySql => {
             "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = DATABASE() \
-             AND table_name = 'fleetsync_schema_history'"
+             AND table_name = ?"
         }
     };
-    let exists = db
-        .fetch_optional(exists, &[])
+    Ok(db
+        .fetch_optional(sql, &[table.into()])
         .await?
         .map(|r| r.int(0))
         .transpose()?
         .unwrap_or(0)
-        > 0;
-    let found = if exists {
-        db.fetch_optional(
-            "SELECT MAX(version) FROM fleetsync_schema_history WHERE state = 'applied'",
+        > 0)
+}
+
+/// The highest applied version, if it is inside [`SCHEMA_MIN`]..=[`SCHEMA_MAX`] or newer
+/// without a migration that stops this agent.
+pub async fn check(db: &Db) -> Result<i64, SchemaError> {
+    if !table_exists(db, SCHEMA_HISTORY_TABLE).await? {
+        return Err(SchemaError::TooOld { found: 0 });
+    }
+    let found = db
+        .fetch_optional(
+            &format!("SELECT MAX(version) FROM {SCHEMA_HISTORY_TABLE} WHERE state = 'applied'"),
             &[],
         )
         .await?
         .map(|r| r.opt_int(0))
         .transpose()?
         .flatten()
-        .unwrap_or(0)
-    } else {
-        0
-    };
-    if found < REQUIRED_VERSION {
+        .unwrap_or(0);
+    if found < SCHEMA_MIN {
         return Err(SchemaError::TooOld { found });
+    }
+    if found > SCHEMA_MAX && table_exists(db, SCHEMA_BREAKS_TABLE).await? {
+        let first = db
+            .fetch_optional(
+                &format!(
+                    "SELECT version, name FROM {SCHEMA_BREAKS_TABLE} WHERE version > ? \
+                     ORDER BY version LIMIT 1"
+                ),
+                &[Value::Int(SCHEMA_MAX)],
+            )
+            .await?;
+        if let Some(row) = first {
+            return Err(SchemaError::Stopped {
+                found,
+                version: row.int(0)?,
+                name: row.text(1)?,
+            });
+        }
     }
     Ok(found)
 }

@@ -1,9 +1,10 @@
 //! Applying migrations under the lock: the lock itself, bootstrapping the engine's tables, the
-//! transactional and the journaled apply paths, and the history and outbox rows they write.
+//! transactional and the journaled apply paths, and the history, outbox and stop rows they
+//! write.
 
 use std::time::{Duration, Instant};
 
-use fleetsync_common::{Backend, sql::Value};
+use fleetsync_common::{Backend, model::SCHEMA_BREAKS_TABLE, sql::Value};
 
 use super::{
     Engine, EngineError, Event, LOCK_NAME, PG_LOCK_KEY, db_err, ddl::already_applied, now_ms,
@@ -276,6 +277,7 @@ impl Engine {
                 ],
             )
             .await?;
+            record_stop(conn, m).await?;
             record_sync_request(conn, m).await
         };
         let sync_request = match finish.await {
@@ -423,6 +425,35 @@ impl Attempt<'_> {
             statements,
         });
     }
+}
+
+/// Records a `stops-agents` migration where every agent looks on its heartbeat (in the
+/// transaction that marks it applied).
+async fn record_stop(conn: &mut Conn, m: &Migration) -> Result<(), sqlx::Error> {
+    if !m.stops_agents {
+        return Ok(());
+    }
+    let recorded = conn
+        .scalar(
+            &format!("SELECT COUNT(*) FROM {SCHEMA_BREAKS_TABLE} WHERE version = ?"),
+            &[Value::Int(m.version)],
+        )
+        .await?
+        > Some(0);
+    if !recorded {
+        conn.execute(
+            &format!(
+                "INSERT INTO {SCHEMA_BREAKS_TABLE} (version, name, applied_at) VALUES (?, ?, ?)"
+            ),
+            &[
+                Value::Int(m.version),
+                Value::Text(m.name.clone()),
+                Value::Int(now_ms()),
+            ],
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// Id of the sync request a migration records: one per migration, so recording it twice is

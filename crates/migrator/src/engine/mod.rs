@@ -23,13 +23,14 @@ pub use crate::history::History;
 pub use crate::model::State;
 pub use apply::sync_request_id;
 use apply::{Applied, current_version};
-pub use report::{Event, MigrationStatus, Planned, Problem, Report, Status};
+pub use report::{Event, MigrationStatus, Plan, Planned, Problem, Report, Status};
 
 use std::time::{Duration, Instant};
 
 use fleetsync_common::{Backend, Db};
 
 use crate::{
+    agents::{LiveAgent, live_agents},
     catalog::table_exists,
     history::{self, Conn},
     migration::{Migration, MigrationSet},
@@ -92,6 +93,23 @@ pub enum EngineError {
         .0.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")
     )]
     UnknownVersions(Vec<i64>),
+    /// A pending migration stops agents built before it, and such agents are serving.
+    #[error(
+        "migration {version} ({name}) stops sync-agents built before it, and {} serve now: {}. \
+         Upgrade them first (README, \"Upgrades\"), or pass --stop-agents to apply it anyway: \
+         they then claim nothing more, hand over what has not reached its server, and say so \
+         (`sync-agent agents`); nothing was written",
+        .agents.len(),
+        .agents.join("; ")
+    )]
+    WouldStopAgents {
+        /// The migration's version.
+        version: i64,
+        /// Its name.
+        name: String,
+        /// The serving agents it would stop, described.
+        agents: Vec<String>,
+    },
     /// `--target` names no migration.
     #[error(
         "no migration has version {0} (`migrator status` lists the versions this binary knows)"
@@ -144,6 +162,8 @@ pub struct Options {
     pub lock_timeout: Duration,
     /// Recorded as `installed_by`.
     pub installed_by: String,
+    /// Apply a migration that stops serving agents built before it (`--stop-agents`).
+    pub stop_agents: bool,
     /// Test hook (feature `crash-points`): the process kills itself (SIGKILL) on reaching this
     /// point (see [`Engine::crash_points`]).
     #[cfg(feature = "crash-points")]
@@ -155,6 +175,7 @@ impl Default for Options {
         Self {
             lock_timeout: Duration::from_secs(60),
             installed_by: default_installed_by(),
+            stop_agents: false,
             #[cfg(feature = "crash-points")]
             crash_at: None,
         }
@@ -252,12 +273,20 @@ impl Engine {
             }
             _ => 0,
         };
+        let agents = live_agents(&mut conn)
+            .await
+            .map_err(db_err("reading the registry of agents"));
         conn.close().await;
         let history = history?;
-        Ok(self.status_from(&history, pending))
+        Ok(self.status_from(&history, pending, agents?))
     }
 
-    fn status_from(&self, history: &[History], pending_sync_requests: i64) -> Status {
+    fn status_from(
+        &self,
+        history: &[History],
+        pending_sync_requests: i64,
+        agents: Vec<LiveAgent>,
+    ) -> Status {
         let migrations = self
             .set
             .iter()
@@ -277,6 +306,7 @@ impl Engine {
             migrations,
             unknown_versions: self.unknown_versions(history),
             pending_sync_requests,
+            agents,
         }
     }
 
@@ -298,12 +328,24 @@ impl Engine {
         history
     }
 
-    /// The exact SQL `migrate` would run now, up to `target` (0: the latest). Writes nothing.
-    pub async fn plan(&self, target: i64) -> Result<Vec<Planned>, EngineError> {
+    /// The live agents, over a connection of its own.
+    async fn read_agents(&self) -> Result<Vec<LiveAgent>, EngineError> {
+        let mut conn = Conn::open(&self.db).await.map_err(db_err("connecting"))?;
+        let agents = live_agents(&mut conn)
+            .await
+            .map_err(db_err("reading the registry of agents"));
+        conn.close().await;
+        agents
+    }
+
+    /// The exact SQL `migrate` would run now, up to `target` (0: the latest), and the live
+    /// agents each migration would stop. Writes nothing.
+    pub async fn plan(&self, target: i64) -> Result<Plan, EngineError> {
         let target = self.resolve_target(target)?;
         let history = self.read_history().await?;
         self.check(&history)?;
-        Ok(self
+        let agents = self.read_agents().await?;
+        let migrations = self
             .set
             .iter()
             .filter(|m| m.version <= target)
@@ -320,9 +362,38 @@ impl Engine {
                     transactional: !self.journaled(m),
                     statements: m.statements[done.min(m.statements.len())..].to_vec(),
                     resync: m.resync,
+                    stops_agents: m.stops_agents,
+                    stops: agents.iter().filter(|a| a.stopped_by(m)).cloned().collect(),
                 })
             })
-            .collect())
+            .collect();
+        Ok(Plan { migrations, agents })
+    }
+
+    /// Refuses a migration that would stop serving agents, unless told to stop them.
+    fn check_agents(
+        &self,
+        pending: &[&Migration],
+        agents: &[LiveAgent],
+    ) -> Result<(), EngineError> {
+        if self.options.stop_agents {
+            return Ok(());
+        }
+        for m in pending {
+            let serving: Vec<String> = agents
+                .iter()
+                .filter(|a| a.serving() && a.stopped_by(m))
+                .map(ToString::to_string)
+                .collect();
+            if !serving.is_empty() {
+                return Err(EngineError::WouldStopAgents {
+                    version: m.version,
+                    name: m.name.clone(),
+                    agents: serving,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Everything wrong between the database and the binary; empty if all is well. Writes
@@ -473,6 +544,22 @@ impl Engine {
             .await
             .map_err(db_err("reading history"))?;
         self.check(&history)?;
+        let pending: Vec<&Migration> = self
+            .set
+            .iter()
+            .filter(|m| m.version <= target)
+            .filter(|m| {
+                !history
+                    .iter()
+                    .any(|r| r.version == m.version && r.state == State::Applied)
+            })
+            .collect();
+        if pending.iter().any(|m| m.stops_agents) {
+            let agents = live_agents(conn)
+                .await
+                .map_err(db_err("reading the registry of agents"))?;
+            self.check_agents(&pending, &agents)?;
+        }
         let run_id = format!("{:x}-{:x}", now_ms(), std::process::id());
 
         let mut report = Report::default();

@@ -6,6 +6,7 @@ use std::time::Duration;
 use fleetsync_common::Backend;
 
 use crate::{
+    agents::LiveAgent,
     history::History,
     migration::Migration,
     model::{Scopes, State},
@@ -44,6 +45,8 @@ pub struct Status {
     pub unknown_versions: Vec<i64>,
     /// Sync requests not yet taken by an agent.
     pub pending_sync_requests: i64,
+    /// The live sync-agents (heartbeat within two lease TTLs), oldest first.
+    pub agents: Vec<LiveAgent>,
 }
 
 /// A migration `migrate` would run, with its exact SQL.
@@ -59,6 +62,19 @@ pub struct Planned {
     pub statements: Vec<String>,
     /// Data to re-sync.
     pub resync: Scopes,
+    /// Whether it stops agents built before it (header `stops-agents`).
+    pub stops_agents: bool,
+    /// The live agents it would stop (their range ends before it).
+    pub stops: Vec<LiveAgent>,
+}
+
+/// What `plan` shows: the migrations `migrate` would run, and the live agents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// Pending migrations up to the target, in order.
+    pub migrations: Vec<Planned>,
+    /// The live sync-agents, oldest first.
+    pub agents: Vec<LiveAgent>,
 }
 
 /// Something wrong between the database and the binary.

@@ -41,7 +41,9 @@ pub async fn agents(args: &AgentsArgs) -> Result<Exit, Failure> {
             .map(|a| {
                 json!({
                     "id": a.id, "host": a.host, "version": a.version,
-                    "schema_version": a.schema_version, "key_fingerprints": a.key_fingerprints,
+                    "schema_version": a.schema_version,
+                    "schema_max": (a.schema_max != 0).then_some(a.schema_max),
+                    "key_fingerprints": a.key_fingerprints,
                     "zone": a.zone,
                     "state": short(a.state().as_str_name(), "AGENT_STATE_").to_lowercase(),
                     "reason": a.reason,

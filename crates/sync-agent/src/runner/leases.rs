@@ -172,6 +172,8 @@ impl Runner {
                 "shutting down: claims nothing new, finishes or hands over what it holds"
                     .to_owned(),
             )
+        } else if let Some(reason) = self.standing.incompatible() {
+            (AgentState::Incompatible, reason)
         } else if let Some(reason) = self.standing.quarantined() {
             (AgentState::Quarantined, reason)
         } else {

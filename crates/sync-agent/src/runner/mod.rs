@@ -295,7 +295,7 @@ impl Runner {
             .available_permits()
             .min(slots.leases.available_permits())
             .min(CLAIM_BATCH);
-        if free == 0 || self.standing.quarantined().is_some() {
+        if free == 0 || !self.standing.claims() {
             return Ok(0);
         }
         let ttl = self.config.lease_ttl.as_millis() as i64;
@@ -359,7 +359,12 @@ impl Runner {
     async fn prune_forever(self: Arc<Self>) {
         loop {
             let age = self.config.retention.as_millis() as i64;
-            match self.store.prune_older_than(age, 20).await {
+            let pruned = if self.standing.incompatible().is_some() {
+                Ok(Pruned::default())
+            } else {
+                self.store.prune_older_than(age, 20).await
+            };
+            match pruned {
                 Ok(pruned) if pruned != Pruned::default() => {
                     tracing::info!(
                         jobs = pruned.jobs,
@@ -402,10 +407,13 @@ impl Runner {
                     humantime::format_duration(interval)
                 ),
             };
-            match self.store.create_job(&job).await {
-                Ok((_, true)) => self.signals.wake.notify_one(),
-                Ok((_, false)) => {}
-                Err(err) => tracing::warn!(error = %err, "could not start the periodic sync"),
+            // Outside the schema's range, an agent writes nothing; its peers start the job.
+            if self.standing.incompatible().is_none() {
+                match self.store.create_job(&job).await {
+                    Ok((_, true)) => self.signals.wake.notify_one(),
+                    Ok((_, false)) => {}
+                    Err(err) => tracing::warn!(error = %err, "could not start the periodic sync"),
+                }
             }
             let next = (bucket + 1) * interval_ms - crate::now_ms();
             tokio::select! {
@@ -456,7 +464,7 @@ impl Runner {
 
     async fn drain_outbox_forever(self: Arc<Self>) {
         loop {
-            match self.drain_outbox().await {
+            match self.drain_outbox_if_compatible().await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(requests = n, "took sync requests recorded by migrations"),
                 Err(err) => tracing::warn!(error = %err, "could not drain the outbox; retrying"),
@@ -466,6 +474,14 @@ impl Runner {
                 () = tokio::time::sleep(self.config.outbox_interval) => {}
             }
         }
+    }
+
+    /// The outbox, unless the schema is outside this agent's range (then nothing is written).
+    async fn drain_outbox_if_compatible(&self) -> Result<usize, fleetsync_common::ServiceError> {
+        if self.standing.incompatible().is_some() {
+            return Ok(0);
+        }
+        self.drain_outbox().await
     }
 
     /// Turns every untaken sync request into a job (idempotently: the request id is the job's).

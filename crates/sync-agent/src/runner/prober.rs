@@ -17,6 +17,11 @@ impl Runner {
                 () = self.shutdown.cancelled() => return,
                 () = tokio::time::sleep(self.config.probe_interval) => {}
             }
+            // A quarantined agent's probes would say what its own network sees; one outside
+            // the schema's range writes nothing.
+            if !self.standing.claims() {
+                continue;
+            }
             loop {
                 let ttl = self.config.lease_ttl.as_millis() as i64;
                 let limit = self.config.concurrency.clamp(1, 1024);

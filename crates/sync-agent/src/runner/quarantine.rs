@@ -4,7 +4,10 @@
 //! overruled (a peer of its zone then got past authentication on the same server), and they are
 //! at least half of the attempts it made in that time. A quarantined agent claims nothing; it
 //! returns to service when its own check passes (it logs in to a server it was overruled on) or
-//! when an operator asks (`sync-agent agents resume ID`).
+//! when an operator asks (`sync-agent agents resume ID`). And the version skew: on every
+//! heartbeat the agent checks that the schema is inside its range (`schema::check`); outside,
+//! it claims nothing, hands over the runs that have not reached their server, and serves again
+//! once the schema is back in range.
 
 use std::{
     collections::VecDeque,
@@ -65,6 +68,7 @@ pub(super) struct Standing {
 #[derive(Debug, Default)]
 struct Inner {
     quarantined: Option<String>,
+    incompatible: Option<String>,
     samples: VecDeque<Sample>,
     handed_over: VecDeque<i64>,
 }
@@ -73,6 +77,25 @@ impl Standing {
     /// The reason this agent is quarantined, if it is.
     pub(super) fn quarantined(&self) -> Option<String> {
         self.inner.lock().expect("standing").quarantined.clone()
+    }
+
+    /// Why the schema is outside this agent's range, if it is.
+    pub(super) fn incompatible(&self) -> Option<String> {
+        self.inner.lock().expect("standing").incompatible.clone()
+    }
+
+    /// Whether it may claim work: neither quarantined nor out of the schema's range.
+    pub(super) fn claims(&self) -> bool {
+        let inner = self.inner.lock().expect("standing");
+        inner.quarantined.is_none() && inner.incompatible.is_none()
+    }
+
+    /// Records the schema check; true when the answer changed.
+    fn schema_checked(&self, incompatible: Option<String>) -> bool {
+        let mut inner = self.inner.lock().expect("standing");
+        let changed = inner.incompatible != incompatible;
+        inner.incompatible = incompatible;
+        changed
     }
 
     /// A failure on `server_id` was handed to a peer.
@@ -131,6 +154,7 @@ impl Runner {
     /// says (`verdicts`, `None` when unknown this time), and acts: quarantine, its own check,
     /// or an operator's resume.
     pub(super) async fn govern(&self, verdicts: Option<Verdicts>) {
+        self.check_schema().await;
         match self.store.agents().await {
             Ok(agents) => {
                 let peers = live_peers(&agents, &self.holder, &self.report.zone);
@@ -169,6 +193,34 @@ impl Runner {
             self.standing.resume();
             self.publish_state();
         }
+    }
+
+    /// Whether the schema is still inside this agent's range: outside, it stops claiming (and
+    /// its runs not yet at their server hand them over); back inside, it serves again. A
+    /// database it cannot read changes nothing (the lease heartbeat says the rest).
+    async fn check_schema(&self) {
+        let incompatible = match crate::schema::check(self.store.db()).await {
+            Ok(_) => None,
+            Err(err) if err.out_of_range() => Some(err.to_string()),
+            Err(err) => {
+                tracing::warn!(error = %err, "could not check the schema");
+                return;
+            }
+        };
+        if !self.standing.schema_checked(incompatible.clone()) {
+            return;
+        }
+        match incompatible {
+            Some(reason) => tracing::error!(
+                %reason,
+                "the schema is outside this agent's range: claiming nothing, handing over what has not reached its server"
+            ),
+            None => tracing::warn!(
+                range = %crate::schema::range(),
+                "the schema is inside this agent's range again: serving"
+            ),
+        }
+        self.publish_state();
     }
 
     /// Tries to log in to the servers it handed over, newest first; the first it logs in to.

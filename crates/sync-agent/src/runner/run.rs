@@ -41,6 +41,24 @@ pub(super) enum RunEnd {
 }
 
 impl Runner {
+    /// Resolves once runs that have not reached their server should hand it over: the agent is
+    /// stopping, or the schema left its range.
+    async fn standing_down(&self) {
+        let mut work = self.work.subscribe();
+        tokio::select! {
+            () = self.shutdown.cancelled() => {}
+            closed = async {
+                work.wait_for(|(state, _)| *state == crate::model::AgentState::Incompatible)
+                    .await
+                    .is_err()
+            } => {
+                if closed {
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
+    }
+
     /// One server: skip it, or connect, read its inventory and parse it. No database access:
     /// everything it needs came with the claim.
     pub(super) async fn sync_server(&self, work: &ClaimedServer, busy: &Semaphore) -> RunEnd {
@@ -142,11 +160,12 @@ impl Runner {
         };
         // Dialing waits on the network; only what follows (key exchange, authentication, the
         // command) takes one of the busy slots, held until the run ends. A run that has not
-        // reached the key exchange when the agent starts stopping hands its server over at once
-        // instead of spending the shutdown grace on waiting.
+        // reached the key exchange when the agent starts stopping (or the schema leaves its
+        // range) hands its server over at once instead of spending the shutdown grace on
+        // waiting.
         let dialed = tokio::select! {
             biased;
-            () = self.shutdown.cancelled() => return Err(RunEnd::Stopped),
+            () = self.standing_down() => return Err(RunEnd::Stopped),
             dialed = self.ssh.dial(target.host, target.port) => match dialed {
                 Ok(dialed) => dialed,
                 Err(err) => return failed(&err),
@@ -154,7 +173,7 @@ impl Runner {
         };
         let _busy = tokio::select! {
             biased;
-            () = self.shutdown.cancelled() => return Err(RunEnd::Stopped),
+            () = self.standing_down() => return Err(RunEnd::Stopped),
             permit = busy.acquire() => permit.expect("the slots are never closed"),
         };
         let connection = match self.ssh.establish(dialed, target).await {

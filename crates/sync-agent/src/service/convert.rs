@@ -285,6 +285,7 @@ pub fn agent(record: &AgentRecord) -> pb::Agent {
         AgentState::Serving => pb::AgentState::Serving,
         AgentState::Draining => pb::AgentState::Draining,
         AgentState::Quarantined => pb::AgentState::Quarantined,
+        AgentState::Incompatible => pb::AgentState::Incompatible,
         AgentState::Gone => pb::AgentState::Gone,
     };
     pb::Agent {
@@ -292,6 +293,7 @@ pub fn agent(record: &AgentRecord) -> pb::Agent {
         host: record.report.host.clone(),
         version: record.report.version.clone(),
         schema_version: record.report.schema_version,
+        schema_max: record.report.schema_max.unwrap_or(0),
         key_fingerprints: record.report.key_fingerprints.clone(),
         zone: record.report.zone.clone(),
         started_at: timestamp(record.started_at),

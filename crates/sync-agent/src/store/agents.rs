@@ -14,7 +14,7 @@ use fleetsync_common::{
 };
 
 use super::Store;
-use crate::model::AgentState;
+use crate::{model::AgentState, schema};
 
 /// What an agent says about itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,8 +25,11 @@ pub struct AgentReport {
     pub host: String,
     /// Its build's version.
     pub version: String,
-    /// The newest migration it needs.
+    /// The newest migration it needs: the start of its schema range.
     pub schema_version: i64,
+    /// The newest migration it was built with: the end of its range (`None`: an agent older
+    /// than the rule, which declares none).
+    pub schema_max: Option<i64>,
     /// SHA256 fingerprints of its SSH keys.
     pub key_fingerprints: Vec<String>,
     /// Its zone (empty: none).
@@ -99,6 +102,13 @@ const COLUMNS: &str = "id, host, version, schema_version, key_fingerprints, zone
     started_at, heartbeat_at, state, reason, leases, in_flight, outcomes, asked";
 /// What others write on it.
 const VERDICT_COLUMNS: &str = "overruled, confirmed, resume_requested_at";
+/// Read after the others and the database's clock (index 19): the end of the agent's range,
+/// which a build whose range ends before [`schema::RANGES_RECORDED`] does not know.
+const RANGE_COLUMN: &str = if schema::RECORDS_RANGE {
+    ", schema_max"
+} else {
+    ""
+};
 
 fn count(r: &Row, index: usize) -> Result<u64, sqlx::Error> {
     let n = r.int(index)?;
@@ -130,6 +140,11 @@ fn decode(r: &Row, now: i64) -> Result<AgentRecord, sqlx::Error> {
         key_fingerprints,
         zone: r.text(5)?,
         lease_ttl_ms: r.int(6)?,
+        schema_max: if schema::RECORDS_RANGE {
+            r.opt_int(19)?
+        } else {
+            None
+        },
     };
     let heartbeat_at = r.int(8)?;
     let stored =
@@ -193,26 +208,36 @@ impl Store {
                  resume_requested_at = NULL"
             }
         };
+        let (range_value, range_update) = match (schema::RECORDS_RANGE, self.backend()) {
+            (false, _) => ("", ""),
+            (true, Backend::MySql) => (", ?", ", schema_max = VALUES(schema_max)"),
+            (true, _) => (", ?", ", schema_max = excluded.schema_max"),
+        };
+        let mut values: Vec<Value> = [
+            report.id.as_str().into(),
+            report.host.as_str().into(),
+            report.version.as_str().into(),
+            report.schema_version.into(),
+            serde_json::to_string(&report.key_fingerprints)
+                .expect("strings serialize")
+                .into(),
+            report.zone.as_str().into(),
+            report.lease_ttl_ms.into(),
+        ]
+        .into_iter()
+        .chain(status.values())
+        .collect();
+        if schema::RECORDS_RANGE {
+            values.push(report.schema_max.into());
+        }
         self.db
             .execute(
                 &format!(
-                    "INSERT INTO sync_agents ({COLUMNS}) VALUES \
-                     (?, ?, ?, ?, ?, ?, ?, {now}, {now}, ?, ?, ?, ?, ?, ?) {upsert}"
+                    "INSERT INTO sync_agents ({COLUMNS}{RANGE_COLUMN}) VALUES \
+                     (?, ?, ?, ?, ?, ?, ?, {now}, {now}, ?, ?, ?, ?, ?, ?{range_value}) \
+                     {upsert}{range_update}"
                 ),
-                &[
-                    report.id.as_str().into(),
-                    report.host.as_str().into(),
-                    report.version.as_str().into(),
-                    report.schema_version.into(),
-                    serde_json::to_string(&report.key_fingerprints)
-                        .expect("strings serialize")
-                        .into(),
-                    report.zone.as_str().into(),
-                    report.lease_ttl_ms.into(),
-                ]
-                .into_iter()
-                .chain(status.values())
-                .collect::<Vec<_>>(),
+                &values,
             )
             .await?;
         Ok(())
@@ -270,7 +295,8 @@ impl Store {
             .db
             .fetch_optional(
                 &format!(
-                    "SELECT {COLUMNS}, {VERDICT_COLUMNS}, {now} FROM sync_agents WHERE id = ?"
+                    "SELECT {COLUMNS}, {VERDICT_COLUMNS}, {now}{RANGE_COLUMN} FROM sync_agents \
+                     WHERE id = ?"
                 ),
                 &[id.into()],
             )
@@ -298,7 +324,7 @@ impl Store {
             .db
             .fetch(
                 &format!(
-                    "SELECT {COLUMNS}, {VERDICT_COLUMNS}, {now} FROM sync_agents \
+                    "SELECT {COLUMNS}, {VERDICT_COLUMNS}, {now}{RANGE_COLUMN} FROM sync_agents \
                      ORDER BY started_at, id"
                 ),
                 &[],

@@ -1,0 +1,140 @@
+//! The sync-agents a migration must mind: the live ones of the registry (`sync_agents`, written
+//! by the agents), their schema ranges, and which of them a `stops-agents` migration would stop.
+//! `status` and `plan` list them; `migrate` refuses such a migration while agents it would stop
+//! are serving, unless the operator says to stop them.
+
+use fleetsync_common::sql::{Conn, Row, Value, now_ms_sql};
+
+use crate::{
+    catalog::{column_exists, table_exists},
+    migration::Migration,
+};
+
+/// The registry's table.
+const AGENTS_TABLE: &str = "sync_agents";
+
+/// A live agent, as the migrator sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveAgent {
+    /// Its id (the holder its leases carry).
+    pub id: String,
+    /// The machine it runs on.
+    pub host: String,
+    /// Its build's version.
+    pub version: String,
+    /// The start of its schema range: the newest migration it needs.
+    pub schema_min: i64,
+    /// The end of its range: the newest migration it was built with. `None`: an agent built
+    /// before agents declared it, which does not check the schema while it runs.
+    pub schema_max: Option<i64>,
+    /// Its zone (empty: none).
+    pub zone: String,
+    /// Serving, draining, quarantined or incompatible.
+    pub state: String,
+}
+
+impl LiveAgent {
+    /// Whether applying `m` takes this agent out of its range.
+    pub fn stopped_by(&self, m: &Migration) -> bool {
+        m.stops_agents && self.schema_max.is_none_or(|max| max < m.version)
+    }
+
+    /// Whether it claims work now (the agents a stop would interrupt).
+    pub fn serving(&self) -> bool {
+        self.state == "serving"
+    }
+
+    /// Its range, for people: `20261208000001..20261209000001`, or `20261207000001..?` for an
+    /// agent that declares no end.
+    pub fn range(&self) -> String {
+        match self.schema_max {
+            Some(max) => format!("{}..{max}", self.schema_min),
+            None => format!("{}..? (declares no end)", self.schema_min),
+        }
+    }
+}
+
+impl std::fmt::Display for LiveAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} on {} (version {}, schema {}, {}{})",
+            self.id,
+            self.host,
+            self.version,
+            self.range(),
+            self.state,
+            if self.zone.is_empty() {
+                String::new()
+            } else {
+                format!(", zone {}", self.zone)
+            }
+        )
+    }
+}
+
+/// The agents whose heartbeat is recent (within two of their lease TTLs, by the database's
+/// clock) and that have not stopped, oldest first. Empty before the registry exists.
+pub async fn live_agents(conn: &mut Conn) -> Result<Vec<LiveAgent>, sqlx::Error> {
+    if !table_exists(conn, AGENTS_TABLE).await? {
+        return Ok(Vec::new());
+    }
+    let max = if column_exists(conn, AGENTS_TABLE, "schema_max").await? {
+        "schema_max"
+    } else {
+        "NULL"
+    };
+    let now = now_ms_sql(conn.backend());
+    let rows = conn
+        .fetch(
+            &format!(
+                "SELECT id, host, version, schema_version, {max}, zone, state FROM {AGENTS_TABLE} \
+                 WHERE state <> ? AND heartbeat_at >= {now} - 2 * lease_ttl_ms \
+                 ORDER BY started_at, id"
+            ),
+            &[Value::Text("gone".into())],
+        )
+        .await?;
+    rows.iter().map(decode).collect()
+}
+
+fn decode(r: &Row) -> Result<LiveAgent, sqlx::Error> {
+    Ok(LiveAgent {
+        id: r.text(0)?,
+        host: r.text(1)?,
+        version: r.text(2)?,
+        schema_min: r.int(3)?,
+        schema_max: r.opt_int(4)?,
+        zone: r.text(5)?,
+        state: r.text(6)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stopping_migration_stops_agents_whose_range_ends_before_it() {
+        let agent = |max| LiveAgent {
+            id: "a".into(),
+            host: "h".into(),
+            version: "0.1.0".into(),
+            schema_min: 10,
+            schema_max: max,
+            zone: String::new(),
+            state: "serving".into(),
+        };
+        let plain = Migration::parse(20, "plain", "SELECT 1;").unwrap();
+        let stopping =
+            Migration::parse(20, "stop", "-- fleetsync: stops-agents\nSELECT 1;").unwrap();
+        assert!(
+            !agent(Some(10)).stopped_by(&plain),
+            "additive: old agents go on"
+        );
+        assert!(agent(Some(10)).stopped_by(&stopping));
+        assert!(agent(None).stopped_by(&stopping), "no declared end");
+        assert!(!agent(Some(20)).stopped_by(&stopping), "built with it");
+        assert_eq!(agent(Some(20)).range(), "10..20");
+    }
+}
