@@ -7,6 +7,8 @@
 //! - a latency-bound fleet: 3,000 addresses that accept TCP and never send a banner (one
 //!   listener on the wildcard address serves 127.1.x.y), `--handshake-timeout 1s`, fixed
 //!   concurrency per agent, 1 and 3 agents: where agents, not the database, are the limit;
+//! - the second opinion's cost: 10,000 servers on PostgreSQL, 3 agents, 10% of them down
+//!   (refused, or silent), with and without `--no-second-opinions`;
 //! - registration: 10,000 `Fleet/UpsertServer` calls with 64 in flight, per backend;
 //! - import: `sync-agent servers import` of a JSON-lines file of 100,000 and 1,000,000 servers
 //!   (`BENCH_IMPORT_SIZES`) into an empty control plane, then the same file again (every server
@@ -39,7 +41,7 @@ use fleetsync_common::{
 use fleetsync_tests::{
     TestDb,
     bench::{cpu_seconds, machine, median, peak_rss_mib, runs, silent_listener},
-    catalog::{add_mariadb_everywhere, insert_servers},
+    catalog::{add_mariadb_everywhere, execute, insert_servers},
     db::ALL_BACKENDS,
     history::HistoryFigures,
     services::{ServeProcess, migrate},
@@ -53,7 +55,7 @@ fn sizes() -> Vec<usize> {
         .unwrap_or_else(|| vec![1_000, 10_000, 100_000])
 }
 
-/// Which parts to run (`BENCH_ONLY=refused,three,silent,registration,import,history`); all by default. A
+/// Which parts to run (`BENCH_ONLY=refused,three,silent,second,registration,import,history`); all by default. A
 /// partial run prints its table and leaves `bench/scale.md` alone.
 fn only() -> Option<Vec<String>> {
     std::env::var("BENCH_ONLY")
@@ -225,7 +227,19 @@ async fn job_scenario(
     let db = TestDb::create(backend).await;
     migrate(db.url()).await;
     insert_fleet(&db, servers, port, addr).await;
-    let running = Agents::start(&db, agents, extra);
+    measure(scenario, &db, servers, agents, extra).await
+}
+
+/// The median job of `servers` on `agents` agents started on `db` (its fleet in place).
+async fn measure(
+    scenario: &str,
+    db: &TestDb,
+    servers: usize,
+    agents: usize,
+    extra: &[&str],
+) -> Row {
+    let backend = db.backend();
+    let running = Agents::start(db, agents, extra);
     warm_up(&running).await;
     let mut seconds = Vec::new();
     let mut cpu = Vec::new();
@@ -502,8 +516,36 @@ async fn main() {
             );
         }
     }
+    // 4. The second opinion's cost: 10,000 servers on PostgreSQL, three agents, 1,000 of them
+    // down (refused, or silent past a 1 s handshake timeout) and 9,000 up without a database
+    // service (never dialed: all their cost is the control plane's), with second opinions and
+    // without (`--no-second-opinions`).
+    let mut second = Vec::new();
+    if wanted("second") && backend_wanted(&Backend::Postgres) {
+        for (down, port, addr) in [
+            (
+                "refused",
+                1,
+                (|_| "127.0.0.1".to_owned()) as fn(usize) -> String,
+            ),
+            ("silent (1 s)", port, silent),
+        ] {
+            for (label, flag) in [("with", None), ("without", Some("--no-second-opinions"))] {
+                let db = TestDb::create(Backend::Postgres).await;
+                migrate(db.url()).await;
+                insert_fleet(&db, 10_000, port, addr).await;
+                let conn = db.connect().await;
+                execute(&conn, "DELETE FROM services WHERE server_id > 1000").await;
+                conn.close().await;
+                let mut flags = vec!["--handshake-timeout", "1s"];
+                flags.extend(flag);
+                let scenario = format!("10% {down}, {label} second opinions");
+                second.push(measure(&scenario, &db, 10_000, 3, &flags).await);
+            }
+        }
+    }
     listener.abort();
-    // 4. Registration.
+    // 5. Registration.
     let mut registrations = Vec::new();
     for backend in ALL_BACKENDS
         .into_iter()
@@ -517,7 +559,7 @@ async fn main() {
         registrations.push((backend, rate, errors));
     }
 
-    // 5. Import.
+    // 6. Import.
     let mut imports = Vec::new();
     if wanted("import") {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -529,7 +571,7 @@ async fn main() {
         }
     }
 
-    // 6. History.
+    // 7. History.
     let mut histories = Vec::new();
     for backend in ALL_BACKENDS
         .into_iter()
@@ -625,6 +667,9 @@ async fn main() {
     for (backend, rate, errors) in &registrations {
         writeln!(table, "| {} | {rate:.0} | {errors} |", backend.as_str()).unwrap();
     }
+    if !second.is_empty() {
+        write_second_opinions(&mut table, &second);
+    }
     if !imports.is_empty() {
         write_imports(&mut table, &imports);
     }
@@ -639,6 +684,51 @@ async fn main() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/scale.md");
     std::fs::write(&path, &table).expect("write bench/scale.md");
     eprintln!("wrote {}", path.display());
+}
+
+/// What the second opinion costs: each pair of rows (with, without) and the difference per
+/// server that is down.
+fn write_second_opinions(table: &mut String, rows: &[Row]) {
+    writeln!(
+        table,
+        "\nSecond opinions: 10,000 servers on PostgreSQL, three agents, 1,000 of them down \
+         (refused, or accepting TCP but silent past a 1 s handshake timeout) and 9,000 up without \
+         a database service (never dialed: their cost is the control plane's); with second \
+         opinions (the default: each failure of a down server is handed to a peer, which tries \
+         once more and records it) and without (`--no-second-opinions`); median of {} jobs:\n",
+        runs()
+    )
+    .unwrap();
+    writeln!(
+        table,
+        "| fleet | time to settle | agent CPU per server | agent peak RSS |\n|---|---|---|---|"
+    )
+    .unwrap();
+    for row in rows {
+        writeln!(
+            table,
+            "| {} | {:.2} s | {:.0} µs | {:.0} MiB |",
+            row.scenario,
+            row.seconds,
+            row.cpu_per_server_us(),
+            row.rss
+        )
+        .unwrap();
+    }
+    for pair in rows.chunks(2) {
+        if let [with, without] = pair {
+            writeln!(
+                table,
+                "\n- {}: the second opinion costs {:+.2} s of wall time ({:.2}x) and {:+.0} µs of \
+                 agent CPU per down server",
+                with.scenario.trim_end_matches(", with second opinions"),
+                with.seconds - without.seconds,
+                with.seconds / without.seconds,
+                (with.cpu - without.cpu) / 1_000.0 * 1e6
+            )
+            .unwrap();
+        }
+    }
 }
 
 /// The import table, with the targets (PostgreSQL ≥ 50,000 servers/s, SQLite and MariaDB ≥

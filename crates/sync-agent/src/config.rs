@@ -385,6 +385,13 @@ pub struct ServeArgs {
     #[arg(long, env = "FLEETSYNC_ZONE", default_value = "", value_parser = zone_name)]
     pub zone: String,
 
+    /// Record a failure that may be this agent's own (authentication refused, unreachable,
+    /// handshake failed) at once, without asking a live peer of its zone for a second opinion
+    /// first (README, "Running several agents"). For agents known to be alike (one key, one
+    /// network); `bench-scale` measures what the second opinion costs.
+    #[arg(long, env = "FLEETSYNC_NO_SECOND_OPINIONS")]
+    pub no_second_opinions: bool,
+
     /// Lease on a server while it is synced; renewed during the run, taken over by another
     /// agent if this one dies.
     #[arg(long, env = "FLEETSYNC_LEASE_TTL", default_value = "60s")]

@@ -426,6 +426,7 @@ pub fn config_from_args(args: &config::ServeArgs) -> anyhow::Result<Config> {
             sync_interval: Some(args.sync_interval.into()).filter(|i: &Duration| !i.is_zero()),
             retention: args.retention.into(),
             zone: args.zone.clone(),
+            second_opinions: !args.no_second_opinions,
         },
     })
 }

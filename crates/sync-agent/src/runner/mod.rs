@@ -62,6 +62,9 @@ pub struct RunnerConfig {
     pub retention: Duration,
     /// The zone it serves (empty: servers without one).
     pub zone: String,
+    /// Whether a failure that may be its own is handed to a live peer of its zone before it is
+    /// recorded.
+    pub second_opinions: bool,
 }
 
 impl Default for RunnerConfig {
@@ -78,6 +81,7 @@ impl Default for RunnerConfig {
             sync_interval: Some(Duration::from_secs(3600)),
             retention: Duration::from_secs(7 * 24 * 3600),
             zone: String::new(),
+            second_opinions: true,
         }
     }
 }

@@ -114,7 +114,8 @@ impl Runner {
                 backoff_ms: self.backoff_ms(server.consecutive_failures + 1),
             }
         };
-        let ask_peer_ms = (result.outcome.may_be_the_agents()
+        let ask_peer_ms = (self.config.second_opinions
+            && result.outcome.may_be_the_agents()
             && self
                 .standing
                 .peers
