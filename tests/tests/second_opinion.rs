@@ -7,7 +7,8 @@
 //!   replica quarantined (NOT_SERVING, `agents`), then resumed by `sync-agent agents resume`;
 //! - a replica in a network namespace without a route to the hosts: their outcome is OK, and
 //!   none of them ever enters backoff;
-//! - a host that is really down: UNREACHABLE after exactly two attempts, by two agents;
+//! - a host that is really down: UNREACHABLE after exactly two attempts, by two agents (one,
+//!   with `--no-second-opinions`);
 //! - two zones behind two namespaces, an agent in each: every server synced by its zone's agent.
 
 use std::{
@@ -20,9 +21,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fleetsync_common::proto::sync::v1::{
-    DatabaseService, Outcome, ServerSpec, StartSyncRequest, UpsertServerRequest,
-    fleet_client::FleetClient, sync_agent_client::SyncAgentClient,
+use fleetsync_common::{
+    Backend,
+    proto::sync::v1::{
+        DatabaseService, Outcome, ServerSpec, StartSyncRequest, UpsertServerRequest,
+        fleet_client::FleetClient, sync_agent_client::SyncAgentClient,
+    },
 };
 use fleetsync_tests::{
     SshFleet, TestDb,
@@ -360,9 +364,20 @@ async fn a_replica_without_a_route_to_the_hosts_never_decides_their_outcome() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_host_that_is_really_down_is_unreachable_after_exactly_two_attempts_by_two_agents() {
+    really_down(Backend::Postgres).await;
+}
+
+/// The same on MariaDB: the lease hand-over and the counts on the asker's row are written by
+/// two agents there too.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_that_is_really_down_is_unreachable_after_two_attempts_on_mariadb_too() {
+    really_down(Backend::MySql).await;
+}
+
+async fn really_down(backend: Backend) {
     let fleet = SshFleet::start(2).await;
     let dir = tempfile::tempdir().expect("temp dir");
-    let db = TestDb::postgres().await;
+    let db = TestDb::create(backend).await;
     migrate(db.url()).await;
     let key = fleet.client_key().to_str().expect("utf-8").to_owned();
     // The down host: accepts TCP and never speaks (a hung machine), counting every attempt.
@@ -449,6 +464,19 @@ async fn a_host_that_is_really_down_is_unreachable_after_exactly_two_attempts_by
         .map(|r| r["second_opinions"]["confirmed"].as_u64().unwrap_or(0))
         .sum();
     assert_eq!(confirmed, 1);
+
+    // Agents that ask no second opinion: one attempt, recorded at once.
+    let alike = &["--ssh-key", key.as_str(), "--no-second-opinions"];
+    let c = ServeProcess::start("sync-agent", &flags(db.url(), alike), dir.path());
+    let d = ServeProcess::start("sync-agent", &flags(db.url(), alike), dir.path());
+    for mut old in [a, b] {
+        old.terminate(Duration::from_secs(15));
+    }
+    all_serving(&c, &[&c.logged("holder"), &d.logged("holder")]).await;
+    let outcomes = forced_job(c.addr, &[down_id], "down-again").await;
+    assert_eq!(outcomes[0].1, Outcome::Unreachable, "{}", outcomes[0].2);
+    assert!(!outcomes[0].2.contains("failed too"), "{}", outcomes[0].2);
+    assert_eq!(attempts.load(Ordering::SeqCst), 3, "one attempt more");
 }
 
 #[tokio::test(flavor = "multi_thread")]
