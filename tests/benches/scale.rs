@@ -715,11 +715,12 @@ fn write_second_opinions(table: &mut String, rows: &[Row]) {
         )
         .unwrap();
     }
+    writeln!(table).unwrap();
     for pair in rows.chunks(2) {
         if let [with, without] = pair {
             writeln!(
                 table,
-                "\n- {}: the second opinion costs {:+.2} s of wall time ({:.2}x) and {:+.0} µs of \
+                "- {}: the second opinion costs {:+.2} s of wall time ({:.2}x) and {:+.0} µs of \
                  agent CPU per down server",
                 with.scenario.trim_end_matches(", with second opinions"),
                 with.seconds - without.seconds,
