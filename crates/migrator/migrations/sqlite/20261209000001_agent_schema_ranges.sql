@@ -7,4 +7,4 @@
 -- to stop them. This migration is the first such: an agent built before it does not check the
 -- schema while it runs, so it would go on working through later migrations that change what it
 -- reads and writes; every agent must be one that follows the rules before it is applied.
-ALTER TABLE sync_agents ADD COLUMN schema_max BIGINT;
+ALTER TABLE sync_agents ADD COLUMN schema_max INTEGER;
