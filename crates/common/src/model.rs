@@ -1,5 +1,7 @@
 //! Domain values both services store: the sync scopes a migration asks for and a job records,
-//! the outbox's sync requests (written by the migrator, read by both), and `stored_enum!`, which gives each service's enums one stored name per variant with a parse
+//! the outbox's sync requests (written by the migrator, read by both) and their states, the
+//! agents' states (written by the agents, read by the migrator too), the inventory and service
+//! vocabularies shared with the panel, and `stored_enum!`, which gives each service's enums one stored name per variant with a parse
 //! that refuses unknown text (`UnknownValue`, a decode error at the database edge).
 
 use std::fmt;
@@ -200,6 +202,79 @@ impl fmt::Display for Scopes {
 impl fmt::Debug for Scopes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_set().entries(self.iter()).finish()
+    }
+}
+
+stored_enum! {
+    /// How a sync-agent is doing, as the registry (`sync_agents`) shows it.
+    pub enum AgentState in "agent state in sync_agents" {
+        /// Claiming and running work.
+        Serving => "serving",
+        /// Shutting down: claims nothing new, finishes or hands over what it holds.
+        Draining => "draining",
+        /// Claims nothing: its own attempts keep failing where its peers succeed.
+        Quarantined => "quarantined",
+        /// Claims nothing: the schema is outside the range it works with.
+        Incompatible => "incompatible",
+        /// Stopped, or its heartbeat stopped.
+        Gone => "gone",
+    }
+}
+
+stored_enum! {
+    /// Where a sync request of the outbox stands (`sync_requests.state`): recorded by a
+    /// migration, handed to an agent by the migrator, made a job by an agent.
+    pub enum RequestState in "state in sync_requests" {
+        /// Recorded, not handed over yet.
+        Pending => "pending",
+        /// The migrator handed it to an agent (which may not have made the job yet).
+        Dispatched => "dispatched",
+        /// An agent made it a job.
+        Taken => "taken",
+    }
+}
+
+stored_enum! {
+    /// Who recorded a sync request (`sync_requests.origin`).
+    pub enum RequestOrigin in "origin in sync_requests" {
+        /// A migration that declared `resync=...`.
+        Migration => "migration",
+    }
+}
+
+stored_enum! {
+    /// Where an inventory row stands (`databases.status`, `database_users.status`): the panel's
+    /// states (Vito writes `creating`, `ready`, `failed`, `deleting`) and the agent's `gone`
+    /// (no longer on the server). The agent writes `ready` and `gone`.
+    pub enum InventoryStatus in "status in databases or database_users" {
+        /// The panel is creating it.
+        Creating => "creating",
+        /// On the server, as the last sync saw it.
+        Ready => "ready",
+        /// The panel failed to create it.
+        Failed => "failed",
+        /// The panel is deleting it.
+        Deleting => "deleting",
+        /// No longer on the server (kept until the retention).
+        Gone => "gone",
+    }
+}
+
+stored_enum! {
+    /// Where a service row stands (`services.status`): the agent registers services as
+    /// `ready`; the panel writes others (installing, ...), which the agent never reads.
+    pub enum ServiceStatus in "status in services" {
+        /// Installed and usable.
+        Ready => "ready",
+    }
+}
+
+stored_enum! {
+    /// The kind of service row the agent reads and writes (`services.type`). The panel stores
+    /// others (web servers, PHP, ...), which the agent never selects.
+    pub enum ServiceType in "type in services" {
+        /// A database service: MySQL, MariaDB or PostgreSQL.
+        Database => "database",
     }
 }
 

@@ -3,7 +3,10 @@
 //! `status` and `plan` list them; `migrate` refuses such a migration while agents it would stop
 //! are serving, unless the operator says to stop them.
 
-use fleetsync_common::sql::{Conn, Row, Value, now_ms_sql};
+use fleetsync_common::{
+    model::AgentState,
+    sql::{Conn, Row, now_ms_sql},
+};
 
 use crate::{
     catalog::{column_exists, table_exists},
@@ -30,7 +33,7 @@ pub struct LiveAgent {
     /// Its zone (empty: none).
     pub zone: String,
     /// Serving, draining, quarantined or incompatible.
-    pub state: String,
+    pub state: AgentState,
 }
 
 impl LiveAgent {
@@ -41,7 +44,7 @@ impl LiveAgent {
 
     /// Whether it claims work now (the agents a stop would interrupt).
     pub fn serving(&self) -> bool {
-        self.state == "serving"
+        self.state == AgentState::Serving
     }
 
     /// Its range, for people: `20261208000001..20261209000001`, or `20261207000001..?` for an
@@ -92,7 +95,7 @@ pub async fn live_agents(conn: &mut Conn) -> Result<Vec<LiveAgent>, sqlx::Error>
                  WHERE state <> ? AND heartbeat_at >= {now} - 2 * lease_ttl_ms \
                  ORDER BY started_at, id"
             ),
-            &[Value::Text("gone".into())],
+            &[AgentState::Gone.as_str().into()],
         )
         .await?;
     rows.iter().map(decode).collect()
@@ -106,7 +109,7 @@ fn decode(r: &Row) -> Result<LiveAgent, sqlx::Error> {
         schema_min: r.int(3)?,
         schema_max: r.opt_int(4)?,
         zone: r.text(5)?,
-        state: r.text(6)?,
+        state: AgentState::parse(&r.text(6)?)?,
     })
 }
 
@@ -123,7 +126,7 @@ mod tests {
             schema_min: 10,
             schema_max: max,
             zone: String::new(),
-            state: "serving".into(),
+            state: AgentState::Serving,
         };
         let plain = Migration::parse(20, "plain", "SELECT 1;").unwrap();
         let stopping =

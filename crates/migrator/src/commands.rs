@@ -168,7 +168,7 @@ fn print_status(status: &Status) -> std::io::Result<()> {
 
 fn agent_json(a: &LiveAgent) -> Value {
     json!({
-        "id": a.id, "host": a.host, "version": a.version, "zone": a.zone, "state": a.state,
+        "id": a.id, "host": a.host, "version": a.version, "zone": a.zone, "state": a.state.as_str(),
         "schema_min": a.schema_min, "schema_max": a.schema_max,
     })
 }

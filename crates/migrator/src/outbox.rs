@@ -6,12 +6,14 @@ use std::time::Duration;
 
 use fleetsync_common::{
     Db,
+    clock::now_ms,
+    model::RequestState,
     proto::sync::v1::{StartSyncRequest, sync_agent_client::SyncAgentClient},
     sql::{Conn, Value},
 };
 use tonic::transport::Endpoint;
 
-use crate::{catalog::table_exists, engine::now_ms, model::SyncRequest};
+use crate::{catalog::table_exists, model::SyncRequest};
 
 /// The outbox of sync requests, the engine's own: it must exist before any migration that
 /// records a request runs.
@@ -77,13 +79,15 @@ pub async fn dispatch_pending(db: &Db, agent: &AgentTarget) -> Result<Vec<Dispat
             Ok(job_id) => {
                 conn.execute(
                     &format!(
-                        "UPDATE {OUTBOX_TABLE} SET state = 'dispatched', job_id = ?, \
-                         dispatched_at = ?, last_error = NULL WHERE id = ? AND state = 'pending'"
+                        "UPDATE {OUTBOX_TABLE} SET state = ?, job_id = ?, dispatched_at = ?, \
+                         last_error = NULL WHERE id = ? AND state = ?"
                     ),
                     &[
+                        RequestState::Dispatched.as_str().into(),
                         Value::Text(job_id.clone()),
                         Value::Int(now_ms()),
                         Value::Text(dispatch.request_id.clone()),
+                        RequestState::Pending.as_str().into(),
                     ],
                 )
                 .await
@@ -113,10 +117,10 @@ async fn read_pending(conn: &mut Conn) -> Result<Vec<SyncRequest>, sqlx::Error> 
         return Ok(Vec::new());
     }
     let sql = format!(
-        "SELECT {} FROM {OUTBOX_TABLE} WHERE state = 'pending' ORDER BY created_at, id",
+        "SELECT {} FROM {OUTBOX_TABLE} WHERE state = ? ORDER BY created_at, id",
         SyncRequest::COLUMNS
     );
-    conn.fetch(&sql, &[])
+    conn.fetch(&sql, &[RequestState::Pending.as_str().into()])
         .await?
         .iter()
         .map(SyncRequest::try_from)

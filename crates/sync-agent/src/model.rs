@@ -3,7 +3,9 @@
 //! database edge (`as_str`, `parse`: unknown text is an error, never a guess; see
 //! `common::stored_enum!`) and at the proto edge (`service::convert`).
 
-pub use fleetsync_common::model::{Scope, Scopes};
+pub use fleetsync_common::model::{
+    AgentState, InventoryStatus, RequestState, Scope, Scopes, ServiceStatus, ServiceType,
+};
 use fleetsync_common::stored_enum;
 
 stored_enum! {
@@ -19,18 +21,13 @@ stored_enum! {
 }
 
 stored_enum! {
-    /// How a sync-agent is doing, as the registry (`sync_agents`) shows it.
-    pub enum AgentState in "agent state in sync_agents" {
-        /// Claiming and running work.
-        Serving => "serving",
-        /// Shutting down: claims nothing new, finishes or hands over what it holds.
-        Draining => "draining",
-        /// Claims nothing: its own attempts keep failing where its peers succeed.
-        Quarantined => "quarantined",
-        /// Claims nothing: the schema is outside the range it works with.
-        Incompatible => "incompatible",
-        /// Stopped, or its heartbeat stopped.
-        Gone => "gone",
+    /// Which servers a job covers, as stored (`sync_jobs.selection`); the ids themselves are
+    /// its rows.
+    pub enum JobSelection in "selection in sync_jobs" {
+        /// Every server registered when it was made.
+        All => "all",
+        /// A list of servers.
+        Ids => "ids",
     }
 }
 

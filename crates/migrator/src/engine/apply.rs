@@ -4,11 +4,14 @@
 
 use std::time::{Duration, Instant};
 
-use fleetsync_common::{Backend, model::SCHEMA_BREAKS_TABLE, sql::Value};
-
-use super::{
-    Engine, EngineError, Event, LOCK_NAME, PG_LOCK_KEY, db_err, ddl::already_applied, now_ms,
+use fleetsync_common::{
+    Backend,
+    clock::now_ms,
+    model::{RequestOrigin, RequestState, SCHEMA_BREAKS_TABLE},
+    sql::Value,
 };
+
+use super::{Engine, EngineError, Event, LOCK_NAME, PG_LOCK_KEY, db_err, ddl::already_applied};
 use crate::{
     history::{self, Conn, History, bootstrap_sql},
     migration::Migration,
@@ -482,13 +485,15 @@ pub(super) async fn record_sync_request(
         conn.execute(
             &format!(
                 "INSERT INTO {OUTBOX_TABLE} (id, origin, migration_version, scopes, reason, state, \
-                 created_at) VALUES (?, 'migration', ?, ?, ?, 'pending', ?)"
+                 created_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
             ),
             &[
                 Value::Text(id.clone()),
+                RequestOrigin::Migration.as_str().into(),
                 Value::Int(m.version),
                 Value::Text(m.resync.to_string()),
                 Value::Text(format!("migration {} {}", m.version, m.name)),
+                RequestState::Pending.as_str().into(),
                 Value::Int(now_ms()),
             ],
         )

@@ -27,7 +27,7 @@ pub use report::{Event, MigrationStatus, Plan, Planned, Problem, Report, Status}
 
 use std::time::{Duration, Instant};
 
-use fleetsync_common::{Backend, Db};
+use fleetsync_common::{Backend, Db, clock::now_ms, model::RequestState};
 
 use crate::{
     agents::{LiveAgent, live_agents},
@@ -190,8 +190,6 @@ pub fn default_installed_by() -> String {
     format!("{user}@{}", fleetsync_common::clock::hostname("localhost"))
 }
 
-pub use fleetsync_common::clock::now_ms;
-
 impl EngineError {
     /// True for a deadlock or serialisation failure: running the migration again is the cure.
     pub fn is_conflict(&self) -> bool {
@@ -264,8 +262,8 @@ impl Engine {
                     .map_err(db_err("reading outbox"))? =>
             {
                 conn.scalar(
-                    &format!("SELECT COUNT(*) FROM {OUTBOX_TABLE} WHERE state = 'pending'"),
-                    &[],
+                    &format!("SELECT COUNT(*) FROM {OUTBOX_TABLE} WHERE state = ?"),
+                    &[RequestState::Pending.as_str().into()],
                 )
                 .await
                 .map_err(db_err("reading outbox"))?

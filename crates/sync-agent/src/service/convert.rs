@@ -4,7 +4,9 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use fleetsync_common::proto::sync::v1 as pb;
 
-use crate::model::{AgentState, Cause, JobOrigin, JobState, Outcome, Reachability};
+use crate::model::{
+    AgentState, Cause, InventoryStatus, JobOrigin, JobState, Outcome, Reachability,
+};
 use crate::store::{
     AgentRecord, DatabaseService, HostKeyRecord, Inventory, JobRecord, LastRuns, OutcomeRecord,
     RunResult, ServerRecord,
@@ -212,10 +214,7 @@ pub fn previous_key(key: Option<&HostKeyRecord>) -> Option<pb::HostKey> {
 
 /// What the syncs stored, as the inventory message (`None` before the first successful sync).
 pub fn inventory(service: Option<DatabaseService>, inventory: &Inventory) -> Option<pb::Inventory> {
-    let type_data: serde_json::Value = inventory
-        .type_data
-        .as_deref()
-        .and_then(|t| serde_json::from_str(t).ok())?;
+    let type_data = inventory.type_data.as_ref()?;
     let charsets = type_data["charsets"]
         .as_object()
         .map(|map| {
@@ -235,8 +234,8 @@ pub fn inventory(service: Option<DatabaseService>, inventory: &Inventory) -> Opt
                 .collect()
         })
         .unwrap_or_default();
-    let state = |status: &str| {
-        if status == "gone" {
+    let state = |status: &InventoryStatus| {
+        if *status == InventoryStatus::Gone {
             pb::DatabaseState::Gone
         } else {
             pb::DatabaseState::Ready

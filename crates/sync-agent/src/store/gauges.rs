@@ -3,7 +3,9 @@
 //! the registry by state.
 
 use super::Store;
-use crate::model::{AgentState, JobState, Reachability};
+use fleetsync_common::sql::Value;
+
+use crate::model::{AgentState, JobState, Reachability, RequestState};
 
 /// The fleet's state as the database holds it (every agent's work, not only this one's).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -51,19 +53,23 @@ impl Store {
                 None => agents.push((agent.status.state, 1)),
             }
         }
-        let count = |sql: &'static str| async move {
-            let row = self.db.fetch_optional(sql, &[]).await?;
+        let count = |sql: &'static str, args: Vec<Value>| async move {
+            let row = self.db.fetch_optional(sql, &args).await?;
             row.map_or(Ok(0), |r| r.int(0))
         };
         Ok(FleetGauges {
             jobs,
             servers_waiting: count(
                 "SELECT COUNT(*) FROM server_leases WHERE pending_since IS NOT NULL",
+                Vec::new(),
             )
             .await?,
             servers,
-            outbox_pending: count("SELECT COUNT(*) FROM sync_requests WHERE state <> 'taken'")
-                .await?,
+            outbox_pending: count(
+                "SELECT COUNT(*) FROM sync_requests WHERE state <> ?",
+                vec![RequestState::Taken.as_str().into()],
+            )
+            .await?,
             agents,
         })
     }

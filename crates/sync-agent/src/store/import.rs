@@ -10,8 +10,11 @@ use fleetsync_common::{
     sql::{Tx, Value, is_unique_violation, retry},
 };
 
-use super::{CHUNK, Store, list, rows, servers::ServerSpec};
-use crate::ssh::HostKeyInfo;
+use super::{
+    CHUNK, Store, list, rows,
+    servers::{ServerSpec, service_type},
+};
+use crate::{model::ServiceStatus, ssh::HostKeyInfo};
 
 /// What registering one spec did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -323,10 +326,11 @@ async fn stored<'a>(
     // Their services, by id: a join here would scan every service on PostgreSQL.
     let ids: Vec<i64> = by_id.keys().copied().collect();
     for chunk in ids.chunks(CHUNK) {
-        let args: Vec<Value> = chunk.iter().map(|id| (*id).into()).collect();
+        let args: Vec<Value> = std::iter::once(service_type())
+            .chain(chunk.iter().map(|id| (*id).into()))
+            .collect();
         let sql = format!(
-            "SELECT server_id, name, version FROM services \
-             WHERE type = 'database' AND server_id IN {}",
+            "SELECT server_id, name, version FROM services WHERE type = ? AND server_id IN {}",
             list(chunk.len())
         );
         for r in tx.fetch(&sql, &args).await? {
@@ -430,10 +434,12 @@ pub(super) async fn write_services(
         .map(|(id, _)| *id)
         .collect();
     for chunk in gone.chunks(CHUNK) {
-        let args: Vec<Value> = chunk.iter().map(|id| (*id).into()).collect();
+        let args: Vec<Value> = std::iter::once(service_type())
+            .chain(chunk.iter().map(|id| (*id).into()))
+            .collect();
         tx.execute(
             &format!(
-                "DELETE FROM services WHERE type = 'database' AND server_id IN {}",
+                "DELETE FROM services WHERE type = ? AND server_id IN {}",
                 list(chunk.len())
             ),
             &args,
@@ -460,12 +466,14 @@ pub(super) async fn write_services(
         }
     };
     for chunk in set.chunks(ROWS) {
-        let mut args: Vec<Value> = Vec::with_capacity(chunk.len() * 5);
+        let mut args: Vec<Value> = Vec::with_capacity(chunk.len() * 7);
         for (id, (name, version)) in chunk {
             args.extend([
                 (*id).into(),
+                service_type(),
                 (*name).into(),
                 (*version).into(),
+                ServiceStatus::Ready.as_str().into(),
                 now.into(),
                 now.into(),
             ]);
@@ -474,8 +482,7 @@ pub(super) async fn write_services(
             &format!(
                 "INSERT INTO services (server_id, type, name, version, status, created_at, \
                  updated_at) VALUES {} {upsert}",
-                rows(chunk.len(), 5)
-                    .replace("(?, ?, ?, ?, ?)", "(?, 'database', ?, ?, 'ready', ?, ?)")
+                rows(chunk.len(), 7)
             ),
             &args,
         )

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use fleetsync_common::sql::{Tx, Value};
 
 use super::{CHUNK, list, quote_identifiers};
+use crate::model::{InventoryStatus, ServiceType};
 
 /// What a sync read, ready to store.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -100,7 +101,11 @@ pub(super) async fn write_all(
         for row in tx.fetch(&sql, &args).await? {
             stored_databases.entry(row.int(0)?).or_default().insert(
                 row.text(1)?,
-                (row.opt_text(2)?, row.opt_text(3)?, row.text(4)?),
+                (
+                    row.opt_text(2)?,
+                    row.opt_text(3)?,
+                    InventoryStatus::parse(&row.text(4)?)?,
+                ),
             );
         }
         let sql = q(&format!(
@@ -109,10 +114,10 @@ pub(super) async fn write_all(
             list(chunk.len())
         ));
         for row in tx.fetch(&sql, &args).await? {
-            stored_users
-                .entry(row.int(0)?)
-                .or_default()
-                .insert((row.text(1)?, row.text(2)?), (row.text(3)?, row.text(4)?));
+            stored_users.entry(row.int(0)?).or_default().insert(
+                (row.text(1)?, row.text(2)?),
+                (row.text(3)?, InventoryStatus::parse(&row.text(4)?)?),
+            );
         }
     }
 
@@ -128,13 +133,14 @@ pub(super) async fn write_all(
             tx.execute(
                 "UPDATE services SET type_data = ?, inventory_key = ?, \
                  version = COALESCE(?, version), updated_at = ? \
-                 WHERE server_id = ? AND type = 'database'",
+                 WHERE server_id = ? AND type = ?",
                 &[
                     charsets.type_data.as_str().into(),
                     charsets.key.as_str().into(),
                     inventory.version.clone().into(),
                     now.into(),
                     server_id.into(),
+                    ServiceType::Database.as_str().into(),
                 ],
             )
             .await?;
@@ -149,11 +155,11 @@ pub(super) async fn write_all(
     // Every database a sync saw was seen now (`Database.synced_at`); after the writes above,
     // those are exactly the ready ones.
     for chunk in ids.chunks(CHUNK) {
-        let mut args: Vec<Value> = vec![now.into()];
+        let mut args: Vec<Value> = vec![now.into(), InventoryStatus::Ready.as_str().into()];
         args.extend(chunk.iter().map(|&id| Value::Int(id)));
         tx.execute(
             &q(&format!(
-                "UPDATE \"databases\" SET updated_at = ? WHERE status = 'ready' AND server_id IN {}",
+                "UPDATE \"databases\" SET updated_at = ? WHERE status = ? AND server_id IN {}",
                 list(chunk.len())
             )),
             &args,
@@ -164,11 +170,11 @@ pub(super) async fn write_all(
 }
 
 /// A stored database: charset, collation, status.
-type StoredDatabase = (Option<String>, Option<String>, String);
+type StoredDatabase = (Option<String>, Option<String>, InventoryStatus);
 /// A user's key: username, host.
 type UserKey = (String, String);
 /// A stored user: its databases (JSON list), status.
-type StoredUser = (String, String);
+type StoredUser = (String, InventoryStatus);
 
 /// Databases, by name: new ones added, changed ones updated, vanished ones marked gone.
 async fn write_databases(
@@ -191,10 +197,11 @@ async fn write_databases(
             None => {
                 tx.execute(
                     &q("INSERT INTO \"databases\" (server_id, name, status, charset, \"collation\", \
-                        created_at, updated_at) VALUES (?, ?, 'ready', ?, ?, ?, ?)"),
+                        created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"),
                     &[
                         server_id.into(),
                         (*name).into(),
+                        InventoryStatus::Ready.as_str().into(),
                         (*charset).into(),
                         (*collation).into(),
                         now.into(),
@@ -207,17 +214,20 @@ async fn write_databases(
             Some((c, co, status)) => {
                 let changed = c.as_deref() != Some(*charset)
                     || co.as_deref() != Some(*collation)
-                    || status != "ready";
+                    || *status != InventoryStatus::Ready;
                 if !changed {
                     continue;
                 }
                 counts.databases_updated += 1;
                 tx.execute(
-                    &q("UPDATE \"databases\" SET charset = ?, \"collation\" = ?, status = 'ready', \
-                        updated_at = ? WHERE server_id = ? AND name = ?"),
+                    &q(
+                        "UPDATE \"databases\" SET charset = ?, \"collation\" = ?, status = ?, \
+                        updated_at = ? WHERE server_id = ? AND name = ?",
+                    ),
                     &[
                         (*charset).into(),
                         (*collation).into(),
+                        InventoryStatus::Ready.as_str().into(),
                         now.into(),
                         server_id.into(),
                         (*name).into(),
@@ -228,10 +238,15 @@ async fn write_databases(
         }
     }
     for (name, (_, _, status)) in stored {
-        if status != "gone" && !seen.contains_key(name.as_str()) {
+        if *status != InventoryStatus::Gone && !seen.contains_key(name.as_str()) {
             tx.execute(
-                &q("UPDATE \"databases\" SET status = 'gone', updated_at = ? WHERE server_id = ? AND name = ?"),
-                &[now.into(), server_id.into(), name.as_str().into()],
+                &q("UPDATE \"databases\" SET status = ?, updated_at = ? WHERE server_id = ? AND name = ?"),
+                &[
+                    InventoryStatus::Gone.as_str().into(),
+                    now.into(),
+                    server_id.into(),
+                    name.as_str().into(),
+                ],
             )
             .await?;
             counts.databases_gone += 1;
@@ -264,12 +279,13 @@ async fn write_users(
             None => {
                 tx.execute(
                     &q("INSERT INTO database_users (server_id, username, host, \"databases\", status, \
-                        created_at, updated_at) VALUES (?, ?, ?, ?, 'ready', ?, ?)"),
+                        created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"),
                     &[
                         server_id.into(),
                         (*user).into(),
                         (*host).into(),
                         databases.as_str().into(),
+                        InventoryStatus::Ready.as_str().into(),
                         now.into(),
                         now.into(),
                     ],
@@ -278,15 +294,18 @@ async fn write_users(
                 counts.users_added += 1;
             }
             Some((stored_databases, status)) => {
-                if stored_databases == databases && status == "ready" {
+                if stored_databases == databases && *status == InventoryStatus::Ready {
                     continue;
                 }
                 counts.users_updated += 1;
                 tx.execute(
-                    &q("UPDATE database_users SET \"databases\" = ?, status = 'ready', updated_at = ? \
-                        WHERE server_id = ? AND username = ? AND host = ?"),
+                    &q(
+                        "UPDATE database_users SET \"databases\" = ?, status = ?, updated_at = ? \
+                        WHERE server_id = ? AND username = ? AND host = ?",
+                    ),
                     &[
                         databases.as_str().into(),
+                        InventoryStatus::Ready.as_str().into(),
                         now.into(),
                         server_id.into(),
                         (*user).into(),
@@ -298,11 +317,12 @@ async fn write_users(
         }
     }
     for ((user, host), (_, status)) in stored {
-        if status != "gone" && !seen.contains_key(&(user.as_str(), host.as_str())) {
+        if *status != InventoryStatus::Gone && !seen.contains_key(&(user.as_str(), host.as_str())) {
             tx.execute(
-                "UPDATE database_users SET status = 'gone', updated_at = ? \
+                "UPDATE database_users SET status = ?, updated_at = ? \
                  WHERE server_id = ? AND username = ? AND host = ?",
                 &[
+                    InventoryStatus::Gone.as_str().into(),
                     now.into(),
                     server_id.into(),
                     user.as_str().into(),

@@ -13,8 +13,8 @@ use fleetsync_common::{
     sql::{Row, Tx, Value, is_unique_violation, now_ms_sql, retry},
 };
 
-use super::{CHUNK, Store, WORK_CHANNEL, list, notify, outbox::TAKE_REQUEST};
-use crate::model::{JobOrigin, JobState, Outcome, Scopes};
+use super::{CHUNK, Store, WORK_CHANNEL, list, notify, outbox::take_request};
+use crate::model::{JobOrigin, JobSelection, JobState, Outcome, Scopes};
 
 /// Which servers a job covers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,12 +177,8 @@ impl Store {
         let (id, created) = retry("create job", || self.create_job_once(job)).await?;
         // The migrator handed this request over itself: it is taken all the same.
         if !created {
-            self.db
-                .execute(
-                    TAKE_REQUEST,
-                    &[id.as_str().into(), job.request_id.as_str().into()],
-                )
-                .await?;
+            let (sql, args) = take_request(&id, &job.request_id);
+            self.db.execute(sql, &args).await?;
         }
         let record = self
             .job(&id)
@@ -218,9 +214,10 @@ impl Store {
                 job.reason.as_str().into(),
                 now.into(),
                 match job.selection {
-                    Selection::All => "all",
-                    Selection::Ids(_) => "ids",
+                    Selection::All => JobSelection::All,
+                    Selection::Ids(_) => JobSelection::Ids,
                 }
+                .as_str()
                 .into(),
             ],
         )
@@ -296,11 +293,8 @@ impl Store {
         .await?;
         notify(&mut tx, WORK_CHANNEL).await?;
         // A migration's request is taken once its job exists.
-        tx.execute(
-            TAKE_REQUEST,
-            &[id.as_str().into(), job.request_id.as_str().into()],
-        )
-        .await?;
+        let (sql, args) = take_request(&id, &job.request_id);
+        tx.execute(sql, &args).await?;
         tx.commit().await?;
         Ok((id, true))
     }
@@ -327,14 +321,18 @@ impl Store {
         if had_force != job.force {
             differences.push(format!("force {} (the job has {had_force})", job.force));
         }
-        match (row.opt_text(2)?.as_deref(), &job.selection) {
-            (Some("ids"), Selection::All) => {
+        let had = row
+            .opt_text(2)?
+            .map(|s| JobSelection::parse(&s))
+            .transpose()?;
+        match (had, &job.selection) {
+            (Some(JobSelection::Ids), Selection::All) => {
                 differences.push("all servers (the job has a list of servers)".into());
             }
-            (Some("all"), Selection::Ids(_)) => {
+            (Some(JobSelection::All), Selection::Ids(_)) => {
                 differences.push("a list of servers (the job has all servers)".into());
             }
-            (Some("ids"), Selection::Ids(ids)) => {
+            (Some(JobSelection::Ids), Selection::Ids(ids)) => {
                 let had: Vec<i64> = self
                     .db
                     .fetch(

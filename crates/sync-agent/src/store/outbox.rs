@@ -1,13 +1,25 @@
 //! The outbox from the agent's side: sync requests that migrations recorded (in the same
 //! transaction as their schema change) and that no job has taken yet.
 
+use fleetsync_common::sql::Value;
+
 use super::Store;
+use crate::model::RequestState;
 pub use fleetsync_common::model::SyncRequest;
 
-/// Marks a request taken by the job made from it (binds the job id, then the request id). A
+/// The statement that marks a request taken by the job made from it, and its arguments. A
 /// job's request id is its request's id, so this is a no-op for a job no migration asked for.
-pub(super) const TAKE_REQUEST: &str =
-    "UPDATE sync_requests SET state = 'taken', job_id = ? WHERE id = ? AND state <> 'taken'";
+pub(super) fn take_request(job_id: &str, request_id: &str) -> (&'static str, [Value; 4]) {
+    (
+        "UPDATE sync_requests SET state = ?, job_id = ? WHERE id = ? AND state <> ?",
+        [
+            RequestState::Taken.as_str().into(),
+            job_id.into(),
+            request_id.into(),
+            RequestState::Taken.as_str().into(),
+        ],
+    )
+}
 
 impl Store {
     /// Sync requests recorded by migrations that no job has taken yet, oldest first.
@@ -15,10 +27,10 @@ impl Store {
         self.db
             .fetch(
                 &format!(
-                    "SELECT {} FROM sync_requests WHERE state <> 'taken' ORDER BY created_at, id",
+                    "SELECT {} FROM sync_requests WHERE state <> ? ORDER BY created_at, id",
                     SyncRequest::COLUMNS
                 ),
-                &[],
+                &[RequestState::Taken.as_str().into()],
             )
             .await?
             .iter()

@@ -15,7 +15,7 @@ use fleetsync_common::{
 
 use super::{
     CHUNK, ServerRecord, Store, list,
-    servers::{SERVER_COLUMN_COUNT, SERVER_COLUMNS, SERVER_FROM},
+    servers::{SERVER_COLUMN_COUNT, SERVER_COLUMNS, SERVER_FROM, service_type},
 };
 
 /// A lease this agent holds on one server.
@@ -379,7 +379,9 @@ async fn servers_for_run(
              WHERE s.id IN {}",
             list(chunk.len())
         );
-        let args: Vec<Value> = chunk.iter().map(|&id| Value::Int(id)).collect();
+        let args: Vec<Value> = std::iter::once(service_type())
+            .chain(chunk.iter().map(|&id| Value::Int(id)))
+            .collect();
         for row in tx.fetch(&sql, &args).await? {
             let server = ServerRecord::try_from(&row)?;
             let forced = row.int(SERVER_COLUMN_COUNT)? > 0;

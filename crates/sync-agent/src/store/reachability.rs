@@ -10,7 +10,7 @@ use fleetsync_common::{
 use super::{
     CHUNK, ServerRecord, Store, list,
     queue::{Claim, WaitMark, db_now, release_leases, take_leases},
-    servers::{SERVER_COLUMNS, SERVER_FROM},
+    servers::{SERVER_COLUMNS, SERVER_FROM, service_type},
 };
 use crate::model::Reachability;
 
@@ -79,7 +79,9 @@ impl Store {
                 "SELECT {SERVER_COLUMNS} FROM {SERVER_FROM} WHERE s.id IN {}",
                 list(chunk.len())
             );
-            let args: Vec<Value> = chunk.iter().map(|&id| Value::Int(id)).collect();
+            let args: Vec<Value> = std::iter::once(service_type())
+                .chain(chunk.iter().map(|&id| Value::Int(id)))
+                .collect();
             for row in tx.fetch(&sql, &args).await? {
                 let server = ServerRecord::try_from(&row)?;
                 servers.insert(server.id, server);

@@ -7,7 +7,7 @@
 use fleetsync_common::sql::{Value, now_ms_sql};
 
 use super::{Store, fill::cancel_waiting, list};
-use crate::model::JobState;
+use crate::model::{InventoryStatus, JobState};
 
 /// What one pass deleted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -87,7 +87,13 @@ impl Store {
             tx.commit().await?;
         }
         pruned.runs = self
-            .delete_old("sync_runs", "finished_at", "", cutoff_ms, max_batches)
+            .delete_old(
+                "sync_runs",
+                "finished_at",
+                ("", None),
+                cutoff_ms,
+                max_batches,
+            )
             .await?;
         pruned.agents = self
             .db
@@ -102,7 +108,10 @@ impl Store {
                 .delete_old(
                     table,
                     "updated_at",
-                    "status = 'gone' AND ",
+                    (
+                        "status = ? AND ",
+                        Some(InventoryStatus::Gone.as_str().into()),
+                    ),
                     cutoff_ms,
                     max_batches,
                 )
@@ -138,7 +147,7 @@ impl Store {
     }
 
     /// Deletes the rows of `table` (with an `id`) whose `time` is before `cutoff_ms` and that
-    /// match `filter` (`"... AND "`, or empty), oldest first, in batches of 2,000 ids read first
+    /// match `filter` (`"... = ? AND "` and its argument, or empty), oldest first, in batches of 2,000 ids read first
     /// and deleted by id (MySQL has no `LIMIT` in an `IN` subquery), at most `max_batches`.
     /// The delete bounds the time by the batch's oldest and newest, not by the cutoff:
     /// PostgreSQL otherwise walked the time index over every row due (100,000 at 1,000,000
@@ -147,11 +156,13 @@ impl Store {
         &self,
         table: &str,
         time: &str,
-        filter: &str,
+        (filter, filter_arg): (&str, Option<Value>),
         cutoff_ms: i64,
         max_batches: usize,
     ) -> Result<u64, sqlx::Error> {
         let mut deleted = 0;
+        let with_filter =
+            |rest: Vec<Value>| -> Vec<Value> { filter_arg.iter().cloned().chain(rest).collect() };
         for _ in 0..max_batches {
             let rows = self
                 .db
@@ -160,14 +171,14 @@ impl Store {
                         "SELECT id, {time} FROM {table} WHERE {filter}{time} < ? \
                          ORDER BY {time} LIMIT ?"
                     )),
-                    &[cutoff_ms.into(), (BATCH as i64 * 4).into()],
+                    &with_filter(vec![cutoff_ms.into(), (BATCH as i64 * 4).into()]),
                 )
                 .await?;
             let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
                 break;
             };
             // Still this old when deleted: a row whose time moved on meanwhile is kept.
-            let mut args: Vec<Value> = vec![first.int(1)?.into(), last.int(1)?.into()];
+            let mut args = with_filter(vec![first.int(1)?.into(), last.int(1)?.into()]);
             for row in &rows {
                 args.push(Value::Int(row.int(0)?));
             }

@@ -6,39 +6,22 @@ use fleetsync_common::{
     sql::{Row, Value, is_unique_violation, retry},
 };
 
-use crate::{model::Reachability, ssh::HostKeyInfo};
+use crate::{
+    model::{InventoryStatus, Reachability, ServiceType},
+    ssh::HostKeyInfo,
+};
 
 use super::{Registered, Store};
 
-/// The database service registered for a server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DatabaseService {
-    /// MySQL (`sudo mysql`).
-    Mysql,
-    /// MariaDB (`sudo mariadb`).
-    Mariadb,
-    /// PostgreSQL (`sudo -u postgres psql`).
-    Postgresql,
-}
-
-impl DatabaseService {
-    /// Name stored in `services.name`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Mysql => "mysql",
-            Self::Mariadb => "mariadb",
-            Self::Postgresql => "postgresql",
-        }
-    }
-
-    /// Parses `services.name`.
-    pub fn parse(name: &str) -> Option<Self> {
-        match name {
-            "mysql" => Some(Self::Mysql),
-            "mariadb" => Some(Self::Mariadb),
-            "postgresql" => Some(Self::Postgresql),
-            _ => None,
-        }
+fleetsync_common::stored_enum! {
+    /// The database service registered for a server (`services.name` of its database service).
+    pub enum DatabaseService in "database service in services.name" {
+        /// MySQL (`sudo mysql`).
+        Mysql => "mysql",
+        /// MariaDB (`sudo mariadb`).
+        Mariadb => "mariadb",
+        /// PostgreSQL (`sudo -u postgres psql`).
+        Postgresql => "postgresql",
     }
 }
 
@@ -125,8 +108,15 @@ pub(super) const SERVER_COLUMNS: &str = "s.id, s.name, s.ip, s.port, s.ssh_user,
     sv.inventory_key, s.zone";
 /// How many columns [`SERVER_COLUMNS`] has.
 pub(super) const SERVER_COLUMN_COUNT: usize = 19;
+/// The servers with their database service: its one parameter, first of the statement, is
+/// [`service_type`].
 pub(super) const SERVER_FROM: &str =
-    "servers s LEFT JOIN services sv ON sv.server_id = s.id AND sv.type = 'database'";
+    "servers s LEFT JOIN services sv ON sv.server_id = s.id AND sv.type = ?";
+
+/// The argument of [`SERVER_FROM`] (and of every `services.type` the agent selects).
+pub(super) fn service_type() -> Value {
+    ServiceType::Database.as_str().into()
+}
 
 impl ServerRecord {
     /// The pinned host key, as the SSH check wants it.
@@ -174,7 +164,13 @@ impl TryFrom<&Row> for ServerRecord {
             host_key,
             created_at: r.int(13)?,
             updated_at: r.int(14)?,
-            database_service: r.opt_text(15)?.as_deref().and_then(DatabaseService::parse),
+            // Still read leniently (unknown: no service; a port out of range: 22): this row
+            // also comes with every claim, and one unreadable registration must not stop the
+            // claims of every other server. Turning it into that server's own outcome is
+            // issue 19's next step.
+            database_service: r
+                .opt_text(15)?
+                .and_then(|name| DatabaseService::parse(&name).ok()),
             database_version: r.opt_text(16)?.unwrap_or_default(),
             inventory_key: r.opt_text(17)?,
             zone: r.text(18)?,
@@ -200,8 +196,8 @@ pub struct DatabaseRecord {
     pub charset: Option<String>,
     /// Default collation, as the server reported it.
     pub collation: Option<String>,
-    /// `ready` or `gone`.
-    pub status: String,
+    /// `ready` or `gone` (or a state the panel gave it).
+    pub status: InventoryStatus,
     /// Last seen (ms).
     pub updated_at: i64,
 }
@@ -215,15 +211,15 @@ pub struct UserRecord {
     pub host: String,
     /// Databases it can use.
     pub databases: Vec<String>,
-    /// `ready` or `gone`.
-    pub status: String,
+    /// `ready` or `gone` (or a state the panel gave it).
+    pub status: InventoryStatus,
 }
 
 /// What the last syncs stored about a server's database service.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Inventory {
-    /// `services.type_data` as stored (JSON), if a sync wrote it.
-    pub type_data: Option<String>,
+    /// `services.type_data` (a JSON document), if a sync wrote it.
+    pub type_data: Option<serde_json::Value>,
     /// Databases, system ones left out, gone ones kept and marked.
     pub databases: Vec<DatabaseRecord>,
     /// Database users, gone ones kept and marked.
@@ -257,7 +253,7 @@ impl Store {
     pub async fn server(&self, id: i64) -> Result<Option<ServerRecord>, sqlx::Error> {
         let sql = format!("SELECT {SERVER_COLUMNS} FROM {SERVER_FROM} WHERE s.id = ?");
         self.db
-            .fetch_optional(&sql, &[id.into()])
+            .fetch_optional(&sql, &[service_type(), id.into()])
             .await?
             .as_ref()
             .map(ServerRecord::try_from)
@@ -279,6 +275,7 @@ impl Store {
             "SELECT {SERVER_COLUMNS} FROM {SERVER_FROM} WHERE s.id > ? {filter} ORDER BY s.id LIMIT ?"
         );
         args.insert(0, after_id.into());
+        args.insert(0, service_type());
         args.push(i64::from(limit).into());
         self.db
             .fetch(&sql, &args)
@@ -320,9 +317,8 @@ impl Store {
         let mut tx = self.db.begin().await?;
         let Some(current) = tx
             .fetch_optional(
-                "SELECT sv.name, sv.version FROM servers s LEFT JOIN services sv \
-                 ON sv.server_id = s.id AND sv.type = 'database' WHERE s.id = ?",
-                &[id.into()],
+                &format!("SELECT sv.name, sv.version FROM {SERVER_FROM} WHERE s.id = ?"),
+                &[service_type(), id.into()],
             )
             .await?
         else {
@@ -451,13 +447,19 @@ impl Store {
         let type_data = self
             .db
             .fetch_optional(
-                "SELECT type_data FROM services WHERE server_id = ? AND type = 'database'",
-                &[id.into()],
+                "SELECT type_data FROM services WHERE server_id = ? AND type = ?",
+                &[id.into(), service_type()],
             )
             .await?
             .map(|r| r.opt_text(0))
             .transpose()?
-            .flatten();
+            .flatten()
+            .map(|text| {
+                serde_json::from_str(&text).map_err(|e| {
+                    sqlx::Error::Decode(format!("services.type_data is not JSON: {e}").into())
+                })
+            })
+            .transpose()?;
         let databases = self
             .db
             .fetch(
@@ -474,7 +476,7 @@ impl Store {
                     name: r.text(0)?,
                     charset: r.opt_text(1)?,
                     collation: r.opt_text(2)?,
-                    status: r.text(3)?,
+                    status: InventoryStatus::parse(&r.text(3)?)?,
                     updated_at: r.int(4)?,
                 })
             })
@@ -494,8 +496,12 @@ impl Store {
                 Ok(UserRecord {
                     username: r.text(0)?,
                     host: r.text(1)?,
-                    databases: serde_json::from_str(&r.text(2)?).unwrap_or_default(),
-                    status: r.text(3)?,
+                    databases: serde_json::from_str(&r.text(2)?).map_err(|e| {
+                        sqlx::Error::Decode(
+                            format!("database_users.databases is not a JSON list: {e}").into(),
+                        )
+                    })?,
+                    status: InventoryStatus::parse(&r.text(3)?)?,
                 })
             })
             .collect::<Result<_, sqlx::Error>>()?;
