@@ -7,6 +7,8 @@
 //! - a latency-bound fleet: 3,000 addresses that accept TCP and never send a banner (one
 //!   listener on the wildcard address serves 127.1.x.y), `--handshake-timeout 1s`, fixed
 //!   concurrency per agent, 1 and 3 agents: where agents, not the database, are the limit;
+//! - SSH attempts in flight: 10,000 silent addresses dialed at once by one agent
+//!   (`--in-flight 10000`), its peak RSS;
 //! - the second opinion's cost: 10,000 servers on PostgreSQL, 3 agents, 10% of them down
 //!   (refused, or silent), with and without `--no-second-opinions`;
 //! - registration: 10,000 `Fleet/UpsertServer` calls with 64 in flight, per backend;
@@ -55,7 +57,7 @@ fn sizes() -> Vec<usize> {
         .unwrap_or_else(|| vec![1_000, 10_000, 100_000])
 }
 
-/// Which parts to run (`BENCH_ONLY=refused,three,silent,second,registration,import,history`); all by default. A
+/// Which parts to run (`BENCH_ONLY=refused,three,silent,flight,second,registration,import,history`); all by default. A
 /// partial run prints its table and leaves `bench/scale.md` alone.
 fn only() -> Option<Vec<String>> {
     std::env::var("BENCH_ONLY")
@@ -451,6 +453,8 @@ async fn history(backend: Backend, rows: usize) -> HistoryFigures {
 
 #[tokio::main]
 async fn main() {
+    // The silent listener holds a socket per attempt, as the agent does.
+    fleetsync_sync_agent::limits::raise_open_files().expect("open-file limit");
     let runs = runs();
     let mut table = String::new();
     let mut rows = Vec::new();
@@ -515,6 +519,29 @@ async fn main() {
                 .await,
             );
         }
+    }
+    // 3b. SSH attempts in flight: one agent dials 10,000 silent addresses at once
+    // (`--in-flight 10000`), each waiting out a 1 s handshake timeout.
+    if wanted("flight") && backend_wanted(&Backend::Postgres) {
+        latency.push(
+            job_scenario(
+                "silent (1 s), 10,000 in flight",
+                Backend::Postgres,
+                10_000,
+                1,
+                port,
+                silent,
+                &[
+                    "--handshake-timeout",
+                    "1s",
+                    "--concurrency",
+                    "200",
+                    "--in-flight",
+                    "10000",
+                ],
+            )
+            .await,
+        );
     }
     // 4. The second opinion's cost: 10,000 servers on PostgreSQL, three agents, 1,000 of them
     // down (refused, or silent past a 1 s handshake timeout) and 9,000 up without a database

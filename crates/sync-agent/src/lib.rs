@@ -8,6 +8,7 @@ pub mod client;
 pub mod config;
 pub mod entry;
 pub mod inventory;
+pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod runner;
@@ -86,10 +87,25 @@ pub struct Config {
 /// start on a schema older than it needs. Health reports `SERVING` once the database answers
 /// and the schema is current, and `NOT_SERVING` as soon as shutdown begins.
 pub async fn run(
-    config: Config,
+    mut config: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // Every run in flight holds a socket: the soft open-file limit goes up to the hard one,
+    // and the runs in flight stay within it.
+    match limits::raise_open_files() {
+        Ok(files) => {
+            if files.now > files.before {
+                tracing::info!(
+                    before = files.before,
+                    now = files.now,
+                    "raised the open-file limit (soft) to the hard limit"
+                );
+            }
+            config.runner.open_files_cap = Some(files.runs_allowed());
+        }
+        Err(err) => tracing::warn!(error = %err, "could not read or raise the open-file limit"),
+    }
     let metrics = Arc::new(Metrics::new().with_fleet_interval(config.metrics_interval));
     let metrics_listener = match config.metrics_listen {
         Some(addr) => Some(metrics::bind(addr).await?),
@@ -427,6 +443,7 @@ pub fn config_from_args(args: &config::ServeArgs) -> anyhow::Result<Config> {
             retention: args.retention.into(),
             zone: args.zone.clone(),
             second_opinions: !args.no_second_opinions,
+            open_files_cap: None,
         },
     })
 }

@@ -65,6 +65,9 @@ pub struct RunnerConfig {
     /// Whether a failure that may be its own is handed to a live peer of its zone before it is
     /// recorded.
     pub second_opinions: bool,
+    /// Most runs in flight the open-file limit allows (`limits::OpenFiles::runs_allowed`);
+    /// `None`: no cap.
+    pub open_files_cap: Option<usize>,
 }
 
 impl Default for RunnerConfig {
@@ -82,6 +85,7 @@ impl Default for RunnerConfig {
             retention: Duration::from_secs(7 * 24 * 3600),
             zone: String::new(),
             second_opinions: true,
+            open_files_cap: None,
         }
     }
 }
@@ -139,10 +143,20 @@ struct Slots {
 }
 
 impl Slots {
-    fn new(concurrency: usize, in_flight: Option<usize>) -> Self {
-        let flight = in_flight
+    fn new(concurrency: usize, in_flight: Option<usize>, cap: Option<usize>) -> Self {
+        let wanted = in_flight
             .unwrap_or_else(|| (concurrency * 4).clamp(MIN_IN_FLIGHT, MAX_IN_FLIGHT))
             .max(concurrency);
+        let flight = wanted.min(cap.unwrap_or(usize::MAX)).max(1);
+        if flight < wanted {
+            tracing::warn!(
+                wanted,
+                in_flight = flight,
+                "the open-file limit allows fewer runs in flight than asked: raise the hard limit \
+                 (LimitNOFILE in the systemd unit) to run more"
+            );
+        }
+        let concurrency = concurrency.min(flight);
         Self {
             flight: Arc::new(Semaphore::new(flight)),
             busy: Arc::new(Semaphore::new(concurrency)),
@@ -232,7 +246,11 @@ impl Runner {
         ];
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let completer = tokio::spawn(Arc::clone(&this).complete_forever(done_rx));
-        let slots = Slots::new(this.config.concurrency, this.config.in_flight);
+        let slots = Slots::new(
+            this.config.concurrency,
+            this.config.in_flight,
+            this.config.open_files_cap,
+        );
         let mut runs = tokio::task::JoinSet::new();
         while !this.shutdown.is_cancelled() {
             let claimed = match this.fill(&slots, &done_tx, &mut runs).await {
