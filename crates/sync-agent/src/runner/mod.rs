@@ -366,8 +366,11 @@ impl Runner {
                     }
                     RunEnd::Lapsed => {}
                     RunEnd::Stopped => {
-                        // Leave the server to whoever runs next.
-                        if let Err(err) = this.store.release(&this.holder, &[work.claim]).await {
+                        // Leave the server to whoever runs next. (On the heap: the store's
+                        // futures are large, and every run in flight would carry one.)
+                        let claims = [work.claim];
+                        let release = Box::pin(this.store.release(&this.holder, &claims));
+                        if let Err(err) = release.await {
                             tracing::warn!(error = %err, "could not release a lease; it expires by itself");
                         }
                     }
