@@ -27,6 +27,16 @@ struct RunOutput {
     reachable: bool,
 }
 
+/// A run that ended on an SSH failure: its outcome, and whether the server answered at all.
+fn failed(err: &SshError) -> Result<RunOutput, RunEnd> {
+    Ok(RunOutput {
+        result: ssh_failure(err),
+        inventory: None,
+        pin: None,
+        reachable: !err.is_unreachable(),
+    })
+}
+
 /// How a run ended.
 #[derive(Debug)]
 pub(super) enum RunEnd {
@@ -141,14 +151,6 @@ impl Runner {
         busy: &Semaphore,
     ) -> Result<RunOutput, RunEnd> {
         let server = &work.server;
-        let failed = |err: &SshError| {
-            Ok(RunOutput {
-                result: ssh_failure(err),
-                inventory: None,
-                pin: None,
-                reachable: !err.is_unreachable(),
-            })
-        };
         let pinned = server.host_key.as_ref().map(|k| HostKeyInfo {
             algorithm: k.algorithm.clone(),
             fingerprint: k.fingerprint.clone(),
@@ -192,14 +194,6 @@ impl Runner {
         target: Target<'_>,
     ) -> Result<RunOutput, RunEnd> {
         let server = &work.server;
-        let failed = |err: &SshError| {
-            Ok(RunOutput {
-                result: ssh_failure(err),
-                inventory: None,
-                pin: None,
-                reachable: !err.is_unreachable(),
-            })
-        };
         let unpinned = target.pinned.is_none();
         let connection = match self.ssh.establish(dialed, target).await {
             Ok(connection) => connection,
