@@ -452,6 +452,41 @@ fn json_field(line: &str, key: &str) -> Option<String> {
     Some(line[start..end].to_owned())
 }
 
+/// An agent binary (`sync-agent`, or `sync-agent-older`) on `db` with the flags of the tests
+/// that run real sshd hosts through several agents: a 2 s lease, quick polls, no schedule, no
+/// probes or backoff within a test, and generous timeouts (hundreds of sshd on two cores, and
+/// CI runs other work beside); `extra` come after them.
+pub fn fleet_agent(
+    binary: &str,
+    db: &crate::TestDb,
+    key: &str,
+    dir: &Path,
+    extra: &[&str],
+) -> ServeProcess {
+    let mut args = vec![
+        "--database-url",
+        db.url(),
+        "--ssh-key",
+        key,
+        "--lease-ttl",
+        "2s",
+        "--poll-interval",
+        "100ms",
+        "--sync-interval",
+        "0s",
+        "--probe-interval",
+        "1h",
+        "--backoff-base",
+        "1h",
+        "--connect-timeout",
+        "2s",
+        "--handshake-timeout",
+        "4s",
+    ];
+    args.extend_from_slice(extra);
+    ServeProcess::start(binary, &args, dir)
+}
+
 /// `BINARY serve` as a test runs it by hand (to see it refuse something): for the agent, with
 /// a key of the test's own in `dir` (without one it refuses to start).
 pub fn serve_command(binary: &str, dir: &Path) -> Command {

@@ -21,7 +21,7 @@ use fleetsync_tests::{
     catalog::count,
     events::WatchedJob,
     fleet::{assert_no_overlaps, session_script},
-    services::{ServeProcess, connect, migrate, register_fleet},
+    services::{ServeProcess, connect, fleet_agent, migrate, register_fleet},
 };
 
 const HOSTS: usize = 300;
@@ -30,33 +30,7 @@ const HEALTHY: usize = 270;
 const REFUSED: usize = 20;
 
 fn agent(db: &TestDb, key: &str, dir: &std::path::Path) -> ServeProcess {
-    ServeProcess::start(
-        "sync-agent",
-        &[
-            "--database-url",
-            db.url(),
-            "--ssh-key",
-            key,
-            "--lease-ttl",
-            "2s",
-            "--poll-interval",
-            "100ms",
-            "--sync-interval",
-            "0s",
-            "--concurrency",
-            "20",
-            "--connect-timeout",
-            "2s",
-            // Generous: 300 sshd on two cores, and CI runs other work beside.
-            "--handshake-timeout",
-            "4s",
-            "--probe-interval",
-            "1h",
-            "--backoff-base",
-            "1h",
-        ],
-        dir,
-    )
+    fleet_agent("sync-agent", db, key, dir, &["--concurrency", "20"])
 }
 
 fn signal(process: &ServeProcess, sig: &str) {

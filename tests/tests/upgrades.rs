@@ -22,7 +22,7 @@ use fleetsync_tests::{
     fleet::{assert_no_overlaps, session_script},
     migrator::migrator,
     process::{bin_path, described},
-    services::{ServeProcess, connect, register_fleet},
+    services::{ServeProcess, connect, fleet_agent, register_fleet},
 };
 use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -33,37 +33,6 @@ const HOSTS: usize = 40;
 const SERVERS: usize = 10_000;
 /// The schema the previous release works with.
 const PREVIOUS: i64 = 20261208000001;
-
-fn agent(
-    binary: &str,
-    db: &TestDb,
-    key: &str,
-    dir: &std::path::Path,
-    extra: &[&str],
-) -> ServeProcess {
-    let mut args = vec![
-        "--database-url",
-        db.url(),
-        "--ssh-key",
-        key,
-        "--lease-ttl",
-        "2s",
-        "--poll-interval",
-        "100ms",
-        "--sync-interval",
-        "0s",
-        "--probe-interval",
-        "1h",
-        "--backoff-base",
-        "1h",
-        "--connect-timeout",
-        "2s",
-        "--handshake-timeout",
-        "4s",
-    ];
-    args.extend_from_slice(extra);
-    ServeProcess::start(binary, &args, dir)
-}
 
 /// A port on loopback where nothing listens.
 fn closed_port() -> u16 {
@@ -105,7 +74,7 @@ async fn a_rolling_upgrade_across_a_stopping_migration_mid_job_is_exact() {
     // The previous release: two agents, small enough slots that the job takes a while.
     let slow = ["--concurrency", "4", "--in-flight", "8"];
     let old: Vec<ServeProcess> = (0..2)
-        .map(|_| agent("sync-agent-older", &db, &key, dir.path(), &slow))
+        .map(|_| fleet_agent("sync-agent-older", &db, &key, dir.path(), &slow))
         .collect();
     let old_ids: Vec<String> = old.iter().map(|p| p.logged("holder")).collect();
     let mut fleet_api = FleetClient::new(connect(old[0].addr).await);
@@ -226,7 +195,7 @@ async fn a_rolling_upgrade_across_a_stopping_migration_mid_job_is_exact() {
 
     // The new release takes the job over and completes it.
     let new: Vec<ServeProcess> = (0..2)
-        .map(|_| agent("sync-agent", &db, &key, dir.path(), &[]))
+        .map(|_| fleet_agent("sync-agent", &db, &key, dir.path(), &[]))
         .collect();
     *live.lock().expect("agents") = new.iter().map(|p| p.addr).collect();
     let (events, _) = job.watched().await;

@@ -155,6 +155,23 @@ pub fn placeholders(backend: Backend, sql: &str) -> String {
     out
 }
 
+/// A count of the tables named by its one parameter in the current schema: above 0 if the
+/// table exists (the migrator asks before its own tables are made, the agent about the
+/// migrator's).
+pub fn table_exists_sql(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Sqlite => "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?",
+        Backend::Postgres => {
+            "SELECT COUNT(*) FROM information_schema.tables \
+             WHERE table_schema = current_schema() AND table_name = ?"
+        }
+        Backend::MySql => {
+            "SELECT COUNT(*) FROM information_schema.tables \
+             WHERE table_schema = DATABASE() AND table_name = ?"
+        }
+    }
+}
+
 /// The SQL expression for "now" in milliseconds since the Unix epoch, by the database's clock
 /// (so that agents on several machines agree on lease expiry).
 pub fn now_ms_sql(backend: Backend) -> &'static str {

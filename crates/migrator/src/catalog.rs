@@ -4,22 +4,12 @@
 
 use fleetsync_common::{
     Backend,
-    sql::{Conn, Value},
+    sql::{Conn, Value, table_exists_sql},
 };
 
 /// True if a table of this name exists in the current schema.
 pub(crate) async fn table_exists(conn: &mut Conn, table: &str) -> Result<bool, sqlx::Error> {
-    let sql = match conn.backend() {
-        Backend::Sqlite => "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?",
-        Backend::Postgres => {
-            "SELECT COUNT(*) FROM information_schema.tables \
-             WHERE table_schema = current_schema() AND table_name = ?"
-        }
-        Backend::MySql => {
-            "SELECT COUNT(*) FROM information_schema.tables \
-             WHERE table_schema = DATABASE() AND table_name = ?"
-        }
-    };
+    let sql = table_exists_sql(conn.backend());
     Ok(conn.scalar(sql, &[table.into()]).await? > Some(0))
 }
 

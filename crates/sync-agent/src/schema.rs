@@ -6,9 +6,9 @@
 //! refuses to run, and on every heartbeat, where it stops claiming (`runner`).
 
 use fleetsync_common::{
-    Backend, Db,
+    Db,
     model::{SCHEMA_BREAKS_TABLE, SCHEMA_HISTORY_TABLE},
-    sql::Value,
+    sql::{Value, table_exists_sql},
 };
 
 /// The newest migration whose tables the agent uses (`agent_schema_ranges`).
@@ -76,19 +76,8 @@ impl SchemaError {
 }
 
 async fn table_exists(db: &Db, table: &str) -> Result<bool, sqlx::Error> {
-    let sql = match db.backend() {
-        Backend::Sqlite => "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?",
-        Backend::Postgres => {
-            "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = current_schema() \
-             AND table_name = ?"
-        }
-        Backend::MySql => {
-            "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = DATABASE() \
-             AND table_name = ?"
-        }
-    };
     Ok(db
-        .fetch_optional(sql, &[table.into()])
+        .fetch_optional(table_exists_sql(db.backend()), &[table.into()])
         .await?
         .map(|r| r.int(0))
         .transpose()?
