@@ -12,7 +12,11 @@ pub async fn dump(db: &Db) -> Vec<String> {
              FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY type, name",
         ],
         Backend::Postgres => &[
-            "SELECT table_name || '.' || column_name || ' ' || ordinal_position || ' ' || \
+            // PostgreSQL keeps a dropped column's ordinal position: a column's place is its rank
+            // among the columns that exist (a table rolled back and migrated again reads the
+            // same as a fresh one).
+            "SELECT table_name || '.' || column_name || ' ' || \
+             row_number() OVER (PARTITION BY table_name ORDER BY ordinal_position) || ' ' || \
              data_type || ' ' || is_nullable || ' ' || COALESCE(column_default, 'NULL') \
              FROM information_schema.columns WHERE table_schema = current_schema() \
              ORDER BY table_name, ordinal_position",

@@ -69,3 +69,42 @@ async fn run_binary(binary: &str, url: &str, args: &[&str]) -> Run {
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     }
 }
+
+/// Runs `check` for every crash point, three at a time (each in a database of its own, as the
+/// checks make them); returns how many ran. A failed check fails the test.
+pub async fn at_each_point<F, Fut>(points: Vec<String>, check: F) -> usize
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut points = points.into_iter();
+    let mut checked = 0;
+    loop {
+        while tasks.len() < 3 {
+            let Some(point) = points.next() else { break };
+            tasks.spawn(check(point));
+        }
+        match tasks.join_next().await {
+            Some(result) => {
+                result.expect("crash point task");
+                checked += 1;
+            }
+            None => return checked,
+        }
+    }
+}
+
+/// Runs the futures at once (one task each) and returns their outputs, in order.
+pub async fn concurrently<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for handle in handles {
+        out.push(handle.await.expect("task"));
+    }
+    out
+}

@@ -165,7 +165,7 @@ pub async fn migrate(url: &str) {
         .await
         .expect("connect to migrate");
     let engine = fleetsync_migrator::engine::Engine::new(db.clone(), Default::default());
-    engine.migrate(0, &mut |_| {}).await.expect("migrate");
+    engine.migrate(None, &mut |_| {}).await.expect("migrate");
     db.close().await;
 }
 

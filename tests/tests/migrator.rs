@@ -19,7 +19,7 @@ use fleetsync_tests::{
     TestDb,
     catalog::{count, dump, execute},
     db::ALL_BACKENDS,
-    migrator::{migrator, migrator_crash},
+    migrator::{at_each_point, concurrently, migrator, migrator_crash},
 };
 use serde_json::Value;
 
@@ -110,46 +110,34 @@ async fn crash_anywhere(backend: Backend) {
     assert_eq!(journaled, backend == Backend::MySql);
 
     // A few points at a time: each in a database of its own.
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut points = points.into_iter();
-    let mut checked = 0;
-    loop {
-        while tasks.len() < 3 {
-            let Some(point) = points.next() else { break };
-            let expected = expected.clone();
-            tasks.spawn(async move {
-                let db = TestDb::create(backend).await;
-                let crashed = migrator_crash(
-                    db.url(),
-                    &["migrate", "--no-dispatch", "--crash-at", &point],
-                )
-                .await;
-                assert!(
-                    crashed.killed(),
-                    "{point}: not killed: {} {}",
-                    crashed.stdout,
-                    crashed.stderr
-                );
-                let retry = migrator(db.url(), &["migrate", "--no-dispatch"]).await;
-                assert_eq!(
-                    retry.code(),
-                    0,
-                    "{point}: retry failed: {}{}",
-                    retry.stdout,
-                    retry.stderr
-                );
-                let got = dump(&db.connect().await).await;
-                assert_eq!(got, expected, "{point}: schema differs from a clean run");
-            });
+    let checked = at_each_point(points, |point| {
+        let expected = expected.clone();
+        async move {
+            let db = TestDb::create(backend).await;
+            let crashed = migrator_crash(
+                db.url(),
+                &["migrate", "--no-dispatch", "--crash-at", &point],
+            )
+            .await;
+            assert!(
+                crashed.killed(),
+                "{point}: not killed: {} {}",
+                crashed.stdout,
+                crashed.stderr
+            );
+            let retry = migrator(db.url(), &["migrate", "--no-dispatch"]).await;
+            assert_eq!(
+                retry.code(),
+                0,
+                "{point}: retry failed: {}{}",
+                retry.stdout,
+                retry.stderr
+            );
+            let got = dump(&db.connect().await).await;
+            assert_eq!(got, expected, "{point}: schema differs from a clean run");
         }
-        match tasks.join_next().await {
-            Some(result) => {
-                result.expect("crash point task");
-                checked += 1;
-            }
-            None => break,
-        }
-    }
+    })
+    .await;
     assert!(checked >= 26, "only {checked} crash points");
 }
 
@@ -196,7 +184,7 @@ async fn a_failing_migration_names_its_statement_and_reruns_once_fixed() {
             ),
         ];
         let err = engine(&db, &broken)
-            .migrate(0, &mut |_| {})
+            .migrate(None, &mut |_| {})
             .await
             .expect_err("must fail");
         let EngineError::StatementFailed {
@@ -243,7 +231,7 @@ async fn a_failing_migration_names_its_statement_and_reruns_once_fixed() {
             ),
         ];
         let report = engine(&db, &fixed)
-            .migrate(0, &mut |_| {})
+            .migrate(None, &mut |_| {})
             .await
             .expect("re-runs once fixed");
         assert_eq!(report.applied, [2], "{backend}");
@@ -269,7 +257,7 @@ async fn five_migrators_at_once_apply_each_migration_exactly_once() {
     for backend in ALL_BACKENDS {
         let db = TestDb::create(backend).await;
         let url = db.url().to_owned();
-        let runs = futures_all((0..5).map(|_| {
+        let runs = concurrently((0..5).map(|_| {
             let url = url.clone();
             async move { migrator(&url, &["migrate", "--no-dispatch"]).await }
         }))
@@ -297,19 +285,6 @@ async fn five_migrators_at_once_apply_each_migration_exactly_once() {
     }
 }
 
-async fn futures_all<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
-where
-    F: Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    let handles: Vec<_> = futures.map(tokio::spawn).collect();
-    let mut out = Vec::new();
-    for handle in handles {
-        out.push(handle.await.expect("task"));
-    }
-    out
-}
-
 #[tokio::test]
 async fn edited_and_unknown_migrations_are_refused_and_nothing_is_written() {
     for backend in ALL_BACKENDS {
@@ -320,7 +295,7 @@ async fn edited_and_unknown_migrations_are_refused_and_nothing_is_written() {
             (2, "two", "CREATE TABLE b (id BIGINT);"),
         ];
         engine(&db, &original[..1])
-            .migrate(0, &mut |_| {})
+            .migrate(None, &mut |_| {})
             .await
             .expect("apply v1");
         let before = dump(&db).await;
@@ -330,7 +305,7 @@ async fn edited_and_unknown_migrations_are_refused_and_nothing_is_written() {
             original[1],
         ];
         let err = engine(&db, &edited)
-            .migrate(0, &mut |_| {})
+            .migrate(None, &mut |_| {})
             .await
             .expect_err("edited");
         let EngineError::ChecksumMismatch {
@@ -358,12 +333,12 @@ async fn edited_and_unknown_migrations_are_refused_and_nothing_is_written() {
 
         // A newer binary applied v2; this one knows only v1.
         engine(&db, &original)
-            .migrate(0, &mut |_| {})
+            .migrate(None, &mut |_| {})
             .await
             .expect("apply v2");
         let before = dump(&db).await;
         let err = engine(&db, &original[..1])
-            .migrate(0, &mut |_| {})
+            .migrate(None, &mut |_| {})
             .await
             .expect_err("unknown");
         assert!(
@@ -373,7 +348,7 @@ async fn edited_and_unknown_migrations_are_refused_and_nothing_is_written() {
         assert!(err.to_string().contains("newer fleetsync"), "{err}");
         assert_eq!(dump(&db).await, before);
         let err = engine(&db, &original[..1])
-            .plan(0)
+            .plan(None)
             .await
             .map(|plan| plan.migrations)
             .expect_err("plan refuses too");

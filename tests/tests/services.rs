@@ -140,7 +140,7 @@ async fn migrator_service_reports_plans_and_migrates_alongside_the_cli() {
     let mut stream = client
         .migrate(MigrateRequest {
             target_version: 0,
-            stop_agents: false,
+            ..MigrateRequest::default()
         })
         .await
         .expect("migrate")
@@ -192,6 +192,96 @@ async fn migrator_service_reports_plans_and_migrates_alongside_the_cli() {
             .iter()
             .all(|m| m.state() == MigrationState::Applied)
     );
+
+    // The way down: planned with what it would destroy, refused without allow_data_loss,
+    // then streamed as ROLLED_BACK, and recorded.
+    let incident = fleetsync_migrator::migration::CHARSET_COLLATION_VERSION;
+    let pool = db.connect().await;
+    fleetsync_tests::catalog::insert_servers(&pool, 3, 22, |i| format!("10.0.0.{i}")).await;
+    let plan = client
+        .plan(PlanRequest {
+            target_version: incident,
+        })
+        .await
+        .expect("plan down")
+        .into_inner();
+    let above = status
+        .migrations
+        .iter()
+        .filter(|m| m.version > incident)
+        .count();
+    assert_eq!(plan.migrations.len(), above);
+    assert!(
+        plan.migrations
+            .iter()
+            .all(|p| p.reverse && p.irreversible.is_empty())
+    );
+    assert!(
+        plan.migrations
+            .iter()
+            .flat_map(|p| &p.losses)
+            .any(|l| l.table == "servers" && l.column == "zone" && l.rows == 3),
+        "{plan:?}"
+    );
+    let run = |allow_data_loss| {
+        let mut client = client.clone();
+        async move {
+            let mut stream = client
+                .migrate(MigrateRequest {
+                    target_version: incident,
+                    allow_data_loss,
+                    ..MigrateRequest::default()
+                })
+                .await
+                .expect("migrate down")
+                .into_inner();
+            let mut events = Vec::new();
+            while let Some(event) = stream.next().await {
+                events.push(event.expect("event").event.expect("event body"));
+            }
+            events
+        }
+    };
+    let refused = run(false).await;
+    let [migrate_event::Event::Summary(summary)] = refused.as_slice() else {
+        panic!("{refused:?}");
+    };
+    assert!(
+        !summary.success && summary.error.contains("would destroy data"),
+        "{summary:?}"
+    );
+    let events = run(true).await;
+    let rolled_back: Vec<i64> = events
+        .iter()
+        .filter_map(|e| match e {
+            migrate_event::Event::Finished(f) => {
+                assert_eq!(f.state(), MigrationState::RolledBack, "{f:?}");
+                Some(f.version)
+            }
+            migrate_event::Event::Started(s) => {
+                assert!(s.reverse, "{s:?}");
+                None
+            }
+            migrate_event::Event::Summary(s) => {
+                assert!(s.success, "{s:?}");
+                None
+            }
+        })
+        .collect();
+    assert_eq!(rolled_back.len(), above);
+    assert!(rolled_back.windows(2).all(|w| w[0] > w[1]), "newest first");
+    let status = client
+        .get_status(GetStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!(status.current_version, incident);
+    for m in status.migrations.iter().filter(|m| m.version > incident) {
+        assert_eq!(m.state(), MigrationState::Pending);
+        let r = m.last_rollback.as_ref().expect("recorded");
+        assert!(r.done && r.to_version == incident, "{r:?}");
+        assert_eq!(r.from_version, status.latest_version);
+    }
     migrator.service.stop().await.expect("clean stop");
 }
 

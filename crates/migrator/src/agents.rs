@@ -1,7 +1,7 @@
 //! The sync-agents a migration must mind: the live ones of the registry (`sync_agents`, written
 //! by the agents), their schema ranges, and which of them a `stops-agents` migration would stop.
-//! `status` and `plan` list them; `migrate` refuses such a migration while agents it would stop
-//! are serving, unless the operator says to stop them.
+//! `status` and `plan` list them; `migrate` refuses such a migration, or a roll-back below an
+//! agent's range, while agents it would stop are serving, unless the operator says to stop them.
 
 use fleetsync_common::{
     model::AgentState,
@@ -40,6 +40,11 @@ impl LiveAgent {
     /// Whether applying `m` takes this agent out of its range.
     pub fn stopped_by(&self, m: &Migration) -> bool {
         m.stops_agents && self.schema_max.is_none_or(|max| max < m.version)
+    }
+
+    /// Whether a schema at `version` (after a roll-back) is below its range.
+    pub fn needs_newer_than(&self, version: i64) -> bool {
+        self.schema_min > version
     }
 
     /// Whether it claims work now (the agents a stop would interrupt).

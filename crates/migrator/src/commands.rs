@@ -12,6 +12,8 @@ use crate::{
     agents::LiveAgent,
     config::{MigrateArgs, Output, PlanArgs, ReadArgs},
     engine::{Engine, EngineError, Event, Options, Status},
+    history::Rollback,
+    model::RollbackState,
     outbox::{AgentTarget, dispatch_pending},
 };
 
@@ -21,12 +23,23 @@ pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_VERIFICATION: u8 = 3;
 /// Exit status when `migrate` refuses to stop serving agents (without `--stop-agents`).
 pub const EXIT_AGENTS: u8 = 4;
+/// Exit status when `migrate` refuses a way down that would destroy data (without
+/// `--allow-data-loss`) or passes an irreversible migration.
+pub const EXIT_DATA_LOSS: u8 = 5;
 
 fn exit_status(err: &EngineError) -> u8 {
     if matches!(err, EngineError::UnknownTarget(_)) {
         EXIT_USAGE
-    } else if matches!(err, EngineError::WouldStopAgents { .. }) {
+    } else if matches!(
+        err,
+        EngineError::WouldStopAgents { .. } | EngineError::RollbackStopsAgents { .. }
+    ) {
         EXIT_AGENTS
+    } else if matches!(
+        err,
+        EngineError::WouldLoseData { .. } | EngineError::Irreversible { .. }
+    ) {
+        EXIT_DATA_LOSS
     } else if err.is_verification() {
         EXIT_VERIFICATION
     } else {
@@ -102,6 +115,7 @@ fn status_json(status: &Status) -> Value {
         "unknown_versions": status.unknown_versions,
         "pending_sync_requests": status.pending_sync_requests,
         "agents": status.agents.iter().map(agent_json).collect::<Vec<_>>(),
+        "rollbacks": status.rollbacks.iter().map(rollback_json).collect::<Vec<_>>(),
         "migrations": status.migrations.iter().map(|m| {
             let h = m.history.as_ref();
             json!({
@@ -119,9 +133,61 @@ fn status_json(status: &Status) -> Value {
                 "installed_by": h.map(|h| h.installed_by.clone()),
                 "error": h.and_then(|h| h.error.clone()),
                 "failing_statement": h.and_then(|h| h.failing_statement.clone()),
+                "last_rollback": m.rolled_back.as_ref().map(rollback_json),
             })
         }).collect::<Vec<_>>(),
     })
+}
+
+fn rollback_json(r: &Rollback) -> Value {
+    json!({
+        "version": r.version, "name": r.name, "state": r.state.as_str(),
+        "statements_done": r.statements_done, "statements_total": r.statements_total,
+        "from_version": r.from_version, "to_version": r.to_version,
+        "started_at": r.started_at, "finished_at": r.finished_at,
+        "rolled_back_by": r.rolled_back_by, "error": r.error,
+        "withdrawn_request": r.withdrawn_request,
+    })
+}
+
+/// The latest roll-backs, one line each (the whole record is in `-o json`).
+fn print_rollbacks(rollbacks: &[Rollback]) -> std::io::Result<()> {
+    const SHOWN: usize = 10;
+    if rollbacks.is_empty() {
+        return Ok(());
+    }
+    out!(
+        "roll-backs: {} (latest {} shown)",
+        rollbacks.len(),
+        rollbacks.len().min(SHOWN)
+    )?;
+    for r in rollbacks.iter().rev().take(SHOWN) {
+        let what = match r.state {
+            RollbackState::Reverted => format!("rolled back at {}", time(r.finished_at)),
+            RollbackState::Reverting => format!(
+                "INTERRUPTED after {}/{} reverse statements{} (migrate finishes it)",
+                r.statements_done,
+                r.statements_total,
+                r.error
+                    .as_deref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            ),
+        };
+        out!(
+            "  {} {}: {what} by {} (from {} to {}){}",
+            r.version,
+            r.name,
+            r.rolled_back_by,
+            r.from_version,
+            r.to_version,
+            r.withdrawn_request
+                .as_deref()
+                .map(|id| format!("; withdrew {id}"))
+                .unwrap_or_default()
+        )?;
+    }
+    Ok(())
 }
 
 fn print_status(status: &Status) -> std::io::Result<()> {
@@ -149,7 +215,14 @@ fn print_status(status: &Status) -> std::io::Result<()> {
                     .map(|e| format!(": {e}"))
                     .unwrap_or_default()
             ),
-            None => String::new(),
+            None => match &m.rolled_back {
+                Some(r) => format!(
+                    "(rolled back {} by {})",
+                    time(r.finished_at),
+                    r.rolled_back_by
+                ),
+                None => String::new(),
+            },
         };
         out!(
             "{:<16} {:<8} {:<40} {}",
@@ -163,6 +236,7 @@ fn print_status(status: &Status) -> std::io::Result<()> {
         out!("{version:<16} unknown  (recorded in the database, not in this binary)")?;
     }
     out!("pending sync requests: {}", status.pending_sync_requests)?;
+    print_rollbacks(&status.rollbacks)?;
     print_agents(&status.agents)
 }
 
@@ -188,18 +262,21 @@ fn print_agents(agents: &[LiveAgent]) -> std::io::Result<()> {
 /// `migrator plan`.
 pub async fn plan(db: Db, args: &PlanArgs) -> anyhow::Result<ExitCode> {
     let engine = Engine::new(db, Options::default());
-    let plan = engine.plan(args.target.unwrap_or(0)).await?;
+    let plan = engine.plan(args.target).await?;
     let planned = &plan.migrations;
     match args.read.output {
         Output::Json => print_json(&json!({
             "migrations": planned.iter().map(|p| json!({
                 "version": p.version,
                 "name": p.name,
+                "direction": if p.reverse { "down" } else { "up" },
                 "transactional": p.transactional,
                 "statements": p.statements,
                 "resync": p.resync.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
                 "stops_agents": p.stops_agents,
                 "stops": p.stops.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(),
+                "losses": p.losses.iter().map(crate::engine::Loss::json).collect::<Vec<_>>(),
+                "irreversible": p.irreversible,
             })).collect::<Vec<_>>(),
             "agents": plan.agents.iter().map(agent_json).collect::<Vec<_>>(),
         }))?,
@@ -213,6 +290,10 @@ pub async fn plan(db: Db, args: &PlanArgs) -> anyhow::Result<ExitCode> {
                 out!("-- nothing to migrate")?;
             }
             for p in planned {
+                if p.reverse {
+                    print_reverse(p)?;
+                    continue;
+                }
                 out!("-- {} {}", p.version, p.name)?;
                 if !p.resync.is_empty() {
                     let scopes: Vec<&str> = p.resync.iter().map(|s| s.as_str()).collect();
@@ -228,20 +309,52 @@ pub async fn plan(db: Db, args: &PlanArgs) -> anyhow::Result<ExitCode> {
                         out!("--   {}", a.id)?;
                     }
                 }
-                if p.transactional {
-                    out!("BEGIN;")?;
-                }
-                for statement in &p.statements {
-                    out!("{statement};")?;
-                }
-                if p.transactional {
-                    out!("COMMIT;")?;
-                }
-                out!()?;
+                print_statements(p)?;
             }
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One reverse of the way down in `plan`: its SQL, what it destroys, the agents it stops.
+fn print_reverse(p: &crate::engine::Planned) -> std::io::Result<()> {
+    out!("-- roll back {} {}", p.version, p.name)?;
+    if let Some(reason) = &p.irreversible {
+        out!("-- IRREVERSIBLE: {reason}; migrate refuses to go below it")?;
+        return out!();
+    }
+    if !p.stops.is_empty() {
+        out!(
+            "-- the target is below the schema range of {} live agent(s); they stand down:",
+            p.stops.len()
+        )?;
+        for a in &p.stops {
+            out!("--   {}", a.id)?;
+        }
+    }
+    if p.losses.is_empty() {
+        out!("-- destroys no data")?;
+    } else {
+        out!("-- DESTROYS (migrate needs --allow-data-loss):")?;
+        for loss in &p.losses {
+            out!("--   {loss}")?;
+        }
+    }
+    print_statements(p)
+}
+
+/// A planned migration's SQL as it will run.
+fn print_statements(p: &crate::engine::Planned) -> std::io::Result<()> {
+    if p.transactional {
+        out!("BEGIN;")?;
+    }
+    for statement in &p.statements {
+        out!("{statement};")?;
+    }
+    if p.transactional {
+        out!("COMMIT;")?;
+    }
+    out!()
 }
 
 /// `migrator verify`.
@@ -279,6 +392,7 @@ pub async fn migrate(db: Db, args: &MigrateArgs) -> anyhow::Result<ExitCode> {
     let options = Options {
         lock_timeout: args.lock_timeout.into(),
         stop_agents: args.stop_agents,
+        allow_data_loss: args.allow_data_loss,
         #[cfg(feature = "crash-points")]
         crash_at: args.crash_at.clone(),
         ..Options::default()
@@ -286,7 +400,7 @@ pub async fn migrate(db: Db, args: &MigrateArgs) -> anyhow::Result<ExitCode> {
     let engine = Engine::new(db.clone(), options);
     let mut events = Vec::new();
     let result = engine
-        .migrate(args.target.unwrap_or(0), &mut |event| {
+        .migrate(args.target, &mut |event| {
             if human {
                 // A closed stdout does not stop a migration that is under way.
                 let _ = print_event(&event);
@@ -348,14 +462,20 @@ pub async fn migrate(db: Db, args: &MigrateArgs) -> anyhow::Result<ExitCode> {
     };
     if human {
         match &result {
-            Ok(report) if report.applied.is_empty() => {
+            Ok(report) if report.applied.is_empty() && report.rolled_back.is_empty() => {
                 out!(
                     "nothing to migrate: the database is at version {}",
                     report.current_version
                 )?;
             }
-            Ok(report) => out!(
+            Ok(report) if report.rolled_back.is_empty() => out!(
                 "done: {} migration(s) applied, the database is at version {}",
+                report.applied.len(),
+                report.current_version
+            )?,
+            Ok(report) => out!(
+                "done: {} migration(s) rolled back, {} applied, the database is at version {}",
+                report.rolled_back.len(),
                 report.applied.len(),
                 report.current_version
             )?,
@@ -383,6 +503,8 @@ pub async fn migrate(db: Db, args: &MigrateArgs) -> anyhow::Result<ExitCode> {
             "success": result.is_ok(),
             "error": result.as_ref().err().map(ToString::to_string),
             "applied": result.as_ref().map(|r| r.applied.clone()).unwrap_or_default(),
+            "rolled_back": result.as_ref().map(|r| r.rolled_back.clone()).unwrap_or_default(),
+            "withdrawn": result.as_ref().map(|r| r.withdrawn.clone()).unwrap_or_default(),
             "current_version": result.as_ref().map(|r| r.current_version).ok(),
             "sync_requests": result.as_ref().map(|r| r.sync_requests.clone()).unwrap_or_default(),
             "events": events.iter().map(event_json).collect::<Vec<_>>(),
@@ -423,6 +545,24 @@ fn print_event(event: &Event) -> std::io::Result<()> {
                 None => out!("  applied {version} in {ms} ms")?,
             }
         }
+        Event::RollingBack {
+            version,
+            name,
+            statements,
+        } => out!("rolling back {version} {name} ({statements} reverse statement(s))")?,
+        Event::RolledBack {
+            version,
+            duration,
+            withdrawn,
+        } => {
+            let ms = duration.as_millis();
+            match withdrawn {
+                Some(id) => out!(
+                    "  rolled back {version} in {ms} ms; withdrew sync request {id} (no agent had taken it)"
+                )?,
+                None => out!("  rolled back {version} in {ms} ms")?,
+            }
+        }
         Event::Failed { version, .. } => out!("  {version} failed")?,
     }
     Ok(())
@@ -443,6 +583,20 @@ fn event_json(event: &Event) -> Value {
             sync_request,
         } => {
             json!({"event": "applied", "version": version, "duration_ms": duration.as_millis() as u64, "sync_request": sync_request})
+        }
+        Event::RollingBack {
+            version,
+            name,
+            statements,
+        } => {
+            json!({"event": "rolling_back", "version": version, "name": name, "statements": statements})
+        }
+        Event::RolledBack {
+            version,
+            duration,
+            withdrawn,
+        } => {
+            json!({"event": "rolled_back", "version": version, "duration_ms": duration.as_millis() as u64, "withdrawn": withdrawn})
         }
         Event::Failed {
             version,

@@ -65,7 +65,8 @@ pub struct PlanArgs {
     #[command(flatten)]
     pub read: ReadArgs,
 
-    /// Plan up to and including this version (default: the latest).
+    /// Plan up to and including this version (default: the latest). Below the current version:
+    /// the way down, each reverse with the data it would destroy; 0: before every migration.
     #[arg(long)]
     pub target: Option<i64>,
 }
@@ -76,7 +77,9 @@ pub struct MigrateArgs {
     #[command(flatten)]
     pub read: ReadArgs,
 
-    /// Apply up to and including this version (default: the latest).
+    /// Apply up to and including this version (default: the latest). Below the current version,
+    /// roll back the migrations above it, newest first, by their reverses; 0: before every
+    /// migration. `plan --target` shows what that runs and destroys.
     #[arg(long)]
     pub target: Option<i64>,
 
@@ -112,8 +115,16 @@ pub struct MigrateArgs {
     /// Apply a migration that stops sync-agents built before it even while such agents serve
     /// (`plan` lists them): they stop claiming and hand their work over until agents of this
     /// release take it. Without it, `migrate` refuses (exit status 4) and writes nothing.
+    /// On the way down: also roll back below the schema range of serving agents (they stand
+    /// down until the schema is back in their range).
     #[arg(long)]
     pub stop_agents: bool,
+
+    /// Roll back even where a reverse destroys data (drops a table with rows, or a column
+    /// with values): without it, `migrate` refuses (exit status 5), says what would be lost,
+    /// and writes nothing.
+    #[arg(long)]
+    pub allow_data_loss: bool,
 
     /// After migrating, grant this database role exactly the rights the sync-agent needs (rows
     /// of its tables, never the schema): PostgreSQL role name, or MySQL `USER[@HOST]` (host

@@ -1,8 +1,8 @@
 //! The history table (`fleetsync_schema_history`): its rows as `History`, read over the
 //! engine's dedicated connection (`common::sql::Conn`, detached from the pool: if the process
 //! or the task dies, closing it releases the lock and rolls back an open transaction), and the
-//! DDL of the engine's own tables (the history, the outbox, and the applied migrations that
-//! stop agents built before them).
+//! DDL of the engine's own tables (the history, the way down of migrations rolled back, the
+//! outbox, and the applied migrations that stop agents built before them).
 
 use fleetsync_common::{
     Backend,
@@ -14,7 +14,7 @@ pub(crate) use fleetsync_common::sql::Conn;
 
 use crate::{
     catalog::table_exists,
-    model::{Scopes, State},
+    model::{RollbackState, Scopes, State},
     outbox::OUTBOX_TABLE,
 };
 
@@ -117,8 +117,114 @@ async fn history_where(
         .collect()
 }
 
+/// The way down of one migration (a row of `fleetsync_schema_rollbacks`): who rolled it back,
+/// when, from which version to which, and, while it runs on MySQL, its journal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rollback {
+    /// `RUN:VERSION` of the run that started it.
+    pub id: String,
+    /// The migration rolled back.
+    pub version: i64,
+    /// Its name.
+    pub name: String,
+    /// Under way or done.
+    pub state: RollbackState,
+    /// Statements of the reverse done (the journal of a journaled reverse).
+    pub statements_done: i64,
+    /// Statements in the reverse.
+    pub statements_total: i64,
+    /// SHA-256 of the reverse's statements done, for resuming it.
+    pub prefix_checksum: Option<String>,
+    /// The version the database was at when the run started.
+    pub from_version: i64,
+    /// The version the run was asked to go to (0: before every migration).
+    pub to_version: i64,
+    /// When it started (ms since epoch).
+    pub started_at: i64,
+    /// When it was done.
+    pub finished_at: Option<i64>,
+    /// `user@host` of the process that ran it.
+    pub rolled_back_by: String,
+    /// Id of the run that last worked on it.
+    pub run_id: String,
+    /// Error of the last attempt that failed.
+    pub error: Option<String>,
+    /// The migration's sync request withdrawn with it (no agent had taken it yet).
+    pub withdrawn_request: Option<String>,
+}
+
+const ROLLBACK_COLUMNS: &str = "id, version, name, state, statements_done, statements_total, \
+    prefix_checksum, from_version, to_version, started_at, finished_at, rolled_back_by, run_id, \
+    error, withdrawn_request";
+
+impl TryFrom<&Row> for Rollback {
+    type Error = sqlx::Error;
+
+    fn try_from(r: &Row) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            id: r.text(0)?,
+            version: r.int(1)?,
+            name: r.text(2)?,
+            state: RollbackState::parse(&r.text(3)?)?,
+            statements_done: r.int(4)?,
+            statements_total: r.int(5)?,
+            prefix_checksum: r.opt_text(6)?,
+            from_version: r.int(7)?,
+            to_version: r.int(8)?,
+            started_at: r.int(9)?,
+            finished_at: r.opt_int(10)?,
+            rolled_back_by: r.text(11)?,
+            run_id: r.text(12)?,
+            error: r.opt_text(13)?,
+            withdrawn_request: r.opt_text(14)?,
+        })
+    }
+}
+
+/// The table of migrations rolled back, the engine's own.
+pub(crate) const ROLLBACKS_TABLE: &str = "fleetsync_schema_rollbacks";
+
+/// Every way down recorded, oldest first. Empty if the table does not exist yet (a database
+/// last migrated by a release without roll-back).
+pub(crate) async fn rollbacks(conn: &mut Conn) -> Result<Vec<Rollback>, sqlx::Error> {
+    if !table_exists(conn, ROLLBACKS_TABLE).await? {
+        return Ok(Vec::new());
+    }
+    rollbacks_where(conn, "", &[]).await
+}
+
+/// The way down under way or interrupted, if any (there is at most one: the lock runs one
+/// `migrate` at a time, and each finishes an interrupted one first).
+pub(crate) async fn open_rollback(conn: &mut Conn) -> Result<Option<Rollback>, sqlx::Error> {
+    if !table_exists(conn, ROLLBACKS_TABLE).await? {
+        return Ok(None);
+    }
+    Ok(rollbacks_where(
+        conn,
+        "WHERE state = ?",
+        &[RollbackState::Reverting.as_str().into()],
+    )
+    .await?
+    .pop())
+}
+
+async fn rollbacks_where(
+    conn: &mut Conn,
+    filter: &str,
+    args: &[Value],
+) -> Result<Vec<Rollback>, sqlx::Error> {
+    let sql = format!(
+        "SELECT {ROLLBACK_COLUMNS} FROM {ROLLBACKS_TABLE} {filter} ORDER BY started_at, version DESC"
+    );
+    conn.fetch(&sql, args)
+        .await?
+        .iter()
+        .map(Rollback::try_from)
+        .collect()
+}
+
 /// DDL of the engine's own tables, per backend. Idempotent.
-pub(crate) fn bootstrap_sql(backend: Backend) -> [String; 3] {
+pub(crate) fn bootstrap_sql(backend: Backend) -> [String; 4] {
     let (text, key, big) = match backend {
         Backend::Sqlite | Backend::Postgres => ("TEXT", "TEXT", "BIGINT"),
         Backend::MySql => ("LONGTEXT", "VARCHAR(191)", "BIGINT"),
@@ -145,6 +251,25 @@ pub(crate) fn bootstrap_sql(backend: Backend) -> [String; 3] {
              error {text}, \
              failing_statement {text}, \
              resync {key} NOT NULL)\
+             {suffix}"
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {ROLLBACKS_TABLE} (\
+             id {key} NOT NULL PRIMARY KEY, \
+             version {big} NOT NULL, \
+             name {key} NOT NULL, \
+             state {key} NOT NULL, \
+             statements_done {big} NOT NULL, \
+             statements_total {big} NOT NULL, \
+             prefix_checksum {key}, \
+             from_version {big} NOT NULL, \
+             to_version {big} NOT NULL, \
+             started_at {big} NOT NULL, \
+             finished_at {big}, \
+             rolled_back_by {key} NOT NULL, \
+             run_id {key} NOT NULL, \
+             error {text}, \
+             withdrawn_request {key})\
              {suffix}"
         ),
         format!(

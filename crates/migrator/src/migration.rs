@@ -1,4 +1,5 @@
-//! Migrations as the binary knows them: embedded SQL per dialect, the header line that declares
+//! Migrations as the binary knows them: embedded SQL per dialect with each one's reverse (the
+//! `.down.sql` file beside it, a build error when missing), the header line that declares
 //! options, statement splitting, and checksums.
 
 use fleetsync_common::Backend;
@@ -26,6 +27,35 @@ pub struct Migration {
     /// range ends below its version) must stop claiming once it is applied (README,
     /// "Upgrades").
     pub stops_agents: bool,
+    /// How to undo it (`migrate --target` below its version).
+    pub reverse: Reverse,
+}
+
+/// A migration's way back: the statements of its `.down.sql` file, or why there is none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reverse {
+    /// Statements that undo the migration, run newest migration first. They run like the
+    /// migration's own: in one transaction, or journaled statement by statement on MySQL and
+    /// for `no-transaction` migrations.
+    Statements(Vec<String>),
+    /// The down file declares `-- fleetsync: irreversible <reason>`: `migrate` refuses to go
+    /// below this migration and says why.
+    Irreversible(String),
+}
+
+impl Reverse {
+    /// The statements, or none for an irreversible migration.
+    pub fn statements(&self) -> &[String] {
+        match self {
+            Self::Statements(statements) => statements,
+            Self::Irreversible(_) => &[],
+        }
+    }
+
+    /// SHA-256 (hex) of the first `n` statements: what a partial way down's journal vouches for.
+    pub fn prefix_checksum(&self, n: usize) -> String {
+        prefix_checksum(self.statements(), n)
+    }
 }
 
 /// Why a migration's text was refused.
@@ -90,18 +120,73 @@ impl Migration {
             resync,
             transactional,
             stops_agents,
+            reverse: Reverse::Irreversible("no reverse was given".into()),
         })
+    }
+
+    /// The migration with its reverse, parsed from the text of its `.down.sql` file: statements
+    /// (the header may not declare options of the way up), or only the header
+    /// `-- fleetsync: irreversible <reason>`. The reverse is not part of the checksum: adding
+    /// or mending a reverse never makes an applied migration look edited.
+    pub fn with_reverse(mut self, text: &str) -> Result<Self, MigrationError> {
+        let error = |reason: String| MigrationError {
+            version: self.version,
+            name: format!("{} (reverse)", self.name),
+            reason,
+        };
+        let normalised = normalise(text);
+        let mut irreversible = None;
+        for line in normalised.lines() {
+            let Some(options) = line.trim().strip_prefix(HEADER) else {
+                continue;
+            };
+            match options.trim().strip_prefix("irreversible") {
+                Some(reason) if !reason.trim().is_empty() => {
+                    irreversible = Some(reason.trim().to_owned());
+                }
+                Some(_) => return Err(error("`irreversible` needs a reason after it".into())),
+                None => {
+                    return Err(error(format!(
+                        "a reverse's header may only declare `irreversible <reason>`, not `{}`",
+                        options.trim()
+                    )));
+                }
+            }
+        }
+        let statements = split_statements(&normalised).map_err(error)?;
+        self.reverse = match (irreversible, statements.is_empty()) {
+            (Some(reason), true) => Reverse::Irreversible(reason),
+            (None, false) => Reverse::Statements(statements),
+            (Some(_), false) => {
+                return Err(error(
+                    "declared irreversible but has statements: keep one or the other".into(),
+                ));
+            }
+            (None, true) => {
+                return Err(error(
+                    "no statements: write the reverse, or declare `-- fleetsync: irreversible \
+                     <reason>`"
+                        .into(),
+                ));
+            }
+        };
+        Ok(self)
     }
 
     /// SHA-256 (hex) of the first `n` statements: what a partial migration's journal vouches for.
     pub fn prefix_checksum(&self, n: usize) -> String {
-        let mut hasher = Sha256::new();
-        for statement in self.statements.iter().take(n) {
-            hasher.update(statement.as_bytes());
-            hasher.update([0]);
-        }
-        hex(&hasher.finalize())
+        prefix_checksum(&self.statements, n)
     }
+}
+
+/// SHA-256 (hex) of the first `n` of `statements`, each ended by a NUL byte.
+fn prefix_checksum(statements: &[String], n: usize) -> String {
+    let mut hasher = Sha256::new();
+    for statement in statements.iter().take(n) {
+        hasher.update(statement.as_bytes());
+        hasher.update([0]);
+    }
+    hex(&hasher.finalize())
 }
 
 /// LF line ends, no BOM.
@@ -220,13 +305,41 @@ fn strip_comments_around(statement: &str) -> String {
     lines.join("\n").trim().to_owned()
 }
 
-/// A migration as listed in the binary: version, name, and its text for each dialect.
+/// A migration as listed in the binary: version, name, and for each dialect its text and its
+/// reverse's.
 struct Source {
     version: i64,
     name: &'static str,
-    sqlite: &'static str,
-    postgres: &'static str,
-    mysql: &'static str,
+    sqlite: [&'static str; 2],
+    postgres: [&'static str; 2],
+    mysql: [&'static str; 2],
+}
+
+/// The forward and the reverse text of a migration in one dialect folder: a missing file (the
+/// reverse included) is a build error.
+macro_rules! dialect {
+    ($dialect:literal, $version:literal, $name:literal) => {
+        [
+            include_str!(concat!(
+                "../migrations/",
+                $dialect,
+                "/",
+                $version,
+                "_",
+                $name,
+                ".sql"
+            )),
+            include_str!(concat!(
+                "../migrations/",
+                $dialect,
+                "/",
+                $version,
+                "_",
+                $name,
+                ".down.sql"
+            )),
+        ]
+    };
 }
 
 macro_rules! source {
@@ -234,33 +347,15 @@ macro_rules! source {
         Source {
             version: $version,
             name: $name,
-            sqlite: include_str!(concat!(
-                "../migrations/sqlite/",
-                $version,
-                "_",
-                $name,
-                ".sql"
-            )),
-            postgres: include_str!(concat!(
-                "../migrations/postgres/",
-                $version,
-                "_",
-                $name,
-                ".sql"
-            )),
-            mysql: include_str!(concat!(
-                "../migrations/mysql/",
-                $version,
-                "_",
-                $name,
-                ".sql"
-            )),
+            sqlite: dialect!("sqlite", $version, $name),
+            postgres: dialect!("postgres", $version, $name),
+            mysql: dialect!("mysql", $version, $name),
         }
     };
 }
 
-/// The control-plane migrations, in order. Each has a file in every dialect folder; a test
-/// checks that the folders hold nothing else.
+/// The control-plane migrations, in order. Each has a file and its reverse (`.down.sql`) in
+/// every dialect folder; a test checks that the folders hold nothing else.
 const SOURCES: &[Source] = &[
     source!(20240101000001, "create_servers"),
     source!(20240101000002, "create_services"),
@@ -297,12 +392,13 @@ impl MigrationSet {
         let migrations = SOURCES
             .iter()
             .map(|source| {
-                let text = match backend {
+                let [up, down] = match backend {
                     Backend::Sqlite => source.sqlite,
                     Backend::Postgres => source.postgres,
                     Backend::MySql => source.mysql,
                 };
-                Migration::parse(source.version, source.name, text)
+                Migration::parse(source.version, source.name, up)
+                    .and_then(|m| m.with_reverse(down))
                     .expect("embedded migrations are checked by tests")
             })
             .collect();
@@ -332,7 +428,7 @@ impl MigrationSet {
     }
 
     /// The migrations, ascending.
-    pub fn iter(&self) -> impl Iterator<Item = &Migration> {
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = &Migration> {
         self.migrations.iter()
     }
 
@@ -420,6 +516,48 @@ mod tests {
     }
 
     #[test]
+    fn reverses_are_statements_or_declared_irreversible_with_a_reason() {
+        let up = || Migration::parse(7, "x", "-- fleetsync: resync=databases\nSELECT 1;").unwrap();
+        let checksum = up().checksum;
+        let down = up().with_reverse("-- undo\nSELECT 2;\nSELECT 3;").unwrap();
+        assert_eq!(
+            down.reverse,
+            Reverse::Statements(vec!["SELECT 2".into(), "SELECT 3".into()])
+        );
+        assert_eq!(
+            down.checksum, checksum,
+            "the reverse is not in the checksum"
+        );
+        assert_ne!(
+            down.reverse.prefix_checksum(1),
+            down.reverse.prefix_checksum(2)
+        );
+        let never = up()
+            .with_reverse("-- fleetsync: irreversible the old rows cannot be rebuilt\n")
+            .unwrap();
+        assert_eq!(
+            never.reverse,
+            Reverse::Irreversible("the old rows cannot be rebuilt".into())
+        );
+        for (text, why) in [
+            ("-- nothing here\n", "no statements: write the reverse"),
+            ("-- fleetsync: irreversible\n", "needs a reason"),
+            (
+                "-- fleetsync: irreversible because\nSELECT 1;",
+                "but has statements",
+            ),
+            (
+                "-- fleetsync: resync=databases\nSELECT 1;",
+                "may only declare",
+            ),
+        ] {
+            let err = up().with_reverse(text).unwrap_err().to_string();
+            assert!(err.contains(why), "{text:?}: {err}");
+            assert!(err.contains("x (reverse)"), "{err}");
+        }
+    }
+
+    #[test]
     fn embedded_sets_agree_across_dialects() {
         let sets = [Backend::Sqlite, Backend::Postgres, Backend::MySql].map(MigrationSet::embedded);
         for set in &sets {
@@ -444,6 +582,14 @@ mod tests {
                 Some(AGENT_SCHEMA_RANGES_VERSION)
             );
         }
+        // Every embedded migration can be undone.
+        for m in sets.iter().flat_map(MigrationSet::iter) {
+            assert!(
+                matches!(&m.reverse, Reverse::Statements(s) if !s.is_empty()),
+                "{}",
+                m.version
+            );
+        }
         // Same number of statements everywhere, so that progress reads the same.
         for (a, b) in sets[0].iter().zip(sets[2].iter()) {
             assert_eq!(a.statements.len(), b.statements.len(), "{}", a.name);
@@ -455,7 +601,12 @@ mod tests {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
         let mut expected: Vec<String> = SOURCES
             .iter()
-            .map(|s| format!("{}_{}.sql", s.version, s.name))
+            .flat_map(|s| {
+                [
+                    format!("{}_{}.sql", s.version, s.name),
+                    format!("{}_{}.down.sql", s.version, s.name),
+                ]
+            })
             .collect();
         expected.sort();
         for dialect in ["sqlite", "postgres", "mysql"] {

@@ -19,3 +19,13 @@ stored_enum! {
         Failed => "failed",
     }
 }
+
+stored_enum! {
+    /// Where the way down of one migration stands (a row of `fleetsync_schema_rollbacks`).
+    pub enum RollbackState in "state in fleetsync_schema_rollbacks" {
+        /// Under way, or interrupted (journaled reverses): the next `migrate` finishes it first.
+        Reverting => "reverting",
+        /// Done: the migration's history row is gone and its reverse ran to the end.
+        Reverted => "reverted",
+    }
+}

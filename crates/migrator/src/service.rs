@@ -34,15 +34,16 @@ impl MigratorService {
     }
 
     fn engine(&self) -> Engine {
-        self.engine_stopping(false)
+        self.engine_migrating(&MigrateRequest::default())
     }
 
-    fn engine_stopping(&self, stop_agents: bool) -> Engine {
+    fn engine_migrating(&self, request: &MigrateRequest) -> Engine {
         Engine::new(
             self.db.clone(),
             Options {
                 lock_timeout: self.lock_timeout,
-                stop_agents,
+                stop_agents: request.stop_agents,
+                allow_data_loss: request.allow_data_loss,
                 ..Options::default()
             },
         )
@@ -84,13 +85,30 @@ fn state(state: State) -> pb::MigrationState {
     }
 }
 
-fn target(version: i64) -> Result<i64, Status> {
-    if version < 0 {
-        return Err(
-            ServiceError::invalid("target_version", "must be 0 (latest) or a version").into(),
-        );
+/// 0 is the latest (rolling everything back is for the command line, `--target 0`).
+fn target(version: i64) -> Result<Option<i64>, Status> {
+    match version {
+        0 => Ok(None),
+        v if v < 0 => {
+            Err(ServiceError::invalid("target_version", "must be 0 (latest) or a version").into())
+        }
+        v => Ok(Some(v)),
     }
-    Ok(version)
+}
+
+fn rollback_message(r: &crate::history::Rollback) -> pb::Rollback {
+    pb::Rollback {
+        done: r.state == crate::model::RollbackState::Reverted,
+        statements_done: r.statements_done.max(0) as u32,
+        statements_total: r.statements_total.max(0) as u32,
+        from_version: r.from_version,
+        to_version: r.to_version,
+        started_at: timestamp(Some(r.started_at)),
+        finished_at: timestamp(r.finished_at),
+        rolled_back_by: r.rolled_back_by.clone(),
+        error: r.error.clone().unwrap_or_default(),
+        withdrawn_request: r.withdrawn_request.clone().unwrap_or_default(),
+    }
 }
 
 #[tonic::async_trait]
@@ -134,6 +152,7 @@ impl Migrator for MigratorService {
                     failing_statement: h
                         .and_then(|h| h.failing_statement.clone())
                         .unwrap_or_default(),
+                    last_rollback: m.rolled_back.as_ref().map(rollback_message),
                 }
             })
             .collect();
@@ -162,6 +181,17 @@ impl Migrator for MigratorService {
                     resync_scopes: p.resync.iter().map(|s| s.as_str().into()).collect(),
                     stops_agents: p.stops_agents,
                     stopped_agents: p.stops.into_iter().map(|a| a.id).collect(),
+                    reverse: p.reverse,
+                    losses: p
+                        .losses
+                        .into_iter()
+                        .map(|l| pb::DataLoss {
+                            table: l.table,
+                            column: l.column.unwrap_or_default(),
+                            rows: l.rows,
+                        })
+                        .collect(),
+                    irreversible: p.irreversible.unwrap_or_default(),
                 })
                 .collect(),
         }))
@@ -173,7 +203,7 @@ impl Migrator for MigratorService {
     ) -> Result<Response<Self::MigrateStream>, Status> {
         let request = request.into_inner();
         let target = target(request.target_version)?;
-        let engine = self.engine_stopping(request.stop_agents);
+        let engine = self.engine_migrating(&request);
         let (tx, rx) = tokio::sync::mpsc::channel(32);
         // The run goes on to completion even if the client leaves: a migration is never cut
         // off half-way by a disconnect. Progress the client cannot take is dropped.
@@ -192,6 +222,8 @@ impl Migrator for MigratorService {
                     error: String::new(),
                     sync_request_id: report.sync_requests.last().cloned().unwrap_or_default(),
                     sync_job_id: String::new(),
+                    rolled_back: report.rolled_back.clone(),
+                    withdrawn_requests: report.withdrawn.clone(),
                 },
                 Err(err) => MigrateSummary {
                     success: false,
@@ -236,6 +268,28 @@ fn event_message(event: Event) -> MigrateEvent {
             version,
             name,
             statements: statements as u32,
+            reverse: false,
+        }),
+        Event::RollingBack {
+            version,
+            name,
+            statements,
+        } => migrate_event::Event::Started(MigrationStarted {
+            version,
+            name,
+            statements: statements as u32,
+            reverse: true,
+        }),
+        Event::RolledBack {
+            version,
+            duration: d,
+            withdrawn,
+        } => migrate_event::Event::Finished(MigrationFinished {
+            version,
+            state: pb::MigrationState::RolledBack as i32,
+            duration: duration(d),
+            withdrawn_request: withdrawn.unwrap_or_default(),
+            ..MigrationFinished::default()
         }),
         Event::Applied {
             version,
@@ -245,8 +299,7 @@ fn event_message(event: Event) -> MigrateEvent {
             version,
             state: pb::MigrationState::Applied as i32,
             duration: duration(d),
-            error: String::new(),
-            failing_statement: String::new(),
+            ..MigrationFinished::default()
         }),
         Event::Failed {
             version,
@@ -259,6 +312,7 @@ fn event_message(event: Event) -> MigrateEvent {
             duration: duration(d),
             error,
             failing_statement: statement,
+            withdrawn_request: String::new(),
         }),
     };
     MigrateEvent { event: Some(event) }

@@ -131,18 +131,8 @@ impl Engine {
         attempt: &mut Attempt<'_>,
     ) -> Result<Applied, EngineError> {
         let m = attempt.migration;
-        let begin = match conn.backend() {
-            Backend::Sqlite => "BEGIN IMMEDIATE",
-            _ => "BEGIN",
-        };
-        conn.raw(begin)
-            .await
-            .map_err(db_err("starting a transaction"))?;
         // Under the lock: another migrator may have applied it since history was read.
-        let row = match history::history_row(conn, m.version).await {
-            Ok(row) => row,
-            Err(err) => return Err(rollback(conn, db_err("reading history")(err)).await),
-        };
+        let row = begin_with_row(conn, m).await?;
         if row.as_ref().is_some_and(|r| r.state == State::Applied) {
             conn.raw("COMMIT").await.map_err(db_err("committing"))?;
             return Ok(Applied::ByAnother);
@@ -346,6 +336,45 @@ pub(super) enum Applied {
     ByAnother,
 }
 
+/// Opens the migration's transaction (SQLite: with the write lock) and reads its history row
+/// inside it.
+pub(super) async fn begin_with_row(
+    conn: &mut Conn,
+    m: &Migration,
+) -> Result<Option<History>, EngineError> {
+    let begin = match conn.backend() {
+        Backend::Sqlite => "BEGIN IMMEDIATE",
+        _ => "BEGIN",
+    };
+    conn.raw(begin)
+        .await
+        .map_err(db_err("starting a transaction"))?;
+    match history::history_row(conn, m.version).await {
+        Ok(row) => Ok(row),
+        Err(err) => Err(rollback(conn, db_err("reading history")(err)).await),
+    }
+}
+
+/// Reports a failed statement (other errors are the caller's to report).
+pub(super) fn report_failure(
+    on_event: &mut (dyn FnMut(Event) + Send),
+    m: &Migration,
+    started: Instant,
+    err: &EngineError,
+) {
+    if let EngineError::StatementFailed {
+        error, statement, ..
+    } = err
+    {
+        on_event(Event::Failed {
+            version: m.version,
+            duration: started.elapsed(),
+            error: error.clone(),
+            statement: statement.clone(),
+        });
+    }
+}
+
 pub(super) async fn rollback(conn: &mut Conn, err: EngineError) -> EngineError {
     let _ = conn.raw("ROLLBACK").await;
     err
@@ -357,6 +386,7 @@ pub(super) fn statement_failed(m: &Migration, i: usize, err: &sqlx::Error) -> En
         other => other.to_string(),
     };
     EngineError::StatementFailed {
+        reverse: false,
         version: m.version,
         name: m.name.clone(),
         index: i + 1,
@@ -459,8 +489,10 @@ async fn record_stop(conn: &mut Conn, m: &Migration) -> Result<(), sqlx::Error> 
     Ok(())
 }
 
-/// Id of the sync request a migration records: one per migration, so recording it twice is
-/// impossible and the agent deduplicates on it.
+/// Id of the sync request a migration records: one per application of a migration, so
+/// recording it twice is impossible and the agent deduplicates on it. The first application's
+/// is `migration-VERSION`; a migration applied again after a roll-back, whose earlier request
+/// an agent had taken, records `migration-VERSION-2` and so on.
 pub fn sync_request_id(version: i64) -> String {
     format!("migration-{version}")
 }
@@ -473,15 +505,20 @@ pub(super) async fn record_sync_request(
     if m.resync.is_empty() {
         return Ok(None);
     }
-    let id = sync_request_id(m.version);
-    let exists = conn
+    // The history row and the request commit together: a request of this version exists only
+    // if an agent took it before the migration was rolled back (a pending one is withdrawn).
+    let earlier = conn
         .scalar(
-            &format!("SELECT COUNT(*) FROM {OUTBOX_TABLE} WHERE id = ?"),
-            &[Value::Text(id.clone())],
+            &format!("SELECT COUNT(*) FROM {OUTBOX_TABLE} WHERE migration_version = ?"),
+            &[Value::Int(m.version)],
         )
         .await?
-        > Some(0);
-    if !exists {
+        .unwrap_or(0);
+    let id = match earlier {
+        0 => sync_request_id(m.version),
+        n => format!("{}-{}", sync_request_id(m.version), n + 1),
+    };
+    {
         conn.execute(
             &format!(
                 "INSERT INTO {OUTBOX_TABLE} (id, origin, migration_version, scopes, reason, state, \

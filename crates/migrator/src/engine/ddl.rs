@@ -1,14 +1,14 @@
-//! Asking the catalog whether a DDL statement already ran (a journaled migration resumed after
-//! a crash, where the journal may lag one statement behind): a small tokenizer of what each
-//! statement creates, alters or drops.
+//! Asking the catalog whether a DDL statement already ran (a journaled migration or reverse
+//! resumed after a crash, where the journal may lag one statement behind), and what a reverse
+//! would destroy: a small tokenizer of what each statement creates, alters or drops.
 
 use super::{EngineError, db_err};
 use crate::{catalog, history::Conn};
 
 /// Whether a statement's effect is already in the catalog: `CREATE TABLE t`, `CREATE [UNIQUE]
-/// INDEX i ON t`, `ALTER TABLE t ADD [COLUMN] c` (the thing exists), `DROP INDEX i ON t` (it
-/// does not). Other statements are run again (migrations that cannot commit atomically must
-/// keep such statements idempotent).
+/// INDEX i ON t`, `ALTER TABLE t ADD [COLUMN] c` (the thing exists), `DROP INDEX i ON t`,
+/// `DROP TABLE t`, `ALTER TABLE t DROP [COLUMN] c` (it does not). Other statements are run
+/// again (migrations that cannot commit atomically must keep such statements idempotent).
 pub(super) async fn already_applied(conn: &mut Conn, statement: &str) -> Result<bool, EngineError> {
     let Some(effect) = Effect::of(statement) else {
         return Ok(false);
@@ -20,8 +20,78 @@ pub(super) async fn already_applied(conn: &mut Conn, statement: &str) -> Result<
         Effect::NoIndex(table, index) => catalog::index_exists(conn, table, index)
             .await
             .map(|exists| !exists),
+        Effect::NoTable(table) => catalog::table_exists(conn, table)
+            .await
+            .map(|exists| !exists),
+        Effect::NoColumn(table, column) => catalog::column_exists(conn, table, column)
+            .await
+            .map(|exists| !exists),
     };
     result.map_err(db_err("checking the catalog"))
+}
+
+/// Data a statement would destroy, as it stands now: the rows of a table it drops, or the
+/// values (not NULL) of a column it drops. None for anything else, and for what is already gone.
+pub(super) async fn would_lose(
+    conn: &mut Conn,
+    statement: &str,
+) -> Result<Option<Loss>, EngineError> {
+    let (table, column) = match Effect::of(statement) {
+        Some(Effect::NoTable(table)) => (table, None),
+        Some(Effect::NoColumn(table, column)) => (table, Some(column)),
+        _ => return Ok(None),
+    };
+    let doing = || db_err("counting what the reverse would drop");
+    if !catalog::table_exists(conn, &table).await.map_err(doing())? {
+        return Ok(None);
+    }
+    let backend = conn.backend();
+    let quote = |name: &str| match backend {
+        fleetsync_common::Backend::MySql => format!("`{name}`"),
+        _ => format!("\"{name}\""),
+    };
+    let sql = match &column {
+        None => format!("SELECT COUNT(*) FROM {}", quote(&table)),
+        Some(column) => {
+            if !catalog::column_exists(conn, &table, column)
+                .await
+                .map_err(doing())?
+            {
+                return Ok(None);
+            }
+            format!(
+                "SELECT COUNT(*) FROM {} WHERE {} IS NOT NULL",
+                quote(&table),
+                quote(column)
+            )
+        }
+    };
+    let rows = conn.scalar(&sql, &[]).await.map_err(doing())?.unwrap_or(0);
+    Ok((rows > 0).then_some(Loss {
+        table,
+        column,
+        rows,
+    }))
+}
+
+/// Data a reverse would destroy: a table's rows, or a column's values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Loss {
+    /// The table.
+    pub table: String,
+    /// The column dropped, or none when the whole table goes.
+    pub column: Option<String>,
+    /// Rows of the table (a column: rows where it is not NULL).
+    pub rows: i64,
+}
+
+impl std::fmt::Display for Loss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.column {
+            None => write!(f, "table {} ({} rows)", self.table, self.rows),
+            Some(column) => write!(f, "column {}.{column} ({} values)", self.table, self.rows),
+        }
+    }
 }
 
 /// What a DDL statement creates or removes.
@@ -32,6 +102,10 @@ enum Effect {
     Index(String, String),
     /// The index (table, name) is gone.
     NoIndex(String, String),
+    /// The table is gone.
+    NoTable(String),
+    /// The column (table, name) is gone.
+    NoColumn(String, String),
 }
 
 impl Effect {
@@ -66,9 +140,17 @@ impl Effect {
                 (word(at + 1) == Some("ON")).then_some(())?;
                 Some(Self::NoIndex(ident(at + 2)?, index))
             }
+            ("DROP", "TABLE") => {
+                let at = if word(2) == Some("IF") { 4 } else { 2 };
+                Some(Self::NoTable(ident(at)?))
+            }
             ("ALTER", "TABLE") => {
                 let table = ident(2)?;
-                (word(3) == Some("ADD")).then_some(())?;
+                let add = match word(3)? {
+                    "ADD" => true,
+                    "DROP" => false,
+                    _ => return None,
+                };
                 let at = if word(4) == Some("COLUMN") { 5 } else { 4 };
                 if matches!(
                     word(at),
@@ -76,7 +158,12 @@ impl Effect {
                 ) {
                     return None;
                 }
-                Some(Self::Column(table, ident(at)?))
+                let column = ident(at)?;
+                Some(if add {
+                    Self::Column(table, column)
+                } else {
+                    Self::NoColumn(table, column)
+                })
             }
             _ => None,
         }
@@ -138,15 +225,33 @@ mod tests {
             Some(Effect::NoIndex("t".into(), "a_b".into()))
         );
         assert_eq!(Effect::of("DROP INDEX a_b"), None);
+        assert_eq!(
+            Effect::of("DROP TABLE `databases`"),
+            Some(Effect::NoTable("databases".into()))
+        );
+        assert_eq!(
+            Effect::of("drop table if exists sync_runs"),
+            Some(Effect::NoTable("sync_runs".into()))
+        );
+        assert_eq!(
+            Effect::of("ALTER TABLE `databases` DROP COLUMN `collation`"),
+            Some(Effect::NoColumn("databases".into(), "collation".into()))
+        );
+        assert_eq!(
+            Effect::of("ALTER TABLE servers DROP zone"),
+            Some(Effect::NoColumn("servers".into(), "zone".into()))
+        );
+        assert_eq!(Effect::of("ALTER TABLE t DROP FOREIGN KEY t_fk"), None);
         assert_eq!(Effect::of("UPDATE t SET x = 1"), None);
     }
 
     #[test]
     fn every_embedded_mysql_statement_is_checkable() {
-        // The MySQL migrations resume statement by statement: each one must be recognised, or
-        // a crash right after it could make the retry fail on "already exists".
+        // The MySQL migrations and their reverses resume statement by statement: each one must
+        // be recognised, or a crash right after it could make the retry fail on "already
+        // exists" or "does not exist".
         for m in MigrationSet::embedded(Backend::MySql).iter() {
-            for statement in &m.statements {
+            for statement in m.statements.iter().chain(m.reverse.statements()) {
                 assert!(
                     Effect::of(statement).is_some(),
                     "{}: {statement}",

@@ -10,19 +10,24 @@
 //! - Locking through the database only: PostgreSQL advisory lock, MySQL `GET_LOCK`, SQLite
 //!   `BEGIN IMMEDIATE` around each migration (with the busy timeout). History is re-read once
 //!   the lock is held.
+//! - The way down (`--target` below the current version) runs reverses newest first with the
+//!   same guarantees, journaled in `fleetsync_schema_rollbacks` where DDL commits by itself; an
+//!   interrupted way down is finished before anything else.
 //!
 //! Here: the engine's API (status, plan, verify, migrate) and its options; `report` holds what
-//! it reports, `apply` the lock and both apply paths with the rows they write, `ddl` the
-//! catalog check of a resumed statement.
+//! it reports, `apply` the lock and both apply paths with the rows they write, `revert` the
+//! way down, `ddl` the catalog check of a resumed statement and what a reverse would destroy.
 
 mod apply;
 mod ddl;
 mod report;
+mod revert;
 
 pub use crate::history::History;
 pub use crate::model::State;
 pub use apply::sync_request_id;
 use apply::{Applied, current_version};
+pub use ddl::Loss;
 pub use report::{Event, MigrationStatus, Plan, Planned, Problem, Report, Status};
 
 use std::time::{Duration, Instant};
@@ -32,7 +37,7 @@ use fleetsync_common::{Backend, Db, clock::now_ms, model::RequestState};
 use crate::{
     agents::{LiveAgent, live_agents},
     catalog::table_exists,
-    history::{self, Conn},
+    history::{self, Conn, Rollback},
     migration::{Migration, MigrationSet},
     outbox::OUTBOX_TABLE,
 };
@@ -110,17 +115,70 @@ pub enum EngineError {
         /// The serving agents it would stop, described.
         agents: Vec<String>,
     },
+    /// A migration the way down must pass has no reverse.
+    #[error("migration {version} ({name}) cannot be rolled back: {reason}; nothing was written")]
+    Irreversible {
+        /// The migration's version.
+        version: i64,
+        /// Its name.
+        name: String,
+        /// Why, as its down file says.
+        reason: String,
+    },
+    /// The way down would destroy data, and `--allow-data-loss` was not given.
+    #[error(
+        "rolling back to version {target} would destroy data: {}. `migrator plan --target \
+         {target}` shows it; pass --allow-data-loss to roll back anyway; nothing was written",
+        .losses.iter().map(|(v, l)| format!("{l} (reverse of {v})")).collect::<Vec<_>>().join(", ")
+    )]
+    WouldLoseData {
+        /// Where the way down goes.
+        target: i64,
+        /// What would go, by the version whose reverse drops it.
+        losses: Vec<(i64, Loss)>,
+    },
+    /// The way down goes below the schema range of serving agents.
+    #[error(
+        "rolling back to version {target} goes below the schema range of {} serving \
+         sync-agent(s): {}. Replace them by agents of the release you return to first (README, \
+         \"Rolling back\"), or pass --stop-agents: they then claim nothing until the schema is \
+         back in their range; nothing was written",
+        .agents.len(),
+        .agents.join("; ")
+    )]
+    RollbackStopsAgents {
+        /// Where the way down goes.
+        target: i64,
+        /// The serving agents it would stop, described.
+        agents: Vec<String>,
+    },
+    /// The reverse statements an interrupted way down already ran were changed.
+    #[error(
+        "the roll-back of migration {version} ({name}) was interrupted after {done} statements of \
+         its reverse, and those statements were edited since; restore them, then run migrate again"
+    )]
+    ReverseEdited {
+        /// The migration's version.
+        version: i64,
+        /// Its name.
+        name: String,
+        /// Reverse statements done.
+        done: i64,
+    },
     /// `--target` names no migration.
     #[error(
         "no migration has version {0} (`migrator status` lists the versions this binary knows)"
     )]
     UnknownTarget(i64),
-    /// A statement failed; nothing of the migration is applied (transactional backends) or the
-    /// statements before it are (MySQL), and the next run retries from there.
+    /// A statement failed; nothing of the migration (or its reverse) is applied (transactional
+    /// backends) or the statements before it are (MySQL), and the next run retries from there.
     #[error(
-        "migration {version} ({name}) failed at statement {index} of {total}: {error}\n  statement: {statement}"
+        "{}migration {version} ({name}) failed at statement {index} of {total}: {error}\n  statement: {statement}",
+        if *.reverse { "the reverse of " } else { "" }
     )]
     StatementFailed {
+        /// True for a statement of the migration's reverse (the way down).
+        reverse: bool,
         /// The migration's version (the timestamp its file name starts with).
         version: i64,
         /// The migration's name, from its file name.
@@ -144,6 +202,7 @@ impl EngineError {
             self,
             Self::ChecksumMismatch { .. }
                 | Self::PartialEdited { .. }
+                | Self::ReverseEdited { .. }
                 | Self::UnknownVersions(_)
                 | Self::UnknownTarget(_)
         )
@@ -162,8 +221,11 @@ pub struct Options {
     pub lock_timeout: Duration,
     /// Recorded as `installed_by`.
     pub installed_by: String,
-    /// Apply a migration that stops serving agents built before it (`--stop-agents`).
+    /// Apply a migration that stops serving agents built before it, or roll back below the
+    /// range of serving agents (`--stop-agents`).
     pub stop_agents: bool,
+    /// Roll back even where a reverse destroys data (`--allow-data-loss`).
+    pub allow_data_loss: bool,
     /// Test hook (feature `crash-points`): the process kills itself (SIGKILL) on reaching this
     /// point (see [`Engine::crash_points`]).
     #[cfg(feature = "crash-points")]
@@ -176,6 +238,7 @@ impl Default for Options {
             lock_timeout: Duration::from_secs(60),
             installed_by: default_installed_by(),
             stop_agents: false,
+            allow_data_loss: false,
             #[cfg(feature = "crash-points")]
             crash_at: None,
         }
@@ -245,6 +308,24 @@ impl Engine {
         points
     }
 
+    /// Every crash point of the way down from the latest version to none, in order:
+    /// `down:V:K` after statement K of version V's reverse ran, `down:V:K:journal` after it was
+    /// journaled (journaled reverses only), `down:V:commit` after the roll-back committed.
+    pub fn rollback_crash_points(&self) -> Vec<String> {
+        let mut points = Vec::new();
+        for m in self.set.iter().rev() {
+            let journaled = self.journaled(m);
+            for k in 1..=m.reverse.statements().len() {
+                points.push(format!("down:{}:{k}", m.version));
+                if journaled {
+                    points.push(format!("down:{}:{k}:journal", m.version));
+                }
+            }
+            points.push(format!("down:{}:commit", m.version));
+        }
+        points
+    }
+
     fn journaled(&self, m: &Migration) -> bool {
         !m.transactional || self.backend() == Backend::MySql
     }
@@ -274,9 +355,12 @@ impl Engine {
         let agents = live_agents(&mut conn)
             .await
             .map_err(db_err("reading the registry of agents"));
+        let rollbacks = history::rollbacks(&mut conn)
+            .await
+            .map_err(db_err("reading the roll-backs"));
         conn.close().await;
         let history = history?;
-        Ok(self.status_from(&history, pending, agents?))
+        Ok(self.status_from(&history, pending, agents?, rollbacks?))
     }
 
     fn status_from(
@@ -284,6 +368,7 @@ impl Engine {
         history: &[History],
         pending_sync_requests: i64,
         agents: Vec<LiveAgent>,
+        rollbacks: Vec<Rollback>,
     ) -> Status {
         let migrations = self
             .set
@@ -294,6 +379,11 @@ impl Engine {
                     migration: m.clone(),
                     state: State::of(row),
                     history: row.cloned(),
+                    rolled_back: rollbacks
+                        .iter()
+                        .rev()
+                        .find(|r| r.version == m.version)
+                        .cloned(),
                 }
             })
             .collect();
@@ -305,6 +395,7 @@ impl Engine {
             unknown_versions: self.unknown_versions(history),
             pending_sync_requests,
             agents,
+            rollbacks,
         }
     }
 
@@ -326,6 +417,16 @@ impl Engine {
         history
     }
 
+    /// The interrupted way down, if any, over a connection of its own.
+    async fn read_open_rollback(&self) -> Result<Option<Rollback>, EngineError> {
+        let mut conn = Conn::open(&self.db).await.map_err(db_err("connecting"))?;
+        let open = history::open_rollback(&mut conn)
+            .await
+            .map_err(db_err("reading the roll-backs"));
+        conn.close().await;
+        open
+    }
+
     /// The live agents, over a connection of its own.
     async fn read_agents(&self) -> Result<Vec<LiveAgent>, EngineError> {
         let mut conn = Conn::open(&self.db).await.map_err(db_err("connecting"))?;
@@ -336,20 +437,36 @@ impl Engine {
         agents
     }
 
-    /// The exact SQL `migrate` would run now, up to `target` (0: the latest), and the live
-    /// agents each migration would stop. Writes nothing.
-    pub async fn plan(&self, target: i64) -> Result<Plan, EngineError> {
+    /// The exact SQL `migrate` would run now to reach `target` (`None`: the latest; 0: before
+    /// every migration): first the reverses of the way down, newest first, with the data each
+    /// would destroy, then the migrations of the way up, with the live agents each would stop.
+    /// Writes nothing.
+    pub async fn plan(&self, target: Option<i64>) -> Result<Plan, EngineError> {
         let target = self.resolve_target(target)?;
         let history = self.read_history().await?;
         self.check(&history)?;
         let agents = self.read_agents().await?;
-        let migrations = self
+        let open = self.read_open_rollback().await?;
+        let down = self.way_down(&history, open.as_ref(), target);
+        let mut migrations = if down.is_empty() {
+            Vec::new()
+        } else {
+            let mut conn = Conn::open(&self.db).await.map_err(db_err("connecting"))?;
+            let planned = self
+                .plan_way_down(&mut conn, &down, open.as_ref(), target, &agents)
+                .await;
+            conn.close().await;
+            planned?
+        };
+        let reverted: Vec<i64> = down.iter().map(|m| m.version).collect();
+        let up = self
             .set
             .iter()
             .filter(|m| m.version <= target)
             .filter_map(|m| {
                 let row = history.iter().find(|r| r.version == m.version);
                 let done = match row {
+                    _ if reverted.contains(&m.version) => 0,
                     Some(r) if r.state == State::Applied => return None,
                     Some(r) if self.journaled(m) => r.statements_applied.max(0) as usize,
                     _ => 0,
@@ -357,14 +474,17 @@ impl Engine {
                 Some(Planned {
                     version: m.version,
                     name: m.name.clone(),
+                    reverse: false,
                     transactional: !self.journaled(m),
                     statements: m.statements[done.min(m.statements.len())..].to_vec(),
                     resync: m.resync,
                     stops_agents: m.stops_agents,
                     stops: agents.iter().filter(|a| a.stopped_by(m)).cloned().collect(),
+                    losses: Vec::new(),
+                    irreversible: None,
                 })
-            })
-            .collect();
+            });
+        migrations.extend(up);
         Ok(Plan { migrations, agents })
     }
 
@@ -399,6 +519,20 @@ impl Engine {
     pub async fn verify(&self) -> Result<Vec<Problem>, EngineError> {
         let history = self.read_history().await?;
         let mut problems = Vec::new();
+        if let Some(open) = self.read_open_rollback().await? {
+            problems.push(Problem {
+                version: open.version,
+                problem: format!(
+                    "partly rolled back ({} of {} reverse statements{}): run migrate to finish it",
+                    open.statements_done,
+                    open.statements_total,
+                    open.error
+                        .as_deref()
+                        .map(|e| format!("; last error: {e}"))
+                        .unwrap_or_default()
+                ),
+            });
+        }
         for version in self.unknown_versions(&history) {
             problems.push(Problem {
                 version,
@@ -446,14 +580,17 @@ impl Engine {
         Ok(problems)
     }
 
-    fn resolve_target(&self, target: i64) -> Result<i64, EngineError> {
-        if target == 0 {
-            return Ok(self.set.latest());
+    /// `None`: the latest; 0: before every migration; else a version the binary knows.
+    fn resolve_target(&self, target: Option<i64>) -> Result<i64, EngineError> {
+        match target {
+            None => Ok(self.set.latest()),
+            Some(0) => Ok(0),
+            Some(version) => self
+                .set
+                .get(version)
+                .map(|m| m.version)
+                .ok_or(EngineError::UnknownTarget(version)),
         }
-        self.set
-            .get(target)
-            .map(|m| m.version)
-            .ok_or(EngineError::UnknownTarget(target))
     }
 
     /// Refuses a database that disagrees with the binary.
@@ -490,11 +627,13 @@ impl Engine {
         Ok(())
     }
 
-    /// Applies pending migrations up to `target` (0: the latest), calling `on_event` as it
-    /// goes. Stops at the first failure, which is returned (and recorded in the history).
+    /// Brings the schema to `target` (`None`: the latest; 0: before every migration): rolls
+    /// back what is applied above it, newest first, then applies what is pending up to it,
+    /// calling `on_event` as it goes. Stops at the first failure, which is returned (and
+    /// recorded in the history or the roll-backs).
     pub async fn migrate(
         &self,
-        target: i64,
+        target: Option<i64>,
         on_event: &mut (dyn FnMut(Event) + Send),
     ) -> Result<Report, EngineError> {
         // A deadlock or serialisation failure (with the agent writing the outbox, say) rolls
@@ -518,7 +657,7 @@ impl Engine {
 
     async fn migrate_once(
         &self,
-        target: i64,
+        target: Option<i64>,
         on_event: &mut (dyn FnMut(Event) + Send),
     ) -> Result<Report, EngineError> {
         let target = self.resolve_target(target)?;
@@ -542,25 +681,53 @@ impl Engine {
             .await
             .map_err(db_err("reading history"))?;
         self.check(&history)?;
+        let open = history::open_rollback(conn)
+            .await
+            .map_err(db_err("reading the roll-backs"))?;
+        let down = self.way_down(&history, open.as_ref(), target);
         let pending: Vec<&Migration> = self
             .set
             .iter()
             .filter(|m| m.version <= target)
             .filter(|m| {
-                !history
-                    .iter()
-                    .any(|r| r.version == m.version && r.state == State::Applied)
+                down.iter().any(|d| d.version == m.version)
+                    || !history
+                        .iter()
+                        .any(|r| r.version == m.version && r.state == State::Applied)
             })
             .collect();
-        if pending.iter().any(|m| m.stops_agents) {
+        if !down.is_empty() || pending.iter().any(|m| m.stops_agents) {
             let agents = live_agents(conn)
                 .await
                 .map_err(db_err("reading the registry of agents"))?;
             self.check_agents(&pending, &agents)?;
+            if !down.is_empty() {
+                self.check_way_down(conn, &down, open.as_ref(), target, &agents)
+                    .await?;
+            }
         }
         let run_id = format!("{:x}-{:x}", now_ms(), std::process::id());
 
         let mut report = Report::default();
+        if !down.is_empty() {
+            let way = revert::Way {
+                run_id: &run_id,
+                from: current_version(&history),
+                to: target,
+            };
+            for m in &down {
+                self.revert(conn, m, &way, open.as_ref(), &mut report, on_event)
+                    .await?;
+            }
+        }
+        // The way up, from the history as the way down left it.
+        let history = if down.is_empty() {
+            history
+        } else {
+            history::history(conn)
+                .await
+                .map_err(db_err("reading history"))?
+        };
         for m in self.set.iter().filter(|m| m.version <= target) {
             let row = history.iter().find(|r| r.version == m.version);
             if row.is_some_and(|r| r.state == State::Applied) {
@@ -591,17 +758,7 @@ impl Engine {
                 }
                 Ok(Applied::ByAnother) => {}
                 Err(err) => {
-                    if let EngineError::StatementFailed {
-                        error, statement, ..
-                    } = &err
-                    {
-                        on_event(Event::Failed {
-                            version: m.version,
-                            duration: started.elapsed(),
-                            error: error.clone(),
-                            statement: statement.clone(),
-                        });
-                    }
+                    apply::report_failure(on_event, m, started, &err);
                     return Err(err);
                 }
             }

@@ -7,7 +7,8 @@ use fleetsync_common::Backend;
 
 use crate::{
     agents::LiveAgent,
-    history::History,
+    engine::Loss,
+    history::{History, Rollback},
     migration::Migration,
     model::{Scopes, State},
 };
@@ -28,6 +29,9 @@ pub struct MigrationStatus {
     pub state: State,
     /// Its history row, if any.
     pub history: Option<History>,
+    /// Its latest roll-back, if it was ever rolled back (under way if its state is
+    /// `reverting`).
+    pub rolled_back: Option<Rollback>,
 }
 
 /// The database's schema state against the binary.
@@ -47,31 +51,40 @@ pub struct Status {
     pub pending_sync_requests: i64,
     /// The live sync-agents (heartbeat within two lease TTLs), oldest first.
     pub agents: Vec<LiveAgent>,
+    /// Every roll-back recorded, oldest first.
+    pub rollbacks: Vec<Rollback>,
 }
 
-/// A migration `migrate` would run, with its exact SQL.
+/// A migration `migrate` would run, or roll back, with its exact SQL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Planned {
     /// The migration's version (the timestamp its file name starts with).
     pub version: i64,
     /// The migration's name, from its file name.
     pub name: String,
+    /// True when its reverse runs (the way down).
+    pub reverse: bool,
     /// Whether it runs in one transaction.
     pub transactional: bool,
-    /// Statements still to run, in order.
+    /// Statements still to run, in order (the reverse's on the way down).
     pub statements: Vec<String>,
     /// Data to re-sync.
     pub resync: Scopes,
     /// Whether it stops agents built before it (header `stops-agents`).
     pub stops_agents: bool,
-    /// The live agents it would stop (their range ends before it).
+    /// The live agents it would stop (their range ends before it; on the way down, the
+    /// target is below their range).
     pub stops: Vec<LiveAgent>,
+    /// On the way down: the data its reverse would destroy, as it stands now.
+    pub losses: Vec<Loss>,
+    /// On the way down: why it cannot be rolled back, if it cannot.
+    pub irreversible: Option<String>,
 }
 
-/// What `plan` shows: the migrations `migrate` would run, and the live agents.
+/// What `plan` shows: the migrations `migrate` would roll back and run, and the live agents.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
-    /// Pending migrations up to the target, in order.
+    /// The way down (newest first), then the pending migrations up to the target, in order.
     pub migrations: Vec<Planned>,
     /// The live sync-agents, oldest first.
     pub agents: Vec<LiveAgent>,
@@ -107,7 +120,25 @@ pub enum Event {
         /// Id of the sync request it recorded, if any.
         sync_request: Option<String>,
     },
-    /// A migration failed.
+    /// A migration's reverse started (the way down).
+    RollingBack {
+        /// The migration's version.
+        version: i64,
+        /// Its name.
+        name: String,
+        /// Reverse statements to run in this attempt.
+        statements: usize,
+    },
+    /// A migration was rolled back.
+    RolledBack {
+        /// The migration's version.
+        version: i64,
+        /// How long it took.
+        duration: Duration,
+        /// The sync request it had recorded, withdrawn with it (no agent had taken it).
+        withdrawn: Option<String>,
+    },
+    /// A migration, or its reverse, failed.
     Failed {
         /// The migration's version (the timestamp its file name starts with).
         version: i64,
@@ -123,6 +154,10 @@ pub enum Event {
 /// What a `migrate` did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Report {
+    /// Versions rolled back by this run, newest first.
+    pub rolled_back: Vec<i64>,
+    /// Sync requests withdrawn with them.
+    pub withdrawn: Vec<String>,
     /// Versions applied by this run, in order.
     pub applied: Vec<i64>,
     /// Highest applied version afterwards.

@@ -1,0 +1,618 @@
+//! The way down on all three backends: a SIGKILL at every statement of every reverse converges
+//! on a re-run; up, down and up again gives a fresh install's catalog with the operators' data
+//! still there; data a reverse would destroy is refused and shown; sync requests are withdrawn
+//! with their migration; irreversible migrations, serving agents and concurrent migrators.
+
+use fleetsync_common::Backend;
+use fleetsync_migrator::{
+    engine::{Engine, EngineError, Options},
+    migration::{AGENT_SCHEMA_RANGES_VERSION, CHARSET_COLLATION_VERSION, Migration, MigrationSet},
+};
+use fleetsync_tests::{
+    TestDb,
+    catalog::{add_mariadb_everywhere, count, dump, execute, insert_servers, strings},
+    migrator::{Run, at_each_point, concurrently, migrator, migrator_crash},
+};
+use serde_json::Value;
+
+/// The first migration (`servers`): the lowest target that keeps a table.
+const FIRST: i64 = 20240101000001;
+
+fn ok(run: &Run, what: &str) {
+    assert_eq!(run.code(), 0, "{what}: {}{}", run.stdout, run.stderr);
+}
+
+fn json(run: &Run) -> Value {
+    serde_json::from_str(&run.stdout).unwrap_or_else(|err| panic!("{err}: {}", run.stdout))
+}
+
+/// `databases` is a reserved word in MySQL.
+fn databases(backend: Backend) -> &'static str {
+    if backend == Backend::MySql {
+        "`databases`"
+    } else {
+        "databases"
+    }
+}
+
+/// Kills `migrate --target 0` (SIGKILL) at every point of the way down from the latest
+/// version in turn; after each, the same command without the crash completes and the catalog
+/// equals that of a database never migrated, with every roll-back recorded once.
+async fn crash_anywhere_on_the_way_down(backend: Backend) {
+    let down = [
+        "migrate",
+        "--no-dispatch",
+        "--target",
+        "0",
+        "--allow-data-loss",
+    ];
+    let never = TestDb::create(backend).await;
+    ok(
+        &migrator(never.url(), &down).await,
+        "migrate --target 0 on nothing",
+    );
+    let expected = dump(&never.connect().await).await;
+    assert!(
+        !expected.iter().any(|l| l.starts_with("history ")),
+        "{expected:?}"
+    );
+
+    let engine = Engine::new(never.connect().await, Options::default());
+    let points = engine.rollback_crash_points();
+    let statements: usize = engine
+        .migrations()
+        .iter()
+        .map(|m| m.reverse.statements().len())
+        .sum();
+    let journaled = backend == Backend::MySql;
+    assert_eq!(
+        points.len(),
+        statements * if journaled { 2 } else { 1 } + engine.migrations().len()
+    );
+
+    let checked = at_each_point(points, |point| {
+        let expected = expected.clone();
+        async move {
+            let db = TestDb::create(backend).await;
+            ok(
+                &migrator(db.url(), &["migrate", "--no-dispatch"]).await,
+                "up",
+            );
+            let mut args = down.to_vec();
+            args.extend(["--crash-at", &point]);
+            let crashed = migrator_crash(db.url(), &args).await;
+            assert!(
+                crashed.killed(),
+                "{point}: not killed: {} {}",
+                crashed.stdout,
+                crashed.stderr
+            );
+            let retry = migrator(db.url(), &down).await;
+            ok(&retry, &format!("{point}: the re-run"));
+            let got = dump(&db.connect().await).await;
+            assert_eq!(
+                got, expected,
+                "{point}: the catalog differs from no migration"
+            );
+            let status = json(&migrator(db.url(), &["status", "-o", "json"]).await);
+            let rollbacks = status["rollbacks"].as_array().expect("rollbacks");
+            let mut versions: Vec<i64> = rollbacks
+                .iter()
+                .map(|r| {
+                    assert_eq!(r["state"], "reverted", "{point}: {r}");
+                    r["version"].as_i64().expect("version")
+                })
+                .collect();
+            versions.sort();
+            let all: Vec<i64> = MigrationSet::embedded(backend)
+                .iter()
+                .map(|m| m.version)
+                .collect();
+            assert_eq!(versions, all, "{point}: each migration rolled back once");
+        }
+    })
+    .await;
+    assert!(checked >= 50, "only {checked} crash points");
+}
+
+#[tokio::test]
+async fn crash_at_every_point_of_the_way_down_sqlite() {
+    crash_anywhere_on_the_way_down(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn crash_at_every_point_of_the_way_down_postgres() {
+    crash_anywhere_on_the_way_down(Backend::Postgres).await;
+}
+
+#[tokio::test]
+async fn crash_at_every_point_of_the_way_down_mariadb() {
+    crash_anywhere_on_the_way_down(Backend::MySql).await;
+}
+
+/// The demo's kind of data (servers, a database service, databases and users) at the latest
+/// version; refused and planned ways down; down to the incident's version and to the first,
+/// with the data each keeps still readable; up again: a fresh install's catalog.
+async fn up_down_up(backend: Backend) {
+    let fresh = TestDb::create(backend).await;
+    ok(
+        &migrator(fresh.url(), &["migrate", "--no-dispatch"]).await,
+        "fresh",
+    );
+    let fresh_catalog = dump(&fresh.connect().await).await;
+
+    let test_db = TestDb::create(backend).await;
+    let url = test_db.url();
+    ok(&migrator(url, &["migrate", "--no-dispatch"]).await, "up");
+    let db = test_db.connect().await;
+    insert_servers(&db, 50, 22, |i| format!("10.0.0.{i}")).await;
+    add_mariadb_everywhere(&db, "10.11.6").await;
+    let dbs = databases(backend);
+    execute(
+        &db,
+        &format!(
+            "INSERT INTO {dbs} (server_id, name, status, charset, {}, created_at, updated_at) \
+             SELECT id, 'app', 'ready', 'utf8mb4', 'utf8mb4_bin', 0, 0 FROM servers",
+            if backend == Backend::MySql {
+                "`collation`"
+            } else {
+                "\"collation\""
+            }
+        ),
+    )
+    .await;
+    execute(
+        &db,
+        "INSERT INTO database_users (server_id, username, host, databases, status, created_at, \
+         updated_at) SELECT id, 'app', 'localhost', '[\"app\"]', 'ready', 0, 0 FROM servers"
+            .replace(" databases,", &format!(" {},", dbs))
+            .as_str(),
+    )
+    .await;
+    let servers_sql = "SELECT CONCAT(name, ' ', ip) FROM servers ORDER BY id";
+    let servers = strings(&db, servers_sql).await;
+    assert_eq!(servers.len(), 50);
+    let before = dump(&db).await;
+
+    // Below the incident's version the charset columns go with their values: refused, with
+    // what would be lost, and nothing written.
+    let below_incident = "20240101000004";
+    let refused = migrator(
+        url,
+        &["migrate", "--no-dispatch", "--target", below_incident],
+    )
+    .await;
+    assert_eq!(refused.code(), 5, "{}{}", refused.stdout, refused.stderr);
+    assert!(
+        refused.stderr.contains("would destroy data")
+            && refused
+                .stderr
+                .contains("column databases.charset (50 values)")
+            && refused.stderr.contains("nothing was written"),
+        "{}",
+        refused.stderr
+    );
+    assert_eq!(
+        dump(&db).await,
+        before,
+        "a refused way down wrote something"
+    );
+
+    // The plan of the way down to the first version: every reverse, newest first, each with
+    // what it destroys.
+    let plan = json(&migrator(url, &["plan", "--target", &FIRST.to_string(), "-o", "json"]).await);
+    let planned = plan["migrations"].as_array().expect("migrations");
+    let set = MigrationSet::embedded(backend);
+    assert_eq!(planned.len(), set.len() - 1);
+    let mut previous = i64::MAX;
+    for p in planned {
+        assert_eq!(p["direction"], "down", "{p}");
+        let version = p["version"].as_i64().expect("version");
+        assert!(version < previous && version > FIRST, "{p}");
+        previous = version;
+        assert_eq!(
+            p["statements"].as_array().map(Vec::len),
+            Some(set.get(version).expect("known").reverse.statements().len())
+        );
+    }
+    let losses = |version: i64| -> Vec<String> {
+        planned
+            .iter()
+            .find(|p| p["version"] == version)
+            .expect("planned")["losses"]
+            .as_array()
+            .expect("losses")
+            .iter()
+            .map(|l| format!("{} {} {}", l["table"], l["column"], l["rows"]))
+            .collect()
+    };
+    assert_eq!(
+        losses(CHARSET_COLLATION_VERSION),
+        [
+            "\"databases\" \"collation\" 50",
+            "\"databases\" \"charset\" 50"
+        ]
+    );
+    assert_eq!(losses(20240101000002), ["\"services\" null 50"]);
+    assert_eq!(losses(20240101000003), ["\"databases\" null 50"]);
+    assert_eq!(losses(20240101000004), ["\"database_users\" null 50"]);
+    // Columns with a default hold a value in every row: the zone goes with 50 values.
+    assert!(
+        losses(20261208000001).contains(&"\"servers\" \"zone\" 50".to_string()),
+        "{:?}",
+        losses(20261208000001)
+    );
+    // Nothing is stored in the registry, runs or jobs: nothing lost there.
+    assert!(losses(AGENT_SCHEMA_RANGES_VERSION).is_empty());
+    assert!(losses(20250301000002).is_empty());
+    let human = migrator(url, &["plan", "--target", &FIRST.to_string()]).await;
+    ok(&human, "plan");
+    assert!(
+        human
+            .stdout
+            .contains("-- roll back 20240101000002 create_services")
+            && human
+                .stdout
+                .contains("DESTROYS (migrate needs --allow-data-loss)")
+            && human.stdout.contains("table services (50 rows)")
+            && human.stdout.contains("DROP TABLE services;"),
+        "{}",
+        human.stdout
+    );
+
+    // Down to the incident's version: the databases and their charsets stay.
+    let incident = CHARSET_COLLATION_VERSION.to_string();
+    let run = migrator(
+        url,
+        &[
+            "migrate",
+            "--no-dispatch",
+            "--target",
+            &incident,
+            "--allow-data-loss",
+        ],
+    )
+    .await;
+    ok(&run, "down to the incident's version");
+    assert!(
+        run.stdout.contains(&format!(
+            "rolled back, 0 applied, the database is at version {incident}"
+        )),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(
+        strings(
+            &db,
+            &format!("SELECT CONCAT(name, ' ', charset) FROM {dbs} ORDER BY id")
+        )
+        .await
+        .len(),
+        50
+    );
+    assert_eq!(
+        count(
+            &db,
+            &format!("SELECT COUNT(*) FROM {dbs} WHERE charset = 'utf8mb4'")
+        )
+        .await,
+        50
+    );
+
+    // Down to the first version: the servers stay.
+    let run = migrator(
+        url,
+        &[
+            "migrate",
+            "--no-dispatch",
+            "--target",
+            &FIRST.to_string(),
+            "--allow-data-loss",
+            "-o",
+            "json",
+        ],
+    )
+    .await;
+    ok(&run, "down to the first version");
+    let report = json(&run);
+    assert_eq!(report["current_version"], FIRST);
+    assert_eq!(report["rolled_back"].as_array().map(Vec::len), Some(4));
+    assert_eq!(strings(&db, servers_sql).await, servers);
+    let status = json(&migrator(url, &["status", "-o", "json"]).await);
+    assert_eq!(status["current_version"], FIRST);
+    let rollbacks = status["rollbacks"].as_array().expect("rollbacks");
+    assert_eq!(rollbacks.len(), set.len() - 1);
+    let latest = set.latest();
+    for r in rollbacks {
+        assert_eq!(r["state"], "reverted", "{r}");
+        assert!(
+            r["rolled_back_by"]
+                .as_str()
+                .is_some_and(|b| b.contains('@')),
+            "{r}"
+        );
+        assert!(r["finished_at"].as_i64() >= r["started_at"].as_i64(), "{r}");
+        let version = r["version"].as_i64().expect("version");
+        if version > CHARSET_COLLATION_VERSION {
+            assert_eq!(r["from_version"], latest, "{r}");
+            assert_eq!(r["to_version"], CHARSET_COLLATION_VERSION, "{r}");
+        } else {
+            assert_eq!(r["from_version"], CHARSET_COLLATION_VERSION, "{r}");
+            assert_eq!(r["to_version"], FIRST, "{r}");
+        }
+    }
+    // The incident migration's sync request was still pending: withdrawn with it.
+    let charset = rollbacks
+        .iter()
+        .find(|r| r["version"] == CHARSET_COLLATION_VERSION)
+        .expect("rolled back");
+    assert_eq!(
+        charset["withdrawn_request"],
+        format!("migration-{CHARSET_COLLATION_VERSION}")
+    );
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM sync_requests").await, 0);
+    let verify = migrator(url, &["verify"]).await;
+    ok(&verify, "verify after the way down");
+
+    // Up again: a fresh install's catalog (the history, the outbox and every table), the
+    // servers as they were.
+    ok(
+        &migrator(url, &["migrate", "--no-dispatch"]).await,
+        "up again",
+    );
+    assert_eq!(strings(&db, servers_sql).await, servers);
+    execute(&db, "DELETE FROM servers").await;
+    assert_eq!(dump(&db).await, fresh_catalog);
+}
+
+#[tokio::test]
+async fn up_down_and_up_again_is_a_fresh_install_sqlite() {
+    up_down_up(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn up_down_and_up_again_is_a_fresh_install_postgres() {
+    up_down_up(Backend::Postgres).await;
+}
+
+#[tokio::test]
+async fn up_down_and_up_again_is_a_fresh_install_mariadb() {
+    up_down_up(Backend::MySql).await;
+}
+
+/// A request an agent took stays (it is history); the migration applied again records a new
+/// one, which the agent does not take for the old job.
+#[tokio::test]
+async fn a_request_taken_before_the_roll_back_stays_and_the_next_application_asks_again() {
+    let test_db = TestDb::create(Backend::Sqlite).await;
+    let url = test_db.url();
+    let db = test_db.connect().await;
+    let incident = CHARSET_COLLATION_VERSION.to_string();
+    let below = "20240101000004";
+    ok(
+        &migrator(url, &["migrate", "--no-dispatch", "--target", &incident]).await,
+        "up",
+    );
+    execute(
+        &db,
+        "UPDATE sync_requests SET state = 'taken', job_id = 'job-1'",
+    )
+    .await;
+    let run = migrator(
+        url,
+        &["migrate", "--no-dispatch", "--target", below, "-o", "json"],
+    )
+    .await;
+    ok(&run, "down");
+    assert_eq!(json(&run)["withdrawn"], serde_json::json!([]));
+    ok(
+        &migrator(url, &["migrate", "--no-dispatch", "--target", &incident]).await,
+        "up again",
+    );
+    let requests = strings(
+        &db,
+        "SELECT id || ' ' || state FROM sync_requests ORDER BY id",
+    )
+    .await;
+    assert_eq!(
+        requests,
+        [
+            format!("migration-{incident} taken"),
+            format!("migration-{incident}-2 pending")
+        ]
+    );
+    // Down again: the pending one is withdrawn, the taken one stays.
+    let run = migrator(
+        url,
+        &["migrate", "--no-dispatch", "--target", below, "-o", "json"],
+    )
+    .await;
+    ok(&run, "down again");
+    assert_eq!(
+        json(&run)["withdrawn"],
+        serde_json::json!([format!("migration-{incident}-2")])
+    );
+    let requests = strings(
+        &db,
+        "SELECT id || ' ' || state FROM sync_requests ORDER BY id",
+    )
+    .await;
+    assert_eq!(requests, [format!("migration-{incident} taken")]);
+}
+
+fn set(migrations: &[(i64, &str, &str, &str)]) -> MigrationSet {
+    MigrationSet::new(
+        migrations
+            .iter()
+            .map(|(v, n, up, down)| {
+                Migration::parse(*v, n, up)
+                    .and_then(|m| m.with_reverse(down))
+                    .expect("test migration parses")
+            })
+            .collect(),
+    )
+    .expect("test set")
+}
+
+/// A migration declared irreversible stops the way down before anything is written, with its
+/// reason, on `plan` and `migrate` alike.
+#[tokio::test]
+async fn an_irreversible_migration_stops_the_way_down_before_anything_is_written() {
+    for backend in [Backend::Sqlite, Backend::Postgres, Backend::MySql] {
+        let test_db = TestDb::create(backend).await;
+        let db = test_db.connect().await;
+        let migrations = set(&[
+            (1, "a", "CREATE TABLE a (x BIGINT)", "DROP TABLE a"),
+            (
+                2,
+                "b",
+                "CREATE TABLE b (x BIGINT)",
+                "-- fleetsync: irreversible b's rows were merged into a",
+            ),
+            (3, "c", "CREATE TABLE c (x BIGINT)", "DROP TABLE c"),
+        ]);
+        let engine = Engine::with_set(db.clone(), migrations.clone(), Options::default());
+        engine.migrate(None, &mut |_| {}).await.expect("up");
+        let before = dump(&db).await;
+        let err = engine
+            .migrate(Some(1), &mut |_| {})
+            .await
+            .expect_err("irreversible");
+        assert!(
+            matches!(&err, EngineError::Irreversible { version: 2, reason, .. } if reason == "b's rows were merged into a"),
+            "{backend}: {err}"
+        );
+        assert!(err.to_string().contains("nothing was written"), "{err}");
+        assert_eq!(dump(&db).await, before, "{backend}: something was written");
+        let plan = engine.plan(Some(1)).await.expect("plan");
+        let irreversible: Vec<_> = plan
+            .migrations
+            .iter()
+            .map(|p| (p.version, p.reverse, p.irreversible.clone()))
+            .collect();
+        assert_eq!(
+            irreversible,
+            [
+                (3, true, None),
+                (2, true, Some("b's rows were merged into a".to_owned()))
+            ]
+        );
+        // Above it, the way down is open.
+        let report = engine
+            .migrate(Some(2), &mut |_| {})
+            .await
+            .expect("down to 2");
+        assert_eq!((report.rolled_back, report.current_version), (vec![3], 2));
+    }
+}
+
+/// A serving agent whose range starts above the target stops the way down (exit status 4,
+/// named) unless the operator says to stop it.
+#[tokio::test]
+async fn rolling_back_below_a_serving_agents_range_needs_stop_agents() {
+    let test_db = TestDb::create(Backend::Postgres).await;
+    let url = test_db.url();
+    ok(&migrator(url, &["migrate", "--no-dispatch"]).await, "up");
+    let db = test_db.connect().await;
+    let latest = MigrationSet::embedded(Backend::Postgres).latest();
+    execute(
+        &db,
+        &format!(
+            "INSERT INTO sync_agents (id, host, version, schema_version, schema_max, \
+             key_fingerprints, started_at, heartbeat_at, lease_ttl_ms, state, reason, outcomes) \
+             VALUES ('agent-new', 'h1', '9.9.9', {AGENT_SCHEMA_RANGES_VERSION}, {latest}, '[]', \
+             0, (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT + 600000, 30000, \
+             'serving', '', '{{}}')"
+        ),
+    )
+    .await;
+    let before = dump(&db).await;
+    let below = "20261208000001";
+    let refused = migrator(url, &["migrate", "--no-dispatch", "--target", below]).await;
+    assert_eq!(refused.code(), 4, "{}{}", refused.stdout, refused.stderr);
+    assert!(
+        refused.stderr.contains("agent-new on h1")
+            && refused.stderr.contains("--stop-agents")
+            && refused.stderr.contains("nothing was written"),
+        "{}",
+        refused.stderr
+    );
+    assert_eq!(dump(&db).await, before);
+    let plan = migrator(url, &["plan", "--target", below]).await;
+    assert!(
+        plan.stdout
+            .contains("below the schema range of 1 live agent(s)")
+            && plan.stdout.contains("--   agent-new"),
+        "{}",
+        plan.stdout
+    );
+    // The agent's row has values in the columns the reverse drops.
+    let run = migrator(
+        url,
+        &[
+            "migrate",
+            "--no-dispatch",
+            "--target",
+            below,
+            "--stop-agents",
+            "--allow-data-loss",
+        ],
+    )
+    .await;
+    ok(&run, "down with --stop-agents");
+    assert!(
+        run.stdout.contains(&format!("rolled back {latest}")),
+        "{}",
+        run.stdout
+    );
+}
+
+/// Five migrators roll back at once: each migration is rolled back exactly once, and none
+/// of them fails.
+#[tokio::test]
+async fn five_migrators_rolling_back_at_once_roll_each_migration_back_once() {
+    for backend in [Backend::Postgres, Backend::MySql, Backend::Sqlite] {
+        let test_db = TestDb::create(backend).await;
+        let url = test_db.url().to_owned();
+        ok(&migrator(&url, &["migrate", "--no-dispatch"]).await, "up");
+        let runs = concurrently((0..5).map(|_| {
+            let url = url.clone();
+            async move {
+                migrator(
+                    &url,
+                    &[
+                        "migrate",
+                        "--no-dispatch",
+                        "--target",
+                        &FIRST.to_string(),
+                        "--allow-data-loss",
+                        "-o",
+                        "json",
+                    ],
+                )
+                .await
+            }
+        }))
+        .await;
+        let mut rolled_back = Vec::new();
+        for run in &runs {
+            ok(run, &format!("{backend}: one of five"));
+            for v in json(run)["rolled_back"].as_array().expect("rolled_back") {
+                rolled_back.push(v.as_i64().expect("version"));
+            }
+        }
+        rolled_back.sort();
+        let expected: Vec<i64> = MigrationSet::embedded(backend)
+            .iter()
+            .map(|m| m.version)
+            .filter(|v| *v > FIRST)
+            .collect();
+        assert_eq!(rolled_back, expected, "{backend}");
+        let db = test_db.connect().await;
+        assert_eq!(
+            count(&db, "SELECT COUNT(*) FROM fleetsync_schema_rollbacks").await,
+            expected.len() as i64,
+            "{backend}"
+        );
+    }
+}
