@@ -75,7 +75,8 @@ impl SchemaError {
     }
 }
 
-async fn table_exists(db: &Db, table: &str) -> Result<bool, sqlx::Error> {
+/// True if `table` exists in the control-plane schema.
+pub(crate) async fn table_exists(db: &Db, table: &str) -> Result<bool, sqlx::Error> {
     Ok(db
         .fetch_optional(table_exists_sql(db.backend()), &[table.into()])
         .await?

@@ -124,7 +124,14 @@ impl Runner {
                 () = self.abandon.cancelled() => return,
                 () = tokio::time::sleep(ttl / 3) => {}
             }
+            // First: a schema rolled back under this agent must not make it write columns
+            // the schema no longer has.
+            self.check_schema().await;
             self.renew_leases().await;
+            if self.standing.incompatible().is_some() {
+                self.report_standing_down().await;
+                continue;
+            }
             let verdicts = self.report_alive().await;
             self.govern(verdicts).await;
         }
@@ -201,6 +208,7 @@ impl Runner {
 
     /// Writes this agent's row in the registry as it starts, and reads who its peers are.
     pub(super) async fn register(&self) {
+        self.check_schema().await;
         let status = self.status(false);
         self.publish_state();
         if let Err(err) = self.store.register_agent(&self.report, &status).await {
@@ -230,13 +238,31 @@ impl Runner {
         }
     }
 
+    /// The heartbeat while the schema is outside this agent's range: its state and why, in the
+    /// columns every schema's registry has; no peers read, no verdicts.
+    async fn report_standing_down(&self) {
+        let status = self.status(false);
+        self.publish_state();
+        if let Err(err) = self.store.agent_standing_down(&self.holder, &status).await {
+            tracing::warn!(error = %err, "could not record standing down in sync_agents");
+        }
+    }
+
     /// The last word in the registry: stopped.
     pub(super) async fn report_stopped(&self) {
         let status = self.status(true);
         self.metrics.agent_state(status.state);
         self.work
             .send_replace((status.state, status.reason.clone()));
-        if let Err(err) = self.store.agent_heartbeat(&self.holder, &status).await {
+        let recorded = if self.standing.incompatible().is_some() {
+            self.store.agent_standing_down(&self.holder, &status).await
+        } else {
+            self.store
+                .agent_heartbeat(&self.holder, &status)
+                .await
+                .map(drop)
+        };
+        if let Err(err) = recorded {
             tracing::warn!(error = %err, "could not record the stop in sync_agents");
         }
     }

@@ -154,7 +154,6 @@ impl Runner {
     /// says (`verdicts`, `None` when unknown this time), and acts: quarantine, its own check,
     /// or an operator's resume.
     pub(super) async fn govern(&self, verdicts: Option<Verdicts>) {
-        self.check_schema().await;
         match self.store.agents().await {
             Ok(agents) => {
                 let peers = live_peers(&agents, &self.holder, &self.report.zone);
@@ -198,7 +197,7 @@ impl Runner {
     /// Whether the schema is still inside this agent's range: outside, it stops claiming (and
     /// its runs not yet at their server hand them over); back inside, it serves again. A
     /// database it cannot read changes nothing (the lease heartbeat says the rest).
-    async fn check_schema(&self) {
+    pub(super) async fn check_schema(&self) {
         let incompatible = match crate::schema::check(self.store.db()).await {
             Ok(_) => None,
             Err(err) if err.out_of_range() => Some(err.to_string()),

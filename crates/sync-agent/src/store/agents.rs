@@ -278,6 +278,36 @@ impl Store {
         row.map(|r| verdicts(&r, 0)).transpose()
     }
 
+    /// The heartbeat of an agent that stands down because the schema is outside its range: only
+    /// the columns the registry has had since it was made (a schema rolled back below the
+    /// agent's range may lack the others), and nothing when even the registry is gone.
+    pub async fn agent_standing_down(
+        &self,
+        id: &str,
+        status: &AgentStatus,
+    ) -> Result<(), sqlx::Error> {
+        if !crate::schema::table_exists(&self.db, "sync_agents").await? {
+            return Ok(());
+        }
+        let now = now_ms_sql(self.backend());
+        self.db
+            .execute(
+                &format!(
+                    "UPDATE sync_agents SET heartbeat_at = {now}, state = ?, reason = ?, \
+                     leases = ?, in_flight = ? WHERE id = ?"
+                ),
+                &[
+                    status.state.as_str().into(),
+                    status.reason.as_str().into(),
+                    status.leases.into(),
+                    status.in_flight.into(),
+                    id.into(),
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
     /// An operator asks a quarantined agent to serve again: recorded on its row, acted on at
     /// its next heartbeat. `None` for an unknown id; the record (as it was) says whether it
     /// was quarantined, and only then is the request recorded.
