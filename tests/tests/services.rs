@@ -198,6 +198,7 @@ async fn migrator_service_reports_plans_and_migrates_alongside_the_cli() {
     let incident = fleetsync_migrator::migration::CHARSET_COLLATION_VERSION;
     let pool = db.connect().await;
     fleetsync_tests::catalog::insert_servers(&pool, 3, 22, |i| format!("10.0.0.{i}")).await;
+    fleetsync_tests::catalog::execute(&pool, "UPDATE servers SET zone = 'eu-1'").await;
     let plan = client
         .plan(PlanRequest {
             target_version: incident,

@@ -31,10 +31,13 @@ pub(super) async fn already_applied(conn: &mut Conn, statement: &str) -> Result<
 }
 
 /// Data a statement would destroy, as it stands now: the rows of a table it drops, or the
-/// values (not NULL) of a column it drops. None for anything else, and for what is already gone.
+/// values of a column it drops that are neither NULL nor the default the column was added with
+/// in `forward` (the migration's own statements: applying it again gives those back). None for
+/// anything else, and for what is already gone.
 pub(super) async fn would_lose(
     conn: &mut Conn,
     statement: &str,
+    forward: &[String],
 ) -> Result<Option<Loss>, EngineError> {
     let (table, column) = match Effect::of(statement) {
         Some(Effect::NoTable(table)) => (table, None),
@@ -59,8 +62,14 @@ pub(super) async fn would_lose(
             {
                 return Ok(None);
             }
+            let default = forward
+                .iter()
+                .filter(|s| Effect::of(s) == Some(Effect::Column(table.clone(), column.clone())))
+                .find_map(|s| added_default(s))
+                .map(|literal| format!(" AND {} <> {literal}", quote(column)))
+                .unwrap_or_default();
             format!(
-                "SELECT COUNT(*) FROM {} WHERE {} IS NOT NULL",
+                "SELECT COUNT(*) FROM {} WHERE {} IS NOT NULL{default}",
                 quote(&table),
                 quote(column)
             )
@@ -74,6 +83,21 @@ pub(super) async fn would_lose(
     }))
 }
 
+/// The literal after `DEFAULT` in an `ADD COLUMN` statement: a quoted string or one token.
+fn added_default(statement: &str) -> Option<String> {
+    let at = statement.to_ascii_uppercase().find(" DEFAULT ")? + " DEFAULT ".len();
+    let rest = statement[at..].trim_start();
+    if let Some(quoted) = rest.strip_prefix('\'') {
+        let end = quoted.find('\'')?;
+        return Some(format!("'{}'", &quoted[..end]));
+    }
+    let token: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'))
+        .collect();
+    (!token.is_empty()).then_some(token)
+}
+
 /// Data a reverse would destroy: a table's rows, or a column's values.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Loss {
@@ -81,15 +105,16 @@ pub struct Loss {
     pub table: String,
     /// The column dropped, or none when the whole table goes.
     pub column: Option<String>,
-    /// Rows of the table (a column: rows where it is not NULL).
+    /// Rows of the table (a column: rows where it is neither NULL nor its default).
     pub rows: i64,
 }
 
 impl std::fmt::Display for Loss {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = if self.rows == 1 { "" } else { "s" };
         match &self.column {
-            None => write!(f, "table {} ({} rows)", self.table, self.rows),
-            Some(column) => write!(f, "column {}.{column} ({} values)", self.table, self.rows),
+            None => write!(f, "table {} ({} row{s})", self.table, self.rows),
+            Some(column) => write!(f, "column {}.{column} ({} value{s})", self.table, self.rows),
         }
     }
 }
@@ -242,6 +267,19 @@ mod tests {
             Some(Effect::NoColumn("servers".into(), "zone".into()))
         );
         assert_eq!(Effect::of("ALTER TABLE t DROP FOREIGN KEY t_fk"), None);
+        assert_eq!(
+            added_default("ALTER TABLE servers ADD COLUMN zone TEXT NOT NULL DEFAULT ''"),
+            Some("''".into())
+        );
+        assert_eq!(
+            added_default("ALTER TABLE s ADD COLUMN r VARCHAR(16) NOT NULL default 'unknown'"),
+            Some("'unknown'".into())
+        );
+        assert_eq!(
+            added_default("ALTER TABLE s ADD COLUMN n BIGINT NOT NULL DEFAULT 0"),
+            Some("0".into())
+        );
+        assert_eq!(added_default("ALTER TABLE s ADD COLUMN n BIGINT"), None);
         assert_eq!(Effect::of("UPDATE t SET x = 1"), None);
     }
 

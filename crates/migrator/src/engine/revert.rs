@@ -372,7 +372,7 @@ async fn losses(
 ) -> Result<Vec<Loss>, EngineError> {
     let mut losses = Vec::new();
     for statement in remaining(m, open) {
-        losses.extend(would_lose(conn, statement).await?);
+        losses.extend(would_lose(conn, statement, &m.statements).await?);
     }
     Ok(losses)
 }
