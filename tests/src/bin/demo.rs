@@ -138,7 +138,7 @@ async fn run(demo_dir: &Path, url: &str, first_run: bool) {
     }
     let key = fleet.client_key().to_str().expect("utf-8 path").to_owned();
 
-    let started_agent;
+    let mut started_agent;
     let job_to_follow;
     if first_run {
         say(&format!(
@@ -253,10 +253,14 @@ async fn run(demo_dir: &Path, url: &str, first_run: bool) {
     show("sync-agent", &["servers", "--agent-url", &agent_url]);
     note("db-6 refuses its new key until an operator confirms it: `sync-agent reset-host-key ID`");
 
+    // A clean stop: the registry says the agent is gone, so that `migrator status` (or a
+    // roll-back) right after the demo sees no live agent.
+    fleet.host(5).thaw();
+    say("stopping the sync-agent (SIGTERM): it hands back what it holds and marks itself gone");
+    started_agent.terminate(Duration::from_secs(15));
     std::fs::write(demo_dir.join("agent.log"), started_agent.log())
         .expect("write ./demo/agent.log");
     note("the agent's log is in ./demo/agent.log");
-    fleet.host(5).thaw();
 }
 
 fn start_agent(demo_dir: &Path, url: &str, key: &str) -> ServeProcess {
