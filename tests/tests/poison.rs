@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use fleetsync_common::{
     Backend,
-    proto::sync::v1::{DatabaseService, Outcome, sync_event},
+    proto::sync::v1::{DatabaseService, GetServerRequest, Outcome, sync_event},
 };
 use fleetsync_sync_agent::ssh::{DEFAULT_OUTPUT_CAP, Timeouts};
 use fleetsync_tests::{
     SshFleet, TestAgent, TestDb,
+    catalog::{count, execute},
     db::ALL_BACKENDS,
     services::{register_fleet, sync_events},
 };
@@ -135,5 +136,128 @@ async fn poison_servers_end_as_outcomes_on_every_backend() {
     }
     for backend in ALL_BACKENDS {
         poison_ends_as_an_outcome(backend, &fleet).await;
+    }
+}
+
+/// Registrations the agent cannot read (written by hand or by a newer panel: a port out of
+/// range, a database service this build does not know, a reachability state it does not
+/// know) end as each server's own `PARSE_FAILED` with the reason, next to healthy servers
+/// claimed in the same batch, job after job; never a claim batch that fails.
+async fn unreadable_registrations(backend: Backend, fleet: &SshFleet) {
+    let db = TestDb::create(backend).await;
+    let agent = TestAgent::spawn(
+        db.url(),
+        fleet.client(Timeouts::default(), DEFAULT_OUTPUT_CAP),
+    )
+    .await;
+    let (mut fleet_api, mut sync_api) = (agent.fleet(), agent.sync());
+    let healthy = register_fleet(&mut fleet_api, fleet, "ok-", DatabaseService::Mariadb).await;
+    let conn = db.connect().await;
+    let broken = [
+        (
+            "port-70000",
+            70000,
+            "mariadb",
+            "unknown",
+            "servers.port 70000 is not a TCP port",
+        ),
+        (
+            "port-0",
+            0,
+            "mariadb",
+            "unknown",
+            "servers.port 0 is not a TCP port",
+        ),
+        ("oracle", 22, "oracle", "unknown", "oracle"),
+        ("reachability", 22, "mariadb", "half-there", "half-there"),
+    ];
+    let mut ids = healthy.clone();
+    for (name, port, service, reachability, _) in broken {
+        execute(
+            &conn,
+            &format!(
+                "INSERT INTO servers (name, ip, port, ssh_user, status, reachability, created_at, \
+                 updated_at) VALUES ('{name}', '127.0.0.1', {port}, 'vito', 'ready', \
+                 '{reachability}', 0, 0)"
+            ),
+        )
+        .await;
+        let id = count(
+            &conn,
+            &format!("SELECT id FROM servers WHERE name = '{name}'"),
+        )
+        .await;
+        execute(
+            &conn,
+            &format!(
+                "INSERT INTO services (server_id, type, name, version, status, created_at, \
+                 updated_at) VALUES ({id}, 'database', '{service}', '1', 'ready', 0, 0)"
+            ),
+        )
+        .await;
+        execute(
+            &conn,
+            &format!("INSERT INTO server_leases (server_id) VALUES ({id})"),
+        )
+        .await;
+        ids.push(id);
+    }
+    for round in ["first", "second"] {
+        let events = sync_events(&mut sync_api, &ids, &format!("unreadable-{round}")).await;
+        let outcomes: std::collections::BTreeMap<i64, _> = events
+            .iter()
+            .filter_map(|e| match &e.event {
+                Some(sync_event::Event::Outcome(o)) => Some((o.server_id, o.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            outcomes.len(),
+            ids.len(),
+            "{backend} {round}: one outcome each"
+        );
+        for id in &healthy {
+            assert_eq!(
+                outcomes[id].outcome(),
+                Outcome::Ok,
+                "{backend}: {:?}",
+                outcomes[id]
+            );
+        }
+        for (i, (name, _, _, _, reason)) in broken.iter().enumerate() {
+            let got = &outcomes[&ids[healthy.len() + i]];
+            assert_eq!(
+                got.outcome(),
+                Outcome::ParseFailed,
+                "{backend} {name}: {got:?}"
+            );
+            assert!(
+                got.message.contains("registration cannot be read") && got.message.contains(reason),
+                "{backend} {name}: {}",
+                got.message
+            );
+        }
+    }
+    // Read one by one, an unreadable registration is an error (never a port of 22 made up),
+    // and the others read as ever.
+    let broken_id = ids[healthy.len()];
+    let err = fleet_api
+        .get_server(GetServerRequest { id: broken_id })
+        .await
+        .expect_err("an unreadable registration");
+    assert_eq!(err.code(), tonic::Code::Internal, "{backend}: {err}");
+    let ok = fleet_api
+        .get_server(GetServerRequest { id: healthy[0] })
+        .await
+        .expect("a readable registration");
+    assert_eq!(ok.into_inner().server.map(|s| s.id), Some(healthy[0]));
+    agent.service.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn unreadable_registrations_are_their_servers_own_outcomes_on_every_backend() {
+    let fleet = SshFleet::start(2).await;
+    for backend in ALL_BACKENDS {
+        unreadable_registrations(backend, &fleet).await;
     }
 }

@@ -42,7 +42,16 @@ impl Runner {
                     .map(|(claim, _)| self.held.hold(*claim, taken))
                     .collect();
                 let this = &*self;
-                let probes = due.iter().map(|(claim, server)| async move {
+                let probes = due.iter().map(|(claim, registration)| async move {
+                    let server = match registration {
+                        Ok(server) => server,
+                        // Nothing to probe: still offline, probed again after the first
+                        // backoff (its runs say why, as PARSE_FAILED).
+                        Err(unreadable) => {
+                            tracing::warn!(server_id = unreadable.id, reason = %unreadable.reason, "cannot probe: the registration cannot be read");
+                            return (*claim, Some(this.backoff_ms(1)));
+                        }
+                    };
                     let probed = this.ssh.probe(&server.ip, server.port).await;
                     this.metrics.probed(probed.is_ok());
                     if let Err(err) = &probed {

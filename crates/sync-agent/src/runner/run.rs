@@ -12,7 +12,7 @@ use crate::{
     inventory,
     model::{Cause, Outcome, Reachability},
     ssh::{Dialed, HostKeyInfo, SshError, Target},
-    store::{ClaimedServer, Completion, InventoryWrite, Reach, RunResult},
+    store::{ClaimedServer, Completion, InventoryWrite, Reach, RunResult, ServerRecord},
 };
 
 /// What connecting to a server and reading its inventory came to.
@@ -73,7 +73,6 @@ impl Runner {
     /// everything it needs came with the claim.
     pub(super) async fn sync_server(&self, work: &ClaimedServer, busy: &Semaphore) -> RunEnd {
         let started = Instant::now();
-        let server = &work.server;
         let done = |result: RunResult, reach: Reach| Completion {
             claim: work.claim,
             result: finish(result, started),
@@ -81,6 +80,21 @@ impl Runner {
             pin: None,
             reach,
             ask_peer_ms: None,
+        };
+        let server = match &work.registration {
+            Ok(server) => server,
+            Err(unreadable) => {
+                let result = failure(
+                    Outcome::ParseFailed,
+                    None,
+                    format!(
+                        "the server's registration cannot be read: {} (register it again \
+                         through Fleet, or mend the row)",
+                        unreadable.reason
+                    ),
+                );
+                return RunEnd::Done(Box::new(done(result, Reach::Untried)));
+            }
         };
         let Some(service) = server.database_service else {
             let result = failure(
@@ -113,7 +127,7 @@ impl Runner {
             inventory,
             pin,
             reachable,
-        } = match self.read_inventory(work, service, busy).await {
+        } = match self.read_inventory(work, server, service, busy).await {
             Ok(output) => output,
             Err(end) => return end,
         };
@@ -147,10 +161,10 @@ impl Runner {
     async fn read_inventory(
         &self,
         work: &ClaimedServer,
+        server: &ServerRecord,
         service: crate::store::DatabaseService,
         busy: &Semaphore,
     ) -> Result<RunOutput, RunEnd> {
-        let server = &work.server;
         let pinned = server.host_key.as_ref().map(|k| HostKeyInfo {
             algorithm: k.algorithm.clone(),
             fingerprint: k.fingerprint.clone(),
@@ -182,18 +196,18 @@ impl Runner {
         // What follows runs in a future of its own, on the heap: a run waiting on a silent host
         // holds only the dialing future, not the key exchange's and the command's (18 KB each
         // before: 10,000 runs in flight took 280 MiB; `bench/scale.md`).
-        Box::pin(self.talk(work, service, dialed, target)).await
+        Box::pin(self.talk(work, server, service, dialed, target)).await
     }
 
     /// Past dialing, with a busy slot: key exchange, authentication, the command, the parse.
     async fn talk(
         &self,
         work: &ClaimedServer,
+        server: &ServerRecord,
         service: crate::store::DatabaseService,
         dialed: Dialed,
         target: Target<'_>,
     ) -> Result<RunOutput, RunEnd> {
-        let server = &work.server;
         let unpinned = target.pinned.is_none();
         let connection = match self.ssh.establish(dialed, target).await {
             Ok(connection) => connection,

@@ -39,8 +39,8 @@ pub use outcomes::{LastRuns, OutcomeRecord, RunResult};
 pub use queue::{Claim, ClaimedServer, Claimer, Renewal};
 pub use retention::Pruned;
 pub use servers::{
-    DatabaseRecord, DatabaseService, HostKeyRecord, HostKeyReset, Inventory, ServerRecord,
-    ServerSpec, UpsertOutcome, UserRecord,
+    DatabaseRecord, DatabaseService, HostKeyRecord, HostKeyReset, Inventory, Registration,
+    ServerRecord, ServerSpec, Unreadable, UpsertOutcome, UserRecord,
 };
 
 /// The agent's view of the control-plane database.

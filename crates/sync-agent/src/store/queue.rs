@@ -14,8 +14,8 @@ use fleetsync_common::{
 };
 
 use super::{
-    CHUNK, ServerRecord, Store, list,
-    servers::{SERVER_COLUMN_COUNT, SERVER_COLUMNS, SERVER_FROM, service_type},
+    CHUNK, Registration, Store, list,
+    servers::{SERVER_COLUMN_COUNT, SERVER_COLUMNS, SERVER_FROM, registration, service_type},
 };
 
 /// A lease this agent holds on one server.
@@ -34,8 +34,8 @@ pub struct Claim {
 pub struct ClaimedServer {
     /// The lease.
     pub claim: Claim,
-    /// The server as registered.
-    pub server: ServerRecord,
+    /// The server as registered, or why its registration cannot be read.
+    pub registration: Registration,
     /// True if a waiting request asked to try it even while it is backing off.
     pub forced: bool,
 }
@@ -118,8 +118,9 @@ impl Store {
         // through Fleet): the copy is put right and the server left to its zone's agents.
         let strays: Vec<(i64, String)> = servers
             .values()
-            .filter(|(s, _)| s.zone != claimer.zone)
-            .map(|(s, _)| (s.id, s.zone.clone()))
+            .filter_map(|(r, _)| r.as_ref().ok())
+            .filter(|s| s.zone != claimer.zone)
+            .map(|s| (s.id, s.zone.clone()))
             .collect();
         for (id, zone) in &strays {
             tx.execute(
@@ -134,10 +135,10 @@ impl Store {
         Ok(claims
             .into_iter()
             .filter_map(|claim| {
-                let (server, forced) = servers.get(&claim.server_id)?.clone();
+                let (registration, forced) = servers.remove(&claim.server_id)?;
                 Some(ClaimedServer {
                     claim,
-                    server,
+                    registration,
                     forced,
                 })
             })
@@ -365,11 +366,12 @@ pub(super) async fn take_leases(
     Ok(claims)
 }
 
-/// The registration of each server and whether a waiting request forces past its backoff.
+/// The registration of each server (or why it cannot be read) and whether a waiting request
+/// forces past its backoff.
 async fn servers_for_run(
     tx: &mut Tx,
     ids: &[i64],
-) -> Result<std::collections::HashMap<i64, (ServerRecord, bool)>, sqlx::Error> {
+) -> Result<std::collections::HashMap<i64, (Registration, bool)>, sqlx::Error> {
     let mut out = std::collections::HashMap::with_capacity(ids.len());
     for chunk in ids.chunks(CHUNK) {
         let sql = format!(
@@ -383,9 +385,8 @@ async fn servers_for_run(
             .chain(chunk.iter().map(|&id| Value::Int(id)))
             .collect();
         for row in tx.fetch(&sql, &args).await? {
-            let server = ServerRecord::try_from(&row)?;
             let forced = row.int(SERVER_COLUMN_COUNT)? > 0;
-            out.insert(server.id, (server, forced));
+            out.insert(row.int(0)?, (registration(&row)?, forced));
         }
     }
     Ok(out)

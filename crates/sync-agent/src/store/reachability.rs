@@ -8,9 +8,9 @@ use fleetsync_common::{
 };
 
 use super::{
-    CHUNK, ServerRecord, Store, list,
+    CHUNK, Registration, Store, list,
     queue::{Claim, WaitMark, db_now, release_leases, take_leases},
-    servers::{SERVER_COLUMNS, SERVER_FROM, service_type},
+    servers::{SERVER_COLUMNS, SERVER_FROM, registration, service_type},
 };
 use crate::model::Reachability;
 
@@ -35,13 +35,13 @@ pub(super) async fn mark_online(tx: &mut Tx, now: i64, ids: &[i64]) -> Result<()
 
 impl Store {
     /// Claims up to `limit` offline servers whose backoff has ended and whose lease is free,
-    /// soonest due first.
+    /// soonest due first, each with its registration (or why it cannot be read).
     pub async fn claim_due_offline(
         &self,
         holder: &str,
         ttl_ms: i64,
         limit: usize,
-    ) -> Result<Vec<(Claim, ServerRecord)>, sqlx::Error> {
+    ) -> Result<Vec<(Claim, Registration)>, sqlx::Error> {
         if limit == 0 {
             return Ok(Vec::new());
         }
@@ -83,8 +83,7 @@ impl Store {
                 .chain(chunk.iter().map(|&id| Value::Int(id)))
                 .collect();
             for row in tx.fetch(&sql, &args).await? {
-                let server = ServerRecord::try_from(&row)?;
-                servers.insert(server.id, server);
+                servers.insert(row.int(0)?, registration(&row)?);
             }
         }
         tx.commit().await?;

@@ -138,10 +138,55 @@ impl ServerRecord {
     }
 }
 
+/// A registration the agent cannot read: a port out of range, a database service or a state
+/// this build does not know (written by hand, or by a newer panel). It becomes that server's own
+/// outcome (`PARSE_FAILED`, with the reason), never a failed batch of claims.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unreadable {
+    /// The server.
+    pub id: i64,
+    /// What could not be read.
+    pub reason: String,
+}
+
+/// A claimed server's registration: the record, or why it cannot be read.
+pub type Registration = Result<ServerRecord, Unreadable>;
+
+/// Decodes a row of [`SERVER_COLUMNS`] for a claim: an unreadable registration is the row's
+/// own (its id is always readable: the primary key).
+pub(super) fn registration(row: &Row) -> Result<Registration, sqlx::Error> {
+    let id = row.int(0)?;
+    Ok(ServerRecord::try_from(row).map_err(|err| Unreadable {
+        id,
+        reason: match err {
+            sqlx::Error::Decode(why) => why.to_string(),
+            other => other.to_string(),
+        },
+    }))
+}
+
 impl TryFrom<&Row> for ServerRecord {
     type Error = sqlx::Error;
 
+    /// The record, or a decode error that names the server (its id is the primary key, always
+    /// readable), so that a listing that meets an unreadable row says which one to mend.
     fn try_from(r: &Row) -> Result<Self, sqlx::Error> {
+        Self::decode(r).map_err(|err| match err {
+            sqlx::Error::Decode(why) => sqlx::Error::Decode(
+                format!(
+                    "server {} ({}): {why}",
+                    r.int(0).unwrap_or_default(),
+                    r.text(1).unwrap_or_default()
+                )
+                .into(),
+            ),
+            other => other,
+        })
+    }
+}
+
+impl ServerRecord {
+    fn decode(r: &Row) -> Result<Self, sqlx::Error> {
         let host_key = match (r.opt_text(10)?, r.opt_text(11)?) {
             (Some(algorithm), Some(fingerprint)) => Some(HostKeyRecord {
                 algorithm,
@@ -154,7 +199,18 @@ impl TryFrom<&Row> for ServerRecord {
             id: r.int(0)?,
             name: r.text(1)?,
             ip: r.text(2)?,
-            port: u16::try_from(r.int(3)?).unwrap_or(22),
+            port: u16::try_from(r.int(3)?)
+                .ok()
+                .filter(|port| *port > 0)
+                .ok_or_else(|| {
+                    sqlx::Error::Decode(
+                        format!(
+                            "servers.port {} is not a TCP port (1 to 65535)",
+                            r.int(3).unwrap_or(0)
+                        )
+                        .into(),
+                    )
+                })?,
             ssh_user: r.text(4)?,
             status: r.text(5)?,
             reachability: Reachability::parse(&r.text(6)?)?,
@@ -164,13 +220,10 @@ impl TryFrom<&Row> for ServerRecord {
             host_key,
             created_at: r.int(13)?,
             updated_at: r.int(14)?,
-            // Still read leniently (unknown: no service; a port out of range: 22): this row
-            // also comes with every claim, and one unreadable registration must not stop the
-            // claims of every other server. Turning it into that server's own outcome is
-            // issue 19's next step.
             database_service: r
                 .opt_text(15)?
-                .and_then(|name| DatabaseService::parse(&name).ok()),
+                .map(|name| DatabaseService::parse(&name))
+                .transpose()?,
             database_version: r.opt_text(16)?.unwrap_or_default(),
             inventory_key: r.opt_text(17)?,
             zone: r.text(18)?,
