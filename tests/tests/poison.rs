@@ -8,13 +8,14 @@ use std::time::Duration;
 
 use fleetsync_common::{
     Backend,
-    proto::sync::v1::{DatabaseService, GetServerRequest, Outcome, sync_event},
+    proto::sync::v1::{DatabaseService, GetServerRequest, Outcome},
 };
 use fleetsync_sync_agent::ssh::{DEFAULT_OUTPUT_CAP, Timeouts};
 use fleetsync_tests::{
     SshFleet, TestAgent, TestDb,
     catalog::{count, execute},
     db::ALL_BACKENDS,
+    events::outcomes,
     services::{register_fleet, sync_events},
 };
 
@@ -69,13 +70,7 @@ async fn poison_ends_as_an_outcome(backend: Backend, fleet: &SshFleet) {
     // Twice: a poison server must not stay leased, retried or stuck after the first job.
     for round in ["first", "second"] {
         let events = sync_events(&mut sync_api, &ids, round).await;
-        let outcomes: std::collections::BTreeMap<i64, _> = events
-            .iter()
-            .filter_map(|e| match &e.event {
-                Some(sync_event::Event::Outcome(o)) => Some((o.server_id, o.clone())),
-                _ => None,
-            })
-            .collect();
+        let outcomes = outcomes(&events);
         assert_eq!(
             outcomes.len(),
             ids.len(),
@@ -204,13 +199,7 @@ async fn unreadable_registrations(backend: Backend, fleet: &SshFleet) {
     }
     for round in ["first", "second"] {
         let events = sync_events(&mut sync_api, &ids, &format!("unreadable-{round}")).await;
-        let outcomes: std::collections::BTreeMap<i64, _> = events
-            .iter()
-            .filter_map(|e| match &e.event {
-                Some(sync_event::Event::Outcome(o)) => Some((o.server_id, o.clone())),
-                _ => None,
-            })
-            .collect();
+        let outcomes = outcomes(&events);
         assert_eq!(
             outcomes.len(),
             ids.len(),
