@@ -144,27 +144,24 @@ impl Store {
         let mut held = HashMap::with_capacity(ids.len());
         let mut sorted = ids.clone();
         sorted.sort_unstable();
-        for chunk in sorted.chunks(CHUNK) {
-            let sql = format!(
-                "SELECT server_id, token, holder, expires_at, second_opinion_of, \
-                 second_opinion_note FROM server_leases \
-                 WHERE server_id IN {} ORDER BY server_id{lock}",
-                list(chunk.len())
+        // In server order, chunk after chunk: every completer locks in the same order.
+        let sql = format!(
+            "SELECT server_id, token, holder, expires_at, second_opinion_of, \
+             second_opinion_note FROM server_leases \
+             WHERE server_id IN $ids ORDER BY server_id{lock}"
+        );
+        for row in tx.fetch_in(&sql, &[], &sorted).await? {
+            let asked = match row.opt_text(4)? {
+                Some(agent) => Some(Asked {
+                    agent,
+                    note: row.opt_text(5)?.unwrap_or_default(),
+                }),
+                None => None,
+            };
+            held.insert(
+                row.int(0)?,
+                (row.int(1)?, row.opt_text(2)?, row.opt_int(3)?, asked),
             );
-            let args: Vec<Value> = chunk.iter().map(|&id| Value::Int(id)).collect();
-            for row in tx.fetch(&sql, &args).await? {
-                let asked = match row.opt_text(4)? {
-                    Some(agent) => Some(Asked {
-                        agent,
-                        note: row.opt_text(5)?.unwrap_or_default(),
-                    }),
-                    None => None,
-                };
-                held.insert(
-                    row.int(0)?,
-                    (row.int(1)?, row.opt_text(2)?, row.opt_int(3)?, asked),
-                );
-            }
         }
         let mut results: Vec<Option<RunResult>> = vec![None; batch.len()];
         let mut deferred: Vec<(i64, i64, String)> = Vec::new();

@@ -18,10 +18,7 @@ use fleetsync_common::{
 
 use crate::model::{Cause, JobState, Outcome};
 
-use super::{
-    CHUNK, OUTCOMES_CHANNEL, OutcomeCounts, RunResult, for_update, list, notify, queue::db_now,
-    rows,
-};
+use super::{OUTCOMES_CHANNEL, OutcomeCounts, RunResult, for_update, notify, queue::db_now, rows};
 
 /// One server's outcome to give to the job rows waiting for it.
 pub(super) struct Fill<'a> {
@@ -64,16 +61,12 @@ pub(super) async fn waiting_rows(tx: &mut Tx, fills: &[Fill<'_>]) -> Result<Wait
     // batch at 100,000 servers).
     let hint = waiting_hint(tx.backend());
     let mut rows: Vec<(String, i64, String)> = Vec::new();
-    for chunk in ids.chunks(CHUNK) {
-        let sql = format!(
-            "SELECT job_id, server_id, server_name FROM sync_job_servers{hint} \
-             WHERE outcome IS NULL AND server_id IN {}",
-            list(chunk.len())
-        );
-        let args: Vec<Value> = chunk.iter().map(|&id| Value::Int(id)).collect();
-        for row in tx.fetch(&sql, &args).await? {
-            rows.push((row.text(0)?, row.int(1)?, row.text(2)?));
-        }
+    let sql = format!(
+        "SELECT job_id, server_id, server_name FROM sync_job_servers{hint} \
+         WHERE outcome IS NULL AND server_id IN $ids"
+    );
+    for row in tx.fetch_in(&sql, &[], &ids).await? {
+        rows.push((row.text(0)?, row.int(1)?, row.text(2)?));
     }
     let jobs: Vec<&str> = rows
         .iter()
@@ -82,15 +75,15 @@ pub(super) async fn waiting_rows(tx: &mut Tx, fills: &[Fill<'_>]) -> Result<Wait
         .into_iter()
         .collect();
     let mut created_at: HashMap<String, i64> = HashMap::with_capacity(jobs.len());
-    for chunk in jobs.chunks(CHUNK) {
-        let sql = format!(
-            "SELECT id, created_at FROM sync_jobs WHERE id IN {}",
-            list(chunk.len())
-        );
-        let args: Vec<Value> = chunk.iter().map(|&id| Value::from(id)).collect();
-        for row in tx.fetch(&sql, &args).await? {
-            created_at.insert(row.text(0)?, row.int(1)?);
-        }
+    for row in tx
+        .fetch_in(
+            "SELECT id, created_at FROM sync_jobs WHERE id IN $ids",
+            &[],
+            &jobs,
+        )
+        .await?
+    {
+        created_at.insert(row.text(0)?, row.int(1)?);
     }
     for (job, server, name) in rows {
         let created = created_at.get(&job).copied().unwrap_or(i64::MAX);
@@ -247,20 +240,17 @@ async fn still_waiting(
 ) -> Result<BTreeSet<i64>, sqlx::Error> {
     let hint = waiting_hint(tx.backend());
     let mut still = BTreeSet::new();
-    for chunk in candidates.chunks(CHUNK) {
-        // The waiting rows of these servers (the index of waiting rows), this job's kept: with
-        // `job_id = ?` in the statement, PostgreSQL's generic plan walked the job's whole
-        // primary-key range, every row of a 10,000-server job per batch (a third of its time).
-        let sql = format!(
-            "SELECT job_id, server_id FROM sync_job_servers{hint} WHERE outcome IS NULL \
-             AND server_id IN {}",
-            list(chunk.len())
-        );
-        let args: Vec<Value> = chunk.iter().map(|(id, _)| Value::Int(*id)).collect();
-        for row in tx.fetch(&sql, &args).await? {
-            if row.text(0)? == job_id {
-                still.insert(row.int(1)?);
-            }
+    // The waiting rows of these servers (the index of waiting rows), this job's kept: with
+    // `job_id = ?` in the statement, PostgreSQL's generic plan walked the job's whole
+    // primary-key range, every row of a 10,000-server job per batch (a third of its time).
+    let sql = format!(
+        "SELECT job_id, server_id FROM sync_job_servers{hint} WHERE outcome IS NULL \
+         AND server_id IN $ids"
+    );
+    let ids: Vec<i64> = candidates.iter().map(|(id, _)| *id).collect();
+    for row in tx.fetch_in(&sql, &[], &ids).await? {
+        if row.text(0)? == job_id {
+            still.insert(row.int(1)?);
         }
     }
     Ok(still)

@@ -11,7 +11,7 @@ use fleetsync_common::{
 };
 
 use super::{
-    CHUNK, Store, list, rows,
+    Store, rows,
     servers::{ServerSpec, service_type},
 };
 use crate::{model::ServiceStatus, ssh::HostKeyInfo};
@@ -149,20 +149,15 @@ impl Store {
             .map(|(name, _)| *name)
             .filter(|name| !ids.contains_key(*name))
             .collect();
-        for chunk in unread.chunks(CHUNK) {
-            let args: Vec<Value> = chunk.iter().map(|n| (*n).into()).collect();
-            for row in tx
-                .fetch(
-                    &format!(
-                        "SELECT id, name FROM servers WHERE name IN {}",
-                        list(chunk.len())
-                    ),
-                    &args,
-                )
-                .await?
-            {
-                ids.insert(row.text(1)?, row.int(0)?);
-            }
+        for row in tx
+            .fetch_in(
+                "SELECT id, name FROM servers WHERE name IN $ids",
+                &[],
+                &unread,
+            )
+            .await?
+        {
+            ids.insert(row.text(1)?, row.int(0)?);
         }
         // A server read above and deleted since (a DeleteServer between the read and the
         // write) was inserted again by the upsert, without its lease: start over, and the next
@@ -210,18 +205,12 @@ impl Store {
             }
         }
         for (zone, ids) in moved {
-            for chunk in ids.chunks(CHUNK) {
-                let mut args: Vec<Value> = vec![zone.into()];
-                args.extend(chunk.iter().map(|id| Value::Int(*id)));
-                tx.execute(
-                    &format!(
-                        "UPDATE server_leases SET zone = ? WHERE server_id IN {}",
-                        list(chunk.len())
-                    ),
-                    &args,
-                )
-                .await?;
-            }
+            tx.execute_in(
+                "UPDATE server_leases SET zone = ? WHERE server_id IN $ids",
+                &[zone.into()],
+                &ids,
+            )
+            .await?;
         }
 
         // Database services that changed.
@@ -288,58 +277,44 @@ async fn stored<'a>(
     }
     let names: Vec<&str> = entries.keys().copied().collect();
     let mut by_id: HashMap<i64, &str> = HashMap::new();
-    for chunk in names.chunks(CHUNK) {
-        let args: Vec<Value> = chunk.iter().map(|n| (*n).into()).collect();
-        let sql = format!(
-            "SELECT id, name, ip, port, ssh_user, status, host_key_algorithm, \
-             host_key_fingerprint, zone FROM servers WHERE name IN {}",
-            list(chunk.len())
-        );
-        for r in tx.fetch(&sql, &args).await? {
-            let name = r.text(1)?;
-            let port = r.int(3)?;
-            // Names compare byte for byte on every backend (MySQL's columns are utf8mb4_bin).
-            let Some((&name, _)) = entries.get_key_value(name.as_str()) else {
-                continue;
-            };
-            let registration = Registration {
-                ip: r.text(2)?,
-                port: u16::try_from(port).map_err(|_| {
-                    sqlx::Error::Decode(format!("server {name:?} has port {port}").into())
-                })?,
-                ssh_user: r.text(4)?,
-                status: r.text(5)?,
-                host_key: match (r.opt_text(6)?, r.opt_text(7)?) {
-                    (Some(algorithm), Some(fingerprint)) => Some((algorithm, fingerprint)),
-                    _ => None,
-                },
-                service: None,
-                zone: r.text(8)?,
-            };
-            let id = r.int(0)?;
-            by_id.insert(id, name);
-            if let Some(entry) = entries.get_mut(name) {
-                entry.stored = Some((id, registration));
-            }
+    let sql = "SELECT id, name, ip, port, ssh_user, status, host_key_algorithm, \
+               host_key_fingerprint, zone FROM servers WHERE name IN $ids";
+    for r in tx.fetch_in(sql, &[], &names).await? {
+        let name = r.text(1)?;
+        let port = r.int(3)?;
+        // Names compare byte for byte on every backend (MySQL's columns are utf8mb4_bin).
+        let Some((&name, _)) = entries.get_key_value(name.as_str()) else {
+            continue;
+        };
+        let registration = Registration {
+            ip: r.text(2)?,
+            port: u16::try_from(port).map_err(|_| {
+                sqlx::Error::Decode(format!("server {name:?} has port {port}").into())
+            })?,
+            ssh_user: r.text(4)?,
+            status: r.text(5)?,
+            host_key: match (r.opt_text(6)?, r.opt_text(7)?) {
+                (Some(algorithm), Some(fingerprint)) => Some((algorithm, fingerprint)),
+                _ => None,
+            },
+            service: None,
+            zone: r.text(8)?,
+        };
+        let id = r.int(0)?;
+        by_id.insert(id, name);
+        if let Some(entry) = entries.get_mut(name) {
+            entry.stored = Some((id, registration));
         }
     }
     // Their services, by id: a join here would scan every service on PostgreSQL.
     let ids: Vec<i64> = by_id.keys().copied().collect();
-    for chunk in ids.chunks(CHUNK) {
-        let args: Vec<Value> = std::iter::once(service_type())
-            .chain(chunk.iter().map(|id| (*id).into()))
-            .collect();
-        let sql = format!(
-            "SELECT server_id, name, version FROM services WHERE type = ? AND server_id IN {}",
-            list(chunk.len())
-        );
-        for r in tx.fetch(&sql, &args).await? {
-            let Some(entry) = by_id.get(&r.int(0)?).and_then(|n| entries.get_mut(n)) else {
-                continue;
-            };
-            if let Some((_, stored)) = &mut entry.stored {
-                stored.service = Some((r.text(1)?, r.text(2)?));
-            }
+    let sql = "SELECT server_id, name, version FROM services WHERE type = ? AND server_id IN $ids";
+    for r in tx.fetch_in(sql, &[service_type()], &ids).await? {
+        let Some(entry) = by_id.get(&r.int(0)?).and_then(|n| entries.get_mut(n)) else {
+            continue;
+        };
+        if let Some((_, stored)) = &mut entry.stored {
+            stored.service = Some((r.text(1)?, r.text(2)?));
         }
     }
     for entry in entries.values_mut() {
@@ -433,19 +408,12 @@ pub(super) async fn write_services(
         .filter(|(_, s)| s.is_none())
         .map(|(id, _)| *id)
         .collect();
-    for chunk in gone.chunks(CHUNK) {
-        let args: Vec<Value> = std::iter::once(service_type())
-            .chain(chunk.iter().map(|id| (*id).into()))
-            .collect();
-        tx.execute(
-            &format!(
-                "DELETE FROM services WHERE type = ? AND server_id IN {}",
-                list(chunk.len())
-            ),
-            &args,
-        )
-        .await?;
-    }
+    tx.execute_in(
+        "DELETE FROM services WHERE type = ? AND server_id IN $ids",
+        &[service_type()],
+        &gone,
+    )
+    .await?;
     let set: Vec<(i64, (&str, &str))> = changes
         .iter()
         .filter_map(|(id, s)| s.map(|s| (*id, s)))

@@ -4,9 +4,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use fleetsync_common::sql::{Tx, Value};
+use fleetsync_common::sql::Tx;
 
-use super::{CHUNK, list, quote_identifiers};
+use super::quote_identifiers;
 use crate::model::{InventoryStatus, ServiceType};
 
 /// What a sync read, ready to store.
@@ -91,34 +91,29 @@ pub(super) async fn write_all(
     // What is stored, for every server of the batch.
     let mut stored_databases: HashMap<i64, BTreeMap<String, StoredDatabase>> = HashMap::new();
     let mut stored_users: HashMap<i64, BTreeMap<UserKey, StoredUser>> = HashMap::new();
-    for chunk in ids.chunks(CHUNK) {
-        let args: Vec<Value> = chunk.iter().map(|&id| Value::Int(id)).collect();
-        let sql = q(&format!(
-            "SELECT server_id, name, charset, \"collation\", status FROM \"databases\" \
-             WHERE server_id IN {}",
-            list(chunk.len())
-        ));
-        for row in tx.fetch(&sql, &args).await? {
-            stored_databases.entry(row.int(0)?).or_default().insert(
-                row.text(1)?,
-                (
-                    row.opt_text(2)?,
-                    row.opt_text(3)?,
-                    InventoryStatus::parse(&row.text(4)?)?,
-                ),
-            );
-        }
-        let sql = q(&format!(
-            "SELECT server_id, username, host, \"databases\", status FROM database_users \
-             WHERE server_id IN {}",
-            list(chunk.len())
-        ));
-        for row in tx.fetch(&sql, &args).await? {
-            stored_users.entry(row.int(0)?).or_default().insert(
-                (row.text(1)?, row.text(2)?),
-                (row.text(3)?, InventoryStatus::parse(&row.text(4)?)?),
-            );
-        }
+    let sql = q(
+        "SELECT server_id, name, charset, \"collation\", status FROM \"databases\" \
+                 WHERE server_id IN $ids",
+    );
+    for row in tx.fetch_in(&sql, &[], &ids).await? {
+        stored_databases.entry(row.int(0)?).or_default().insert(
+            row.text(1)?,
+            (
+                row.opt_text(2)?,
+                row.opt_text(3)?,
+                InventoryStatus::parse(&row.text(4)?)?,
+            ),
+        );
+    }
+    let sql = q(
+        "SELECT server_id, username, host, \"databases\", status FROM database_users \
+                 WHERE server_id IN $ids",
+    );
+    for row in tx.fetch_in(&sql, &[], &ids).await? {
+        stored_users.entry(row.int(0)?).or_default().insert(
+            (row.text(1)?, row.text(2)?),
+            (row.text(3)?, InventoryStatus::parse(&row.text(4)?)?),
+        );
     }
 
     for (server_id, inventory) in items {
@@ -154,18 +149,12 @@ pub(super) async fn write_all(
 
     // Every database a sync saw was seen now (`Database.synced_at`); after the writes above,
     // those are exactly the ready ones.
-    for chunk in ids.chunks(CHUNK) {
-        let mut args: Vec<Value> = vec![now.into(), InventoryStatus::Ready.as_str().into()];
-        args.extend(chunk.iter().map(|&id| Value::Int(id)));
-        tx.execute(
-            &q(&format!(
-                "UPDATE \"databases\" SET updated_at = ? WHERE status = ? AND server_id IN {}",
-                list(chunk.len())
-            )),
-            &args,
-        )
-        .await?;
-    }
+    tx.execute_in(
+        &q("UPDATE \"databases\" SET updated_at = ? WHERE status = ? AND server_id IN $ids"),
+        &[now.into(), InventoryStatus::Ready.as_str().into()],
+        &ids,
+    )
+    .await?;
     Ok(all_counts)
 }
 

@@ -13,7 +13,7 @@ use fleetsync_common::{
     sql::{Row, Tx, Value, is_unique_violation, now_ms_sql, retry},
 };
 
-use super::{CHUNK, Store, WORK_CHANNEL, list, notify, outbox::take_request};
+use super::{Store, WORK_CHANNEL, notify, outbox::take_request};
 use crate::model::{JobOrigin, JobSelection, JobState, Outcome, Scopes};
 
 /// Which servers a job covers.
@@ -233,17 +233,14 @@ impl Store {
                 .await?
             }
             Selection::Ids(ids) => {
-                let mut inserted = 0;
-                for chunk in ids.chunks(CHUNK) {
-                    let sql = format!(
+                let inserted = tx
+                    .execute_in(
                         "INSERT INTO sync_job_servers (job_id, server_id, server_name) \
-                         SELECT ?, id, name FROM servers WHERE id IN {}",
-                        list(chunk.len())
-                    );
-                    let mut args: Vec<Value> = vec![id.as_str().into()];
-                    args.extend(chunk.iter().map(|&i| Value::Int(i)));
-                    inserted += tx.execute(&sql, &args).await?;
-                }
+                         SELECT ?, id, name FROM servers WHERE id IN $ids",
+                        &[id.as_str().into()],
+                        ids,
+                    )
+                    .await?;
                 if inserted < ids.len() as u64 {
                     let missing = missing_ids(&mut tx, ids).await?;
                     return Err(ServiceError::NotFound {
@@ -406,25 +403,20 @@ impl Store {
         ids: &[&str],
     ) -> Result<HashMap<String, Vec<(Outcome, i64)>>, sqlx::Error> {
         let mut by_job: HashMap<String, OutcomeCounts> = HashMap::new();
-        for chunk in ids.chunks(CHUNK) {
-            let args: Vec<Value> = chunk.iter().map(|&id| id.into()).collect();
-            let rows = self
-                .db
-                .fetch(
-                    &format!(
-                        "SELECT job_id, outcome, COUNT(*) FROM sync_job_servers \
-                         WHERE job_id IN {} AND seq IS NOT NULL GROUP BY job_id, outcome",
-                        list(chunk.len())
-                    ),
-                    &args,
-                )
-                .await?;
-            for row in rows {
-                by_job
-                    .entry(row.text(0)?)
-                    .or_default()
-                    .add(Outcome::parse(&row.text(1)?)?, row.int(2)?);
-            }
+        let rows = self
+            .db
+            .fetch_in(
+                "SELECT job_id, outcome, COUNT(*) FROM sync_job_servers \
+                 WHERE job_id IN $ids AND seq IS NOT NULL GROUP BY job_id, outcome",
+                &[],
+                ids,
+            )
+            .await?;
+        for row in rows {
+            by_job
+                .entry(row.text(0)?)
+                .or_default()
+                .add(Outcome::parse(&row.text(1)?)?, row.int(2)?);
         }
         Ok(by_job
             .into_iter()
@@ -515,12 +507,11 @@ impl Store {
 
 async fn missing_ids(tx: &mut Tx, ids: &[i64]) -> Result<Vec<i64>, sqlx::Error> {
     let mut found = std::collections::BTreeSet::new();
-    for chunk in ids.chunks(CHUNK) {
-        let sql = format!("SELECT id FROM servers WHERE id IN {}", list(chunk.len()));
-        let args: Vec<Value> = chunk.iter().map(|&i| Value::Int(i)).collect();
-        for row in tx.fetch(&sql, &args).await? {
-            found.insert(row.int(0)?);
-        }
+    for row in tx
+        .fetch_in("SELECT id FROM servers WHERE id IN $ids", &[], ids)
+        .await?
+    {
+        found.insert(row.int(0)?);
     }
     Ok(ids
         .iter()

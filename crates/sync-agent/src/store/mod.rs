@@ -102,21 +102,10 @@ pub(crate) fn rows(n: usize, columns: usize) -> String {
 }
 
 /// `(?, ?, ?)` with `n` placeholders.
-pub(crate) fn list(n: usize) -> String {
-    let mut s = String::with_capacity(n * 3 + 2);
-    s.push('(');
-    for i in 0..n {
-        if i > 0 {
-            s.push_str(", ");
-        }
-        s.push('?');
-    }
-    s.push(')');
-    s
-}
+pub(crate) use fleetsync_common::sql::in_list as list;
 
 /// Largest id list per statement.
-pub(super) const CHUNK: usize = 500;
+pub(super) const CHUNK: usize = fleetsync_common::sql::IN_CHUNK;
 
 /// PostgreSQL channel told when outcomes are recorded (watchers on other agents wake up).
 pub const OUTCOMES_CHANNEL: &str = "fleetsync_outcomes";

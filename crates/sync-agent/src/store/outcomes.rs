@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use fleetsync_common::sql::{Row, Value};
 
-use super::{CHUNK, InventoryCounts, Store, list};
+use super::{InventoryCounts, Store};
 use crate::model::{Cause, Outcome};
 
 /// One server's outcome in one job.
@@ -164,30 +164,22 @@ impl Store {
         except: Option<Outcome>,
     ) -> Result<Vec<(i64, (RunResult, i64))>, sqlx::Error> {
         let mut out = Vec::with_capacity(ids.len());
-        for chunk in ids.chunks(CHUNK) {
-            // One index probe per server (`sync_runs_last`, (server_id, id)): a correlated
-            // MAX is a seek to the end of the server's range on every backend, where a MAX
-            // grouped over an IN list read every run of every server. Skipping an outcome
-            // walks back over the runs that have it (a server in backoff: one skip per
-            // periodic sync since its last attempt).
-            let mut args: Vec<Value> = Vec::with_capacity(chunk.len() + 1);
-            let skip = match except {
-                Some(outcome) => {
-                    args.push(outcome.as_str().into());
-                    " AND r.outcome <> ?"
-                }
-                None => "",
-            };
-            let sql = format!(
-                "SELECT server_id, finished_at, {RESULT_COLUMNS} FROM sync_runs \
-                 WHERE id IN (SELECT (SELECT MAX(r.id) FROM sync_runs r \
-                 WHERE r.server_id = s.id{skip}) FROM servers s WHERE s.id IN {})",
-                list(chunk.len())
-            );
-            args.extend(chunk.iter().map(|&i| Value::Int(i)));
-            for r in self.db.fetch(&self.sql(&sql), &args).await? {
-                out.push((r.int(0)?, (result_from(&r, 2)?, r.opt_int(1)?.unwrap_or(0))));
-            }
+        // One index probe per server (`sync_runs_last`, (server_id, id)): a correlated MAX is
+        // a seek to the end of the server's range on every backend, where a MAX grouped over
+        // an IN list read every run of every server. Skipping an outcome walks back over the
+        // runs that have it (a server in backoff: one skip per periodic sync since its last
+        // attempt).
+        let (skip, before): (&str, Vec<Value>) = match except {
+            Some(outcome) => (" AND r.outcome <> ?", vec![outcome.as_str().into()]),
+            None => ("", Vec::new()),
+        };
+        let sql = format!(
+            "SELECT server_id, finished_at, {RESULT_COLUMNS} FROM sync_runs \
+             WHERE id IN (SELECT (SELECT MAX(r.id) FROM sync_runs r \
+             WHERE r.server_id = s.id{skip}) FROM servers s WHERE s.id IN $ids)"
+        );
+        for r in self.db.fetch_in(&self.sql(&sql), &before, ids).await? {
+            out.push((r.int(0)?, (result_from(&r, 2)?, r.opt_int(1)?.unwrap_or(0))));
         }
         Ok(out)
     }

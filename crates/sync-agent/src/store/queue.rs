@@ -210,6 +210,7 @@ impl Store {
         let now = db_now(&mut tx).await?;
         let mut renewal = Renewal::default();
         let skip = skip_locked(self.backend());
+        // Chunk by chunk by hand: each chunk's locked leases are told apart from the renewed.
         for chunk in server_ids.chunks(CHUNK) {
             // A lease that already expired is not revived: its run outlived it (the agent
             // stalled), and its result must not be recorded.
@@ -312,20 +313,17 @@ pub(super) async fn release_leases(
     } else {
         ""
     };
-    for chunk in ids.chunks(CHUNK) {
-        let mut args: Vec<Value> = holder.into_iter().map(Value::from).collect();
-        args.extend(chunk.iter().map(|&id| Value::Int(id)));
-        tx.execute(
-            &format!(
-                "UPDATE server_leases SET holder = NULL, expires_at = NULL{pending}, \
-                 second_opinion_of = NULL, second_opinion_until = NULL, \
-                 second_opinion_note = NULL WHERE {held}server_id IN {}",
-                list(chunk.len())
-            ),
-            &args,
-        )
-        .await?;
-    }
+    let holder: Vec<Value> = holder.into_iter().map(Value::from).collect();
+    tx.execute_in(
+        &format!(
+            "UPDATE server_leases SET holder = NULL, expires_at = NULL{pending}, \
+             second_opinion_of = NULL, second_opinion_until = NULL, \
+             second_opinion_note = NULL WHERE {held}server_id IN $ids"
+        ),
+        &holder,
+        ids,
+    )
+    .await?;
     Ok(())
 }
 
@@ -339,28 +337,20 @@ pub(super) async fn take_leases(
     now: i64,
 ) -> Result<Vec<Claim>, sqlx::Error> {
     let mut claims = Vec::with_capacity(ids.len());
-    for chunk in ids.chunks(CHUNK) {
-        let sql = format!(
-            "UPDATE server_leases SET token = token + 1, holder = ?, claimed_at = ?, \
-             expires_at = ?, heartbeat_at = ? WHERE server_id IN {}",
-            list(chunk.len())
-        );
-        let mut args: Vec<Value> =
-            vec![holder.into(), now.into(), (now + ttl_ms).into(), now.into()];
-        args.extend(chunk.iter().map(|&id| Value::Int(id)));
-        tx.execute(&sql, &args).await?;
-        let sql = format!(
-            "SELECT server_id, token FROM server_leases WHERE server_id IN {}",
-            list(chunk.len())
-        );
-        let args: Vec<Value> = chunk.iter().map(|&id| Value::Int(id)).collect();
-        for row in tx.fetch(&sql, &args).await? {
-            claims.push(Claim {
-                server_id: row.int(0)?,
-                token: row.int(1)?,
-                claimed_at: now,
-            });
-        }
+    tx.execute_in(
+        "UPDATE server_leases SET token = token + 1, holder = ?, claimed_at = ?, \
+         expires_at = ?, heartbeat_at = ? WHERE server_id IN $ids",
+        &[holder.into(), now.into(), (now + ttl_ms).into(), now.into()],
+        ids,
+    )
+    .await?;
+    let sql = "SELECT server_id, token FROM server_leases WHERE server_id IN $ids";
+    for row in tx.fetch_in(sql, &[], ids).await? {
+        claims.push(Claim {
+            server_id: row.int(0)?,
+            token: row.int(1)?,
+            claimed_at: now,
+        });
     }
     claims.sort_by_key(|c| c.server_id);
     Ok(claims)
@@ -373,21 +363,15 @@ async fn servers_for_run(
     ids: &[i64],
 ) -> Result<std::collections::HashMap<i64, (Registration, bool)>, sqlx::Error> {
     let mut out = std::collections::HashMap::with_capacity(ids.len());
-    for chunk in ids.chunks(CHUNK) {
-        let sql = format!(
-            "SELECT {SERVER_COLUMNS}, (SELECT COUNT(*) FROM sync_job_servers js \
-             JOIN sync_jobs j ON j.id = js.job_id WHERE js.server_id = s.id \
-             AND js.outcome IS NULL AND j.force_offline <> 0) FROM {SERVER_FROM} \
-             WHERE s.id IN {}",
-            list(chunk.len())
-        );
-        let args: Vec<Value> = std::iter::once(service_type())
-            .chain(chunk.iter().map(|&id| Value::Int(id)))
-            .collect();
-        for row in tx.fetch(&sql, &args).await? {
-            let forced = row.int(SERVER_COLUMN_COUNT)? > 0;
-            out.insert(row.int(0)?, (registration(&row)?, forced));
-        }
+    let sql = format!(
+        "SELECT {SERVER_COLUMNS}, (SELECT COUNT(*) FROM sync_job_servers js \
+         JOIN sync_jobs j ON j.id = js.job_id WHERE js.server_id = s.id \
+         AND js.outcome IS NULL AND j.force_offline <> 0) FROM {SERVER_FROM} \
+         WHERE s.id IN $ids"
+    );
+    for row in tx.fetch_in(&sql, &[service_type()], ids).await? {
+        let forced = row.int(SERVER_COLUMN_COUNT)? > 0;
+        out.insert(row.int(0)?, (registration(&row)?, forced));
     }
     Ok(out)
 }

@@ -2,13 +2,10 @@
 //! database's clock), claimed in batches under the same fenced leases as syncs, and what a
 //! probe found (back online, or one more failure with the next probe time).
 
-use fleetsync_common::{
-    Backend,
-    sql::{Tx, Value},
-};
+use fleetsync_common::{Backend, sql::Tx};
 
 use super::{
-    CHUNK, Registration, Store, list,
+    Registration, Store,
     queue::{Claim, WaitMark, db_now, release_leases, take_leases},
     servers::{SERVER_COLUMNS, SERVER_FROM, registration, service_type},
 };
@@ -17,19 +14,13 @@ use crate::model::Reachability;
 /// Marks `ids` online as of `now`: seen, no failures, no probe due. The one place a server
 /// comes back, from a run or a probe.
 pub(super) async fn mark_online(tx: &mut Tx, now: i64, ids: &[i64]) -> Result<(), sqlx::Error> {
-    for chunk in ids.chunks(CHUNK) {
-        let mut args: Vec<Value> = vec![Reachability::Online.as_str().into(), now.into()];
-        args.extend(chunk.iter().map(|&id| Value::Int(id)));
-        tx.execute(
-            &format!(
-                "UPDATE servers SET reachability = ?, last_seen_at = ?, \
-                 consecutive_failures = 0, next_probe_at = NULL WHERE id IN {}",
-                list(chunk.len())
-            ),
-            &args,
-        )
-        .await?;
-    }
+    tx.execute_in(
+        "UPDATE servers SET reachability = ?, last_seen_at = ?, \
+         consecutive_failures = 0, next_probe_at = NULL WHERE id IN $ids",
+        &[Reachability::Online.as_str().into(), now.into()],
+        ids,
+    )
+    .await?;
     Ok(())
 }
 
@@ -74,17 +65,9 @@ impl Store {
             .collect::<Result<_, _>>()?;
         let claims = take_leases(&mut tx, &ids, holder, ttl_ms, now).await?;
         let mut servers = std::collections::HashMap::new();
-        for chunk in ids.chunks(CHUNK) {
-            let sql = format!(
-                "SELECT {SERVER_COLUMNS} FROM {SERVER_FROM} WHERE s.id IN {}",
-                list(chunk.len())
-            );
-            let args: Vec<Value> = std::iter::once(service_type())
-                .chain(chunk.iter().map(|&id| Value::Int(id)))
-                .collect();
-            for row in tx.fetch(&sql, &args).await? {
-                servers.insert(row.int(0)?, registration(&row)?);
-            }
+        let sql = format!("SELECT {SERVER_COLUMNS} FROM {SERVER_FROM} WHERE s.id IN $ids");
+        for row in tx.fetch_in(&sql, &[service_type()], &ids).await? {
+            servers.insert(row.int(0)?, registration(&row)?);
         }
         tx.commit().await?;
         Ok(claims
