@@ -253,10 +253,10 @@ pub fn default_installed_by() -> String {
     format!("{user}@{}", fleetsync_common::clock::hostname("localhost"))
 }
 
-impl EngineError {
-    /// True for a deadlock or serialisation failure: running the migration again is the cure.
-    pub fn is_conflict(&self) -> bool {
-        matches!(self, Self::Database { source, .. } if fleetsync_common::sql::classify(source) == fleetsync_common::sql::Failure::Conflict)
+impl fleetsync_common::sql::Retryable for EngineError {
+    /// A deadlock or serialisation failure: running the migration again is the cure.
+    fn is_conflict(&self) -> bool {
+        matches!(self, Self::Database { source, .. } if source.is_conflict())
     }
 }
 
@@ -637,22 +637,14 @@ impl Engine {
         on_event: &mut (dyn FnMut(Event) + Send),
     ) -> Result<Report, EngineError> {
         // A deadlock or serialisation failure (with the agent writing the outbox, say) rolls
-        // the transaction back; the run starts over under the lock, from the history.
-        let mut tries = 1;
-        loop {
-            match self.migrate_once(target, on_event).await {
-                Err(err) if tries < fleetsync_common::sql::MAX_ATTEMPTS && err.is_conflict() => {
-                    tracing::warn!(error = %err, tries, "migration conflicted with concurrent writes; starting over");
-                    tokio::time::sleep(fleetsync_common::clock::jitter(
-                        Duration::from_millis(20 * u64::from(tries)),
-                        0.5,
-                    ))
-                    .await;
-                    tries += 1;
-                }
-                other => return other,
-            }
-        }
+        // the transaction back; the run starts over under the lock, from the history. The
+        // progress callback is lent to one attempt at a time.
+        let on_event = tokio::sync::Mutex::new(on_event);
+        fleetsync_common::sql::retry("migrate", || async {
+            let mut on_event = on_event.lock().await;
+            self.migrate_once(target, &mut **on_event).await
+        })
+        .await
     }
 
     async fn migrate_once(
