@@ -129,252 +129,342 @@ impl Store {
         }
     }
 
+    /// The stages of one batch, in one transaction: fence, judge, inventories, host keys,
+    /// reachability, run history, job rows and leases, second opinions.
     async fn complete_in(
         &self,
         tx: &mut Tx,
         holder: &str,
         batch: &[Completion],
     ) -> Result<Vec<Recorded>, sqlx::Error> {
-        let backend = self.backend();
         let now = db_now(tx).await?;
-
-        // Fence: lock the leases, keep the items still ours.
-        let ids: Vec<i64> = batch.iter().map(|c| c.claim.server_id).collect();
-        let lock = for_update(backend);
-        let mut held = HashMap::with_capacity(ids.len());
-        let mut sorted = ids.clone();
-        sorted.sort_unstable();
-        // In server order, chunk after chunk: every completer locks in the same order.
-        let sql = format!(
-            "SELECT server_id, token, holder, expires_at, second_opinion_of, \
-             second_opinion_note FROM server_leases \
-             WHERE server_id IN $ids ORDER BY server_id{lock}"
-        );
-        for row in tx.fetch_in(&sql, &[], &sorted).await? {
-            let asked = match row.opt_text(4)? {
-                Some(agent) => Some(Asked {
-                    agent,
-                    note: row.opt_text(5)?.unwrap_or_default(),
-                }),
-                None => None,
-            };
-            held.insert(
-                row.int(0)?,
-                (row.int(1)?, row.opt_text(2)?, row.opt_int(3)?, asked),
-            );
-        }
-        let mut results: Vec<Option<RunResult>> = vec![None; batch.len()];
-        let mut deferred: Vec<(i64, i64, String)> = Vec::new();
-        let mut deferred_at: BTreeSet<usize> = BTreeSet::new();
-        let mut verdicts: BTreeMap<String, (i64, i64)> = BTreeMap::new();
-        for (i, item) in batch.iter().enumerate() {
-            // Ours: same holder and token, and not expired. An agent that stalled past its
-            // lease (a pause, a frozen VM) may have timed out on its own stall: its result is
-            // dropped and the server synced again, whether or not another agent took over.
-            let Some((_, _, _, asked)) =
-                held.get(&item.claim.server_id)
-                    .filter(|(token, h, expires, _)| {
-                        *token == item.claim.token
-                            && h.as_deref() == Some(holder)
-                            && expires.is_some_and(|e| e >= now)
-                    })
-            else {
-                continue;
-            };
-            let mut result = item.result.clone();
-            let agents_fault = result.outcome.may_be_the_agents();
-            match (asked, item.ask_peer_ms) {
-                // A first failure that may be ours, with a peer to ask: handed over.
-                (None, Some(wait_ms)) if agents_fault => {
-                    let note = truncate_note(&format!("{}: {}", result.outcome, result.message));
-                    deferred.push((item.claim.server_id, now + wait_ms, note));
-                    deferred_at.insert(i);
-                    continue;
-                }
-                // A second opinion: recorded as it is, and it judges the first agent's failure.
-                (Some(asked), _) if asked.agent != holder => {
-                    let verdict = verdicts.entry(asked.agent.clone()).or_default();
-                    if agents_fault {
-                        verdict.1 += 1;
-                        result.message = truncate_note(&format!(
-                            "{} (agent {} failed too: {})",
-                            result.message, asked.agent, asked.note
-                        ));
-                    } else if result.outcome.reached_the_server() {
-                        verdict.0 += 1;
-                    }
-                }
-                _ => {}
-            }
-            if let Reach::Offline { backoff_ms } = item.reach {
-                result.next_probe_at = Some(now + backoff_ms);
-            }
-            results[i] = Some(result);
-        }
-        // Inventories of the runs still ours, the whole batch at once.
-        let read: Vec<(usize, (i64, &InventoryWrite))> = batch
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| results[*i].is_some())
-            .filter_map(|(i, item)| Some((i, (item.claim.server_id, item.inventory.as_ref()?))))
-            .collect();
-        let writes: Vec<(i64, &InventoryWrite)> = read.iter().map(|(_, w)| *w).collect();
-        let counts = inventory::write_all(tx, &writes, now).await?;
-        for ((i, _), counts) in read.iter().zip(counts) {
-            if let Some(result) = results[*i].as_mut() {
-                result.counts = Some(counts);
-            }
-        }
+        let held = lock_leases(tx, batch).await?;
+        let Judged {
+            mut results,
+            deferred,
+            verdicts,
+        } = judge_items(batch, &held, holder, now);
+        write_inventories(tx, batch, &mut results, now).await?;
         let stored: Vec<(&Completion, &RunResult)> = batch
             .iter()
             .zip(&results)
-            .filter_map(|(item, r)| r.as_ref().map(|r| (item, r)))
-            .collect();
-
-        // Host keys pinned on first contact.
-        let pins: Vec<(i64, &str, &str)> = stored
-            .iter()
-            .filter_map(|(item, _)| {
-                item.pin
-                    .as_ref()
-                    .map(|(a, f)| (item.claim.server_id, a.as_str(), f.as_str()))
+            .filter_map(|(item, r)| match r {
+                Judgement::Store(r) => Some((item, r)),
+                _ => None,
             })
             .collect();
-        for chunk in pins.chunks(CHUNK / 2) {
-            let mut args: Vec<Value> = Vec::with_capacity(chunk.len() * 5 + 1);
-            let algorithm = case(chunk.len());
-            for (id, a, _) in chunk {
-                args.extend([Value::Int(*id), (*a).into()]);
-            }
-            let fingerprint = case(chunk.len());
-            for (id, _, f) in chunk {
-                args.extend([Value::Int(*id), (*f).into()]);
-            }
-            args.push(now.into());
-            args.extend(chunk.iter().map(|(id, _, _)| Value::Int(*id)));
-            tx.execute(
-                &format!(
-                    "UPDATE servers SET host_key_algorithm = {algorithm}, \
-                     host_key_fingerprint = {fingerprint}, host_key_pinned_at = ? \
-                     WHERE host_key_fingerprint IS NULL AND id IN {}",
-                    list(chunk.len())
-                ),
-                &args,
-            )
-            .await?;
-        }
-
-        // Reachability.
-        let online: Vec<i64> = stored
-            .iter()
-            .filter(|(item, _)| item.reach == Reach::Online)
-            .map(|(item, _)| item.claim.server_id)
-            .collect();
-        mark_online(tx, now, &online).await?;
-        let offline: Vec<(i64, i64)> = stored
-            .iter()
-            .filter(|(item, _)| matches!(item.reach, Reach::Offline { .. }))
-            .map(|(item, r)| (item.claim.server_id, r.next_probe_at.unwrap_or(now)))
-            .collect();
-        for chunk in offline.chunks(CHUNK / 2) {
-            let next = case(chunk.len());
-            let mut args: Vec<Value> = vec![Reachability::Offline.as_str().into()];
-            for (id, at) in chunk {
-                args.extend([Value::Int(*id), Value::Int(*at)]);
-            }
-            args.extend(chunk.iter().map(|(id, _)| Value::Int(*id)));
-            tx.execute(
-                &format!(
-                    "UPDATE servers SET reachability = ?, \
-                     consecutive_failures = consecutive_failures + 1, next_probe_at = {next} \
-                     WHERE id IN {}",
-                    list(chunk.len())
-                ),
-                &args,
-            )
-            .await?;
-        }
-
-        // Run history. Every run reads the whole inventory: its scopes are all of them.
-        let scopes = Scopes::ALL.to_string();
-        let counts: Vec<Option<String>> = stored
-            .iter()
-            .map(|(_, r)| {
-                r.counts
-                    .map(|c| serde_json::to_string(&c).expect("counts serialise"))
-            })
-            .collect();
-        const RUN_COLUMNS: usize = 12;
-        for (chunk, chunk_counts) in stored.chunks(200).zip(counts.chunks(200)) {
-            let mut args: Vec<Value> = Vec::with_capacity(chunk.len() * RUN_COLUMNS);
-            for ((item, r), counts) in chunk.iter().zip(chunk_counts) {
-                args.extend([
-                    Value::Int(item.claim.server_id),
-                    Value::Int(item.claim.token),
-                    holder.into(),
-                    scopes.as_str().into(),
-                    Value::Int(now - r.duration_ms),
-                    Value::Int(now),
-                    r.outcome.as_str().into(),
-                    r.cause.map(Cause::as_str).into(),
-                    r.message.as_str().into(),
-                    r.exit_status.into(),
-                    Value::Int(r.duration_ms),
-                    counts.clone().into(),
-                ]);
-            }
-            tx.execute(
-                &format!(
-                    "INSERT INTO sync_runs (server_id, lease_token, holder, scopes, started_at, \
-                     finished_at, outcome, cause, message, exit_status, duration_ms, counts) \
-                     VALUES {}",
-                    rows(chunk.len(), RUN_COLUMNS)
-                ),
-                &args,
-            )
-            .await?;
-        }
-
-        // Outcomes for the job rows each run serves; leases released.
-        let fills: Vec<Fill<'_>> = stored
-            .iter()
-            .zip(counts)
-            .map(|((item, r), counts)| Fill {
-                server_id: item.claim.server_id,
-                served_before: item.claim.claimed_at,
-                result: r,
-                counts,
-            })
-            .collect();
-        let waiting = waiting_rows(tx, &fills).await?;
-        let ours: Vec<i64> = stored
-            .iter()
-            .map(|(item, _)| item.claim.server_id)
-            .collect();
-        release_served(tx, &ours, &waiting.still_waiting).await?;
-        let mut report = fill(tx, now, &fills, waiting).await?;
-        if !report.jobs.is_empty() {
-            notify(tx, OUTCOMES_CHANNEL).await?;
-        }
+        pin_host_keys(tx, &stored, now).await?;
+        record_reachability(tx, &stored, now).await?;
+        let counts = record_runs(tx, holder, &stored, now).await?;
+        let mut jobs = fill_jobs(tx, &stored, counts, now).await?;
         hand_over(tx, holder, &deferred).await?;
         judge(tx, &verdicts).await?;
         Ok(batch
             .iter()
             .zip(results)
-            .enumerate()
-            .map(|(i, (item, result))| match result {
-                _ if deferred_at.contains(&i) => Recorded::Deferred,
-                Some(result) => Recorded::Stored {
+            .map(|(item, judgement)| match judgement {
+                Judgement::Defer => Recorded::Deferred,
+                Judgement::Store(result) => Recorded::Stored {
                     result,
-                    jobs: report
-                        .jobs
-                        .remove(&item.claim.server_id)
-                        .unwrap_or_default(),
+                    jobs: jobs.remove(&item.claim.server_id).unwrap_or_default(),
                 },
-                None => Recorded::LeaseLost,
+                Judgement::LeaseLost => Recorded::LeaseLost,
             })
             .collect())
     }
+}
+
+/// What the fence found on a server's lease row: token, holder, expiry, and who asked for a
+/// second opinion.
+type Held = HashMap<i64, (i64, Option<String>, Option<i64>, Option<Asked>)>;
+
+/// Fence: locks the lease rows of the batch's servers, in server order (every completer locks
+/// in the same order), and reads them.
+async fn lock_leases(tx: &mut Tx, batch: &[Completion]) -> Result<Held, sqlx::Error> {
+    let mut sorted: Vec<i64> = batch.iter().map(|c| c.claim.server_id).collect();
+    sorted.sort_unstable();
+    let lock = for_update(tx.backend());
+    let sql = format!(
+        "SELECT server_id, token, holder, expires_at, second_opinion_of, \
+         second_opinion_note FROM server_leases \
+         WHERE server_id IN $ids ORDER BY server_id{lock}"
+    );
+    let mut held = HashMap::with_capacity(sorted.len());
+    for row in tx.fetch_in(&sql, &[], &sorted).await? {
+        let asked = match row.opt_text(4)? {
+            Some(agent) => Some(Asked {
+                agent,
+                note: row.opt_text(5)?.unwrap_or_default(),
+            }),
+            None => None,
+        };
+        held.insert(
+            row.int(0)?,
+            (row.int(1)?, row.opt_text(2)?, row.opt_int(3)?, asked),
+        );
+    }
+    Ok(held)
+}
+
+/// What becomes of one item of the batch.
+#[derive(Debug, Clone)]
+enum Judgement {
+    /// The lease is no longer ours: nothing written.
+    LeaseLost,
+    /// Handed to a peer for a second opinion.
+    Defer,
+    /// Recorded, as this result.
+    Store(RunResult),
+}
+
+/// The batch judged: each item's fate, the hand-overs, and the verdicts on agents that asked.
+struct Judged {
+    results: Vec<Judgement>,
+    /// (server, may be taken again at, what this agent saw).
+    deferred: Vec<(i64, i64, String)>,
+    /// Per asking agent: (overruled, confirmed).
+    verdicts: BTreeMap<String, (i64, i64)>,
+}
+
+/// Judges each item against its lease (writes nothing): ours or lost; a first failure that may
+/// be the agent's own, with a peer to ask, handed over; a second opinion recorded and counted
+/// for or against the agent that asked; the next probe of an offline server.
+fn judge_items(batch: &[Completion], held: &Held, holder: &str, now: i64) -> Judged {
+    let mut judged = Judged {
+        results: Vec::with_capacity(batch.len()),
+        deferred: Vec::new(),
+        verdicts: BTreeMap::new(),
+    };
+    for item in batch {
+        // Ours: same holder and token, and not expired. An agent that stalled past its lease
+        // (a pause, a frozen VM) may have timed out on its own stall: its result is dropped
+        // and the server synced again, whether or not another agent took over.
+        let Some((_, _, _, asked)) =
+            held.get(&item.claim.server_id)
+                .filter(|(token, h, expires, _)| {
+                    *token == item.claim.token
+                        && h.as_deref() == Some(holder)
+                        && expires.is_some_and(|e| e >= now)
+                })
+        else {
+            judged.results.push(Judgement::LeaseLost);
+            continue;
+        };
+        let mut result = item.result.clone();
+        let agents_fault = result.outcome.may_be_the_agents();
+        match (asked, item.ask_peer_ms) {
+            // A first failure that may be ours, with a peer to ask: handed over.
+            (None, Some(wait_ms)) if agents_fault => {
+                let note = truncate_note(&format!("{}: {}", result.outcome, result.message));
+                judged
+                    .deferred
+                    .push((item.claim.server_id, now + wait_ms, note));
+                judged.results.push(Judgement::Defer);
+                continue;
+            }
+            // A second opinion: recorded as it is, and it judges the first agent's failure.
+            (Some(asked), _) if asked.agent != holder => {
+                let verdict = judged.verdicts.entry(asked.agent.clone()).or_default();
+                if agents_fault {
+                    verdict.1 += 1;
+                    result.message = truncate_note(&format!(
+                        "{} (agent {} failed too: {})",
+                        result.message, asked.agent, asked.note
+                    ));
+                } else if result.outcome.reached_the_server() {
+                    verdict.0 += 1;
+                }
+            }
+            _ => {}
+        }
+        if let Reach::Offline { backoff_ms } = item.reach {
+            result.next_probe_at = Some(now + backoff_ms);
+        }
+        judged.results.push(Judgement::Store(result));
+    }
+    judged
+}
+
+/// Inventories of the runs still ours, the whole batch at once; their counts go on the results.
+async fn write_inventories(
+    tx: &mut Tx,
+    batch: &[Completion],
+    results: &mut [Judgement],
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    let read: Vec<(usize, (i64, &InventoryWrite))> = batch
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| matches!(results[*i], Judgement::Store(_)))
+        .filter_map(|(i, item)| Some((i, (item.claim.server_id, item.inventory.as_ref()?))))
+        .collect();
+    let writes: Vec<(i64, &InventoryWrite)> = read.iter().map(|(_, w)| *w).collect();
+    let counts = inventory::write_all(tx, &writes, now).await?;
+    for ((i, _), counts) in read.iter().zip(counts) {
+        if let Judgement::Store(result) = &mut results[*i] {
+            result.counts = Some(counts);
+        }
+    }
+    Ok(())
+}
+
+/// Host keys pinned on first contact.
+async fn pin_host_keys(
+    tx: &mut Tx,
+    stored: &[(&Completion, &RunResult)],
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    let pins: Vec<(i64, &str, &str)> = stored
+        .iter()
+        .filter_map(|(item, _)| {
+            item.pin
+                .as_ref()
+                .map(|(a, f)| (item.claim.server_id, a.as_str(), f.as_str()))
+        })
+        .collect();
+    for chunk in pins.chunks(CHUNK / 2) {
+        let mut args: Vec<Value> = Vec::with_capacity(chunk.len() * 5 + 1);
+        let algorithm = case(chunk.len());
+        for (id, a, _) in chunk {
+            args.extend([Value::Int(*id), (*a).into()]);
+        }
+        let fingerprint = case(chunk.len());
+        for (id, _, f) in chunk {
+            args.extend([Value::Int(*id), (*f).into()]);
+        }
+        args.push(now.into());
+        args.extend(chunk.iter().map(|(id, _, _)| Value::Int(*id)));
+        tx.execute(
+            &format!(
+                "UPDATE servers SET host_key_algorithm = {algorithm}, \
+                 host_key_fingerprint = {fingerprint}, host_key_pinned_at = ? \
+                 WHERE host_key_fingerprint IS NULL AND id IN {}",
+                list(chunk.len())
+            ),
+            &args,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Reachability: servers that answered are online; the others one failure further, with
+/// their next probe.
+async fn record_reachability(
+    tx: &mut Tx,
+    stored: &[(&Completion, &RunResult)],
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    let online: Vec<i64> = stored
+        .iter()
+        .filter(|(item, _)| item.reach == Reach::Online)
+        .map(|(item, _)| item.claim.server_id)
+        .collect();
+    mark_online(tx, now, &online).await?;
+    let offline: Vec<(i64, i64)> = stored
+        .iter()
+        .filter(|(item, _)| matches!(item.reach, Reach::Offline { .. }))
+        .map(|(item, r)| (item.claim.server_id, r.next_probe_at.unwrap_or(now)))
+        .collect();
+    for chunk in offline.chunks(CHUNK / 2) {
+        let next = case(chunk.len());
+        let mut args: Vec<Value> = vec![Reachability::Offline.as_str().into()];
+        for (id, at) in chunk {
+            args.extend([Value::Int(*id), Value::Int(*at)]);
+        }
+        args.extend(chunk.iter().map(|(id, _)| Value::Int(*id)));
+        tx.execute(
+            &format!(
+                "UPDATE servers SET reachability = ?, \
+                 consecutive_failures = consecutive_failures + 1, next_probe_at = {next} \
+                 WHERE id IN {}",
+                list(chunk.len())
+            ),
+            &args,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// The run history, 200 runs per statement. Every run reads the whole inventory: its scopes
+/// are all of them. Returns each run's inventory counts as stored (JSON).
+async fn record_runs(
+    tx: &mut Tx,
+    holder: &str,
+    stored: &[(&Completion, &RunResult)],
+    now: i64,
+) -> Result<Vec<Option<String>>, sqlx::Error> {
+    let scopes = Scopes::ALL.to_string();
+    let counts: Vec<Option<String>> = stored
+        .iter()
+        .map(|(_, r)| {
+            r.counts
+                .map(|c| serde_json::to_string(&c).expect("counts serialise"))
+        })
+        .collect();
+    const RUN_COLUMNS: usize = 12;
+    for (chunk, chunk_counts) in stored.chunks(200).zip(counts.chunks(200)) {
+        let mut args: Vec<Value> = Vec::with_capacity(chunk.len() * RUN_COLUMNS);
+        for ((item, r), counts) in chunk.iter().zip(chunk_counts) {
+            args.extend([
+                Value::Int(item.claim.server_id),
+                Value::Int(item.claim.token),
+                holder.into(),
+                scopes.as_str().into(),
+                Value::Int(now - r.duration_ms),
+                Value::Int(now),
+                r.outcome.as_str().into(),
+                r.cause.map(Cause::as_str).into(),
+                r.message.as_str().into(),
+                r.exit_status.into(),
+                Value::Int(r.duration_ms),
+                counts.clone().into(),
+            ]);
+        }
+        tx.execute(
+            &format!(
+                "INSERT INTO sync_runs (server_id, lease_token, holder, scopes, started_at, \
+                 finished_at, outcome, cause, message, exit_status, duration_ms, counts) \
+                 VALUES {}",
+                rows(chunk.len(), RUN_COLUMNS)
+            ),
+            &args,
+        )
+        .await?;
+    }
+    Ok(counts)
+}
+
+/// Outcomes for the job rows each run serves (through `fill`), and the leases released;
+/// watchers told. Returns the jobs each server's outcome went to.
+async fn fill_jobs(
+    tx: &mut Tx,
+    stored: &[(&Completion, &RunResult)],
+    counts: Vec<Option<String>>,
+    now: i64,
+) -> Result<HashMap<i64, Vec<String>>, sqlx::Error> {
+    let fills: Vec<Fill<'_>> = stored
+        .iter()
+        .zip(counts)
+        .map(|((item, r), counts)| Fill {
+            server_id: item.claim.server_id,
+            served_before: item.claim.claimed_at,
+            result: r,
+            counts,
+        })
+        .collect();
+    let waiting = waiting_rows(tx, &fills).await?;
+    let ours: Vec<i64> = stored
+        .iter()
+        .map(|(item, _)| item.claim.server_id)
+        .collect();
+    release_served(tx, &ours, &waiting.still_waiting).await?;
+    let report = fill(tx, now, &fills, waiting).await?;
+    if !report.jobs.is_empty() {
+        notify(tx, OUTCOMES_CHANNEL).await?;
+    }
+    Ok(report.jobs)
 }
 
 /// Most characters of what a first agent saw, kept for the second opinion's message.
