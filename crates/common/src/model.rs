@@ -25,6 +25,13 @@ impl From<UnknownValue> for sqlx::Error {
     }
 }
 
+/// A value stored as one of a fixed set of names (what `stored_enum!` declares): a column of
+/// it decodes with [`crate::sql::Column`], unknown text an error.
+pub trait Stored: Sized {
+    /// From its stored name.
+    fn from_stored(text: &str) -> Result<Self, UnknownValue>;
+}
+
 /// An enum stored as text: one name per variant (`as_str`, `Display`), `parse` back from it
 /// (unknown text is an `UnknownValue`), and `ALL` variants in declaration order.
 ///
@@ -79,6 +86,12 @@ macro_rules! stored_enum {
                 f.write_str(self.as_str())
             }
         }
+
+        impl $crate::model::Stored for $name {
+            fn from_stored(text: &str) -> Result<Self, $crate::model::UnknownValue> {
+                Self::parse(text)
+            }
+        }
     };
 }
 
@@ -122,6 +135,13 @@ impl TryFrom<pb::SyncScope> for Scope {
 /// equal sets are equal text.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Scopes(u8);
+
+impl crate::sql::Column for Scopes {
+    /// Its stored form (`charsets,databases`); an unknown scope is a decode error.
+    fn column(row: &crate::sql::Row, index: usize) -> Result<Self, sqlx::Error> {
+        Ok(Self::parse(&row.text(index)?)?)
+    }
+}
 
 impl Scopes {
     /// Every scope: what the periodic and recovery syncs are for.

@@ -3,7 +3,7 @@
 //! (`BIGINT`) and text, so two value kinds cover every column.
 
 use sqlx::{
-    AssertSqlSafe, Column, MySql, Postgres, Row as _, Sqlite, Transaction, TypeInfo,
+    AssertSqlSafe, Column as _, MySql, Postgres, Row as _, Sqlite, Transaction, TypeInfo,
     mysql::MySqlRow, postgres::PgRow, sqlite::SqliteRow,
 };
 
@@ -82,6 +82,128 @@ impl From<Option<&str>> for Value {
 /// A row of plain values, by column position.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Row(pub Vec<Value>);
+
+/// A column's value as a Rust type, read from a [`Row`] by position: what [`stored_row!`]
+/// decodes each field with.
+pub trait Column: Sized {
+    /// The value of column `index` of `row`.
+    fn column(row: &Row, index: usize) -> Result<Self, sqlx::Error>;
+}
+
+impl Column for i64 {
+    fn column(row: &Row, index: usize) -> Result<Self, sqlx::Error> {
+        row.int(index)
+    }
+}
+
+impl Column for Option<i64> {
+    fn column(row: &Row, index: usize) -> Result<Self, sqlx::Error> {
+        row.opt_int(index)
+    }
+}
+
+impl Column for String {
+    fn column(row: &Row, index: usize) -> Result<Self, sqlx::Error> {
+        row.text(index)
+    }
+}
+
+impl Column for Option<String> {
+    fn column(row: &Row, index: usize) -> Result<Self, sqlx::Error> {
+        row.opt_text(index)
+    }
+}
+
+impl<T: crate::model::Stored> Column for T {
+    fn column(row: &Row, index: usize) -> Result<Self, sqlx::Error> {
+        Ok(T::from_stored(&row.text(index)?)?)
+    }
+}
+
+impl<T: crate::model::Stored> Column for Option<T> {
+    fn column(row: &Row, index: usize) -> Result<Self, sqlx::Error> {
+        match row.opt_text(index)? {
+            Some(text) => Ok(Some(T::from_stored(&text)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// A row as one statement reads it, declared once: a struct whose fields are the columns, in
+/// order, with `COLUMNS` (the select list: each field's name, or the SQL given after `=`) and
+/// `COLUMN_COUNT` (to read what a statement selects after them), and its decoding from a
+/// [`Row`] (each field by its type's [`Column`]; stored vocabularies are `Column` through
+/// `stored_enum!`). Domain types are made from these rows, so that no column is read by a
+/// number written by hand.
+///
+/// ```
+/// fleetsync_common::stored_row! {
+///     /// A lease as the fence reads it.
+///     pub struct LeaseRow {
+///         pub server_id: i64,
+///         pub holder: Option<String> = "l.holder",
+///     }
+/// }
+/// assert_eq!(LeaseRow::COLUMNS, "server_id, l.holder");
+/// assert_eq!(LeaseRow::COLUMN_COUNT, 2);
+/// ```
+#[macro_export]
+macro_rules! stored_row {
+    (@column $field:ident) => { stringify!($field) };
+    (@column $field:ident = $sql:literal) => { $sql };
+    (@columns $field:ident $(= $sql:literal)? $(, $rest:ident $(= $rsql:literal)?)*) => {
+        concat!(
+            $crate::stored_row!(@column $field $(= $sql)?)
+            $(, ", ", $crate::stored_row!(@column $rest $(= $rsql)?))*
+        )
+    };
+    (
+        $(#[$meta:meta])*
+        $vis:vis struct $name:ident {
+            $($(#[$fmeta:meta])* $fvis:vis $field:ident : $ty:ty $(= $sql:literal)?),+ $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, Eq)]
+        $vis struct $name {
+            $($(#[$fmeta])* $fvis $field: $ty,)+
+        }
+
+        impl $name {
+            /// The select list, in the order the fields are decoded.
+            #[allow(dead_code)]
+            $vis const COLUMNS: &'static str = $crate::stored_row!(@columns $($field $(= $sql)?),+);
+            /// How many columns [`Self::COLUMNS`] has: the index of the first one a statement
+            /// selects after them.
+            #[allow(dead_code)]
+            $vis const COLUMN_COUNT: usize = [$(stringify!($field)),+].len();
+        }
+
+        impl $name {
+            /// Decodes the fields from the columns of `row` that start at `first` (a row that
+            /// selects other declared columns before these).
+            #[allow(dead_code, unused_assignments)]
+            $vis fn read(row: &$crate::sql::Row, first: usize) -> Result<Self, sqlx::Error> {
+                let mut index = first;
+                Ok(Self {
+                    $($field: {
+                        let value = <$ty as $crate::sql::Column>::column(row, index)?;
+                        index += 1;
+                        value
+                    },)+
+                })
+            }
+        }
+
+        impl TryFrom<&$crate::sql::Row> for $name {
+            type Error = sqlx::Error;
+
+            fn try_from(row: &$crate::sql::Row) -> Result<Self, sqlx::Error> {
+                Self::read(row, 0)
+            }
+        }
+    };
+}
 
 fn decode_error(index: usize, expected: &str, got: &Value) -> sqlx::Error {
     sqlx::Error::ColumnDecode {

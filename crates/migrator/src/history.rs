@@ -4,11 +4,7 @@
 //! DDL of the engine's own tables (the history, the way down of migrations rolled back, the
 //! outbox, and the applied migrations that stop agents built before them).
 
-use fleetsync_common::{
-    Backend,
-    model::SCHEMA_BREAKS_TABLE,
-    sql::{Row, Value},
-};
+use fleetsync_common::{Backend, model::SCHEMA_BREAKS_TABLE, sql::Value};
 
 pub(crate) use fleetsync_common::sql::Conn;
 
@@ -18,66 +14,39 @@ use crate::{
     outbox::OUTBOX_TABLE,
 };
 
-/// What the history table records of one migration (a row of `fleetsync_schema_history`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct History {
-    /// The migration's version.
-    pub version: i64,
-    /// The migration's name when it was recorded.
-    pub name: String,
-    /// Checksum at the time it was applied.
-    pub checksum: String,
-    /// Applied, partial or failed (never pending: a pending migration has no row).
-    pub state: State,
-    /// Statements done.
-    pub statements_applied: i64,
-    /// Statements in it then.
-    pub statements_total: i64,
-    /// SHA-256 of the statements done, for resuming a journaled migration.
-    pub prefix_checksum: Option<String>,
-    /// Start of the last attempt (ms since epoch).
-    pub started_at: Option<i64>,
-    /// End of the applying attempt or the failure (ms since epoch).
-    pub finished_at: Option<i64>,
-    /// Duration of the applying attempt.
-    pub duration_ms: Option<i64>,
-    /// `user@host` of the process that ran it.
-    pub installed_by: String,
-    /// Id of the run that last touched it.
-    pub run_id: String,
-    /// Error of a failed attempt.
-    pub error: Option<String>,
-    /// Statement that failed.
-    pub failing_statement: Option<String>,
-    /// What it asked the agent to re-sync.
-    pub resync: Scopes,
-}
-
-const HISTORY_COLUMNS: &str = "version, name, checksum, state, statements_applied, \
-    statements_total, prefix_checksum, started_at, finished_at, duration_ms, installed_by, run_id, \
-    error, failing_statement, resync";
-
-impl TryFrom<&Row> for History {
-    type Error = sqlx::Error;
-
-    fn try_from(r: &Row) -> Result<Self, sqlx::Error> {
-        Ok(Self {
-            version: r.int(0)?,
-            name: r.text(1)?,
-            checksum: r.text(2)?,
-            state: State::parse(&r.text(3)?)?,
-            statements_applied: r.int(4)?,
-            statements_total: r.int(5)?,
-            prefix_checksum: r.opt_text(6)?,
-            started_at: r.opt_int(7)?,
-            finished_at: r.opt_int(8)?,
-            duration_ms: r.opt_int(9)?,
-            installed_by: r.text(10)?,
-            run_id: r.text(11)?,
-            error: r.opt_text(12)?,
-            failing_statement: r.opt_text(13)?,
-            resync: Scopes::parse(&r.text(14)?)?,
-        })
+fleetsync_common::stored_row! {
+    /// What the history table records of one migration (a row of `fleetsync_schema_history`).
+    pub struct History {
+        /// The migration's version.
+        pub version: i64,
+        /// The migration's name when it was recorded.
+        pub name: String,
+        /// Checksum at the time it was applied.
+        pub checksum: String,
+        /// Applied, partial or failed (never pending: a pending migration has no row).
+        pub state: State,
+        /// Statements done.
+        pub statements_applied: i64,
+        /// Statements in it then.
+        pub statements_total: i64,
+        /// SHA-256 of the statements done, for resuming a journaled migration.
+        pub prefix_checksum: Option<String>,
+        /// Start of the last attempt (ms since epoch).
+        pub started_at: Option<i64>,
+        /// End of the applying attempt or the failure (ms since epoch).
+        pub finished_at: Option<i64>,
+        /// Duration of the applying attempt.
+        pub duration_ms: Option<i64>,
+        /// `user@host` of the process that ran it.
+        pub installed_by: String,
+        /// Id of the run that last touched it.
+        pub run_id: String,
+        /// Error of a failed attempt.
+        pub error: Option<String>,
+        /// Statement that failed.
+        pub failing_statement: Option<String>,
+        /// What it asked the agent to re-sync.
+        pub resync: Scopes,
     }
 }
 
@@ -109,7 +78,10 @@ async fn history_where(
     filter: &str,
     args: &[Value],
 ) -> Result<Vec<History>, sqlx::Error> {
-    let sql = format!("SELECT {HISTORY_COLUMNS} FROM {HISTORY_TABLE} {filter} ORDER BY version");
+    let sql = format!(
+        "SELECT {} FROM {HISTORY_TABLE} {filter} ORDER BY version",
+        History::COLUMNS
+    );
     conn.fetch(&sql, args)
         .await?
         .iter()
@@ -117,67 +89,40 @@ async fn history_where(
         .collect()
 }
 
-/// The way down of one migration (a row of `fleetsync_schema_rollbacks`): who rolled it back,
-/// when, from which version to which, and, while it runs on MySQL, its journal.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rollback {
-    /// `RUN:VERSION` of the run that started it.
-    pub id: String,
-    /// The migration rolled back.
-    pub version: i64,
-    /// Its name.
-    pub name: String,
-    /// Under way or done.
-    pub state: RollbackState,
-    /// Statements of the reverse done (the journal of a journaled reverse).
-    pub statements_done: i64,
-    /// Statements in the reverse.
-    pub statements_total: i64,
-    /// SHA-256 of the reverse's statements done, for resuming it.
-    pub prefix_checksum: Option<String>,
-    /// The version the database was at when the run started.
-    pub from_version: i64,
-    /// The version the run was asked to go to (0: before every migration).
-    pub to_version: i64,
-    /// When it started (ms since epoch).
-    pub started_at: i64,
-    /// When it was done.
-    pub finished_at: Option<i64>,
-    /// `user@host` of the process that ran it.
-    pub rolled_back_by: String,
-    /// Id of the run that last worked on it.
-    pub run_id: String,
-    /// Error of the last attempt that failed.
-    pub error: Option<String>,
-    /// The migration's sync request withdrawn with it (no agent had taken it yet).
-    pub withdrawn_request: Option<String>,
-}
-
-const ROLLBACK_COLUMNS: &str = "id, version, name, state, statements_done, statements_total, \
-    prefix_checksum, from_version, to_version, started_at, finished_at, rolled_back_by, run_id, \
-    error, withdrawn_request";
-
-impl TryFrom<&Row> for Rollback {
-    type Error = sqlx::Error;
-
-    fn try_from(r: &Row) -> Result<Self, sqlx::Error> {
-        Ok(Self {
-            id: r.text(0)?,
-            version: r.int(1)?,
-            name: r.text(2)?,
-            state: RollbackState::parse(&r.text(3)?)?,
-            statements_done: r.int(4)?,
-            statements_total: r.int(5)?,
-            prefix_checksum: r.opt_text(6)?,
-            from_version: r.int(7)?,
-            to_version: r.int(8)?,
-            started_at: r.int(9)?,
-            finished_at: r.opt_int(10)?,
-            rolled_back_by: r.text(11)?,
-            run_id: r.text(12)?,
-            error: r.opt_text(13)?,
-            withdrawn_request: r.opt_text(14)?,
-        })
+fleetsync_common::stored_row! {
+    /// The way down of one migration (a row of `fleetsync_schema_rollbacks`): who rolled it
+    /// back, when, from which version to which, and, while it runs on MySQL, its journal.
+    pub struct Rollback {
+        /// `RUN:VERSION` of the run that started it.
+        pub id: String,
+        /// The migration rolled back.
+        pub version: i64,
+        /// Its name.
+        pub name: String,
+        /// Under way or done.
+        pub state: RollbackState,
+        /// Statements of the reverse done (the journal of a journaled reverse).
+        pub statements_done: i64,
+        /// Statements in the reverse.
+        pub statements_total: i64,
+        /// SHA-256 of the reverse's statements done, for resuming it.
+        pub prefix_checksum: Option<String>,
+        /// The version the database was at when the run started.
+        pub from_version: i64,
+        /// The version the run was asked to go to (0: before every migration).
+        pub to_version: i64,
+        /// When it started (ms since epoch).
+        pub started_at: i64,
+        /// When it was done.
+        pub finished_at: Option<i64>,
+        /// `user@host` of the process that ran it.
+        pub rolled_back_by: String,
+        /// Id of the run that last worked on it.
+        pub run_id: String,
+        /// Error of the last attempt that failed.
+        pub error: Option<String>,
+        /// The migration's sync request withdrawn with it (no agent had taken it yet).
+        pub withdrawn_request: Option<String>,
     }
 }
 
@@ -214,7 +159,8 @@ async fn rollbacks_where(
     args: &[Value],
 ) -> Result<Vec<Rollback>, sqlx::Error> {
     let sql = format!(
-        "SELECT {ROLLBACK_COLUMNS} FROM {ROLLBACKS_TABLE} {filter} ORDER BY started_at, version DESC"
+        "SELECT {} FROM {ROLLBACKS_TABLE} {filter} ORDER BY started_at, version DESC",
+        Rollback::COLUMNS
     );
     conn.fetch(&sql, args)
         .await?

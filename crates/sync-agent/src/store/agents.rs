@@ -97,83 +97,117 @@ impl AgentStatus {
     }
 }
 
+fleetsync_common::stored_row! {
+    /// The columns an agent writes itself on its row of `sync_agents` (JSON still as text).
+    struct AgentRow {
+        id: String,
+        host: String,
+        version: String,
+        schema_version: i64,
+        key_fingerprints: String,
+        zone: String,
+        lease_ttl_ms: i64,
+        started_at: i64,
+        heartbeat_at: i64,
+        state: AgentState,
+        reason: String,
+        leases: i64,
+        in_flight: i64,
+        outcomes: String,
+        asked: i64,
+    }
+}
+
+fleetsync_common::stored_row! {
+    /// What others write on an agent's row.
+    struct VerdictRow {
+        overruled: i64,
+        confirmed: i64,
+        resume_requested_at: Option<i64>,
+    }
+}
+
 /// The columns an agent writes itself.
-const COLUMNS: &str = "id, host, version, schema_version, key_fingerprints, zone, lease_ttl_ms, \
-    started_at, heartbeat_at, state, reason, leases, in_flight, outcomes, asked";
+const COLUMNS: &str = AgentRow::COLUMNS;
 /// What others write on it.
-const VERDICT_COLUMNS: &str = "overruled, confirmed, resume_requested_at";
-/// Read after the others and the database's clock (index 19): the end of the agent's range,
-/// which a build whose range ends before [`schema::RANGES_RECORDED`] does not know.
+const VERDICT_COLUMNS: &str = VerdictRow::COLUMNS;
+/// Where a registry read selects, after [`COLUMNS`] and [`VERDICT_COLUMNS`], the database's
+/// clock, then the end of the agent's range ([`RANGE_COLUMN`]).
+const NOW_INDEX: usize = AgentRow::COLUMN_COUNT + VerdictRow::COLUMN_COUNT;
+/// Read after the others and the database's clock: the end of the agent's range, which a
+/// build whose range ends before [`schema::RANGES_RECORDED`] does not know.
 const RANGE_COLUMN: &str = if schema::RECORDS_RANGE {
     ", schema_max"
 } else {
     ""
 };
 
-fn count(r: &Row, index: usize) -> Result<u64, sqlx::Error> {
-    let n = r.int(index)?;
-    u64::try_from(n).map_err(|_| sqlx::Error::Decode(format!("sync_agents: count {n}").into()))
+fn count(n: i64, what: &str) -> Result<u64, sqlx::Error> {
+    u64::try_from(n)
+        .map_err(|_| sqlx::Error::Decode(format!("sync_agents.{what}: count {n}").into()))
 }
 
-fn verdicts(r: &Row, first: usize) -> Result<Verdicts, sqlx::Error> {
-    Ok(Verdicts {
-        overruled: count(r, first)?,
-        confirmed: count(r, first + 1)?,
-        resume_requested_at: r.opt_int(first + 2)?,
-    })
+impl TryFrom<VerdictRow> for Verdicts {
+    type Error = sqlx::Error;
+
+    fn try_from(r: VerdictRow) -> Result<Self, sqlx::Error> {
+        Ok(Verdicts {
+            overruled: count(r.overruled, "overruled")?,
+            confirmed: count(r.confirmed, "confirmed")?,
+            resume_requested_at: r.resume_requested_at,
+        })
+    }
 }
 
-fn decode(r: &Row, now: i64) -> Result<AgentRecord, sqlx::Error> {
-    let json = |index: usize, what: &str| -> Result<serde_json::Value, sqlx::Error> {
-        serde_json::from_str(&r.text(index)?)
+/// A registry read's row (`COLUMNS, VERDICT_COLUMNS, now RANGE_COLUMN`), "gone" judged by the
+/// database's clock it carries.
+fn decode(r: &Row) -> Result<AgentRecord, sqlx::Error> {
+    let a = AgentRow::try_from(r)?;
+    let now = r.int(NOW_INDEX)?;
+    fn json<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> Result<T, sqlx::Error> {
+        serde_json::from_str(text)
             .map_err(|e| sqlx::Error::Decode(format!("sync_agents.{what}: {e}").into()))
-    };
-    let key_fingerprints = serde_json::from_value(json(4, "key_fingerprints")?)
-        .map_err(|e| sqlx::Error::Decode(format!("sync_agents.key_fingerprints: {e}").into()))?;
-    let outcomes = serde_json::from_value(json(13, "outcomes")?)
-        .map_err(|e| sqlx::Error::Decode(format!("sync_agents.outcomes: {e}").into()))?;
+    }
     let report = AgentReport {
-        id: r.text(0)?,
-        host: r.text(1)?,
-        version: r.text(2)?,
-        schema_version: r.int(3)?,
-        key_fingerprints,
-        zone: r.text(5)?,
-        lease_ttl_ms: r.int(6)?,
+        key_fingerprints: json(&a.key_fingerprints, "key_fingerprints")?,
         schema_max: if schema::RECORDS_RANGE {
-            r.opt_int(19)?
+            r.opt_int(NOW_INDEX + 1)?
         } else {
             None
         },
+        id: a.id,
+        host: a.host,
+        version: a.version,
+        schema_version: a.schema_version,
+        zone: a.zone,
+        lease_ttl_ms: a.lease_ttl_ms,
     };
-    let heartbeat_at = r.int(8)?;
-    let stored =
-        AgentState::parse(&r.text(9)?).map_err(|e| sqlx::Error::Decode(e.to_string().into()))?;
-    let silent = now - heartbeat_at > 2 * report.lease_ttl_ms;
-    let (state, reason) = if silent && stored != AgentState::Gone {
+    let silent = now - a.heartbeat_at > 2 * report.lease_ttl_ms;
+    let (state, reason) = if silent && a.state != AgentState::Gone {
         (
             AgentState::Gone,
             format!(
-                "no heartbeat for {} s (last state: {stored})",
-                (now - heartbeat_at) / 1000
+                "no heartbeat for {} s (last state: {})",
+                (now - a.heartbeat_at) / 1000,
+                a.state
             ),
         )
     } else {
-        (stored, r.text(10)?)
+        (a.state, a.reason)
     };
     Ok(AgentRecord {
         report,
         status: AgentStatus {
             state,
             reason,
-            leases: r.int(11)?,
-            in_flight: r.int(12)?,
-            outcomes,
-            asked: count(r, 14)?,
+            leases: a.leases,
+            in_flight: a.in_flight,
+            outcomes: json(&a.outcomes, "outcomes")?,
+            asked: count(a.asked, "asked")?,
         },
-        started_at: r.int(7)?,
-        heartbeat_at,
-        verdicts: verdicts(r, 15)?,
+        started_at: a.started_at,
+        heartbeat_at: a.heartbeat_at,
+        verdicts: VerdictRow::read(r, AgentRow::COLUMN_COUNT)?.try_into()?,
     })
 }
 
@@ -275,7 +309,8 @@ impl Store {
                 &[id.into()],
             )
             .await?;
-        row.map(|r| verdicts(&r, 0)).transpose()
+        row.map(|r| VerdictRow::try_from(&r)?.try_into())
+            .transpose()
     }
 
     /// The heartbeat of an agent that stands down because the schema is outside its range: only
@@ -331,7 +366,7 @@ impl Store {
                 &[id.into()],
             )
             .await?;
-        row.map(|r| decode(&r, r.int(18)?)).transpose()
+        row.map(|r| decode(&r)).transpose()
     }
 
     /// The agent acted on its operator's resume request (made at `at`): cleared, unless a newer
@@ -360,6 +395,6 @@ impl Store {
                 &[],
             )
             .await?;
-        rows.iter().map(|r| decode(r, r.int(18)?)).collect()
+        rows.iter().map(decode).collect()
     }
 }

@@ -97,8 +97,25 @@ impl JobRecord {
     }
 }
 
-const JOB_COLUMNS: &str = "id, request_id, origin, scopes, force_offline, reason, total, finished, \
-                           created_at, finished_at, outcome_counts";
+fleetsync_common::stored_row! {
+    /// A row of `sync_jobs` as stored, its outcome counts still JSON text (`None`: a job made
+    /// before the counts were kept on its row, whose counts are its rows').
+    struct JobRow {
+        id: String,
+        request_id: String,
+        origin: JobOrigin,
+        scopes: Scopes,
+        force_offline: i64,
+        reason: String,
+        total: i64,
+        finished: i64,
+        created_at: i64,
+        finished_at: Option<i64>,
+        outcome_counts: Option<String>,
+    }
+}
+
+const JOB_COLUMNS: &str = JobRow::COLUMNS;
 
 /// A job's servers per outcome, kept on the job's row (`sync_jobs.outcome_counts`, a JSON
 /// object of stored outcome name to count) and updated under its lock by `complete::fill`, so
@@ -136,28 +153,28 @@ impl OutcomeCounts {
     }
 }
 
-fn job_from(r: &Row) -> Result<JobRecord, sqlx::Error> {
-    Ok(JobRecord {
-        id: r.text(0)?,
-        request_id: r.text(1)?,
-        origin: JobOrigin::parse(&r.text(2)?)?,
-        scopes: Scopes::parse(&r.text(3)?)?,
-        force: r.int(4)? != 0,
-        reason: r.text(5)?,
-        total: r.int(6)?,
-        finished: r.int(7)?,
-        created_at: r.int(8)?,
-        finished_at: r.opt_int(9)?,
-        outcome_counts: match r.opt_text(10)? {
+/// The job of a row, and whether its counts are its rows' (a job made before the counts were
+/// kept on its row: the caller counts them).
+fn job_from(r: &Row) -> Result<(JobRecord, bool), sqlx::Error> {
+    let r = JobRow::try_from(r)?;
+    let counted_by_rows = r.outcome_counts.is_none();
+    let job = JobRecord {
+        id: r.id,
+        request_id: r.request_id,
+        origin: r.origin,
+        scopes: r.scopes,
+        force: r.force_offline != 0,
+        reason: r.reason,
+        total: r.total,
+        finished: r.finished,
+        created_at: r.created_at,
+        finished_at: r.finished_at,
+        outcome_counts: match r.outcome_counts {
             Some(text) => OutcomeCounts::decode(&text)?.into_vec(),
-            None => Vec::new(), // Counted from its rows by the caller.
+            None => Vec::new(),
         },
-    })
-}
-
-/// True for a job made before the counts were kept on its row (its counts are its rows').
-fn counted_by_rows(r: &Row) -> Result<bool, sqlx::Error> {
-    Ok(r.opt_text(10)?.is_none())
+    };
+    Ok((job, counted_by_rows))
 }
 
 /// A unique-key violation while creating a job means a concurrent twin won: the retry finds it.
@@ -386,8 +403,8 @@ impl Store {
         let Some(row) = self.db.fetch_optional(&sql, &[id.into()]).await? else {
             return Ok(None);
         };
-        let mut job = job_from(&row)?;
-        if counted_by_rows(&row)? {
+        let (mut job, counted_by_rows) = job_from(&row)?;
+        if counted_by_rows {
             job.outcome_counts = self
                 .count_rows(&[job.id.as_str()])
                 .await?
@@ -486,13 +503,15 @@ impl Store {
         sql.push_str(" ORDER BY created_at DESC, id DESC LIMIT ?");
         args.push(limit.into());
         let rows = self.db.fetch(&sql, &args).await?;
-        let mut jobs: Vec<JobRecord> = rows.iter().map(job_from).collect::<Result<_, _>>()?;
-        let legacy: Vec<&str> = rows
+        let decoded: Vec<(JobRecord, bool)> =
+            rows.iter().map(job_from).collect::<Result<_, _>>()?;
+        let legacy: Vec<String> = decoded
             .iter()
-            .zip(&jobs)
-            .filter(|(row, _)| counted_by_rows(row).unwrap_or(false))
-            .map(|(_, job)| job.id.as_str())
+            .filter(|(_, counted_by_rows)| *counted_by_rows)
+            .map(|(job, _)| job.id.clone())
             .collect();
+        let mut jobs: Vec<JobRecord> = decoded.into_iter().map(|(job, _)| job).collect();
+        let legacy: Vec<&str> = legacy.iter().map(String::as_str).collect();
         if !legacy.is_empty() {
             let mut counted = self.count_rows(&legacy).await?;
             for job in &mut jobs {

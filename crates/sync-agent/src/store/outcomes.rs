@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use fleetsync_common::sql::{Row, Value};
+use fleetsync_common::sql::Value;
 
 use super::{InventoryCounts, Store};
 use crate::model::{Cause, Outcome};
@@ -67,28 +67,59 @@ impl RunResult {
     }
 }
 
-/// The columns `result_from` reads, in its order (both tables have them).
-const RESULT_COLUMNS: &str = "outcome, cause, message, exit_status, duration_ms, counts";
+fleetsync_common::stored_row! {
+    /// A result as `sync_runs` and `sync_job_servers` both store it (an unknown outcome or
+    /// cause is a decode error; counts still JSON text).
+    struct ResultRow {
+        outcome: Outcome,
+        cause: Option<Cause>,
+        message: Option<String>,
+        exit_status: Option<i64>,
+        duration_ms: Option<i64>,
+        counts: Option<String>,
+    }
+}
 
-/// A result from `RESULT_COLUMNS` starting at column `at`; an unknown outcome or cause is an
-/// error. `next_probe_at` is the caller's: only job rows have it.
-fn result_from(r: &Row, at: usize) -> Result<RunResult, sqlx::Error> {
-    Ok(RunResult {
-        outcome: Outcome::parse(&r.text(at)?)?,
-        cause: r
-            .opt_text(at + 1)?
-            .as_deref()
-            .map(Cause::parse)
-            .transpose()?,
-        message: r.opt_text(at + 2)?.unwrap_or_default(),
-        exit_status: r.opt_int(at + 3)?,
-        duration_ms: r.opt_int(at + 4)?.unwrap_or(0),
-        next_probe_at: None,
-        counts: r
-            .opt_text(at + 5)?
-            .map(|c| serde_json::from_str(&c).map_err(|err| sqlx::Error::Decode(Box::new(err))))
-            .transpose()?,
-    })
+/// The result columns both tables have.
+const RESULT_COLUMNS: &str = ResultRow::COLUMNS;
+
+impl TryFrom<ResultRow> for RunResult {
+    type Error = sqlx::Error;
+
+    /// `next_probe_at` is the caller's: only job rows have it.
+    fn try_from(r: ResultRow) -> Result<Self, sqlx::Error> {
+        Ok(RunResult {
+            outcome: r.outcome,
+            cause: r.cause,
+            message: r.message.unwrap_or_default(),
+            exit_status: r.exit_status,
+            duration_ms: r.duration_ms.unwrap_or(0),
+            next_probe_at: None,
+            counts: r
+                .counts
+                .map(|c| serde_json::from_str(&c).map_err(|err| sqlx::Error::Decode(Box::new(err))))
+                .transpose()?,
+        })
+    }
+}
+
+fleetsync_common::stored_row! {
+    /// A job row with an outcome, in stream order (its result follows: [`ResultRow`]).
+    struct OutcomeRow {
+        seq: i64,
+        server_id: i64,
+        server_name: String,
+        finished_at: Option<i64>,
+        next_probe_at: Option<i64>,
+    }
+}
+
+fleetsync_common::stored_row! {
+    /// A server's latest run (its result follows: [`ResultRow`]).
+    struct LatestRunRow {
+        server_id: i64,
+        finished_at: Option<i64>,
+    }
 }
 
 impl Store {
@@ -103,23 +134,25 @@ impl Store {
         self.db
             .fetch(
                 &format!(
-                    "SELECT seq, server_id, server_name, finished_at, next_probe_at, \
-                     {RESULT_COLUMNS} FROM sync_job_servers \
-                     WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?"
+                    "SELECT {}, {RESULT_COLUMNS} FROM sync_job_servers \
+                     WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                    OutcomeRow::COLUMNS
                 ),
                 &[job_id.into(), cursor.into(), limit.into()],
             )
             .await?
             .iter()
             .map(|r| {
-                let mut result = result_from(r, 5)?;
-                result.next_probe_at = r.opt_int(4)?;
+                let o = OutcomeRow::try_from(r)?;
+                let mut result =
+                    RunResult::try_from(ResultRow::read(r, OutcomeRow::COLUMN_COUNT)?)?;
+                result.next_probe_at = o.next_probe_at;
                 Ok(OutcomeRecord {
-                    seq: r.int(0)?,
-                    server_id: r.int(1)?,
-                    server_name: r.text(2)?,
+                    seq: o.seq,
+                    server_id: o.server_id,
+                    server_name: o.server_name,
                     result,
-                    finished_at: r.opt_int(3)?.unwrap_or(0),
+                    finished_at: o.finished_at.unwrap_or(0),
                 })
             })
             .collect()
@@ -174,12 +207,15 @@ impl Store {
             None => ("", Vec::new()),
         };
         let sql = format!(
-            "SELECT server_id, finished_at, {RESULT_COLUMNS} FROM sync_runs \
+            "SELECT {}, {RESULT_COLUMNS} FROM sync_runs \
              WHERE id IN (SELECT (SELECT MAX(r.id) FROM sync_runs r \
-             WHERE r.server_id = s.id{skip}) FROM servers s WHERE s.id IN $ids)"
+             WHERE r.server_id = s.id{skip}) FROM servers s WHERE s.id IN $ids)",
+            LatestRunRow::COLUMNS
         );
         for r in self.db.fetch_in(&self.sql(&sql), &before, ids).await? {
-            out.push((r.int(0)?, (result_from(&r, 2)?, r.opt_int(1)?.unwrap_or(0))));
+            let run = LatestRunRow::try_from(&r)?;
+            let result = RunResult::try_from(ResultRow::read(&r, LatestRunRow::COLUMN_COUNT)?)?;
+            out.push((run.server_id, (result, run.finished_at.unwrap_or(0))));
         }
         Ok(out)
     }

@@ -102,12 +102,36 @@ pub struct ServerRecord {
     pub zone: String,
 }
 
-pub(super) const SERVER_COLUMNS: &str = "s.id, s.name, s.ip, s.port, s.ssh_user, s.status, s.reachability, \
-    s.last_seen_at, s.consecutive_failures, s.next_probe_at, s.host_key_algorithm, \
-    s.host_key_fingerprint, s.host_key_pinned_at, s.created_at, s.updated_at, sv.name, sv.version, \
-    sv.inventory_key, s.zone";
+fleetsync_common::stored_row! {
+    /// A server's registration as stored (with its database service), before it is checked:
+    /// the columns every read of a server selects.
+    pub(super) struct ServerRow {
+        id: i64 = "s.id",
+        name: String = "s.name",
+        ip: String = "s.ip",
+        port: i64 = "s.port",
+        ssh_user: String = "s.ssh_user",
+        status: String = "s.status",
+        reachability: String = "s.reachability",
+        last_seen_at: Option<i64> = "s.last_seen_at",
+        consecutive_failures: i64 = "s.consecutive_failures",
+        next_probe_at: Option<i64> = "s.next_probe_at",
+        host_key_algorithm: Option<String> = "s.host_key_algorithm",
+        host_key_fingerprint: Option<String> = "s.host_key_fingerprint",
+        host_key_pinned_at: Option<i64> = "s.host_key_pinned_at",
+        created_at: i64 = "s.created_at",
+        updated_at: i64 = "s.updated_at",
+        service: Option<String> = "sv.name",
+        service_version: Option<String> = "sv.version",
+        inventory_key: Option<String> = "sv.inventory_key",
+        zone: String = "s.zone",
+    }
+}
+
+/// The columns of [`ServerRow`].
+pub(super) const SERVER_COLUMNS: &str = ServerRow::COLUMNS;
 /// How many columns [`SERVER_COLUMNS`] has.
-pub(super) const SERVER_COLUMN_COUNT: usize = 19;
+pub(super) const SERVER_COLUMN_COUNT: usize = ServerRow::COLUMN_COUNT;
 /// The servers with their database service: its one parameter, first of the statement, is
 /// [`service_type`].
 pub(super) const SERVER_FROM: &str =
@@ -155,7 +179,8 @@ pub type Registration = Result<ServerRecord, Unreadable>;
 /// Decodes a row of [`SERVER_COLUMNS`] for a claim: an unreadable registration is the row's
 /// own (its id is always readable: the primary key).
 pub(super) fn registration(row: &Row) -> Result<Registration, sqlx::Error> {
-    let id = row.int(0)?;
+    let row = ServerRow::try_from(row)?;
+    let id = row.id;
     Ok(ServerRecord::try_from(row).map_err(|err| Unreadable {
         id,
         reason: match err {
@@ -168,65 +193,64 @@ pub(super) fn registration(row: &Row) -> Result<Registration, sqlx::Error> {
 impl TryFrom<&Row> for ServerRecord {
     type Error = sqlx::Error;
 
-    /// The record, or a decode error that names the server (its id is the primary key, always
-    /// readable), so that a listing that meets an unreadable row says which one to mend.
-    fn try_from(r: &Row) -> Result<Self, sqlx::Error> {
-        Self::decode(r).map_err(|err| match err {
-            sqlx::Error::Decode(why) => sqlx::Error::Decode(
-                format!(
-                    "server {} ({}): {why}",
-                    r.int(0).unwrap_or_default(),
-                    r.text(1).unwrap_or_default()
-                )
-                .into(),
-            ),
-            other => other,
-        })
+    fn try_from(row: &Row) -> Result<Self, sqlx::Error> {
+        ServerRow::try_from(row)?.try_into()
     }
 }
 
-impl ServerRecord {
-    fn decode(r: &Row) -> Result<Self, sqlx::Error> {
-        let host_key = match (r.opt_text(10)?, r.opt_text(11)?) {
+impl TryFrom<ServerRow> for ServerRecord {
+    type Error = sqlx::Error;
+
+    /// The registration checked: a port out of range, or a reachability or database service
+    /// this build does not know, is a decode error that names the server (so that a listing
+    /// that meets it says which one to mend).
+    fn try_from(r: ServerRow) -> Result<Self, sqlx::Error> {
+        let unreadable = |why: String| {
+            sqlx::Error::Decode(format!("server {} ({}): {why}", r.id, r.name).into())
+        };
+        let port = u16::try_from(r.port)
+            .ok()
+            .filter(|port| *port > 0)
+            .ok_or_else(|| {
+                unreadable(format!(
+                    "servers.port {} is not a TCP port (1 to 65535)",
+                    r.port
+                ))
+            })?;
+        let reachability =
+            Reachability::parse(&r.reachability).map_err(|e| unreadable(e.to_string()))?;
+        let database_service = r
+            .service
+            .as_deref()
+            .map(DatabaseService::parse)
+            .transpose()
+            .map_err(|e| unreadable(e.to_string()))?;
+        let host_key = match (r.host_key_algorithm, r.host_key_fingerprint) {
             (Some(algorithm), Some(fingerprint)) => Some(HostKeyRecord {
                 algorithm,
                 fingerprint,
-                pinned_at: r.opt_int(12)?.unwrap_or(0),
+                pinned_at: r.host_key_pinned_at.unwrap_or(0),
             }),
             _ => None,
         };
         Ok(Self {
-            id: r.int(0)?,
-            name: r.text(1)?,
-            ip: r.text(2)?,
-            port: u16::try_from(r.int(3)?)
-                .ok()
-                .filter(|port| *port > 0)
-                .ok_or_else(|| {
-                    sqlx::Error::Decode(
-                        format!(
-                            "servers.port {} is not a TCP port (1 to 65535)",
-                            r.int(3).unwrap_or(0)
-                        )
-                        .into(),
-                    )
-                })?,
-            ssh_user: r.text(4)?,
-            status: r.text(5)?,
-            reachability: Reachability::parse(&r.text(6)?)?,
-            last_seen_at: r.opt_int(7)?,
-            consecutive_failures: r.int(8)?,
-            next_probe_at: r.opt_int(9)?,
+            id: r.id,
+            name: r.name,
+            ip: r.ip,
+            port,
+            ssh_user: r.ssh_user,
+            status: r.status,
+            reachability,
+            last_seen_at: r.last_seen_at,
+            consecutive_failures: r.consecutive_failures,
+            next_probe_at: r.next_probe_at,
             host_key,
-            created_at: r.int(13)?,
-            updated_at: r.int(14)?,
-            database_service: r
-                .opt_text(15)?
-                .map(|name| DatabaseService::parse(&name))
-                .transpose()?,
-            database_version: r.opt_text(16)?.unwrap_or_default(),
-            inventory_key: r.opt_text(17)?,
-            zone: r.text(18)?,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+            database_service,
+            database_version: r.service_version.unwrap_or_default(),
+            inventory_key: r.inventory_key,
+            zone: r.zone,
         })
     }
 }
@@ -240,19 +264,47 @@ pub struct UpsertOutcome {
     pub created: bool,
 }
 
-/// A database as last read from a server.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DatabaseRecord {
-    /// Name, byte for byte.
-    pub name: String,
-    /// Default charset, as the server reported it.
-    pub charset: Option<String>,
-    /// Default collation, as the server reported it.
-    pub collation: Option<String>,
-    /// `ready` or `gone` (or a state the panel gave it).
-    pub status: InventoryStatus,
-    /// Last seen (ms).
-    pub updated_at: i64,
+fleetsync_common::stored_row! {
+    /// A database as last read from a server (a row of `databases`).
+    pub struct DatabaseRecord {
+        /// Name, byte for byte.
+        pub name: String,
+        /// Default charset, as the server reported it.
+        pub charset: Option<String>,
+        /// Default collation, as the server reported it.
+        pub collation: Option<String> = "\"collation\"",
+        /// `ready` or `gone` (or a state the panel gave it).
+        pub status: InventoryStatus,
+        /// Last seen (ms).
+        pub updated_at: i64,
+    }
+}
+
+fleetsync_common::stored_row! {
+    /// A row of `database_users` as stored, its database list still JSON text.
+    struct UserRow {
+        username: String,
+        host: String,
+        databases: String = "\"databases\"",
+        status: InventoryStatus,
+    }
+}
+
+impl TryFrom<UserRow> for UserRecord {
+    type Error = sqlx::Error;
+
+    fn try_from(r: UserRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            databases: serde_json::from_str(&r.databases).map_err(|e| {
+                sqlx::Error::Decode(
+                    format!("database_users.databases is not a JSON list: {e}").into(),
+                )
+            })?,
+            username: r.username,
+            host: r.host,
+            status: r.status,
+        })
+    }
 }
 
 /// A database user as last read from a server.
@@ -516,47 +568,28 @@ impl Store {
         let databases = self
             .db
             .fetch(
-                &self.sql(
-                    "SELECT name, charset, \"collation\", status, updated_at FROM \"databases\" \
-                     WHERE server_id = ? ORDER BY name",
-                ),
+                &self.sql(&format!(
+                    "SELECT {} FROM \"databases\" WHERE server_id = ? ORDER BY name",
+                    DatabaseRecord::COLUMNS
+                )),
                 &[id.into()],
             )
             .await?
             .iter()
-            .map(|r| {
-                Ok(DatabaseRecord {
-                    name: r.text(0)?,
-                    charset: r.opt_text(1)?,
-                    collation: r.opt_text(2)?,
-                    status: InventoryStatus::parse(&r.text(3)?)?,
-                    updated_at: r.int(4)?,
-                })
-            })
+            .map(DatabaseRecord::try_from)
             .collect::<Result<_, sqlx::Error>>()?;
         let users = self
             .db
             .fetch(
-                &self.sql(
-                    "SELECT username, host, \"databases\", status FROM database_users \
-                     WHERE server_id = ? ORDER BY username, host",
-                ),
+                &self.sql(&format!(
+                    "SELECT {} FROM database_users WHERE server_id = ? ORDER BY username, host",
+                    UserRow::COLUMNS
+                )),
                 &[id.into()],
             )
             .await?
             .iter()
-            .map(|r| {
-                Ok(UserRecord {
-                    username: r.text(0)?,
-                    host: r.text(1)?,
-                    databases: serde_json::from_str(&r.text(2)?).map_err(|e| {
-                        sqlx::Error::Decode(
-                            format!("database_users.databases is not a JSON list: {e}").into(),
-                        )
-                    })?,
-                    status: InventoryStatus::parse(&r.text(3)?)?,
-                })
-            })
+            .map(|r| UserRow::try_from(r)?.try_into())
             .collect::<Result<_, sqlx::Error>>()?;
         Ok(Inventory {
             type_data,
