@@ -96,9 +96,10 @@ pub async fn live_agents(conn: &mut Conn) -> Result<Vec<LiveAgent>, sqlx::Error>
     let rows = conn
         .fetch(
             &format!(
-                "SELECT id, host, version, schema_version, {max}, zone, state FROM {AGENTS_TABLE} \
+                "SELECT {}, {max} FROM {AGENTS_TABLE} \
                  WHERE state <> ? AND heartbeat_at >= {now} - 2 * lease_ttl_ms \
-                 ORDER BY started_at, id"
+                 ORDER BY started_at, id",
+                AgentRow::COLUMNS
             ),
             &[AgentState::Gone.as_str().into()],
         )
@@ -106,15 +107,29 @@ pub async fn live_agents(conn: &mut Conn) -> Result<Vec<LiveAgent>, sqlx::Error>
     rows.iter().map(decode).collect()
 }
 
+fleetsync_common::stored_row! {
+    /// An agent's row of the registry as the migrator reads it; the end of its range
+    /// (`schema_max`, a column of later schemas) is read after these.
+    struct AgentRow {
+        id: String,
+        host: String,
+        version: String,
+        schema_version: i64,
+        zone: String,
+        state: AgentState,
+    }
+}
+
 fn decode(r: &Row) -> Result<LiveAgent, sqlx::Error> {
+    let a = AgentRow::try_from(r)?;
     Ok(LiveAgent {
-        id: r.text(0)?,
-        host: r.text(1)?,
-        version: r.text(2)?,
-        schema_min: r.int(3)?,
-        schema_max: r.opt_int(4)?,
-        zone: r.text(5)?,
-        state: AgentState::parse(&r.text(6)?)?,
+        schema_max: r.opt_int(AgentRow::COLUMN_COUNT)?,
+        id: a.id,
+        host: a.host,
+        version: a.version,
+        schema_min: a.schema_version,
+        zone: a.zone,
+        state: a.state,
     })
 }
 

@@ -174,6 +174,18 @@ impl Store {
     }
 }
 
+fleetsync_common::stored_row! {
+    /// A lease row as the fence reads it.
+    struct FenceRow {
+        server_id: i64,
+        token: i64,
+        holder: Option<String>,
+        expires_at: Option<i64>,
+        second_opinion_of: Option<String>,
+        second_opinion_note: Option<String>,
+    }
+}
+
 /// What the fence found on a server's lease row: token, holder, expiry, and who asked for a
 /// second opinion.
 type Held = HashMap<i64, (i64, Option<String>, Option<i64>, Option<Asked>)>;
@@ -185,23 +197,17 @@ async fn lock_leases(tx: &mut Tx, batch: &[Completion]) -> Result<Held, sqlx::Er
     sorted.sort_unstable();
     let lock = for_update(tx.backend());
     let sql = format!(
-        "SELECT server_id, token, holder, expires_at, second_opinion_of, \
-         second_opinion_note FROM server_leases \
-         WHERE server_id IN $ids ORDER BY server_id{lock}"
+        "SELECT {} FROM server_leases WHERE server_id IN $ids ORDER BY server_id{lock}",
+        FenceRow::COLUMNS
     );
     let mut held = HashMap::with_capacity(sorted.len());
     for row in tx.fetch_in(&sql, &[], &sorted).await? {
-        let asked = match row.opt_text(4)? {
-            Some(agent) => Some(Asked {
-                agent,
-                note: row.opt_text(5)?.unwrap_or_default(),
-            }),
-            None => None,
-        };
-        held.insert(
-            row.int(0)?,
-            (row.int(1)?, row.opt_text(2)?, row.opt_int(3)?, asked),
-        );
+        let r = FenceRow::try_from(&row)?;
+        let asked = r.second_opinion_of.map(|agent| Asked {
+            agent,
+            note: r.second_opinion_note.unwrap_or_default(),
+        });
+        held.insert(r.server_id, (r.token, r.holder, r.expires_at, asked));
     }
     Ok(held)
 }

@@ -51,6 +51,30 @@ struct Registration {
     zone: String,
 }
 
+fleetsync_common::stored_row! {
+    /// A server's registration as an import compares it (a row of `servers`).
+    struct StoredServer {
+        id: i64,
+        name: String,
+        ip: String,
+        port: i64,
+        ssh_user: String,
+        status: String,
+        host_key_algorithm: Option<String>,
+        host_key_fingerprint: Option<String>,
+        zone: String,
+    }
+}
+
+fleetsync_common::stored_row! {
+    /// A server's database service as an import compares it.
+    struct StoredService {
+        server_id: i64,
+        name: String,
+        version: String,
+    }
+}
+
 /// A name of the batch: as stored before it, as its specs leave it, and the host key they gave.
 struct Entry<'a> {
     stored: Option<(i64, Registration)>,
@@ -277,30 +301,32 @@ async fn stored<'a>(
     }
     let names: Vec<&str> = entries.keys().copied().collect();
     let mut by_id: HashMap<i64, &str> = HashMap::new();
-    let sql = "SELECT id, name, ip, port, ssh_user, status, host_key_algorithm, \
-               host_key_fingerprint, zone FROM servers WHERE name IN $ids";
-    for r in tx.fetch_in(sql, &[], &names).await? {
-        let name = r.text(1)?;
-        let port = r.int(3)?;
+    let sql = format!(
+        "SELECT {} FROM servers WHERE name IN $ids",
+        StoredServer::COLUMNS
+    );
+    for r in tx.fetch_in(&sql, &[], &names).await? {
+        let r = StoredServer::try_from(&r)?;
         // Names compare byte for byte on every backend (MySQL's columns are utf8mb4_bin).
-        let Some((&name, _)) = entries.get_key_value(name.as_str()) else {
+        let Some((&name, _)) = entries.get_key_value(r.name.as_str()) else {
             continue;
         };
+        let port = r.port;
         let registration = Registration {
-            ip: r.text(2)?,
+            ip: r.ip,
             port: u16::try_from(port).map_err(|_| {
                 sqlx::Error::Decode(format!("server {name:?} has port {port}").into())
             })?,
-            ssh_user: r.text(4)?,
-            status: r.text(5)?,
-            host_key: match (r.opt_text(6)?, r.opt_text(7)?) {
+            ssh_user: r.ssh_user,
+            status: r.status,
+            host_key: match (r.host_key_algorithm, r.host_key_fingerprint) {
                 (Some(algorithm), Some(fingerprint)) => Some((algorithm, fingerprint)),
                 _ => None,
             },
             service: None,
-            zone: r.text(8)?,
+            zone: r.zone,
         };
-        let id = r.int(0)?;
+        let id = r.id;
         by_id.insert(id, name);
         if let Some(entry) = entries.get_mut(name) {
             entry.stored = Some((id, registration));
@@ -308,13 +334,17 @@ async fn stored<'a>(
     }
     // Their services, by id: a join here would scan every service on PostgreSQL.
     let ids: Vec<i64> = by_id.keys().copied().collect();
-    let sql = "SELECT server_id, name, version FROM services WHERE type = ? AND server_id IN $ids";
-    for r in tx.fetch_in(sql, &[service_type()], &ids).await? {
-        let Some(entry) = by_id.get(&r.int(0)?).and_then(|n| entries.get_mut(n)) else {
+    let sql = format!(
+        "SELECT {} FROM services WHERE type = ? AND server_id IN $ids",
+        StoredService::COLUMNS
+    );
+    for r in tx.fetch_in(&sql, &[service_type()], &ids).await? {
+        let r = StoredService::try_from(&r)?;
+        let Some(entry) = by_id.get(&r.server_id).and_then(|n| entries.get_mut(n)) else {
             continue;
         };
         if let Some((_, stored)) = &mut entry.stored {
-            stored.service = Some((r.text(1)?, r.text(2)?));
+            stored.service = Some((r.name, r.version));
         }
     }
     for entry in entries.values_mut() {

@@ -91,29 +91,27 @@ pub(super) async fn write_all(
     // What is stored, for every server of the batch.
     let mut stored_databases: HashMap<i64, BTreeMap<String, StoredDatabase>> = HashMap::new();
     let mut stored_users: HashMap<i64, BTreeMap<UserKey, StoredUser>> = HashMap::new();
-    let sql = q(
-        "SELECT server_id, name, charset, \"collation\", status FROM \"databases\" \
-                 WHERE server_id IN $ids",
-    );
+    let sql = q(&format!(
+        "SELECT {} FROM \"databases\" WHERE server_id IN $ids",
+        DatabaseRow::COLUMNS
+    ));
     for row in tx.fetch_in(&sql, &[], &ids).await? {
-        stored_databases.entry(row.int(0)?).or_default().insert(
-            row.text(1)?,
-            (
-                row.opt_text(2)?,
-                row.opt_text(3)?,
-                InventoryStatus::parse(&row.text(4)?)?,
-            ),
-        );
+        let r = DatabaseRow::try_from(&row)?;
+        stored_databases
+            .entry(r.server_id)
+            .or_default()
+            .insert(r.name, (r.charset, r.collation, r.status));
     }
-    let sql = q(
-        "SELECT server_id, username, host, \"databases\", status FROM database_users \
-                 WHERE server_id IN $ids",
-    );
+    let sql = q(&format!(
+        "SELECT {} FROM database_users WHERE server_id IN $ids",
+        UserRow::COLUMNS
+    ));
     for row in tx.fetch_in(&sql, &[], &ids).await? {
-        stored_users.entry(row.int(0)?).or_default().insert(
-            (row.text(1)?, row.text(2)?),
-            (row.text(3)?, InventoryStatus::parse(&row.text(4)?)?),
-        );
+        let r = UserRow::try_from(&row)?;
+        stored_users
+            .entry(r.server_id)
+            .or_default()
+            .insert((r.username, r.host), (r.databases, r.status));
     }
 
     for (server_id, inventory) in items {
@@ -156,6 +154,29 @@ pub(super) async fn write_all(
     )
     .await?;
     Ok(all_counts)
+}
+
+fleetsync_common::stored_row! {
+    /// A database as a sync compares it (a row of `databases`).
+    struct DatabaseRow {
+        server_id: i64,
+        name: String,
+        charset: Option<String>,
+        collation: Option<String> = "\"collation\"",
+        status: InventoryStatus,
+    }
+}
+
+fleetsync_common::stored_row! {
+    /// A database user as a sync compares it (a row of `database_users`, its databases as the
+    /// stored JSON text).
+    struct UserRow {
+        server_id: i64,
+        username: String,
+        host: String,
+        databases: String = "\"databases\"",
+        status: InventoryStatus,
+    }
 }
 
 /// A stored database: charset, collation, status.
