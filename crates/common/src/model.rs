@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-use crate::{proto::sync::v1 as pb, sql::Row};
+use crate::proto::sync::v1 as pb;
 
 /// Stored text that names no known value: the database holds something this build does not
 /// know (a newer version wrote it, or someone edited a row). Refused, never guessed.
@@ -305,31 +305,15 @@ pub const SCHEMA_HISTORY_TABLE: &str = "fleetsync_schema_history";
 /// is newer than the end of its schema range.
 pub const SCHEMA_BREAKS_TABLE: &str = "fleetsync_schema_breaks";
 
-/// A sync request a migration recorded in the outbox (`sync_requests`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SyncRequest {
-    /// `migration-VERSION`: the job made from it takes this as its request id.
-    pub id: String,
-    /// What the migration asked to re-read.
-    pub scopes: Scopes,
-    /// Why, for the job's reason.
-    pub reason: String,
-}
-
-impl SyncRequest {
-    /// The columns `TryFrom<&Row>` reads, in its order.
-    pub const COLUMNS: &'static str = "id, scopes, reason";
-}
-
-impl TryFrom<&Row> for SyncRequest {
-    type Error = sqlx::Error;
-
-    fn try_from(r: &Row) -> Result<Self, sqlx::Error> {
-        Ok(Self {
-            id: r.text(0)?,
-            scopes: Scopes::parse(&r.text(1)?)?,
-            reason: r.text(2)?,
-        })
+crate::stored_row! {
+    /// A sync request a migration recorded in the outbox (`sync_requests`).
+    pub struct SyncRequest {
+        /// `migration-VERSION`: the job made from it takes this as its request id.
+        pub id: String,
+        /// What the migration asked to re-read.
+        pub scopes: Scopes,
+        /// Why, for the job's reason.
+        pub reason: String,
     }
 }
 

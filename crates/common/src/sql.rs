@@ -129,6 +129,33 @@ impl<T: crate::model::Stored> Column for Option<T> {
     }
 }
 
+/// A small row declared where its statement is: one value, or a tuple of up to four, read
+/// from the row's columns in order ([`Row::decode`]).
+pub trait FromColumns: Sized {
+    /// The values of `row`, from its first column on.
+    fn from_columns(row: &Row) -> Result<Self, sqlx::Error>;
+}
+
+impl<T: Column> FromColumns for T {
+    fn from_columns(row: &Row) -> Result<Self, sqlx::Error> {
+        T::column(row, 0)
+    }
+}
+
+macro_rules! tuple_from_columns {
+    ($($t:ident $i:tt),+) => {
+        impl<$($t: Column),+> FromColumns for ($($t,)+) {
+            fn from_columns(row: &Row) -> Result<Self, sqlx::Error> {
+                Ok(($($t::column(row, $i)?,)+))
+            }
+        }
+    };
+}
+
+tuple_from_columns!(A 0, B 1);
+tuple_from_columns!(A 0, B 1, C 2);
+tuple_from_columns!(A 0, B 1, C 2, D 3);
+
 /// A row as one statement reads it, declared once: a struct whose fields are the columns, in
 /// order, with `COLUMNS` (the select list: each field's name, or the SQL given after `=`) and
 /// `COLUMN_COUNT` (to read what a statement selects after them), and its decoding from a
@@ -213,6 +240,12 @@ fn decode_error(index: usize, expected: &str, got: &Value) -> sqlx::Error {
 }
 
 impl Row {
+    /// The row as the types its statement selects, in order: `let (state, n): (JobState, i64)
+    /// = row.decode()?` for `SELECT state, COUNT(*)`.
+    pub fn decode<T: FromColumns>(&self) -> Result<T, sqlx::Error> {
+        T::from_columns(self)
+    }
+
     fn value(&self, index: usize) -> Result<&Value, sqlx::Error> {
         self.0
             .get(index)

@@ -80,7 +80,7 @@ pub(crate) async fn table_exists(db: &Db, table: &str) -> Result<bool, sqlx::Err
     Ok(db
         .fetch_optional(table_exists_sql(db.backend()), &[table.into()])
         .await?
-        .map(|r| r.int(0))
+        .map(|row| row.decode::<i64>())
         .transpose()?
         .unwrap_or(0)
         > 0)
@@ -98,7 +98,7 @@ pub async fn check(db: &Db) -> Result<i64, SchemaError> {
             &[],
         )
         .await?
-        .map(|r| r.opt_int(0))
+        .map(|row| row.decode::<Option<i64>>())
         .transpose()?
         .flatten()
         .unwrap_or(0);
@@ -116,10 +116,11 @@ pub async fn check(db: &Db) -> Result<i64, SchemaError> {
             )
             .await?;
         if let Some(row) = first {
+            let (version, name) = row.decode()?;
             return Err(SchemaError::Stopped {
                 found,
-                version: row.int(0)?,
-                name: row.text(1)?,
+                version,
+                name,
             });
         }
     }

@@ -457,7 +457,7 @@ async fn finish_rollback(
         )
         .await?
         .iter()
-        .map(|r| r.text(0))
+        .map(fleetsync_common::sql::Row::decode)
         .collect::<Result<_, _>>()?;
     conn.execute(
         &format!("DELETE FROM {OUTBOX_TABLE} WHERE migration_version = ? AND state = ?"),

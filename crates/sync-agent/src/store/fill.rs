@@ -66,7 +66,7 @@ pub(super) async fn waiting_rows(tx: &mut Tx, fills: &[Fill<'_>]) -> Result<Wait
          WHERE outcome IS NULL AND server_id IN $ids"
     );
     for row in tx.fetch_in(&sql, &[], &ids).await? {
-        rows.push((row.text(0)?, row.int(1)?, row.text(2)?));
+        rows.push(row.decode()?);
     }
     let jobs: Vec<&str> = rows
         .iter()
@@ -83,7 +83,8 @@ pub(super) async fn waiting_rows(tx: &mut Tx, fills: &[Fill<'_>]) -> Result<Wait
         )
         .await?
     {
-        created_at.insert(row.text(0)?, row.int(1)?);
+        let (id, at): (String, i64) = row.decode()?;
+        created_at.insert(id, at);
     }
     for (job, server, name) in rows {
         let created = created_at.get(&job).copied().unwrap_or(i64::MAX);
@@ -249,8 +250,9 @@ async fn still_waiting(
     );
     let ids: Vec<i64> = candidates.iter().map(|(id, _)| *id).collect();
     for row in tx.fetch_in(&sql, &[], &ids).await? {
-        if row.text(0)? == job_id {
-            still.insert(row.int(1)?);
+        let (job, server): (String, i64) = row.decode()?;
+        if job == job_id {
+            still.insert(server);
         }
     }
     Ok(still)
@@ -275,7 +277,8 @@ async fn count_rows(tx: &mut Tx, job_id: &str) -> Result<OutcomeCounts, sqlx::Er
         )
         .await?
     {
-        counts.add(Outcome::parse(&row.text(0)?)?, row.int(1)?);
+        let (outcome, n): (Outcome, i64) = row.decode()?;
+        counts.add(outcome, n);
     }
     Ok(counts)
 }

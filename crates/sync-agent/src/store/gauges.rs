@@ -34,7 +34,7 @@ impl Store {
             )
             .await?
             .iter()
-            .map(|r| Ok((JobState::parse(&r.text(0)?)?, r.int(1)?)))
+            .map(fleetsync_common::sql::Row::decode)
             .collect::<Result<_, sqlx::Error>>()?;
         let servers = self
             .db
@@ -44,7 +44,7 @@ impl Store {
             )
             .await?
             .iter()
-            .map(|r| Ok((Reachability::parse(&r.text(0)?)?, r.int(1)?)))
+            .map(fleetsync_common::sql::Row::decode)
             .collect::<Result<_, sqlx::Error>>()?;
         let mut agents: Vec<(AgentState, i64)> = Vec::new();
         for agent in self.agents().await? {

@@ -181,7 +181,8 @@ impl Store {
             )
             .await?
         {
-            ids.insert(row.text(1)?, row.int(0)?);
+            let (id, name): (i64, String) = row.decode()?;
+            ids.insert(name, id);
         }
         // A server read above and deleted since (a DeleteServer between the read and the
         // write) was inserted again by the upsert, without its lease: start over, and the next
@@ -418,7 +419,8 @@ async fn write_servers(
             tx.execute(&sql, &args).await?;
         } else {
             for row in tx.fetch(&sql, &args).await? {
-                ids.insert(row.text(1)?, row.int(0)?);
+                let (id, name): (i64, String) = row.decode()?;
+                ids.insert(name, id);
             }
         }
     }

@@ -328,17 +328,14 @@ impl Store {
             return Ok(());
         };
         let mut differences = Vec::new();
-        let (had_scopes, had_force) = (Scopes::parse(&row.text(0)?)?, row.int(1)? != 0);
+        let (had_scopes, had_force, had): (Scopes, i64, Option<JobSelection>) = row.decode()?;
+        let had_force = had_force != 0;
         if had_scopes != job.scopes {
             differences.push(format!("scopes {} (the job has {had_scopes})", job.scopes));
         }
         if had_force != job.force {
             differences.push(format!("force {} (the job has {had_force})", job.force));
         }
-        let had = row
-            .opt_text(2)?
-            .map(|s| JobSelection::parse(&s))
-            .transpose()?;
         match (had, &job.selection) {
             (Some(JobSelection::Ids), Selection::All) => {
                 differences.push("all servers (the job has a list of servers)".into());
@@ -355,7 +352,7 @@ impl Store {
                     )
                     .await?
                     .iter()
-                    .map(|r| r.int(0))
+                    .map(Row::decode)
                     .collect::<Result<_, _>>()?;
                 if had != *ids {
                     differences.push(format!(
@@ -393,7 +390,7 @@ impl Store {
                 &[request_id.into()],
             )
             .await?
-            .map(|row| row.text(0))
+            .map(|row| row.decode())
             .transpose()
     }
 
@@ -430,10 +427,8 @@ impl Store {
             )
             .await?;
         for row in rows {
-            by_job
-                .entry(row.text(0)?)
-                .or_default()
-                .add(Outcome::parse(&row.text(1)?)?, row.int(2)?);
+            let (job, outcome, n): (String, Outcome, i64) = row.decode()?;
+            by_job.entry(job).or_default().add(outcome, n);
         }
         Ok(by_job
             .into_iter()

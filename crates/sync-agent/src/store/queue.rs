@@ -110,7 +110,7 @@ impl Store {
             )
             .await?
             .iter()
-            .map(|r| r.int(0))
+            .map(fleetsync_common::sql::Row::decode)
             .collect::<Result<_, _>>()?;
         let claims = take_leases(&mut tx, &ids, holder, ttl_ms, now).await?;
         let mut servers = servers_for_run(&mut tx, &ids).await?;
@@ -346,9 +346,10 @@ pub(super) async fn take_leases(
     .await?;
     let sql = "SELECT server_id, token FROM server_leases WHERE server_id IN $ids";
     for row in tx.fetch_in(sql, &[], ids).await? {
+        let (server_id, token) = row.decode()?;
         claims.push(Claim {
-            server_id: row.int(0)?,
-            token: row.int(1)?,
+            server_id,
+            token,
             claimed_at: now,
         });
     }

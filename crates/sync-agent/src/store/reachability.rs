@@ -61,7 +61,7 @@ impl Store {
             )
             .await?
             .iter()
-            .map(|r| r.int(0))
+            .map(fleetsync_common::sql::Row::decode)
             .collect::<Result<_, _>>()?;
         let claims = take_leases(&mut tx, &ids, holder, ttl_ms, now).await?;
         let mut servers = std::collections::HashMap::new();
@@ -112,9 +112,10 @@ impl Store {
                 .await?;
             let held = match &held {
                 Some(row) => {
-                    row.int(0)? == claim.token
-                        && row.opt_text(1)?.as_deref() == Some(holder)
-                        && row.opt_int(2)?.is_some_and(|e| e >= now)
+                    let (token, by, expires): (i64, Option<String>, Option<i64>) = row.decode()?;
+                    token == claim.token
+                        && by.as_deref() == Some(holder)
+                        && expires.is_some_and(|e| e >= now)
                 }
                 None => false,
             };

@@ -63,7 +63,7 @@ impl Store {
                 )
                 .await?
                 .iter()
-                .map(|r| r.text(0))
+                .map(fleetsync_common::sql::Row::decode)
                 .collect::<Result<_, _>>()?;
             if ids.is_empty() {
                 break;
@@ -136,7 +136,7 @@ impl Store {
             )
             .await?
             .iter()
-            .map(|r| r.int(0))
+            .map(fleetsync_common::sql::Row::decode)
             .collect::<Result<_, _>>()?;
         for server_id in orphans {
             let mut tx = self.db.begin().await?;

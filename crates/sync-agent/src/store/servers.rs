@@ -556,7 +556,7 @@ impl Store {
                 &[id.into(), service_type()],
             )
             .await?
-            .map(|r| r.opt_text(0))
+            .map(|row| row.decode::<Option<String>>())
             .transpose()?
             .flatten()
             .map(|text| {
