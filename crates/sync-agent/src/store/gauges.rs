@@ -55,7 +55,7 @@ impl Store {
         }
         let count = |sql: &'static str, args: Vec<Value>| async move {
             let row = self.db.fetch_optional(sql, &args).await?;
-            row.map_or(Ok(0), |r| r.int(0))
+            row.map_or(Ok(0), |r| r.decode())
         };
         Ok(FleetGauges {
             jobs,

@@ -453,7 +453,7 @@ impl Store {
                 &[server.into(), bound.into()],
             )
             .await?
-            .map_or(Ok(0), |r| r.int(0))?;
+            .map_or(Ok(0), |r| r.decode())?;
         Ok(rows >= bound)
     }
 
@@ -525,7 +525,7 @@ async fn missing_ids(tx: &mut Tx, ids: &[i64]) -> Result<Vec<i64>, sqlx::Error> 
         .fetch_in("SELECT id FROM servers WHERE id IN $ids", &[], ids)
         .await?
     {
-        found.insert(row.int(0)?);
+        found.insert(row.decode::<i64>()?);
     }
     Ok(ids
         .iter()

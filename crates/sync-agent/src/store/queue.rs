@@ -14,7 +14,7 @@ use fleetsync_common::{
 };
 
 use super::{
-    CHUNK, Registration, Store, list,
+    CHUNK, Registration, Store, Unreadable, list,
     servers::{SERVER_COLUMN_COUNT, SERVER_COLUMNS, SERVER_FROM, registration, service_type},
 };
 
@@ -225,12 +225,12 @@ impl Store {
             args.extend(chunk.iter().map(|&id| Value::Int(id)));
             let mut ids = Vec::with_capacity(chunk.len());
             for row in tx.fetch(&live(skip), &args).await? {
-                ids.push(row.int(0)?);
+                ids.push(row.decode()?);
             }
             if ids.len() < chunk.len() && self.backend() != Backend::Sqlite {
                 // Which of the others are ours but locked (a plain read does not wait).
                 for row in tx.fetch(&live(""), &args).await? {
-                    let id = row.int(0)?;
+                    let id: i64 = row.decode()?;
                     if ids.binary_search(&id).is_err() {
                         renewal.busy.push(id);
                     }
@@ -371,8 +371,10 @@ async fn servers_for_run(
          WHERE s.id IN $ids"
     );
     for row in tx.fetch_in(&sql, &[service_type()], ids).await? {
+        // The one column the statement selects after the declared server row.
         let forced = row.int(SERVER_COLUMN_COUNT)? > 0;
-        out.insert(row.int(0)?, (registration(&row)?, forced));
+        let registration = registration(&row)?;
+        out.insert(Unreadable::id_of(&registration), (registration, forced));
     }
     Ok(out)
 }

@@ -5,7 +5,7 @@
 use fleetsync_common::{Backend, sql::Tx};
 
 use super::{
-    Registration, Store,
+    Registration, Store, Unreadable,
     queue::{Claim, WaitMark, db_now, release_leases, take_leases},
     servers::{SERVER_COLUMNS, SERVER_FROM, registration, service_type},
 };
@@ -67,7 +67,8 @@ impl Store {
         let mut servers = std::collections::HashMap::new();
         let sql = format!("SELECT {SERVER_COLUMNS} FROM {SERVER_FROM} WHERE s.id IN $ids");
         for row in tx.fetch_in(&sql, &[service_type()], &ids).await? {
-            servers.insert(row.int(0)?, registration(&row)?);
+            let registration = registration(&row)?;
+            servers.insert(Unreadable::id_of(&registration), registration);
         }
         tx.commit().await?;
         Ok(claims

@@ -180,7 +180,7 @@ impl Store {
             // Still this old when deleted: a row whose time moved on meanwhile is kept.
             let mut args = with_filter(vec![first.int(1)?.into(), last.int(1)?.into()]);
             for row in &rows {
-                args.push(Value::Int(row.int(0)?));
+                args.push(Value::Int(row.decode()?));
             }
             deleted += self
                 .db

@@ -190,6 +190,16 @@ pub(super) fn registration(row: &Row) -> Result<Registration, sqlx::Error> {
     }))
 }
 
+impl Unreadable {
+    /// The server of a registration, readable or not.
+    pub fn id_of(registration: &Registration) -> i64 {
+        match registration {
+            Ok(server) => server.id,
+            Err(unreadable) => unreadable.id,
+        }
+    }
+}
+
 impl TryFrom<&Row> for ServerRecord {
     type Error = sqlx::Error;
 
