@@ -23,6 +23,29 @@ pub use db::TestDb;
 pub use fleet::{SshFleet, SshHost};
 pub use services::{TestAgent, TestMigrator};
 
+/// One test per backend of a scenario `async fn(Backend)`: `per_backend!(name => scenario);`
+/// makes the tests `name::sqlite`, `name::postgres` and `name::mariadb`;
+/// `per_backend!(name => scenario; postgres, mariadb);` only those named.
+#[macro_export]
+macro_rules! per_backend {
+    (@variant sqlite) => { fleetsync_common::Backend::Sqlite };
+    (@variant postgres) => { fleetsync_common::Backend::Postgres };
+    (@variant mariadb) => { fleetsync_common::Backend::MySql };
+    ($name:ident => $scenario:ident) => {
+        $crate::per_backend!($name => $scenario; sqlite, postgres, mariadb);
+    };
+    ($name:ident => $scenario:ident; $($backend:ident),+) => {
+        mod $name {
+            $(
+                #[tokio::test]
+                async fn $backend() {
+                    super::$scenario($crate::per_backend!(@variant $backend)).await;
+                }
+            )+
+        }
+    };
+}
+
 /// Installs a test log subscriber when `TEST_LOG` is set (tests are silent otherwise).
 pub fn init_test_log() {
     if std::env::var_os("TEST_LOG").is_some() {

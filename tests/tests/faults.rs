@@ -255,20 +255,7 @@ async fn every_fault(backend: Backend) {
     agent.service.stop().await.expect("clean stop");
 }
 
-#[tokio::test]
-async fn every_fault_yields_its_outcome_sqlite() {
-    every_fault(Backend::Sqlite).await;
-}
-
-#[tokio::test]
-async fn every_fault_yields_its_outcome_postgres() {
-    every_fault(Backend::Postgres).await;
-}
-
-#[tokio::test]
-async fn every_fault_yields_its_outcome_mariadb() {
-    every_fault(Backend::MySql).await;
-}
+fleetsync_tests::per_backend!(every_fault_yields_its_outcome => every_fault);
 
 #[tokio::test]
 async fn output_over_the_cap_is_a_parse_failure_and_a_hung_probe_a_command_failure() {

@@ -140,15 +140,7 @@ async fn a_lock_on_every_server_discards_no_run(backend: Backend) {
     agent.service.stop().await.expect("clean stop");
 }
 
-#[tokio::test]
-async fn a_lock_on_every_server_for_three_ttls_discards_no_run_on_postgres() {
-    a_lock_on_every_server_discards_no_run(Backend::Postgres).await;
-}
-
-#[tokio::test]
-async fn a_lock_on_every_server_for_three_ttls_discards_no_run_on_mariadb() {
-    a_lock_on_every_server_discards_no_run(Backend::MySql).await;
-}
+fleetsync_tests::per_backend!(a_lock_on_every_server_for_three_ttls_discards_no_run => a_lock_on_every_server_discards_no_run; postgres, mariadb);
 
 /// Every connection runs under its session limits (read back from the server), and a statement
 /// cut short by one is transient: tried again, never taken for a permanent failure (a good run

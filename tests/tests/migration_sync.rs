@@ -187,20 +187,7 @@ async fn migration_with_half_the_fleet_offline(backend: Backend) {
     agent.service.stop().await.expect("clean stop");
 }
 
-#[tokio::test]
-async fn migration_with_half_the_fleet_offline_sqlite() {
-    migration_with_half_the_fleet_offline(Backend::Sqlite).await;
-}
-
-#[tokio::test]
-async fn migration_with_half_the_fleet_offline_postgres() {
-    migration_with_half_the_fleet_offline(Backend::Postgres).await;
-}
-
-#[tokio::test]
-async fn migration_with_half_the_fleet_offline_mariadb() {
-    migration_with_half_the_fleet_offline(Backend::MySql).await;
-}
+fleetsync_tests::per_backend!(migration_with_half_the_fleet_offline => migration_with_half_the_fleet_offline);
 
 #[tokio::test]
 async fn migrate_hands_its_request_to_a_running_agent() {

@@ -77,20 +77,7 @@ async fn fresh_run(backend: Backend) {
     assert_eq!(plan["migrations"].as_array().map(Vec::len), Some(0));
 }
 
-#[tokio::test]
-async fn fresh_database_sqlite() {
-    fresh_run(Backend::Sqlite).await;
-}
-
-#[tokio::test]
-async fn fresh_database_postgres() {
-    fresh_run(Backend::Postgres).await;
-}
-
-#[tokio::test]
-async fn fresh_database_mariadb() {
-    fresh_run(Backend::MySql).await;
-}
+fleetsync_tests::per_backend!(fresh_database => fresh_run);
 
 /// Kills `migrate` (SIGKILL) at every crash point in turn; after each, a plain `migrate`
 /// completes and the catalog equals a clean run's.
@@ -141,20 +128,7 @@ async fn crash_anywhere(backend: Backend) {
     assert!(checked >= 26, "only {checked} crash points");
 }
 
-#[tokio::test]
-async fn crash_at_every_point_sqlite() {
-    crash_anywhere(Backend::Sqlite).await;
-}
-
-#[tokio::test]
-async fn crash_at_every_point_postgres() {
-    crash_anywhere(Backend::Postgres).await;
-}
-
-#[tokio::test]
-async fn crash_at_every_point_mariadb() {
-    crash_anywhere(Backend::MySql).await;
-}
+fleetsync_tests::per_backend!(crash_at_every_point => crash_anywhere);
 
 fn set(migrations: &[(i64, &str, &str)]) -> MigrationSet {
     MigrationSet::new(
@@ -580,20 +554,7 @@ async fn incident(backend: Backend) {
     );
 }
 
-#[tokio::test]
-async fn incident_replay_sqlite() {
-    incident(Backend::Sqlite).await;
-}
-
-#[tokio::test]
-async fn incident_replay_postgres() {
-    incident(Backend::Postgres).await;
-}
-
-#[tokio::test]
-async fn incident_replay_mariadb() {
-    incident(Backend::MySql).await;
-}
+fleetsync_tests::per_backend!(incident_replay => incident);
 
 /// The migrator that is shipped has no test hooks: only `migrator-crash` (built with the
 /// `crash-points` feature, which nothing in the workspace turns on) knows `--crash-at`, so

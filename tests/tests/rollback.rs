@@ -150,20 +150,7 @@ async fn crash_anywhere_on_the_way_down(backend: Backend) {
     assert!(checked >= 50, "only {checked} crash points");
 }
 
-#[tokio::test]
-async fn crash_at_every_point_of_the_way_down_sqlite() {
-    crash_anywhere_on_the_way_down(Backend::Sqlite).await;
-}
-
-#[tokio::test]
-async fn crash_at_every_point_of_the_way_down_postgres() {
-    crash_anywhere_on_the_way_down(Backend::Postgres).await;
-}
-
-#[tokio::test]
-async fn crash_at_every_point_of_the_way_down_mariadb() {
-    crash_anywhere_on_the_way_down(Backend::MySql).await;
-}
+fleetsync_tests::per_backend!(crash_at_every_point_of_the_way_down => crash_anywhere_on_the_way_down);
 
 /// The demo's kind of data (servers, a database service, databases and users) at the latest
 /// version; refused and planned ways down; down to the incident's version and to the first,
@@ -410,20 +397,7 @@ async fn up_down_up(backend: Backend) {
     assert_eq!(dump(&db).await, fresh_catalog);
 }
 
-#[tokio::test]
-async fn up_down_and_up_again_is_a_fresh_install_sqlite() {
-    up_down_up(Backend::Sqlite).await;
-}
-
-#[tokio::test]
-async fn up_down_and_up_again_is_a_fresh_install_postgres() {
-    up_down_up(Backend::Postgres).await;
-}
-
-#[tokio::test]
-async fn up_down_and_up_again_is_a_fresh_install_mariadb() {
-    up_down_up(Backend::MySql).await;
-}
+fleetsync_tests::per_backend!(up_down_and_up_again_is_a_fresh_install => up_down_up);
 
 /// A request an agent took stays (it is history); the migration applied again records a new
 /// one, which the agent does not take for the old job.
