@@ -20,10 +20,10 @@ use fleetsync_common::sql::{Tx, Value, is_lock_timeout, retry};
 use crate::model::{Cause, Reachability, Scopes};
 
 use super::{
-    CHUNK, InventoryWrite, OUTCOMES_CHANNEL, RunResult, Store,
+    CHUNK, InventoryWrite, OUTCOMES_CHANNEL, RunResult, Store, db_now,
     fill::{Fill, fill, waiting_rows},
     for_update, inventory, list, notify,
-    queue::{Claim, WaitMark, db_now, release_leases},
+    queue::{Claim, WaitMark, release_leases},
     reachability::mark_online,
     rows,
 };

@@ -18,7 +18,7 @@ use fleetsync_common::{
 
 use crate::model::{Cause, JobState, Outcome};
 
-use super::{OUTCOMES_CHANNEL, OutcomeCounts, RunResult, for_update, notify, queue::db_now, rows};
+use super::{OUTCOMES_CHANNEL, OutcomeCounts, RunResult, db_now, for_update, notify, rows};
 
 /// One server's outcome to give to the job rows waiting for it.
 pub(super) struct Fill<'a> {

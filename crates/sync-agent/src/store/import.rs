@@ -12,9 +12,10 @@ use fleetsync_common::{
 
 use super::{
     Store, rows,
-    servers::{ServerSpec, service_type},
+    servers::ServerSpec,
+    services::{service_type, version_kept, write_services},
 };
-use crate::{model::ServiceStatus, ssh::HostKeyInfo};
+use crate::ssh::HostKeyInfo;
 
 /// What registering one spec did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -427,80 +428,6 @@ async fn write_servers(
     Ok(ids)
 }
 
-/// Sets the database service of each server in `changes` (its id and the service's name and
-/// version, `None` for no service). A service of another kind starts afresh: the charsets and
-/// the inventory key read from the old one are dropped.
-pub(super) async fn write_services(
-    tx: &mut Tx,
-    now: i64,
-    changes: &[(i64, Option<(&str, &str)>)],
-) -> Result<(), sqlx::Error> {
-    let gone: Vec<i64> = changes
-        .iter()
-        .filter(|(_, s)| s.is_none())
-        .map(|(id, _)| *id)
-        .collect();
-    tx.execute_in(
-        "DELETE FROM services WHERE type = ? AND server_id IN $ids",
-        &[service_type()],
-        &gone,
-    )
-    .await?;
-    let set: Vec<(i64, (&str, &str))> = changes
-        .iter()
-        .filter_map(|(id, s)| s.map(|s| (*id, s)))
-        .collect();
-    let upsert = match tx.backend() {
-        Backend::MySql => {
-            "ON DUPLICATE KEY UPDATE \
-             type_data = CASE WHEN name = VALUES(name) THEN type_data END, \
-             inventory_key = CASE WHEN name = VALUES(name) THEN inventory_key END, \
-             name = VALUES(name), version = VALUES(version), updated_at = VALUES(updated_at)"
-        }
-        _ => {
-            "ON CONFLICT (server_id, type) DO UPDATE SET \
-             type_data = CASE WHEN services.name = excluded.name THEN services.type_data END, \
-             inventory_key = CASE WHEN services.name = excluded.name \
-               THEN services.inventory_key END, \
-             name = excluded.name, version = excluded.version, updated_at = excluded.updated_at"
-        }
-    };
-    for chunk in set.chunks(ROWS) {
-        let mut args: Vec<Value> = Vec::with_capacity(chunk.len() * 7);
-        for (id, (name, version)) in chunk {
-            args.extend([
-                (*id).into(),
-                service_type(),
-                (*name).into(),
-                (*version).into(),
-                ServiceStatus::Ready.as_str().into(),
-                now.into(),
-                now.into(),
-            ]);
-        }
-        tx.execute(
-            &format!(
-                "INSERT INTO services (server_id, type, name, version, status, created_at, \
-                 updated_at) VALUES {} {upsert}",
-                rows(chunk.len(), 7)
-            ),
-            &args,
-        )
-        .await?;
-    }
-    Ok(())
-}
-
-/// Whether a registered service `given` version leaves the `stored` one as it is: when it says
-/// nothing, or the same, or less of it (a panel's "10.11" for the "10.11.19-MariaDB" a sync read
-/// from the server since). So registering a fleet again does not undo what its syncs learnt.
-pub(super) fn version_kept(given: &str, stored: &str) -> bool {
-    given.is_empty()
-        || stored
-            .strip_prefix(given)
-            .is_some_and(|rest| !rest.starts_with(|c: char| c.is_ascii_digit()))
-}
-
 /// A unique violation means a concurrent call inserted the same key, a foreign key one that it
 /// deleted the server: a conflict, retried (the next attempt reads the rows as they are now).
 fn conflict_if_taken(err: sqlx::Error, what: &str) -> ServiceError {
@@ -510,21 +437,5 @@ fn conflict_if_taken(err: sqlx::Error, what: &str) -> ServiceError {
         ServiceError::Aborted(what.to_owned())
     } else {
         err.into()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::version_kept;
-
-    #[test]
-    fn a_registered_version_stands_for_the_precise_one_a_sync_read() {
-        assert!(version_kept("", "10.11.19-MariaDB"));
-        assert!(version_kept("10.11", "10.11.19-MariaDB"));
-        assert!(version_kept("10.11.19-MariaDB", "10.11.19-MariaDB"));
-        assert!(version_kept("16", "16.4"));
-        assert!(!version_kept("10.1", "10.11.19-MariaDB"));
-        assert!(!version_kept("10.6", "10.11.19-MariaDB"));
-        assert!(!version_kept("10.11", ""));
     }
 }

@@ -22,6 +22,7 @@ mod queue;
 mod reachability;
 mod retention;
 mod servers;
+mod services;
 
 use std::borrow::Cow;
 
@@ -103,6 +104,15 @@ pub(crate) fn rows(n: usize, columns: usize) -> String {
 
 /// `(?, ?, ?)` with `n` placeholders.
 pub(crate) use fleetsync_common::sql::in_list as list;
+
+/// The database's clock now, read inside the transaction (one value for a whole batch).
+pub(super) async fn db_now(tx: &mut Tx) -> Result<i64, sqlx::Error> {
+    let sql = format!("SELECT {}", fleetsync_common::sql::now_ms_sql(tx.backend()));
+    tx.fetch_optional(&sql, &[])
+        .await?
+        .ok_or(sqlx::Error::RowNotFound)?
+        .int(0)
+}
 
 /// Largest id list per statement.
 pub(super) const CHUNK: usize = fleetsync_common::sql::IN_CHUNK;

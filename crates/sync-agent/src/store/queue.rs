@@ -10,12 +10,13 @@
 
 use fleetsync_common::{
     Backend, ServiceError,
-    sql::{Tx, Value, is_unique_violation, now_ms_sql, retry},
+    sql::{Tx, Value, is_unique_violation, retry},
 };
 
 use super::{
-    CHUNK, Registration, Store, Unreadable, list,
-    servers::{SERVER_COLUMN_COUNT, SERVER_COLUMNS, SERVER_FROM, registration, service_type},
+    CHUNK, Registration, Store, Unreadable, db_now, list,
+    servers::{SERVER_COLUMN_COUNT, SERVER_COLUMNS, SERVER_FROM, registration},
+    services::service_type,
 };
 
 /// A lease this agent holds on one server.
@@ -62,15 +63,6 @@ fn skip_locked(backend: Backend) -> &'static str {
         Backend::Sqlite => "",
         _ => " FOR UPDATE SKIP LOCKED",
     }
-}
-
-/// The database's clock now, read inside the transaction (one value for a whole batch).
-pub(super) async fn db_now(tx: &mut Tx) -> Result<i64, sqlx::Error> {
-    let sql = format!("SELECT {}", now_ms_sql(tx.backend()));
-    tx.fetch_optional(&sql, &[])
-        .await?
-        .ok_or(sqlx::Error::RowNotFound)?
-        .int(0)
 }
 
 impl Store {

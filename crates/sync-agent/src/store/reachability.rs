@@ -5,9 +5,10 @@
 use fleetsync_common::{Backend, sql::Tx};
 
 use super::{
-    Registration, Store, Unreadable,
-    queue::{Claim, WaitMark, db_now, release_leases, take_leases},
-    servers::{SERVER_COLUMNS, SERVER_FROM, registration, service_type},
+    Registration, Store, Unreadable, db_now,
+    queue::{Claim, WaitMark, release_leases, take_leases},
+    servers::{SERVER_COLUMNS, SERVER_FROM, registration},
+    services::service_type,
 };
 use crate::model::Reachability;
 

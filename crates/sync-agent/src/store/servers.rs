@@ -7,10 +7,11 @@ use fleetsync_common::{
 };
 
 use crate::{
-    model::{InventoryStatus, Reachability, ServiceType},
+    model::{InventoryStatus, Reachability},
     ssh::HostKeyInfo,
 };
 
+use super::services::{service_type, version_kept, write_services};
 use super::{Registered, Store};
 
 fleetsync_common::stored_enum! {
@@ -136,11 +137,6 @@ pub(super) const SERVER_COLUMN_COUNT: usize = ServerRow::COLUMN_COUNT;
 /// [`service_type`].
 pub(super) const SERVER_FROM: &str =
     "servers s LEFT JOIN services sv ON sv.server_id = s.id AND sv.type = ?";
-
-/// The argument of [`SERVER_FROM`] (and of every `services.type` the agent selects).
-pub(super) fn service_type() -> Value {
-    ServiceType::Database.as_str().into()
-}
 
 impl ServerRecord {
     /// The pinned host key, as the SSH check wants it.
@@ -491,13 +487,13 @@ impl Store {
             .map(|s| (s.as_str(), spec.database_version.as_str()));
         let kept = match (&stored, wanted) {
             (Some((name, version)), Some((wanted, given))) => {
-                name == wanted && super::import::version_kept(given, version)
+                name == wanted && version_kept(given, version)
             }
             (None, None) => true,
             _ => false,
         };
         if !kept {
-            super::import::write_services(&mut tx, now, &[(id, wanted)]).await?;
+            write_services(&mut tx, now, &[(id, wanted)]).await?;
         }
         tx.commit().await?;
         Ok(id)
