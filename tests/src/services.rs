@@ -378,6 +378,21 @@ impl ServeProcess {
             .status()
     }
 
+    /// Waits (at most `within`) until the `fleetsync.sync.v1.Work` health says `status`.
+    pub async fn wait_for_work_health(
+        &self,
+        status: tonic_health::pb::health_check_response::ServingStatus,
+        within: Duration,
+    ) {
+        crate::poll_until(&format!("Work health {status:?}"), within, || async {
+            match self.work_health().await {
+                now if now == status => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await;
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -676,13 +676,9 @@ async fn an_agent_stands_down_while_the_schema_is_below_its_range_and_serves_aga
     )
     .await;
     ok(&run, "down below the agent's range");
-    fleetsync_tests::poll_until("the agent stands down", Duration::from_secs(20), || async {
-        match agent.work_health().await {
-            ServingStatus::NotServing => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    agent
+        .wait_for_work_health(ServingStatus::NotServing, Duration::from_secs(20))
+        .await;
     let log = agent.log();
     assert!(
         log.contains("the schema is outside this agent's range"),
@@ -726,17 +722,9 @@ async fn an_agent_stands_down_while_the_schema_is_below_its_range_and_serves_aga
         &migrator(db.url(), &["migrate", "--no-dispatch"]).await,
         "up again",
     );
-    fleetsync_tests::poll_until(
-        "the agent serves again",
-        Duration::from_secs(20),
-        || async {
-            match agent.work_health().await {
-                ServingStatus::Serving => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        },
-    )
-    .await;
+    agent
+        .wait_for_work_health(ServingStatus::Serving, Duration::from_secs(20))
+        .await;
     assert!(agent.log().contains("inside this agent's range again"));
     let registry =
         format!("SELECT COUNT(*) FROM sync_agents WHERE id = '{id}' AND state = 'serving'");
