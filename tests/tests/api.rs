@@ -261,7 +261,7 @@ async fn malformed_and_hostile_requests_get_the_right_status() {
         (
             "a negative id",
             Code::InvalidArgument,
-            "-5 is not a server id",
+            "must be a positive server id, got -5",
             refused(start(StartSyncRequest {
                 server_ids: vec![-5],
                 ..Default::default()

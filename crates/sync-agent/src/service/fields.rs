@@ -3,7 +3,8 @@
 
 use fleetsync_common::ServiceError;
 
-/// A positive server id.
+/// A positive server id: the one check of a server id given in a request, whatever the RPC
+/// (Fleet's `id`, `CheckConnection`'s `server_id`, each of `StartSync`'s `server_ids`).
 pub fn id(value: i64, field: &'static str) -> Result<i64, ServiceError> {
     if value <= 0 {
         return Err(ServiceError::invalid(

@@ -368,14 +368,7 @@ impl SyncAgent for SyncAgentService {
         &self,
         request: Request<CheckConnectionRequest>,
     ) -> Result<Response<CheckConnectionResponse>, Status> {
-        let server_id = request.into_inner().server_id;
-        if server_id <= 0 {
-            return Err(ServiceError::invalid(
-                "server_id",
-                format!("must be a positive server id, got {server_id}"),
-            )
-            .into());
-        }
+        let server_id = super::fields::id(request.into_inner().server_id, "server_id")?;
         let _permit = Arc::clone(&self.state.checks)
             .try_acquire_owned()
             .map_err(|_| {

@@ -9,7 +9,7 @@ use fleetsync_common::{
     proto::sync::v1::{self as pb, ListJobsRequest, StartSyncRequest},
 };
 
-use super::fields::{free_text, optional_enum, page_size, text};
+use super::fields::{free_text, id, optional_enum, page_size, text};
 use crate::{
     model::{JobOrigin, JobState, Scope, Scopes},
     store::{JobFilter, NewJob, Selection},
@@ -69,13 +69,11 @@ pub fn validate_start(request: StartSyncRequest) -> Result<Start, ServiceError> 
                     ),
                 ));
             }
-            if let Some(bad) = request.server_ids.iter().find(|id| **id <= 0) {
-                return Err(ServiceError::invalid(
-                    "server_ids",
-                    format!("{bad} is not a server id"),
-                ));
-            }
-            let unique: BTreeSet<i64> = request.server_ids.iter().copied().collect();
+            let unique: BTreeSet<i64> = request
+                .server_ids
+                .iter()
+                .map(|value| id(*value, "server_ids"))
+                .collect::<Result<_, _>>()?;
             Selection::Ids(unique.into_iter().collect())
         }
     };
@@ -136,15 +134,10 @@ pub fn validate_list(request: &ListJobsRequest) -> Result<ListQuery, ServiceErro
         pb::JobState::Running => Some(JobState::Running),
         pb::JobState::Done => Some(JobState::Done),
     })?;
+    // ListJobs' server filter: 0 is none.
     let server_id = match request.server_id {
         0 => None,
-        id if id < 0 => {
-            return Err(ServiceError::invalid(
-                "server_id",
-                format!("{id} is not a server id"),
-            ));
-        }
-        id => Some(id),
+        value => Some(id(value, "server_id")?),
     };
     let millis = |field: &'static str, t: &Option<prost_types::Timestamp>| match t {
         None => Ok(None),
@@ -256,7 +249,7 @@ mod tests {
                 server_ids: vec![0],
                 ..request()
             })
-            .contains("0 is not a server id")
+            .contains("must be a positive server id, got 0")
         );
         assert!(
             field(StartSyncRequest {
