@@ -753,3 +753,75 @@ async fn an_agent_stands_down_while_the_schema_is_below_its_range_and_serves_aga
         .collect();
     assert!(failed.is_empty(), "{failed:#?}");
 }
+
+/// A migration interrupted on its way up on MariaDB (statements journaled, the rest not run)
+/// is rolled back with the catalog asked before each reverse statement: only what took effect
+/// is undone, and the catalog equals a fresh migration to the target; up again, a fresh
+/// install's.
+#[tokio::test]
+async fn a_migration_interrupted_on_its_way_up_rolls_back_on_mariadb() {
+    let backend = Backend::MySql;
+    let reachability = "20250301000001";
+    let below = "20250215120213";
+    let fresh_below = TestDb::create(backend).await;
+    ok(
+        &migrator(
+            fresh_below.url(),
+            &["migrate", "--no-dispatch", "--target", below],
+        )
+        .await,
+        "fresh to the target",
+    );
+    let fresh = TestDb::create(backend).await;
+    ok(
+        &migrator(fresh.url(), &["migrate", "--no-dispatch"]).await,
+        "fresh",
+    );
+
+    let db = TestDb::create(backend).await;
+    // Three of the seven columns added, the third not yet journaled.
+    let crashed = migrator_crash(
+        db.url(),
+        &[
+            "migrate",
+            "--no-dispatch",
+            "--crash-at",
+            &format!("{reachability}:3"),
+        ],
+    )
+    .await;
+    assert!(crashed.killed(), "{}{}", crashed.stdout, crashed.stderr);
+    let status = json(&migrator(db.url(), &["status", "-o", "json"]).await);
+    let partial = status["migrations"]
+        .as_array()
+        .expect("migrations")
+        .iter()
+        .find(|m| m["version"].as_i64() == reachability.parse().ok())
+        .expect("the migration");
+    assert_eq!(partial["state"], "partial", "{partial}");
+
+    let run = migrator(
+        db.url(),
+        &[
+            "migrate",
+            "--no-dispatch",
+            "--target",
+            below,
+            "--allow-data-loss",
+        ],
+    )
+    .await;
+    ok(&run, "the way down past the partial migration");
+    assert!(
+        run.stdout.contains(&format!("rolled back {reachability}")),
+        "{}",
+        run.stdout
+    );
+    let conn = db.connect().await;
+    assert_eq!(dump(&conn).await, dump(&fresh_below.connect().await).await);
+    ok(
+        &migrator(db.url(), &["migrate", "--no-dispatch"]).await,
+        "up again",
+    );
+    assert_eq!(dump(&conn).await, dump(&fresh.connect().await).await);
+}
