@@ -6,7 +6,7 @@
 
 use std::collections::BTreeSet;
 
-use fleetsync_common::{Backend, Db};
+use fleetsync_common::{Backend, Db, ServerId};
 use fleetsync_sync_agent::{
     model::{JobOrigin, JobState, Outcome, Scopes},
     store::{Claim, Completion, NewJob, Reach, Recorded, RunResult, Selection, Store},
@@ -44,10 +44,10 @@ async fn new_job(store: &Store, request_id: &str, reason: &str) -> String {
     job.id
 }
 
-async fn server_ids(conn: &Db) -> Vec<i64> {
+async fn server_ids(conn: &Db) -> Vec<ServerId> {
     let n = count(conn, "SELECT COUNT(*) FROM servers").await;
     let first = count(conn, "SELECT MIN(id) FROM servers").await;
-    (first..first + n).collect()
+    (first..first + n).map(ServerId::stored).collect()
 }
 
 /// The job's stream is exact: what `WatchSync` reads (the rows after cursor 0, then the summary
@@ -64,7 +64,7 @@ async fn assert_exact(store: &Store, conn: &Db, job_id: &str, what: &str) {
         (1..=job.finished).collect::<Vec<_>>(),
         "{what}: cursors 1..finished without gap or repeat"
     );
-    let servers: BTreeSet<i64> = outcomes.iter().map(|o| o.server_id).collect();
+    let servers: BTreeSet<ServerId> = outcomes.iter().map(|o| o.server_id).collect();
     assert_eq!(servers.len(), outcomes.len(), "{what}: each server once");
     let filled = count(
         conn,

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use fleetsync_common::Backend;
+use fleetsync_common::{Backend, ServerId};
 use fleetsync_tests::{
     TestDb,
     catalog::{count, execute},
@@ -149,7 +149,7 @@ async fn an_agent_that_lost_its_lease_writes_nothing_and_runs_serve_only_older_r
                 .await
                 .expect("renew")
                 .renewed,
-            Vec::<i64>::new(),
+            Vec::<ServerId>::new(),
             "{backend}: an expired lease stays expired"
         );
         let late = store
@@ -168,7 +168,11 @@ async fn an_agent_that_lost_its_lease_writes_nothing_and_runs_serve_only_older_r
         for _ in 0..2 {
             assert_eq!(
                 store
-                    .renew("agent-d", &[server, server + 1000], 60_000)
+                    .renew(
+                        "agent-d",
+                        &[server, ServerId::stored(server.get() + 1000)],
+                        60_000
+                    )
                     .await
                     .expect("renew")
                     .renewed,
@@ -182,7 +186,7 @@ async fn an_agent_that_lost_its_lease_writes_nothing_and_runs_serve_only_older_r
                 .await
                 .expect("renew")
                 .renewed,
-            Vec::<i64>::new(),
+            Vec::<ServerId>::new(),
             "{backend}: another agent's lease is not renewed"
         );
         let served = store

@@ -1,7 +1,10 @@
 //! Finding jobs: `ListJobs` shows every job (calls, migrations, the periodic sync, recovery),
 //! newest first, filtered and paged; malformed filters name their field.
 
-use fleetsync_common::proto::sync::v1::{JobOrigin, JobState, ListJobsRequest, StartSyncRequest};
+use fleetsync_common::{
+    ServerId,
+    proto::sync::v1::{JobOrigin, JobState, ListJobsRequest, StartSyncRequest},
+};
 use fleetsync_sync_agent::ssh::{ClientKeys, SshClient, Timeouts};
 use fleetsync_tests::{
     TestAgent, TestDb,
@@ -174,7 +177,7 @@ async fn jobs_of_a_server_in_many_or_few_jobs_page_alike() {
         insert_servers(&conn, 2, 22, |i| format!("192.0.2.{}", i + 1)).await;
         let store = Store::new(conn.clone());
         let first = count(&conn, "SELECT MIN(id) FROM servers").await;
-        let (many, few) = (first, first + 1);
+        let (many, few) = (ServerId::stored(first), ServerId::stored(first + 1));
         // 30 jobs of the first server; the second is in 3 of them. A page of 2 asks SQLite
         // whether the server is in at least 20 jobs.
         for i in 0..30 {

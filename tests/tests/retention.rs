@@ -4,6 +4,7 @@
 //! CANCELLED; the cutoff is taken by the database's clock. A watch of a job deleted while it is
 //! open ends with NOT_FOUND.
 
+use fleetsync_common::ServerId;
 use fleetsync_sync_agent::{
     model::{JobOrigin, Outcome, Scope},
     store::{Completion, NewJob, Reach, Recorded, RunResult, Selection, Store},
@@ -19,7 +20,7 @@ fn job(request: &str, ids: Vec<i64>) -> NewJob {
     NewJob {
         request_id: request.into(),
         origin: JobOrigin::Rpc,
-        selection: Selection::Ids(ids),
+        selection: Selection::Ids(ids.into_iter().map(ServerId::stored).collect()),
         scopes: [Scope::Databases].into_iter().collect(),
         force: false,
         reason: String::new(),
@@ -39,7 +40,7 @@ async fn old_history_is_pruned_and_open_work_is_kept() {
         let claims = store.claim("agent", 60_000, 10).await.expect("claim");
         let done: Vec<Completion> = claims
             .iter()
-            .filter(|c| c.claim.server_id == 1)
+            .filter(|c| c.claim.server_id == ServerId::stored(1))
             .map(|c| Completion {
                 claim: c.claim,
                 result: RunResult::new(Outcome::Ok, ""),
@@ -132,7 +133,10 @@ async fn old_history_is_pruned_and_open_work_is_kept() {
         .await;
         let gone = store.prune(2000, 10).await.expect("prune");
         assert_eq!(gone.gone, 2, "{backend}: one database, one user");
-        let names = store.inventory(2).await.expect("inventory");
+        let names = store
+            .inventory(ServerId::stored(2))
+            .await
+            .expect("inventory");
         let dbs: Vec<&str> = names.databases.iter().map(|d| d.name.as_str()).collect();
         assert_eq!(dbs, ["new_gone", "old_live"], "{backend}");
         assert_eq!(names.users.len(), 1, "{backend}: the live user stays");

@@ -2,6 +2,7 @@
 //! finished within a short linger in one transaction; a batch the database refuses for good is
 //! written item by item, and an item it still refuses becomes `PARSE_FAILED` with the reason.
 
+use fleetsync_common::ServerId;
 use std::{
     sync::Arc,
     time::{Duration, Instant},
@@ -104,7 +105,7 @@ impl Runner {
 
     /// Renews the leases of a batch whose write must start over (they were locked by it).
     async fn renew_batch(&self, items: &[Completion]) {
-        let ids: Vec<i64> = items.iter().map(|c| c.claim.server_id).collect();
+        let ids: Vec<ServerId> = items.iter().map(|c| c.claim.server_id).collect();
         let sent = Instant::now();
         let ttl = self.config.lease_ttl.as_millis() as i64;
         match self.store.renew(&self.holder, &ids, ttl).await {
@@ -142,7 +143,7 @@ impl Runner {
                     degraded = true;
                 }
                 Err(err) => {
-                    tracing::error!(error = %err, server_id = item.claim.server_id, degraded, "could not record a run; its lease expires and the server is synced again");
+                    tracing::error!(error = %err, server_id = item.claim.server_id.get(), degraded, "could not record a run; its lease expires and the server is synced again");
                     return;
                 }
             }
@@ -157,15 +158,18 @@ impl Runner {
                 Recorded::Stored { result, jobs } => {
                     any |= !jobs.is_empty();
                     self.metrics.synced(result.outcome, result.cause);
-                    tracing::info!(server_id, outcome = %result.outcome, jobs = jobs.len(), duration_ms = result.duration_ms, "server synced");
+                    tracing::info!(server_id = server_id.get(), outcome = %result.outcome, jobs = jobs.len(), duration_ms = result.duration_ms, "server synced");
                 }
                 Recorded::LeaseLost => {
                     self.metrics.discarded();
-                    tracing::warn!(server_id, "lease lost during the run: result discarded")
+                    tracing::warn!(
+                        server_id = server_id.get(),
+                        "lease lost during the run: result discarded"
+                    )
                 }
                 Recorded::Deferred => {
                     self.standing.handed_over(server_id);
-                    tracing::info!(server_id, outcome = %item.result.outcome, message = %item.result.message, "failed here; asked a peer of the zone for a second opinion");
+                    tracing::info!(server_id = server_id.get(), outcome = %item.result.outcome, message = %item.result.message, "failed here; asked a peer of the zone for a second opinion");
                 }
             }
         }

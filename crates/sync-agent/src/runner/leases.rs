@@ -8,6 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use fleetsync_common::ServerId;
 use prometheus_client::metrics::gauge::Gauge;
 
 use super::Runner;
@@ -27,7 +28,7 @@ use crate::{
 #[derive(Debug, Default)]
 pub(super) struct HeldLeases {
     /// server id -> (token, when it was last taken or renewed).
-    leases: Mutex<HashMap<i64, (i64, Instant)>>,
+    leases: Mutex<HashMap<ServerId, (i64, Instant)>>,
     /// `fleetsync_leases_held`.
     gauge: Gauge,
 }
@@ -54,7 +55,7 @@ impl HeldLeases {
     }
 
     /// The leases of `ids` were renewed by a statement sent at `sent`.
-    pub(super) fn renewed(&self, ids: &[i64], sent: Instant) {
+    pub(super) fn renewed(&self, ids: &[ServerId], sent: Instant) {
         let mut leases = self.leases.lock().expect("lease set");
         for id in ids {
             if let Some((_, at)) = leases.get_mut(id) {
@@ -64,8 +65,8 @@ impl HeldLeases {
     }
 
     /// How many of `asked` are still held here but were not `renewed`.
-    pub(super) fn stale_among(&self, asked: &[i64], renewed: &[i64]) -> usize {
-        let renewed: std::collections::HashSet<i64> = renewed.iter().copied().collect();
+    pub(super) fn stale_among(&self, asked: &[ServerId], renewed: &[ServerId]) -> usize {
+        let renewed: std::collections::HashSet<ServerId> = renewed.iter().copied().collect();
         let leases = self.leases.lock().expect("lease set");
         asked
             .iter()
@@ -82,7 +83,7 @@ impl HeldLeases {
             .is_some_and(|(token, at)| *token == claim.token && at.elapsed() < within)
     }
 
-    pub(super) fn server_ids(&self) -> Vec<i64> {
+    pub(super) fn server_ids(&self) -> Vec<ServerId> {
         self.leases
             .lock()
             .expect("lease set")
@@ -277,10 +278,12 @@ mod tests {
         let ttl = Duration::from_secs(2);
         let held = Arc::new(HeldLeases::default());
         let claim = |server_id, token| Claim {
-            server_id,
+            server_id: ServerId::stored(server_id),
             token,
             claimed_at: 0,
         };
+        let ids =
+            |ids: &[i64]| -> Vec<ServerId> { ids.iter().copied().map(ServerId::stored).collect() };
         let stalled = Instant::now() - Duration::from_secs(3);
         let _old = held.hold(claim(1, 7), stalled);
         let new = held.hold(claim(2, 1), Instant::now());
@@ -292,14 +295,18 @@ mod tests {
         assert!(!held.fresh(&claim(2, 2), ttl), "another token is not ours");
         assert!(!held.fresh(&claim(3, 1), ttl), "not held here");
         // A renewal sent before the lease was taken does not date it back; one after does.
-        held.renewed(&[1], stalled - Duration::from_secs(1));
+        held.renewed(&ids(&[1]), stalled - Duration::from_secs(1));
         assert!(!held.fresh(&claim(1, 7), ttl));
-        held.renewed(&[1], Instant::now());
+        held.renewed(&ids(&[1]), Instant::now());
         assert!(held.fresh(&claim(1, 7), ttl));
-        assert_eq!(held.stale_among(&[1, 2, 3], &[1]), 1, "2 held, not renewed");
+        assert_eq!(
+            held.stale_among(&ids(&[1, 2, 3]), &ids(&[1])),
+            1,
+            "2 held, not renewed"
+        );
         drop(new);
         assert_eq!(
-            held.stale_among(&[1, 2, 3], &[1]),
+            held.stale_among(&ids(&[1, 2, 3]), &ids(&[1])),
             0,
             "2 released meanwhile"
         );

@@ -348,7 +348,7 @@ impl Runner {
             self.metrics.runs_in_flight().inc();
             runs.spawn(async move {
                 use tracing::Instrument;
-                let span = tracing::info_span!("sync", server_id = work.claim.server_id, token = work.claim.token);
+                let span = tracing::info_span!("sync", server_id = work.claim.server_id.get(), token = work.claim.token);
                 let end = tokio::select! {
                     () = this.abandon.cancelled() => RunEnd::Stopped,
                     end = this.sync_server(&work, &busy).instrument(span) => end,

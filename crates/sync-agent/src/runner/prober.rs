@@ -48,14 +48,14 @@ impl Runner {
                         // Nothing to probe: still offline, probed again after the first
                         // backoff (its runs say why, as PARSE_FAILED).
                         Err(unreadable) => {
-                            tracing::warn!(server_id = unreadable.id, reason = %unreadable.reason, "cannot probe: the registration cannot be read");
+                            tracing::warn!(server_id = unreadable.id.get(), reason = %unreadable.reason, "cannot probe: the registration cannot be read");
                             return (*claim, Some(this.backoff_ms(1)));
                         }
                     };
                     let probed = this.ssh.probe(&server.ip, server.port).await;
                     this.metrics.probed(probed.is_ok());
                     if let Err(err) = &probed {
-                        tracing::debug!(server_id = server.id, error = %err, "still offline");
+                        tracing::debug!(server_id = server.id.get(), error = %err, "still offline");
                     }
                     let backoff = probed
                         .is_err()

@@ -9,6 +9,7 @@
 //! it claims nothing, hands over the runs that have not reached their server, and serves again
 //! once the schema is back in range.
 
+use fleetsync_common::ServerId;
 use std::{
     collections::VecDeque,
     sync::{
@@ -70,7 +71,7 @@ struct Inner {
     quarantined: Option<String>,
     incompatible: Option<String>,
     samples: VecDeque<Sample>,
-    handed_over: VecDeque<i64>,
+    handed_over: VecDeque<ServerId>,
 }
 
 impl Standing {
@@ -99,7 +100,7 @@ impl Standing {
     }
 
     /// A failure on `server_id` was handed to a peer.
-    pub(super) fn handed_over(&self, server_id: i64) {
+    pub(super) fn handed_over(&self, server_id: ServerId) {
         self.asked.fetch_add(1, Ordering::Relaxed);
         let mut inner = self.inner.lock().expect("standing");
         inner.handed_over.retain(|&id| id != server_id);
@@ -133,7 +134,7 @@ impl Standing {
         inner.samples.extend(last);
     }
 
-    fn candidates(&self) -> Vec<i64> {
+    fn candidates(&self) -> Vec<ServerId> {
         let inner = self.inner.lock().expect("standing");
         inner.handed_over.iter().rev().copied().collect()
     }
@@ -186,7 +187,7 @@ impl Runner {
         }
         if let Some(server) = self.own_check().await {
             tracing::warn!(
-                server_id = server,
+                server_id = server.get(),
                 "its own check passed (logged in to a server it had failed on): serving again"
             );
             self.standing.resume();
@@ -223,7 +224,7 @@ impl Runner {
     }
 
     /// Tries to log in to the servers it handed over, newest first; the first it logs in to.
-    async fn own_check(&self) -> Option<i64> {
+    async fn own_check(&self) -> Option<ServerId> {
         for id in self.standing.candidates() {
             let server = match self.store.server(id).await {
                 Ok(Some(server)) => server,
@@ -240,7 +241,7 @@ impl Runner {
                 None => {}
                 Some(err) => {
                     let (outcome, _) = err.outcome();
-                    tracing::info!(server_id = id, %outcome, error = %err, "own check failed; still quarantined");
+                    tracing::info!(server_id = id.get(), %outcome, error = %err, "own check failed; still quarantined");
                     if outcome == Outcome::HostKeyMismatch {
                         continue;
                     }

@@ -225,7 +225,7 @@ impl Runner {
         // that a late heartbeat cannot let the lease lapse just as the command starts.
         if opened.is_ok() && !self.held.fresh(&work.claim, self.config.lease_ttl * 2 / 3) {
             tracing::warn!(
-                server_id = server.id,
+                server_id = server.id.get(),
                 "the lease lapsed before the command (this agent stalled): left to the next run"
             );
             self.metrics.discarded();

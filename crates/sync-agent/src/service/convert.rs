@@ -2,7 +2,7 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use fleetsync_common::proto::sync::v1 as pb;
+use fleetsync_common::{ServerId, proto::sync::v1 as pb};
 
 use crate::model::{
     AgentState, Cause, InventoryStatus, JobOrigin, JobState, Outcome, Reachability,
@@ -52,13 +52,13 @@ pub fn cause(cause: Option<Cause>) -> pb::UnreachableCause {
 
 /// A run's result as a server outcome.
 pub fn server_outcome(
-    server_id: i64,
+    server_id: ServerId,
     server_name: &str,
     result: &RunResult,
     finished_at: i64,
 ) -> pb::ServerOutcome {
     pb::ServerOutcome {
-        server_id,
+        server_id: server_id.get(),
         server_name: server_name.to_owned(),
         outcome: outcome(result.outcome) as i32,
         cause: cause(result.cause) as i32,
@@ -182,7 +182,7 @@ pub fn server(record: &ServerRecord, last: Option<&LastRuns>) -> pb::Server {
     let outcome =
         |(result, at): &(RunResult, i64)| server_outcome(record.id, &record.name, result, *at);
     pb::Server {
-        id: record.id,
+        id: record.id.get(),
         spec: Some(pb::ServerSpec {
             name: record.name.clone(),
             ip: record.ip.clone(),

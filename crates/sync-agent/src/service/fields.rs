@@ -1,19 +1,8 @@
-//! Field checks both services' requests share: ids, free text, page sizes and enum values. Each
-//! error names its field, as `INVALID_ARGUMENT`.
+//! Field checks both services' requests share: free text, page sizes and enum values (ids are
+//! checked by their types, `fleetsync_common::ids`). Each error names its field, as
+//! `INVALID_ARGUMENT`.
 
 use fleetsync_common::ServiceError;
-
-/// A positive server id: the one check of a server id given in a request, whatever the RPC
-/// (Fleet's `id`, `CheckConnection`'s `server_id`, each of `StartSync`'s `server_ids`).
-pub fn id(value: i64, field: &'static str) -> Result<i64, ServiceError> {
-    if value <= 0 {
-        return Err(ServiceError::invalid(
-            field,
-            format!("must be a positive server id, got {value}"),
-        ));
-    }
-    Ok(value)
-}
 
 /// Text of at most `max` characters, without control characters.
 pub fn text(value: &str, field: &'static str, max: usize) -> Result<(), ServiceError> {

@@ -3,7 +3,7 @@
 use std::net::IpAddr;
 
 use fleetsync_common::{
-    ServiceError,
+    ServerId, ServiceError,
     proto::sync::v1::{
         self as pb, DeleteServerRequest, DeleteServerResponse, GetServerRequest, GetServerResponse,
         ImportServersRequest, ImportServersResponse, ListServersRequest, ListServersResponse,
@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 
 use super::{
     AgentState, convert,
-    fields::{id, optional_enum, page_size, text},
+    fields::{optional_enum, page_size, text},
 };
 use crate::model::Reachability;
 use crate::store::{DatabaseService, HostKeyReset, Registered, ServerSpec};
@@ -191,7 +191,7 @@ impl Fleet for FleetService {
         let request = request.into_inner();
         let target = match request.id {
             0 => None,
-            value => Some(id(value, "id")?),
+            value => Some(ServerId::from_request(value, "id")?),
         };
         let spec = validate_spec(request.spec)?;
         let upserted = self.state.store.upsert_server(target, &spec).await?;
@@ -233,7 +233,7 @@ impl Fleet for FleetService {
         }
         let imported = self.state.store.import_servers(&valid).await?;
         for (index, imported) in positions.into_iter().zip(imported) {
-            response.ids[index] = imported.id;
+            response.ids[index] = imported.id.get();
             match imported.action {
                 Registered::Created => response.created += 1,
                 Registered::Updated => response.updated += 1,
@@ -254,7 +254,7 @@ impl Fleet for FleetService {
         &self,
         request: Request<DeleteServerRequest>,
     ) -> Result<Response<DeleteServerResponse>, Status> {
-        let server = id(request.into_inner().id, "id")?;
+        let server = ServerId::from_request(request.into_inner().id, "id")?;
         if !self
             .state
             .store
@@ -280,11 +280,12 @@ impl Fleet for FleetService {
         })?;
         let page_size = page_size(request.page_size, 100, 1000)?;
         let after = match request.page_token.as_str() {
-            "" => 0,
+            "" => None,
             token => token
                 .parse::<i64>()
                 .ok()
                 .filter(|t| *t > 0)
+                .map(|t| Some(ServerId::stored(t)))
                 .ok_or_else(|| {
                     ServiceError::invalid("page_token", "not a token from a previous page")
                 })?,
@@ -297,7 +298,7 @@ impl Fleet for FleetService {
             .map_err(ServiceError::from)?;
         let more = servers.len() > page_size as usize;
         let servers = &servers[..servers.len().min(page_size as usize)];
-        let ids: Vec<i64> = servers.iter().map(|s| s.id).collect();
+        let ids: Vec<ServerId> = servers.iter().map(|s| s.id).collect();
         let last = self
             .state
             .store
@@ -321,7 +322,7 @@ impl Fleet for FleetService {
         &self,
         request: Request<GetServerRequest>,
     ) -> Result<Response<GetServerResponse>, Status> {
-        let server_id = id(request.into_inner().id, "id")?;
+        let server_id = ServerId::from_request(request.into_inner().id, "id")?;
         let store = &self.state.store;
         let server = store
             .server(server_id)
@@ -346,7 +347,7 @@ impl Fleet for FleetService {
         &self,
         request: Request<ResetHostKeyRequest>,
     ) -> Result<Response<ResetHostKeyResponse>, Status> {
-        let server_id = id(request.into_inner().id, "id")?;
+        let server_id = ServerId::from_request(request.into_inner().id, "id")?;
         let previous = match self
             .state
             .store
@@ -360,7 +361,7 @@ impl Fleet for FleetService {
             HostKeyReset::Forgotten { previous } => previous,
         };
         if let Some(key) = &previous {
-            tracing::info!(server_id, fingerprint = %key.fingerprint, "pinned host key forgotten");
+            tracing::info!(server_id = server_id.get(), fingerprint = %key.fingerprint, "pinned host key forgotten");
         }
         Ok(Response::new(ResetHostKeyResponse {
             previous: convert::previous_key(previous.as_ref()),

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use fleetsync_common::{
-    ServiceError,
+    ServerId, ServiceError,
     proto::sync::v1::{
         self as pb, CheckConnectionRequest, CheckConnectionResponse, GetSyncJobRequest,
         GetSyncJobResponse, ListAgentsRequest, ListAgentsResponse, ListJobsRequest,
@@ -368,7 +368,7 @@ impl SyncAgent for SyncAgentService {
         &self,
         request: Request<CheckConnectionRequest>,
     ) -> Result<Response<CheckConnectionResponse>, Status> {
-        let server_id = super::fields::id(request.into_inner().server_id, "server_id")?;
+        let server_id = ServerId::from_request(request.into_inner().server_id, "server_id")?;
         let _permit = Arc::clone(&self.state.checks)
             .try_acquire_owned()
             .map_err(|_| {
@@ -398,7 +398,7 @@ impl SyncAgent for SyncAgentService {
             (Some(_), Some(_)) => pb::HostKeyCheck::Mismatch,
         };
         Ok(Response::new(CheckConnectionResponse {
-            server_id,
+            server_id: server_id.get(),
             outcome: convert::outcome(outcome) as i32,
             cause: convert::cause(cause) as i32,
             message: check

@@ -5,11 +5,11 @@
 use std::collections::BTreeSet;
 
 use fleetsync_common::{
-    ServiceError,
+    ServerId, ServiceError,
     proto::sync::v1::{self as pb, ListJobsRequest, StartSyncRequest},
 };
 
-use super::fields::{free_text, id, optional_enum, page_size, text};
+use super::fields::{free_text, optional_enum, page_size, text};
 use crate::{
     model::{JobOrigin, JobState, Scope, Scopes},
     store::{JobFilter, NewJob, Selection},
@@ -69,10 +69,10 @@ pub fn validate_start(request: StartSyncRequest) -> Result<Start, ServiceError> 
                     ),
                 ));
             }
-            let unique: BTreeSet<i64> = request
+            let unique: BTreeSet<ServerId> = request
                 .server_ids
                 .iter()
-                .map(|value| id(*value, "server_ids"))
+                .map(|value| ServerId::from_request(*value, "server_ids"))
                 .collect::<Result<_, _>>()?;
             Selection::Ids(unique.into_iter().collect())
         }
@@ -137,7 +137,7 @@ pub fn validate_list(request: &ListJobsRequest) -> Result<ListQuery, ServiceErro
     // ListJobs' server filter: 0 is none.
     let server_id = match request.server_id {
         0 => None,
-        value => Some(id(value, "server_id")?),
+        value => Some(ServerId::from_request(value, "server_id")?),
     };
     let millis = |field: &'static str, t: &Option<prost_types::Timestamp>| match t {
         None => Ok(None),
@@ -201,7 +201,10 @@ mod tests {
     #[test]
     fn validates_selection_scopes_and_sizes() {
         let job = new_job(request());
-        assert_eq!(job.selection, Selection::Ids(vec![1, 3]));
+        assert_eq!(
+            job.selection,
+            Selection::Ids(vec![ServerId::stored(1), ServerId::stored(3)])
+        );
         assert_eq!(job.scopes, Scopes::ALL);
         let generated = new_job(StartSyncRequest {
             request_id: String::new(),

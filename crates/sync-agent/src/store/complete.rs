@@ -15,6 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use fleetsync_common::ServerId;
 use fleetsync_common::sql::{Tx, Value, is_lock_timeout, retry};
 
 use crate::model::{Cause, Reachability, Scopes};
@@ -177,7 +178,7 @@ impl Store {
 fleetsync_common::stored_row! {
     /// A lease row as the fence reads it.
     struct FenceRow {
-        server_id: i64,
+        server_id: ServerId,
         token: i64,
         holder: Option<String>,
         expires_at: Option<i64>,
@@ -188,12 +189,12 @@ fleetsync_common::stored_row! {
 
 /// What the fence found on a server's lease row: token, holder, expiry, and who asked for a
 /// second opinion.
-type Held = HashMap<i64, (i64, Option<String>, Option<i64>, Option<Asked>)>;
+type Held = HashMap<ServerId, (i64, Option<String>, Option<i64>, Option<Asked>)>;
 
 /// Fence: locks the lease rows of the batch's servers, in server order (every completer locks
 /// in the same order), and reads them.
 async fn lock_leases(tx: &mut Tx, batch: &[Completion]) -> Result<Held, sqlx::Error> {
-    let mut sorted: Vec<i64> = batch.iter().map(|c| c.claim.server_id).collect();
+    let mut sorted: Vec<ServerId> = batch.iter().map(|c| c.claim.server_id).collect();
     sorted.sort_unstable();
     let lock = for_update(tx.backend());
     let sql = format!(
@@ -227,7 +228,7 @@ enum Judgement {
 struct Judged {
     results: Vec<Judgement>,
     /// (server, may be taken again at, what this agent saw).
-    deferred: Vec<(i64, i64, String)>,
+    deferred: Vec<(ServerId, i64, String)>,
     /// Per asking agent: (overruled, confirmed).
     verdicts: BTreeMap<String, (i64, i64)>,
 }
@@ -298,13 +299,13 @@ async fn write_inventories(
     results: &mut [Judgement],
     now: i64,
 ) -> Result<(), sqlx::Error> {
-    let read: Vec<(usize, (i64, &InventoryWrite))> = batch
+    let read: Vec<(usize, (ServerId, &InventoryWrite))> = batch
         .iter()
         .enumerate()
         .filter(|(i, _)| matches!(results[*i], Judgement::Store(_)))
         .filter_map(|(i, item)| Some((i, (item.claim.server_id, item.inventory.as_ref()?))))
         .collect();
-    let writes: Vec<(i64, &InventoryWrite)> = read.iter().map(|(_, w)| *w).collect();
+    let writes: Vec<(ServerId, &InventoryWrite)> = read.iter().map(|(_, w)| *w).collect();
     let counts = inventory::write_all(tx, &writes, now).await?;
     for ((i, _), counts) in read.iter().zip(counts) {
         if let Judgement::Store(result) = &mut results[*i] {
@@ -320,7 +321,7 @@ async fn pin_host_keys(
     stored: &[(&Completion, &RunResult)],
     now: i64,
 ) -> Result<(), sqlx::Error> {
-    let pins: Vec<(i64, &str, &str)> = stored
+    let pins: Vec<(ServerId, &str, &str)> = stored
         .iter()
         .filter_map(|(item, _)| {
             item.pin
@@ -332,14 +333,14 @@ async fn pin_host_keys(
         let mut args: Vec<Value> = Vec::with_capacity(chunk.len() * 5 + 1);
         let algorithm = case(chunk.len());
         for (id, a, _) in chunk {
-            args.extend([Value::Int(*id), (*a).into()]);
+            args.extend([(*id).into(), (*a).into()]);
         }
         let fingerprint = case(chunk.len());
         for (id, _, f) in chunk {
-            args.extend([Value::Int(*id), (*f).into()]);
+            args.extend([(*id).into(), (*f).into()]);
         }
         args.push(now.into());
-        args.extend(chunk.iter().map(|(id, _, _)| Value::Int(*id)));
+        args.extend(chunk.iter().map(|(id, _, _)| (*id).into()));
         tx.execute(
             &format!(
                 "UPDATE servers SET host_key_algorithm = {algorithm}, \
@@ -361,13 +362,13 @@ async fn record_reachability(
     stored: &[(&Completion, &RunResult)],
     now: i64,
 ) -> Result<(), sqlx::Error> {
-    let online: Vec<i64> = stored
+    let online: Vec<ServerId> = stored
         .iter()
         .filter(|(item, _)| item.reach == Reach::Online)
         .map(|(item, _)| item.claim.server_id)
         .collect();
     mark_online(tx, now, &online).await?;
-    let offline: Vec<(i64, i64)> = stored
+    let offline: Vec<(ServerId, i64)> = stored
         .iter()
         .filter(|(item, _)| matches!(item.reach, Reach::Offline { .. }))
         .map(|(item, r)| (item.claim.server_id, r.next_probe_at.unwrap_or(now)))
@@ -376,9 +377,9 @@ async fn record_reachability(
         let next = case(chunk.len());
         let mut args: Vec<Value> = vec![Reachability::Offline.as_str().into()];
         for (id, at) in chunk {
-            args.extend([Value::Int(*id), Value::Int(*at)]);
+            args.extend([(*id).into(), Value::Int(*at)]);
         }
-        args.extend(chunk.iter().map(|(id, _)| Value::Int(*id)));
+        args.extend(chunk.iter().map(|(id, _)| (*id).into()));
         tx.execute(
             &format!(
                 "UPDATE servers SET reachability = ?, \
@@ -414,7 +415,7 @@ async fn record_runs(
         let mut args: Vec<Value> = Vec::with_capacity(chunk.len() * RUN_COLUMNS);
         for ((item, r), counts) in chunk.iter().zip(chunk_counts) {
             args.extend([
-                Value::Int(item.claim.server_id),
+                item.claim.server_id.into(),
                 Value::Int(item.claim.token),
                 holder.into(),
                 scopes.as_str().into(),
@@ -449,7 +450,7 @@ async fn fill_jobs(
     stored: &[(&Completion, &RunResult)],
     counts: Vec<Option<String>>,
     now: i64,
-) -> Result<HashMap<i64, Vec<String>>, sqlx::Error> {
+) -> Result<HashMap<ServerId, Vec<String>>, sqlx::Error> {
     let fills: Vec<Fill<'_>> = stored
         .iter()
         .zip(counts)
@@ -461,7 +462,7 @@ async fn fill_jobs(
         })
         .collect();
     let waiting = waiting_rows(tx, &fills).await?;
-    let ours: Vec<i64> = stored
+    let ours: Vec<ServerId> = stored
         .iter()
         .map(|(item, _)| item.claim.server_id)
         .collect();
@@ -489,7 +490,7 @@ fn truncate_note(text: &str) -> String {
 async fn hand_over(
     tx: &mut Tx,
     holder: &str,
-    deferred: &[(i64, i64, String)],
+    deferred: &[(ServerId, i64, String)],
 ) -> Result<(), sqlx::Error> {
     if deferred.is_empty() {
         return Ok(());
@@ -499,12 +500,12 @@ async fn hand_over(
         let note = until.clone();
         let mut args: Vec<Value> = vec![holder.into()];
         for (id, at, _) in chunk {
-            args.extend([Value::Int(*id), Value::Int(*at)]);
+            args.extend([(*id).into(), Value::Int(*at)]);
         }
         for (id, _, text) in chunk {
-            args.extend([Value::Int(*id), text.as_str().into()]);
+            args.extend([(*id).into(), text.as_str().into()]);
         }
-        args.extend(chunk.iter().map(|(id, _, _)| Value::Int(*id)));
+        args.extend(chunk.iter().map(|(id, _, _)| (*id).into()));
         tx.execute(
             &format!(
                 "UPDATE server_leases SET holder = NULL, expires_at = NULL, \
@@ -551,10 +552,11 @@ fn case(n: usize) -> String {
 /// Releases the leases of `ids`; servers with no row left waiting stop waiting.
 async fn release_served(
     tx: &mut Tx,
-    ids: &[i64],
-    still_waiting: &BTreeSet<i64>,
+    ids: &[ServerId],
+    still_waiting: &BTreeSet<ServerId>,
 ) -> Result<(), sqlx::Error> {
-    let (keep, done): (Vec<i64>, Vec<i64>) = ids.iter().partition(|id| still_waiting.contains(id));
+    let (keep, done): (Vec<ServerId>, Vec<ServerId>) =
+        ids.iter().partition(|id| still_waiting.contains(id));
     release_leases(tx, &done, None, WaitMark::Clear).await?;
     release_leases(tx, &keep, None, WaitMark::Keep).await
 }

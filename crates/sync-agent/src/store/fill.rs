@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use fleetsync_common::ServerId;
 use fleetsync_common::{
     Backend,
     sql::{Tx, Value},
@@ -22,7 +23,7 @@ use super::{OUTCOMES_CHANNEL, OutcomeCounts, RunResult, db_now, for_update, noti
 
 /// One server's outcome to give to the job rows waiting for it.
 pub(super) struct Fill<'a> {
-    pub server_id: i64,
+    pub server_id: ServerId,
     /// Only rows of jobs created up to this time (ms, database clock) are served.
     pub served_before: i64,
     pub result: &'a RunResult,
@@ -32,23 +33,23 @@ pub(super) struct Fill<'a> {
 /// Which jobs each server served.
 #[derive(Debug, Default)]
 pub(super) struct FillReport {
-    pub jobs: HashMap<i64, Vec<String>>,
+    pub jobs: HashMap<ServerId, Vec<String>>,
 }
 
 /// The job rows waiting for these servers, split into those each run serves (by job) and the
 /// servers that keep rows waiting for a later run.
 pub(super) struct Waiting {
     /// job id -> (server id, server name), ascending server id.
-    served: BTreeMap<String, Vec<(i64, String)>>,
-    pub(super) still_waiting: BTreeSet<i64>,
+    served: BTreeMap<String, Vec<(ServerId, String)>>,
+    pub(super) still_waiting: BTreeSet<ServerId>,
 }
 
 pub(super) async fn waiting_rows(tx: &mut Tx, fills: &[Fill<'_>]) -> Result<Waiting, sqlx::Error> {
-    let before: HashMap<i64, i64> = fills
+    let before: HashMap<ServerId, i64> = fills
         .iter()
         .map(|f| (f.server_id, f.served_before))
         .collect();
-    let ids: Vec<i64> = fills.iter().map(|f| f.server_id).collect();
+    let ids: Vec<ServerId> = fills.iter().map(|f| f.server_id).collect();
     let mut waiting = Waiting {
         served: BTreeMap::new(),
         still_waiting: BTreeSet::new(),
@@ -60,7 +61,7 @@ pub(super) async fn waiting_rows(tx: &mut Tx, fills: &[Fill<'_>]) -> Result<Wait
     // estimates from statistics, which a fresh job makes stale, and chose a full scan (100 ms a
     // batch at 100,000 servers).
     let hint = waiting_hint(tx.backend());
-    let mut rows: Vec<(String, i64, String)> = Vec::new();
+    let mut rows: Vec<(String, ServerId, String)> = Vec::new();
     let sql = format!(
         "SELECT job_id, server_id, server_name FROM sync_job_servers{hint} \
          WHERE outcome IS NULL AND server_id IN $ids"
@@ -118,7 +119,7 @@ pub(super) async fn fill(
     fills: &[Fill<'_>],
     waiting: Waiting,
 ) -> Result<FillReport, sqlx::Error> {
-    let by_server: HashMap<i64, &Fill<'_>> = fills.iter().map(|f| (f.server_id, f)).collect();
+    let by_server: HashMap<ServerId, &Fill<'_>> = fills.iter().map(|f| (f.server_id, f)).collect();
     let mut report = FillReport::default();
     let mut values: Vec<Value> = Vec::new();
     let mut pending_rows = 0;
@@ -162,7 +163,7 @@ pub(super) async fn fill(
         // Then, under that lock, which candidates still wait: a filler that went first has
         // filled the others.
         let still = still_waiting(tx, job_id, candidates).await?;
-        let servers: Vec<&(i64, String)> = candidates
+        let servers: Vec<&(ServerId, String)> = candidates
             .iter()
             .filter(|(id, _)| still.contains(id))
             .collect();
@@ -199,7 +200,7 @@ pub(super) async fn fill(
             let f = by_server[server_id];
             values.extend([
                 job_id.as_str().into(),
-                Value::Int(*server_id),
+                (*server_id).into(),
                 name.as_str().into(),
                 Value::Int(seq),
                 f.result.outcome.as_str().into(),
@@ -237,8 +238,8 @@ pub(super) async fn fill(
 async fn still_waiting(
     tx: &mut Tx,
     job_id: &str,
-    candidates: &[(i64, String)],
-) -> Result<BTreeSet<i64>, sqlx::Error> {
+    candidates: &[(ServerId, String)],
+) -> Result<BTreeSet<ServerId>, sqlx::Error> {
     let hint = waiting_hint(tx.backend());
     let mut still = BTreeSet::new();
     // The waiting rows of these servers (the index of waiting rows), this job's kept: with
@@ -248,9 +249,9 @@ async fn still_waiting(
         "SELECT job_id, server_id FROM sync_job_servers{hint} WHERE outcome IS NULL \
          AND server_id IN $ids"
     );
-    let ids: Vec<i64> = candidates.iter().map(|(id, _)| *id).collect();
+    let ids: Vec<ServerId> = candidates.iter().map(|(id, _)| *id).collect();
     for row in tx.fetch_in(&sql, &[], &ids).await? {
-        let (job, server): (String, i64) = row.decode()?;
+        let (job, server): (String, ServerId) = row.decode()?;
         if job == job_id {
             still.insert(server);
         }
@@ -303,7 +304,7 @@ async fn upsert_rows(
 }
 
 /// Ends the waiting rows of a server about to be deleted with `CANCELLED`.
-pub(super) async fn cancel_waiting(tx: &mut Tx, server_id: i64) -> Result<usize, sqlx::Error> {
+pub(super) async fn cancel_waiting(tx: &mut Tx, server_id: ServerId) -> Result<usize, sqlx::Error> {
     let now = db_now(tx).await?;
     let result = RunResult::new(
         Outcome::Cancelled,

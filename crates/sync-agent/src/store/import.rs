@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 
+use fleetsync_common::ServerId;
 use fleetsync_common::{
     Backend, ServiceError,
     sql::{Tx, Value, is_unique_violation, retry},
@@ -32,7 +33,7 @@ pub enum Registered {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Imported {
     /// The server's id.
-    pub id: i64,
+    pub id: ServerId,
     /// Created, updated or unchanged.
     pub action: Registered,
 }
@@ -55,7 +56,7 @@ struct Registration {
 fleetsync_common::stored_row! {
     /// A server's registration as an import compares it (a row of `servers`).
     struct StoredServer {
-        id: i64,
+        id: ServerId,
         name: String,
         ip: String,
         port: i64,
@@ -70,7 +71,7 @@ fleetsync_common::stored_row! {
 fleetsync_common::stored_row! {
     /// A server's database service as an import compares it.
     struct StoredService {
-        server_id: i64,
+        server_id: ServerId,
         name: String,
         version: String,
     }
@@ -78,7 +79,7 @@ fleetsync_common::stored_row! {
 
 /// A name of the batch: as stored before it, as its specs leave it, and the host key they gave.
 struct Entry<'a> {
-    stored: Option<(i64, Registration)>,
+    stored: Option<(ServerId, Registration)>,
     now: Option<Registration>,
     given_key: Option<&'a HostKeyInfo>,
 }
@@ -182,7 +183,7 @@ impl Store {
             )
             .await?
         {
-            let (id, name): (i64, String) = row.decode()?;
+            let (id, name): (ServerId, String) = row.decode()?;
             ids.insert(name, id);
         }
         // A server read above and deleted since (a DeleteServer between the read and the
@@ -198,7 +199,7 @@ impl Store {
             }
         }
         // Lease rows of the new servers, with their zone (the queue's copy).
-        let new_leases: Vec<(i64, &str)> = changed
+        let new_leases: Vec<(ServerId, &str)> = changed
             .iter()
             .filter(|(_, e)| e.stored.is_none())
             .filter_map(|(name, e)| Some((*ids.get(*name)?, zone_of(e))))
@@ -222,7 +223,7 @@ impl Store {
         }
 
         // Servers that moved to another zone: their lease rows follow (claims read the copy).
-        let mut moved: HashMap<&str, Vec<i64>> = HashMap::new();
+        let mut moved: HashMap<&str, Vec<ServerId>> = HashMap::new();
         for (_, entry) in &changed {
             if let Some((id, before)) = &entry.stored
                 && before.zone != zone_of(entry)
@@ -240,7 +241,7 @@ impl Store {
         }
 
         // Database services that changed.
-        let id_of = |name: &str, entry: &Entry<'_>| -> Result<i64, ServiceError> {
+        let id_of = |name: &str, entry: &Entry<'_>| -> Result<ServerId, ServiceError> {
             match &entry.stored {
                 Some((id, _)) => Ok(*id),
                 None => ids.get(name).copied().ok_or_else(|| {
@@ -302,7 +303,7 @@ async fn stored<'a>(
         });
     }
     let names: Vec<&str> = entries.keys().copied().collect();
-    let mut by_id: HashMap<i64, &str> = HashMap::new();
+    let mut by_id: HashMap<ServerId, &str> = HashMap::new();
     let sql = format!(
         "SELECT {} FROM servers WHERE name IN $ids",
         StoredServer::COLUMNS
@@ -335,7 +336,7 @@ async fn stored<'a>(
         }
     }
     // Their services, by id: a join here would scan every service on PostgreSQL.
-    let ids: Vec<i64> = by_id.keys().copied().collect();
+    let ids: Vec<ServerId> = by_id.keys().copied().collect();
     let sql = format!(
         "SELECT {} FROM services WHERE type = ? AND server_id IN $ids",
         StoredService::COLUMNS
@@ -363,7 +364,7 @@ async fn write_servers(
     backend: Backend,
     now: i64,
     changed: &[(&str, &Entry<'_>)],
-) -> Result<HashMap<String, i64>, sqlx::Error> {
+) -> Result<HashMap<String, ServerId>, sqlx::Error> {
     let mut ids = HashMap::new();
     let upsert = match backend {
         // Assignments run left to right and see the new values: the pin time goes first.
@@ -420,7 +421,7 @@ async fn write_servers(
             tx.execute(&sql, &args).await?;
         } else {
             for row in tx.fetch(&sql, &args).await? {
-                let (id, name): (i64, String) = row.decode()?;
+                let (id, name): (ServerId, String) = row.decode()?;
                 ids.insert(name, id);
             }
         }

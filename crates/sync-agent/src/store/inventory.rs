@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use fleetsync_common::ServerId;
 use fleetsync_common::sql::Tx;
 
 use super::quote_identifiers;
@@ -80,17 +81,17 @@ pub struct InventoryCounts {
 /// not a few per server; only rows that changed are written one by one.
 pub(super) async fn write_all(
     tx: &mut Tx,
-    items: &[(i64, &InventoryWrite)],
+    items: &[(ServerId, &InventoryWrite)],
     now: i64,
 ) -> Result<Vec<InventoryCounts>, sqlx::Error> {
     let backend = tx.backend();
     let q = |sql: &str| quote_identifiers(backend, sql).into_owned();
     let mut all_counts = Vec::with_capacity(items.len());
-    let ids: Vec<i64> = items.iter().map(|(id, _)| *id).collect();
+    let ids: Vec<ServerId> = items.iter().map(|(id, _)| *id).collect();
 
     // What is stored, for every server of the batch.
-    let mut stored_databases: HashMap<i64, BTreeMap<String, StoredDatabase>> = HashMap::new();
-    let mut stored_users: HashMap<i64, BTreeMap<UserKey, StoredUser>> = HashMap::new();
+    let mut stored_databases: HashMap<ServerId, BTreeMap<String, StoredDatabase>> = HashMap::new();
+    let mut stored_users: HashMap<ServerId, BTreeMap<UserKey, StoredUser>> = HashMap::new();
     let sql = q(&format!(
         "SELECT {} FROM \"databases\" WHERE server_id IN $ids",
         DatabaseRow::COLUMNS
@@ -159,7 +160,7 @@ pub(super) async fn write_all(
 fleetsync_common::stored_row! {
     /// A database as a sync compares it (a row of `databases`).
     struct DatabaseRow {
-        server_id: i64,
+        server_id: ServerId,
         name: String,
         charset: Option<String>,
         collation: Option<String> = "\"collation\"",
@@ -171,7 +172,7 @@ fleetsync_common::stored_row! {
     /// A database user as a sync compares it (a row of `database_users`, its databases as the
     /// stored JSON text).
     struct UserRow {
-        server_id: i64,
+        server_id: ServerId,
         username: String,
         host: String,
         databases: String = "\"databases\"",
@@ -189,7 +190,7 @@ type StoredUser = (String, InventoryStatus);
 /// Databases, by name: new ones added, changed ones updated, vanished ones marked gone.
 async fn write_databases(
     tx: &mut Tx,
-    server_id: i64,
+    server_id: ServerId,
     inventory: &InventoryWrite,
     stored: &BTreeMap<String, StoredDatabase>,
     now: i64,
@@ -268,7 +269,7 @@ async fn write_databases(
 /// Users, by (username, host): new ones added, changed ones updated, vanished ones marked gone.
 async fn write_users(
     tx: &mut Tx,
-    server_id: i64,
+    server_id: ServerId,
     inventory: &InventoryWrite,
     stored: &BTreeMap<UserKey, StoredUser>,
     now: i64,

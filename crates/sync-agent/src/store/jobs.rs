@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 
+use fleetsync_common::ServerId;
 use fleetsync_common::{
     Backend, ServiceError,
     sql::{Row, Tx, Value, is_unique_violation, now_ms_sql, retry},
@@ -22,7 +23,7 @@ pub enum Selection {
     /// Every registered server.
     All,
     /// These (deduplicated, validated to exist).
-    Ids(Vec<i64>),
+    Ids(Vec<ServerId>),
 }
 
 /// Which jobs to list.
@@ -33,7 +34,7 @@ pub struct JobFilter {
     /// Only this state.
     pub state: Option<JobState>,
     /// Only jobs covering this server.
-    pub server_id: Option<i64>,
+    pub server_id: Option<ServerId>,
     /// Accepted at or after (ms).
     pub created_after: Option<i64>,
     /// Accepted before (ms).
@@ -344,7 +345,7 @@ impl Store {
                 differences.push("a list of servers (the job has all servers)".into());
             }
             (Some(JobSelection::Ids), Selection::Ids(ids)) => {
-                let had: Vec<i64> = self
+                let had: Vec<ServerId> = self
                     .db
                     .fetch(
                         "SELECT server_id FROM sync_job_servers WHERE job_id = ? ORDER BY server_id",
@@ -441,7 +442,7 @@ impl Store {
     /// read all the server's jobs and sort them (a server in few). PostgreSQL and MySQL choose
     /// by their statistics of the value; SQLite keeps none per value and always sorted all of
     /// them (a server in 10,000 jobs: 17 ms a page), so it is asked how many, up to a bound.
-    async fn walk_jobs_for(&self, server: i64, limit: i64) -> Result<bool, sqlx::Error> {
+    async fn walk_jobs_for(&self, server: ServerId, limit: i64) -> Result<bool, sqlx::Error> {
         if self.backend() != Backend::Sqlite {
             return Ok(false);
         }
@@ -519,13 +520,13 @@ impl Store {
     }
 }
 
-async fn missing_ids(tx: &mut Tx, ids: &[i64]) -> Result<Vec<i64>, sqlx::Error> {
+async fn missing_ids(tx: &mut Tx, ids: &[ServerId]) -> Result<Vec<ServerId>, sqlx::Error> {
     let mut found = std::collections::BTreeSet::new();
     for row in tx
         .fetch_in("SELECT id FROM servers WHERE id IN $ids", &[], ids)
         .await?
     {
-        found.insert(row.decode::<i64>()?);
+        found.insert(row.decode::<ServerId>()?);
     }
     Ok(ids
         .iter()
@@ -534,8 +535,8 @@ async fn missing_ids(tx: &mut Tx, ids: &[i64]) -> Result<Vec<i64>, sqlx::Error> 
         .collect())
 }
 
-fn describe_ids(ids: &[i64]) -> String {
-    let shown: Vec<String> = ids.iter().take(10).map(i64::to_string).collect();
+fn describe_ids(ids: &[ServerId]) -> String {
+    let shown: Vec<String> = ids.iter().take(10).map(ServerId::to_string).collect();
     if ids.len() > 10 {
         format!("{} (and {} more)", shown.join(", "), ids.len() - 10)
     } else {

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 
+use fleetsync_common::ServerId;
 use fleetsync_common::sql::Value;
 
 use super::{InventoryCounts, Store};
@@ -14,7 +15,7 @@ pub struct OutcomeRecord {
     /// Position in the job's stream (1-based).
     pub seq: i64,
     /// The server's id.
-    pub server_id: i64,
+    pub server_id: ServerId,
     /// Its name when the job was made.
     pub server_name: String,
     /// The run's result.
@@ -107,7 +108,7 @@ fleetsync_common::stored_row! {
     /// A job row with an outcome, in stream order (its result follows: [`ResultRow`]).
     struct OutcomeRow {
         seq: i64,
-        server_id: i64,
+        server_id: ServerId,
         server_name: String,
         finished_at: Option<i64>,
         next_probe_at: Option<i64>,
@@ -117,7 +118,7 @@ fleetsync_common::stored_row! {
 fleetsync_common::stored_row! {
     /// A server's latest run (its result follows: [`ResultRow`]).
     struct LatestRunRow {
-        server_id: i64,
+        server_id: ServerId,
         finished_at: Option<i64>,
     }
 }
@@ -160,8 +161,11 @@ impl Store {
 
     /// The latest run of each of these servers, and where that run skipped an offline server,
     /// the latest run that did try it (why it is offline).
-    pub async fn last_runs(&self, ids: &[i64]) -> Result<HashMap<i64, LastRuns>, sqlx::Error> {
-        let mut out: HashMap<i64, LastRuns> = HashMap::new();
+    pub async fn last_runs(
+        &self,
+        ids: &[ServerId],
+    ) -> Result<HashMap<ServerId, LastRuns>, sqlx::Error> {
+        let mut out: HashMap<ServerId, LastRuns> = HashMap::new();
         for (id, last) in self.latest_runs(ids, None).await? {
             out.insert(
                 id,
@@ -171,7 +175,7 @@ impl Store {
                 },
             );
         }
-        let skipped: Vec<i64> = out
+        let skipped: Vec<ServerId> = out
             .iter()
             .filter(|(_, runs)| runs.last.0.outcome == Outcome::SkippedOffline)
             .map(|(&id, _)| id)
@@ -193,9 +197,9 @@ impl Store {
     /// finished_at)).
     async fn latest_runs(
         &self,
-        ids: &[i64],
+        ids: &[ServerId],
         except: Option<Outcome>,
-    ) -> Result<Vec<(i64, (RunResult, i64))>, sqlx::Error> {
+    ) -> Result<Vec<(ServerId, (RunResult, i64))>, sqlx::Error> {
         let mut out = Vec::with_capacity(ids.len());
         // One index probe per server (`sync_runs_last`, (server_id, id)): a correlated MAX is
         // a seek to the end of the server's range on every backend, where a MAX grouped over

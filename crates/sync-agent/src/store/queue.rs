@@ -8,6 +8,7 @@
 //! has one writer), and bumps each lease's fencing token. A claim remembers when it was made by
 //! the database's clock: only requests older than that are served by the run.
 
+use fleetsync_common::ServerId;
 use fleetsync_common::{
     Backend, ServiceError,
     sql::{Tx, Value, is_unique_violation, retry},
@@ -23,7 +24,7 @@ use super::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Claim {
     /// The server.
-    pub server_id: i64,
+    pub server_id: ServerId,
     /// The fencing token: every write for this run checks it.
     pub token: i64,
     /// When the lease was taken, by the database's clock (ms).
@@ -83,7 +84,7 @@ impl Store {
         let holder = claimer.holder;
         let mut tx = self.db.begin().await?;
         let now = db_now(&mut tx).await?;
-        let ids: Vec<i64> = tx
+        let ids: Vec<ServerId> = tx
             .fetch(
                 &format!(
                     "SELECT server_id FROM server_leases WHERE pending_since IS NOT NULL \
@@ -108,7 +109,7 @@ impl Store {
         let mut servers = servers_for_run(&mut tx, &ids).await?;
         // The queue's copy of a zone disagrees with the server's (a zone written by hand, not
         // through Fleet): the copy is put right and the server left to its zone's agents.
-        let strays: Vec<(i64, String)> = servers
+        let strays: Vec<(ServerId, String)> = servers
             .values()
             .filter_map(|(r, _)| r.as_ref().ok())
             .filter(|s| s.zone != claimer.zone)
@@ -118,7 +119,7 @@ impl Store {
             tx.execute(
                 "UPDATE server_leases SET zone = ?, holder = NULL, expires_at = NULL \
                  WHERE server_id = ?",
-                &[zone.as_str().into(), Value::Int(*id)],
+                &[zone.as_str().into(), (*id).into()],
             )
             .await?;
             servers.remove(id);
@@ -183,7 +184,7 @@ impl Store {
     pub async fn renew(
         &self,
         holder: &str,
-        server_ids: &[i64],
+        server_ids: &[ServerId],
         ttl_ms: i64,
     ) -> Result<Renewal, sqlx::Error> {
         retry("renew leases", || {
@@ -195,7 +196,7 @@ impl Store {
     async fn renew_once(
         &self,
         holder: &str,
-        server_ids: &[i64],
+        server_ids: &[ServerId],
         ttl_ms: i64,
     ) -> Result<Renewal, sqlx::Error> {
         let mut tx = self.db.begin().await?;
@@ -214,7 +215,7 @@ impl Store {
                 )
             };
             let mut args: Vec<Value> = vec![holder.into(), now.into()];
-            args.extend(chunk.iter().map(|&id| Value::Int(id)));
+            args.extend(chunk.iter().map(Value::from));
             let mut ids = Vec::with_capacity(chunk.len());
             for row in tx.fetch(&live(skip), &args).await? {
                 ids.push(row.decode()?);
@@ -222,7 +223,7 @@ impl Store {
             if ids.len() < chunk.len() && self.backend() != Backend::Sqlite {
                 // Which of the others are ours but locked (a plain read does not wait).
                 for row in tx.fetch(&live(""), &args).await? {
-                    let id: i64 = row.decode()?;
+                    let id: ServerId = row.decode()?;
                     if ids.binary_search(&id).is_err() {
                         renewal.busy.push(id);
                     }
@@ -236,7 +237,7 @@ impl Store {
                 list(ids.len())
             );
             let mut args: Vec<Value> = vec![(now + ttl_ms).into(), now.into()];
-            args.extend(ids.iter().map(|&id| Value::Int(id)));
+            args.extend(ids.iter().map(Value::from));
             tx.execute(&sql, &args).await?;
             renewal.renewed.extend(ids);
         }
@@ -252,7 +253,7 @@ impl Store {
         for chunk in claims.chunks(CHUNK / 2) {
             let mut args: Vec<Value> = vec![holder.into()];
             for claim in chunk {
-                args.extend([Value::Int(claim.server_id), Value::Int(claim.token)]);
+                args.extend([claim.server_id.into(), Value::Int(claim.token)]);
             }
             let pairs = vec!["(?, ?)"; chunk.len()].join(", ");
             self.db
@@ -273,10 +274,10 @@ impl Store {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Renewal {
     /// Renewed: still held, expiry moved on.
-    pub renewed: Vec<i64>,
+    pub renewed: Vec<ServerId>,
     /// Still held and live, but locked by another transaction (our completion of that server,
     /// most likely): not waited for, not renewed this time.
-    pub busy: Vec<i64>,
+    pub busy: Vec<ServerId>,
 }
 
 /// What releasing a lease does to the server's waiting mark.
@@ -292,7 +293,7 @@ pub(super) enum WaitMark {
 /// a lease is given back.
 pub(super) async fn release_leases(
     tx: &mut Tx,
-    ids: &[i64],
+    ids: &[ServerId],
     holder: Option<&str>,
     waiting: WaitMark,
 ) -> Result<(), sqlx::Error> {
@@ -323,7 +324,7 @@ pub(super) async fn release_leases(
 /// holder, expiry and claim time by the database's clock.
 pub(super) async fn take_leases(
     tx: &mut Tx,
-    ids: &[i64],
+    ids: &[ServerId],
     holder: &str,
     ttl_ms: i64,
     now: i64,
@@ -353,8 +354,8 @@ pub(super) async fn take_leases(
 /// forces past its backoff.
 async fn servers_for_run(
     tx: &mut Tx,
-    ids: &[i64],
-) -> Result<std::collections::HashMap<i64, (Registration, bool)>, sqlx::Error> {
+    ids: &[ServerId],
+) -> Result<std::collections::HashMap<ServerId, (Registration, bool)>, sqlx::Error> {
     let mut out = std::collections::HashMap::with_capacity(ids.len());
     let sql = format!(
         "SELECT {SERVER_COLUMNS}, (SELECT COUNT(*) FROM sync_job_servers js \

@@ -2,6 +2,7 @@
 //! database's clock), claimed in batches under the same fenced leases as syncs, and what a
 //! probe found (back online, or one more failure with the next probe time).
 
+use fleetsync_common::ServerId;
 use fleetsync_common::{Backend, sql::Tx};
 
 use super::{
@@ -14,7 +15,11 @@ use crate::model::Reachability;
 
 /// Marks `ids` online as of `now`: seen, no failures, no probe due. The one place a server
 /// comes back, from a run or a probe.
-pub(super) async fn mark_online(tx: &mut Tx, now: i64, ids: &[i64]) -> Result<(), sqlx::Error> {
+pub(super) async fn mark_online(
+    tx: &mut Tx,
+    now: i64,
+    ids: &[ServerId],
+) -> Result<(), sqlx::Error> {
     tx.execute_in(
         "UPDATE servers SET reachability = ?, last_seen_at = ?, \
          consecutive_failures = 0, next_probe_at = NULL WHERE id IN $ids",
@@ -46,7 +51,7 @@ impl Store {
             // MariaDB has no `OF`: the joined server rows are locked too, briefly.
             Backend::MySql => " FOR UPDATE SKIP LOCKED",
         };
-        let ids: Vec<i64> = tx
+        let ids: Vec<ServerId> = tx
             .fetch(
                 &format!(
                     "SELECT l.server_id FROM servers s JOIN server_leases l ON l.server_id = s.id \
@@ -85,7 +90,7 @@ impl Store {
         &self,
         holder: &str,
         probes: &[(Claim, Option<i64>)],
-    ) -> Result<Vec<i64>, sqlx::Error> {
+    ) -> Result<Vec<ServerId>, sqlx::Error> {
         fleetsync_common::sql::retry("record probes", || self.record_probes_once(holder, probes))
             .await
     }
@@ -94,7 +99,7 @@ impl Store {
         &self,
         holder: &str,
         probes: &[(Claim, Option<i64>)],
-    ) -> Result<Vec<i64>, sqlx::Error> {
+    ) -> Result<Vec<ServerId>, sqlx::Error> {
         let mut tx = self.db.begin().await?;
         let now = db_now(&mut tx).await?;
         let lock = if self.backend() == Backend::Sqlite {

@@ -4,6 +4,7 @@
 //! database's clock, like every time it is compared with. Also ends the rows left waiting for
 //! servers that were deleted without going through the Fleet API.
 
+use fleetsync_common::ServerId;
 use fleetsync_common::sql::{Value, now_ms_sql};
 
 use super::{Store, fill::cancel_waiting, list};
@@ -117,7 +118,7 @@ impl Store {
                 )
                 .await?;
         }
-        let orphans: Vec<i64> = self
+        let orphans: Vec<ServerId> = self
             .db
             .fetch(
                 &format!(

@@ -1,6 +1,7 @@
 //! Servers as registered through the `Fleet` API, with their database service, pinned host key,
 //! reachability and inventory.
 
+use fleetsync_common::ServerId;
 use fleetsync_common::{
     ServiceError,
     sql::{Row, Value, is_unique_violation, retry},
@@ -64,7 +65,7 @@ pub struct HostKeyRecord {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerRecord {
     /// Server id, assigned by the database.
-    pub id: i64,
+    pub id: ServerId,
     /// Unique, human-readable name.
     pub name: String,
     /// IP address or host name the agent connects to.
@@ -107,7 +108,7 @@ fleetsync_common::stored_row! {
     /// A server's registration as stored (with its database service), before it is checked:
     /// the columns every read of a server selects.
     pub(super) struct ServerRow {
-        id: i64 = "s.id",
+        id: ServerId = "s.id",
         name: String = "s.name",
         ip: String = "s.ip",
         port: i64 = "s.port",
@@ -164,7 +165,7 @@ impl ServerRecord {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unreadable {
     /// The server.
-    pub id: i64,
+    pub id: ServerId,
     /// What could not be read.
     pub reason: String,
 }
@@ -188,7 +189,7 @@ pub(super) fn registration(row: &Row) -> Result<Registration, sqlx::Error> {
 
 impl Unreadable {
     /// The server of a registration, readable or not.
-    pub fn id_of(registration: &Registration) -> i64 {
+    pub fn id_of(registration: &Registration) -> ServerId {
         match registration {
             Ok(server) => server.id,
             Err(unreadable) => unreadable.id,
@@ -361,7 +362,7 @@ pub enum HostKeyReset {
 
 impl Store {
     /// One server.
-    pub async fn server(&self, id: i64) -> Result<Option<ServerRecord>, sqlx::Error> {
+    pub async fn server(&self, id: ServerId) -> Result<Option<ServerRecord>, sqlx::Error> {
         let sql = format!("SELECT {SERVER_COLUMNS} FROM {SERVER_FROM} WHERE s.id = ?");
         self.db
             .fetch_optional(&sql, &[service_type(), id.into()])
@@ -371,11 +372,12 @@ impl Store {
             .transpose()
     }
 
-    /// Servers by ascending id after `after_id`, optionally with one reachability.
+    /// Servers by ascending id, after `after` (from the first: `None`), optionally with one
+    /// reachability.
     pub async fn servers(
         &self,
         reachability: Option<Reachability>,
-        after_id: i64,
+        after: Option<ServerId>,
         limit: u32,
     ) -> Result<Vec<ServerRecord>, sqlx::Error> {
         let (filter, mut args): (&str, Vec<Value>) = match reachability {
@@ -385,7 +387,7 @@ impl Store {
         let sql = format!(
             "SELECT {SERVER_COLUMNS} FROM {SERVER_FROM} WHERE s.id > ? {filter} ORDER BY s.id LIMIT ?"
         );
-        args.insert(0, after_id.into());
+        args.insert(0, after.map_or(0, ServerId::get).into());
         args.insert(0, service_type());
         args.push(i64::from(limit).into());
         self.db
@@ -399,7 +401,7 @@ impl Store {
     /// Creates or updates a server: by id if given (NOT_FOUND if absent), else by name.
     pub async fn upsert_server(
         &self,
-        id: Option<i64>,
+        id: Option<ServerId>,
         spec: &ServerSpec,
     ) -> Result<UpsertOutcome, ServiceError> {
         let (id, created) = match id {
@@ -423,7 +425,11 @@ impl Store {
     }
 
     /// One attempt at changing the server with this id (a rename included).
-    async fn update_server_once(&self, id: i64, spec: &ServerSpec) -> Result<i64, ServiceError> {
+    async fn update_server_once(
+        &self,
+        id: ServerId,
+        spec: &ServerSpec,
+    ) -> Result<ServerId, ServiceError> {
         let now = crate::now_ms();
         let mut tx = self.db.begin().await?;
         let Some(current) = tx
@@ -501,11 +507,11 @@ impl Store {
 
     /// Deletes a server with its inventory and lease; the job rows waiting for it end as
     /// `CANCELLED`, in the same transaction. False if there was none.
-    pub async fn delete_server(&self, id: i64) -> Result<bool, sqlx::Error> {
+    pub async fn delete_server(&self, id: ServerId) -> Result<bool, sqlx::Error> {
         retry("delete server", || self.delete_server_once(id)).await
     }
 
-    async fn delete_server_once(&self, id: i64) -> Result<bool, sqlx::Error> {
+    async fn delete_server_once(&self, id: ServerId) -> Result<bool, sqlx::Error> {
         let mut tx = self.db.begin().await?;
         // The locks every filler of job rows takes, in the same order: the server's lease row
         // (a completion of this server holds it; a twin delete queues here), then the job rows
@@ -537,7 +543,7 @@ impl Store {
     }
 
     /// Forgets a server's pinned host key.
-    pub async fn reset_host_key(&self, id: i64) -> Result<HostKeyReset, sqlx::Error> {
+    pub async fn reset_host_key(&self, id: ServerId) -> Result<HostKeyReset, sqlx::Error> {
         let Some(server) = self.server(id).await? else {
             return Ok(HostKeyReset::NoSuchServer);
         };
@@ -554,7 +560,7 @@ impl Store {
     }
 
     /// What the syncs stored about a server.
-    pub async fn inventory(&self, id: i64) -> Result<Inventory, sqlx::Error> {
+    pub async fn inventory(&self, id: ServerId) -> Result<Inventory, sqlx::Error> {
         let type_data = self
             .db
             .fetch_optional(

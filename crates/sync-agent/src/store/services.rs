@@ -1,6 +1,7 @@
 //! The database service rows (`services`): the one writer of them, for Fleet registration by id
 //! and imports alike, and the service type the agent selects.
 
+use fleetsync_common::ServerId;
 use fleetsync_common::{
     Backend,
     model::{ServiceStatus, ServiceType},
@@ -23,9 +24,9 @@ pub(super) fn service_type() -> Value {
 pub(super) async fn write_services(
     tx: &mut Tx,
     now: i64,
-    changes: &[(i64, Option<(&str, &str)>)],
+    changes: &[(ServerId, Option<(&str, &str)>)],
 ) -> Result<(), sqlx::Error> {
-    let gone: Vec<i64> = changes
+    let gone: Vec<ServerId> = changes
         .iter()
         .filter(|(_, s)| s.is_none())
         .map(|(id, _)| *id)
@@ -36,7 +37,7 @@ pub(super) async fn write_services(
         &gone,
     )
     .await?;
-    let set: Vec<(i64, (&str, &str))> = changes
+    let set: Vec<(ServerId, (&str, &str))> = changes
         .iter()
         .filter_map(|(id, s)| s.map(|s| (*id, s)))
         .collect();
