@@ -183,7 +183,7 @@ async fn the_cli_reads_a_10000_server_job_whose_outcomes_carry_1_kb_messages() {
     let store = Store::new(conn.clone());
     let (job, _) = store
         .create_job(&NewJob {
-            request_id: "long-messages".into(),
+            request_id: fleetsync_common::RequestId::new("long-messages"),
             origin: JobOrigin::Rpc,
             selection: Selection::All,
             scopes: Scopes::ALL,
@@ -217,7 +217,7 @@ async fn the_cli_reads_a_10000_server_job_whose_outcomes_carry_1_kb_messages() {
     let output = std::process::Command::new(fleetsync_tests::process::bin_path("sync-agent"))
         .args([
             "job",
-            &job.id,
+            job.id.as_str(),
             "--agent-url",
             &format!("http://{}", agent.addr),
         ])

@@ -95,7 +95,7 @@ async fn jobs_created_at_once_under_one_request_id_are_one_job() {
                     store
                         .create_job(&NewJob {
                             // Half the callers name one request, half another.
-                            request_id: format!("twin-{}", i % 2),
+                            request_id: fleetsync_common::RequestId::new(format!("twin-{}", i % 2)),
                             origin: JobOrigin::Migration,
                             selection: Selection::All,
                             scopes: [fleetsync_sync_agent::model::Scope::Databases]

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeSet;
 
-use fleetsync_common::{Backend, Db, ServerId};
+use fleetsync_common::{Backend, Db, JobId, RequestId, ServerId};
 use fleetsync_sync_agent::{
     model::{JobOrigin, JobState, Outcome, Scopes},
     store::{Claim, Completion, NewJob, Reach, Recorded, RunResult, Selection, Store},
@@ -28,10 +28,10 @@ async fn setup(backend: Backend, n: usize) -> (TestDb, Db, Store) {
     (db, conn, store)
 }
 
-async fn new_job(store: &Store, request_id: &str, reason: &str) -> String {
+async fn new_job(store: &Store, request_id: &str, reason: &str) -> JobId {
     let (job, created) = store
         .create_job(&NewJob {
-            request_id: request_id.into(),
+            request_id: RequestId::new(request_id),
             origin: JobOrigin::Rpc,
             selection: Selection::All,
             scopes: Scopes::ALL,
@@ -52,7 +52,7 @@ async fn server_ids(conn: &Db) -> Vec<ServerId> {
 
 /// The job's stream is exact: what `WatchSync` reads (the rows after cursor 0, then the summary
 /// once the cursor reaches the total).
-async fn assert_exact(store: &Store, conn: &Db, job_id: &str, what: &str) {
+async fn assert_exact(store: &Store, conn: &Db, job_id: &JobId, what: &str) {
     let job = store.job(job_id).await.expect("job").expect("job exists");
     let outcomes = store
         .outcomes_after(job_id, 0, 100_000)

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use fleetsync_common::{Backend, ServerId};
+use fleetsync_common::{Backend, RequestId, ServerId};
 use fleetsync_tests::{
     TestDb,
     catalog::{count, execute},
@@ -39,7 +39,7 @@ async fn an_agent_that_lost_its_lease_writes_nothing_and_runs_serve_only_older_r
             .server
             .id;
         let job = |request: &str| fleetsync_sync_agent::store::NewJob {
-            request_id: request.into(),
+            request_id: RequestId::new(request),
             origin: JobOrigin::Rpc,
             selection: fleetsync_sync_agent::store::Selection::Ids(vec![server]),
             scopes: [Scope::Databases].into_iter().collect(),

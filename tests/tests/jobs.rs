@@ -2,7 +2,7 @@
 //! newest first, filtered and paged; malformed filters name their field.
 
 use fleetsync_common::{
-    ServerId,
+    JobId, RequestId, ServerId,
     proto::sync::v1::{JobOrigin, JobState, ListJobsRequest, StartSyncRequest},
 };
 use fleetsync_sync_agent::ssh::{ClientKeys, SshClient, Timeouts};
@@ -188,7 +188,7 @@ async fn jobs_of_a_server_in_many_or_few_jobs_page_alike() {
             };
             store
                 .create_job(&NewJob {
-                    request_id: format!("paged-{i}"),
+                    request_id: RequestId::new(format!("paged-{i}")),
                     origin: Origin::Rpc,
                     selection: Selection::Ids(ids),
                     scopes: Scopes::ALL,
@@ -217,7 +217,7 @@ async fn jobs_of_a_server_in_many_or_few_jobs_page_alike() {
                 after = Some((last.created_at, last.id.clone()));
                 paged.extend(page.into_iter().map(|j| j.id));
             }
-            let wanted: Vec<String> = all
+            let wanted: Vec<JobId> = all
                 .iter()
                 .filter(|j| server == many || j.total == 2)
                 .map(|j| j.id.clone())

@@ -4,7 +4,7 @@
 //! CANCELLED; the cutoff is taken by the database's clock. A watch of a job deleted while it is
 //! open ends with NOT_FOUND.
 
-use fleetsync_common::ServerId;
+use fleetsync_common::{RequestId, ServerId};
 use fleetsync_sync_agent::{
     model::{JobOrigin, Outcome, Scope},
     store::{Completion, NewJob, Reach, Recorded, RunResult, Selection, Store},
@@ -18,7 +18,7 @@ use fleetsync_tests::{
 
 fn job(request: &str, ids: Vec<i64>) -> NewJob {
     NewJob {
-        request_id: request.into(),
+        request_id: RequestId::new(request),
         origin: JobOrigin::Rpc,
         selection: Selection::Ids(ids.into_iter().map(ServerId::stored).collect()),
         scopes: [Scope::Databases].into_iter().collect(),

@@ -309,7 +309,7 @@ crate::stored_row! {
     /// A sync request a migration recorded in the outbox (`sync_requests`).
     pub struct SyncRequest {
         /// `migration-VERSION`: the job made from it takes this as its request id.
-        pub id: String,
+        pub id: crate::RequestId,
         /// What the migration asked to re-read.
         pub scopes: Scopes,
         /// Why, for the job's reason.

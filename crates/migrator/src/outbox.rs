@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use fleetsync_common::{
+    RequestId,
     Db,
     clock::now_ms,
     model::RequestState,
@@ -36,7 +37,7 @@ pub struct AgentTarget {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dispatch {
     /// The request's id.
-    pub request_id: String,
+    pub request_id: RequestId,
     /// The agent's job id, or why the agent did not take it.
     pub result: Result<String, String>,
 }
@@ -86,7 +87,7 @@ pub async fn dispatch_pending(db: &Db, agent: &AgentTarget) -> Result<Vec<Dispat
                         RequestState::Dispatched.as_str().into(),
                         Value::Text(job_id.clone()),
                         Value::Int(now_ms()),
-                        Value::Text(dispatch.request_id.clone()),
+                        (&dispatch.request_id).into(),
                         RequestState::Pending.as_str().into(),
                     ],
                 )
@@ -97,7 +98,7 @@ pub async fn dispatch_pending(db: &Db, agent: &AgentTarget) -> Result<Vec<Dispat
                     &format!("UPDATE {OUTBOX_TABLE} SET last_error = ? WHERE id = ?"),
                     &[
                         Value::Text(error.clone()),
-                        Value::Text(dispatch.request_id.clone()),
+                        (&dispatch.request_id).into(),
                     ],
                 )
                 .await
@@ -187,7 +188,7 @@ async fn hand_over(pending: &[SyncRequest], agent: &AgentTarget) -> Vec<Dispatch
         let scopes = request.scopes.to_proto();
         let result = client
             .start_sync(StartSyncRequest {
-                request_id: request.id.clone(),
+                request_id: request.id.to_string(),
                 server_ids: Vec::new(),
                 all_servers: true,
                 scopes,

@@ -220,7 +220,11 @@ impl Migrator for MigratorService {
                     current_version: report.current_version,
                     success: true,
                     error: String::new(),
-                    sync_request_id: report.sync_requests.last().cloned().unwrap_or_default(),
+                    sync_request_id: report
+                        .sync_requests
+                        .last()
+                        .map(ToString::to_string)
+                        .unwrap_or_default(),
                     sync_job_id: String::new(),
                     rolled_back: report.rolled_back.clone(),
                     withdrawn_requests: report.withdrawn.clone(),

@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use fleetsync_common::{
+    RequestId,
     Backend,
     clock::now_ms,
     model::{RequestOrigin, RequestState, SCHEMA_BREAKS_TABLE},
@@ -332,7 +333,7 @@ impl Engine {
 }
 
 pub(super) enum Applied {
-    Now { sync_request: Option<String> },
+    Now { sync_request: Option<RequestId> },
     ByAnother,
 }
 
@@ -492,16 +493,20 @@ async fn record_stop(conn: &mut Conn, m: &Migration) -> Result<(), sqlx::Error> 
 /// Id of the sync request a migration records: one per application of a migration, so
 /// recording it twice is impossible and the agent deduplicates on it. The first application's
 /// is `migration-VERSION`; a migration applied again after a roll-back, whose earlier request
-/// an agent had taken, records `migration-VERSION-2` and so on.
-pub fn sync_request_id(version: i64) -> String {
-    format!("migration-{version}")
+/// an agent had taken, records `migration-VERSION-2` and so on (`earlier`: the requests of
+/// this version already recorded).
+pub fn sync_request_id(version: i64, earlier: i64) -> RequestId {
+    RequestId::new(match earlier {
+        0 => format!("migration-{version}"),
+        n => format!("migration-{version}-{}", n + 1),
+    })
 }
 
 /// Records the migration's sync request in the outbox, if it declares re-sync scopes.
 pub(super) async fn record_sync_request(
     conn: &mut Conn,
     m: &Migration,
-) -> Result<Option<String>, sqlx::Error> {
+) -> Result<Option<RequestId>, sqlx::Error> {
     if m.resync.is_empty() {
         return Ok(None);
     }
@@ -514,10 +519,7 @@ pub(super) async fn record_sync_request(
         )
         .await?
         .unwrap_or(0);
-    let id = match earlier {
-        0 => sync_request_id(m.version),
-        n => format!("{}-{}", sync_request_id(m.version), n + 1),
-    };
+    let id = sync_request_id(m.version, earlier);
     {
         conn.execute(
             &format!(
@@ -525,7 +527,7 @@ pub(super) async fn record_sync_request(
                  created_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
             ),
             &[
-                Value::Text(id.clone()),
+                (&id).into(),
                 RequestOrigin::Migration.as_str().into(),
                 Value::Int(m.version),
                 Value::Text(m.resync.to_string()),

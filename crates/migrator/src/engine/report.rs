@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use fleetsync_common::Backend;
+use fleetsync_common::{Backend, RequestId};
 
 use crate::{
     agents::LiveAgent,
@@ -118,7 +118,7 @@ pub enum Event {
         /// How long it took.
         duration: Duration,
         /// Id of the sync request it recorded, if any.
-        sync_request: Option<String>,
+        sync_request: Option<RequestId>,
     },
     /// A migration's reverse started (the way down).
     RollingBack {
@@ -163,5 +163,5 @@ pub struct Report {
     /// Highest applied version afterwards.
     pub current_version: i64,
     /// Sync requests recorded by this run.
-    pub sync_requests: Vec<String>,
+    pub sync_requests: Vec<RequestId>,
 }

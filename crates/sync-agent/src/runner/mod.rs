@@ -20,6 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use fleetsync_common::RequestId;
 use leases::{HeldLeases, LeaseGuard};
 use quarantine::Standing;
 use run::RunEnd;
@@ -422,7 +423,7 @@ impl Runner {
         loop {
             let bucket = crate::now_ms() / interval_ms;
             let job = NewJob {
-                request_id: format!("schedule-{interval_ms}-{bucket}"),
+                request_id: RequestId::new(format!("schedule-{interval_ms}-{bucket}")),
                 origin: JobOrigin::Schedule,
                 selection: Selection::All,
                 scopes: Scopes::ALL,

@@ -4,6 +4,8 @@
 use std::sync::Arc;
 
 use super::{LeaseGuard, Runner};
+use fleetsync_common::RequestId;
+
 use crate::model::{JobOrigin, Scopes};
 use crate::store::{Claim, NewJob, Selection};
 
@@ -85,7 +87,7 @@ impl Runner {
                         "servers are back: syncing what they missed"
                     );
                     let job = NewJob {
-                        request_id: format!("recovery-{}-{}", self.holder, crate::new_id()),
+                        request_id: RequestId::new(format!("recovery-{}-{}", self.holder, crate::new_id())),
                         origin: JobOrigin::Recovery,
                         selection: Selection::Ids(back),
                         scopes: Scopes::ALL,

@@ -114,8 +114,8 @@ pub fn job_state(state: JobState) -> pb::JobState {
 /// A job as its summary.
 pub fn summary(job: &JobRecord) -> pb::JobSummary {
     pb::JobSummary {
-        job_id: job.id.clone(),
-        request_id: job.request_id.clone(),
+        job_id: job.id.to_string(),
+        request_id: job.request_id.to_string(),
         origin: origin(job.origin) as i32,
         state: job_state(job.state()) as i32,
         scopes: job.scopes.to_proto(),

@@ -8,24 +8,26 @@ use std::{
     time::Instant,
 };
 
+use fleetsync_common::JobId;
+
 use crate::store::{OutcomeRecord, Store};
 
 /// The feeds of the jobs being watched on this agent.
 #[derive(Debug, Default, Clone)]
 pub struct Feeds {
-    jobs: Arc<Mutex<HashMap<String, Weak<Feed>>>>,
+    jobs: Arc<Mutex<HashMap<JobId, Weak<Feed>>>>,
 }
 
 impl Feeds {
     /// The feed of a job, shared by its watchers while any holds it.
-    pub fn feed(&self, job_id: &str) -> Arc<Feed> {
+    pub fn feed(&self, job_id: &JobId) -> Arc<Feed> {
         let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(feed) = jobs.get(job_id).and_then(Weak::upgrade) {
             return feed;
         }
         jobs.retain(|_, feed| feed.strong_count() > 0);
         let feed = Arc::new(Feed::default());
-        jobs.insert(job_id.to_owned(), Arc::downgrade(&feed));
+        jobs.insert(job_id.clone(), Arc::downgrade(&feed));
         feed
     }
 }
@@ -50,7 +52,7 @@ impl Feed {
     pub async fn after(
         &self,
         store: &Store,
-        job_id: &str,
+        job_id: &JobId,
         after: i64,
         limit: i64,
         woke: Instant,

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use fleetsync_common::{
-    ServerId, ServiceError,
+    JobId, ServerId, ServiceError,
     proto::sync::v1::{
         self as pb, CheckConnectionRequest, CheckConnectionResponse, GetSyncJobRequest,
         GetSyncJobResponse, ListAgentsRequest, ListAgentsResponse, ListJobsRequest,
@@ -65,20 +65,12 @@ impl SyncAgentService {
     }
 
     async fn job(&self, job_id: &str) -> Result<JobRecord, ServiceError> {
-        if job_id.is_empty() {
-            return Err(ServiceError::invalid("job_id", "required"));
-        }
-        if job_id.len() > 128 {
-            return Err(ServiceError::invalid(
-                "job_id",
-                "longer than 128 characters",
-            ));
-        }
+        let job_id = JobId::from_request(job_id, "job_id")?;
         self.state
             .store
-            .job(job_id)
+            .job(&job_id)
             .await?
-            .ok_or_else(|| ServiceError::not_found("job", job_id))
+            .ok_or_else(|| ServiceError::not_found("job", &job_id))
     }
 
     /// Streams a job's events after `cursor`, then its summary. Each wake-up reads only the
@@ -188,7 +180,7 @@ impl SyncAgent for SyncAgentService {
     ) -> Result<Response<StartSyncResponse>, Status> {
         let (job, created) = self.start(request.into_inner()).await?;
         Ok(Response::new(StartSyncResponse {
-            job_id: job.id,
+            job_id: job.id.into_string(),
             created,
             server_count: job.total as u32,
         }))

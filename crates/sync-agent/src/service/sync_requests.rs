@@ -5,11 +5,11 @@
 use std::collections::BTreeSet;
 
 use fleetsync_common::{
-    ServerId, ServiceError,
+    JobId, RequestId, ServerId, ServiceError,
     proto::sync::v1::{self as pb, ListJobsRequest, StartSyncRequest},
 };
 
-use super::fields::{free_text, optional_enum, page_size, text};
+use super::fields::{free_text, optional_enum, page_size};
 use crate::{
     model::{JobOrigin, JobState, Scope, Scopes},
     store::{JobFilter, NewJob, Selection},
@@ -24,7 +24,7 @@ pub enum Start {
     /// A job (or the one already made under its request id, if it is the same request).
     New(NewJob),
     /// The job already made under this request id: nothing but the id was given.
-    Join(String),
+    Join(RequestId),
 }
 
 /// Validates a start request; every error names its field.
@@ -36,11 +36,8 @@ pub fn validate_start(request: StartSyncRequest) -> Result<Start, ServiceError> 
         && !request.force
         && request.reason.is_empty();
     let request_id = match request.request_id.as_str() {
-        "" => format!("rpc-{}", crate::new_id()),
-        id => {
-            text(id, "request_id", 128)?;
-            id.to_owned()
-        }
+        "" => RequestId::new(format!("rpc-{}", crate::new_id())),
+        id => RequestId::from_request(id, "request_id")?,
     };
     if join {
         return Ok(Start::Join(request_id));
@@ -113,7 +110,7 @@ pub struct ListQuery {
     /// Which jobs.
     pub filter: JobFilter,
     /// The keyset to continue after (created_at, id), from the page token.
-    pub after: Option<(i64, String)>,
+    pub after: Option<(i64, JobId)>,
     /// Jobs per page.
     pub size: i64,
 }
@@ -162,7 +159,7 @@ pub fn validate_list(request: &ListJobsRequest) -> Result<ListQuery, ServiceErro
                 .and_then(|(at, id)| {
                     let at = at.parse::<i64>().ok()?;
                     (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()))
-                        .then(|| (at, id.to_owned()))
+                        .then(|| (at, JobId::new(id)))
                 })
                 .ok_or_else(|| {
                     ServiceError::invalid("page_token", "not a token ListJobs returned")
@@ -210,7 +207,7 @@ mod tests {
             request_id: String::new(),
             ..request()
         });
-        assert!(generated.request_id.starts_with("rpc-"));
+        assert!(generated.request_id.as_str().starts_with("rpc-"));
 
         let field = |r: StartSyncRequest| match validate_start(r).unwrap_err() {
             ServiceError::InvalidArgument { field, reason } => format!("{field}: {reason}"),
@@ -231,7 +228,7 @@ mod tests {
                 ..request()
             })
             .unwrap(),
-            Start::Join("r1".into())
+            Start::Join(RequestId::new("r1"))
         );
         assert!(
             field(StartSyncRequest {

@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use fleetsync_common::ServerId;
+use fleetsync_common::{JobId, ServerId};
 use fleetsync_common::sql::{Tx, Value, is_lock_timeout, retry};
 
 use crate::model::{Cause, Reachability, Scopes};
@@ -70,7 +70,7 @@ pub enum Recorded {
         /// The result as stored.
         result: RunResult,
         /// Jobs that got this outcome.
-        jobs: Vec<String>,
+        jobs: Vec<JobId>,
     },
     /// The lease was lost (expired, perhaps taken by another agent): nothing written; the
     /// server stays waiting.
@@ -450,7 +450,7 @@ async fn fill_jobs(
     stored: &[(&Completion, &RunResult)],
     counts: Vec<Option<String>>,
     now: i64,
-) -> Result<HashMap<ServerId, Vec<String>>, sqlx::Error> {
+) -> Result<HashMap<ServerId, Vec<JobId>>, sqlx::Error> {
     let fills: Vec<Fill<'_>> = stored
         .iter()
         .zip(counts)

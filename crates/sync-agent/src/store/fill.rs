@@ -11,8 +11,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use fleetsync_common::ServerId;
 use fleetsync_common::{
+    JobId, ServerId,
     Backend,
     sql::{Tx, Value},
 };
@@ -33,14 +33,14 @@ pub(super) struct Fill<'a> {
 /// Which jobs each server served.
 #[derive(Debug, Default)]
 pub(super) struct FillReport {
-    pub jobs: HashMap<ServerId, Vec<String>>,
+    pub jobs: HashMap<ServerId, Vec<JobId>>,
 }
 
 /// The job rows waiting for these servers, split into those each run serves (by job) and the
 /// servers that keep rows waiting for a later run.
 pub(super) struct Waiting {
     /// job id -> (server id, server name), ascending server id.
-    served: BTreeMap<String, Vec<(ServerId, String)>>,
+    served: BTreeMap<JobId, Vec<(ServerId, String)>>,
     pub(super) still_waiting: BTreeSet<ServerId>,
 }
 
@@ -61,7 +61,7 @@ pub(super) async fn waiting_rows(tx: &mut Tx, fills: &[Fill<'_>]) -> Result<Wait
     // estimates from statistics, which a fresh job makes stale, and chose a full scan (100 ms a
     // batch at 100,000 servers).
     let hint = waiting_hint(tx.backend());
-    let mut rows: Vec<(String, ServerId, String)> = Vec::new();
+    let mut rows: Vec<(JobId, ServerId, String)> = Vec::new();
     let sql = format!(
         "SELECT job_id, server_id, server_name FROM sync_job_servers{hint} \
          WHERE outcome IS NULL AND server_id IN $ids"
@@ -75,7 +75,7 @@ pub(super) async fn waiting_rows(tx: &mut Tx, fills: &[Fill<'_>]) -> Result<Wait
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    let mut created_at: HashMap<String, i64> = HashMap::with_capacity(jobs.len());
+    let mut created_at: HashMap<JobId, i64> = HashMap::with_capacity(jobs.len());
     for row in tx
         .fetch_in(
             "SELECT id, created_at FROM sync_jobs WHERE id IN $ids",
@@ -84,7 +84,7 @@ pub(super) async fn waiting_rows(tx: &mut Tx, fills: &[Fill<'_>]) -> Result<Wait
         )
         .await?
     {
-        let (id, at): (String, i64) = row.decode()?;
+        let (id, at): (JobId, i64) = row.decode()?;
         created_at.insert(id, at);
     }
     for (job, server, name) in rows {
@@ -237,7 +237,7 @@ pub(super) async fn fill(
 /// every row's header, a third of a 10,000-server job's time.
 async fn still_waiting(
     tx: &mut Tx,
-    job_id: &str,
+    job_id: &JobId,
     candidates: &[(ServerId, String)],
 ) -> Result<BTreeSet<ServerId>, sqlx::Error> {
     let hint = waiting_hint(tx.backend());
@@ -251,8 +251,8 @@ async fn still_waiting(
     );
     let ids: Vec<ServerId> = candidates.iter().map(|(id, _)| *id).collect();
     for row in tx.fetch_in(&sql, &[], &ids).await? {
-        let (job, server): (String, ServerId) = row.decode()?;
-        if job == job_id {
+        let (job, server): (JobId, ServerId) = row.decode()?;
+        if job == *job_id {
             still.insert(server);
         }
     }
@@ -268,7 +268,7 @@ fn waiting_hint(backend: Backend) -> &'static str {
 }
 
 /// A job's outcome counts from its rows (a job made before the counts were kept).
-async fn count_rows(tx: &mut Tx, job_id: &str) -> Result<OutcomeCounts, sqlx::Error> {
+async fn count_rows(tx: &mut Tx, job_id: &JobId) -> Result<OutcomeCounts, sqlx::Error> {
     let mut counts = OutcomeCounts::default();
     for row in tx
         .fetch(

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use fleetsync_common::ServerId;
+use fleetsync_common::{JobId, RequestId, ServerId};
 use fleetsync_common::{
     Backend, ServiceError,
     sql::{Row, Tx, Value, is_unique_violation, now_ms_sql, retry},
@@ -45,7 +45,7 @@ pub struct JobFilter {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewJob {
     /// Idempotency key.
-    pub request_id: String,
+    pub request_id: RequestId,
     /// Where the request came from: a call, a migration, the schedule or a recovery.
     pub origin: JobOrigin,
     /// Which servers: all of them, or these ids.
@@ -62,9 +62,9 @@ pub struct NewJob {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobRecord {
     /// The job's id, as `StartSync` returns it.
-    pub id: String,
+    pub id: JobId,
     /// Idempotency key.
-    pub request_id: String,
+    pub request_id: RequestId,
     /// Where the request came from: a call, a migration, the schedule or a recovery.
     pub origin: JobOrigin,
     /// What it is for.
@@ -102,8 +102,8 @@ fleetsync_common::stored_row! {
     /// A row of `sync_jobs` as stored, its outcome counts still JSON text (`None`: a job made
     /// before the counts were kept on its row, whose counts are its rows').
     struct JobRow {
-        id: String,
-        request_id: String,
+        id: JobId,
+        request_id: RequestId,
         origin: JobOrigin,
         scopes: Scopes,
         force_offline: i64,
@@ -205,12 +205,12 @@ impl Store {
         Ok((record, created))
     }
 
-    async fn create_job_once(&self, job: &NewJob) -> Result<(String, bool), ServiceError> {
+    async fn create_job_once(&self, job: &NewJob) -> Result<(JobId, bool), ServiceError> {
         if let Some(existing) = self.job_id_by_request(&job.request_id).await? {
             self.check_same_request(&existing, job).await?;
             return Ok((existing, false));
         }
-        let id = crate::new_id();
+        let id = JobId::new(crate::new_id());
         let now_sql = now_ms_sql(self.backend());
         let mut tx = self.db.begin().await?;
         let now = tx
@@ -317,7 +317,7 @@ impl Store {
     /// A request id names one request: the same servers, scopes and force. A repeat that asks
     /// for something else is refused with the differences, instead of silently getting the
     /// first job. (The reason is free text and may differ.)
-    async fn check_same_request(&self, job_id: &str, job: &NewJob) -> Result<(), ServiceError> {
+    async fn check_same_request(&self, job_id: &JobId, job: &NewJob) -> Result<(), ServiceError> {
         let Some(row) = self
             .db
             .fetch_optional(
@@ -377,14 +377,17 @@ impl Store {
     }
 
     /// The job made under a request id, with its outcome counts.
-    pub async fn job_by_request(&self, request_id: &str) -> Result<Option<JobRecord>, sqlx::Error> {
+    pub async fn job_by_request(&self, request_id: &RequestId) -> Result<Option<JobRecord>, sqlx::Error> {
         match self.job_id_by_request(request_id).await? {
             Some(id) => self.job(&id).await,
             None => Ok(None),
         }
     }
 
-    async fn job_id_by_request(&self, request_id: &str) -> Result<Option<String>, sqlx::Error> {
+    async fn job_id_by_request(
+        &self,
+        request_id: &RequestId,
+    ) -> Result<Option<JobId>, sqlx::Error> {
         self.db
             .fetch_optional(
                 "SELECT id FROM sync_jobs WHERE request_id = ?",
@@ -396,7 +399,7 @@ impl Store {
     }
 
     /// A job's row with its outcome counts: one primary-key read, cheap enough to poll.
-    pub async fn job(&self, id: &str) -> Result<Option<JobRecord>, sqlx::Error> {
+    pub async fn job(&self, id: &JobId) -> Result<Option<JobRecord>, sqlx::Error> {
         let sql = format!("SELECT {JOB_COLUMNS} FROM sync_jobs WHERE id = ?");
         let Some(row) = self.db.fetch_optional(&sql, &[id.into()]).await? else {
             return Ok(None);
@@ -416,8 +419,8 @@ impl Store {
     async fn count_rows(
         &self,
         ids: &[&str],
-    ) -> Result<HashMap<String, Vec<(Outcome, i64)>>, sqlx::Error> {
-        let mut by_job: HashMap<String, OutcomeCounts> = HashMap::new();
+    ) -> Result<HashMap<JobId, Vec<(Outcome, i64)>>, sqlx::Error> {
+        let mut by_job: HashMap<JobId, OutcomeCounts> = HashMap::new();
         let rows = self
             .db
             .fetch_in(
@@ -428,7 +431,7 @@ impl Store {
             )
             .await?;
         for row in rows {
-            let (job, outcome, n): (String, Outcome, i64) = row.decode()?;
+            let (job, outcome, n): (JobId, Outcome, i64) = row.decode()?;
             by_job.entry(job).or_default().add(outcome, n);
         }
         Ok(by_job
@@ -462,7 +465,7 @@ impl Store {
     pub async fn list_jobs(
         &self,
         filter: &JobFilter,
-        after: Option<(i64, String)>,
+        after: Option<(i64, JobId)>,
         limit: i64,
     ) -> Result<Vec<JobRecord>, sqlx::Error> {
         let mut sql = format!("SELECT {JOB_COLUMNS} FROM sync_jobs WHERE 1 = 1");
@@ -501,13 +504,13 @@ impl Store {
         let rows = self.db.fetch(&sql, &args).await?;
         let decoded: Vec<(JobRecord, bool)> =
             rows.iter().map(job_from).collect::<Result<_, _>>()?;
-        let legacy: Vec<String> = decoded
+        let legacy: Vec<JobId> = decoded
             .iter()
             .filter(|(_, counted_by_rows)| *counted_by_rows)
             .map(|(job, _)| job.id.clone())
             .collect();
         let mut jobs: Vec<JobRecord> = decoded.into_iter().map(|(job, _)| job).collect();
-        let legacy: Vec<&str> = legacy.iter().map(String::as_str).collect();
+        let legacy: Vec<&str> = legacy.iter().map(JobId::as_str).collect();
         if !legacy.is_empty() {
             let mut counted = self.count_rows(&legacy).await?;
             for job in &mut jobs {

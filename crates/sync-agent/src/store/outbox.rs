@@ -1,7 +1,7 @@
 //! The outbox from the agent's side: sync requests that migrations recorded (in the same
 //! transaction as their schema change) and that no job has taken yet.
 
-use fleetsync_common::sql::Value;
+use fleetsync_common::{JobId, RequestId, sql::Value};
 
 use super::Store;
 use crate::model::RequestState;
@@ -9,7 +9,7 @@ pub use fleetsync_common::model::SyncRequest;
 
 /// The statement that marks a request taken by the job made from it, and its arguments. A
 /// job's request id is its request's id, so this is a no-op for a job no migration asked for.
-pub(super) fn take_request(job_id: &str, request_id: &str) -> (&'static str, [Value; 4]) {
+pub(super) fn take_request(job_id: &JobId, request_id: &RequestId) -> (&'static str, [Value; 4]) {
     (
         "UPDATE sync_requests SET state = ?, job_id = ? WHERE id = ? AND state <> ?",
         [

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use fleetsync_common::ServerId;
+use fleetsync_common::{JobId, ServerId};
 use fleetsync_common::sql::Value;
 
 use super::{InventoryCounts, Store};
@@ -128,7 +128,7 @@ impl Store {
     /// the cost is the rows returned, whatever the job's size).
     pub async fn outcomes_after(
         &self,
-        job_id: &str,
+        job_id: &JobId,
         cursor: i64,
         limit: i64,
     ) -> Result<Vec<OutcomeRecord>, sqlx::Error> {

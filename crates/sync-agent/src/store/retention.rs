@@ -4,7 +4,7 @@
 //! database's clock, like every time it is compared with. Also ends the rows left waiting for
 //! servers that were deleted without going through the Fleet API.
 
-use fleetsync_common::ServerId;
+use fleetsync_common::{JobId, ServerId};
 use fleetsync_common::sql::{Value, now_ms_sql};
 
 use super::{Store, fill::cancel_waiting, list};
@@ -51,7 +51,7 @@ impl Store {
     pub async fn prune(&self, cutoff_ms: i64, max_batches: usize) -> Result<Pruned, sqlx::Error> {
         let mut pruned = Pruned::default();
         for _ in 0..max_batches {
-            let ids: Vec<String> = self
+            let ids: Vec<JobId> = self
                 .db
                 .fetch(
                     "SELECT id FROM sync_jobs WHERE finished_at < ? AND state = ? \
