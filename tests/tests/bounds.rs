@@ -2,6 +2,7 @@
 //! job of healthy hosts still completes, and a burst of metrics scrapes reads the fleet-wide
 //! gauges from the database once, leaving RPCs unharmed.
 
+use fleetsync_common::AgentId;
 use std::time::{Duration, Instant};
 
 use fleetsync_common::proto::sync::v1::{
@@ -195,7 +196,10 @@ async fn the_cli_reads_a_10000_server_job_whose_outcomes_carry_1_kb_messages() {
     // Every server fails with a message of a kilobyte (the most a run stores).
     let message = "é".repeat(500);
     loop {
-        let claims = store.claim("bench", 600_000, 1_000).await.expect("claim");
+        let claims = store
+            .claim(&AgentId::new("bench"), 600_000, 1_000)
+            .await
+            .expect("claim");
         if claims.is_empty() {
             break;
         }
@@ -210,7 +214,10 @@ async fn the_cli_reads_a_10000_server_job_whose_outcomes_carry_1_kb_messages() {
                 ask_peer_ms: None,
             })
             .collect();
-        store.complete("bench", &batch).await.expect("complete");
+        store
+            .complete(&AgentId::new("bench"), &batch)
+            .await
+            .expect("complete");
     }
     let dir = tempfile::tempdir().expect("temp dir");
     let agent = ServeProcess::start("sync-agent", &["--database-url", db.url()], dir.path());

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeSet;
 
-use fleetsync_common::{Backend, Db, JobId, RequestId, ServerId};
+use fleetsync_common::{AgentId, Backend, Db, JobId, RequestId, ServerId};
 use fleetsync_sync_agent::{
     model::{JobOrigin, JobState, Outcome, Scopes},
     store::{Claim, Completion, NewJob, Reach, Recorded, RunResult, Selection, Store},
@@ -146,7 +146,10 @@ async fn a_delete_racing_the_servers_completion_fills_its_row_once() {
     for backend in ALL_BACKENDS {
         let (_db, conn, store) = setup(backend, 24).await;
         let job = new_job(&store, "race", "").await;
-        let claims = store.claim("agent-a", 60_000, 100).await.expect("claim");
+        let claims = store
+            .claim(&AgentId::new("agent-a"), 60_000, 100)
+            .await
+            .expect("claim");
         assert_eq!(claims.len(), 24, "{backend}");
         // Each server: its completion and its delete at the same moment.
         let races: Vec<_> = claims
@@ -155,7 +158,8 @@ async fn a_delete_racing_the_servers_completion_fills_its_row_once() {
                 let (store, claim) = (store.clone(), c.claim);
                 tokio::spawn(async move {
                     let batch = [completion(claim)];
-                    let complete = store.complete("agent-a", &batch);
+                    let agent = AgentId::new("agent-a");
+                    let complete = store.complete(&agent, &batch);
                     let delete = store.delete_server(claim.server_id);
                     let (recorded, deleted) = tokio::join!(complete, delete);
                     (recorded.expect("record"), deleted.expect("delete"))

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use fleetsync_common::{Backend, RequestId, ServerId};
+use fleetsync_common::{AgentId, Backend, RequestId, ServerId};
 use fleetsync_tests::{
     TestDb,
     catalog::{count, execute},
@@ -48,12 +48,15 @@ async fn an_agent_that_lost_its_lease_writes_nothing_and_runs_serve_only_older_r
         };
         let (before, _) = store.create_job(&job("before")).await.expect("job");
 
-        let a = store.claim("agent-a", 60_000, 10).await.expect("claim");
+        let a = store
+            .claim(&AgentId::new("agent-a"), 60_000, 10)
+            .await
+            .expect("claim");
         assert_eq!(a.len(), 1, "{backend}: the waiting server is claimed");
         let a = a[0].claim;
         assert!(
             store
-                .claim("agent-b", 60_000, 10)
+                .claim(&AgentId::new("agent-b"), 60_000, 10)
                 .await
                 .expect("claim")
                 .is_empty(),
@@ -68,7 +71,10 @@ async fn an_agent_that_lost_its_lease_writes_nothing_and_runs_serve_only_older_r
 
         // Agent A stalls past its lease; agent B takes over with a newer token.
         execute(&conn, "UPDATE server_leases SET expires_at = 0").await;
-        let b = store.claim("agent-b", 60_000, 10).await.expect("claim");
+        let b = store
+            .claim(&AgentId::new("agent-b"), 60_000, 10)
+            .await
+            .expect("claim");
         assert_eq!(b.len(), 1, "{backend}: an expired lease is claimed");
         let b = b[0].claim;
         assert!(b.token > a.token, "tokens grow on every claim");
@@ -82,7 +88,10 @@ async fn an_agent_that_lost_its_lease_writes_nothing_and_runs_serve_only_older_r
             ask_peer_ms: None,
         };
         let stale = store
-            .complete("agent-a", &[completion(a, Outcome::AuthFailed)])
+            .complete(
+                &AgentId::new("agent-a"),
+                &[completion(a, Outcome::AuthFailed)],
+            )
             .await
             .expect("record");
         assert_eq!(
@@ -94,7 +103,7 @@ async fn an_agent_that_lost_its_lease_writes_nothing_and_runs_serve_only_older_r
 
         // B's claim came after both requests: its run serves both.
         let fresh = store
-            .complete("agent-b", &[completion(b, Outcome::Ok)])
+            .complete(&AgentId::new("agent-b"), &[completion(b, Outcome::Ok)])
             .await
             .expect("record");
         let Recorded::Stored { jobs, .. } = &fresh[0] else {
@@ -105,15 +114,22 @@ async fn an_agent_that_lost_its_lease_writes_nothing_and_runs_serve_only_older_r
         assert_eq!(*jobs, expected, "{backend}");
 
         // Now a run that started before a request: the request waits for the next run.
-        let c = store.claim("agent-c", 60_000, 10).await.expect("claim");
+        let c = store
+            .claim(&AgentId::new("agent-c"), 60_000, 10)
+            .await
+            .expect("claim");
         assert!(c.is_empty(), "{backend}: nothing waits");
         let (first, _) = store.create_job(&job("first")).await.expect("job");
         tokio::time::sleep(Duration::from_millis(5)).await;
-        let c = store.claim("agent-c", 60_000, 10).await.expect("claim")[0].claim;
+        let c = store
+            .claim(&AgentId::new("agent-c"), 60_000, 10)
+            .await
+            .expect("claim")[0]
+            .claim;
         tokio::time::sleep(Duration::from_millis(5)).await;
         let (late, _) = store.create_job(&job("late")).await.expect("job");
         let served = store
-            .complete("agent-c", &[completion(c, Outcome::Ok)])
+            .complete(&AgentId::new("agent-c"), &[completion(c, Outcome::Ok)])
             .await
             .expect("record");
         assert!(
@@ -122,14 +138,20 @@ async fn an_agent_that_lost_its_lease_writes_nothing_and_runs_serve_only_older_r
         );
         let late_job = store.job(&late.id).await.expect("job").expect("exists");
         assert_eq!(late_job.finished, 0, "{backend}: the late request waits");
-        let again = store.claim("agent-c", 60_000, 10).await.expect("claim");
+        let again = store
+            .claim(&AgentId::new("agent-c"), 60_000, 10)
+            .await
+            .expect("claim");
         assert_eq!(
             again.len(),
             1,
             "{backend}: the server waits again for the late request"
         );
         let served = store
-            .complete("agent-c", &[completion(again[0].claim, Outcome::Ok)])
+            .complete(
+                &AgentId::new("agent-c"),
+                &[completion(again[0].claim, Outcome::Ok)],
+            )
             .await
             .expect("record");
         assert!(
@@ -140,12 +162,16 @@ async fn an_agent_that_lost_its_lease_writes_nothing_and_runs_serve_only_older_r
         // have timed out on its own stall. The server waits for a run that did not stall.
         let (stalled, _) = store.create_job(&job("stalled")).await.expect("job");
         tokio::time::sleep(Duration::from_millis(5)).await;
-        let d = store.claim("agent-d", 60_000, 10).await.expect("claim")[0].claim;
+        let d = store
+            .claim(&AgentId::new("agent-d"), 60_000, 10)
+            .await
+            .expect("claim")[0]
+            .claim;
         execute(&conn, "UPDATE server_leases SET expires_at = 0").await;
         // Its heartbeat, overdue after the stall, does not revive the expired lease.
         assert_eq!(
             store
-                .renew("agent-d", &[server], 60_000)
+                .renew(&AgentId::new("agent-d"), &[server], 60_000)
                 .await
                 .expect("renew")
                 .renewed,
@@ -153,7 +179,10 @@ async fn an_agent_that_lost_its_lease_writes_nothing_and_runs_serve_only_older_r
             "{backend}: an expired lease stays expired"
         );
         let late = store
-            .complete("agent-d", &[completion(d, Outcome::HandshakeFailed)])
+            .complete(
+                &AgentId::new("agent-d"),
+                &[completion(d, Outcome::HandshakeFailed)],
+            )
             .await
             .expect("record");
         assert_eq!(
@@ -161,7 +190,10 @@ async fn an_agent_that_lost_its_lease_writes_nothing_and_runs_serve_only_older_r
             [Recorded::LeaseLost],
             "{backend}: an expired lease is lost"
         );
-        let d = store.claim("agent-d", 60_000, 10).await.expect("claim");
+        let d = store
+            .claim(&AgentId::new("agent-d"), 60_000, 10)
+            .await
+            .expect("claim");
         assert_eq!(d.len(), 1, "{backend}: the server still waits");
         // A live lease is renewed (twice in a row: MySQL counts a row whose values did not
         // change as untouched), and only by its holder; unknown servers are not reported.
@@ -169,7 +201,7 @@ async fn an_agent_that_lost_its_lease_writes_nothing_and_runs_serve_only_older_r
             assert_eq!(
                 store
                     .renew(
-                        "agent-d",
+                        &AgentId::new("agent-d"),
                         &[server, ServerId::stored(server.get() + 1000)],
                         60_000
                     )
@@ -182,7 +214,7 @@ async fn an_agent_that_lost_its_lease_writes_nothing_and_runs_serve_only_older_r
         }
         assert_eq!(
             store
-                .renew("agent-c", &[server], 60_000)
+                .renew(&AgentId::new("agent-c"), &[server], 60_000)
                 .await
                 .expect("renew")
                 .renewed,
@@ -190,7 +222,10 @@ async fn an_agent_that_lost_its_lease_writes_nothing_and_runs_serve_only_older_r
             "{backend}: another agent's lease is not renewed"
         );
         let served = store
-            .complete("agent-d", &[completion(d[0].claim, Outcome::Ok)])
+            .complete(
+                &AgentId::new("agent-d"),
+                &[completion(d[0].claim, Outcome::Ok)],
+            )
             .await
             .expect("record");
         assert!(
@@ -201,7 +236,7 @@ async fn an_agent_that_lost_its_lease_writes_nothing_and_runs_serve_only_older_r
         assert_eq!(job.outcome_counts, [(Outcome::Ok, 1)], "{backend}");
         assert!(
             store
-                .claim("agent-c", 60_000, 10)
+                .claim(&AgentId::new("agent-c"), 60_000, 10)
                 .await
                 .expect("claim")
                 .is_empty(),

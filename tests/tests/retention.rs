@@ -4,7 +4,7 @@
 //! CANCELLED; the cutoff is taken by the database's clock. A watch of a job deleted while it is
 //! open ends with NOT_FOUND.
 
-use fleetsync_common::{RequestId, ServerId};
+use fleetsync_common::{AgentId, RequestId, ServerId};
 use fleetsync_sync_agent::{
     model::{JobOrigin, Outcome, Scope},
     store::{Completion, NewJob, Reach, Recorded, RunResult, Selection, Store},
@@ -37,7 +37,10 @@ async fn old_history_is_pruned_and_open_work_is_kept() {
         let store = Store::new(conn.clone());
         let (old, _) = store.create_job(&job("old", vec![1])).await.expect("job");
         let (open, _) = store.create_job(&job("open", vec![2])).await.expect("job");
-        let claims = store.claim("agent", 60_000, 10).await.expect("claim");
+        let claims = store
+            .claim(&AgentId::new("agent"), 60_000, 10)
+            .await
+            .expect("claim");
         let done: Vec<Completion> = claims
             .iter()
             .filter(|c| c.claim.server_id == ServerId::stored(1))
@@ -50,7 +53,10 @@ async fn old_history_is_pruned_and_open_work_is_kept() {
                 ask_peer_ms: None,
             })
             .collect();
-        let recorded = store.complete("agent", &done).await.expect("complete");
+        let recorded = store
+            .complete(&AgentId::new("agent"), &done)
+            .await
+            .expect("complete");
         assert!(matches!(recorded[0], Recorded::Stored { .. }), "{backend}");
         // The finished job and its run are a month old; the open job is as old but unfinished.
         execute(

@@ -5,8 +5,7 @@
 use std::time::Duration;
 
 use fleetsync_common::{
-    RequestId,
-    Db,
+    Db, RequestId,
     clock::now_ms,
     model::RequestState,
     proto::sync::v1::{StartSyncRequest, sync_agent_client::SyncAgentClient},
@@ -96,10 +95,7 @@ pub async fn dispatch_pending(db: &Db, agent: &AgentTarget) -> Result<Vec<Dispat
             Err(error) => {
                 conn.execute(
                     &format!("UPDATE {OUTBOX_TABLE} SET last_error = ? WHERE id = ?"),
-                    &[
-                        Value::Text(error.clone()),
-                        (&dispatch.request_id).into(),
-                    ],
+                    &[Value::Text(error.clone()), (&dispatch.request_id).into()],
                 )
                 .await
             }

@@ -153,12 +153,12 @@ pub async fn run(
     )
     .await?;
     let signals = Signals::default();
-    let holder = format!(
+    let holder = fleetsync_common::AgentId::new(format!(
         "{}-{}-{}",
         fleetsync_common::clock::hostname("agent"),
         std::process::id(),
         &new_id()[..8]
-    );
+    ));
     // `shutdown` starts the drain (health NOT_SERVING, everything still served); `stop` ends
     // the work, the streams and the server once the drain delay is over.
     let stop = CancellationToken::new();

@@ -5,8 +5,7 @@
 use std::time::{Duration, Instant};
 
 use fleetsync_common::{
-    RequestId,
-    Backend,
+    Backend, RequestId,
     clock::now_ms,
     model::{RequestOrigin, RequestState, SCHEMA_BREAKS_TABLE},
     sql::Value,

@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fleetsync_common::RequestId;
+use fleetsync_common::{AgentId, RequestId};
 use leases::{HeldLeases, LeaseGuard};
 use quarantine::Standing;
 use run::RunEnd;
@@ -179,7 +179,7 @@ struct Finished {
 pub struct Runner {
     store: Store,
     ssh: SshClient,
-    holder: String,
+    holder: AgentId,
     config: RunnerConfig,
     signals: Signals,
     /// Stop claiming work (SIGTERM, after the drain delay).

@@ -87,7 +87,11 @@ impl Runner {
                         "servers are back: syncing what they missed"
                     );
                     let job = NewJob {
-                        request_id: RequestId::new(format!("recovery-{}-{}", self.holder, crate::new_id())),
+                        request_id: RequestId::new(format!(
+                            "recovery-{}-{}",
+                            self.holder,
+                            crate::new_id()
+                        )),
                         origin: JobOrigin::Recovery,
                         selection: Selection::Ids(back),
                         scopes: Scopes::ALL,

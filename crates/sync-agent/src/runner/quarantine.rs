@@ -9,7 +9,7 @@
 //! it claims nothing, hands over the runs that have not reached their server, and serves again
 //! once the schema is back in range.
 
-use fleetsync_common::ServerId;
+use fleetsync_common::{AgentId, ServerId};
 use std::{
     collections::VecDeque,
     sync::{
@@ -141,11 +141,11 @@ impl Standing {
 }
 
 /// Live serving agents of `zone` other than `me` in the registry.
-pub(super) fn live_peers(agents: &[AgentRecord], me: &str, zone: &str) -> usize {
+pub(super) fn live_peers(agents: &[AgentRecord], me: &AgentId, zone: &str) -> usize {
     agents
         .iter()
         .filter(|a| {
-            a.report.id != me && a.report.zone == zone && a.status.state == AgentState::Serving
+            a.report.id != *me && a.report.zone == zone && a.status.state == AgentState::Serving
         })
         .count()
 }

@@ -288,7 +288,7 @@ pub fn agent(record: &AgentRecord) -> pb::Agent {
         AgentState::Gone => pb::AgentState::Gone,
     };
     pb::Agent {
-        id: record.report.id.clone(),
+        id: record.report.id.to_string(),
         host: record.report.host.clone(),
         version: record.report.version.clone(),
         schema_version: record.report.schema_version,

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use fleetsync_common::{
-    JobId, ServerId, ServiceError,
+    AgentId, JobId, ServerId, ServiceError,
     proto::sync::v1::{
         self as pb, CheckConnectionRequest, CheckConnectionResponse, GetSyncJobRequest,
         GetSyncJobResponse, ListAgentsRequest, ListAgentsResponse, ListJobsRequest,
@@ -328,22 +328,14 @@ impl SyncAgent for SyncAgentService {
         &self,
         request: Request<ResumeAgentRequest>,
     ) -> Result<Response<ResumeAgentResponse>, Status> {
-        let id = request.into_inner().id;
-        let id = id.trim();
-        if id.is_empty() {
-            return Err(ServiceError::invalid(
-                "id",
-                "required: an agent id, as ListAgents shows it",
-            )
-            .into());
-        }
+        let id = AgentId::from_request(request.into_inner().id.trim(), "id")?;
         let agent = self
             .state
             .store
-            .request_resume(id)
+            .request_resume(&id)
             .await
             .map_err(ServiceError::from)?
-            .ok_or_else(|| ServiceError::not_found("agent", id))?;
+            .ok_or_else(|| ServiceError::not_found("agent", &id))?;
         if agent.status.state != crate::model::AgentState::Quarantined {
             return Err(ServiceError::FailedPrecondition(format!(
                 "agent {id} is {}, not quarantined: nothing to resume",

@@ -13,6 +13,8 @@ use fleetsync_common::{
     sql::{Row, Value, now_ms_sql},
 };
 
+use fleetsync_common::AgentId;
+
 use super::Store;
 use crate::{model::AgentState, schema};
 
@@ -20,7 +22,7 @@ use crate::{model::AgentState, schema};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentReport {
     /// The holder its leases carry.
-    pub id: String,
+    pub id: AgentId,
     /// The machine it runs on.
     pub host: String,
     /// Its build's version.
@@ -100,7 +102,7 @@ impl AgentStatus {
 fleetsync_common::stored_row! {
     /// The columns an agent writes itself on its row of `sync_agents` (JSON still as text).
     struct AgentRow {
-        id: String,
+        id: AgentId,
         host: String,
         version: String,
         schema_version: i64,
@@ -281,7 +283,7 @@ impl Store {
     /// `None` if its row is gone (pruned while this agent stalled): the caller registers again.
     pub async fn agent_heartbeat(
         &self,
-        id: &str,
+        id: &AgentId,
         status: &AgentStatus,
     ) -> Result<Option<Verdicts>, sqlx::Error> {
         let now = now_ms_sql(self.backend());
@@ -318,7 +320,7 @@ impl Store {
     /// agent's range may lack the others), and nothing when even the registry is gone.
     pub async fn agent_standing_down(
         &self,
-        id: &str,
+        id: &AgentId,
         status: &AgentStatus,
     ) -> Result<(), sqlx::Error> {
         if !crate::schema::table_exists(&self.db, "sync_agents").await? {
@@ -346,7 +348,7 @@ impl Store {
     /// An operator asks a quarantined agent to serve again: recorded on its row, acted on at
     /// its next heartbeat. `None` for an unknown id; the record (as it was) says whether it
     /// was quarantined, and only then is the request recorded.
-    pub async fn request_resume(&self, id: &str) -> Result<Option<AgentRecord>, sqlx::Error> {
+    pub async fn request_resume(&self, id: &AgentId) -> Result<Option<AgentRecord>, sqlx::Error> {
         let now = now_ms_sql(self.backend());
         self.db
             .execute(
@@ -371,7 +373,7 @@ impl Store {
 
     /// The agent acted on its operator's resume request (made at `at`): cleared, unless a newer
     /// one came meanwhile.
-    pub async fn clear_resume_request(&self, id: &str, at: i64) -> Result<(), sqlx::Error> {
+    pub async fn clear_resume_request(&self, id: &AgentId, at: i64) -> Result<(), sqlx::Error> {
         self.db
             .execute(
                 "UPDATE sync_agents SET resume_requested_at = NULL \

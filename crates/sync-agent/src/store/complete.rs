@@ -15,8 +15,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use fleetsync_common::{JobId, ServerId};
 use fleetsync_common::sql::{Tx, Value, is_lock_timeout, retry};
+use fleetsync_common::{AgentId, JobId, ServerId};
 
 use crate::model::{Cause, Reachability, Scopes};
 
@@ -84,7 +84,7 @@ pub enum Recorded {
 /// this server (and what they saw), if anyone did.
 #[derive(Debug, Clone)]
 struct Asked {
-    agent: String,
+    agent: AgentId,
     note: String,
 }
 
@@ -96,7 +96,7 @@ impl Store {
     /// not renew them, and the caller renews them before it tries again.
     pub async fn complete(
         &self,
-        holder: &str,
+        holder: &AgentId,
         batch: &[Completion],
     ) -> Result<Vec<Recorded>, sqlx::Error> {
         retry("record runs", || async {
@@ -110,7 +110,7 @@ impl Store {
 
     async fn complete_once(
         &self,
-        holder: &str,
+        holder: &AgentId,
         batch: &[Completion],
     ) -> Result<Vec<Recorded>, sqlx::Error> {
         let mut tx = self.db.begin().await?;
@@ -135,7 +135,7 @@ impl Store {
     async fn complete_in(
         &self,
         tx: &mut Tx,
-        holder: &str,
+        holder: &AgentId,
         batch: &[Completion],
     ) -> Result<Vec<Recorded>, sqlx::Error> {
         let now = db_now(tx).await?;
@@ -180,16 +180,16 @@ fleetsync_common::stored_row! {
     struct FenceRow {
         server_id: ServerId,
         token: i64,
-        holder: Option<String>,
+        holder: Option<AgentId>,
         expires_at: Option<i64>,
-        second_opinion_of: Option<String>,
+        second_opinion_of: Option<AgentId>,
         second_opinion_note: Option<String>,
     }
 }
 
 /// What the fence found on a server's lease row: token, holder, expiry, and who asked for a
 /// second opinion.
-type Held = HashMap<ServerId, (i64, Option<String>, Option<i64>, Option<Asked>)>;
+type Held = HashMap<ServerId, (i64, Option<AgentId>, Option<i64>, Option<Asked>)>;
 
 /// Fence: locks the lease rows of the batch's servers, in server order (every completer locks
 /// in the same order), and reads them.
@@ -230,13 +230,13 @@ struct Judged {
     /// (server, may be taken again at, what this agent saw).
     deferred: Vec<(ServerId, i64, String)>,
     /// Per asking agent: (overruled, confirmed).
-    verdicts: BTreeMap<String, (i64, i64)>,
+    verdicts: BTreeMap<AgentId, (i64, i64)>,
 }
 
 /// Judges each item against its lease (writes nothing): ours or lost; a first failure that may
 /// be the agent's own, with a peer to ask, handed over; a second opinion recorded and counted
 /// for or against the agent that asked; the next probe of an offline server.
-fn judge_items(batch: &[Completion], held: &Held, holder: &str, now: i64) -> Judged {
+fn judge_items(batch: &[Completion], held: &Held, holder: &AgentId, now: i64) -> Judged {
     let mut judged = Judged {
         results: Vec::with_capacity(batch.len()),
         deferred: Vec::new(),
@@ -250,7 +250,7 @@ fn judge_items(batch: &[Completion], held: &Held, holder: &str, now: i64) -> Jud
             held.get(&item.claim.server_id)
                 .filter(|(token, h, expires, _)| {
                     *token == item.claim.token
-                        && h.as_deref() == Some(holder)
+                        && h.as_ref() == Some(holder)
                         && expires.is_some_and(|e| e >= now)
                 })
         else {
@@ -270,7 +270,7 @@ fn judge_items(batch: &[Completion], held: &Held, holder: &str, now: i64) -> Jud
                 continue;
             }
             // A second opinion: recorded as it is, and it judges the first agent's failure.
-            (Some(asked), _) if asked.agent != holder => {
+            (Some(asked), _) if asked.agent != *holder => {
                 let verdict = judged.verdicts.entry(asked.agent.clone()).or_default();
                 if agents_fault {
                     verdict.1 += 1;
@@ -398,7 +398,7 @@ async fn record_reachability(
 /// are all of them. Returns each run's inventory counts as stored (JSON).
 async fn record_runs(
     tx: &mut Tx,
-    holder: &str,
+    holder: &AgentId,
     stored: &[(&Completion, &RunResult)],
     now: i64,
 ) -> Result<Vec<Option<String>>, sqlx::Error> {
@@ -489,7 +489,7 @@ fn truncate_note(text: &str) -> String {
 /// other agents are woken.
 async fn hand_over(
     tx: &mut Tx,
-    holder: &str,
+    holder: &AgentId,
     deferred: &[(ServerId, i64, String)],
 ) -> Result<(), sqlx::Error> {
     if deferred.is_empty() {
@@ -522,7 +522,7 @@ async fn hand_over(
 
 /// Counts second opinions against (overruled) or for (confirmed) the agents that asked, in
 /// their registry rows, in id order (two completions never wait on each other in a circle).
-async fn judge(tx: &mut Tx, verdicts: &BTreeMap<String, (i64, i64)>) -> Result<(), sqlx::Error> {
+async fn judge(tx: &mut Tx, verdicts: &BTreeMap<AgentId, (i64, i64)>) -> Result<(), sqlx::Error> {
     for (agent, (overruled, confirmed)) in verdicts {
         tx.execute(
             "UPDATE sync_agents SET overruled = overruled + ?, confirmed = confirmed + ? \

@@ -12,8 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use fleetsync_common::{
-    JobId, ServerId,
-    Backend,
+    Backend, JobId, ServerId,
     sql::{Tx, Value},
 };
 

@@ -8,11 +8,11 @@
 
 use std::collections::HashMap;
 
-use fleetsync_common::{JobId, RequestId, ServerId};
 use fleetsync_common::{
     Backend, ServiceError,
     sql::{Row, Tx, Value, is_unique_violation, now_ms_sql, retry},
 };
+use fleetsync_common::{JobId, RequestId, ServerId};
 
 use super::{Store, WORK_CHANNEL, notify, outbox::take_request};
 use crate::model::{JobOrigin, JobSelection, JobState, Outcome, Scopes};
@@ -377,7 +377,10 @@ impl Store {
     }
 
     /// The job made under a request id, with its outcome counts.
-    pub async fn job_by_request(&self, request_id: &RequestId) -> Result<Option<JobRecord>, sqlx::Error> {
+    pub async fn job_by_request(
+        &self,
+        request_id: &RequestId,
+    ) -> Result<Option<JobRecord>, sqlx::Error> {
         match self.job_id_by_request(request_id).await? {
             Some(id) => self.job(&id).await,
             None => Ok(None),

@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 
-use fleetsync_common::{JobId, ServerId};
 use fleetsync_common::sql::Value;
+use fleetsync_common::{JobId, ServerId};
 
 use super::{InventoryCounts, Store};
 use crate::model::{Cause, Outcome};

@@ -8,7 +8,7 @@
 //! has one writer), and bumps each lease's fencing token. A claim remembers when it was made by
 //! the database's clock: only requests older than that are served by the run.
 
-use fleetsync_common::ServerId;
+use fleetsync_common::{AgentId, ServerId};
 use fleetsync_common::{
     Backend, ServiceError,
     sql::{Tx, Value, is_unique_violation, retry},
@@ -46,14 +46,14 @@ pub struct ClaimedServer {
 #[derive(Debug, Clone, Copy)]
 pub struct Claimer<'a> {
     /// The agent (its leases' holder).
-    pub holder: &'a str,
+    pub holder: &'a AgentId,
     /// Its zone: it claims only servers of this zone (empty: servers without one).
     pub zone: &'a str,
 }
 
-impl<'a> From<&'a str> for Claimer<'a> {
+impl<'a> From<&'a AgentId> for Claimer<'a> {
     /// An agent without a zone.
-    fn from(holder: &'a str) -> Self {
+    fn from(holder: &'a AgentId) -> Self {
         Self { holder, zone: "" }
     }
 }
@@ -183,7 +183,7 @@ impl Store {
     /// locked; the completer renews its batch's leases itself when it must start over.
     pub async fn renew(
         &self,
-        holder: &str,
+        holder: &AgentId,
         server_ids: &[ServerId],
         ttl_ms: i64,
     ) -> Result<Renewal, sqlx::Error> {
@@ -195,7 +195,7 @@ impl Store {
 
     async fn renew_once(
         &self,
-        holder: &str,
+        holder: &AgentId,
         server_ids: &[ServerId],
         ttl_ms: i64,
     ) -> Result<Renewal, sqlx::Error> {
@@ -249,7 +249,7 @@ impl Store {
     /// waiting for whoever runs next.
     /// Only these very leases (holder and token) are released: a newer lease on the same
     /// server, even one this agent took since, is left alone.
-    pub async fn release(&self, holder: &str, claims: &[Claim]) -> Result<(), sqlx::Error> {
+    pub async fn release(&self, holder: &AgentId, claims: &[Claim]) -> Result<(), sqlx::Error> {
         for chunk in claims.chunks(CHUNK / 2) {
             let mut args: Vec<Value> = vec![holder.into()];
             for claim in chunk {
@@ -294,7 +294,7 @@ pub(super) enum WaitMark {
 pub(super) async fn release_leases(
     tx: &mut Tx,
     ids: &[ServerId],
-    holder: Option<&str>,
+    holder: Option<&AgentId>,
     waiting: WaitMark,
 ) -> Result<(), sqlx::Error> {
     let pending = match waiting {
@@ -325,7 +325,7 @@ pub(super) async fn release_leases(
 pub(super) async fn take_leases(
     tx: &mut Tx,
     ids: &[ServerId],
-    holder: &str,
+    holder: &AgentId,
     ttl_ms: i64,
     now: i64,
 ) -> Result<Vec<Claim>, sqlx::Error> {

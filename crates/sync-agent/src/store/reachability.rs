@@ -2,7 +2,7 @@
 //! database's clock), claimed in batches under the same fenced leases as syncs, and what a
 //! probe found (back online, or one more failure with the next probe time).
 
-use fleetsync_common::ServerId;
+use fleetsync_common::{AgentId, ServerId};
 use fleetsync_common::{Backend, sql::Tx};
 
 use super::{
@@ -35,7 +35,7 @@ impl Store {
     /// soonest due first, each with its registration (or why it cannot be read).
     pub async fn claim_due_offline(
         &self,
-        holder: &str,
+        holder: &AgentId,
         ttl_ms: i64,
         limit: usize,
     ) -> Result<Vec<(Claim, Registration)>, sqlx::Error> {
@@ -88,7 +88,7 @@ impl Store {
     /// Returns the servers that came back (whose lease was still ours).
     pub async fn record_probes(
         &self,
-        holder: &str,
+        holder: &AgentId,
         probes: &[(Claim, Option<i64>)],
     ) -> Result<Vec<ServerId>, sqlx::Error> {
         fleetsync_common::sql::retry("record probes", || self.record_probes_once(holder, probes))
@@ -97,7 +97,7 @@ impl Store {
 
     async fn record_probes_once(
         &self,
-        holder: &str,
+        holder: &AgentId,
         probes: &[(Claim, Option<i64>)],
     ) -> Result<Vec<ServerId>, sqlx::Error> {
         let mut tx = self.db.begin().await?;
@@ -119,9 +119,9 @@ impl Store {
                 .await?;
             let held = match &held {
                 Some(row) => {
-                    let (token, by, expires): (i64, Option<String>, Option<i64>) = row.decode()?;
+                    let (token, by, expires): (i64, Option<AgentId>, Option<i64>) = row.decode()?;
                     token == claim.token
-                        && by.as_deref() == Some(holder)
+                        && by.as_ref() == Some(holder)
                         && expires.is_some_and(|e| e >= now)
                 }
                 None => false,

@@ -4,8 +4,8 @@
 //! database's clock, like every time it is compared with. Also ends the rows left waiting for
 //! servers that were deleted without going through the Fleet API.
 
-use fleetsync_common::{JobId, ServerId};
 use fleetsync_common::sql::{Value, now_ms_sql};
+use fleetsync_common::{JobId, ServerId};
 
 use super::{Store, fill::cancel_waiting, list};
 use crate::model::{InventoryStatus, JobState};
