@@ -17,7 +17,7 @@ use std::{
     time::Duration,
 };
 
-use fleetsync_sync_agent::ssh::{ClientKeys, HostKeyInfo, SshClient, Target, Timeouts};
+use fleetsync_sync_agent::ssh::{ClientKeys, HostKey, SshClient, Target, Timeouts};
 use tempfile::TempDir;
 use tokio::{io::AsyncReadExt, net::TcpStream};
 
@@ -247,7 +247,7 @@ impl SshHost {
     }
 
     /// A connection target for the fleet's login user.
-    pub fn target<'a>(&'a self, ip: &'a str, pinned: Option<&'a HostKeyInfo>) -> Target<'a> {
+    pub fn target<'a>(&'a self, ip: &'a str, pinned: Option<&'a HostKey>) -> Target<'a> {
         Target {
             host: ip,
             port: self.port,
@@ -274,10 +274,10 @@ impl SshHost {
     }
 
     /// The host key sshd presents now.
-    pub fn host_key(&self) -> HostKeyInfo {
+    pub fn host_key(&self) -> HostKey {
         let public = russh::keys::PublicKey::read_openssh_file(self.host_key.with_extension("pub"))
             .expect("read host public key");
-        HostKeyInfo::of(&public)
+        HostKey::of(&public)
     }
 
     /// Starts sshd (again) and waits until it sends its banner.

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use fleetsync_sync_agent::model::{Cause, Outcome};
 use fleetsync_sync_agent::ssh::{
-    DEFAULT_OUTPUT_CAP, HostKeyInfo, SshClient, SshError, Stage, Timeouts,
+    DEFAULT_OUTPUT_CAP, HostKey, SshClient, SshError, Stage, Timeouts,
 };
 use fleetsync_tests::{SshFleet, SshHost, fleet::Placement};
 
@@ -21,7 +21,7 @@ fn timeouts() -> Timeouts {
 async fn connect(
     client: &SshClient,
     host: &SshHost,
-    pinned: Option<&HostKeyInfo>,
+    pinned: Option<&HostKey>,
 ) -> Result<fleetsync_sync_agent::ssh::Connection, SshError> {
     let ip = host.addr().to_string();
     client.connect(host.target(&ip, pinned)).await
@@ -89,7 +89,7 @@ async fn each_fault_ends_within_its_timeout_with_its_own_kind() {
     let client = fleet.client(t, DEFAULT_OUTPUT_CAP);
 
     // Pin every host's key as a first sync would, before the faults.
-    let pinned: Vec<HostKeyInfo> = fleet.hosts().iter().map(SshHost::host_key).collect();
+    let pinned: Vec<HostKey> = fleet.hosts().iter().map(SshHost::host_key).collect();
     fleet.host(1).stop();
     fleet.host(2).freeze();
     fleet.host(3).cut_route();

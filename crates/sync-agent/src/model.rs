@@ -1,11 +1,13 @@
 //! The agent's domain values as types: where a job came from, where it is in its life, whether
-//! a server answers, and how a server's run ended. Each is stored as text and converted at the
+//! a server answers, how a server's run ended, and a server's host key. Each is stored as text and converted at the
 //! database edge (`as_str`, `parse`: unknown text is an error, never a guess; see
 //! `common::stored_enum!`) and at the proto edge (`service::convert`).
 
 pub use fleetsync_common::model::{
     AgentState, InventoryStatus, RequestState, Scope, Scopes, ServiceStatus, ServiceType,
 };
+use std::fmt;
+
 use fleetsync_common::stored_enum;
 
 stored_enum! {
@@ -175,5 +177,32 @@ mod tests {
         assert!(JobOrigin::parse("cron").is_err());
         assert!(Reachability::parse("").is_err());
         assert!(JobState::parse("cancelled").is_err());
+    }
+}
+
+/// A server's host key as it is registered, checked and pinned: algorithm and SHA-256
+/// fingerprint. One type from a registration (`ServerSpec`) to the SSH check (`ssh::Target`)
+/// to the pin a run records (`store::Completion`) and the pin stored (`store::PinnedKey`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HostKey {
+    /// Algorithm name, e.g. `ssh-ed25519`.
+    pub algorithm: String,
+    /// OpenSSH-style fingerprint, `SHA256:...`.
+    pub fingerprint: String,
+}
+
+impl HostKey {
+    /// From its two stored columns: a key when both are there, none when either is missing.
+    pub fn stored(algorithm: Option<String>, fingerprint: Option<String>) -> Option<Self> {
+        Some(Self {
+            algorithm: algorithm?,
+            fingerprint: fingerprint?,
+        })
+    }
+}
+
+impl fmt::Display for HostKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.algorithm, self.fingerprint)
     }
 }

@@ -234,8 +234,7 @@ impl Runner {
                     return None;
                 }
             };
-            let pinned = server.pinned_key();
-            let check = self.ssh.check(server.target(pinned.as_ref())).await;
+            let check = self.ssh.check(server.target()).await;
             match &check.error {
                 None if check.authenticated => return Some(id),
                 None => {}

@@ -11,7 +11,7 @@ use super::Runner;
 use crate::{
     inventory,
     model::{Cause, Outcome, Reachability},
-    ssh::{Dialed, HostKeyInfo, SshError, Target},
+    ssh::{Dialed, HostKey, SshError, Target},
     store::{ClaimedServer, Completion, InventoryWrite, Reach, RunResult, ServerRecord},
 };
 
@@ -22,7 +22,7 @@ struct RunOutput {
     /// What was read, to store (only with `OK`).
     inventory: Option<InventoryWrite>,
     /// The host key to pin: the one presented on first contact.
-    pin: Option<HostKeyInfo>,
+    pin: Option<HostKey>,
     /// Whether the server answered at all (its reachability).
     reachable: bool,
 }
@@ -150,7 +150,7 @@ impl Runner {
             claim: work.claim,
             result: finish(result, started),
             inventory,
-            pin: pin.map(|k| (k.algorithm, k.fingerprint)),
+            pin,
             reach,
             ask_peer_ms,
         }))
@@ -165,16 +165,7 @@ impl Runner {
         service: crate::store::DatabaseService,
         busy: &Semaphore,
     ) -> Result<RunOutput, RunEnd> {
-        let pinned = server.host_key.as_ref().map(|k| HostKeyInfo {
-            algorithm: k.algorithm.clone(),
-            fingerprint: k.fingerprint.clone(),
-        });
-        let target = Target {
-            host: &server.ip,
-            port: server.port,
-            user: &server.ssh_user,
-            pinned: pinned.as_ref(),
-        };
+        let target = server.target();
         // Dialing waits on the network; only what follows (key exchange, authentication, the
         // command) takes one of the busy slots, held until the run ends. A run that has not
         // reached the key exchange when the agent starts stopping (or the schema leaves its

@@ -8,7 +8,7 @@ use crate::model::{
     AgentState, Cause, InventoryStatus, JobOrigin, JobState, Outcome, Reachability,
 };
 use crate::store::{
-    AgentRecord, DatabaseService, HostKeyRecord, Inventory, JobRecord, LastRuns, OutcomeRecord,
+    AgentRecord, DatabaseService, Inventory, JobRecord, LastRuns, OutcomeRecord, PinnedKey,
     RunResult, ServerRecord,
 };
 
@@ -169,10 +169,10 @@ pub fn reachability(reachability: Reachability) -> pb::Reachability {
     }
 }
 
-fn host_key(key: &HostKeyRecord) -> pb::HostKey {
+fn host_key(key: &PinnedKey) -> pb::HostKey {
     pb::HostKey {
-        algorithm: key.algorithm.clone(),
-        fingerprint: key.fingerprint.clone(),
+        algorithm: key.key.algorithm.clone(),
+        fingerprint: key.key.fingerprint.clone(),
         pinned_at: timestamp(key.pinned_at),
     }
 }
@@ -208,7 +208,7 @@ pub fn server(record: &ServerRecord, last: Option<&LastRuns>) -> pb::Server {
 }
 
 /// A pinned key as the reset response's previous key.
-pub fn previous_key(key: Option<&HostKeyRecord>) -> Option<pb::HostKey> {
+pub fn previous_key(key: Option<&PinnedKey>) -> Option<pb::HostKey> {
     key.map(host_key)
 }
 

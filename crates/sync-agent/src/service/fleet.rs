@@ -136,7 +136,7 @@ pub fn validate_spec(spec: Option<pb::ServerSpec>) -> Result<ServerSpec, Service
         "" => None,
         line => Some(
             russh::keys::PublicKey::from_openssh(line)
-                .map(|key| crate::ssh::HostKeyInfo::of(&key))
+                .map(|key| crate::ssh::HostKey::of(&key))
                 .map_err(|err| {
                     ServiceError::invalid(
                         "spec.host_key",
@@ -361,7 +361,7 @@ impl Fleet for FleetService {
             HostKeyReset::Forgotten { previous } => previous,
         };
         if let Some(key) = &previous {
-            tracing::info!(server_id = server_id.get(), fingerprint = %key.fingerprint, "pinned host key forgotten");
+            tracing::info!(server_id = server_id.get(), fingerprint = %key.key.fingerprint, "pinned host key forgotten");
         }
         Ok(Response::new(ResetHostKeyResponse {
             previous: convert::previous_key(previous.as_ref()),

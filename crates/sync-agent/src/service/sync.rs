@@ -369,13 +369,12 @@ impl SyncAgent for SyncAgentService {
             .await
             .map_err(ServiceError::from)?
             .ok_or_else(|| ServiceError::not_found("server", server_id))?;
-        let pinned = server.pinned_key();
-        let check = self.state.ssh.check(server.target(pinned.as_ref())).await;
+        let check = self.state.ssh.check(server.target()).await;
         let (outcome, cause) = match &check.error {
             None => (Outcome::Ok, None),
             Some(err) => err.outcome(),
         };
-        let host_key_check = match (&check.host_key, &pinned) {
+        let host_key_check = match (&check.host_key, server.pinned_key()) {
             (None, _) => pb::HostKeyCheck::Unspecified,
             (Some(_), None) => pb::HostKeyCheck::NotPinned,
             (Some(presented), Some(pinned)) if presented == pinned => pb::HostKeyCheck::Match,

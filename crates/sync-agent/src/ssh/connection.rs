@@ -8,8 +8,7 @@ use tokio::time::timeout;
 use tokio_util::sync::DropGuard;
 
 use super::{
-    ClientKeys, Handshake, HostKeyCheck, HostKeyInfo, SshClient, SshError, Stage, StageTimes,
-    Timeouts,
+    ClientKeys, Handshake, HostKey, HostKeyCheck, SshClient, SshError, Stage, StageTimes, Timeouts,
 };
 
 /// What a command did.
@@ -33,7 +32,7 @@ impl CommandOutput {
 /// An authenticated SSH connection to one server. Commands run over it one channel each.
 pub struct Connection {
     handle: Handle<HostKeyCheck>,
-    host_key: HostKeyInfo,
+    host_key: HostKey,
     banner: String,
     pub(super) times: StageTimes,
     timeouts: Timeouts,
@@ -75,7 +74,7 @@ impl Connection {
     }
 
     /// The host key the server presented (equal to the pinned one, if one was given).
-    pub fn host_key(&self) -> &HostKeyInfo {
+    pub fn host_key(&self) -> &HostKey {
         &self.host_key
     }
 

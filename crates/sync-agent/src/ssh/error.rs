@@ -4,7 +4,7 @@ use std::{io, net::SocketAddr, time::Duration};
 
 use crate::model::{Cause, Outcome};
 
-use super::HostKeyInfo;
+use super::HostKey;
 
 /// The stage of a connection that a timeout hit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,9 +83,9 @@ pub enum SshError {
     #[error("host key changed: pinned {pinned}, presented {presented}")]
     HostKeyMismatch {
         /// The pinned key.
-        pinned: HostKeyInfo,
+        pinned: HostKey,
         /// The key the server presented.
-        presented: HostKeyInfo,
+        presented: HostKey,
     },
     /// The server refused every key.
     #[error("authentication as {user} rejected for all {keys} configured key(s)")]

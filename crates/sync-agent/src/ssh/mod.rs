@@ -89,31 +89,18 @@ pub struct Target<'a> {
     pub user: &'a str,
     /// The host key pinned for this server, if any. A different key is refused before
     /// authentication; with `None`, any key is accepted and reported for pinning.
-    pub pinned: Option<&'a HostKeyInfo>,
+    pub pinned: Option<&'a HostKey>,
 }
 
-/// A host key as it is pinned and compared: algorithm and SHA-256 fingerprint.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostKeyInfo {
-    /// Algorithm name, e.g. `ssh-ed25519`.
-    pub algorithm: String,
-    /// OpenSSH-style fingerprint, `SHA256:...`.
-    pub fingerprint: String,
-}
+pub use crate::model::HostKey;
 
-impl HostKeyInfo {
+impl HostKey {
     /// The algorithm and fingerprint of a public key.
     pub fn of(key: &PublicKey) -> Self {
         Self {
             algorithm: key.algorithm().as_str().to_owned(),
             fingerprint: key.fingerprint(HashAlg::Sha256).to_string(),
         }
-    }
-}
-
-impl std::fmt::Display for HostKeyInfo {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}", self.algorithm, self.fingerprint)
     }
 }
 
@@ -125,7 +112,7 @@ pub struct Check {
     /// The server's identification line, if it sent one.
     pub banner: Option<String>,
     /// The host key it presented, if the key exchange got that far.
-    pub host_key: Option<HostKeyInfo>,
+    pub host_key: Option<HostKey>,
     /// Whether one of the keys was accepted.
     pub authenticated: bool,
     /// The first stage that failed.
@@ -176,7 +163,7 @@ impl Dialed {
 struct Handshake {
     banner: String,
     handle: Handle<HostKeyCheck>,
-    host_key: HostKeyInfo,
+    host_key: HostKey,
     /// Ends russh's session task (and closes the socket) when dropped.
     kill: DropGuard,
     connect: Duration,
@@ -209,7 +196,7 @@ impl SshClient {
     /// The client settings for a server with this pinned key: its key type asked for first, so
     /// that a server with several host keys presents the pinned one (a key the panel gave may
     /// be an ECDSA or RSA key where the default order would negotiate Ed25519).
-    fn config_for(&self, pinned: Option<&HostKeyInfo>) -> Arc<client::Config> {
+    fn config_for(&self, pinned: Option<&HostKey>) -> Arc<client::Config> {
         let Some(wanted) = pinned.and_then(|p| p.algorithm.parse::<Algorithm>().ok()) else {
             return Arc::clone(&self.config);
         };
@@ -390,7 +377,7 @@ impl SshClient {
     async fn handshake(
         &self,
         dialed: Dialed,
-        pinned: Option<&HostKeyInfo>,
+        pinned: Option<&HostKey>,
     ) -> Result<Handshake, SshError> {
         let limit = self.timeouts.handshake;
         let started = Instant::now();
@@ -489,8 +476,8 @@ async fn read_banner(tcp: &mut TcpStream) -> Result<(String, Vec<u8>), SshError>
 /// The russh handler: records the presented host key and refuses one that differs from the
 /// pinned key, so nothing (not even authentication) happens with an impostor.
 struct HostKeyCheck {
-    pinned: Option<HostKeyInfo>,
-    seen: Arc<Mutex<Option<HostKeyInfo>>>,
+    pinned: Option<HostKey>,
+    seen: Arc<Mutex<Option<HostKey>>>,
 }
 
 impl client::Handler for HostKeyCheck {
@@ -504,7 +491,7 @@ impl client::Handler for HostKeyCheck {
             // Host certificates are not advertised, so a server cannot present one.
             return Ok(false);
         };
-        let presented = HostKeyInfo::of(key);
+        let presented = HostKey::of(key);
         let accepted = self
             .pinned
             .as_ref()

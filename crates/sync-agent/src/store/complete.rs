@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use fleetsync_common::sql::{Tx, Value, is_lock_timeout, retry};
 use fleetsync_common::{AgentId, JobId, ServerId};
 
-use crate::model::{Cause, Reachability, Scopes};
+use crate::model::{Cause, HostKey, Reachability, Scopes};
 
 use super::{
     CHUNK, InventoryWrite, OUTCOMES_CHANNEL, RunResult, Store, db_now,
@@ -52,8 +52,8 @@ pub struct Completion {
     pub result: RunResult,
     /// The inventory it read (OK only).
     pub inventory: Option<InventoryWrite>,
-    /// The host key to pin on first contact: (algorithm, fingerprint).
-    pub pin: Option<(String, String)>,
+    /// The host key to pin on first contact.
+    pub pin: Option<HostKey>,
     /// What the run learned about reaching the server.
     pub reach: Reach,
     /// Set when the agent knows a live peer in its zone: a failure that may be the agent's own
@@ -324,9 +324,13 @@ async fn pin_host_keys(
     let pins: Vec<(ServerId, &str, &str)> = stored
         .iter()
         .filter_map(|(item, _)| {
-            item.pin
-                .as_ref()
-                .map(|(a, f)| (item.claim.server_id, a.as_str(), f.as_str()))
+            item.pin.as_ref().map(|key| {
+                (
+                    item.claim.server_id,
+                    key.algorithm.as_str(),
+                    key.fingerprint.as_str(),
+                )
+            })
         })
         .collect();
     for chunk in pins.chunks(CHUNK / 2) {

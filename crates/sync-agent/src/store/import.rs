@@ -16,7 +16,7 @@ use super::{
     servers::ServerSpec,
     services::{service_type, version_kept, write_services},
 };
-use crate::ssh::HostKeyInfo;
+use crate::model::HostKey;
 
 /// What registering one spec did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,8 +45,8 @@ struct Registration {
     port: u16,
     ssh_user: String,
     status: String,
-    /// Algorithm and fingerprint of the pinned key.
-    host_key: Option<(String, String)>,
+    /// The pinned key.
+    host_key: Option<HostKey>,
     /// The database service's stored name and version.
     service: Option<(String, String)>,
     /// The zone (empty: none).
@@ -81,7 +81,7 @@ fleetsync_common::stored_row! {
 struct Entry<'a> {
     stored: Option<(ServerId, Registration)>,
     now: Option<Registration>,
-    given_key: Option<&'a HostKeyInfo>,
+    given_key: Option<&'a HostKey>,
 }
 
 /// Rows per multi-row statement: 11 columns each, within every backend's bind limit.
@@ -126,7 +126,7 @@ impl Store {
                     .or_else(|| entry.now.as_ref().map(|r| r.status.clone()))
                     .unwrap_or_else(|| "ready".to_owned()),
                 host_key: match &spec.host_key {
-                    Some(key) => Some((key.algorithm.clone(), key.fingerprint.clone())),
+                    Some(key) => Some(key.clone()),
                     None => entry.now.as_ref().and_then(|r| r.host_key.clone()),
                 },
                 service: spec.database_service.map(|s| {
@@ -322,10 +322,7 @@ async fn stored<'a>(
             })?,
             ssh_user: r.ssh_user,
             status: r.status,
-            host_key: match (r.host_key_algorithm, r.host_key_fingerprint) {
-                (Some(algorithm), Some(fingerprint)) => Some((algorithm, fingerprint)),
-                _ => None,
-            },
+            host_key: HostKey::stored(r.host_key_algorithm, r.host_key_fingerprint),
             service: None,
             zone: r.zone,
         };

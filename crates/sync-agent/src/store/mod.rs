@@ -40,7 +40,7 @@ pub use outcomes::{LastRuns, OutcomeRecord, RunResult};
 pub use queue::{Claim, ClaimedServer, Claimer, Renewal};
 pub use retention::Pruned;
 pub use servers::{
-    DatabaseRecord, DatabaseService, HostKeyRecord, HostKeyReset, Inventory, Registration,
+    DatabaseRecord, DatabaseService, HostKeyReset, Inventory, PinnedKey, Registration,
     ServerRecord, ServerSpec, Unreadable, UpsertOutcome, UserRecord,
 };
 

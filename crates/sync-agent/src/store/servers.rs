@@ -9,7 +9,7 @@ use fleetsync_common::{
 
 use crate::{
     model::{InventoryStatus, Reachability},
-    ssh::HostKeyInfo,
+    ssh::HostKey,
 };
 
 use super::services::{service_type, version_kept, write_services};
@@ -45,18 +45,16 @@ pub struct ServerSpec {
     /// Lifecycle status; `None` keeps the current one.
     pub status: Option<String>,
     /// The host key the panel knows: pinned now, before any contact (`None` keeps the pin).
-    pub host_key: Option<HostKeyInfo>,
+    pub host_key: Option<HostKey>,
     /// The zone it lives in (empty: none): only agents of that zone sync it.
     pub zone: String,
 }
 
 /// A pinned host key.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostKeyRecord {
-    /// Key algorithm, e.g. `ssh-ed25519`.
-    pub algorithm: String,
-    /// `SHA256:...`.
-    pub fingerprint: String,
+pub struct PinnedKey {
+    /// The key.
+    pub key: HostKey,
     /// When it was pinned (ms).
     pub pinned_at: i64,
 }
@@ -88,7 +86,7 @@ pub struct ServerRecord {
     /// Next probe of an offline server (ms).
     pub next_probe_at: Option<i64>,
     /// Pinned host key.
-    pub host_key: Option<HostKeyRecord>,
+    pub host_key: Option<PinnedKey>,
     /// Registered (ms).
     pub created_at: i64,
     /// Registration changed (ms).
@@ -141,20 +139,17 @@ pub(super) const SERVER_FROM: &str =
 
 impl ServerRecord {
     /// The pinned host key, as the SSH check wants it.
-    pub fn pinned_key(&self) -> Option<HostKeyInfo> {
-        self.host_key.as_ref().map(|k| HostKeyInfo {
-            algorithm: k.algorithm.clone(),
-            fingerprint: k.fingerprint.clone(),
-        })
+    pub fn pinned_key(&self) -> Option<&HostKey> {
+        self.host_key.as_ref().map(|pin| &pin.key)
     }
 
-    /// Where and as whom to connect, checking against `pinned` (its [`pinned_key`](Self::pinned_key)).
-    pub fn target<'a>(&'a self, pinned: Option<&'a HostKeyInfo>) -> crate::ssh::Target<'a> {
+    /// Where and as whom to connect, checking against its [`pinned_key`](Self::pinned_key).
+    pub fn target(&self) -> crate::ssh::Target<'_> {
         crate::ssh::Target {
             host: &self.ip,
             port: self.port,
             user: &self.ssh_user,
-            pinned,
+            pinned: self.pinned_key(),
         }
     }
 }
@@ -232,14 +227,11 @@ impl TryFrom<ServerRow> for ServerRecord {
             .map(DatabaseService::parse)
             .transpose()
             .map_err(|e| unreadable(e.to_string()))?;
-        let host_key = match (r.host_key_algorithm, r.host_key_fingerprint) {
-            (Some(algorithm), Some(fingerprint)) => Some(HostKeyRecord {
-                algorithm,
-                fingerprint,
+        let host_key =
+            HostKey::stored(r.host_key_algorithm, r.host_key_fingerprint).map(|key| PinnedKey {
+                key,
                 pinned_at: r.host_key_pinned_at.unwrap_or(0),
-            }),
-            _ => None,
-        };
+            });
         Ok(Self {
             id: r.id,
             name: r.name,
@@ -356,7 +348,7 @@ pub enum HostKeyReset {
     /// The server's key is forgotten: the next sync pins the one it presents.
     Forgotten {
         /// The key that was pinned, if one was.
-        previous: Option<HostKeyRecord>,
+        previous: Option<PinnedKey>,
     },
 }
 
