@@ -11,7 +11,10 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_json::Value as Json;
 
-use crate::store::{Charsets, DatabaseRead, DatabaseService, InventoryWrite, UserRead};
+use crate::store::{
+    CharsetEntry, Charsets, CharsetsDocument, DatabaseRead, DatabaseService, InventoryWrite,
+    UserRead,
+};
 
 /// Which query a MySQL or MariaDB server gets, decided by the server from its own `VERSION()`
 /// and prepared only then, so that no server ever parses a function it lacks: the query below
@@ -446,7 +449,7 @@ pub fn parse(service: DatabaseService, stdout: &[u8]) -> Result<InventoryWrite, 
     })
 }
 
-/// The charset list: `type_data` with every charset's collations and default, and its key.
+/// The charset list: every charset's collations and default, and its key.
 fn charsets(
     collations: Json,
     default_charset: String,
@@ -471,23 +474,18 @@ fn charsets(
         }
         entry.1.push(row.collation);
     }
-    let count = u32::try_from(charsets.len()).unwrap_or(u32::MAX);
-    let type_data = serde_json::json!({
-        "charsets": charsets.iter().map(|(name, (default, list))| {
-            let mut list = list.clone();
-            list.sort();
-            list.dedup();
-            (name.clone(), serde_json::json!({"default": default, "list": list}))
-        }).collect::<serde_json::Map<_, _>>(),
-        "defaultCharset": default_charset,
-    })
-    .to_string();
-
-    Ok(Charsets {
-        type_data,
-        count,
-        key,
-    })
+    let document = CharsetsDocument {
+        charsets: charsets
+            .into_iter()
+            .map(|(name, (default, mut list))| {
+                list.sort();
+                list.dedup();
+                (name, CharsetEntry { default, list })
+            })
+            .collect(),
+        default_charset,
+    };
+    Ok(Charsets { document, key })
 }
 
 #[cfg(test)]
@@ -526,15 +524,21 @@ mod tests {
             [user("app", "%", &["app"]), user("root", "localhost", &[])]
         );
         let charsets = inv.charsets.expect("collations were sent");
-        assert_eq!(charsets.count, 1);
+        assert_eq!(charsets.document.charsets.len(), 1);
         assert_eq!(charsets.key, "10.11.6-MariaDB|utf8mb4");
-        let type_data: Json = serde_json::from_str(&charsets.type_data).unwrap();
-        assert_eq!(type_data["defaultCharset"], "utf8mb4");
+        // Stored in the panel's shape, and read back as written.
+        let stored: Json = serde_json::from_str(&charsets.document.encode()).unwrap();
+        assert_eq!(stored["defaultCharset"], "utf8mb4");
         assert_eq!(
-            type_data["charsets"]["utf8mb4"]["default"],
+            stored["charsets"]["utf8mb4"]["default"],
             "utf8mb4_general_ci"
         );
-        assert_eq!(type_data["charsets"]["utf8mb4"]["list"][0], "utf8mb4_bin");
+        assert_eq!(stored["charsets"]["utf8mb4"]["list"][0], "utf8mb4_bin");
+        assert_eq!(
+            CharsetsDocument::decode(&charsets.document.encode()).unwrap(),
+            charsets.document
+        );
+        assert!(CharsetsDocument::decode(r#"{"charsets": []}"#).is_err());
     }
 
     #[test]
@@ -543,8 +547,7 @@ mod tests {
         let inv = parse(DatabaseService::Postgresql, out.as_bytes()).unwrap();
         assert!(inv.databases.is_empty() && inv.users.is_empty());
         let charsets = inv.charsets.expect("read");
-        let type_data: Json = serde_json::from_str(&charsets.type_data).unwrap();
-        assert_eq!(type_data["defaultCharset"], "UTF8");
+        assert_eq!(charsets.document.default_charset, "UTF8");
         assert_eq!(charsets.key, "16|", "the key is what the server reported");
     }
 

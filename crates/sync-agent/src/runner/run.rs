@@ -258,7 +258,7 @@ impl Runner {
                 Ok(inventory) => {
                     let charsets = inventory.charsets.as_ref().map_or_else(
                         || "charsets unchanged".to_owned(),
-                        |c| format!("{} charset(s)", c.count),
+                        |c| format!("{} charset(s)", c.document.charsets.len()),
                     );
                     let message = format!(
                         "{} database(s), {} user(s), {charsets}",

@@ -214,26 +214,16 @@ pub fn previous_key(key: Option<&PinnedKey>) -> Option<pb::HostKey> {
 
 /// What the syncs stored, as the inventory message (`None` before the first successful sync).
 pub fn inventory(service: Option<DatabaseService>, inventory: &Inventory) -> Option<pb::Inventory> {
-    let type_data = inventory.type_data.as_ref()?;
-    let charsets = type_data["charsets"]
-        .as_object()
-        .map(|map| {
-            map.iter()
-                .map(|(name, entry)| pb::Charset {
-                    name: name.clone(),
-                    collations: entry["list"]
-                        .as_array()
-                        .map(|l| {
-                            l.iter()
-                                .filter_map(|c| c.as_str().map(str::to_owned))
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                    default_collation: entry["default"].as_str().unwrap_or_default().to_owned(),
-                })
-                .collect()
+    let document = inventory.charsets.as_ref()?;
+    let charsets = document
+        .charsets
+        .iter()
+        .map(|(name, entry)| pb::Charset {
+            name: name.clone(),
+            collations: entry.list.clone(),
+            default_collation: entry.default.clone().unwrap_or_default(),
         })
-        .unwrap_or_default();
+        .collect();
     let state = |status: &InventoryStatus| {
         if *status == InventoryStatus::Gone {
             pb::DatabaseState::Gone
@@ -243,10 +233,7 @@ pub fn inventory(service: Option<DatabaseService>, inventory: &Inventory) -> Opt
     };
     Some(pb::Inventory {
         database_service: database_service(service) as i32,
-        default_charset: type_data["defaultCharset"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned(),
+        default_charset: document.default_charset.clone(),
         charsets,
         databases: inventory
             .databases

@@ -48,12 +48,47 @@ pub struct UserRead {
 /// A service's charsets and collations, as read.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Charsets {
-    /// `services.type_data`: `{"charsets": {charset: [collations]}, "defaultCharset": ...}`.
-    pub type_data: String,
-    /// How many charsets that holds.
-    pub count: u32,
+    /// What `services.type_data` stores.
+    pub document: CharsetsDocument,
     /// What they were read under (`services.inventory_key`): `version|default charset`.
     pub key: String,
+}
+
+/// `services.type_data` of a database service, as the agent writes it and reads it back (the
+/// panel's shape: `{"charsets": {charset: {"default": collation, "list": [collations]}},
+/// "defaultCharset": charset}`). A stored document of another shape is a decode error.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct CharsetsDocument {
+    /// Each charset with its collations.
+    pub charsets: BTreeMap<String, CharsetEntry>,
+    /// The server's default charset.
+    #[serde(rename = "defaultCharset")]
+    pub default_charset: String,
+}
+
+/// One charset of a [`CharsetsDocument`].
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct CharsetEntry {
+    /// Its default collation, if the server named one.
+    pub default: Option<String>,
+    /// Its collations, sorted, each once.
+    pub list: Vec<String>,
+}
+
+impl CharsetsDocument {
+    /// The stored text.
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).expect("a charsets document serialises")
+    }
+
+    /// From the stored text: another shape is an error, never an empty list.
+    pub fn decode(text: &str) -> Result<Self, sqlx::Error> {
+        serde_json::from_str(text).map_err(|e| {
+            sqlx::Error::Decode(
+                format!("services.type_data is not a charsets document: {e}").into(),
+            )
+        })
+    }
 }
 
 /// What a write changed.
@@ -118,7 +153,9 @@ pub(super) async fn write_all(
     for (server_id, inventory) in items {
         let server_id = *server_id;
         let mut counts = InventoryCounts {
-            charsets: inventory.charsets.as_ref().map_or(0, |c| c.count),
+            charsets: inventory.charsets.as_ref().map_or(0, |c| {
+                u32::try_from(c.document.charsets.len()).unwrap_or(u32::MAX)
+            }),
             ..InventoryCounts::default()
         };
         // The charset list (a large document) is written only when it was read: when the
@@ -129,7 +166,7 @@ pub(super) async fn write_all(
                  version = COALESCE(?, version), updated_at = ? \
                  WHERE server_id = ? AND type = ?",
                 &[
-                    charsets.type_data.as_str().into(),
+                    charsets.document.encode().into(),
                     charsets.key.as_str().into(),
                     inventory.version.clone().into(),
                     now.into(),

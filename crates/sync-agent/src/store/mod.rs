@@ -32,7 +32,10 @@ pub use agents::{AgentRecord, AgentReport, AgentStatus, Verdicts};
 pub use complete::{Completion, Reach, Recorded};
 pub use gauges::FleetGauges;
 pub use import::{Imported, Registered};
-pub use inventory::{Charsets, DatabaseRead, InventoryCounts, InventoryWrite, UserRead};
+pub use inventory::{
+    CharsetEntry, Charsets, CharsetsDocument, DatabaseRead, InventoryCounts, InventoryWrite,
+    UserRead,
+};
 use jobs::OutcomeCounts;
 pub use jobs::{JobFilter, JobRecord, NewJob, Selection};
 pub use outbox::SyncRequest;

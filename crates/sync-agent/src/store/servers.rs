@@ -12,6 +12,7 @@ use crate::{
     ssh::HostKey,
 };
 
+use super::inventory::CharsetsDocument;
 use super::services::{service_type, version_kept, write_services};
 use super::{Registered, Store};
 
@@ -322,8 +323,8 @@ pub struct UserRecord {
 /// What the last syncs stored about a server's database service.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Inventory {
-    /// `services.type_data` (a JSON document), if a sync wrote it.
-    pub type_data: Option<serde_json::Value>,
+    /// The charsets a sync stored (`services.type_data`), if one did.
+    pub charsets: Option<CharsetsDocument>,
     /// Databases, system ones left out, gone ones kept and marked.
     pub databases: Vec<DatabaseRecord>,
     /// Database users, gone ones kept and marked.
@@ -563,11 +564,7 @@ impl Store {
             .map(|row| row.decode::<Option<String>>())
             .transpose()?
             .flatten()
-            .map(|text| {
-                serde_json::from_str(&text).map_err(|e| {
-                    sqlx::Error::Decode(format!("services.type_data is not JSON: {e}").into())
-                })
-            })
+            .map(|text| CharsetsDocument::decode(&text))
             .transpose()?;
         let databases = self
             .db
@@ -596,7 +593,7 @@ impl Store {
             .map(|r| UserRow::try_from(r)?.try_into())
             .collect::<Result<_, sqlx::Error>>()?;
         Ok(Inventory {
-            type_data,
+            charsets: type_data,
             databases,
             users,
         })
