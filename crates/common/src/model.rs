@@ -306,6 +306,43 @@ pub const SCHEMA_HISTORY_TABLE: &str = "fleetsync_schema_history";
 pub const SCHEMA_BREAKS_TABLE: &str = "fleetsync_schema_breaks";
 
 crate::stored_row! {
+    /// An agent's row of the registry (`sync_agents`, written by the agent itself) in the
+    /// columns every version of the table has: declared once for the agent, which reads its
+    /// later columns after these, and the migrator, which reads the end of the agent's schema
+    /// range after these where the table has it.
+    pub struct RegistryRow {
+        /// The agent, and the holder of its leases.
+        pub id: crate::AgentId,
+        /// The machine it runs on.
+        pub host: String,
+        /// Its build's version.
+        pub version: String,
+        /// The start of its schema range: the newest migration it needs.
+        pub schema_version: i64,
+        /// Its SSH client keys' fingerprints, a JSON array.
+        pub key_fingerprints: String,
+        /// Its zone (empty: none).
+        pub zone: String,
+        /// Its lease TTL (ms): it is gone after two of them without a heartbeat.
+        pub lease_ttl_ms: i64,
+        /// When it started (ms, database clock).
+        pub started_at: i64,
+        /// Its last heartbeat (ms, database clock).
+        pub heartbeat_at: i64,
+        /// Its state as it last wrote it.
+        pub state: AgentState,
+        /// Why it is in that state.
+        pub reason: String,
+        /// Leases it held.
+        pub leases: i64,
+        /// Runs it had in flight.
+        pub in_flight: i64,
+        /// Its outcomes since it started, a JSON object of outcome name to count.
+        pub outcomes: String,
+    }
+}
+
+crate::stored_row! {
     /// A sync request a migration recorded in the outbox (`sync_requests`).
     pub struct SyncRequest {
         /// `migration-VERSION`: the job made from it takes this as its request id.

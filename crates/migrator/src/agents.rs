@@ -4,7 +4,8 @@
 //! agent's range, while agents it would stop are serving, unless the operator says to stop them.
 
 use fleetsync_common::{
-    model::AgentState,
+    AgentId,
+    model::{AgentState, RegistryRow},
     sql::{Conn, Row, now_ms_sql},
 };
 
@@ -20,7 +21,7 @@ const AGENTS_TABLE: &str = "sync_agents";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LiveAgent {
     /// Its id (the holder its leases carry).
-    pub id: String,
+    pub id: AgentId,
     /// The machine it runs on.
     pub host: String,
     /// Its build's version.
@@ -99,7 +100,7 @@ pub async fn live_agents(conn: &mut Conn) -> Result<Vec<LiveAgent>, sqlx::Error>
                 "SELECT {}, {max} FROM {AGENTS_TABLE} \
                  WHERE state <> ? AND heartbeat_at >= {now} - 2 * lease_ttl_ms \
                  ORDER BY started_at, id",
-                AgentRow::COLUMNS
+                RegistryRow::COLUMNS
             ),
             &[AgentState::Gone.as_str().into()],
         )
@@ -107,23 +108,11 @@ pub async fn live_agents(conn: &mut Conn) -> Result<Vec<LiveAgent>, sqlx::Error>
     rows.iter().map(decode).collect()
 }
 
-fleetsync_common::stored_row! {
-    /// An agent's row of the registry as the migrator reads it; the end of its range
-    /// (`schema_max`, a column of later schemas) is read after these.
-    struct AgentRow {
-        id: String,
-        host: String,
-        version: String,
-        schema_version: i64,
-        zone: String,
-        state: AgentState,
-    }
-}
-
+/// A row of [`RegistryRow`], then `schema_max` (NULL where the table has no such column).
 fn decode(r: &Row) -> Result<LiveAgent, sqlx::Error> {
-    let a = AgentRow::try_from(r)?;
+    let a = RegistryRow::try_from(r)?;
     Ok(LiveAgent {
-        schema_max: r.opt_int(AgentRow::COLUMN_COUNT)?,
+        schema_max: r.opt_int(RegistryRow::COLUMN_COUNT)?,
         id: a.id,
         host: a.host,
         version: a.version,
@@ -140,7 +129,7 @@ mod tests {
     #[test]
     fn a_stopping_migration_stops_agents_whose_range_ends_before_it() {
         let agent = |max| LiveAgent {
-            id: "a".into(),
+            id: AgentId::new("a"),
             host: "h".into(),
             version: "0.1.0".into(),
             schema_min: 10,

@@ -180,7 +180,7 @@ impl Migrator for MigratorService {
                     statements: p.statements,
                     resync_scopes: p.resync.iter().map(|s| s.as_str().into()).collect(),
                     stops_agents: p.stops_agents,
-                    stopped_agents: p.stops.into_iter().map(|a| a.id).collect(),
+                    stopped_agents: p.stops.into_iter().map(|a| a.id.into_string()).collect(),
                     reverse: p.reverse,
                     losses: p
                         .losses

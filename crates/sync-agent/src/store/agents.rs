@@ -9,11 +9,10 @@
 use std::collections::BTreeMap;
 
 use fleetsync_common::{
-    Backend,
+    AgentId, Backend,
+    model::RegistryRow,
     sql::{Row, Value, now_ms_sql},
 };
-
-use fleetsync_common::AgentId;
 
 use super::Store;
 use crate::{model::AgentState, schema};
@@ -100,27 +99,6 @@ impl AgentStatus {
 }
 
 fleetsync_common::stored_row! {
-    /// The columns an agent writes itself on its row of `sync_agents` (JSON still as text).
-    struct AgentRow {
-        id: AgentId,
-        host: String,
-        version: String,
-        schema_version: i64,
-        key_fingerprints: String,
-        zone: String,
-        lease_ttl_ms: i64,
-        started_at: i64,
-        heartbeat_at: i64,
-        state: AgentState,
-        reason: String,
-        leases: i64,
-        in_flight: i64,
-        outcomes: String,
-        asked: i64,
-    }
-}
-
-fleetsync_common::stored_row! {
     /// What others write on an agent's row.
     struct VerdictRow {
         overruled: i64,
@@ -129,13 +107,18 @@ fleetsync_common::stored_row! {
     }
 }
 
-/// The columns an agent writes itself.
-const COLUMNS: &str = AgentRow::COLUMNS;
+/// The columns an agent writes itself, as every statement lists them: those of every registry
+/// ([`RegistryRow`], declared in `common` for the migrator too), then `asked`, which a later
+/// registry added (one column, read by its position: [`ASKED_INDEX`]).
+const REGISTRY: &str = RegistryRow::COLUMNS;
+/// Where a registry read selects `asked`: right after [`REGISTRY`].
+const ASKED_INDEX: usize = RegistryRow::COLUMN_COUNT;
 /// What others write on it.
 const VERDICT_COLUMNS: &str = VerdictRow::COLUMNS;
-/// Where a registry read selects, after [`COLUMNS`] and [`VERDICT_COLUMNS`], the database's
+/// Where a registry read selects, after [`REGISTRY`], `asked` and [`VERDICT_COLUMNS`], the database's
 /// clock, then the end of the agent's range ([`RANGE_COLUMN`]).
-const NOW_INDEX: usize = AgentRow::COLUMN_COUNT + VerdictRow::COLUMN_COUNT;
+const NOW_INDEX: usize = ASKED_INDEX + 1 + VerdictRow::COLUMN_COUNT;
+
 /// Read after the others and the database's clock: the end of the agent's range, which a
 /// build whose range ends before [`schema::RANGES_RECORDED`] does not know.
 const RANGE_COLUMN: &str = if schema::RECORDS_RANGE {
@@ -161,10 +144,10 @@ impl TryFrom<VerdictRow> for Verdicts {
     }
 }
 
-/// A registry read's row (`COLUMNS, VERDICT_COLUMNS, now RANGE_COLUMN`), "gone" judged by the
-/// database's clock it carries.
+/// A registry read's row (`REGISTRY, asked, VERDICT_COLUMNS, now RANGE_COLUMN`), "gone" judged
+/// by the database's clock it carries.
 fn decode(r: &Row) -> Result<AgentRecord, sqlx::Error> {
-    let a = AgentRow::try_from(r)?;
+    let a = RegistryRow::try_from(r)?;
     let now = r.int(NOW_INDEX)?;
     fn json<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> Result<T, sqlx::Error> {
         serde_json::from_str(text)
@@ -205,11 +188,11 @@ fn decode(r: &Row) -> Result<AgentRecord, sqlx::Error> {
             leases: a.leases,
             in_flight: a.in_flight,
             outcomes: json(&a.outcomes, "outcomes")?,
-            asked: count(a.asked, "asked")?,
+            asked: count(r.int(ASKED_INDEX)?, "asked")?,
         },
         started_at: a.started_at,
         heartbeat_at: a.heartbeat_at,
-        verdicts: VerdictRow::read(r, AgentRow::COLUMN_COUNT)?.try_into()?,
+        verdicts: VerdictRow::read(r, ASKED_INDEX + 1)?.try_into()?,
     })
 }
 
@@ -269,7 +252,7 @@ impl Store {
         self.db
             .execute(
                 &format!(
-                    "INSERT INTO sync_agents ({COLUMNS}{RANGE_COLUMN}) VALUES \
+                    "INSERT INTO sync_agents ({REGISTRY}, asked{RANGE_COLUMN}) VALUES \
                      (?, ?, ?, ?, ?, ?, ?, {now}, {now}, ?, ?, ?, ?, ?, ?{range_value}) \
                      {upsert}{range_update}"
                 ),
@@ -362,7 +345,7 @@ impl Store {
             .db
             .fetch_optional(
                 &format!(
-                    "SELECT {COLUMNS}, {VERDICT_COLUMNS}, {now}{RANGE_COLUMN} FROM sync_agents \
+                    "SELECT {REGISTRY}, asked, {VERDICT_COLUMNS}, {now}{RANGE_COLUMN} FROM sync_agents \
                      WHERE id = ?"
                 ),
                 &[id.into()],
@@ -391,7 +374,7 @@ impl Store {
             .db
             .fetch(
                 &format!(
-                    "SELECT {COLUMNS}, {VERDICT_COLUMNS}, {now}{RANGE_COLUMN} FROM sync_agents \
+                    "SELECT {REGISTRY}, asked, {VERDICT_COLUMNS}, {now}{RANGE_COLUMN} FROM sync_agents \
                      ORDER BY started_at, id"
                 ),
                 &[],

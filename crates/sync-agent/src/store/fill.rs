@@ -153,8 +153,9 @@ pub(super) async fn fill(
         else {
             continue; // Pruned meanwhile: nothing to fill.
         };
-        let (finished, total) = (job.int(0)?, job.int(1)?);
-        let mut counts = match job.opt_text(2)? {
+        let (finished, total, counts, finished_at): (i64, i64, Option<String>, Option<i64>) =
+            job.decode()?;
+        let mut counts = match counts {
             Some(text) => OutcomeCounts::decode(&text)?,
             // A job made before the counts were kept: counted once, here, under its lock.
             None => count_rows(tx, job_id).await?,
@@ -174,7 +175,7 @@ pub(super) async fn fill(
             counts.add(by_server[server_id].result.outcome, 1);
         }
         let done = finished + n >= total;
-        let finished_at = if done { Some(now) } else { job.opt_int(3)? };
+        let finished_at = if done { Some(now) } else { finished_at };
         tx.execute(
             "UPDATE sync_jobs SET finished = ?, state = ?, finished_at = ?, outcome_counts = ? \
              WHERE id = ?",

@@ -10,11 +10,11 @@ use std::collections::HashMap;
 
 use fleetsync_common::{
     Backend, ServiceError,
-    sql::{Row, Tx, Value, is_unique_violation, now_ms_sql, retry},
+    sql::{Row, Tx, Value, is_unique_violation, retry},
 };
 use fleetsync_common::{JobId, RequestId, ServerId};
 
-use super::{Store, WORK_CHANNEL, notify, outbox::take_request};
+use super::{Store, WORK_CHANNEL, db_now, notify, outbox::take_request};
 use crate::model::{JobOrigin, JobSelection, JobState, Outcome, Scopes};
 
 /// Which servers a job covers.
@@ -211,13 +211,8 @@ impl Store {
             return Ok((existing, false));
         }
         let id = JobId::new(crate::new_id());
-        let now_sql = now_ms_sql(self.backend());
         let mut tx = self.db.begin().await?;
-        let now = tx
-            .fetch_optional(&format!("SELECT {now_sql}"), &[])
-            .await?
-            .ok_or(sqlx::Error::RowNotFound)?
-            .int(0)?;
+        let now = db_now(&mut tx).await?;
         tx.execute(
             "INSERT INTO sync_jobs (id, request_id, origin, state, scopes, force_offline, reason, \
              total, finished, created_at, selection, outcome_counts) \

@@ -114,7 +114,22 @@ pub(super) async fn db_now(tx: &mut Tx) -> Result<i64, sqlx::Error> {
     tx.fetch_optional(&sql, &[])
         .await?
         .ok_or(sqlx::Error::RowNotFound)?
-        .int(0)
+        .decode()
+}
+
+impl Store {
+    /// The database's clock now, outside a transaction.
+    pub(super) async fn db_now(&self) -> Result<i64, sqlx::Error> {
+        let sql = format!(
+            "SELECT {}",
+            fleetsync_common::sql::now_ms_sql(self.backend())
+        );
+        self.db
+            .fetch_optional(&sql, &[])
+            .await?
+            .ok_or(sqlx::Error::RowNotFound)?
+            .decode()
+    }
 }
 
 /// Largest id list per statement.

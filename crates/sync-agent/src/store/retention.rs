@@ -4,7 +4,7 @@
 //! database's clock, like every time it is compared with. Also ends the rows left waiting for
 //! servers that were deleted without going through the Fleet API.
 
-use fleetsync_common::sql::{Value, now_ms_sql};
+use fleetsync_common::sql::Value;
 use fleetsync_common::{JobId, ServerId};
 
 use super::{Store, fill::cancel_waiting, list};
@@ -36,13 +36,7 @@ impl Store {
         age_ms: i64,
         max_batches: usize,
     ) -> Result<Pruned, sqlx::Error> {
-        let sql = format!("SELECT {}", now_ms_sql(self.backend()));
-        let now = self
-            .db
-            .fetch_optional(&sql, &[])
-            .await?
-            .ok_or(sqlx::Error::RowNotFound)?
-            .int(0)?;
+        let now = self.db_now().await?;
         self.prune(now - age_ms, max_batches).await
     }
 
@@ -179,9 +173,12 @@ impl Store {
                 break;
             };
             // Still this old when deleted: a row whose time moved on meanwhile is kept.
-            let mut args = with_filter(vec![first.int(1)?.into(), last.int(1)?.into()]);
+            let ((_, oldest), (_, newest)): ((i64, i64), (i64, i64)) =
+                (first.decode()?, last.decode()?);
+            let mut args = with_filter(vec![oldest.into(), newest.into()]);
             for row in &rows {
-                args.push(Value::Int(row.decode()?));
+                let (id, _): (i64, i64) = row.decode()?;
+                args.push(id.into());
             }
             deleted += self
                 .db

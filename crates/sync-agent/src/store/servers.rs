@@ -443,7 +443,7 @@ impl Store {
         if let Some(other) = clash {
             return Err(ServiceError::AlreadyExists(format!(
                 "another server (id {}) is named {:?}",
-                other.int(0)?,
+                other.decode::<ServerId>()?,
                 spec.name
             )));
         }
@@ -477,10 +477,8 @@ impl Store {
             )
             .await?;
         }
-        let stored = match current.opt_text(0)? {
-            Some(name) => Some((name, current.opt_text(1)?.unwrap_or_default())),
-            None => None,
-        };
+        let (name, version): (Option<String>, Option<String>) = current.decode()?;
+        let stored = name.map(|name| (name, version.unwrap_or_default()));
         let wanted = spec
             .database_service
             .map(|s| (s.as_str(), spec.database_version.as_str()));
