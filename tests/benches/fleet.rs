@@ -37,7 +37,7 @@ use fleetsync_common::{
     },
 };
 use fleetsync_tests::{
-    SshFleet, TestDb,
+    AgentProcess, SshFleet, TestDb,
     bench::{machine, median, peak_rss_mib, runs},
     fleet::{Placement, SSH_USER},
     services::{ServeProcess, connect, job_outcomes, migrate, register_server, watch_to_end},
@@ -441,11 +441,8 @@ impl Agent {
         let db = TestDb::sqlite().await;
         migrate(db.url()).await;
         let timeout = format!("{TIMEOUT_S}s");
-        let process = ServeProcess::start(
-            "sync-agent",
-            &[
-                "--database-url",
-                db.url(),
+        let process = AgentProcess::on(db.url())
+            .args(&[
                 "--ssh-key",
                 &bench.key,
                 "--connect-timeout",
@@ -458,9 +455,8 @@ impl Agent {
                 "0s",
                 "--probe-interval",
                 "1h",
-            ],
-            bench.dir.path(),
-        );
+            ])
+            .start(bench.dir.path());
         let group = Group::create("agent");
         group.add(process.pid());
         let channel = connect(process.addr).await;

@@ -41,7 +41,7 @@ use fleetsync_common::{
     },
 };
 use fleetsync_tests::{
-    TestDb,
+    AgentProcess, TestDb,
     bench::{cpu_seconds, machine, median, peak_rss_mib, runs, silent_listener},
     catalog::{add_mariadb_everywhere, execute, insert_servers},
     db::ALL_BACKENDS,
@@ -94,20 +94,12 @@ struct Agents {
 impl Agents {
     fn start(db: &TestDb, n: usize, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut args = vec![
-            "--database-url",
-            db.url(),
-            "--sync-interval",
-            "0s",
-            "--probe-interval",
-            "1h",
-            "--backoff-base",
-            "1h",
-        ];
-        args.extend_from_slice(extra);
-        let procs = (0..n)
-            .map(|_| ServeProcess::start("sync-agent", &args, dir.path()))
-            .collect();
+        let agent = AgentProcess::on(db.url())
+            .flag("--sync-interval", "0s")
+            .flag("--probe-interval", "1h")
+            .flag("--backoff-base", "1h")
+            .args(extra);
+        let procs = (0..n).map(|_| agent.start(dir.path())).collect();
         Self { procs, _dir: dir }
     }
 

@@ -21,7 +21,7 @@ use fleetsync_common::proto::sync::v1::{
 use tokio_stream::StreamExt;
 
 use crate::{
-    SshFleet, TestDb,
+    AgentProcess, SshFleet, TestDb,
     bench::silent_listener,
     catalog::{add_mariadb_everywhere, count, execute, insert_servers},
     events::watch_resumably,
@@ -134,38 +134,16 @@ printf '%s\n' '{"version": "10.11", "databases": [{"name": "app", "charset": "ut
 "#;
 
 fn agent(db: &TestDb, key: &str, plan: &Plan, dir: &std::path::Path) -> ServeProcess {
-    let in_flight = plan.in_flight.to_string();
-    let concurrency = (plan.in_flight / 4).max(1).to_string();
-    let handshake = format!("{}s", plan.handshake_s);
-    let ttl = format!("{LEASE_TTL_S}s");
-    ServeProcess::start(
-        "sync-agent",
-        &[
-            "--database-url",
-            db.url(),
-            "--ssh-key",
-            key,
-            "--lease-ttl",
-            &ttl,
-            "--poll-interval",
-            "100ms",
-            "--in-flight",
-            &in_flight,
-            "--concurrency",
-            &concurrency,
-            "--connect-timeout",
-            "2s",
-            "--handshake-timeout",
-            &handshake,
-            "--probe-interval",
-            "1h",
-            "--backoff-base",
-            "1h",
-            "--shutdown-grace",
-            "2s",
-        ],
-        dir,
-    )
+    AgentProcess::on(db.url())
+        .fleet_defaults()
+        .key(key)
+        .without("--sync-interval")
+        .flag("--lease-ttl", format!("{LEASE_TTL_S}s"))
+        .flag("--in-flight", plan.in_flight)
+        .flag("--concurrency", (plan.in_flight / 4).max(1))
+        .flag("--handshake-timeout", format!("{}s", plan.handshake_s))
+        .flag("--shutdown-grace", "2s")
+        .start(dir)
 }
 
 fn signal(process: &ServeProcess, sig: &str) {

@@ -15,12 +15,14 @@ pub mod netns;
 pub mod pg18;
 pub mod process;
 pub mod proxy;
+pub mod scenario;
 pub mod scrape;
 pub mod services;
 pub mod tls;
 
 pub use db::TestDb;
 pub use fleet::{SshFleet, SshHost};
+pub use scenario::{AgentProcess, Scenario};
 pub use services::{TestAgent, TestMigrator};
 
 /// One test per backend of a scenario `async fn(Backend)`: `per_backend!(name => scenario);`

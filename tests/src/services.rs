@@ -170,20 +170,10 @@ pub async fn migrate(url: &str) {
 }
 
 impl TestAgent {
-    /// Migrates the database, then starts the agent on it with this SSH client.
-    pub async fn spawn(database_url: &str, ssh: SshClient) -> Self {
-        migrate(database_url).await;
-        Self::spawn_with(database_url, ssh, test_runner_config()).await
-    }
-
-    /// Starts the agent on an already migrated database with these scheduler settings.
-    pub async fn spawn_with(database_url: &str, ssh: SshClient, runner: RunnerConfig) -> Self {
-        Self::spawn_with_streams(database_url, ssh, runner, 1024).await
-    }
-
-    /// As [`spawn_with`](Self::spawn_with), with at most `max_streams` event streams open.
-    /// Returns once the migrations' sync requests are jobs.
-    pub async fn spawn_with_streams(
+    /// Starts the agent on an already migrated database with these settings, with at most
+    /// `max_streams` event streams open; returns once the migrations' sync requests are jobs.
+    /// Tests start agents through [`crate::scenario::Scenario`].
+    pub(crate) async fn start(
         database_url: &str,
         ssh: SshClient,
         runner: RunnerConfig,
@@ -465,41 +455,6 @@ fn json_field(line: &str, key: &str) -> Option<String> {
     let start = line.find(&needle)? + needle.len();
     let end = line[start..].find('"')? + start;
     Some(line[start..end].to_owned())
-}
-
-/// An agent binary (`sync-agent`, or `sync-agent-older`) on `db` with the flags of the tests
-/// that run real sshd hosts through several agents: a 2 s lease, quick polls, no schedule, no
-/// probes or backoff within a test, and generous timeouts (hundreds of sshd on two cores, and
-/// CI runs other work beside); `extra` come after them.
-pub fn fleet_agent(
-    binary: &str,
-    db: &crate::TestDb,
-    key: &str,
-    dir: &Path,
-    extra: &[&str],
-) -> ServeProcess {
-    let mut args = vec![
-        "--database-url",
-        db.url(),
-        "--ssh-key",
-        key,
-        "--lease-ttl",
-        "2s",
-        "--poll-interval",
-        "100ms",
-        "--sync-interval",
-        "0s",
-        "--probe-interval",
-        "1h",
-        "--backoff-base",
-        "1h",
-        "--connect-timeout",
-        "2s",
-        "--handshake-timeout",
-        "4s",
-    ];
-    args.extend_from_slice(extra);
-    ServeProcess::start(binary, &args, dir)
 }
 
 /// `BINARY serve` as a test runs it by hand (to see it refuse something): for the agent, with

@@ -5,11 +5,7 @@ use std::{path::Path, process::Command};
 
 use fleetsync_common::proto::sync::v1::{ListServersRequest, fleet_client::FleetClient};
 use fleetsync_tests::{
-    TestDb,
-    migrator::migrator,
-    process::bin_path,
-    services::{ServeProcess, migrate},
-    tls::TestTls,
+    AgentProcess, TestDb, migrator::migrator, process::bin_path, services::migrate, tls::TestTls,
 };
 use tonic::{
     Code,
@@ -37,11 +33,9 @@ async fn without_the_token_every_rpc_but_health_is_unauthenticated() {
     let db = TestDb::sqlite().await;
     migrate(db.url()).await;
     let token = write_token(dir.path());
-    let agent = ServeProcess::start(
-        "sync-agent",
-        &["--database-url", db.url(), "--auth-token-file", &token],
-        dir.path(),
-    );
+    let agent = AgentProcess::on(db.url())
+        .args(&["--auth-token-file", &token])
+        .start(dir.path());
     let channel = fleetsync_tests::services::connect(agent.addr).await;
 
     // Health answers anyone.
@@ -118,16 +112,9 @@ async fn a_token_is_rotated_without_a_restart() {
     migrate(db.url()).await;
     let served = dir.path().join("served-tokens");
     std::fs::write(&served, "old-token\n").expect("write");
-    let agent = ServeProcess::start(
-        "sync-agent",
-        &[
-            "--database-url",
-            db.url(),
-            "--auth-token-file",
-            served.to_str().expect("utf-8"),
-        ],
-        dir.path(),
-    );
+    let agent = AgentProcess::on(db.url())
+        .args(&["--auth-token-file", served.to_str().expect("utf-8")])
+        .start(dir.path());
     let url = format!("http://{}", agent.addr);
     let client_file = |name: &str| {
         let path = dir.path().join(name);
@@ -185,20 +172,16 @@ async fn with_tls_plaintext_fails_and_the_ca_works() {
     let db = TestDb::sqlite().await;
     migrate(db.url()).await;
     let token = write_token(dir.path());
-    let agent = ServeProcess::start(
-        "sync-agent",
-        &[
-            "--database-url",
-            db.url(),
+    let agent = AgentProcess::on(db.url())
+        .args(&[
             "--auth-token-file",
             &token,
             "--tls-cert",
             tls.cert.to_str().expect("utf-8"),
             "--tls-key",
             tls.key.to_str().expect("utf-8"),
-        ],
-        dir.path(),
-    );
+        ])
+        .start(dir.path());
     let addr = agent.addr.to_string();
     let auth = "authorization: Bearer s3cret-token";
     let plain = grpcurl(&[

@@ -15,12 +15,12 @@ use fleetsync_common::{
 };
 use fleetsync_sync_agent::store::Store;
 use fleetsync_tests::{
-    TestDb,
+    AgentProcess, TestDb,
     catalog::{add_mariadb_everywhere, count, insert_servers},
     fleet::{GeneratedKey, generate_key},
     process::{bin_path, described, json_document},
     scrape::{sample, scrape},
-    services::{ServeProcess, connect, migrate},
+    services::{connect, migrate},
 };
 use serde_json::Value;
 
@@ -80,23 +80,17 @@ async fn the_registry_shows_every_agent_and_what_became_of_it(backend: Backend) 
     insert_servers(&conn, 60, 1, |_| "127.0.0.1".into()).await;
     add_mariadb_everywhere(&conn, "").await;
     let start = |key: &str, metrics: bool| {
-        let mut args = vec![
-            "--database-url",
-            db.url(),
-            "--ssh-key",
-            key,
-            "--lease-ttl",
-            "3s",
-        ];
-        if metrics {
-            args.extend([
-                "--metrics-listen",
-                "127.0.0.1:0",
-                "--metrics-interval",
-                "0s",
-            ]);
-        }
-        ServeProcess::start("sync-agent", &args, dir.path())
+        let agent = AgentProcess::on(db.url())
+            .key(key)
+            .flag("--lease-ttl", "3s");
+        let agent = if metrics {
+            agent
+                .flag("--metrics-listen", "127.0.0.1:0")
+                .flag("--metrics-interval", "0s")
+        } else {
+            agent
+        };
+        agent.start(dir.path())
     };
     let keys: Vec<GeneratedKey> = ["a", "b", "c"]
         .iter()

@@ -4,25 +4,24 @@
 
 use std::time::Duration;
 
+use fleetsync_common::Backend;
 use fleetsync_common::proto::sync::v1::{
     self as pb, DatabaseService, GetServerRequest, GetSyncJobRequest, ListServersRequest, Outcome,
     ResetHostKeyRequest, ServerSpec, StartSyncRequest, UpsertServerRequest, WatchSyncRequest,
 };
-use fleetsync_sync_agent::ssh::DEFAULT_OUTPUT_CAP;
 use fleetsync_tests::{
-    SshFleet, TestAgent, TestDb,
+    AgentProcess, Scenario, SshFleet, TestDb,
     catalog::{count, wait_for_count},
-    events::{outcomes, summary, sync_timeouts, watch},
+    events::{outcomes, summary, watch},
     fleet::SSH_USER,
-    services::{migrate, register_fleet, register_server, sync_events as sync, test_runner_config},
+    services::{migrate, register_fleet, register_server, sync_events as sync},
 };
 use tonic::Code;
 
 #[tokio::test]
 async fn a_request_during_a_run_gets_a_run_of_its_own_and_repeat_requests_one_job() {
-    let fleet = SshFleet::start(1).await;
-    let db = TestDb::sqlite().await;
-    let agent = TestAgent::spawn(db.url(), fleet.client(sync_timeouts(), DEFAULT_OUTPUT_CAP)).await;
+    let scenario = Scenario::on(Backend::Sqlite).hosts(1).start().await;
+    let (fleet, db, agent) = (&scenario.fleet, &scenario.db, scenario.agent());
     let (mut fleet_api, mut sync_api) = (agent.fleet(), agent.sync());
     let id = register_server(
         &mut fleet_api,
@@ -94,16 +93,15 @@ async fn a_request_during_a_run_gets_a_run_of_its_own_and_repeat_requests_one_jo
         count(&conn, "SELECT COUNT(*) FROM sync_jobs WHERE origin = 'rpc'").await,
         2
     );
-    agent.service.stop().await.expect("clean stop");
+    scenario.stop().await;
 }
 
 #[tokio::test]
 async fn a_watch_resumes_from_its_cursor_and_jobs_read_back() {
-    let fleet = SshFleet::start(3).await;
-    let db = TestDb::postgres().await;
-    let agent = TestAgent::spawn(db.url(), fleet.client(sync_timeouts(), DEFAULT_OUTPUT_CAP)).await;
+    let scenario = Scenario::on(Backend::Postgres).hosts(3).start().await;
+    let (fleet, agent) = (&scenario.fleet, scenario.agent());
     let (mut fleet_api, mut sync_api) = (agent.fleet(), agent.sync());
-    let ids = register_fleet(&mut fleet_api, &fleet, "h", DatabaseService::Mariadb).await;
+    let ids = register_fleet(&mut fleet_api, fleet, "h", DatabaseService::Mariadb).await;
     let all = sync(&mut sync_api, &ids, "full").await;
     let job_id = summary(&all).job_id;
     // From cursor 2: the third outcome, then the summary.
@@ -172,7 +170,7 @@ async fn a_watch_resumes_from_its_cursor_and_jobs_read_back() {
         assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
         assert!(err.message().contains(field), "{}", err.message());
     }
-    agent.service.stop().await.expect("clean stop");
+    scenario.stop().await;
 }
 
 /// A request that must be refused: the status it gets.
@@ -192,9 +190,8 @@ fn refused<T: std::fmt::Debug + Send + 'static>(
 
 #[tokio::test]
 async fn malformed_and_hostile_requests_get_the_right_status() {
-    let db = TestDb::sqlite().await;
-    let fleet = SshFleet::start(1).await;
-    let agent = TestAgent::spawn(db.url(), fleet.client(sync_timeouts(), DEFAULT_OUTPUT_CAP)).await;
+    let scenario = Scenario::on(Backend::Sqlite).hosts(1).start().await;
+    let (fleet, agent) = (&scenario.fleet, scenario.agent());
     let (mut fleet_api, mut sync_api) = (agent.fleet(), agent.sync());
     let id = register_server(
         &mut fleet_api,
@@ -514,20 +511,13 @@ async fn malformed_and_hostile_requests_get_the_right_status() {
         .expect("list")
         .into_inner();
     assert_eq!(list.servers.len(), 1);
-    agent.service.stop().await.expect("clean stop");
+    scenario.stop().await;
 }
 
 #[tokio::test]
 async fn fleet_upserts_by_name_pages_and_deletes() {
-    let db = TestDb::mariadb().await;
-    migrate(db.url()).await;
-    let agent = TestAgent::spawn_with(
-        db.url(),
-        fleetsync_sync_agent::ssh::SshClient::new(sync_timeouts(), 1024, Default::default()),
-        test_runner_config(),
-    )
-    .await;
-    let mut fleet_api = agent.fleet();
+    let scenario = Scenario::on(Backend::MySql).output_cap(1024).start().await;
+    let mut fleet_api = scenario.fleet_api();
     let spec = |name: &str, service: DatabaseService| ServerSpec {
         name: name.into(),
         ip: "192.0.2.10".into(),
@@ -622,7 +612,7 @@ async fn fleet_upserts_by_name_pages_and_deletes() {
         .await
         .expect_err("gone");
     assert_eq!(status.code(), Code::NotFound);
-    agent.service.stop().await.expect("clean stop");
+    scenario.stop().await;
 }
 
 #[tokio::test]
@@ -632,11 +622,9 @@ async fn grpcurl_syncs_one_server_and_streams_its_outcome() {
     let db = TestDb::sqlite().await;
     migrate(db.url()).await;
     let key = fleet.client_key().to_str().expect("utf-8 path").to_owned();
-    let agent = fleetsync_tests::services::ServeProcess::start(
-        "sync-agent",
-        &["--database-url", db.url(), "--ssh-key", &key],
-        dir.path(),
-    );
+    let agent = AgentProcess::on(db.url())
+        .args(&["--ssh-key", &key])
+        .start(dir.path());
     let addr = agent.addr.to_string();
     let grpcurl = std::env::var("FLEETSYNC_GRPCURL").unwrap_or_else(|_| "grpcurl".into());
     let run = |args: Vec<String>| {

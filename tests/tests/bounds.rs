@@ -5,39 +5,36 @@
 use fleetsync_common::AgentId;
 use std::time::{Duration, Instant};
 
+use fleetsync_common::Backend;
 use fleetsync_common::proto::sync::v1::{
     CheckConnectionRequest, DatabaseService, ListServersRequest, Outcome, UnreachableCause,
     fleet_client::FleetClient, sync_event,
 };
 use fleetsync_sync_agent::ssh::Timeouts;
 use fleetsync_tests::{
-    SshFleet, TestAgent, TestDb,
+    AgentProcess, Scenario, TestDb,
     bench::silent_listener,
     catalog::{add_mariadb_everywhere, count, insert_servers},
     scrape::{sample, scrape},
-    services::{ServeProcess, connect, migrate, register_fleet, test_runner_config, watch_to_end},
+    services::{connect, migrate, watch_to_end},
 };
 use tonic::Code;
 
 #[tokio::test]
 async fn check_connection_is_capped_and_a_job_still_completes() {
     const CALLS: usize = 2_000;
-    let hosts = SshFleet::start(3).await;
     let (port, tarpit) = silent_listener().await;
-    let db = TestDb::postgres().await;
-    migrate(db.url()).await;
-    let timeouts = Timeouts {
-        handshake: Duration::from_secs(2),
-        ..Timeouts::default()
-    };
-    let agent = TestAgent::spawn_with(
-        db.url(),
-        hosts.client(timeouts, 1 << 20),
-        test_runner_config(),
-    )
-    .await;
-    let mut fleet = agent.fleet();
-    let healthy = register_fleet(&mut fleet, &hosts, "ok-", DatabaseService::Mariadb).await;
+    let scenario = Scenario::on(Backend::Postgres)
+        .hosts(3)
+        .timeouts(Timeouts {
+            handshake: Duration::from_secs(2),
+            ..Timeouts::default()
+        })
+        .output_cap(1 << 20)
+        .register("ok-", DatabaseService::Mariadb)
+        .start()
+        .await;
+    let (db, agent, healthy) = (&scenario.db, scenario.agent(), &scenario.ids[..]);
     let conn = db.connect().await;
     insert_servers(&conn, 1, port, |_| "127.0.0.1".into()).await;
     let silent = count(&conn, "SELECT MAX(id) FROM servers").await;
@@ -54,7 +51,7 @@ async fn check_connection_is_capped_and_a_job_still_completes() {
         .collect();
     // Meanwhile a job of the healthy hosts runs to its end.
     let started = Instant::now();
-    let job = agent.start_sync(&healthy).await;
+    let job = agent.start_sync(healthy).await;
     let events = tokio::time::timeout(
         Duration::from_secs(60),
         watch_to_end(&mut agent.sync(), &job),
@@ -93,7 +90,7 @@ async fn check_connection_is_capped_and_a_job_still_completes() {
     assert!(timed_out >= 64, "the cap's worth of calls ran: {timed_out}");
     assert_eq!(exhausted + timed_out, CALLS);
     tarpit.abort();
-    agent.service.stop().await.expect("clean stop");
+    scenario.stop().await;
 }
 
 #[tokio::test]
@@ -104,18 +101,14 @@ async fn a_burst_of_scrapes_reads_the_fleet_once_and_leaves_rpcs_unharmed() {
     insert_servers(&conn, 1_000, 1, |_| "127.0.0.1".into()).await;
     add_mariadb_everywhere(&conn, "10.11").await;
     let dir = tempfile::tempdir().expect("temp dir");
-    let agent = ServeProcess::start(
-        "sync-agent",
-        &[
-            "--database-url",
-            db.url(),
+    let agent = AgentProcess::on(db.url())
+        .args(&[
             "--metrics-listen",
             "127.0.0.1:0",
             "--metrics-interval",
             "30s",
-        ],
-        dir.path(),
-    );
+        ])
+        .start(dir.path());
     let metrics = agent.logged("metrics_addr").parse().expect("an address");
     let mut fleet = FleetClient::new(connect(agent.addr).await);
     let list = |mut fleet: FleetClient<tonic::transport::Channel>| async move {
@@ -220,7 +213,7 @@ async fn the_cli_reads_a_10000_server_job_whose_outcomes_carry_1_kb_messages() {
             .expect("complete");
     }
     let dir = tempfile::tempdir().expect("temp dir");
-    let agent = ServeProcess::start("sync-agent", &["--database-url", db.url()], dir.path());
+    let agent = AgentProcess::on(db.url()).start(dir.path());
     let output = std::process::Command::new(fleetsync_tests::process::bin_path("sync-agent"))
         .args([
             "job",

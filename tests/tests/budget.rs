@@ -17,7 +17,7 @@ use fleetsync_common::proto::sync::v1::{
     fleet_client::FleetClient, sync_agent_client::SyncAgentClient, sync_event,
 };
 use fleetsync_tests::{
-    TestDb,
+    AgentProcess, TestDb,
     catalog::{add_mariadb_everywhere, count, insert_servers},
     services::{ServeProcess, connect, migrate},
 };
@@ -51,11 +51,9 @@ async fn six_agents_fit_postgresql_default_connections_under_load() {
     add_mariadb_everywhere(&conn, "").await;
     let agents: Vec<ServeProcess> = (0..AGENTS)
         .map(|_| {
-            ServeProcess::start(
-                "sync-agent",
-                &["--database-url", db.url(), "--poll-interval", "200ms"],
-                dir.path(),
-            )
+            AgentProcess::on(db.url())
+                .args(&["--poll-interval", "200ms"])
+                .start(dir.path())
         })
         .collect();
     let mut channels = Vec::new();

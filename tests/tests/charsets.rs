@@ -2,10 +2,11 @@
 //! default charset differ from what the stored list was read under; the databases and users
 //! are read every time. On MariaDB and PostgreSQL services, through real sshd hosts.
 
+use fleetsync_common::Backend;
 use fleetsync_common::proto::sync::v1::{DatabaseService, GetServerRequest, StartSyncRequest};
-use fleetsync_sync_agent::ssh::{DEFAULT_OUTPUT_CAP, Timeouts};
+use fleetsync_sync_agent::ssh::Timeouts;
 use fleetsync_tests::{
-    SshFleet, TestAgent, TestDb,
+    Scenario, TestAgent,
     catalog::execute,
     fleet::SSH_USER,
     services::{job_outcomes, register_server, watch_to_end},
@@ -34,13 +35,12 @@ async fn sync_once(agent: &TestAgent, id: i64, request: &str) -> (u32, String) {
 
 #[tokio::test]
 async fn the_charset_list_is_read_again_only_when_the_server_changes() {
-    let fleet = SshFleet::start(2).await;
-    let db = TestDb::sqlite().await;
-    let agent = TestAgent::spawn(
-        db.url(),
-        fleet.client(Timeouts::default(), DEFAULT_OUTPUT_CAP),
-    )
-    .await;
+    let scenario = Scenario::on(Backend::Sqlite)
+        .hosts(2)
+        .timeouts(Timeouts::default())
+        .start()
+        .await;
+    let (fleet, db, agent) = (&scenario.fleet, &scenario.db, scenario.agent());
     let conn = db.connect().await;
     for (host, service) in fleet
         .hosts()
@@ -55,12 +55,12 @@ async fn the_charset_list_is_read_again_only_when_the_server_changes() {
             service,
         )
         .await;
-        let (first, message) = sync_once(&agent, id, &format!("{id}-first")).await;
+        let (first, message) = sync_once(agent, id, &format!("{id}-first")).await;
         assert!(
             first > 0,
             "{service:?}: the first sync reads the charsets: {message}"
         );
-        let (second, message) = sync_once(&agent, id, &format!("{id}-second")).await;
+        let (second, message) = sync_once(agent, id, &format!("{id}-second")).await;
         assert_eq!(second, 0, "{service:?}: unchanged: {message}");
         assert!(message.contains("charsets unchanged"), "{message}");
         let stored = agent
@@ -84,7 +84,7 @@ async fn the_charset_list_is_read_again_only_when_the_server_changes() {
             &format!("UPDATE services SET inventory_key = 'older|utf8' WHERE server_id = {id}"),
         )
         .await;
-        let (third, message) = sync_once(&agent, id, &format!("{id}-third")).await;
+        let (third, message) = sync_once(agent, id, &format!("{id}-third")).await;
         assert_eq!(third, first, "{service:?}: read again: {message}");
     }
 }

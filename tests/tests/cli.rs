@@ -10,7 +10,7 @@ use std::{
 };
 
 use fleetsync_tests::{
-    TestDb,
+    AgentProcess, TestDb,
     bench::silent_listener,
     catalog::{add_mariadb_everywhere, count, insert_servers},
     process::{bin_path, described as text, json_document as document},
@@ -76,7 +76,7 @@ async fn agent_with(servers: usize) -> Agent {
     let conn = db.connect().await;
     insert_servers(&conn, servers, 1, |_| "127.0.0.1".into()).await;
     add_mariadb_everywhere(&conn, "").await;
-    let process = ServeProcess::start("sync-agent", &["--database-url", db.url()], dir.path());
+    let process = AgentProcess::on(db.url()).start(dir.path());
     Agent {
         url: format!("http://{}", process.addr),
         db,

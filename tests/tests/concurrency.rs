@@ -4,26 +4,24 @@
 
 use std::collections::BTreeSet;
 
+use fleetsync_common::Backend;
 use fleetsync_common::proto::sync::v1::{DatabaseService, ServerSpec, UpsertServerRequest};
 use fleetsync_sync_agent::{
     model::JobOrigin,
-    ssh::{ClientKeys, SshClient, Timeouts},
+    ssh::Timeouts,
     store::{NewJob, Selection, Store},
 };
-use fleetsync_tests::{
-    TestAgent, TestDb,
-    catalog::count,
-    db::ALL_BACKENDS,
-    services::{migrate, test_runner_config},
-};
+use fleetsync_tests::{Scenario, TestDb, catalog::count, db::ALL_BACKENDS, services::migrate};
 
 #[tokio::test]
 async fn concurrent_registrations_never_fail_on_any_backend() {
     for backend in ALL_BACKENDS {
-        let db = TestDb::create(backend).await;
-        migrate(db.url()).await;
-        let ssh = SshClient::new(Timeouts::default(), 1024, ClientKeys::default());
-        let agent = TestAgent::spawn_with(db.url(), ssh, test_runner_config()).await;
+        let scenario = Scenario::on(backend)
+            .timeouts(Timeouts::default())
+            .output_cap(1024)
+            .start()
+            .await;
+        let (db, agent) = (&scenario.db, scenario.agent());
         // 64 callers at once, three rounds: new names, then the same names again (updates),
         // and every caller registering one shared name.
         for round in ["new", "again", "shared"] {
@@ -76,7 +74,7 @@ async fn concurrent_registrations_never_fail_on_any_backend() {
             65,
             "{backend}: one service per server"
         );
-        agent.service.stop().await.expect("clean stop");
+        scenario.stop().await;
     }
 }
 
@@ -141,9 +139,17 @@ async fn jobs_created_at_once_under_one_request_id_are_one_job() {
 #[tokio::test]
 async fn streams_past_the_cap_are_refused_and_a_freed_slot_is_reused() {
     use fleetsync_common::proto::sync::v1::{StartSyncRequest, WatchSyncRequest};
-    let db = TestDb::sqlite().await;
-    migrate(db.url()).await;
-    let conn = db.connect().await;
+    let mut scenario = Scenario::on(Backend::Sqlite)
+        .agents(0)
+        .timeouts(Timeouts {
+            handshake: std::time::Duration::from_secs(10),
+            ..Timeouts::default()
+        })
+        .output_cap(1024)
+        .max_streams(2)
+        .start()
+        .await;
+    let conn = scenario.db.connect().await;
     // One server that accepts and never says a word (on loopback): its job stays open for the
     // handshake timeout.
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -152,16 +158,7 @@ async fn streams_past_the_cap_are_refused_and_a_freed_slot_is_reused() {
     let port = silent.local_addr().expect("addr").port();
     fleetsync_tests::catalog::insert_servers(&conn, 1, port, |_| "127.0.0.1".into()).await;
     fleetsync_tests::catalog::add_mariadb_everywhere(&conn, "").await;
-    let ssh = SshClient::new(
-        Timeouts {
-            handshake: std::time::Duration::from_secs(10),
-            ..Timeouts::default()
-        },
-        1024,
-        ClientKeys::default(),
-    );
-    let agent = TestAgent::spawn_with_streams(db.url(), ssh, test_runner_config(), 2).await;
-    let mut sync = agent.sync();
+    let mut sync = scenario.add_agent().await.sync();
     let job = sync
         .start_sync(StartSyncRequest {
             server_ids: vec![1],
@@ -201,7 +198,7 @@ async fn streams_past_the_cap_are_refused_and_a_freed_slot_is_reused() {
     )
     .await;
     drop(second);
-    agent.service.stop().await.expect("clean stop");
+    scenario.stop().await;
     drop(silent);
 }
 
@@ -211,19 +208,17 @@ async fn agents_starting_together_repair_the_queue_once() {
         fleetsync_common::Backend::Postgres,
         fleetsync_common::Backend::MySql,
     ] {
-        let db = TestDb::create(backend).await;
-        migrate(db.url()).await;
-        let conn = db.connect().await;
+        let mut scenario = Scenario::on(backend)
+            .agents(0)
+            .timeouts(Timeouts::default())
+            .output_cap(1024)
+            .start()
+            .await;
+        let conn = scenario.db.connect().await;
         // Servers inserted by hand have no lease row: every agent adds the missing ones at
         // start, all at the same moment here.
         fleetsync_tests::catalog::insert_servers(&conn, 500, 22, |_| "192.0.2.50".into()).await;
-        let ssh = || SshClient::new(Timeouts::default(), 1024, ClientKeys::default());
-        let (a, b, c, d) = tokio::join!(
-            TestAgent::spawn_with(db.url(), ssh(), test_runner_config()),
-            TestAgent::spawn_with(db.url(), ssh(), test_runner_config()),
-            TestAgent::spawn_with(db.url(), ssh(), test_runner_config()),
-            TestAgent::spawn_with(db.url(), ssh(), test_runner_config()),
-        );
+        scenario.add_agents(4).await;
         fleetsync_tests::catalog::wait_for_count(
             &conn,
             "SELECT COUNT(*) FROM server_leases",
@@ -232,13 +227,8 @@ async fn agents_starting_together_repair_the_queue_once() {
             "the lease rows were never added",
         )
         .await;
-        for agent in [a, b, c, d] {
-            agent
-                .service
-                .stop()
-                .await
-                .expect("every agent started and stops cleanly");
-        }
+        assert_eq!(scenario.agents.len(), 4);
+        scenario.stop().await;
     }
 }
 
@@ -246,13 +236,12 @@ async fn agents_starting_together_repair_the_queue_once() {
 async fn a_request_id_names_one_request_and_alone_joins_its_job() {
     use fleetsync_common::proto::sync::v1::StartSyncRequest;
     use tokio_stream::StreamExt;
-    let db = TestDb::sqlite().await;
-    migrate(db.url()).await;
-    let conn = db.connect().await;
+    let mut scenario = Scenario::on(Backend::Sqlite).agents(0).start().await;
+    let conn = scenario.db.connect().await;
     // Refused loopback addresses: every run ends at once.
     fleetsync_tests::catalog::insert_servers(&conn, 2, 1, |_| "127.0.0.1".into()).await;
-    let ssh = SshClient::new(Timeouts::default(), 1024, ClientKeys::default());
-    let agent = TestAgent::spawn_with(db.url(), ssh, test_runner_config()).await;
+    scenario.add_agent().await;
+    let agent = scenario.agent();
     let mut sync = agent.sync();
     let request = |ids: Vec<i64>| StartSyncRequest {
         request_id: "nightly-42".into(),
@@ -352,5 +341,5 @@ async fn a_request_id_names_one_request_and_alone_joins_its_job() {
         .await
         .expect_err("unknown");
     assert_eq!(err.code(), tonic::Code::NotFound, "{}", err.message());
-    agent.service.stop().await.expect("clean stop");
+    scenario.stop().await;
 }

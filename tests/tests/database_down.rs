@@ -8,9 +8,8 @@ use fleetsync_common::proto::sync::v1::{
 };
 use fleetsync_sync_agent::ssh::{ClientKeys, SshClient, Timeouts};
 use fleetsync_tests::{
-    TestAgent, TestDb,
-    proxy::TcpProxy,
-    services::{migrate, test_runner_config},
+    Scenario, TestAgent, TestDb, proxy::TcpProxy, scenario::ScenarioBuilder,
+    services::test_runner_config,
 };
 use tonic::Code;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
@@ -42,21 +41,24 @@ async fn wait_for(agent: &TestAgent, wanted: ServingStatus) {
     .await;
 }
 
-/// A migrated PostgreSQL database, and its URL through a proxy that can cut it off.
-async fn postgres_behind_a_proxy() -> (TestDb, TcpProxy, String) {
+/// A PostgreSQL database with agents that reach it through a proxy that can cut it off.
+async fn postgres_behind_a_proxy() -> (ScenarioBuilder, TcpProxy) {
     let db = TestDb::postgres().await;
-    migrate(db.url()).await;
     let proxy = TcpProxy::start("127.0.0.1:5432".parse().expect("addr")).await;
     let url = db.url().replace("127.0.0.1:5432", &proxy.addr.to_string());
     assert_ne!(url, db.url(), "the URL goes through the proxy");
-    (db, proxy, url)
+    (Scenario::with_db(db).agent_url(url), proxy)
 }
 
 #[tokio::test]
 async fn the_agent_survives_its_database_going_down() {
-    let (_db, proxy, url) = postgres_behind_a_proxy().await;
-    let ssh = SshClient::new(Timeouts::default(), 1024, ClientKeys::default());
-    let agent = TestAgent::spawn_with(&url, ssh, test_runner_config()).await;
+    let (scenario, proxy) = postgres_behind_a_proxy().await;
+    let scenario = scenario
+        .timeouts(Timeouts::default())
+        .output_cap(1024)
+        .start()
+        .await;
+    let agent = scenario.agent();
     let mut fleet = agent.fleet();
     fleet
         .upsert_server(UpsertServerRequest {
@@ -88,10 +90,10 @@ async fn the_agent_survives_its_database_going_down() {
         "took {:?}",
         started.elapsed()
     );
-    wait_for(&agent, ServingStatus::NotServing).await;
+    wait_for(agent, ServingStatus::NotServing).await;
 
     proxy.restore().await;
-    wait_for(&agent, ServingStatus::Serving).await;
+    wait_for(agent, ServingStatus::Serving).await;
     let servers = fleet
         .list_servers(ListServersRequest::default())
         .await
@@ -102,7 +104,7 @@ async fn the_agent_survives_its_database_going_down() {
         servers.servers[0].spec.as_ref().map(|s| s.name.as_str()),
         Some("kept")
     );
-    agent.service.stop().await.expect("clean stop");
+    scenario.stop().await;
 }
 
 /// An agent started while its database is down (a machine booting, a failover) stays up,
@@ -114,7 +116,10 @@ async fn an_agent_started_while_its_database_is_down_waits_for_it() {
     use tokio_util::sync::CancellationToken;
     use tonic_health::pb::health_client::HealthClient;
 
-    let (_db, proxy, url) = postgres_behind_a_proxy().await;
+    let (scenario, proxy) = postgres_behind_a_proxy().await;
+    // Migrated, no agent: this test starts its own, while the database is cut off.
+    let scenario = scenario.agents(0).start().await;
+    let url = scenario.agent_url().to_owned();
     proxy.cut();
     let start = |url: String| async move {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -215,10 +220,23 @@ async fn an_agent_started_while_its_database_is_down_waits_for_it() {
 #[tokio::test]
 async fn runs_that_end_while_the_database_is_down_are_recorded_when_it_is_back() {
     use fleetsync_common::proto::sync::v1::{Outcome, WatchSyncRequest, sync_event};
-    use fleetsync_tests::{SshFleet, fleet::SSH_USER};
+
     use tokio_stream::StreamExt;
 
-    let fleet = SshFleet::start(3).await;
+    let (scenario, proxy) = postgres_behind_a_proxy().await;
+    let scenario = scenario
+        .hosts(3)
+        .timeouts(Timeouts::default())
+        .output_cap(1 << 20)
+        .register("t", DatabaseService::Mariadb)
+        .start()
+        .await;
+    let (fleet, db, agent, ids) = (
+        &scenario.fleet,
+        &scenario.db,
+        scenario.agent(),
+        &scenario.ids,
+    );
     for host in fleet.hosts() {
         // Each run takes a second and a half: long enough to cut the database under it. The
         // command leaves a file when it starts and one when it ends, so the test knows where
@@ -234,25 +252,8 @@ async fn runs_that_end_while_the_database_is_down_are_recorded_when_it_is_back()
             ),
         );
     }
-    let (db, proxy, url) = postgres_behind_a_proxy().await;
-    let ssh = fleet.client(Timeouts::default(), 1 << 20);
-    let agent = TestAgent::spawn_with(&url, ssh, test_runner_config()).await;
-    let mut fleet_api = agent.fleet();
-    let mut ids = Vec::new();
-    for (i, host) in fleet.hosts().iter().enumerate() {
-        ids.push(
-            fleetsync_tests::services::register_server(
-                &mut fleet_api,
-                &format!("t{i}"),
-                host,
-                SSH_USER,
-                DatabaseService::Mariadb,
-            )
-            .await,
-        );
-    }
     let mut sync = agent.sync();
-    let job_id = agent.start_sync(&ids).await;
+    let job_id = agent.start_sync(ids).await;
     let direct = db.connect().await;
     // Every command has started: the agent holds its leases and knows it.
     fleetsync_tests::wait_until(
@@ -309,5 +310,5 @@ async fn runs_that_end_while_the_database_is_down_are_recorded_when_it_is_back()
         })
         .collect();
     assert_eq!(outcomes, [Outcome::Ok; 3], "the real outcomes, once each");
-    agent.service.stop().await.expect("clean stop");
+    scenario.stop().await;
 }

@@ -11,9 +11,9 @@ use fleetsync_common::{
         UnreachableCause, fleet_client::FleetClient, sync_agent_client::SyncAgentClient,
     },
 };
-use fleetsync_sync_agent::ssh::DEFAULT_OUTPUT_CAP;
+use fleetsync_sync_agent::ssh::Timeouts;
 use fleetsync_tests::{
-    SshFleet, TestAgent, TestDb,
+    AgentProcess, Scenario, SshFleet, TestDb,
     bench::peak_rss_mib,
     events::{outcomes, prost_duration, summary, sync_timeouts},
     fleet::{NO_SUDO_USER, Placement, SSH_USER},
@@ -35,9 +35,8 @@ async fn every_fault(backend: Backend) {
     const HOSTILE: usize = 9; // prints something that is not the inventory
     let mut placements = [Placement::Loopback; 10];
     placements[NO_ROUTE] = Placement::Namespace;
-    let fleet = SshFleet::start_with(&placements).await;
-    let db = TestDb::create(backend).await;
-    let agent = TestAgent::spawn(db.url(), fleet.client(sync_timeouts(), DEFAULT_OUTPUT_CAP)).await;
+    let scenario = Scenario::on(backend).placements(&placements).start().await;
+    let (fleet, agent) = (&scenario.fleet, scenario.agent());
     let (mut fleet_api, mut sync_api) = (agent.fleet(), agent.sync());
     let mut ids = Vec::new();
     for (i, host) in fleet.hosts().iter().enumerate() {
@@ -252,18 +251,23 @@ async fn every_fault(backend: Backend) {
             .fingerprint,
         fleet.host(NEW_HOST_KEY).host_key().fingerprint
     );
-    agent.service.stop().await.expect("clean stop");
+    scenario.stop().await;
 }
 
 fleetsync_tests::per_backend!(every_fault_yields_its_outcome => every_fault);
 
 #[tokio::test]
 async fn output_over_the_cap_is_a_parse_failure_and_a_hung_probe_a_command_failure() {
-    let fleet = SshFleet::start(2).await;
-    let db = TestDb::sqlite().await;
-    let mut t = sync_timeouts();
-    t.command = Duration::from_secs(1);
-    let agent = TestAgent::spawn(db.url(), fleet.client(t, 64 * 1024)).await;
+    let scenario = Scenario::on(Backend::Sqlite)
+        .hosts(2)
+        .timeouts(Timeouts {
+            command: Duration::from_secs(1),
+            ..sync_timeouts()
+        })
+        .output_cap(64 * 1024)
+        .start()
+        .await;
+    let (fleet, agent) = (&scenario.fleet, scenario.agent());
     let (mut fleet_api, mut sync_api) = (agent.fleet(), agent.sync());
     let flood = register_server(
         &mut fleet_api,
@@ -318,7 +322,7 @@ async fn output_over_the_cap_is_a_parse_failure_and_a_hung_probe_a_command_failu
         "{}",
         got[&hang].message
     );
-    agent.service.stop().await.expect("clean stop");
+    scenario.stop().await;
 }
 
 #[tokio::test]
@@ -328,18 +332,9 @@ async fn a_flood_of_output_does_not_grow_the_agents_memory() {
     let db = TestDb::sqlite().await;
     migrate(db.url()).await;
     let key = fleet.client_key().to_str().expect("utf-8").to_owned();
-    let agent = fleetsync_tests::services::ServeProcess::start(
-        "sync-agent",
-        &[
-            "--database-url",
-            db.url(),
-            "--ssh-key",
-            &key,
-            "--output-cap",
-            "65536",
-        ],
-        dir.path(),
-    );
+    let agent = AgentProcess::on(db.url())
+        .args(&["--ssh-key", &key, "--output-cap", "65536"])
+        .start(dir.path());
     let channel = fleetsync_tests::services::connect(agent.addr).await;
     let mut fleet_api = FleetClient::new(channel.clone());
     let mut sync_api = SyncAgentClient::new(channel);

@@ -9,15 +9,16 @@ use std::{
     process::{Command, Output},
 };
 
+use fleetsync_common::Backend;
 use fleetsync_common::proto::sync::v1::{DatabaseService, ImportServersRequest, ServerSpec};
-use fleetsync_sync_agent::ssh::{ClientKeys, SshClient, Timeouts};
+use fleetsync_sync_agent::ssh::Timeouts;
 use fleetsync_tests::{
-    TestAgent, TestDb,
+    AgentProcess, Scenario, TestDb,
     catalog::count,
     db::ALL_BACKENDS,
     fleet::generate_key,
     process::{bin_path, described as text, json_document as document},
-    services::{ServeProcess, migrate},
+    services::migrate,
 };
 use serde_json::{Value, json};
 
@@ -120,7 +121,7 @@ async fn an_import_registers_a_fleet_and_is_safe_to_repeat_on_every_backend() {
     for backend in ALL_BACKENDS {
         let db = TestDb::create(backend).await;
         migrate(db.url()).await;
-        let agent = ServeProcess::start("sync-agent", &["--database-url", db.url()], dir.path());
+        let agent = AgentProcess::on(db.url()).start(dir.path());
         let url = format!("http://{}", agent.addr);
 
         let first = import(&url, &jsonl, &[]);
@@ -320,7 +321,7 @@ async fn imports_racing_on_one_fleet_create_each_server_once_on_every_backend() 
     for backend in ALL_BACKENDS {
         let db = TestDb::create(backend).await;
         migrate(db.url()).await;
-        let agent = ServeProcess::start("sync-agent", &["--database-url", db.url()], dir.path());
+        let agent = AgentProcess::on(db.url()).start(dir.path());
         let url = format!("http://{}", agent.addr);
         let runs: Vec<_> = files
             .iter()
@@ -366,9 +367,12 @@ async fn imports_racing_on_one_fleet_create_each_server_once_on_every_backend() 
 
 #[tokio::test]
 async fn import_servers_at_its_edges() {
-    let db = TestDb::sqlite().await;
-    let ssh = SshClient::new(Timeouts::default(), 16, ClientKeys::default());
-    let agent = TestAgent::spawn(db.url(), ssh).await;
+    let scenario = Scenario::on(Backend::Sqlite)
+        .timeouts(Timeouts::default())
+        .output_cap(16)
+        .start()
+        .await;
+    let (db, agent) = (&scenario.db, scenario.agent());
     let mut fleet = agent.fleet();
     let spec = |i: usize| ServerSpec {
         name: format!("edge-{i}"),
@@ -423,15 +427,18 @@ async fn import_servers_at_its_edges() {
         .await,
         1
     );
-    agent.service.stop().await.expect("clean stop");
+    scenario.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn imports_racing_deletes_leave_every_server_whole_on_every_backend() {
     for backend in ALL_BACKENDS {
-        let db = TestDb::create(backend).await;
-        let ssh = SshClient::new(Timeouts::default(), 16, ClientKeys::default());
-        let agent = TestAgent::spawn(db.url(), ssh).await;
+        let scenario = Scenario::on(backend)
+            .timeouts(Timeouts::default())
+            .output_cap(16)
+            .start()
+            .await;
+        let (db, agent) = (&scenario.db, scenario.agent());
         let specs = |round: usize| -> Vec<ServerSpec> {
             (0..200)
                 .map(|i| ServerSpec {
@@ -526,6 +533,6 @@ async fn imports_racing_deletes_leave_every_server_whole_on_every_backend() {
         ] {
             assert_eq!(count(&conn, sql).await, 0, "{backend}: {what}");
         }
-        agent.service.stop().await.expect("clean stop");
+        scenario.stop().await;
     }
 }

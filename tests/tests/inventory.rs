@@ -1,20 +1,19 @@
 //! What a sync stores of a server's inventory: databases, users and charsets appear, change and
 //! go (marked, never deleted); hostile names round-trip byte for byte.
 
+use fleetsync_common::Backend;
 use fleetsync_common::proto::sync::v1::{self as pb, DatabaseService, GetServerRequest, Outcome};
-use fleetsync_sync_agent::ssh::DEFAULT_OUTPUT_CAP;
 use fleetsync_tests::{
-    SshFleet, TestAgent, TestDb,
-    events::{mariadb_exec, outcomes, postgres_exec, sync_timeouts, unique},
+    Scenario,
+    events::{mariadb_exec, outcomes, postgres_exec, unique},
     fleet::SSH_USER,
     services::{register_server, sync_events as sync},
 };
 
 #[tokio::test]
 async fn databases_appear_change_and_go_and_hostile_names_round_trip() {
-    let fleet = SshFleet::start(2).await;
-    let db = TestDb::sqlite().await;
-    let agent = TestAgent::spawn(db.url(), fleet.client(sync_timeouts(), DEFAULT_OUTPUT_CAP)).await;
+    let scenario = Scenario::on(Backend::Sqlite).hosts(2).start().await;
+    let (fleet, agent) = (&scenario.fleet, scenario.agent());
     let (mut fleet_api, mut sync_api) = (agent.fleet(), agent.sync());
     let maria = register_server(
         &mut fleet_api,
@@ -201,5 +200,5 @@ async fn databases_appear_change_and_go_and_hostile_names_round_trip() {
     for name in &pg_names {
         postgres_exec(&format!("DROP DATABASE IF EXISTS {}", pg_ident(name))).await;
     }
-    agent.service.stop().await.expect("clean stop");
+    scenario.stop().await;
 }

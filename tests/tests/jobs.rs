@@ -1,29 +1,27 @@
 //! Finding jobs: `ListJobs` shows every job (calls, migrations, the periodic sync, recovery),
 //! newest first, filtered and paged; malformed filters name their field.
 
+use fleetsync_common::Backend;
 use fleetsync_common::{
     JobId, RequestId, ServerId,
     proto::sync::v1::{JobOrigin, JobState, ListJobsRequest, StartSyncRequest},
 };
-use fleetsync_sync_agent::ssh::{ClientKeys, SshClient, Timeouts};
 use fleetsync_tests::{
-    TestAgent, TestDb,
+    Scenario, TestDb,
     catalog::{add_mariadb_everywhere, insert_servers},
-    services::{migrate, test_runner_config, watch_to_end},
+    services::{migrate, watch_to_end},
 };
 
 #[tokio::test]
 async fn jobs_are_listed_newest_first_filtered_and_paged() {
-    let db = TestDb::postgres().await;
-    migrate(db.url()).await;
-    let conn = db.connect().await;
+    let mut scenario = Scenario::on(Backend::Postgres).agents(0).start().await;
+    let conn = scenario.db.connect().await;
     // Refused loopback addresses: every run ends at once. The migration left a sync request
     // for all servers in the outbox: the agent turns it into a migration job.
     insert_servers(&conn, 3, 1, |_| "127.0.0.1".into()).await;
     add_mariadb_everywhere(&conn, "").await;
-    let ssh = SshClient::new(Timeouts::default(), 1024, ClientKeys::default());
-    let agent = TestAgent::spawn_with(db.url(), ssh, test_runner_config()).await;
-    let mut sync = agent.sync();
+    let agent = scenario.add_agent().await.sync();
+    let mut sync = agent.clone();
     let mut made = Vec::new();
     for (i, ids) in [vec![1], vec![2], vec![1, 3]].into_iter().enumerate() {
         let job = sync
@@ -42,7 +40,7 @@ async fn jobs_are_listed_newest_first_filtered_and_paged() {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     let list = |request: ListJobsRequest| {
-        let mut sync = agent.sync();
+        let mut sync = agent.clone();
         async move { sync.list_jobs(request).await.map(|r| r.into_inner()) }
     };
 
@@ -156,7 +154,7 @@ async fn jobs_are_listed_newest_first_filtered_and_paged() {
         );
         assert!(err.message().contains(field), "{}", err.message());
     }
-    agent.service.stop().await.expect("clean stop");
+    scenario.stop().await;
 }
 
 /// `ListJobs` by server pages alike, on every backend, for a server in many jobs (SQLite walks

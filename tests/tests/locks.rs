@@ -12,11 +12,11 @@ use fleetsync_common::{
     Backend, Db,
     proto::sync::v1::{DatabaseService, Outcome},
 };
-use fleetsync_sync_agent::{runner::RunnerConfig, ssh::Timeouts};
+use fleetsync_sync_agent::ssh::Timeouts;
 use fleetsync_tests::{
-    SshFleet, TestAgent, TestDb,
+    Scenario, TestDb,
     catalog::{count, execute, insert_servers},
-    services::{migrate, register_fleet, test_runner_config, watch_to_end},
+    services::watch_to_end,
 };
 use tokio::sync::oneshot;
 
@@ -56,24 +56,19 @@ async fn a_lock_on_every_server_discards_no_run(backend: Backend) {
         Backend::MySql => Duration::from_secs(3),
         _ => Duration::from_secs(2),
     };
-    let hosts = SshFleet::start(4).await;
+    let scenario = Scenario::on(backend)
+        .hosts(4)
+        .timeouts(Timeouts::default())
+        .output_cap(1 << 20)
+        .runner(|r| r.lease_ttl = ttl)
+        .register("host-", DatabaseService::Mariadb)
+        .start()
+        .await;
+    let (hosts, db, agent) = (&scenario.fleet, &scenario.db, scenario.agent());
     for host in hosts.hosts() {
         // Runs still in flight while the lock is held: their leases must be renewed.
         host.install_program("sudo", "#!/bin/sh\nsleep 1\nexec /usr/bin/sudo \"$@\"\n");
     }
-    let db = TestDb::create(backend).await;
-    migrate(db.url()).await;
-    let agent = TestAgent::spawn_with(
-        db.url(),
-        hosts.client(Timeouts::default(), 1 << 20),
-        RunnerConfig {
-            lease_ttl: ttl,
-            ..test_runner_config()
-        },
-    )
-    .await;
-    let mut fleet = agent.fleet();
-    register_fleet(&mut fleet, &hosts, "host-", DatabaseService::Mariadb).await;
     let direct = db.connect().await;
     // And servers without a database service: their runs end at once, so the first batch
     // meets the lock straight away.
@@ -137,7 +132,7 @@ async fn a_lock_on_every_server_discards_no_run(backend: Backend) {
         44,
         "{backend}: one run per server"
     );
-    agent.service.stop().await.expect("clean stop");
+    scenario.stop().await;
 }
 
 fleetsync_tests::per_backend!(a_lock_on_every_server_for_three_ttls_discards_no_run => a_lock_on_every_server_discards_no_run; postgres, mariadb);

@@ -8,10 +8,10 @@ use fleetsync_common::proto::sync::v1::{
     sync_agent_client::SyncAgentClient,
 };
 use fleetsync_tests::{
-    SshFleet, TestDb,
+    AgentProcess, SshFleet, TestDb,
     fleet::SSH_USER,
     scrape::{sample, scrape, sum},
-    services::{ServeProcess, connect, job_outcomes, migrate, register_server, watch_to_end},
+    services::{connect, job_outcomes, migrate, register_server, watch_to_end},
 };
 
 #[tokio::test]
@@ -27,23 +27,18 @@ async fn metrics_count_what_a_real_sync_did() {
     migrate(db.url()).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let key = fleet.client_key().to_str().expect("utf-8").to_owned();
-    let agent = ServeProcess::start(
-        "sync-agent",
-        &[
-            "--database-url",
-            db.url(),
+    let agent = AgentProcess::on(db.url())
+        .args(&[
             "--ssh-key",
             &key,
             "--metrics-listen",
-            "127.0.0.1:0",
-            // Fresh fleet gauges at every scrape: the test follows them step by step.
+            "127.0.0.1:0", // Fresh fleet gauges at every scrape: the test follows them step by step.
             "--metrics-interval",
             "0s",
             "--connect-timeout",
             "2s",
-        ],
-        dir.path(),
-    );
+        ])
+        .start(dir.path());
     let metrics_addr = agent.logged("metrics_addr").parse().expect("an address");
     let channel = connect(agent.addr).await;
     let mut fleet_api = FleetClient::new(channel.clone());

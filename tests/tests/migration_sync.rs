@@ -11,14 +11,12 @@ use fleetsync_common::{
     Backend,
     proto::sync::v1::{self as pb, Outcome},
 };
-use fleetsync_sync_agent::ssh::DEFAULT_OUTPUT_CAP;
 use fleetsync_tests::{
-    SshFleet, TestAgent, TestDb,
+    Scenario,
     catalog::{count, execute, wait_for_count},
-    events::{outcomes, summary, sync_timeouts, watch},
+    events::{outcomes, summary, watch},
     fleet::SSH_USER,
     migrator::migrator,
-    services::test_runner_config,
 };
 
 /// The incident with the agent: servers registered before the charset/collation migration,
@@ -27,16 +25,15 @@ use fleetsync_tests::{
 /// filled in on the online ones. A later `migrate` hands the same request to the running agent
 /// and gets the same job back.
 async fn migration_with_half_the_fleet_offline(backend: Backend) {
-    let fleet = SshFleet::start(4).await;
-    let db = TestDb::create(backend).await;
+    let mut scenario = Scenario::on(backend).hosts(4).unmigrated().start().await;
     let run = migrator(
-        db.url(),
+        scenario.db.url(),
         &["migrate", "--no-dispatch", "--target", "20240101000004"],
     )
     .await;
     assert_eq!(run.code(), 0, "{}", run.stderr);
-    let conn = db.connect().await;
-    for (i, host) in fleet.hosts().iter().enumerate() {
+    let conn = scenario.db.connect().await;
+    for (i, host) in scenario.fleet.hosts().iter().enumerate() {
         execute(
             &conn,
             &format!(
@@ -69,12 +66,16 @@ async fn migration_with_half_the_fleet_offline(backend: Backend) {
         ),
     )
     .await;
-    fleet.host(2).stop();
-    fleet.host(3).stop();
+    scenario.fleet.host(2).stop();
+    scenario.fleet.host(3).stop();
 
     // The agent is not running: migrate exits 0 at once, the request waits.
     let started = Instant::now();
-    let run = migrator(db.url(), &["migrate", "--agent-url", "http://127.0.0.1:1"]).await;
+    let run = migrator(
+        scenario.db.url(),
+        &["migrate", "--agent-url", "http://127.0.0.1:1"],
+    )
+    .await;
     assert_eq!(run.code(), 0, "{}{}", run.stdout, run.stderr);
     assert!(
         started.elapsed() < Duration::from_secs(5),
@@ -83,12 +84,8 @@ async fn migration_with_half_the_fleet_offline(backend: Backend) {
     );
     assert!(run.stderr.contains("stays pending"), "{}", run.stderr);
 
-    let agent = TestAgent::spawn_with(
-        db.url(),
-        fleet.client(sync_timeouts(), DEFAULT_OUTPUT_CAP),
-        test_runner_config(),
-    )
-    .await;
+    scenario.add_agent().await;
+    let (_fleet, db, agent) = (&scenario.fleet, &scenario.db, scenario.agent());
     let mut sync_api = agent.sync();
     // The agent drains the outbox as it starts: find the job of the migration's request.
     let job_id = fleetsync_tests::poll_until(
@@ -184,7 +181,7 @@ async fn migration_with_half_the_fleet_offline(backend: Backend) {
         1,
         "exactly once"
     );
-    agent.service.stop().await.expect("clean stop");
+    scenario.stop().await;
 }
 
 fleetsync_tests::per_backend!(migration_with_half_the_fleet_offline => migration_with_half_the_fleet_offline);
@@ -194,19 +191,18 @@ async fn migrate_hands_its_request_to_a_running_agent() {
     // A database migrated but for the incident migration cannot run an agent; so the agent
     // runs on a fully migrated database whose request is still pending, as after a dispatch
     // that failed, and `migrate` (a no-op) hands the request over.
-    let db = TestDb::sqlite().await;
-    let run = migrator(db.url(), &["migrate", "--no-dispatch"]).await;
+    let mut scenario = Scenario::on(Backend::Sqlite)
+        .unmigrated()
+        .output_cap(1024)
+        .runner(|r| r.outbox_interval = Duration::from_secs(3600))
+        .start()
+        .await;
+    let run = migrator(scenario.db.url(), &["migrate", "--no-dispatch"]).await;
     assert_eq!(run.code(), 0);
-    let mut config = test_runner_config();
-    config.outbox_interval = Duration::from_secs(3600);
-    let conn = db.connect().await;
+    let conn = scenario.db.connect().await;
     // Pretend the agent already drained once: only the dispatch can deliver the request now.
-    let agent = TestAgent::spawn_with(
-        db.url(),
-        fleetsync_sync_agent::ssh::SshClient::new(sync_timeouts(), 1024, Default::default()),
-        config,
-    )
-    .await;
+    scenario.add_agent().await;
+    let (db, agent) = (&scenario.db, scenario.agent());
     wait_for_count(
         &conn,
         "SELECT COUNT(*) FROM sync_requests WHERE state = 'taken'",
@@ -248,5 +244,5 @@ async fn migrate_hands_its_request_to_a_running_agent() {
         .await,
         1
     );
-    agent.service.stop().await.expect("clean stop");
+    scenario.stop().await;
 }

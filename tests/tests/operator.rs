@@ -3,10 +3,7 @@
 use std::process::Command;
 
 use fleetsync_tests::{
-    SshFleet, TestDb,
-    fleet::SSH_USER,
-    process::bin_path,
-    services::{ServeProcess, migrate},
+    AgentProcess, SshFleet, TestDb, fleet::SSH_USER, process::bin_path, services::migrate,
 };
 use serde_json::Value;
 
@@ -63,11 +60,9 @@ async fn the_agent_cli_speaks_json_for_scripts() {
     let db = TestDb::sqlite().await;
     migrate(db.url()).await;
     let key = fleet.client_key().to_str().expect("utf-8").to_owned();
-    let agent = ServeProcess::start(
-        "sync-agent",
-        &["--database-url", db.url(), "--ssh-key", &key],
-        dir.path(),
-    );
+    let agent = AgentProcess::on(db.url())
+        .args(&["--ssh-key", &key])
+        .start(dir.path());
     let url = format!("http://{}", agent.addr);
     // Exits 0 (every server OK) or, where a server failed, 1.
     let cli_exiting = |args: &[&str], status: i32| -> Value {

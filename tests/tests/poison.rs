@@ -10,9 +10,9 @@ use fleetsync_common::{
     Backend,
     proto::sync::v1::{DatabaseService, GetServerRequest, Outcome},
 };
-use fleetsync_sync_agent::ssh::{DEFAULT_OUTPUT_CAP, Timeouts};
+use fleetsync_sync_agent::ssh::Timeouts;
 use fleetsync_tests::{
-    SshFleet, TestAgent, TestDb,
+    Scenario, SshFleet,
     catalog::{count, execute},
     db::ALL_BACKENDS,
     events::outcomes,
@@ -58,12 +58,15 @@ enum Expect {
 }
 
 async fn poison_ends_as_an_outcome(backend: Backend, fleet: &SshFleet) {
-    let db = TestDb::create(backend).await;
-    let timeouts = Timeouts {
-        command: Duration::from_secs(10),
-        ..Timeouts::default()
-    };
-    let agent = TestAgent::spawn(db.url(), fleet.client(timeouts, DEFAULT_OUTPUT_CAP)).await;
+    let scenario = Scenario::on(backend)
+        .key_of(fleet)
+        .timeouts(Timeouts {
+            command: Duration::from_secs(10),
+            ..Timeouts::default()
+        })
+        .start()
+        .await;
+    let (_db, agent) = (&scenario.db, scenario.agent());
     let (mut fleet_api, mut sync_api) = (agent.fleet(), agent.sync());
     let ids = register_fleet(&mut fleet_api, fleet, "poison-", DatabaseService::Mariadb).await;
     let healthy = ids[CASES.len()];
@@ -116,7 +119,7 @@ async fn poison_ends_as_an_outcome(backend: Backend, fleet: &SshFleet) {
             }
         }
     }
-    agent.service.stop().await.expect("clean stop");
+    scenario.stop().await;
 }
 
 #[tokio::test]
@@ -139,12 +142,12 @@ async fn poison_servers_end_as_outcomes_on_every_backend() {
 /// know) end as each server's own `PARSE_FAILED` with the reason, next to healthy servers
 /// claimed in the same batch, job after job; never a claim batch that fails.
 async fn unreadable_registrations(backend: Backend, fleet: &SshFleet) {
-    let db = TestDb::create(backend).await;
-    let agent = TestAgent::spawn(
-        db.url(),
-        fleet.client(Timeouts::default(), DEFAULT_OUTPUT_CAP),
-    )
-    .await;
+    let scenario = Scenario::on(backend)
+        .key_of(fleet)
+        .timeouts(Timeouts::default())
+        .start()
+        .await;
+    let (db, agent) = (&scenario.db, scenario.agent());
     let (mut fleet_api, mut sync_api) = (agent.fleet(), agent.sync());
     let healthy = register_fleet(&mut fleet_api, fleet, "ok-", DatabaseService::Mariadb).await;
     let conn = db.connect().await;
@@ -240,7 +243,7 @@ async fn unreadable_registrations(backend: Backend, fleet: &SshFleet) {
         .await
         .expect("a readable registration");
     assert_eq!(ok.into_inner().server.map(|s| s.id), Some(healthy[0]));
-    agent.service.stop().await.expect("clean stop");
+    scenario.stop().await;
 }
 
 #[tokio::test]

@@ -6,9 +6,9 @@ use std::{collections::BTreeSet, path::PathBuf, process::Command};
 
 use fleetsync_common::proto::sync::v1::sync_agent_client::SyncAgentClient;
 use fleetsync_tests::{
-    SshFleet, TestDb,
+    AgentProcess, SshFleet, TestDb,
     fleet::SSH_USER,
-    services::{ServeProcess, connect, job_outcomes, migrate},
+    services::{connect, job_outcomes, migrate},
 };
 use serde_json::Value;
 
@@ -61,11 +61,9 @@ async fn the_python_example_registers_syncs_and_resumes_its_watch() {
     migrate(db.url()).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let key = fleet.client_key().to_str().expect("utf-8").to_owned();
-    let agent = ServeProcess::start(
-        "sync-agent",
-        &["--database-url", db.url(), "--ssh-key", &key],
-        dir.path(),
-    );
+    let agent = AgentProcess::on(db.url())
+        .args(&["--ssh-key", &key])
+        .start(dir.path());
 
     let mut args = vec![
         root.join("examples/python/fleet_sync.py")

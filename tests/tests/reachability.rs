@@ -3,14 +3,15 @@
 
 use std::time::{Duration, Instant};
 
+use fleetsync_common::Backend;
 use fleetsync_common::proto::sync::v1::{
     self as pb, CheckConnectionRequest, DatabaseService, GetServerRequest, HostKeyCheck, Outcome,
     ServerSpec, StartSyncRequest, UnreachableCause, UpsertServerRequest, fleet_client::FleetClient,
     sync_agent_client::SyncAgentClient, sync_event,
 };
-use fleetsync_sync_agent::ssh::{DEFAULT_OUTPUT_CAP, Timeouts};
+use fleetsync_sync_agent::ssh::Timeouts;
 use fleetsync_tests::{
-    SshFleet, TestAgent, TestDb,
+    Scenario,
     catalog::{count, wait_for_count},
     fleet::SSH_USER,
     services::{register_fleet, register_server},
@@ -69,11 +70,14 @@ fn ms(t: Option<&prost_types::Timestamp>) -> i64 {
 
 #[tokio::test]
 async fn an_offline_server_is_skipped_probed_on_schedule_and_synced_when_back() {
-    let fleet = SshFleet::start(2).await;
-    let db = TestDb::sqlite().await;
-    let agent = TestAgent::spawn(db.url(), fleet.client(timeouts(), DEFAULT_OUTPUT_CAP)).await;
+    let scenario = Scenario::on(Backend::Sqlite)
+        .hosts(2)
+        .timeouts(timeouts())
+        .start()
+        .await;
+    let (fleet, db, agent) = (&scenario.fleet, &scenario.db, scenario.agent());
     let (mut fleet_api, mut sync_api) = (agent.fleet(), agent.sync());
-    let ids = register_fleet(&mut fleet_api, &fleet, "h", DatabaseService::Mariadb).await;
+    let ids = register_fleet(&mut fleet_api, fleet, "h", DatabaseService::Mariadb).await;
     let (up, down) = (ids[0], ids[1]);
     assert!(
         sync_all(&mut sync_api, false)
@@ -178,16 +182,19 @@ async fn an_offline_server_is_skipped_probed_on_schedule_and_synced_when_back() 
     )
     .await;
     assert_eq!(s.consecutive_failures, 0);
-    agent.service.stop().await.expect("clean stop");
+    scenario.stop().await;
 }
 
 #[tokio::test]
 async fn check_connection_reports_each_stage() {
-    let fleet = SshFleet::start(2).await;
-    let db = TestDb::postgres().await;
-    let agent = TestAgent::spawn(db.url(), fleet.client(timeouts(), DEFAULT_OUTPUT_CAP)).await;
+    let scenario = Scenario::on(Backend::Postgres)
+        .hosts(2)
+        .timeouts(timeouts())
+        .start()
+        .await;
+    let (fleet, agent) = (&scenario.fleet, scenario.agent());
     let (mut fleet_api, mut sync_api) = (agent.fleet(), agent.sync());
-    let ids = register_fleet(&mut fleet_api, &fleet, "c", DatabaseService::None).await;
+    let ids = register_fleet(&mut fleet_api, fleet, "c", DatabaseService::None).await;
     let check = |id| {
         let mut client = sync_api.clone();
         async move {
@@ -262,23 +269,19 @@ async fn check_connection_reports_each_stage() {
         .await
         .expect_err("unknown");
     assert_eq!(status.code(), tonic::Code::NotFound);
-    agent.service.stop().await.expect("clean stop");
+    scenario.stop().await;
 }
 
 #[tokio::test]
 async fn servers_that_are_up_are_resynced_every_interval() {
-    let fleet = SshFleet::start(1).await;
-    let db = TestDb::sqlite().await;
-    fleetsync_tests::services::migrate(db.url()).await;
-    let mut config = fleetsync_tests::services::test_runner_config();
-    config.sync_interval = Some(Duration::from_secs(1));
-    let agent = TestAgent::spawn_with(
-        db.url(),
-        fleet.client(timeouts(), DEFAULT_OUTPUT_CAP),
-        config,
-    )
-    .await;
-    let mut fleet_api = agent.fleet();
+    let scenario = Scenario::on(Backend::Sqlite)
+        .hosts(1)
+        .timeouts(timeouts())
+        .runner(|r| r.sync_interval = Some(Duration::from_secs(1)))
+        .start()
+        .await;
+    let (fleet, db) = (&scenario.fleet, &scenario.db);
+    let mut fleet_api = scenario.fleet_api();
     let host = fleet.host(0);
     register_server(
         &mut fleet_api,
@@ -310,7 +313,7 @@ async fn servers_that_are_up_are_resynced_every_interval() {
         (2..=elapsed_intervals + 1).contains(&jobs),
         "{jobs} schedule jobs"
     );
-    agent.service.stop().await.expect("clean stop");
+    scenario.stop().await;
 }
 
 /// After an outage of many hosts, the prober notices them in parallel: thirty hosts that accept
@@ -328,22 +331,14 @@ async fn offline_servers_are_probed_in_parallel() {
             held.push(socket);
         }
     });
-    let db = TestDb::postgres().await;
-    fleetsync_tests::services::migrate(db.url()).await;
-    let ssh = fleetsync_sync_agent::ssh::SshClient::new(
-        Timeouts {
+    let scenario = Scenario::on(Backend::Postgres)
+        .timeouts(Timeouts {
             handshake: Duration::from_secs(1),
             ..timeouts()
-        },
-        DEFAULT_OUTPUT_CAP,
-        fleetsync_sync_agent::ssh::ClientKeys::default(),
-    );
-    let agent = TestAgent::spawn_with(
-        db.url(),
-        ssh,
-        fleetsync_tests::services::test_runner_config(),
-    )
-    .await;
+        })
+        .start()
+        .await;
+    let (db, agent) = (&scenario.db, scenario.agent());
     // Inserted once the agent runs: the migrations' sync requests became jobs of no servers,
     // so the sync below is the first these servers see.
     let conn = db.connect().await;
@@ -372,7 +367,7 @@ async fn offline_servers_are_probed_in_parallel() {
         "{:?}",
         probed.elapsed()
     );
-    agent.service.stop().await.expect("clean stop");
+    scenario.stop().await;
     holder.abort();
 }
 
@@ -382,9 +377,12 @@ async fn offline_servers_are_probed_in_parallel() {
 /// is INVALID_ARGUMENT. Without a key, trust on first use stays.
 #[tokio::test]
 async fn a_host_key_given_at_registration_is_pinned_before_the_first_contact() {
-    let fleet = SshFleet::start(2).await;
-    let db = TestDb::sqlite().await;
-    let agent = TestAgent::spawn(db.url(), fleet.client(timeouts(), DEFAULT_OUTPUT_CAP)).await;
+    let scenario = Scenario::on(Backend::Sqlite)
+        .hosts(2)
+        .timeouts(timeouts())
+        .start()
+        .await;
+    let (fleet, agent) = (&scenario.fleet, scenario.agent());
     let mut sync_api = agent.sync();
     let mut fleet_api = agent.fleet();
     let registrar = agent.fleet();

@@ -9,10 +9,10 @@ use std::{
 };
 
 use fleetsync_tests::{
-    TestDb,
+    AgentProcess, TestDb,
     catalog::{add_mariadb_everywhere, count, insert_servers},
     process::bin_path,
-    services::{ServeProcess, migrate},
+    services::migrate,
 };
 
 /// Every line of a fenced `sh` block that runs one of the binaries, with its comment removed.
@@ -65,7 +65,7 @@ async fn every_operator_command_in_the_readme_runs_as_written() {
     insert_servers(&conn, 8, 1, |_| "127.0.0.1".into()).await;
     add_mariadb_everywhere(&conn, "").await;
     assert_eq!(count(&conn, "SELECT MAX(id) FROM servers").await, 8);
-    let agent = ServeProcess::start("sync-agent", &["--database-url", db.url()], dir.path());
+    let agent = AgentProcess::on(db.url()).start(dir.path());
     let url = format!("http://{}", agent.addr);
     // The import examples, as the files the import line reads; both import cleanly. Their
     // addresses become refused loopback ones: the syncs below must not leave the machine.

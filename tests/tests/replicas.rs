@@ -9,7 +9,7 @@ use fleetsync_common::proto::sync::v1::{
     sync_agent_client::SyncAgentClient, sync_event,
 };
 use fleetsync_tests::{
-    SshFleet, TestDb,
+    AgentProcess, SshFleet, TestDb,
     catalog::{count, wait_for_count},
     fleet::SSH_USER,
     services::{ServeProcess, connect, migrate, register_server},
@@ -17,27 +17,15 @@ use fleetsync_tests::{
 use tokio_stream::StreamExt;
 
 fn agent(db: &TestDb, key: &str, dir: &std::path::Path) -> ServeProcess {
-    ServeProcess::start(
-        "sync-agent",
-        &[
-            "--database-url",
-            db.url(),
-            "--ssh-key",
-            key,
-            "--lease-ttl",
-            "3s",
-            "--poll-interval",
-            "100ms",
-            "--sync-interval",
-            "0s",
-            "--concurrency",
-            "4",
-            // Claim four at a time, so that both agents get part of an eight-server job.
-            "--in-flight",
-            "4",
-        ],
-        dir,
-    )
+    AgentProcess::on(db.url())
+        .key(key)
+        .flag("--lease-ttl", "3s")
+        .flag("--poll-interval", "100ms")
+        .flag("--sync-interval", "0s")
+        .flag("--concurrency", 4)
+        // Claim four at a time, so that both agents get part of an eight-server job.
+        .flag("--in-flight", 4)
+        .start(dir)
 }
 
 #[tokio::test]

@@ -170,23 +170,20 @@ async fn old_history_is_pruned_and_open_work_is_kept() {
 #[tokio::test]
 async fn a_watch_of_a_job_deleted_while_open_ends_with_not_found() {
     use fleetsync_common::proto::sync::v1::WatchSyncRequest;
-    use fleetsync_sync_agent::ssh::{ClientKeys, SshClient, Timeouts};
-    use fleetsync_tests::{TestAgent, services::test_runner_config};
+    use fleetsync_sync_agent::ssh::Timeouts;
+    use fleetsync_tests::Scenario;
     use tokio_stream::StreamExt;
 
     // A host that accepts and never speaks: the job's run waits out a long handshake timeout.
     let (port, held) = fleetsync_tests::bench::silent_listener().await;
-    let db = TestDb::create(fleetsync_common::Backend::Postgres).await;
-    migrate(db.url()).await;
-    let ssh = SshClient::new(
-        Timeouts {
+    let scenario = Scenario::on(fleetsync_common::Backend::Postgres)
+        .timeouts(Timeouts {
             handshake: std::time::Duration::from_secs(60),
             ..Timeouts::default()
-        },
-        1024,
-        ClientKeys::default(),
-    );
-    let agent = TestAgent::spawn_with(db.url(), ssh, test_runner_config()).await;
+        })
+        .start()
+        .await;
+    let (db, agent) = (&scenario.db, scenario.agent());
     let conn = db.connect().await;
     insert_servers(&conn, 1, port, |_| "127.0.0.1".into()).await;
     fleetsync_tests::catalog::add_mariadb_everywhere(&conn, "10.11").await;
@@ -219,5 +216,5 @@ async fn a_watch_of_a_job_deleted_while_open_ends_with_not_found() {
     assert_eq!(status.code(), tonic::Code::NotFound, "{}", status.message());
     assert!(status.message().contains(&job_id), "{}", status.message());
     held.abort();
-    agent.service.stop().await.expect("clean stop");
+    scenario.stop().await;
 }

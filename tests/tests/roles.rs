@@ -10,15 +10,12 @@ use fleetsync_common::{
         StartSyncRequest, UpsertServerRequest,
     },
 };
-use fleetsync_sync_agent::{
-    ssh::{ClientKeys, SshClient, Timeouts},
-    store::Store,
-};
+use fleetsync_sync_agent::{ssh::Timeouts, store::Store};
 use fleetsync_tests::{
-    TestAgent, TestDb,
+    Scenario, TestDb,
     db::{mysql_admin_url, postgres_admin_url},
     migrator::migrator,
-    services::{job_outcomes, test_runner_config, watch_to_end},
+    services::{job_outcomes, watch_to_end},
 };
 
 /// Runs `statements` on a connection of their own to `url`.
@@ -131,6 +128,14 @@ async fn the_agent_does_its_job_with_only_its_rights(backend: Backend) {
         roles.url(&db, &roles.migrator),
         roles.url(&db, &roles.agent),
     );
+    // The migrator below migrates; then the agent connects as its role.
+    let mut scenario = Scenario::with_db(db)
+        .unmigrated()
+        .agent_url(agent_url.clone())
+        .timeouts(Timeouts::default())
+        .output_cap(1024)
+        .start()
+        .await;
 
     // A role name that could not be granted is refused before anything is written.
     let refused = migrator(&migrator_url, &["migrate", "--agent-role", "a'; DROP"]).await;
@@ -152,8 +157,7 @@ async fn the_agent_does_its_job_with_only_its_rights(backend: Backend) {
 
     // The agent, as its role: takes the migrations' requests (TestAgent waits for that),
     // registers, syncs, deletes.
-    let ssh = SshClient::new(Timeouts::default(), 1024, ClientKeys::default());
-    let agent = TestAgent::spawn_with(&agent_url, ssh, test_runner_config()).await;
+    let agent = scenario.add_agent().await;
     let mut fleet = agent.fleet();
     let server = fleet
         .upsert_server(UpsertServerRequest {
@@ -219,7 +223,7 @@ async fn the_agent_does_its_job_with_only_its_rights(backend: Backend) {
         );
     }
     as_agent.close().await;
-    agent.service.stop().await.expect("clean stop");
+    scenario.stop().await;
 }
 
 #[tokio::test]

@@ -17,12 +17,12 @@ use fleetsync_migrator::{
     migration::{AGENT_SCHEMA_RANGES_VERSION, CHARSET_COLLATION_VERSION, Migration, MigrationSet},
 };
 use fleetsync_tests::{
-    SshFleet, TestDb,
+    AgentProcess, SshFleet, TestDb,
     catalog::{
         add_mariadb_everywhere, count, dump, execute, insert_servers, strings, wait_for_count,
     },
     migrator::{Run, at_each_point, concurrently, migrator, migrator_crash},
-    services::{connect, fleet_agent, register_fleet},
+    services::{connect, register_fleet},
 };
 use serde_json::Value;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -650,7 +650,10 @@ async fn an_agent_stands_down_while_the_schema_is_below_its_range_and_serves_aga
     );
     let conn = db.connect().await;
     let key = fleet.client_key().to_str().expect("utf-8").to_owned();
-    let agent = fleet_agent("sync-agent", &db, &key, dir.path(), &[]);
+    let agent = AgentProcess::on(db.url())
+        .fleet_defaults()
+        .key(&key)
+        .start(dir.path());
     let id = agent.logged("holder");
     let mut fleet_api = FleetClient::new(connect(agent.addr).await);
     register_fleet(&mut fleet_api, &fleet, "h", DatabaseService::Mariadb).await;

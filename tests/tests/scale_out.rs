@@ -17,11 +17,11 @@ use std::{
 
 use fleetsync_common::proto::sync::v1::{DatabaseService, Outcome, UnreachableCause};
 use fleetsync_tests::{
-    SshFleet, TestDb,
+    AgentProcess, SshFleet, TestDb,
     catalog::count,
     events::WatchedJob,
     fleet::{assert_no_overlaps, session_script},
-    services::{ServeProcess, connect, fleet_agent, migrate, register_fleet},
+    services::{ServeProcess, connect, migrate, register_fleet},
 };
 
 const HOSTS: usize = 300;
@@ -30,7 +30,11 @@ const HEALTHY: usize = 270;
 const REFUSED: usize = 20;
 
 fn agent(db: &TestDb, key: &str, dir: &std::path::Path) -> ServeProcess {
-    fleet_agent("sync-agent", db, key, dir, &["--concurrency", "20"])
+    AgentProcess::on(db.url())
+        .fleet_defaults()
+        .key(key)
+        .flag("--concurrency", 20)
+        .start(dir)
 }
 
 fn signal(process: &ServeProcess, sig: &str) {

@@ -29,7 +29,7 @@ use fleetsync_common::{
     },
 };
 use fleetsync_tests::{
-    SshFleet, TestDb,
+    AgentProcess, SshFleet, TestDb,
     catalog::count,
     events,
     fleet::{Placement, SSH_USER},
@@ -41,25 +41,15 @@ use fleetsync_tests::{
 use serde_json::Value;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-/// The agent's flags in these tests: a 3 s lease (a heartbeat every second, a quarantine
-/// window of about nine), quick polls, no schedule.
-fn flags<'a>(database_url: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec![
-        "--database-url",
-        database_url,
-        "--lease-ttl",
-        "3s",
-        "--poll-interval",
-        "100ms",
-        "--sync-interval",
-        "0s",
-        "--handshake-timeout",
-        "1s",
-        "--connect-timeout",
-        "1s",
-    ];
-    args.extend_from_slice(extra);
-    args
+/// The agent of these tests: a 3 s lease (a heartbeat every second, a quarantine window of
+/// about nine), quick polls, no schedule, 1 s to connect and to exchange keys.
+fn agent(database_url: &str) -> AgentProcess<'_> {
+    AgentProcess::on(database_url)
+        .flag("--lease-ttl", "3s")
+        .flag("--poll-interval", "100ms")
+        .flag("--sync-interval", "0s")
+        .flag("--handshake-timeout", "1s")
+        .flag("--connect-timeout", "1s")
 }
 
 /// `sync-agent agents -o json` against `agent`.
@@ -145,12 +135,8 @@ async fn a_replica_whose_key_no_host_accepts_decides_no_outcome_and_quarantines_
     let key = fleet.client_key().to_str().expect("utf-8").to_owned();
     // The healthy replica has the fleet's key; the broken one a key of its own (the test
     // harness gives every agent started without --ssh-key one): a rotation that reached one.
-    let good = ServeProcess::start(
-        "sync-agent",
-        &flags(db.url(), &["--ssh-key", &key]),
-        dir.path(),
-    );
-    let broken = ServeProcess::start("sync-agent", &flags(db.url(), &[]), dir.path());
+    let good = agent(db.url()).key(&key).start(dir.path());
+    let broken = agent(db.url()).start(dir.path());
     let (good_id, broken_id) = (good.logged("holder"), broken.logged("holder"));
     all_serving(&good, &[&good_id, &broken_id]).await;
     let ids = register_fleet(
@@ -301,17 +287,11 @@ async fn a_replica_without_a_route_to_the_hosts_never_decides_their_outcome() {
     )
     .await;
     let island_url = db.url().replace("127.0.0.1:5432", &proxy.addr.to_string());
-    let good = ServeProcess::start(
-        "sync-agent",
-        &flags(db.url(), &["--ssh-key", &key]),
-        dir.path(),
-    );
-    let cut = ServeProcess::start_in(
-        &island,
-        "sync-agent",
-        &flags(&island_url, &["--ssh-key", &key]),
-        dir.path(),
-    );
+    let good = agent(db.url()).key(&key).start(dir.path());
+    let cut = agent(&island_url)
+        .key(&key)
+        .in_netns(&island)
+        .start(dir.path());
     let (good_id, cut_id) = (good.logged("holder"), cut.logged("holder"));
     all_serving(&good, &[&good_id, &cut_id]).await;
     let ids = register_fleet(
@@ -392,16 +372,8 @@ async fn really_down(backend: Backend) {
             held.push(stream);
         }
     });
-    let a = ServeProcess::start(
-        "sync-agent",
-        &flags(db.url(), &["--ssh-key", &key]),
-        dir.path(),
-    );
-    let b = ServeProcess::start(
-        "sync-agent",
-        &flags(db.url(), &["--ssh-key", &key]),
-        dir.path(),
-    );
+    let a = agent(db.url()).key(&key).start(dir.path());
+    let b = agent(db.url()).key(&key).start(dir.path());
     let (a_id, b_id) = (a.logged("holder"), b.logged("holder"));
     all_serving(&a, &[&a_id, &b_id]).await;
     let mut fleet_api = FleetClient::new(connect(a.addr).await);
@@ -466,9 +438,8 @@ async fn really_down(backend: Backend) {
     assert_eq!(confirmed, 1);
 
     // Agents that ask no second opinion: one attempt, recorded at once.
-    let alike = &["--ssh-key", key.as_str(), "--no-second-opinions"];
-    let c = ServeProcess::start("sync-agent", &flags(db.url(), alike), dir.path());
-    let d = ServeProcess::start("sync-agent", &flags(db.url(), alike), dir.path());
+    let alike = agent(db.url()).key(&key).switch("--no-second-opinions");
+    let (c, d) = (alike.start(dir.path()), alike.start(dir.path()));
     for mut old in [a, b] {
         old.terminate(Duration::from_secs(15));
     }
@@ -498,12 +469,11 @@ async fn each_zone_is_synced_by_its_own_agent_only() {
         )
         .await;
         let url = db.url().replace("127.0.0.1:5432", &proxy.addr.to_string());
-        let agent = ServeProcess::start_in(
-            netns,
-            "sync-agent",
-            &flags(&url, &["--ssh-key", &key, "--zone", zone]),
-            dir.path(),
-        );
+        let agent = agent(&url)
+            .key(&key)
+            .flag("--zone", zone)
+            .in_netns(netns)
+            .start(dir.path());
         proxies.push(proxy);
         agents_by_zone.push((*zone, agent));
     }

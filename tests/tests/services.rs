@@ -3,25 +3,22 @@
 
 use std::{process::Command, time::Duration};
 
+use fleetsync_common::Backend;
 use fleetsync_common::proto::{
     migrator::v1::{
         GetStatusRequest, MigrateRequest, MigrationState, PlanRequest, VerifyRequest, migrate_event,
     },
     sync::v1::{ListServersRequest, StartSyncRequest},
 };
-use fleetsync_sync_agent::ssh::{ClientKeys, SshClient, Timeouts};
+use fleetsync_sync_agent::ssh::Timeouts;
 use fleetsync_tests::{
-    TestAgent, TestDb, TestMigrator,
+    AgentProcess, Scenario, TestDb, TestMigrator,
     process::bin_path,
     services::{ServeProcess, migrate, serve_command},
 };
 use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
-
-fn ssh_client() -> SshClient {
-    SshClient::new(Timeouts::default(), 1024, ClientKeys::default())
-}
 
 async fn health(
     client: &mut tonic_health::pb::health_client::HealthClient<tonic::transport::Channel>,
@@ -39,8 +36,12 @@ async fn health(
 #[tokio::test]
 async fn agent_serves_health_and_its_services_on_every_backend() {
     for backend in fleetsync_tests::db::ALL_BACKENDS {
-        let db = TestDb::create(backend).await;
-        let agent = TestAgent::spawn(db.url(), ssh_client()).await;
+        let scenario = Scenario::on(backend)
+            .timeouts(Timeouts::default())
+            .output_cap(1024)
+            .start()
+            .await;
+        let agent = scenario.agent();
         let mut health_client = agent.service.health();
         assert_eq!(
             health(&mut health_client, "").await,
@@ -80,7 +81,7 @@ async fn agent_serves_health_and_its_services_on_every_backend() {
             status.message()
         );
 
-        agent.service.stop().await.expect("clean stop");
+        scenario.stop().await;
     }
 }
 
@@ -307,7 +308,7 @@ async fn grpcurl_lists_describes_and_checks_health_of_the_agent_binary() {
     let dir = tempfile::tempdir().expect("temp dir");
     let db = TestDb::sqlite().await;
     migrate(db.url()).await;
-    let agent = ServeProcess::start("sync-agent", &["--database-url", db.url()], dir.path());
+    let agent = AgentProcess::on(db.url()).start(dir.path());
     let addr = agent.addr.to_string();
 
     let list = grpcurl(&["-plaintext", &addr, "list"]);
@@ -482,57 +483,37 @@ fn sudo_marking_its_start(host: &fleetsync_tests::SshHost, then: &str) {
     );
 }
 
-/// Two hosts registered with an agent of `concurrency` slots, and a job syncing both.
+/// Two hosts, each with its `sudo` as `prepare` makes it, registered with an agent of
+/// `concurrency` slots, and a job syncing both.
 async fn two_hosts_syncing(
-    fleet: &fleetsync_tests::SshFleet,
-    db: &TestDb,
     concurrency: usize,
-) -> (TestAgent, Vec<i64>, String) {
+    prepare: impl Fn(usize, &fleetsync_tests::SshHost),
+) -> (Scenario, String) {
     use fleetsync_common::proto::sync::v1::DatabaseService;
-    use fleetsync_tests::{events::sync_timeouts, fleet::SSH_USER, services::register_server};
-
-    migrate(db.url()).await;
-    let runner = fleetsync_sync_agent::runner::RunnerConfig {
-        concurrency,
-        ..fleetsync_tests::services::test_runner_config()
-    };
-    let agent =
-        TestAgent::spawn_with(db.url(), fleet.client(sync_timeouts(), 1 << 20), runner).await;
-    let mut fleet_api = agent.fleet();
-    let mut ids = Vec::new();
-    for (i, host) in fleet.hosts().iter().enumerate() {
-        let name = format!("db-{i}");
-        ids.push(
-            register_server(
-                &mut fleet_api,
-                &name,
-                host,
-                SSH_USER,
-                DatabaseService::Mariadb,
-            )
-            .await,
-        );
+    let scenario = Scenario::on(Backend::Sqlite)
+        .hosts(2)
+        .output_cap(1 << 20)
+        .runner(|r| r.concurrency = concurrency)
+        .register("db-", DatabaseService::Mariadb)
+        .start()
+        .await;
+    for (i, host) in scenario.fleet.hosts().iter().enumerate() {
+        prepare(i, host);
     }
-    let job = agent.start_sync(&ids).await;
-    (agent, ids, job)
+    let job = scenario.agent().start_sync(&scenario.ids).await;
+    (scenario, job)
 }
 
-/// After a stop: `done` was recorded `OK`, `left` still waits with no lease held, and the next
-/// agent takes it at once and ends the job.
-async fn left_for_the_next_agent(
-    fleet: &fleetsync_tests::SshFleet,
-    db: &TestDb,
-    job: &str,
-    done: i64,
-    left: i64,
-) {
+/// After the first agent stopped: `done` was recorded `OK`, `left` still waits with no lease
+/// held, and the next agent takes it at once and ends the job.
+async fn left_for_the_next_agent(mut scenario: Scenario, job: &str, done: i64, left: i64) {
     use fleetsync_common::proto::sync::v1::Outcome;
     use fleetsync_tests::{
         catalog::count,
-        events::{outcomes, sync_timeouts, watch},
+        events::{outcomes, watch},
     };
 
-    let conn = db.connect().await;
+    let conn = scenario.db.connect().await;
     let rows = |condition: &str| {
         format!("SELECT COUNT(*) FROM sync_job_servers WHERE job_id = '{job}' AND {condition}")
     };
@@ -563,11 +544,11 @@ async fn left_for_the_next_agent(
         0,
         "every lease was released"
     );
-    for host in fleet.hosts() {
+    for host in scenario.fleet.hosts() {
         host.remove_program("sudo");
     }
-    let next = TestAgent::spawn(db.url(), fleet.client(sync_timeouts(), 1 << 20)).await;
-    let events = tokio::time::timeout(Duration::from_secs(15), watch(&mut next.sync(), job, 0))
+    let mut sync = scenario.add_agent().await.sync();
+    let events = tokio::time::timeout(Duration::from_secs(15), watch(&mut sync, job, 0))
         .await
         .expect("the next agent finishes the job");
     let outcomes = outcomes(&events);
@@ -575,7 +556,7 @@ async fn left_for_the_next_agent(
         (outcomes[&done].outcome(), outcomes[&left].outcome()),
         (Outcome::Ok, Outcome::Ok)
     );
-    next.service.stop().await.expect("clean stop");
+    scenario.stop().await;
 }
 
 /// A rolling restart in the middle of a sync: the agent claims nothing more, the run that
@@ -584,12 +565,12 @@ async fn left_for_the_next_agent(
 /// which finishes the job.
 #[tokio::test]
 async fn stopping_lets_runs_in_flight_finish_within_the_grace() {
-    let fleet = fleetsync_tests::SshFleet::start(2).await;
-    let (quick, stuck) = (fleet.host(0), fleet.host(1));
-    sudo_marking_its_start(quick, "sleep 0.5\nexec /usr/bin/sudo \"$@\"");
-    sudo_marking_its_start(stuck, "exec sleep 30");
-    let db = TestDb::sqlite().await;
-    let (agent, ids, job) = two_hosts_syncing(&fleet, &db, 4).await;
+    let (mut scenario, job) = two_hosts_syncing(4, |i, host| {
+        let then = ["sleep 0.5\nexec /usr/bin/sudo \"$@\"", "exec sleep 30"][i];
+        sudo_marking_its_start(host, then);
+    })
+    .await;
+    let (quick, stuck) = (scenario.fleet.host(0), scenario.fleet.host(1));
     fleetsync_tests::wait_until(
         "the commands never started",
         Duration::from_secs(10),
@@ -598,37 +579,38 @@ async fn stopping_lets_runs_in_flight_finish_within_the_grace() {
     .await;
 
     let stopping = std::time::Instant::now();
-    agent.service.stop().await.expect("clean stop");
+    scenario.stop_agent(0).await;
     let took = stopping.elapsed();
     assert!(
         took >= Duration::from_millis(900) && took < Duration::from_secs(5),
         "stopped after {took:?}: the stuck run should hold the stop for the 1 s grace, no longer"
     );
-    left_for_the_next_agent(&fleet, &db, &job, ids[0], ids[1]).await;
+    let ids = scenario.ids.clone();
+    left_for_the_next_agent(scenario, &job, ids[0], ids[1]).await;
 }
 
 /// Only runs past the key exchange spend the grace: one still dialing or waiting for a slot
 /// (one slot here, taken) hands its server over at once and never runs its command.
 #[tokio::test]
 async fn stopping_hands_over_at_once_the_runs_waiting_for_a_slot() {
-    let fleet = fleetsync_tests::SshFleet::start(2).await;
-    for host in fleet.hosts() {
+    let (mut scenario, job) = two_hosts_syncing(1, |_, host| {
         sudo_marking_its_start(host, "sleep 0.5\nexec /usr/bin/sudo \"$@\"");
-    }
-    let db = TestDb::sqlite().await;
-    let (agent, ids, job) = two_hosts_syncing(&fleet, &db, 1).await;
-    let running = |i: usize| started(fleet.host(i)).exists();
+    })
+    .await;
+    let marks: Vec<_> = scenario.fleet.hosts().iter().map(started).collect();
+    let running = |i: usize| marks[i].exists();
     fleetsync_tests::wait_until("no command started", Duration::from_secs(10), || {
         running(0) || running(1)
     })
     .await;
-    agent.service.stop().await.expect("clean stop");
+    scenario.stop_agent(0).await;
     let first = usize::from(!running(0));
     assert!(
         !running(1 - first),
         "the run waiting for the slot ran its command"
     );
-    left_for_the_next_agent(&fleet, &db, &job, ids[first], ids[1 - first]).await;
+    let ids = scenario.ids.clone();
+    left_for_the_next_agent(scenario, &job, ids[first], ids[1 - first]).await;
 }
 
 #[tokio::test]

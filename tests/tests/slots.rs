@@ -4,18 +4,16 @@
 
 use std::time::Duration;
 
+use fleetsync_common::Backend;
 use fleetsync_common::proto::sync::v1::{
     DatabaseService, Outcome, StartSyncRequest, UnreachableCause,
 };
-use fleetsync_sync_agent::{
-    runner::RunnerConfig,
-    ssh::{DEFAULT_OUTPUT_CAP, Timeouts},
-};
+use fleetsync_sync_agent::ssh::Timeouts;
 use fleetsync_tests::{
-    SshFleet, TestAgent, TestDb,
+    Scenario,
     catalog::wait_for_count,
     fleet::SSH_USER,
-    services::{job_outcomes, migrate, register_server, test_runner_config, watch_to_end},
+    services::{job_outcomes, register_server, watch_to_end},
 };
 
 #[tokio::test]
@@ -23,27 +21,22 @@ async fn hosts_that_never_answer_do_not_hold_the_slots_of_the_healthy_ones() {
     // Ten frozen hosts (they accept TCP and never send a banner) registered first, so they are
     // claimed first, then ten healthy ones; two slots.
     const FROZEN: usize = 10;
-    let fleet = SshFleet::start(2 * FROZEN).await;
-    for host in &fleet.hosts()[..FROZEN] {
-        host.freeze();
-    }
-    let db = TestDb::postgres().await;
-    migrate(db.url()).await;
     let timeouts = Timeouts {
         connect: Duration::from_secs(3),
         handshake: Duration::from_secs(3),
         auth: Duration::from_secs(3),
         command: Duration::from_secs(10),
     };
-    let agent = TestAgent::spawn_with(
-        db.url(),
-        fleet.client(timeouts, DEFAULT_OUTPUT_CAP),
-        RunnerConfig {
-            concurrency: 2,
-            ..test_runner_config()
-        },
-    )
-    .await;
+    let scenario = Scenario::on(Backend::Postgres)
+        .hosts(2 * FROZEN)
+        .timeouts(timeouts)
+        .runner(|r| r.concurrency = 2)
+        .start()
+        .await;
+    let (fleet, db, agent) = (&scenario.fleet, &scenario.db, scenario.agent());
+    for host in &fleet.hosts()[..FROZEN] {
+        host.freeze();
+    }
     let mut fleet_api = agent.fleet();
     let mut ids = Vec::new();
     for (i, host) in fleet.hosts().iter().enumerate() {

@@ -16,13 +16,13 @@ use std::{
 use fleetsync_common::proto::sync::v1::{DatabaseService, fleet_client::FleetClient};
 use fleetsync_migrator::migration::AGENT_SCHEMA_RANGES_VERSION;
 use fleetsync_tests::{
-    SshFleet, TestDb,
+    AgentProcess, SshFleet, TestDb,
     catalog::{add_mariadb_everywhere, count, execute, insert_servers, wait_for_count},
     events::WatchedJob,
     fleet::{assert_no_overlaps, session_script},
     migrator::migrator,
     process::{bin_path, described},
-    services::{ServeProcess, connect, fleet_agent, register_fleet},
+    services::{ServeProcess, connect, register_fleet},
 };
 use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -72,10 +72,13 @@ async fn a_rolling_upgrade_across_a_stopping_migration_mid_job_is_exact() {
     execute(&conn, "UPDATE sync_requests SET state = 'taken'").await;
 
     // The previous release: two agents, small enough slots that the job takes a while.
-    let slow = ["--concurrency", "4", "--in-flight", "8"];
-    let old: Vec<ServeProcess> = (0..2)
-        .map(|_| fleet_agent("sync-agent-older", &db, &key, dir.path(), &slow))
-        .collect();
+    let old_release = AgentProcess::on(db.url())
+        .fleet_defaults()
+        .key(&key)
+        .binary("sync-agent-older")
+        .flag("--concurrency", 4)
+        .flag("--in-flight", 8);
+    let old: Vec<ServeProcess> = (0..2).map(|_| old_release.start(dir.path())).collect();
     let old_ids: Vec<String> = old.iter().map(|p| p.logged("holder")).collect();
     let mut fleet_api = FleetClient::new(connect(old[0].addr).await);
     register_fleet(&mut fleet_api, &fleet, "h", DatabaseService::Mariadb).await;
@@ -194,9 +197,8 @@ async fn a_rolling_upgrade_across_a_stopping_migration_mid_job_is_exact() {
     );
 
     // The new release takes the job over and completes it.
-    let new: Vec<ServeProcess> = (0..2)
-        .map(|_| fleet_agent("sync-agent", &db, &key, dir.path(), &[]))
-        .collect();
+    let new_release = AgentProcess::on(db.url()).fleet_defaults().key(&key);
+    let new: Vec<ServeProcess> = (0..2).map(|_| new_release.start(dir.path())).collect();
     *live.lock().expect("agents") = new.iter().map(|p| p.addr).collect();
     let (events, _) = job.watched().await;
     assert_eq!(events.len(), SERVERS, "one event per server");

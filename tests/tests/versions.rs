@@ -8,13 +8,13 @@
 
 use std::collections::BTreeSet;
 
+use fleetsync_common::Backend;
 use fleetsync_common::proto::sync::v1::{
     self as pb, DatabaseService, GetServerRequest, Outcome, fleet_client::FleetClient,
 };
-use fleetsync_sync_agent::ssh::DEFAULT_OUTPUT_CAP;
 use fleetsync_tests::{
-    SshFleet, TestAgent, TestDb,
-    events::{mariadb_exec, outcomes, postgres_exec, sync_timeouts, unique},
+    Scenario,
+    events::{mariadb_exec, outcomes, postgres_exec, unique},
     fleet::SSH_USER,
     pg18::Postgres18,
     services::{register_server, sync_events as sync},
@@ -72,9 +72,8 @@ fn users(inventory: &pb::Inventory) -> BTreeSet<(String, String, Vec<String>)> {
 #[tokio::test]
 async fn every_database_version_of_the_matrix_syncs_or_says_what_it_lacks() {
     let pg18 = Postgres18::start();
-    let fleet = SshFleet::start(8).await;
-    let db = TestDb::sqlite().await;
-    let agent = TestAgent::spawn(db.url(), fleet.client(sync_timeouts(), DEFAULT_OUTPUT_CAP)).await;
+    let scenario = Scenario::on(Backend::Sqlite).hosts(8).start().await;
+    let (fleet, agent) = (&scenario.fleet, scenario.agent());
     let (mut fleet_api, mut sync_api) = (agent.fleet(), agent.sync());
 
     // Something to find on each server.
@@ -259,5 +258,5 @@ async fn every_database_version_of_the_matrix_syncs_or_says_what_it_lacks() {
     mariadb_exec(&format!("DROP USER '{user}'@'%'")).await;
     mariadb_exec(&format!("DROP DATABASE `{maria_db}`")).await;
     postgres_exec(&format!("DROP DATABASE \"{pg15_db}\"")).await;
-    agent.service.stop().await.expect("clean stop");
+    scenario.stop().await;
 }

@@ -10,7 +10,7 @@ use std::{
 };
 
 use fleetsync_tests::{
-    SshFleet,
+    AgentProcess, SshFleet,
     catalog::execute,
     fleet::{Placement, SSH_USER},
     process::bin_path,
@@ -264,11 +264,8 @@ async fn run(demo_dir: &Path, url: &str, first_run: bool) {
 }
 
 fn start_agent(demo_dir: &Path, url: &str, key: &str) -> ServeProcess {
-    ServeProcess::start(
-        "sync-agent",
-        &[
-            "--database-url",
-            url,
+    AgentProcess::on(url)
+        .args(&[
             "--ssh-key",
             key,
             "--connect-timeout",
@@ -281,9 +278,8 @@ fn start_agent(demo_dir: &Path, url: &str, key: &str) -> ServeProcess {
             "30s",
             "--sync-interval",
             "0s",
-        ],
-        demo_dir,
-    )
+        ])
+        .start(demo_dir)
 }
 
 async fn wait_for_migration_job(url: &str) -> String {
