@@ -42,6 +42,8 @@ pub struct Scenario {
     /// The control-plane database, migrated.
     pub db: TestDb,
     settings: AgentSettings,
+    /// Where the processes a test starts keep their logs (removed on drop).
+    dir: tempfile::TempDir,
 }
 
 /// What every agent of a scenario starts with, kept for [`Scenario::add_agent`].
@@ -97,6 +99,28 @@ impl Scenario {
     /// The URL the agents connect with.
     pub fn agent_url(&self) -> &str {
         &self.settings.url
+    }
+
+    /// The agent binary on this scenario's database (through the agent URL, if one was given),
+    /// logging in with the fleet's key, otherwise with its own defaults: add
+    /// [`AgentProcess::fleet_defaults`] or flags, then [`start`](Self::start_process) it.
+    pub fn agent_process(&self) -> AgentProcess<'static> {
+        let key = self
+            .settings
+            .key
+            .as_deref()
+            .unwrap_or(self.fleet.client_key());
+        AgentProcess::on(&self.settings.url).key(key)
+    }
+
+    /// Starts `process` with its log in the scenario's directory; returns once it listens.
+    pub fn start_process(&self, process: &AgentProcess<'_>) -> ServeProcess {
+        process.start(self.dir())
+    }
+
+    /// The scenario's directory, for the processes a test starts.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     /// A `Fleet` client of the first agent.
@@ -249,6 +273,10 @@ impl ScenarioBuilder {
             fleet,
             db,
             settings,
+            dir: tempfile::Builder::new()
+                .prefix("fleetsync-scenario-")
+                .tempdir()
+                .expect("create the scenario's directory"),
         };
         scenario.add_agents(self.agents).await;
         if let Some((prefix, service)) = &self.register {

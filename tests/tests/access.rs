@@ -3,10 +3,9 @@
 
 use std::{path::Path, process::Command};
 
+use fleetsync_common::Backend;
 use fleetsync_common::proto::sync::v1::{ListServersRequest, fleet_client::FleetClient};
-use fleetsync_tests::{
-    AgentProcess, TestDb, migrator::migrator, process::bin_path, services::migrate, tls::TestTls,
-};
+use fleetsync_tests::{Scenario, migrator::migrator, process::bin_path, tls::TestTls};
 use tonic::{
     Code,
     transport::{Certificate, Channel, ClientTlsConfig},
@@ -29,13 +28,9 @@ fn write_token(dir: &Path) -> String {
 
 #[tokio::test]
 async fn without_the_token_every_rpc_but_health_is_unauthenticated() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = TestDb::sqlite().await;
-    migrate(db.url()).await;
-    let token = write_token(dir.path());
-    let agent = AgentProcess::on(db.url())
-        .args(&["--auth-token-file", &token])
-        .start(dir.path());
+    let scenario = Scenario::on(Backend::Sqlite).agents(0).start().await;
+    let token = write_token(scenario.dir());
+    let agent = scenario.start_process(&scenario.agent_process().flag("--auth-token-file", &token));
     let channel = fleetsync_tests::services::connect(agent.addr).await;
 
     // Health answers anyone.
@@ -107,17 +102,18 @@ async fn without_the_token_every_rpc_but_health_is_unauthenticated() {
 /// move over, then only the new one; the agent reads it again by itself.
 #[tokio::test]
 async fn a_token_is_rotated_without_a_restart() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = TestDb::sqlite().await;
-    migrate(db.url()).await;
-    let served = dir.path().join("served-tokens");
+    let scenario = Scenario::on(Backend::Sqlite).agents(0).start().await;
+    let dir = scenario.dir();
+    let served = dir.join("served-tokens");
     std::fs::write(&served, "old-token\n").expect("write");
-    let agent = AgentProcess::on(db.url())
-        .args(&["--auth-token-file", served.to_str().expect("utf-8")])
-        .start(dir.path());
+    let agent = scenario.start_process(
+        &scenario
+            .agent_process()
+            .flag("--auth-token-file", served.display()),
+    );
     let url = format!("http://{}", agent.addr);
     let client_file = |name: &str| {
-        let path = dir.path().join(name);
+        let path = dir.join(name);
         std::fs::write(&path, format!("{name}\n")).expect("write");
         path
     };
@@ -167,21 +163,17 @@ async fn a_token_is_rotated_without_a_restart() {
 
 #[tokio::test]
 async fn with_tls_plaintext_fails_and_the_ca_works() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let tls = TestTls::create(dir.path());
-    let db = TestDb::sqlite().await;
-    migrate(db.url()).await;
-    let token = write_token(dir.path());
-    let agent = AgentProcess::on(db.url())
-        .args(&[
-            "--auth-token-file",
-            &token,
-            "--tls-cert",
-            tls.cert.to_str().expect("utf-8"),
-            "--tls-key",
-            tls.key.to_str().expect("utf-8"),
-        ])
-        .start(dir.path());
+    let scenario = Scenario::on(Backend::Sqlite).agents(0).start().await;
+    let tls = TestTls::create(scenario.dir());
+    let token = write_token(scenario.dir());
+    let db = &scenario.db;
+    let agent = scenario.start_process(
+        &scenario
+            .agent_process()
+            .flag("--auth-token-file", &token)
+            .flag("--tls-cert", tls.cert.display())
+            .flag("--tls-key", tls.key.display()),
+    );
     let addr = agent.addr.to_string();
     let auth = "authorization: Bearer s3cret-token";
     let plain = grpcurl(&[

@@ -15,12 +15,12 @@ use fleetsync_common::{
 };
 use fleetsync_sync_agent::store::Store;
 use fleetsync_tests::{
-    AgentProcess, TestDb,
+    AgentProcess, Scenario,
     catalog::{add_mariadb_everywhere, count, insert_servers},
     fleet::{GeneratedKey, generate_key},
     process::{bin_path, described, json_document},
     scrape::{sample, scrape},
-    services::{connect, migrate},
+    services::connect,
 };
 use serde_json::Value;
 
@@ -73,9 +73,8 @@ async fn the_registry_shows_every_agent_and_what_became_of_it_on_mariadb() {
 
 /// Several agents on one control plane (SQLite serves one agent only).
 async fn the_registry_shows_every_agent_and_what_became_of_it(backend: Backend) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = TestDb::create(backend).await;
-    migrate(db.url()).await;
+    let scenario = Scenario::on(backend).agents(0).start().await;
+    let (db, dir) = (&scenario.db, scenario.dir());
     let conn = db.connect().await;
     insert_servers(&conn, 60, 1, |_| "127.0.0.1".into()).await;
     add_mariadb_everywhere(&conn, "").await;
@@ -90,11 +89,11 @@ async fn the_registry_shows_every_agent_and_what_became_of_it(backend: Backend) 
         } else {
             agent
         };
-        agent.start(dir.path())
+        agent.start(dir)
     };
     let keys: Vec<GeneratedKey> = ["a", "b", "c"]
         .iter()
-        .map(|n| generate_key(dir.path(), n))
+        .map(|n| generate_key(dir, n))
         .collect();
     let path = |i: usize| keys[i].path.to_str().expect("utf-8").to_owned();
     let a = start(&path(0), true);

@@ -12,11 +12,11 @@ use fleetsync_common::proto::sync::v1::{
 };
 use fleetsync_sync_agent::ssh::Timeouts;
 use fleetsync_tests::{
-    AgentProcess, Scenario, TestDb,
+    Scenario,
     bench::silent_listener,
     catalog::{add_mariadb_everywhere, count, insert_servers},
     scrape::{sample, scrape},
-    services::{connect, migrate, watch_to_end},
+    services::{connect, watch_to_end},
 };
 use tonic::Code;
 
@@ -95,20 +95,16 @@ async fn check_connection_is_capped_and_a_job_still_completes() {
 
 #[tokio::test]
 async fn a_burst_of_scrapes_reads_the_fleet_once_and_leaves_rpcs_unharmed() {
-    let db = TestDb::postgres().await;
-    migrate(db.url()).await;
-    let conn = db.connect().await;
+    let scenario = Scenario::on(Backend::Postgres).agents(0).start().await;
+    let conn = scenario.db.connect().await;
     insert_servers(&conn, 1_000, 1, |_| "127.0.0.1".into()).await;
     add_mariadb_everywhere(&conn, "10.11").await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let agent = AgentProcess::on(db.url())
-        .args(&[
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--metrics-interval",
-            "30s",
-        ])
-        .start(dir.path());
+    let agent = scenario.start_process(
+        &scenario
+            .agent_process()
+            .flag("--metrics-listen", "127.0.0.1:0")
+            .flag("--metrics-interval", "30s"),
+    );
     let metrics = agent.logged("metrics_addr").parse().expect("an address");
     let mut fleet = FleetClient::new(connect(agent.addr).await);
     let list = |mut fleet: FleetClient<tonic::transport::Channel>| async move {
@@ -170,9 +166,8 @@ async fn the_cli_reads_a_10000_server_job_whose_outcomes_carry_1_kb_messages() {
         store::{Completion, NewJob, Reach, RunResult, Selection, Store},
     };
     const SERVERS: usize = 10_000;
-    let db = TestDb::postgres().await;
-    migrate(db.url()).await;
-    let conn = db.connect().await;
+    let scenario = Scenario::on(Backend::Postgres).agents(0).start().await;
+    let conn = scenario.db.connect().await;
     insert_servers(&conn, SERVERS, 1, |_| "127.0.0.1".into()).await;
     let store = Store::new(conn.clone());
     let (job, _) = store
@@ -212,8 +207,7 @@ async fn the_cli_reads_a_10000_server_job_whose_outcomes_carry_1_kb_messages() {
             .await
             .expect("complete");
     }
-    let dir = tempfile::tempdir().expect("temp dir");
-    let agent = AgentProcess::on(db.url()).start(dir.path());
+    let agent = scenario.start_process(&scenario.agent_process());
     let output = std::process::Command::new(fleetsync_tests::process::bin_path("sync-agent"))
         .args([
             "job",

@@ -12,14 +12,15 @@ use std::{
     time::Duration,
 };
 
+use fleetsync_common::Backend;
 use fleetsync_common::proto::sync::v1::{
     DatabaseService, ServerSpec, StartSyncRequest, UpsertServerRequest, WatchSyncRequest,
     fleet_client::FleetClient, sync_agent_client::SyncAgentClient, sync_event,
 };
 use fleetsync_tests::{
-    AgentProcess, TestDb,
+    AgentProcess, Scenario, TestDb,
     catalog::{add_mariadb_everywhere, count, insert_servers},
-    services::{ServeProcess, connect, migrate},
+    services::{ServeProcess, connect},
 };
 use tokio_stream::StreamExt;
 
@@ -33,9 +34,8 @@ const IN_FLIGHT: usize = 64;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn six_agents_fit_postgresql_default_connections_under_load() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = TestDb::postgres().await;
-    migrate(db.url()).await;
+    let scenario = Scenario::on(Backend::Postgres).agents(0).start().await;
+    let (db, dir) = (&scenario.db, scenario.dir());
     let conn = db.connect().await;
     assert_eq!(
         count(
@@ -53,7 +53,7 @@ async fn six_agents_fit_postgresql_default_connections_under_load() {
         .map(|_| {
             AgentProcess::on(db.url())
                 .args(&["--poll-interval", "200ms"])
-                .start(dir.path())
+                .start(dir)
         })
         .collect();
     let mut channels = Vec::new();

@@ -9,8 +9,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use fleetsync_common::Backend;
 use fleetsync_tests::{
-    AgentProcess, TestDb,
+    Scenario, TestDb,
     bench::silent_listener,
     catalog::{add_mariadb_everywhere, count, insert_servers},
     process::{bin_path, described as text, json_document as document},
@@ -62,34 +63,30 @@ fn begins(stream: &[u8], what: &str, output: &Output) {
 /// An agent (the real binary) on a fresh SQLite database with `servers` servers at
 /// 127.0.0.1:1, where every connection is refused at once, each with MariaDB.
 struct Agent {
-    db: TestDb,
     conn: fleetsync_common::Db,
     url: String,
     _process: ServeProcess,
-    _dir: tempfile::TempDir,
+    scenario: Scenario,
 }
 
 async fn agent_with(servers: usize) -> Agent {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = TestDb::sqlite().await;
-    migrate(db.url()).await;
-    let conn = db.connect().await;
+    let scenario = Scenario::on(Backend::Sqlite).agents(0).start().await;
+    let conn = scenario.db.connect().await;
     insert_servers(&conn, servers, 1, |_| "127.0.0.1".into()).await;
     add_mariadb_everywhere(&conn, "").await;
-    let process = AgentProcess::on(db.url()).start(dir.path());
+    let process = scenario.start_process(&scenario.agent_process());
     Agent {
         url: format!("http://{}", process.addr),
-        db,
         conn,
         _process: process,
-        _dir: dir,
+        scenario,
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn exit_statuses_say_what_happened() {
     let agent = agent_with(2).await;
-    let (db, conn, url) = (&agent.db, &agent.conn, &agent.url);
+    let (db, conn, url) = (&agent.scenario.db, &agent.conn, &agent.url);
     let first = count(conn, "SELECT MIN(id) FROM servers").await.to_string();
     let cli = |args: &[&str]| {
         run(
@@ -359,7 +356,7 @@ async fn a_silent_or_absent_agent_ends_the_command_with_4() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_closed_stdout_ends_the_command_quietly() {
     let agent = agent_with(50).await;
-    let (db, url) = (&agent.db, &agent.url);
+    let (db, url) = (&agent.scenario.db, &agent.url);
     let unmigrated = TestDb::sqlite().await;
     for (binary, args) in [
         ("sync-agent", vec!["servers", "--agent-url", url.as_str()]),

@@ -13,11 +13,11 @@ use fleetsync_common::{
 };
 use fleetsync_sync_agent::ssh::Timeouts;
 use fleetsync_tests::{
-    AgentProcess, Scenario, SshFleet, TestDb,
+    Scenario,
     bench::peak_rss_mib,
     events::{outcomes, prost_duration, summary, sync_timeouts},
     fleet::{NO_SUDO_USER, Placement, SSH_USER},
-    services::{migrate, register_server, sync_events as sync},
+    services::{register_server, sync_events as sync},
 };
 
 async fn every_fault(backend: Backend) {
@@ -327,14 +327,13 @@ async fn output_over_the_cap_is_a_parse_failure_and_a_hung_probe_a_command_failu
 
 #[tokio::test]
 async fn a_flood_of_output_does_not_grow_the_agents_memory() {
-    let fleet = SshFleet::start(1).await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = TestDb::sqlite().await;
-    migrate(db.url()).await;
-    let key = fleet.client_key().to_str().expect("utf-8").to_owned();
-    let agent = AgentProcess::on(db.url())
-        .args(&["--ssh-key", &key, "--output-cap", "65536"])
-        .start(dir.path());
+    let scenario = Scenario::on(Backend::Sqlite)
+        .hosts(1)
+        .agents(0)
+        .start()
+        .await;
+    let fleet = &scenario.fleet;
+    let agent = scenario.start_process(&scenario.agent_process().flag("--output-cap", 65536));
     let channel = fleetsync_tests::services::connect(agent.addr).await;
     let mut fleet_api = FleetClient::new(channel.clone());
     let mut sync_api = SyncAgentClient::new(channel);

@@ -13,12 +13,11 @@ use fleetsync_common::Backend;
 use fleetsync_common::proto::sync::v1::{DatabaseService, ImportServersRequest, ServerSpec};
 use fleetsync_sync_agent::ssh::Timeouts;
 use fleetsync_tests::{
-    AgentProcess, Scenario, TestDb,
+    Scenario,
     catalog::count,
     db::ALL_BACKENDS,
     fleet::generate_key,
     process::{bin_path, described as text, json_document as document},
-    services::migrate,
 };
 use serde_json::{Value, json};
 
@@ -119,9 +118,9 @@ async fn an_import_registers_a_fleet_and_is_safe_to_repeat_on_every_backend() {
     std::fs::write(&csv_file, &csv).expect("write the CSV");
 
     for backend in ALL_BACKENDS {
-        let db = TestDb::create(backend).await;
-        migrate(db.url()).await;
-        let agent = AgentProcess::on(db.url()).start(dir.path());
+        let scenario = Scenario::on(backend).agents(0).start().await;
+        let db = &scenario.db;
+        let agent = scenario.start_process(&scenario.agent_process());
         let url = format!("http://{}", agent.addr);
 
         let first = import(&url, &jsonl, &[]);
@@ -319,9 +318,9 @@ async fn imports_racing_on_one_fleet_create_each_server_once_on_every_backend() 
         })
         .collect();
     for backend in ALL_BACKENDS {
-        let db = TestDb::create(backend).await;
-        migrate(db.url()).await;
-        let agent = AgentProcess::on(db.url()).start(dir.path());
+        let scenario = Scenario::on(backend).agents(0).start().await;
+        let db = &scenario.db;
+        let agent = scenario.start_process(&scenario.agent_process());
         let url = format!("http://{}", agent.addr);
         let runs: Vec<_> = files
             .iter()

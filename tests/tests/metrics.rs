@@ -3,42 +3,40 @@
 //! job's outcomes one for one, SSH stage histograms, gRPC calls by method and code, and the
 //! fleet's state read from the database.
 
+use fleetsync_common::Backend;
 use fleetsync_common::proto::sync::v1::{
     DatabaseService, GetSyncJobRequest, StartSyncRequest, fleet_client::FleetClient,
     sync_agent_client::SyncAgentClient,
 };
 use fleetsync_tests::{
-    AgentProcess, SshFleet, TestDb,
+    Scenario,
     fleet::SSH_USER,
     scrape::{sample, scrape, sum},
-    services::{connect, job_outcomes, migrate, register_server, watch_to_end},
+    services::{connect, job_outcomes, register_server, watch_to_end},
 };
 
 #[tokio::test]
 async fn metrics_count_what_a_real_sync_did() {
     // Hosts 0-2 answer (host 0 slowly, so the sync is seen in flight), host 3 refuses, and a
     // fifth server has no database service registered.
-    let fleet = SshFleet::start(4).await;
+    let scenario = Scenario::on(Backend::Postgres)
+        .hosts(4)
+        .agents(0)
+        .start()
+        .await;
+    let fleet = &scenario.fleet;
     fleet
         .host(0)
         .install_program("sudo", "#!/bin/sh\nsleep 2\nexec /usr/bin/sudo \"$@\"\n");
     fleet.host(3).stop();
-    let db = TestDb::postgres().await;
-    migrate(db.url()).await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let key = fleet.client_key().to_str().expect("utf-8").to_owned();
-    let agent = AgentProcess::on(db.url())
-        .args(&[
-            "--ssh-key",
-            &key,
-            "--metrics-listen",
-            "127.0.0.1:0", // Fresh fleet gauges at every scrape: the test follows them step by step.
-            "--metrics-interval",
-            "0s",
-            "--connect-timeout",
-            "2s",
-        ])
-        .start(dir.path());
+    let agent = scenario.start_process(
+        &scenario
+            .agent_process()
+            .flag("--metrics-listen", "127.0.0.1:0")
+            // Fresh fleet gauges at every scrape: the test follows them step by step.
+            .flag("--metrics-interval", "0s")
+            .flag("--connect-timeout", "2s"),
+    );
     let metrics_addr = agent.logged("metrics_addr").parse().expect("an address");
     let channel = connect(agent.addr).await;
     let mut fleet_api = FleetClient::new(channel.clone());

@@ -2,9 +2,8 @@
 
 use std::process::Command;
 
-use fleetsync_tests::{
-    AgentProcess, SshFleet, TestDb, fleet::SSH_USER, process::bin_path, services::migrate,
-};
+use fleetsync_common::Backend;
+use fleetsync_tests::{Scenario, fleet::SSH_USER, process::bin_path};
 use serde_json::Value;
 
 #[test]
@@ -55,14 +54,13 @@ fn the_demo_runs_clean_twice() {
 
 #[tokio::test]
 async fn the_agent_cli_speaks_json_for_scripts() {
-    let fleet = SshFleet::start(1).await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = TestDb::sqlite().await;
-    migrate(db.url()).await;
-    let key = fleet.client_key().to_str().expect("utf-8").to_owned();
-    let agent = AgentProcess::on(db.url())
-        .args(&["--ssh-key", &key])
-        .start(dir.path());
+    let scenario = Scenario::on(Backend::Sqlite)
+        .hosts(1)
+        .agents(0)
+        .start()
+        .await;
+    let fleet = &scenario.fleet;
+    let agent = scenario.start_process(&scenario.agent_process());
     let url = format!("http://{}", agent.addr);
     // Exits 0 (every server OK) or, where a server failed, 1.
     let cli_exiting = |args: &[&str], status: i32| -> Value {

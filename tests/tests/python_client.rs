@@ -4,11 +4,12 @@
 
 use std::{collections::BTreeSet, path::PathBuf, process::Command};
 
+use fleetsync_common::Backend;
 use fleetsync_common::proto::sync::v1::sync_agent_client::SyncAgentClient;
 use fleetsync_tests::{
-    AgentProcess, SshFleet, TestDb,
+    Scenario,
     fleet::SSH_USER,
-    services::{connect, job_outcomes, migrate},
+    services::{connect, job_outcomes},
 };
 use serde_json::Value;
 
@@ -55,15 +56,14 @@ async fn the_python_example_registers_syncs_and_resumes_its_watch() {
     let generated = generate();
 
     // Two hosts answer, a third refuses.
-    let fleet = SshFleet::start(3).await;
+    let scenario = Scenario::on(Backend::Sqlite)
+        .hosts(3)
+        .agents(0)
+        .start()
+        .await;
+    let fleet = &scenario.fleet;
     fleet.host(2).stop();
-    let db = TestDb::sqlite().await;
-    migrate(db.url()).await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let key = fleet.client_key().to_str().expect("utf-8").to_owned();
-    let agent = AgentProcess::on(db.url())
-        .args(&["--ssh-key", &key])
-        .start(dir.path());
+    let agent = scenario.start_process(&scenario.agent_process());
 
     let mut args = vec![
         root.join("examples/python/fleet_sync.py")

@@ -8,11 +8,11 @@ use std::{
     process::Command,
 };
 
+use fleetsync_common::Backend;
 use fleetsync_tests::{
-    AgentProcess, TestDb,
+    Scenario,
     catalog::{add_mariadb_everywhere, count, insert_servers},
     process::bin_path,
-    services::migrate,
 };
 
 /// Every line of a fenced `sh` block that runs one of the binaries, with its comment removed.
@@ -57,15 +57,14 @@ async fn every_operator_command_in_the_readme_runs_as_written() {
     // Removing a server comes last, so that the lines before it find every server.
     lines.sort_by_key(|l| l.contains(" remove "));
 
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = TestDb::sqlite().await;
-    migrate(db.url()).await;
+    let scenario = Scenario::on(Backend::Sqlite).agents(0).start().await;
+    let (db, dir) = (&scenario.db, scenario.dir());
     let conn = db.connect().await;
     // Refused addresses: every sync ends at once (UNREACHABLE). Ids 1..=8 exist.
     insert_servers(&conn, 8, 1, |_| "127.0.0.1".into()).await;
     add_mariadb_everywhere(&conn, "").await;
     assert_eq!(count(&conn, "SELECT MAX(id) FROM servers").await, 8);
-    let agent = AgentProcess::on(db.url()).start(dir.path());
+    let agent = scenario.start_process(&scenario.agent_process());
     let url = format!("http://{}", agent.addr);
     // The import examples, as the files the import line reads; both import cleanly. Their
     // addresses become refused loopback ones: the syncs below must not leave the machine.
@@ -78,10 +77,10 @@ async fn every_operator_command_in_the_readme_runs_as_written() {
             !example.contains("10.0.") && !example.contains(".example"),
             "an address the test does not know in the README's {language} example"
         );
-        std::fs::write(dir.path().join(file), example).expect("write");
+        std::fs::write(dir.join(file), example).expect("write");
         let imported = Command::new(bin_path("sync-agent"))
             .args(["servers", "import", file, "-o", "json", "--agent-url", &url])
-            .current_dir(dir.path())
+            .current_dir(dir)
             .output()
             .expect("run sync-agent");
         let report = fleetsync_tests::process::json_document(&imported);
@@ -118,7 +117,7 @@ async fn every_operator_command_in_the_readme_runs_as_written() {
             .split_whitespace()
             .filter(|t| t.starts_with("/etc/") || t.starts_with("/usr/"))
         {
-            let local = dir.path().join(path.trim_start_matches('/'));
+            let local = dir.join(path.trim_start_matches('/'));
             std::fs::create_dir_all(local.parent().expect("a parent")).expect("create dirs");
             command = command.replace(path, local.to_str().expect("utf-8"));
         }
@@ -128,7 +127,7 @@ async fn every_operator_command_in_the_readme_runs_as_written() {
         }
         let output = Command::new("sh")
             .args(["-c", &command])
-            .current_dir(dir.path())
+            .current_dir(dir)
             .env("PATH", &path)
             .env("DATABASE_URL", db.url())
             .env("FLEETSYNC_AGENT_URL", &url)

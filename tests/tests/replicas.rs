@@ -4,15 +4,16 @@
 
 use std::time::{Duration, Instant};
 
+use fleetsync_common::Backend;
 use fleetsync_common::proto::sync::v1::{
     DatabaseService, Outcome, StartSyncRequest, WatchSyncRequest, fleet_client::FleetClient,
     sync_agent_client::SyncAgentClient, sync_event,
 };
 use fleetsync_tests::{
-    AgentProcess, SshFleet, TestDb,
+    AgentProcess, Scenario, TestDb,
     catalog::{count, wait_for_count},
     fleet::SSH_USER,
-    services::{ServeProcess, connect, migrate, register_server},
+    services::{ServeProcess, connect, register_server},
 };
 use tokio_stream::StreamExt;
 
@@ -30,13 +31,15 @@ fn agent(db: &TestDb, key: &str, dir: &std::path::Path) -> ServeProcess {
 
 #[tokio::test]
 async fn agents_share_the_work_and_take_over_from_a_dead_one() {
-    let fleet = SshFleet::start(8).await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = TestDb::postgres().await;
-    migrate(db.url()).await;
+    let scenario = Scenario::on(Backend::Postgres)
+        .hosts(8)
+        .agents(0)
+        .start()
+        .await;
+    let (fleet, db, dir) = (&scenario.fleet, &scenario.db, scenario.dir());
     let key = fleet.client_key().to_str().expect("utf-8").to_owned();
-    let mut a = agent(&db, &key, dir.path());
-    let b = agent(&db, &key, dir.path());
+    let mut a = agent(db, &key, dir);
+    let b = agent(db, &key, dir);
     let (channel_a, channel_b) = (connect(a.addr).await, connect(b.addr).await);
 
     let mut fleet_api = FleetClient::new(channel_a.clone());

@@ -17,7 +17,7 @@ use fleetsync_migrator::{
     migration::{AGENT_SCHEMA_RANGES_VERSION, CHARSET_COLLATION_VERSION, Migration, MigrationSet},
 };
 use fleetsync_tests::{
-    AgentProcess, SshFleet, TestDb,
+    Scenario, TestDb,
     catalog::{
         add_mariadb_everywhere, count, dump, execute, insert_servers, strings, wait_for_count,
     },
@@ -641,22 +641,21 @@ async fn five_migrators_rolling_back_at_once_roll_each_migration_back_once() {
 /// again, it serves again and syncs.
 #[tokio::test]
 async fn an_agent_stands_down_while_the_schema_is_below_its_range_and_serves_again() {
-    let fleet = SshFleet::start(1).await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = TestDb::postgres().await;
+    let scenario = Scenario::on(Backend::Postgres)
+        .hosts(1)
+        .unmigrated()
+        .start()
+        .await;
+    let (fleet, db) = (&scenario.fleet, &scenario.db);
     ok(
         &migrator(db.url(), &["migrate", "--no-dispatch"]).await,
         "up",
     );
     let conn = db.connect().await;
-    let key = fleet.client_key().to_str().expect("utf-8").to_owned();
-    let agent = AgentProcess::on(db.url())
-        .fleet_defaults()
-        .key(&key)
-        .start(dir.path());
+    let agent = scenario.start_process(&scenario.agent_process().fleet_defaults());
     let id = agent.logged("holder");
     let mut fleet_api = FleetClient::new(connect(agent.addr).await);
-    register_fleet(&mut fleet_api, &fleet, "h", DatabaseService::Mariadb).await;
+    register_fleet(&mut fleet_api, fleet, "h", DatabaseService::Mariadb).await;
     assert_eq!(agent.work_health().await, ServingStatus::Serving);
 
     let previous = MigrationSet::embedded(Backend::Postgres)

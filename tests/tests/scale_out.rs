@@ -15,13 +15,14 @@ use std::{
     time::Duration,
 };
 
+use fleetsync_common::Backend;
 use fleetsync_common::proto::sync::v1::{DatabaseService, Outcome, UnreachableCause};
 use fleetsync_tests::{
-    AgentProcess, SshFleet, TestDb,
+    AgentProcess, Scenario, TestDb,
     catalog::count,
     events::WatchedJob,
     fleet::{assert_no_overlaps, session_script},
-    services::{ServeProcess, connect, migrate, register_fleet},
+    services::{ServeProcess, connect, register_fleet},
 };
 
 const HOSTS: usize = 300;
@@ -68,23 +69,25 @@ fn check_outcomes(events: &[(u64, i64, Outcome, UnreachableCause)], ids: &[i64],
 
 #[tokio::test]
 async fn three_agents_share_300_hosts_and_survive_kill_stop_and_restart() {
-    let fleet = SshFleet::start(HOSTS).await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = TestDb::postgres().await;
-    migrate(db.url()).await;
+    let scenario = Scenario::on(Backend::Postgres)
+        .hosts(HOSTS)
+        .agents(0)
+        .start()
+        .await;
+    let (fleet, db, dir) = (&scenario.fleet, &scenario.db, scenario.dir());
     let conn = db.connect().await;
     let key = fleet.client_key().to_str().expect("utf-8").to_owned();
     for host in &fleet.hosts()[..HEALTHY] {
         host.install_program("sudo", &session_script("0.6"));
     }
-    let mut a = agent(&db, &key, dir.path());
-    let mut b = agent(&db, &key, dir.path());
-    let mut c = agent(&db, &key, dir.path());
+    let mut a = agent(db, &key, dir);
+    let mut b = agent(db, &key, dir);
+    let mut c = agent(db, &key, dir);
     let ids = register_fleet(
         &mut fleetsync_common::proto::sync::v1::fleet_client::FleetClient::new(
             connect(a.addr).await,
         ),
-        &fleet,
+        fleet,
         "h",
         DatabaseService::Mariadb,
     )
@@ -112,7 +115,7 @@ async fn three_agents_share_300_hosts_and_survive_kill_stop_and_restart() {
         HOSTS as i64,
         "each server recorded once: the dead agent's runs were redone, the stopped one's fenced off"
     );
-    assert_no_overlaps(&fleet, HEALTHY, "phase 1");
+    assert_no_overlaps(fleet, HEALTHY, "phase 1");
 
     // Phase 2: restart every agent mid-job; the watcher resumes on the new ones.
     *live.lock().expect("agents") = vec![c.addr, b.addr];
@@ -121,7 +124,7 @@ async fn three_agents_share_300_hosts_and_survive_kill_stop_and_restart() {
     for old in [&mut b, &mut c] {
         old.terminate(Duration::from_secs(15));
     }
-    let fresh: Vec<ServeProcess> = (0..3).map(|_| agent(&db, &key, dir.path())).collect();
+    let fresh: Vec<ServeProcess> = (0..3).map(|_| agent(db, &key, dir)).collect();
     *live.lock().expect("agents") = fresh.iter().map(|p| p.addr).collect();
     let (events, resumed) = job.watched().await;
     check_outcomes(&events, &ids, "phase 2");
@@ -131,7 +134,7 @@ async fn three_agents_share_300_hosts_and_survive_kill_stop_and_restart() {
         2 * HOSTS as i64,
         "each server recorded once more"
     );
-    assert_no_overlaps(&fleet, HEALTHY, "phase 2");
+    assert_no_overlaps(fleet, HEALTHY, "phase 2");
     for host in &fleet.hosts()[HEALTHY + REFUSED..] {
         host.thaw();
     }

@@ -29,14 +29,14 @@ use fleetsync_common::{
     },
 };
 use fleetsync_tests::{
-    AgentProcess, SshFleet, TestDb,
+    AgentProcess, Scenario,
     catalog::count,
     events,
     fleet::{Placement, SSH_USER},
     netns::NetNs,
     process::{bin_path, described, json_document},
     proxy::TcpProxy,
-    services::{ServeProcess, connect, migrate, register_fleet},
+    services::{ServeProcess, connect, register_fleet},
 };
 use serde_json::Value;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -128,20 +128,22 @@ async fn forced_job(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replica_whose_key_no_host_accepts_decides_no_outcome_and_quarantines_itself() {
-    let fleet = SshFleet::start(12).await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = TestDb::postgres().await;
-    migrate(db.url()).await;
+    let scenario = Scenario::on(Backend::Postgres)
+        .hosts(12)
+        .agents(0)
+        .start()
+        .await;
+    let (fleet, db, dir) = (&scenario.fleet, &scenario.db, scenario.dir());
     let key = fleet.client_key().to_str().expect("utf-8").to_owned();
     // The healthy replica has the fleet's key; the broken one a key of its own (the test
     // harness gives every agent started without --ssh-key one): a rotation that reached one.
-    let good = agent(db.url()).key(&key).start(dir.path());
-    let broken = agent(db.url()).start(dir.path());
+    let good = agent(db.url()).key(&key).start(dir);
+    let broken = agent(db.url()).start(dir);
     let (good_id, broken_id) = (good.logged("holder"), broken.logged("holder"));
     all_serving(&good, &[&good_id, &broken_id]).await;
     let ids = register_fleet(
         &mut FleetClient::new(connect(good.addr).await),
-        &fleet,
+        fleet,
         "h",
         DatabaseService::Mariadb,
     )
@@ -273,10 +275,12 @@ async fn a_replica_whose_key_no_host_accepts_decides_no_outcome_and_quarantines_
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replica_without_a_route_to_the_hosts_never_decides_their_outcome() {
-    let fleet = SshFleet::start_with(&[Placement::Namespace, Placement::Namespace]).await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = TestDb::postgres().await;
-    migrate(db.url()).await;
+    let scenario = Scenario::on(Backend::Postgres)
+        .placements(&[Placement::Namespace, Placement::Namespace])
+        .agents(0)
+        .start()
+        .await;
+    let (fleet, db, dir) = (&scenario.fleet, &scenario.db, scenario.dir());
     let key = fleet.client_key().to_str().expect("utf-8").to_owned();
     // The cut-off replica lives in a namespace of its own: it reaches the database through a
     // proxy on its veth, and nothing else (no route to the hosts' namespaces).
@@ -287,16 +291,13 @@ async fn a_replica_without_a_route_to_the_hosts_never_decides_their_outcome() {
     )
     .await;
     let island_url = db.url().replace("127.0.0.1:5432", &proxy.addr.to_string());
-    let good = agent(db.url()).key(&key).start(dir.path());
-    let cut = agent(&island_url)
-        .key(&key)
-        .in_netns(&island)
-        .start(dir.path());
+    let good = agent(db.url()).key(&key).start(dir);
+    let cut = agent(&island_url).key(&key).in_netns(&island).start(dir);
     let (good_id, cut_id) = (good.logged("holder"), cut.logged("holder"));
     all_serving(&good, &[&good_id, &cut_id]).await;
     let ids = register_fleet(
         &mut FleetClient::new(connect(good.addr).await),
-        &fleet,
+        fleet,
         "ns",
         DatabaseService::Mariadb,
     )
@@ -355,10 +356,8 @@ async fn a_host_that_is_really_down_is_unreachable_after_two_attempts_on_mariadb
 }
 
 async fn really_down(backend: Backend) {
-    let fleet = SshFleet::start(2).await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = TestDb::create(backend).await;
-    migrate(db.url()).await;
+    let scenario = Scenario::on(backend).hosts(2).agents(0).start().await;
+    let (fleet, db, dir) = (&scenario.fleet, &scenario.db, scenario.dir());
     let key = fleet.client_key().to_str().expect("utf-8").to_owned();
     // The down host: accepts TCP and never speaks (a hung machine), counting every attempt.
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -372,12 +371,12 @@ async fn really_down(backend: Backend) {
             held.push(stream);
         }
     });
-    let a = agent(db.url()).key(&key).start(dir.path());
-    let b = agent(db.url()).key(&key).start(dir.path());
+    let a = agent(db.url()).key(&key).start(dir);
+    let b = agent(db.url()).key(&key).start(dir);
     let (a_id, b_id) = (a.logged("holder"), b.logged("holder"));
     all_serving(&a, &[&a_id, &b_id]).await;
     let mut fleet_api = FleetClient::new(connect(a.addr).await);
-    let mut ids = register_fleet(&mut fleet_api, &fleet, "up", DatabaseService::Mariadb).await;
+    let mut ids = register_fleet(&mut fleet_api, fleet, "up", DatabaseService::Mariadb).await;
     let down_id = fleet_api
         .upsert_server(UpsertServerRequest {
             id: 0,
@@ -439,7 +438,7 @@ async fn really_down(backend: Backend) {
 
     // Agents that ask no second opinion: one attempt, recorded at once.
     let alike = agent(db.url()).key(&key).switch("--no-second-opinions");
-    let (c, d) = (alike.start(dir.path()), alike.start(dir.path()));
+    let (c, d) = (alike.start(dir), alike.start(dir));
     for mut old in [a, b] {
         old.terminate(Duration::from_secs(15));
     }
@@ -452,10 +451,12 @@ async fn really_down(backend: Backend) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn each_zone_is_synced_by_its_own_agent_only() {
-    let fleet = SshFleet::start_with(&[Placement::Namespace, Placement::Namespace]).await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = TestDb::postgres().await;
-    migrate(db.url()).await;
+    let scenario = Scenario::on(Backend::Postgres)
+        .placements(&[Placement::Namespace, Placement::Namespace])
+        .agents(0)
+        .start()
+        .await;
+    let (fleet, db, dir) = (&scenario.fleet, &scenario.db, scenario.dir());
     let key = fleet.client_key().to_str().expect("utf-8").to_owned();
     // One agent in each host's namespace: each reaches its own host and the database (through
     // a proxy on the namespace's veth), not the other zone's host.
@@ -473,7 +474,7 @@ async fn each_zone_is_synced_by_its_own_agent_only() {
             .key(&key)
             .flag("--zone", zone)
             .in_netns(netns)
-            .start(dir.path());
+            .start(dir);
         proxies.push(proxy);
         agents_by_zone.push((*zone, agent));
     }

@@ -12,7 +12,7 @@ use fleetsync_common::proto::{
 };
 use fleetsync_sync_agent::ssh::Timeouts;
 use fleetsync_tests::{
-    AgentProcess, Scenario, TestDb, TestMigrator,
+    Scenario, TestDb, TestMigrator,
     process::bin_path,
     services::{ServeProcess, migrate, serve_command},
 };
@@ -305,10 +305,8 @@ fn grpcurl(args: &[&str]) -> String {
 
 #[tokio::test]
 async fn grpcurl_lists_describes_and_checks_health_of_the_agent_binary() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = TestDb::sqlite().await;
-    migrate(db.url()).await;
-    let agent = AgentProcess::on(db.url()).start(dir.path());
+    let scenario = Scenario::on(Backend::Sqlite).agents(0).start().await;
+    let agent = scenario.start_process(&scenario.agent_process());
     let addr = agent.addr.to_string();
 
     let list = grpcurl(&["-plaintext", &addr, "list"]);

@@ -13,10 +13,11 @@ use std::{
     time::Duration,
 };
 
+use fleetsync_common::Backend;
 use fleetsync_common::proto::sync::v1::{DatabaseService, fleet_client::FleetClient};
 use fleetsync_migrator::migration::AGENT_SCHEMA_RANGES_VERSION;
 use fleetsync_tests::{
-    AgentProcess, SshFleet, TestDb,
+    AgentProcess, Scenario,
     catalog::{add_mariadb_everywhere, count, execute, insert_servers, wait_for_count},
     events::WatchedJob,
     fleet::{assert_no_overlaps, session_script},
@@ -45,9 +46,12 @@ fn closed_port() -> u16 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rolling_upgrade_across_a_stopping_migration_mid_job_is_exact() {
-    let fleet = SshFleet::start(HOSTS).await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = TestDb::postgres().await;
+    let scenario = Scenario::on(Backend::Postgres)
+        .hosts(HOSTS)
+        .unmigrated()
+        .start()
+        .await;
+    let (fleet, db, dir) = (&scenario.fleet, &scenario.db, scenario.dir());
     let previous = PREVIOUS.to_string();
     let run = migrator(
         db.url(),
@@ -78,10 +82,10 @@ async fn a_rolling_upgrade_across_a_stopping_migration_mid_job_is_exact() {
         .binary("sync-agent-older")
         .flag("--concurrency", 4)
         .flag("--in-flight", 8);
-    let old: Vec<ServeProcess> = (0..2).map(|_| old_release.start(dir.path())).collect();
+    let old: Vec<ServeProcess> = (0..2).map(|_| old_release.start(dir)).collect();
     let old_ids: Vec<String> = old.iter().map(|p| p.logged("holder")).collect();
     let mut fleet_api = FleetClient::new(connect(old[0].addr).await);
-    register_fleet(&mut fleet_api, &fleet, "h", DatabaseService::Mariadb).await;
+    register_fleet(&mut fleet_api, fleet, "h", DatabaseService::Mariadb).await;
     assert_eq!(
         count(&conn, "SELECT COUNT(*) FROM servers").await,
         SERVERS as i64
@@ -198,7 +202,7 @@ async fn a_rolling_upgrade_across_a_stopping_migration_mid_job_is_exact() {
 
     // The new release takes the job over and completes it.
     let new_release = AgentProcess::on(db.url()).fleet_defaults().key(&key);
-    let new: Vec<ServeProcess> = (0..2).map(|_| new_release.start(dir.path())).collect();
+    let new: Vec<ServeProcess> = (0..2).map(|_| new_release.start(dir)).collect();
     *live.lock().expect("agents") = new.iter().map(|p| p.addr).collect();
     let (events, _) = job.watched().await;
     assert_eq!(events.len(), SERVERS, "one event per server");
@@ -214,7 +218,7 @@ async fn a_rolling_upgrade_across_a_stopping_migration_mid_job_is_exact() {
         by_old,
         "nothing more by the old agents"
     );
-    assert_no_overlaps(&fleet, HOSTS, "across the upgrade");
+    assert_no_overlaps(fleet, HOSTS, "across the upgrade");
     let declared =
         "SELECT COUNT(*) FROM sync_agents WHERE schema_max = 20261209000001 AND state = 'serving'";
     assert_eq!(
