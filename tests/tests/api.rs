@@ -283,6 +283,45 @@ async fn malformed_and_hostile_requests_get_the_right_status() {
             }),
         ),
         (
+            "GetSyncJob without a job id",
+            Code::InvalidArgument,
+            "invalid job_id: required: a job id, as StartSync returns it",
+            refused({
+                let mut client = sync_api.clone();
+                async move { client.get_sync_job(GetSyncJobRequest::default()).await }
+            }),
+        ),
+        (
+            "a job id with a newline",
+            Code::InvalidArgument,
+            "invalid job_id: contains control characters",
+            refused({
+                let mut client = sync_api.clone();
+                async move {
+                    client
+                        .watch_sync(WatchSyncRequest {
+                            job_id: "j\n1".into(),
+                            cursor: 0,
+                        })
+                        .await
+                        .map(|stream| stream.map(|_| ()))
+                }
+            }),
+        ),
+        (
+            "ResumeAgent without an id",
+            Code::InvalidArgument,
+            "invalid id: required: an agent id, as ListAgents shows it",
+            refused({
+                let mut client = sync_api.clone();
+                async move {
+                    client
+                        .resume_agent(pb::ResumeAgentRequest { id: "  ".into() })
+                        .await
+                }
+            }),
+        ),
+        (
             "GetServer of an unknown id",
             Code::NotFound,
             "server 987654 not found",

@@ -80,7 +80,7 @@ impl Column for Option<ServerId> {
 pub const MAX_TEXT_ID: usize = 128;
 
 macro_rules! text_id {
-    ($(#[$meta:meta])* $name:ident) => {
+    ($(#[$meta:meta])* $name:ident, $what:literal) => {
         $(#[$meta])*
         #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
         #[serde(transparent)]
@@ -91,7 +91,7 @@ macro_rules! text_id {
             /// empty, at most [`MAX_TEXT_ID`] characters, no control characters).
             pub fn from_request(value: &str, field: &'static str) -> Result<Self, ServiceError> {
                 if value.is_empty() {
-                    return Err(ServiceError::invalid(field, "required"));
+                    return Err(ServiceError::invalid(field, concat!("required: ", $what)));
                 }
                 if value.chars().count() > MAX_TEXT_ID {
                     return Err(ServiceError::invalid(
@@ -173,16 +173,19 @@ macro_rules! text_id {
 
 text_id!(
     /// A sync job's id, as `StartSync` returns it.
-    JobId
+    JobId,
+    "a job id, as StartSync returns it"
 );
 text_id!(
     /// A sync request's idempotency key: a caller's `request_id`, or one the agent or the
     /// migrator made (`rpc-…`, `schedule-…`, `recovery-…`, `migration-V`).
-    RequestId
+    RequestId,
+    "the caller's idempotency key"
 );
 text_id!(
     /// An agent's id in the registry, which is also the holder of the leases it takes.
-    AgentId
+    AgentId,
+    "an agent id, as ListAgents shows it"
 );
 
 impl From<Option<AgentId>> for Value {
@@ -214,7 +217,7 @@ mod tests {
             "j-1"
         );
         for (bad, why) in [
-            (String::new(), "required"),
+            (String::new(), "required: the caller's idempotency key"),
             ("x".repeat(129), "longer than 128 characters"),
             ("a\nb".to_owned(), "contains control characters"),
         ] {
