@@ -17,6 +17,11 @@
 //! CPU; the sshd side's CPU (every sshd and what it runs, from a cgroup); and how each tool
 //! classified the 40 faulty hosts. Prints a markdown table and writes it to `bench/fleet.md`.
 //!
+//! Then the same again over a WAN: every healthy host behind a userspace proxy that holds each
+//! direction back by 50 ms (`proxy::DelayProxy`; this kernel has no netem), the faulty hosts as
+//! they were; the report sets fleetsync's wall against the floor the round trips set (one
+//! healthy host synced alone through its proxy). `BENCH_WAN=0` skips this part.
+//!
 //! `BENCH_ONLY=fleetsync,pssh` runs some tools only (and leaves `bench/fleet.md` alone);
 //! `BENCH_PROFILE=FILE` records the agent with `perf record -g` during each of its jobs (the
 //! last one stays in FILE); `BENCH_TIMELINE=1` prints when each kind of host finished.
@@ -32,15 +37,16 @@ use std::{
 use fleetsync_common::{
     clock::new_id,
     proto::sync::v1::{
-        DatabaseService, StartSyncRequest, UnreachableCause, fleet_client::FleetClient,
-        sync_agent_client::SyncAgentClient,
+        DatabaseService, ServerSpec, StartSyncRequest, UnreachableCause, UpsertServerRequest,
+        fleet_client::FleetClient, sync_agent_client::SyncAgentClient,
     },
 };
 use fleetsync_tests::{
     AgentProcess, SshFleet, TestDb,
     bench::{machine, median, peak_rss_mib, runs},
     fleet::{Placement, SSH_USER},
-    services::{ServeProcess, connect, job_outcomes, migrate, register_server, watch_to_end},
+    proxy::DelayProxy,
+    services::{ServeProcess, connect, job_outcomes, migrate, watch_to_end},
 };
 
 const HEALTHY: usize = 200;
@@ -48,6 +54,8 @@ const REFUSED: usize = 20;
 const FROZEN: usize = 10;
 const NO_ROUTE: usize = 10;
 const TIMEOUT_S: u64 = 5;
+/// One way, over the WAN: a round trip is twice it.
+const WAN_DELAY: Duration = Duration::from_millis(50);
 
 /// What a host does when asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -215,6 +223,8 @@ struct Sample {
 struct Bench {
     fleet: SshFleet,
     kinds: Vec<Kind>,
+    /// Hosts reached through a proxy (the WAN part): host index to the proxy.
+    via: BTreeMap<usize, DelayProxy>,
     sshd: Group,
     dir: tempfile::TempDir,
     command: String,
@@ -250,13 +260,17 @@ impl Bench {
         }
     }
 
-    /// `index -> (host, port)` lines for the peers' inventories, in the bench's order.
+    /// `index -> (host, port)` where every tool reaches each host, in the bench's order: the
+    /// host itself, or its proxy.
     fn targets(&self) -> Vec<(usize, String, u16)> {
         self.fleet
             .hosts()
             .iter()
             .enumerate()
-            .map(|(i, h)| (i, h.addr().to_string(), h.port()))
+            .map(|(i, h)| match self.via.get(&i) {
+                Some(proxy) => (i, proxy.addr.ip().to_string(), proxy.addr.port()),
+                None => (i, h.addr().to_string(), h.port()),
+            })
             .collect()
     }
 
@@ -462,17 +476,25 @@ impl Agent {
         let channel = connect(process.addr).await;
         let mut fleet = FleetClient::new(channel.clone());
         let mut ids = Vec::new();
-        for (i, host) in bench.fleet.hosts().iter().enumerate() {
-            ids.push(
-                register_server(
-                    &mut fleet,
-                    &format!("h{i}"),
-                    host,
-                    SSH_USER,
-                    DatabaseService::Mariadb,
-                )
-                .await,
-            );
+        for (i, ip, port) in bench.targets() {
+            let server = fleet
+                .upsert_server(UpsertServerRequest {
+                    id: 0,
+                    spec: Some(ServerSpec {
+                        name: format!("h{i}"),
+                        ip,
+                        port: u32::from(port),
+                        ssh_user: SSH_USER.into(),
+                        database_service: DatabaseService::Mariadb as i32,
+                        ..Default::default()
+                    }),
+                })
+                .await
+                .expect("register a host")
+                .into_inner()
+                .server
+                .expect("the server");
+            ids.push(server.id);
         }
         Self {
             process,
@@ -481,6 +503,25 @@ impl Agent {
             ids,
             _db: db,
         }
+    }
+
+    /// Wall time of a forced job of host `index` alone (the floor a host's round trips set).
+    async fn alone(&mut self, index: usize) -> f64 {
+        let started = Instant::now();
+        let job = self
+            .sync
+            .start_sync(StartSyncRequest {
+                request_id: format!("bench-alone-{}", new_id()),
+                server_ids: vec![self.ids[index]],
+                force: true,
+                reason: "bench-fleet: one host alone".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("start")
+            .into_inner();
+        watch_to_end(&mut self.sync, &job.job_id).await;
+        started.elapsed().as_secs_f64()
     }
 
     async fn run(&mut self, bench: &Bench) -> Sample {
@@ -709,47 +750,142 @@ async fn main() {
         None,
     );
     let query = query.replace("SET @fleetsync_known = NULL;", "");
-    let bench = Bench {
+    let mut bench = Bench {
         command: format!("{command} -e \"{}\"", query.replace('\n', " ")),
         key: fleet.client_key().display().to_string(),
         fleet,
         kinds,
+        via: BTreeMap::new(),
         sshd,
         dir: tempfile::tempdir().expect("temp dir"),
         python: tool_path(&venv, "python"),
         ansible: tool_path(&venv, "ansible"),
     };
-    let mut agent = Agent::start(&bench).await;
-
-    let rows = [
-        Row {
-            tool: "fleetsync",
-            samples: Vec::new(),
-        },
-        Row {
-            tool: "parallel-ssh",
-            samples: Vec::new(),
-        },
-        Row {
-            tool: "pssh",
-            samples: Vec::new(),
-        },
-        Row {
-            tool: "Ansible",
-            samples: Vec::new(),
-        },
-    ];
+    let tools = ["fleetsync", "parallel-ssh", "pssh", "Ansible"];
     let only = std::env::var("BENCH_ONLY").ok();
-    let wanted = |tool: &str| {
-        only.as_deref()
-            .is_none_or(|o| o.split(',').any(|t| t == tool))
-    };
-    let mut rows: Vec<Row> = rows.into_iter().filter(|r| wanted(r.tool)).collect();
+    let wanted: Vec<&'static str> = tools
+        .into_iter()
+        .filter(|tool| {
+            only.as_deref()
+                .is_none_or(|o| o.split(',').any(|t| t == *tool))
+        })
+        .collect();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+
+    eprintln!("loopback");
+    let mut agent = Agent::start(&bench).await;
+    let rows = rounds(&bench, &mut agent, &wanted, runs).await;
+    drop(agent);
+    let loopback = table(&rows, &bench.kinds);
+    if rows.len() < tools.len() {
+        println!("{loopback}\n(BENCH_ONLY: a partial run; bench/fleet.md is left alone)");
+        return;
+    }
+    let fleetsync_wall = rows[0].med(|s| s.wall);
+    let sshd_cpu = rows[0].med(|s| s.sshd_cpu);
+    let floor = (TIMEOUT_S as f64).max(sshd_cpu / cores);
+    let parallel_ssh = rows[1].med(|s| s.wall);
+    let ansible = rows[3].med(|s| s.wall);
+    let agent_ms = rows[0].med(|s| s.client_cpu) * 1000.0 / HEALTHY as f64;
+    let machine_ratio = rows[0].med(|s| s.machine_cpu) / rows[1].med(|s| s.machine_cpu);
+    let mut report = String::new();
+    let _ = writeln!(
+        report,
+        "# bench-fleet: fleetsync and the tools operators script this with\n\n\
+         Machine: {}.\n\n\
+         Fleet: {HEALTHY} healthy OpenSSH hosts on loopback, {REFUSED} refused, {FROZEN} frozen \
+         (TCP accepted, no banner), {NO_ROUTE} with no route (network namespaces), spread \
+         through the list; every tool reads the MariaDB inventory with the same query through \
+         `sudo mariadb`, {TIMEOUT_S} s timeouts. Medians of {runs} rounds after a warm-up \
+         (`just bench-fleet`, `BENCH_RUNS`). Client CPU and peak memory are the whole process \
+         tree's (cgroup), or the agent's; machine CPU is every core's busy time (sshd, sudo, \
+         the MariaDB server, the tool); sshd-side CPU is every sshd and what it ran.\n",
+        machine()
+    );
+    let _ = writeln!(report, "{loopback}");
+    let _ = writeln!(
+        report,
+        "Floor: the larger of the timeout ({TIMEOUT_S} s: a frozen host cannot be told apart \
+         sooner) and the sshd side's CPU over the cores ({sshd_cpu:.2} s / {cores:.0}) = \
+         **{floor:.2} s**.\n\n\
+         Targets: fleetsync's wall {:.2}x parallel-ssh (≤ 0.6), {:.2}x Ansible (≤ 0.3), \
+         {:.3}x the floor (≤ 1.15); agent CPU {agent_ms:.2} ms per healthy host (≤ 2, its \
+         database writes included); machine CPU {machine_ratio:.2}x parallel-ssh's (≤ 1.2).\n",
+        fleetsync_wall / parallel_ssh,
+        fleetsync_wall / ansible,
+        fleetsync_wall / floor,
+    );
+
+    if std::env::var("BENCH_WAN").as_deref() != Ok("0") {
+        eprintln!("WAN: every healthy host behind {WAN_DELAY:?} each way");
+        for (i, host) in bench.fleet.hosts().iter().enumerate() {
+            if bench.kinds[i] == Kind::Healthy {
+                let proxy = DelayProxy::start(host.socket_addr(), WAN_DELAY).await;
+                bench.via.insert(i, proxy);
+            }
+        }
+        let mut agent = Agent::start(&bench).await;
+        // The round trips' floor: one healthy host synced alone through its proxy (first
+        // contact pins its key; then three timed jobs).
+        let first_healthy = bench
+            .kinds
+            .iter()
+            .position(|k| *k == Kind::Healthy)
+            .expect("a healthy host");
+        agent.alone(first_healthy).await;
+        let mut alone = Vec::new();
+        for _ in 0..3 {
+            alone.push(agent.alone(first_healthy).await);
+        }
+        let alone = median(alone);
+        let rows = rounds(&bench, &mut agent, &wanted, runs).await;
+        drop(agent);
+        let wan = table(&rows, &bench.kinds);
+        let fleetsync_wall = rows[0].med(|s| s.wall);
+        let wan_floor = (TIMEOUT_S as f64).max(alone);
+        let rtt_ms = WAN_DELAY.as_secs_f64() * 2000.0;
+        let _ = writeln!(
+            report,
+            "## Over a WAN: {rtt_ms:.0} ms round trips\n\n\
+             The same fleet, every healthy host behind a userspace TCP proxy in the bench that \
+             holds each direction back by {} ms, in order, end of file included \
+             (`tests/src/proxy.rs`, `DelayProxy`: this kernel has no netem); the faulty hosts \
+             as above. The proxy runs in the bench's process, outside every tool's cgroup: its \
+             CPU counts in machine CPU only, alike for every tool.\n",
+            WAN_DELAY.as_millis()
+        );
+        let _ = writeln!(report, "{wan}");
+        let _ = writeln!(
+            report,
+            "Floor: the larger of the timeout ({TIMEOUT_S} s) and one healthy host synced alone \
+             through its proxy ({alone:.2} s, median of 3: the round trips of a connection, \
+             key exchange, login and command) = **{wan_floor:.2} s**. fleetsync's wall \
+             {fleetsync_wall:.2} s is {:.2}x the floor; {:.2}x parallel-ssh's, {:.2}x Ansible's.\n",
+            fleetsync_wall / wan_floor,
+            fleetsync_wall / rows[1].med(|s| s.wall),
+            fleetsync_wall / rows[3].med(|s| s.wall),
+        );
+    }
+    println!("{report}");
+    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench/fleet.md");
+    std::fs::write(&out, report).expect("write bench/fleet.md");
+    eprintln!("wrote {}", out.display());
+}
+
+/// A warm-up round, then `runs` rounds of every wanted tool in turn.
+async fn rounds(bench: &Bench, agent: &mut Agent, tools: &[&'static str], runs: usize) -> Vec<Row> {
+    let mut rows: Vec<Row> = tools
+        .iter()
+        .map(|tool| Row {
+            tool,
+            samples: Vec::new(),
+        })
+        .collect();
     for round in 0..=runs {
         let mut samples = Vec::new();
         for row in &rows {
             samples.push(match row.tool {
-                "fleetsync" => agent.run(&bench).await,
+                "fleetsync" => agent.run(bench).await,
                 "parallel-ssh" => bench.parallel_ssh(),
                 "pssh" => bench.pssh(),
                 _ => bench.ansible(),
@@ -772,20 +908,21 @@ async fn main() {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    rows
+}
 
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+/// The markdown table of the rows, ratios against the first (fleetsync's).
+fn table(rows: &[Row], kinds: &[Kind]) -> String {
     let fleetsync_wall = rows[0].med(|s| s.wall);
-    let sshd_cpu = rows[0].med(|s| s.sshd_cpu);
-    let floor = (TIMEOUT_S as f64).max(sshd_cpu / cores);
     let mut table = String::new();
     let _ = writeln!(
         table,
         "| tool | wall | × fleetsync | client CPU | client CPU / healthy host | peak memory | machine CPU | machine CPU / healthy host | sshd-side CPU | healthy OK | faulty classified right |"
     );
     let _ = writeln!(table, "|---|---|---|---|---|---|---|---|---|---|---|");
-    for row in &rows {
-        let (healthy, faulty) = row.classified(&bench.kinds);
-        let misread = row.misread(&bench.kinds);
+    for row in rows {
+        let (healthy, faulty) = row.classified(kinds);
+        let misread = row.misread(kinds);
         let _ = writeln!(
             table,
             "| {} | {:.2} s | {:.2} | {:.2} s | {:.2} ms | {:.0} MiB | {:.2} s | {:.2} ms | {:.2} s | {healthy}/{HEALTHY} | {faulty}/{}{} |",
@@ -806,44 +943,5 @@ async fn main() {
             },
         );
     }
-    if rows.len() < 4 {
-        println!("{table}\n(BENCH_ONLY: a partial run; bench/fleet.md is left alone)");
-        return;
-    }
-    let parallel_ssh = rows[1].med(|s| s.wall);
-    let ansible = rows[3].med(|s| s.wall);
-    let agent_ms = rows[0].med(|s| s.client_cpu) * 1000.0 / HEALTHY as f64;
-    let machine_ratio = rows[0].med(|s| s.machine_cpu) / rows[1].med(|s| s.machine_cpu);
-    let mut report = String::new();
-    let _ = writeln!(
-        report,
-        "# bench-fleet: fleetsync and the tools operators script this with\n\n\
-         Machine: {}.\n\n\
-         Fleet: {HEALTHY} healthy OpenSSH hosts on loopback, {REFUSED} refused, {FROZEN} frozen \
-         (TCP accepted, no banner), {NO_ROUTE} with no route (network namespaces), spread \
-         through the list; every tool reads the MariaDB inventory with the same query through \
-         `sudo mariadb`, {TIMEOUT_S} s timeouts. Medians of {runs} rounds after a warm-up \
-         (`just bench-fleet`, `BENCH_RUNS`). Client CPU and peak memory are the whole process \
-         tree's (cgroup), or the agent's; machine CPU is every core's busy time (sshd, sudo, \
-         the MariaDB server, the tool); sshd-side CPU is every sshd and what it ran.\n",
-        machine()
-    );
-    let _ = writeln!(report, "{table}");
-    let _ = writeln!(
-        report,
-        "Floor: the larger of the timeout ({TIMEOUT_S} s: a frozen host cannot be told apart \
-         sooner) and the sshd side's CPU over the cores ({sshd_cpu:.2} s / {cores:.0}) = \
-         **{floor:.2} s**.\n\n\
-         Targets: fleetsync's wall {:.2}x parallel-ssh (≤ 0.6), {:.2}x Ansible (≤ 0.3), \
-         {:.3}x the floor (≤ 1.15); agent CPU {agent_ms:.2} ms per healthy host (≤ 2, its \
-         database writes included); machine CPU {machine_ratio:.2}x parallel-ssh's (≤ 1.2).",
-        fleetsync_wall / parallel_ssh,
-        fleetsync_wall / ansible,
-        fleetsync_wall / floor,
-    );
-    println!("{report}");
-    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench/fleet.md");
-    std::fs::write(&out, report).expect("write bench/fleet.md");
-    eprintln!("wrote {}", out.display());
-    drop(agent);
+    table
 }
