@@ -721,6 +721,26 @@ impl Row {
     }
 }
 
+/// `text` in base64 on one line (coreutils' `base64`, as the hosts decode it).
+fn base64(text: &str) -> String {
+    use std::io::Write as _;
+    let mut child = Command::new("base64")
+        .arg("-w0")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run base64");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write to base64");
+    let output = child.wait_with_output().expect("base64");
+    assert!(output.status.success(), "base64 failed");
+    String::from_utf8(output.stdout).expect("base64 is ASCII")
+}
+
 fn tool_path(dir: &Path, name: &str) -> PathBuf {
     let path = dir.join("bin").join(name);
     assert!(
@@ -744,14 +764,15 @@ async fn main() {
             sshd.add(pid);
         }
     }
-    // The query as fleetsync sends it on a first sync (collations included), for every tool.
+    // The query as fleetsync sends it on a first sync (collations included), for every tool, on
+    // the client's stdin as fleetsync sends it: the peers' command line carries it in base64
+    // (it holds both kinds of quotes, which no tool's quoting carries through every shell).
     let (command, query) = fleetsync_sync_agent::inventory::probe(
         fleetsync_sync_agent::store::DatabaseService::Mariadb,
         None,
     );
-    let query = query.replace("SET @fleetsync_known = NULL;", "");
     let mut bench = Bench {
-        command: format!("{command} -e \"{}\"", query.replace('\n', " ")),
+        command: format!("echo {} | base64 -d | {command}", base64(&query)),
         key: fleet.client_key().display().to_string(),
         fleet,
         kinds,
