@@ -104,7 +104,7 @@ chaos: setup
 
 buf := tools / "npm" / "node_modules" / ".bin" / "buf"
 
-# Benchmark: fleetsync vs parallel-ssh, pssh and Ansible on 240 real sshd hosts, 40 of them faulty (writes bench/fleet.md)
+# Benchmark: fleetsync vs parallel-ssh, pssh and Ansible on 240 real sshd hosts, 40 of them faulty, on loopback and over a 100 ms WAN (BENCH_WAN=0 skips it; writes bench/fleet.md)
 bench-fleet: setup
     #!/usr/bin/env bash
     set -euo pipefail
