@@ -3,10 +3,7 @@
 //! servers registered) and [`AgentProcess`] for agent binaries (the flags the multi-agent tests
 //! share, each one overridable). Both own their setup and clean up on drop.
 
-use std::{
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::path::{Path, PathBuf};
 
 use fleetsync_common::{
     Backend,
@@ -412,18 +409,6 @@ impl<'a> AgentProcess<'a> {
             Some(netns) => ServeProcess::start_in(netns, self.binary, &args, dir),
             None => ServeProcess::start(self.binary, &args, dir),
         }
-    }
-
-    /// Starts it and waits until its health says it claims work (`work` SERVING).
-    pub async fn start_serving(&self, dir: &Path) -> ServeProcess {
-        let process = self.start(dir);
-        process
-            .wait_for_work_health(
-                tonic_health::pb::health_check_response::ServingStatus::Serving,
-                Duration::from_secs(30),
-            )
-            .await;
-        process
     }
 }
 

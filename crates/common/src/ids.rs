@@ -79,6 +79,21 @@ impl Column for Option<ServerId> {
 /// The longest text id a request may give (a job id, a request id).
 pub const MAX_TEXT_ID: usize = 128;
 
+/// Text a request gives under the name of its `field`: at most `max` characters, without
+/// control characters. The one check of short text, for the ids here and the agent's names.
+pub fn short_text(value: &str, field: &'static str, max: usize) -> Result<(), ServiceError> {
+    if value.chars().count() > max {
+        return Err(ServiceError::invalid(
+            field,
+            format!("longer than {max} characters"),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(ServiceError::invalid(field, "contains control characters"));
+    }
+    Ok(())
+}
+
 macro_rules! text_id {
     ($(#[$meta:meta])* $name:ident, $what:literal) => {
         $(#[$meta])*
@@ -93,15 +108,7 @@ macro_rules! text_id {
                 if value.is_empty() {
                     return Err(ServiceError::invalid(field, concat!("required: ", $what)));
                 }
-                if value.chars().count() > MAX_TEXT_ID {
-                    return Err(ServiceError::invalid(
-                        field,
-                        format!("longer than {MAX_TEXT_ID} characters"),
-                    ));
-                }
-                if value.chars().any(char::is_control) {
-                    return Err(ServiceError::invalid(field, "contains control characters"));
-                }
+                short_text(value, field, MAX_TEXT_ID)?;
                 Ok(Self(value.to_owned()))
             }
 

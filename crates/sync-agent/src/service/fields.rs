@@ -5,18 +5,7 @@
 use fleetsync_common::ServiceError;
 
 /// Text of at most `max` characters, without control characters.
-pub fn text(value: &str, field: &'static str, max: usize) -> Result<(), ServiceError> {
-    if value.chars().count() > max {
-        return Err(ServiceError::invalid(
-            field,
-            format!("longer than {max} characters"),
-        ));
-    }
-    if value.chars().any(char::is_control) {
-        return Err(ServiceError::invalid(field, "contains control characters"));
-    }
-    Ok(())
-}
+pub use fleetsync_common::ids::short_text as text;
 
 /// Free text kept as the caller wrote it (newlines, tabs and other control characters
 /// included; escaped where it is displayed), of at most `max` characters. Only NUL is refused:
