@@ -42,8 +42,10 @@ use fleetsync_common::{
 };
 use fleetsync_tests::{
     AgentProcess, TestDb,
-    bench::{cpu_seconds, machine, median, peak_rss_mib, runs, silent_listener},
-    catalog::{add_mariadb_everywhere, execute, insert_servers},
+    bench::{
+        cpu_seconds, database_cpu_seconds, machine, median, peak_rss_mib, runs, silent_listener,
+    },
+    catalog::{add_mariadb_everywhere, analyze, execute, insert_servers},
     db::ALL_BACKENDS,
     history::HistoryFigures,
     services::{ServeProcess, migrate},
@@ -83,6 +85,10 @@ async fn insert_fleet(db: &TestDb, n: usize, port: u16, addr: impl Fn(usize) -> 
     let conn = db.connect().await;
     insert_servers(&conn, n, port, addr).await;
     add_mariadb_everywhere(&conn, "10.11").await;
+    analyze(&conn).await;
+    // The migrations' sync request would make a job of every server at the agents' start,
+    // served by the measured job's runs as well: the job measured is the only one.
+    execute(&conn, "UPDATE sync_requests SET state = 'taken'").await;
     conn.close().await;
 }
 
@@ -146,13 +152,15 @@ async fn warm_up(agents: &Agents) {
     }
 }
 
-/// One job of every server, forced, watched to its summary: (seconds, agent CPU seconds).
-async fn one_job(agents: &Agents, servers: usize) -> (f64, f64) {
+/// One job of every server, forced, watched to its summary: (seconds, agent CPU seconds,
+/// database server CPU seconds).
+async fn one_job(agents: &Agents, backend: Backend, servers: usize) -> (f64, f64, f64) {
     let mut client = SyncAgentClient::connect(format!("http://{}", agents.addr()))
         .await
         .expect("connect")
         .max_decoding_message_size(64 << 20);
     let cpu_before = agents.cpu();
+    let db_before = database_cpu_seconds(backend);
     let started = Instant::now();
     let job = client
         .start_sync(StartSyncRequest {
@@ -186,7 +194,11 @@ async fn one_job(agents: &Agents, servers: usize) -> (f64, f64) {
     let summary = summary.expect("summary");
     assert_eq!(outcomes, servers, "one outcome per server");
     assert_eq!(summary.finished as usize, servers);
-    (elapsed, agents.cpu() - cpu_before)
+    (
+        elapsed,
+        agents.cpu() - cpu_before,
+        database_cpu_seconds(backend) - db_before,
+    )
 }
 
 #[derive(Debug)]
@@ -197,6 +209,7 @@ struct Row {
     servers: usize,
     seconds: f64,
     cpu: f64,
+    db_cpu: f64,
     rss: f64,
 }
 
@@ -206,6 +219,9 @@ impl Row {
     }
     fn cpu_per_server_us(&self) -> f64 {
         self.cpu / self.servers as f64 * 1e6
+    }
+    fn db_cpu_per_server_us(&self) -> f64 {
+        self.db_cpu / self.servers as f64 * 1e6
     }
 }
 
@@ -237,10 +253,12 @@ async fn measure(
     warm_up(&running).await;
     let mut seconds = Vec::new();
     let mut cpu = Vec::new();
+    let mut db_cpu = Vec::new();
     for _ in 0..runs() {
-        let (s, c) = one_job(&running, servers).await;
+        let (s, c, d) = one_job(&running, backend, servers).await;
         seconds.push(s);
         cpu.push(c);
+        db_cpu.push(d);
     }
     // `BENCH_AGENT_LOG=DIR`: each agent's log, to see where a run spent its time.
     if let Some(dir) = std::env::var_os("BENCH_AGENT_LOG") {
@@ -259,10 +277,11 @@ async fn measure(
         servers,
         seconds: median(seconds),
         cpu: median(cpu),
+        db_cpu: median(db_cpu),
         rss: running.peak_rss(),
     };
     eprintln!(
-        "{:<16} {:<8} agents={} servers={:>6}: {:>7.2} s, {:>8.0}/s, {:>6.1} µs CPU/server, {:>6.1} MiB",
+        "{:<16} {:<8} agents={} servers={:>6}: {:>7.2} s, {:>8.0}/s, {:>6.1} µs CPU/server, {:>6.1} µs database CPU/server, {:>6.1} MiB",
         row.scenario,
         row.backend.as_str(),
         row.agents,
@@ -270,6 +289,7 @@ async fn measure(
         row.seconds,
         row.rate(),
         row.cpu_per_server_us(),
+        row.db_cpu_per_server_us(),
         row.rss
     );
     row
@@ -607,16 +627,18 @@ async fn main() {
         table,
         "Each job: `StartSync` of every server with `force`, watched over `WatchSync` to the \
          summary; median of {runs} jobs. Agent CPU is user + system of every agent process; peak \
-         RSS is the largest agent's `VmHWM`. Servers are inserted with SQL (registration through \
-         the API is measured separately below).\n"
+         RSS is the largest agent's `VmHWM`. Database CPU is user + system of the database \
+         server's processes (PostgreSQL's backends and their postmaster, MariaDB's one \
+         process; SQLite runs inside the agent). Servers are inserted with SQL (registration \
+         through the API is measured separately below).\n"
     )
     .unwrap();
-    writeln!(table, "| fleet | backend | agents | servers | time to settle | servers/s | agent CPU per server | agent peak RSS |").unwrap();
-    writeln!(table, "|---|---|---|---|---|---|---|---|").unwrap();
+    writeln!(table, "| fleet | backend | agents | servers | time to settle | servers/s | agent CPU per server | database CPU per server | agent peak RSS |").unwrap();
+    writeln!(table, "|---|---|---|---|---|---|---|---|---|").unwrap();
     for row in rows.iter().chain(&latency) {
         writeln!(
             table,
-            "| {} | {} | {} | {} | {:.2} s | {:.0} | {:.0} µs | {:.0} MiB |",
+            "| {} | {} | {} | {} | {:.2} s | {:.0} | {:.0} µs | {:.0} µs | {:.0} MiB |",
             row.scenario,
             row.backend.as_str(),
             row.agents,
@@ -624,6 +646,7 @@ async fn main() {
             row.seconds,
             row.rate(),
             row.cpu_per_server_us(),
+            row.db_cpu_per_server_us(),
             row.rss
         )
         .unwrap();

@@ -18,13 +18,49 @@ pub fn median(mut samples: Vec<f64>) -> f64 {
 
 /// CPU seconds (user + system) a process has used so far.
 pub fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc stat");
+    try_cpu_seconds(pid).expect("read /proc stat")
+}
+
+fn try_cpu_seconds(pid: u32) -> Option<f64> {
+    stat_ticks(pid, 11..13)
+}
+
+/// The sum of the `/proc/PID/stat` fields `range` (counted after the command name), in seconds.
+fn stat_ticks(pid: u32, range: std::ops::Range<usize>) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 =
-        fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
-    ticks / 100.0
+    let mut ticks = 0.0;
+    for field in range {
+        ticks += fields.get(field)?.parse::<f64>().ok()?;
+    }
+    Some(ticks / 100.0)
+}
+
+/// CPU seconds (user + system) the machine's database server has used so far: every live
+/// process named `postgres` (the postmaster and its backends) or `mariadbd`/`mysqld`, with the
+/// time of the children each has reaped (a PostgreSQL backend or autovacuum worker that exited
+/// is counted by the postmaster). SQLite runs inside the agent: 0.
+pub fn database_cpu_seconds(backend: fleetsync_common::Backend) -> f64 {
+    let names: &[&str] = match backend {
+        fleetsync_common::Backend::Postgres => &["postgres"],
+        fleetsync_common::Backend::MySql => &["mariadbd", "mysqld"],
+        fleetsync_common::Backend::Sqlite => return 0.0,
+    };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| names.contains(&comm.trim()))
+        })
+        // A process may exit between the listing and the read.
+        .filter_map(|pid| stat_ticks(pid, 11..15))
+        .sum()
 }
 
 /// Peak resident set size of a process, in MiB.

@@ -117,6 +117,29 @@ pub async fn add_mariadb_everywhere(db: &Db, version: &str) {
     .await;
 }
 
+/// Refreshes the planner's statistics of every table, as autovacuum (PostgreSQL, MariaDB's
+/// persistent statistics) does within a minute of a bulk load: benches that load by SQL and
+/// measure at once would otherwise measure plans made for empty tables. SQLite has no
+/// automatic analysis: it plans from its heuristics until `ANALYZE` runs, as in production.
+pub async fn analyze(db: &Db) {
+    match db.backend() {
+        Backend::Postgres => execute(db, "ANALYZE").await,
+        Backend::MySql => {
+            for table in [
+                "servers",
+                "services",
+                "server_leases",
+                "sync_jobs",
+                "sync_job_servers",
+                "sync_runs",
+            ] {
+                execute(db, &format!("ANALYZE TABLE {table}")).await;
+            }
+        }
+        Backend::Sqlite => {}
+    }
+}
+
 /// One integer.
 pub async fn count(db: &Db, sql: &str) -> i64 {
     let sql = AssertSqlSafe(sql.to_owned());

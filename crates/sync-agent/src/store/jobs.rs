@@ -14,7 +14,7 @@ use fleetsync_common::{
 };
 use fleetsync_common::{JobId, RequestId, ServerId};
 
-use super::{Store, WORK_CHANNEL, db_now, notify, outbox::take_request};
+use super::{Store, WORK_CHANNEL, db_now, notify, outbox::take_request, queue::add_missing_leases};
 use crate::model::{JobOrigin, JobSelection, JobState, Outcome, Scopes};
 
 /// Which servers a job covers.
@@ -266,11 +266,10 @@ impl Store {
         };
         if total > 0 {
             // Servers inserted by hand (not through Fleet) may have no lease row yet.
-            tx.execute(
-                "INSERT INTO server_leases (server_id, token, zone) SELECT js.server_id, 0, \
-                 s.zone FROM sync_job_servers js JOIN servers s ON s.id = js.server_id \
-                 WHERE js.job_id = ? AND NOT EXISTS \
-                 (SELECT 1 FROM server_leases l WHERE l.server_id = js.server_id)",
+            add_missing_leases(
+                &mut tx,
+                "sync_job_servers js JOIN servers s ON s.id = js.server_id",
+                Some("js.job_id = ?"),
                 &[id.as_str().into()],
             )
             .await

@@ -153,14 +153,9 @@ impl Store {
         };
         retry("repair queue", || async {
             let mut tx = self.db.begin().await?;
-            tx.execute(
-                "INSERT INTO server_leases (server_id, token, zone) SELECT s.id, 0, s.zone \
-                 FROM servers s \
-                 WHERE NOT EXISTS (SELECT 1 FROM server_leases l WHERE l.server_id = s.id)",
-                &[],
-            )
-            .await
-            .map_err(twin)?;
+            add_missing_leases(&mut tx, "servers s", None, &[])
+                .await
+                .map_err(twin)?;
             let marked = tx
                 .execute(
                     "UPDATE server_leases SET pending_since = (SELECT MIN(j.created_at) \
@@ -318,6 +313,40 @@ pub(super) async fn release_leases(
     )
     .await?;
     Ok(())
+}
+
+/// Gives a lease row to each server of `from` (`s` is the servers' alias) that matches
+/// `only` (a condition with `args`, if any) and has none: servers inserted by hand, not
+/// through Fleet.
+///
+/// PostgreSQL and SQLite insert every such server and skip those with a row (`ON CONFLICT DO
+/// NOTHING`: one primary-key probe each, whatever the statistics say). A `NOT EXISTS` there
+/// let PostgreSQL plan from statistics taken while `server_leases` was empty: a scan of the
+/// lease table per server, which grows with every row the statement inserts (an agent started
+/// on 100,000 servers added by hand did not finish its start-up in 20 s). MySQL checks each
+/// server by its primary key in either form, and its `ON DUPLICATE KEY` would lock every
+/// existing row: it keeps `NOT EXISTS`.
+pub(super) async fn add_missing_leases(
+    tx: &mut Tx,
+    from: &str,
+    only: Option<&str>,
+    args: &[Value],
+) -> Result<u64, sqlx::Error> {
+    let insert = "INSERT INTO server_leases (server_id, token, zone) SELECT s.id, 0, s.zone";
+    let sql = match (tx.backend(), only) {
+        (Backend::MySql, only) => format!(
+            "{insert} FROM {from} WHERE NOT EXISTS \
+             (SELECT 1 FROM server_leases l WHERE l.server_id = s.id){}",
+            only.map(|c| format!(" AND {c}")).unwrap_or_default()
+        ),
+        // SQLite reads `ON CONFLICT` after a join as the join's `ON` unless a `WHERE` comes
+        // first.
+        (_, only) => format!(
+            "{insert} FROM {from} WHERE {} ON CONFLICT (server_id) DO NOTHING",
+            only.unwrap_or("true")
+        ),
+    };
+    tx.execute(&sql, args).await
 }
 
 /// Takes the leases of `ids` (already chosen as free under this transaction): token + 1,
