@@ -2,7 +2,10 @@
 //! binaries, the databases the machine's real SQLite, PostgreSQL and MariaDB.
 //!
 //! - refused servers (127.0.0.1:1: the connect fails at once, so the time is all control-plane
-//!   work), one agent, 1,000 / 10,000 / 100,000 servers on each backend;
+//!   work), one agent, 1,000 / 10,000 / 100,000 servers on each backend (`BENCH_SIZES`, e.g.
+//!   `100000,1000000`), with the agent's and the database server's CPU per server; at 10,000
+//!   and more, reading at that size after the jobs: a second watcher resuming at the middle of
+//!   the last job, `ListServers` pages, `GetServer`, `ListJobs`;
 //! - 10,000 refused servers on PostgreSQL and MariaDB with 1 and 3 agents;
 //! - a latency-bound fleet: 3,000 addresses that accept TCP and never send a banner (one
 //!   listener on the wildcard address serves 127.1.x.y), `--handshake-timeout 1s`, fixed
@@ -36,8 +39,9 @@ use std::{
 use fleetsync_common::{
     Backend,
     proto::sync::v1::{
-        DatabaseService, ServerSpec, StartSyncRequest, UpsertServerRequest, WatchSyncRequest,
-        fleet_client::FleetClient, sync_agent_client::SyncAgentClient, sync_event,
+        DatabaseService, ListServersRequest, ServerSpec, StartSyncRequest, UpsertServerRequest,
+        WatchSyncRequest, fleet_client::FleetClient, sync_agent_client::SyncAgentClient,
+        sync_event,
     },
 };
 use fleetsync_tests::{
@@ -47,7 +51,7 @@ use fleetsync_tests::{
     },
     catalog::{add_mariadb_everywhere, analyze, execute, insert_servers},
     db::ALL_BACKENDS,
-    history::HistoryFigures,
+    history::{HistoryFigures, panel_reads},
     services::{ServeProcess, migrate},
 };
 use tokio_stream::StreamExt;
@@ -152,9 +156,9 @@ async fn warm_up(agents: &Agents) {
     }
 }
 
-/// One job of every server, forced, watched to its summary: (seconds, agent CPU seconds,
-/// database server CPU seconds).
-async fn one_job(agents: &Agents, backend: Backend, servers: usize) -> (f64, f64, f64) {
+/// One job of every server, forced, watched to its summary (every cursor, in order, once):
+/// (seconds, agent CPU seconds, database server CPU seconds, the job's id).
+async fn one_job(agents: &Agents, backend: Backend, servers: usize) -> (f64, f64, f64, String) {
     let mut client = SyncAgentClient::connect(format!("http://{}", agents.addr()))
         .await
         .expect("connect")
@@ -184,7 +188,13 @@ async fn one_job(agents: &Agents, backend: Backend, servers: usize) -> (f64, f64
     let mut outcomes = 0;
     let mut summary = None;
     while let Some(event) = stream.next().await {
-        match event.expect("event").event {
+        let event = event.expect("event");
+        assert_eq!(
+            event.cursor,
+            outcomes as u64 + 1,
+            "cursors in order, each once"
+        );
+        match event.event {
             Some(sync_event::Event::Outcome(_)) => outcomes += 1,
             Some(sync_event::Event::Summary(s)) => summary = Some(s),
             None => {}
@@ -198,7 +208,103 @@ async fn one_job(agents: &Agents, backend: Backend, servers: usize) -> (f64, f64
         elapsed,
         agents.cpu() - cpu_before,
         database_cpu_seconds(backend) - db_before,
+        job.job_id,
     )
+}
+
+/// Reading at fleet size, after the jobs: a second watcher of the last job resuming at its
+/// middle, and the pages an operator's panel reads (medians of 5 calls, ms).
+#[derive(Debug, Clone)]
+struct Reads {
+    /// Outcomes per second of a `WatchSync` resumed at cursor N/2, read to its summary.
+    resume_rate: f64,
+    list_servers: f64,
+    /// The page after server N - 200 (a token deep in the fleet).
+    list_servers_deep: f64,
+    get_server: f64,
+    list_jobs: f64,
+    list_jobs_by_server: f64,
+}
+
+async fn reads(agents: &Agents, job_id: &str, servers: usize) -> Reads {
+    let url = format!("http://{}", agents.addr());
+    let mut sync = SyncAgentClient::connect(url.clone())
+        .await
+        .expect("connect")
+        .max_decoding_message_size(64 << 20);
+    let mut fleet = FleetClient::connect(url).await.expect("connect");
+    let half = servers as u64 / 2;
+    let started = Instant::now();
+    let mut stream = sync
+        .watch_sync(WatchSyncRequest {
+            job_id: job_id.to_owned(),
+            cursor: half,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut next = half + 1;
+    while let Some(event) = stream.next().await {
+        assert_eq!(
+            event.expect("event").cursor,
+            next,
+            "resumed in cursor order"
+        );
+        next += 1;
+    }
+    assert_eq!(
+        next,
+        servers as u64 + 2,
+        "the rest of the job and its summary"
+    );
+    let resume_rate = (servers as u64 - half) as f64 / started.elapsed().as_secs_f64();
+    let ms = |started: Instant| started.elapsed().as_secs_f64() * 1000.0;
+    let (mut list, mut deep, mut get, mut jobs, mut by_server) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for i in 0..5 {
+        let started = Instant::now();
+        let page = fleet
+            .list_servers(ListServersRequest {
+                page_size: 100,
+                ..Default::default()
+            })
+            .await
+            .expect("list servers")
+            .into_inner();
+        list.push(ms(started));
+        assert_eq!(page.servers.len(), 100);
+        let started = Instant::now();
+        let page = fleet
+            .list_servers(ListServersRequest {
+                page_size: 100,
+                page_token: (servers - 200).to_string(),
+                ..Default::default()
+            })
+            .await
+            .expect("list servers deep")
+            .into_inner();
+        deep.push(ms(started));
+        assert_eq!(page.servers.len(), 100);
+        let panel = panel_reads(
+            &mut sync,
+            &mut fleet,
+            (servers / 2) as i64,
+            (servers / 2 + i) as i64,
+        )
+        .await;
+        assert!(panel.jobs > 0 && panel.jobs_of_server > 0);
+        get.push(panel.get_server);
+        jobs.push(panel.list_jobs);
+        by_server.push(panel.list_jobs_by_server);
+    }
+    Reads {
+        resume_rate,
+        list_servers: median(list),
+        list_servers_deep: median(deep),
+        get_server: median(get),
+        list_jobs: median(jobs),
+        list_jobs_by_server: median(by_server),
+    }
 }
 
 #[derive(Debug)]
@@ -211,6 +317,8 @@ struct Row {
     cpu: f64,
     db_cpu: f64,
     rss: f64,
+    /// Reading at size (refused fleets, one agent).
+    reads: Option<Reads>,
 }
 
 impl Row {
@@ -254,12 +362,19 @@ async fn measure(
     let mut seconds = Vec::new();
     let mut cpu = Vec::new();
     let mut db_cpu = Vec::new();
+    let mut last_job = String::new();
     for _ in 0..runs() {
-        let (s, c, d) = one_job(&running, backend, servers).await;
+        let (s, c, d, job) = one_job(&running, backend, servers).await;
         seconds.push(s);
         cpu.push(c);
         db_cpu.push(d);
+        last_job = job;
     }
+    let reads = if scenario == "refused" && agents == 1 && servers >= 10_000 {
+        Some(reads(&running, &last_job, servers).await)
+    } else {
+        None
+    };
     // `BENCH_AGENT_LOG=DIR`: each agent's log, to see where a run spent its time.
     if let Some(dir) = std::env::var_os("BENCH_AGENT_LOG") {
         for (i, agent) in running.procs.iter().enumerate() {
@@ -279,6 +394,7 @@ async fn measure(
         cpu: median(cpu),
         db_cpu: median(db_cpu),
         rss: running.peak_rss(),
+        reads,
     };
     eprintln!(
         "{:<16} {:<8} agents={} servers={:>6}: {:>7.2} s, {:>8.0}/s, {:>6.1} µs CPU/server, {:>6.1} µs database CPU/server, {:>6.1} MiB",
@@ -292,7 +408,23 @@ async fn measure(
         row.db_cpu_per_server_us(),
         row.rss
     );
+    if let Some(reads) = &row.reads {
+        eprintln!("  reading at size: {reads:?}");
+    }
     row
+}
+
+/// 1000000 as "1,000,000".
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// 10,000 registrations, 64 in flight: (calls per second, errors).
@@ -638,7 +770,7 @@ async fn main() {
     for row in rows.iter().chain(&latency) {
         writeln!(
             table,
-            "| {} | {} | {} | {} | {:.2} s | {:.0} | {:.0} µs | {:.0} µs | {:.0} MiB |",
+            "| {} | {} | {} | {} | {:.2} s | {:.0} | {:.0} µs | {} | {:.0} MiB |",
             row.scenario,
             row.backend.as_str(),
             row.agents,
@@ -646,7 +778,11 @@ async fn main() {
             row.seconds,
             row.rate(),
             row.cpu_per_server_us(),
-            row.db_cpu_per_server_us(),
+            if row.backend == Backend::Sqlite {
+                "in the agent's".to_owned()
+            } else {
+                format!("{:.0} µs", row.db_cpu_per_server_us())
+            },
             row.rss
         )
         .unwrap();
@@ -687,15 +823,64 @@ async fn main() {
         }
     }
     for backend in ALL_BACKENDS {
-        if let (Some(small), Some(large)) = (
-            find("refused", backend, 1, 10_000),
-            find("refused", backend, 1, 100_000),
-        ) {
+        for (small, large, target) in [
+            (10_000, 100_000, 1.3),
+            (
+                100_000,
+                1_000_000,
+                if backend == Backend::Postgres {
+                    1.2
+                } else {
+                    1.3
+                },
+            ),
+        ] {
+            if let (Some(small), Some(large)) = (
+                find("refused", backend, 1, small),
+                find("refused", backend, 1, large),
+            ) {
+                writeln!(
+                    table,
+                    "- refused, {}: time per server at {} is {:.2}x that at {} (target ≤ {target})",
+                    backend.as_str(),
+                    thousands(large.servers),
+                    (large.seconds / large.servers as f64) / (small.seconds / small.servers as f64),
+                    thousands(small.servers),
+                )
+                .unwrap();
+            }
+        }
+    }
+    let read_rows: Vec<(&Row, &Reads)> = rows
+        .iter()
+        .filter_map(|r| r.reads.as_ref().map(|reads| (r, reads)))
+        .collect();
+    if !read_rows.is_empty() {
+        writeln!(
+            table,
+            "\nReading at size, after the jobs above (refused fleets, one agent): a second watcher \
+             of the last job resumes at its middle (cursor N/2) and reads to the summary, every \
+             cursor in order; then the pages a panel reads, medians of 5 calls. Targets: pages \
+             under 50 ms with 1,000,000 servers stored.\n"
+        )
+        .unwrap();
+        writeln!(
+            table,
+            "| backend | servers | WatchSync resumed at N/2 | ListServers (first page) | ListServers (page at N - 200) | GetServer | ListJobs | ListJobs by server |\n|---|---|---|---|---|---|---|---|"
+        )
+        .unwrap();
+        for (row, r) in read_rows {
             writeln!(
                 table,
-                "- refused, {}: time per server at 100,000 is {:.2}x that at 10,000 (target ≤ 1.3)",
-                backend.as_str(),
-                (large.seconds / large.servers as f64) / (small.seconds / small.servers as f64)
+                "| {} | {} | {:.0} outcomes/s | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms |",
+                row.backend.as_str(),
+                row.servers,
+                r.resume_rate,
+                r.list_servers,
+                r.list_servers_deep,
+                r.get_server,
+                r.list_jobs,
+                r.list_jobs_by_server
             )
             .unwrap();
         }

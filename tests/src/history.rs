@@ -177,6 +177,56 @@ pub async fn fill(conn: &Db, rows: usize) -> i64 {
     now
 }
 
+/// One round of the reads a panel makes, timed (ms): a `ListJobs` page of 100, the same
+/// filtered by `server`, and `GetServer` of `get`; with the pages' lengths.
+#[derive(Debug, Clone, Copy)]
+pub struct PanelReads {
+    pub list_jobs: f64,
+    pub jobs: usize,
+    pub list_jobs_by_server: f64,
+    pub jobs_of_server: usize,
+    pub get_server: f64,
+}
+
+pub async fn panel_reads(
+    sync: &mut SyncAgentClient<tonic::transport::Channel>,
+    fleet: &mut FleetClient<tonic::transport::Channel>,
+    server: i64,
+    get: i64,
+) -> PanelReads {
+    let ms = |started: Instant| started.elapsed().as_secs_f64() * 1000.0;
+    let list_jobs = |server_id: i64| {
+        let mut sync = sync.clone();
+        async move {
+            let started = Instant::now();
+            let page = sync
+                .list_jobs(ListJobsRequest {
+                    server_id,
+                    page_size: 100,
+                    ..Default::default()
+                })
+                .await
+                .expect("list jobs")
+                .into_inner();
+            (ms(started), page.jobs.len())
+        }
+    };
+    let (list_jobs_ms, jobs) = list_jobs(0).await;
+    let (by_server_ms, jobs_of_server) = list_jobs(server).await;
+    let started = Instant::now();
+    fleet
+        .get_server(GetServerRequest { id: get })
+        .await
+        .expect("get server");
+    PanelReads {
+        list_jobs: list_jobs_ms,
+        jobs,
+        list_jobs_by_server: by_server_ms,
+        jobs_of_server,
+        get_server: ms(started),
+    }
+}
+
 /// Times the calls over a filled control plane served by the agent at `agent`; `samples`
 /// repeats each (the median is kept).
 pub async fn measure(
@@ -202,37 +252,12 @@ pub async fn measure(
     let newest = format!("h{}", rows / JOB_SIZE);
     let hot = first + HOT as i64;
     for i in 0..samples {
-        let started = Instant::now();
-        let page = sync
-            .list_jobs(ListJobsRequest {
-                page_size: 100,
-                ..Default::default()
-            })
-            .await
-            .expect("list jobs")
-            .into_inner();
-        list.push(ms(started));
-        assert_eq!(page.jobs.len(), 100);
-        let started = Instant::now();
-        let page = sync
-            .list_jobs(ListJobsRequest {
-                server_id: hot,
-                page_size: 100,
-                ..Default::default()
-            })
-            .await
-            .expect("list jobs by server")
-            .into_inner();
-        by_server.push(ms(started));
-        assert_eq!(page.jobs.len(), 100);
-        let started = Instant::now();
-        fleet
-            .get_server(GetServerRequest {
-                id: first + 500 + i as i64,
-            })
-            .await
-            .expect("get server");
-        get.push(ms(started));
+        let panel = panel_reads(&mut sync, &mut fleet, hot, first + 500 + i as i64).await;
+        assert_eq!(panel.jobs, 100);
+        assert_eq!(panel.jobs_of_server, 100);
+        list.push(panel.list_jobs);
+        by_server.push(panel.list_jobs_by_server);
+        get.push(panel.get_server);
         let started = Instant::now();
         let mut stream = sync
             .watch_sync(WatchSyncRequest {
