@@ -84,27 +84,56 @@ impl Store {
         let holder = claimer.holder;
         let mut tx = self.db.begin().await?;
         let now = db_now(&mut tx).await?;
-        let ids: Vec<ServerId> = tx
-            .fetch(
-                &format!(
-                    "SELECT server_id FROM server_leases WHERE pending_since IS NOT NULL \
-                     AND (holder IS NULL OR expires_at < ?) AND zone = ? \
-                     AND (second_opinion_of IS NULL OR second_opinion_of <> ? \
-                     OR second_opinion_until < ?) ORDER BY pending_since LIMIT ?{}",
-                    skip_locked(self.backend())
-                ),
-                &[
-                    now.into(),
-                    claimer.zone.into(),
-                    holder.into(),
-                    now.into(),
-                    (limit as i64).into(),
-                ],
-            )
-            .await?
-            .iter()
-            .map(fleetsync_common::sql::Row::decode)
-            .collect::<Result<_, _>>()?;
+        let free = "pending_since IS NOT NULL AND (holder IS NULL OR expires_at < ?) AND zone = ? \
+                    AND (second_opinion_of IS NULL OR second_opinion_of <> ? \
+                    OR second_opinion_until < ?)";
+        let free_args: [Value; 4] = [now.into(), claimer.zone.into(), holder.into(), now.into()];
+        let decode = |rows: Vec<fleetsync_common::sql::Row>| -> Result<Vec<ServerId>, sqlx::Error> {
+            rows.iter()
+                .map(fleetsync_common::sql::Row::decode)
+                .collect()
+        };
+        let oldest = format!(
+            "SELECT server_id FROM server_leases WHERE {free} ORDER BY pending_since LIMIT ?"
+        );
+        let limited = |n: usize| -> Vec<Value> {
+            free_args
+                .iter()
+                .cloned()
+                .chain([(n as i64).into()])
+                .collect()
+        };
+        let ids: Vec<ServerId> = if self.backend() == Backend::MySql {
+            // MariaDB's locking read walks, and keeps lock memory for, every row it skips:
+            // while a job of 1,000,000 servers marks them waiting (one transaction), a claim
+            // held up to 100 MB of locks and the marking ran out of lock space (error 1206,
+            // with the default 128 MiB buffer pool). So the oldest free servers are chosen by
+            // a plain read, which skips what is not committed without locking it, and only
+            // those are locked, still skipping any another agent is claiming. Twice as many
+            // candidates as wanted (one statement's list at most), so that agents claiming at
+            // once each find some their peers are not locking.
+            let candidates = decode(tx.fetch(&oldest, &limited((limit * 2).min(CHUNK))).await?)?;
+            decode(
+                tx.fetch_in(
+                    &format!(
+                        "SELECT server_id FROM server_leases WHERE {free} AND server_id IN $ids \
+                         ORDER BY pending_since LIMIT {} FOR UPDATE SKIP LOCKED",
+                        limit.min(CHUNK)
+                    ),
+                    &free_args,
+                    &candidates,
+                )
+                .await?,
+            )?
+        } else {
+            decode(
+                tx.fetch(
+                    &format!("{oldest}{}", skip_locked(self.backend())),
+                    &limited(limit),
+                )
+                .await?,
+            )?
+        };
         let claims = take_leases(&mut tx, &ids, holder, ttl_ms, now).await?;
         let mut servers = servers_for_run(&mut tx, &ids).await?;
         // The queue's copy of a zone disagrees with the server's (a zone written by hand, not
