@@ -6,12 +6,15 @@
 //!   `100000,1000000`), with the agent's and the database server's CPU per server; at 10,000
 //!   and more, reading at that size after the jobs: a second watcher resuming at the middle of
 //!   the last job, `ListServers` pages, `GetServer`, `ListJobs`;
-//! - 10,000 refused servers on PostgreSQL and MariaDB with 1 and 3 agents;
+//! - 10,000 refused servers on PostgreSQL and MariaDB with 1 and 3 agents (`BENCH_THREE_SIZES`
+//!   for other sizes with 3);
 //! - a latency-bound fleet: 3,000 addresses that accept TCP and never send a banner (one
 //!   listener on the wildcard address serves 127.1.x.y), `--handshake-timeout 1s`, fixed
 //!   concurrency per agent, 1 and 3 agents: where agents, not the database, are the limit;
 //! - SSH attempts in flight: 10,000 silent addresses dialed at once by one agent
 //!   (`--in-flight 10000`), its peak RSS;
+//! - offline at size (`BENCH_OFFLINE_SIZES`, default 100,000): a job of servers all offline in
+//!   backoff (each SKIPPED_OFFLINE), then probes of all of them once due;
 //! - the second opinion's cost: 10,000 servers on PostgreSQL, 3 agents, 10% of them down
 //!   (refused, or silent), with and without `--no-second-opinions`;
 //! - registration: 10,000 `Fleet/UpsertServer` calls with 64 in flight, per backend;
@@ -49,7 +52,7 @@ use fleetsync_tests::{
     bench::{
         cpu_seconds, database_cpu_seconds, machine, median, peak_rss_mib, runs, silent_listener,
     },
-    catalog::{add_mariadb_everywhere, analyze, execute, insert_servers},
+    catalog::{add_mariadb_everywhere, analyze, count, execute, insert_servers},
     db::ALL_BACKENDS,
     history::{HistoryFigures, panel_reads},
     services::{ServeProcess, migrate},
@@ -57,13 +60,10 @@ use fleetsync_tests::{
 use tokio_stream::StreamExt;
 
 fn sizes() -> Vec<usize> {
-    std::env::var("BENCH_SIZES")
-        .ok()
-        .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
-        .unwrap_or_else(|| vec![1_000, 10_000, 100_000])
+    env_sizes("BENCH_SIZES", &[1_000, 10_000, 100_000])
 }
 
-/// Which parts to run (`BENCH_ONLY=refused,three,silent,flight,second,registration,import,history`); all by default. A
+/// Which parts to run (`BENCH_ONLY=refused,three,silent,flight,offline,second,registration,import,history`); all by default. A
 /// partial run prints its table and leaves `bench/scale.md` alone.
 fn only() -> Option<Vec<String>> {
     std::env::var("BENCH_ONLY")
@@ -129,29 +129,53 @@ impl Agents {
     }
 }
 
+/// Starts a job and opens its stream from the first event.
+async fn start_watched(
+    client: &mut SyncAgentClient<tonic::transport::Channel>,
+    request: StartSyncRequest,
+) -> (
+    fleetsync_common::proto::sync::v1::StartSyncResponse,
+    tonic::Streaming<fleetsync_common::proto::sync::v1::SyncEvent>,
+) {
+    let job = client
+        .start_sync(request)
+        .await
+        .expect("start")
+        .into_inner();
+    let stream = client
+        .watch_sync(WatchSyncRequest {
+            job_id: job.job_id.clone(),
+            cursor: 0,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    (job, stream)
+}
+
+/// `1000,10000` in the environment variable `var`, else `default`.
+fn env_sizes(var: &str, default: &[usize]) -> Vec<usize> {
+    std::env::var(var)
+        .ok()
+        .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| default.to_vec())
+}
+
 /// One job of one server on every agent: connections opened, code paths warm.
 async fn warm_up(agents: &Agents) {
     for agent in &agents.procs {
         let mut client = SyncAgentClient::connect(format!("http://{}", agent.addr))
             .await
             .expect("connect");
-        let job = client
-            .start_sync(StartSyncRequest {
+        let (_, mut stream) = start_watched(
+            &mut client,
+            StartSyncRequest {
                 server_ids: vec![1],
                 force: true,
                 ..Default::default()
-            })
-            .await
-            .expect("warm-up")
-            .into_inner();
-        let mut stream = client
-            .watch_sync(WatchSyncRequest {
-                job_id: job.job_id,
-                cursor: 0,
-            })
-            .await
-            .expect("watch")
-            .into_inner();
+            },
+        )
+        .await;
         while stream.next().await.is_some() {}
     }
 }
@@ -166,25 +190,17 @@ async fn one_job(agents: &Agents, backend: Backend, servers: usize) -> (f64, f64
     let cpu_before = agents.cpu();
     let db_before = database_cpu_seconds(backend);
     let started = Instant::now();
-    let job = client
-        .start_sync(StartSyncRequest {
+    let (job, mut stream) = start_watched(
+        &mut client,
+        StartSyncRequest {
             all_servers: true,
             force: true,
             reason: "bench".into(),
             ..Default::default()
-        })
-        .await
-        .expect("start")
-        .into_inner();
+        },
+    )
+    .await;
     assert_eq!(job.server_count as usize, servers);
-    let mut stream = client
-        .watch_sync(WatchSyncRequest {
-            job_id: job.job_id.clone(),
-            cursor: 0,
-        })
-        .await
-        .expect("watch")
-        .into_inner();
     let mut outcomes = 0;
     let mut summary = None;
     while let Some(event) = stream.next().await {
@@ -478,10 +494,7 @@ async fn registration(backend: Backend) -> (f64, usize) {
 }
 
 fn import_sizes() -> Vec<usize> {
-    std::env::var("BENCH_IMPORT_SIZES")
-        .ok()
-        .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
-        .unwrap_or_else(|| vec![100_000, 1_000_000])
+    env_sizes("BENCH_IMPORT_SIZES", &[100_000, 1_000_000])
 }
 
 /// A JSON-lines file of `n` servers, as a panel would export them.
@@ -565,10 +578,7 @@ async fn import(backend: Backend, n: usize, file: &std::path::Path) -> ImportFig
 }
 
 fn history_sizes() -> Vec<usize> {
-    std::env::var("BENCH_HISTORY_SIZES")
-        .ok()
-        .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
-        .unwrap_or_else(|| vec![10_000, 100_000, 1_000_000])
+    env_sizes("BENCH_HISTORY_SIZES", &[10_000, 100_000, 1_000_000])
 }
 
 /// A control plane with `rows` job rows and runs of history, served by one agent.
@@ -595,6 +605,108 @@ async fn history(backend: Backend, rows: usize) -> HistoryFigures {
     figures
 }
 
+fn offline_sizes() -> Vec<usize> {
+    env_sizes("BENCH_OFFLINE_SIZES", &[100_000])
+}
+
+/// Offline at size: (µs per SKIPPED_OFFLINE, probes per second).
+#[derive(Debug, Clone, Copy)]
+struct Offline {
+    backend: Backend,
+    servers: usize,
+    skipped_us: f64,
+    probes_per_s: f64,
+}
+
+/// `servers` refused servers, every one offline in backoff: a job of all of them (not forced)
+/// records SKIPPED_OFFLINE for each, which is its whole cost; then every backoff is made due
+/// and one agent probing every second (`--probe-interval 1s`) probes them all (a refused
+/// connect each): probes per second from the first probe recorded to the last.
+async fn offline_at_size(backend: Backend, servers: usize) -> Offline {
+    let db = TestDb::create(backend).await;
+    migrate(db.url()).await;
+    insert_fleet(&db, servers, 1, |_| "127.0.0.1".into()).await;
+    let conn = db.connect().await;
+    let day_later = fleetsync_common::clock::now_ms() + 86_400_000;
+    execute(
+        &conn,
+        &format!(
+            "UPDATE servers SET reachability = 'offline', consecutive_failures = 3, \
+             next_probe_at = {day_later}"
+        ),
+    )
+    .await;
+    analyze(&conn).await;
+    let agents = Agents::start(&db, 1, &[]);
+    warm_up(&agents).await;
+    let mut client = SyncAgentClient::connect(format!("http://{}", agents.addr()))
+        .await
+        .expect("connect")
+        .max_decoding_message_size(64 << 20);
+    let started = Instant::now();
+    let (_, mut stream) = start_watched(
+        &mut client,
+        StartSyncRequest {
+            all_servers: true,
+            reason: "offline".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut skipped = 0;
+    while let Some(event) = stream.next().await {
+        if let Some(sync_event::Event::Outcome(o)) = event.expect("event").event {
+            assert_eq!(
+                o.outcome,
+                fleetsync_common::proto::sync::v1::Outcome::SkippedOffline as i32,
+                "every server is in its backoff"
+            );
+            skipped += 1;
+        }
+    }
+    let skipped_us = started.elapsed().as_secs_f64() * 1e6 / skipped as f64;
+    assert_eq!(skipped, servers);
+    drop(agents);
+    // Every backoff due: an agent probing every second probes them all.
+    execute(&conn, "UPDATE servers SET next_probe_at = 0").await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let prober = AgentProcess::on(db.url())
+        .flag("--sync-interval", "0s")
+        .flag("--probe-interval", "1s")
+        .flag("--backoff-base", "1h")
+        .start(dir.path());
+    let probed = "SELECT COUNT(*) FROM servers WHERE next_probe_at > 0";
+    fleetsync_tests::catalog::wait_for_count(
+        &conn,
+        probed,
+        |n| n > 0,
+        std::time::Duration::from_secs(60),
+        "no probe was recorded",
+    )
+    .await;
+    let first = Instant::now();
+    let from = count(&conn, probed).await;
+    fleetsync_tests::catalog::wait_for_count(
+        &conn,
+        probed,
+        |n| n == servers as i64,
+        std::time::Duration::from_secs(1200),
+        "the probes never ended",
+    )
+    .await;
+    let probes_per_s = (servers as i64 - from) as f64 / first.elapsed().as_secs_f64();
+    drop(prober);
+    conn.close().await;
+    let figures = Offline {
+        backend,
+        servers,
+        skipped_us,
+        probes_per_s,
+    };
+    eprintln!("offline at size: {figures:?}");
+    figures
+}
+
 #[tokio::main]
 async fn main() {
     // The silent listener holds a socket per attempt, as the agent does.
@@ -612,23 +724,16 @@ async fn main() {
             rows.push(job_scenario("refused", backend, n, 1, 1, |_| "127.0.0.1".into(), &[]).await);
         }
     }
-    // 2. 10,000 refused servers, 3 agents (1 agent is in the rows above).
+    // 2. Refused servers, 3 agents (1 agent is in the rows above): 10,000, or
+    // `BENCH_THREE_SIZES`.
+    let three_sizes = env_sizes("BENCH_THREE_SIZES", &[10_000]);
     for backend in [Backend::Postgres, Backend::MySql]
         .into_iter()
         .filter(|b| wanted("three") && backend_wanted(b))
     {
-        rows.push(
-            job_scenario(
-                "refused",
-                backend,
-                10_000,
-                3,
-                1,
-                |_| "127.0.0.1".into(),
-                &[],
-            )
-            .await,
-        );
+        for &n in &three_sizes {
+            rows.push(job_scenario("refused", backend, n, 3, 1, |_| "127.0.0.1".into(), &[]).await);
+        }
     }
     // 3. Latency-bound: 3,000 silent addresses, 1 and 3 agents.
     let (port, listener) = silent_listener().await;
@@ -691,6 +796,15 @@ async fn main() {
     // down (refused, or silent past a 1 s handshake timeout) and 9,000 up without a database
     // service (never dialed: all their cost is the control plane's), with second opinions and
     // without (`--no-second-opinions`).
+    let mut offline = Vec::new();
+    for backend in ALL_BACKENDS
+        .into_iter()
+        .filter(|b| wanted("offline") && backend_wanted(b))
+    {
+        for &n in &offline_sizes() {
+            offline.push(offline_at_size(backend, n).await);
+        }
+    }
     let mut second = Vec::new();
     if wanted("second") && backend_wanted(&Backend::Postgres) {
         for (down, port, addr) in [
@@ -893,6 +1007,28 @@ async fn main() {
     writeln!(table, "| backend | calls/s | errors |\n|---|---|---|").unwrap();
     for (backend, rate, errors) in &registrations {
         writeln!(table, "| {} | {rate:.0} | {errors} |", backend.as_str()).unwrap();
+    }
+    if !offline.is_empty() {
+        writeln!(
+            table,
+            "\nOffline at size: refused servers, every one offline in backoff; a job of all of \
+             them (not forced) records SKIPPED_OFFLINE for each (the time to settle per server); \
+             then every backoff made due and one agent probing every second (a refused connect \
+             each): probes recorded per second. Targets: ≤ 20 µs per SKIPPED_OFFLINE, ≥ 5,000 \
+             probes/s.\n\n| backend | servers | per SKIPPED_OFFLINE | probes/s |\n|---|---|---|---|"
+        )
+        .unwrap();
+        for o in &offline {
+            writeln!(
+                table,
+                "| {} | {} | {:.0} µs | {:.0} |",
+                o.backend.as_str(),
+                o.servers,
+                o.skipped_us,
+                o.probes_per_s
+            )
+            .unwrap();
+        }
     }
     if !second.is_empty() {
         write_second_opinions(&mut table, &second);
