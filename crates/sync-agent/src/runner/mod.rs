@@ -143,11 +143,17 @@ struct Slots {
     leases: Arc<Semaphore>,
 }
 
+/// How many servers may be in flight (dialing included) as configured: `--in-flight`, or 4x
+/// `--concurrency` within 256 to 1024; never fewer than `--concurrency`.
+fn wanted_in_flight(concurrency: usize, in_flight: Option<usize>) -> usize {
+    in_flight
+        .unwrap_or_else(|| (concurrency * 4).clamp(MIN_IN_FLIGHT, MAX_IN_FLIGHT))
+        .max(concurrency)
+}
+
 impl Slots {
     fn new(concurrency: usize, in_flight: Option<usize>, cap: Option<usize>) -> Self {
-        let wanted = in_flight
-            .unwrap_or_else(|| (concurrency * 4).clamp(MIN_IN_FLIGHT, MAX_IN_FLIGHT))
-            .max(concurrency);
+        let wanted = wanted_in_flight(concurrency, in_flight);
         let flight = wanted.min(cap.unwrap_or(usize::MAX)).max(1);
         if flight < wanted {
             tracing::warn!(
