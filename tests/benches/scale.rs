@@ -278,29 +278,26 @@ async fn reads(agents: &Agents, job_id: &str, servers: usize) -> Reads {
     let (mut list, mut deep, mut get, mut jobs, mut by_server) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..5 {
-        let started = Instant::now();
-        let page = fleet
-            .list_servers(ListServersRequest {
-                page_size: 100,
-                ..Default::default()
-            })
-            .await
-            .expect("list servers")
-            .into_inner();
-        list.push(ms(started));
-        assert_eq!(page.servers.len(), 100);
-        let started = Instant::now();
-        let page = fleet
-            .list_servers(ListServersRequest {
-                page_size: 100,
-                page_token: (servers - 200).to_string(),
-                ..Default::default()
-            })
-            .await
-            .expect("list servers deep")
-            .into_inner();
-        deep.push(ms(started));
-        assert_eq!(page.servers.len(), 100);
+        // A page of 100 after `page_token` (empty: the first), timed.
+        let page_after = |page_token: String| {
+            let mut fleet = fleet.clone();
+            async move {
+                let started = Instant::now();
+                let page = fleet
+                    .list_servers(ListServersRequest {
+                        page_size: 100,
+                        page_token,
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("list servers")
+                    .into_inner();
+                assert_eq!(page.servers.len(), 100);
+                ms(started)
+            }
+        };
+        list.push(page_after(String::new()).await);
+        deep.push(page_after((servers - 200).to_string()).await);
         let panel = panel_reads(
             &mut sync,
             &mut fleet,
