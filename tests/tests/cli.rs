@@ -121,30 +121,34 @@ async fn exit_statuses_say_what_happened() {
         "{check}"
     );
 
-    // In backoff now: a sync skips them, and `servers` says why they went offline.
+    // In backoff now: a sync skips them (a skip is not a run), and `servers` shows the attempt
+    // that put them offline, and when they are probed next.
     let skipped = cli(&["sync", "--all", "--watch", "-o", "json"]);
     exits(&skipped, 1);
-    assert_eq!(
-        document(&skipped)["outcomes"][0]["outcome"],
-        "SKIPPED_OFFLINE"
-    );
+    let skipped = document(&skipped);
+    assert_eq!(skipped["outcomes"][0]["outcome"], "SKIPPED_OFFLINE");
+    assert_eq!(skipped["job"]["outcomes"]["SKIPPED_OFFLINE"], 2, "{skipped}");
     let listed = document(&cli(&["servers", "-o", "json"]));
     let server = &listed[0];
     assert_eq!(
         (
             server["last_outcome"]["outcome"].as_str(),
-            server["last_attempt"]["outcome"].as_str(),
-            server["last_attempt"]["cause"].as_str()
+            server["last_outcome"]["cause"].as_str(),
+            server["last_attempt"].is_null(),
+            server["reachability"].as_str(),
+            server["next_probe_at"].is_string(),
         ),
         (
-            Some("SKIPPED_OFFLINE"),
             Some("UNREACHABLE"),
-            Some("REFUSED")
+            Some("REFUSED"),
+            true,
+            Some("offline"),
+            true
         ),
         "{server}"
     );
     let listed = cli(&["servers"]);
-    shows(&listed.stdout, "SKIPPED_OFFLINE (refused)", &listed);
+    shows(&listed.stdout, "UNREACHABLE (refused)", &listed);
 
     // Started, not watched; listings: 0.
     for args in [

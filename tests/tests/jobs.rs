@@ -228,3 +228,185 @@ async fn jobs_of_a_server_in_many_or_few_jobs_page_alike() {
         }
     }
 }
+
+/// Servers offline in backoff when a job is made are skipped then, on every backend: their rows
+/// are filled at once (cursors 1..k, in server order, with why and the next probe), only the
+/// others wait for a run, and a skip writes no run. A job of skipped servers alone is done when
+/// made; a forced job skips nothing; an unknown id creates nothing. An agent then runs the
+/// others and the stream is 1..N and the summary at N + 1.
+#[tokio::test]
+async fn servers_in_backoff_are_skipped_when_the_job_is_made() {
+    use fleetsync_common::proto::sync::v1::{Outcome as PbOutcome, sync_event};
+    use fleetsync_common::{ServiceError, clock::now_ms};
+    use fleetsync_sync_agent::{
+        model::{JobOrigin as Origin, JobState as State, Outcome, Scopes},
+        store::{NewJob, Selection, Store},
+    };
+    use fleetsync_tests::{
+        catalog::{count, execute},
+        db::ALL_BACKENDS,
+        events::watch,
+    };
+
+    for backend in ALL_BACKENDS {
+        let mut scenario = Scenario::on(backend).agents(0).start().await;
+        let conn = scenario.db.connect().await;
+        // Refused loopback addresses: a run ends at once.
+        insert_servers(&conn, 6, 1, |_| "127.0.0.1".into()).await;
+        add_mariadb_everywhere(&conn, "").await;
+        let first = count(&conn, "SELECT MIN(id) FROM servers").await;
+        let id = |i: i64| ServerId::stored(first + i);
+        let later = now_ms() + 86_400_000;
+        // The 2nd, 4th and 5th in backoff; the 6th offline with its probe due.
+        execute(
+            &conn,
+            &format!(
+                "UPDATE servers SET reachability = 'offline', consecutive_failures = 3, \
+                 next_probe_at = {later} WHERE id IN ({}, {}, {})",
+                first + 1,
+                first + 3,
+                first + 4
+            ),
+        )
+        .await;
+        execute(
+            &conn,
+            &format!(
+                "UPDATE servers SET reachability = 'offline', consecutive_failures = 1, \
+                 next_probe_at = 1 WHERE id = {}",
+                first + 5
+            ),
+        )
+        .await;
+        let store = Store::new(conn.clone());
+        let job = |request: &str, selection: Selection, force: bool| NewJob {
+            request_id: RequestId::new(request),
+            origin: Origin::Rpc,
+            selection,
+            scopes: Scopes::ALL,
+            force,
+            reason: String::new(),
+        };
+
+        let (made, created) = store
+            .create_job(&job("skips", Selection::All, false))
+            .await
+            .expect("create");
+        assert!(created);
+        assert_eq!(
+            (made.total, made.finished, made.state(), made.finished_at),
+            (6, 3, State::Running, None),
+            "{backend:?}"
+        );
+        assert_eq!(made.outcome_counts, [(Outcome::SkippedOffline, 3)]);
+        let skipped = store
+            .outcomes_after(&made.id, 0, 100)
+            .await
+            .expect("outcomes");
+        let rows: Vec<(i64, ServerId, Outcome, Option<i64>)> = skipped
+            .iter()
+            .map(|o| (o.seq, o.server_id, o.result.outcome, o.result.next_probe_at))
+            .collect();
+        let skip = Outcome::SkippedOffline;
+        assert_eq!(
+            rows,
+            [
+                (1, id(1), skip, Some(later)),
+                (2, id(3), skip, Some(later)),
+                (3, id(4), skip, Some(later))
+            ],
+            "{backend:?}"
+        );
+        assert!(
+            skipped[0]
+                .result
+                .message
+                .starts_with("offline since 3 failed attempt(s); next probe "),
+            "{}",
+            skipped[0].result.message
+        );
+        // Only the others wait for a run.
+        assert_eq!(
+            count(
+                &conn,
+                "SELECT COUNT(*) FROM server_leases WHERE pending_since IS NOT NULL"
+            )
+            .await,
+            3,
+            "{backend:?}"
+        );
+
+        // Skipped servers alone: done when made. An unknown id: nothing made.
+        let (only, _) = store
+            .create_job(&job(
+                "only-skips",
+                Selection::Ids(vec![id(1), id(4)]),
+                false,
+            ))
+            .await
+            .expect("create");
+        assert_eq!(
+            (only.total, only.finished, only.state()),
+            (2, 2, State::Done)
+        );
+        assert!(only.finished_at.is_some());
+        let unknown = ServerId::stored(first + 1000);
+        let refused = store
+            .create_job(&job(
+                "unknown",
+                Selection::Ids(vec![id(1), id(2), unknown]),
+                false,
+            ))
+            .await
+            .expect_err("an unknown server");
+        assert!(
+            matches!(&refused, ServiceError::NotFound { id, .. } if *id == unknown.to_string()),
+            "{refused:?}"
+        );
+        assert!(
+            store
+                .job_by_request(&RequestId::new("unknown"))
+                .await
+                .expect("read")
+                .is_none()
+        );
+        // Forced: nothing skipped.
+        let (forced, _) = store
+            .create_job(&job("forced", Selection::All, true))
+            .await
+            .expect("create");
+        assert_eq!((forced.total, forced.finished), (6, 0));
+
+        // An agent runs the others: each stream is 1..N, the summary at N + 1. (The
+        // migration's request would be a third job: taken.)
+        execute(&conn, "UPDATE sync_requests SET state = 'taken'").await;
+        let mut sync = scenario.add_agent().await.sync();
+        for (job_id, total) in [(made.id.to_string(), 6), (forced.id.to_string(), 6)] {
+            let events = watch(&mut sync, &job_id, 0).await;
+            let cursors: Vec<u64> = events.iter().map(|e| e.cursor).collect();
+            assert_eq!(cursors, (1..=total + 1).collect::<Vec<u64>>(), "{backend:?}");
+            let skipped = events
+                .iter()
+                .filter(|e| {
+                    matches!(&e.event, Some(sync_event::Event::Outcome(o))
+                        if o.outcome() == PbOutcome::SkippedOffline)
+                })
+                .count();
+            let expected = if job_id == made.id.to_string() { 3 } else { 0 };
+            assert_eq!(skipped, expected, "{backend:?} {job_id}");
+        }
+        // Runs: the three servers not in backoff, twice (each job once, or both in one
+        // run), the three in backoff once (the forced job): no skip is a run.
+        assert_eq!(
+            count(
+                &conn,
+                "SELECT COUNT(*) FROM sync_runs WHERE outcome = 'SKIPPED_OFFLINE'"
+            )
+            .await,
+            0
+        );
+        let runs = count(&conn, "SELECT COUNT(*) FROM sync_runs").await;
+        assert!((6..=9).contains(&runs), "{backend:?}: {runs} runs");
+        conn.close().await;
+    }
+}

@@ -104,22 +104,15 @@ impl Runner {
             );
             return RunEnd::Done(Box::new(done(result, Reach::Untried)));
         };
-        // Backoff is judged by the database's clock (the claim time), as it was written.
+        // Backoff is judged by the database's clock (the claim time), as it was written. The
+        // servers in backoff when the job was made were skipped then (`Store::create_job`):
+        // this is a server that went into backoff since.
         if let Some(until) = server.next_probe_at
             && server.reachability == Reachability::Offline
             && until > work.claim.claimed_at
             && !work.forced
         {
-            let mut result = failure(
-                Outcome::SkippedOffline,
-                None,
-                format!(
-                    "offline since {} failed attempt(s); next probe {}",
-                    server.consecutive_failures,
-                    crate::format_ms(until)
-                ),
-            );
-            result.next_probe_at = Some(until);
+            let result = RunResult::skipped_offline(server.consecutive_failures, until);
             return RunEnd::Done(Box::new(done(result, Reach::Untried)));
         }
         let RunOutput {

@@ -18,14 +18,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use fleetsync_common::sql::{Tx, Value, is_lock_timeout, retry};
 use fleetsync_common::{AgentId, JobId, ServerId};
 
-use crate::model::{Cause, HostKey, Reachability, Scopes};
+use crate::model::{Cause, HostKey, Outcome, Scopes};
 
 use super::{
-    CHUNK, InventoryWrite, OUTCOMES_CHANNEL, RunResult, Store, db_now,
+    CHUNK, InventoryWrite, OUTCOMES_CHANNEL, RunResult, Store, case, db_now,
     fill::{Fill, fill, waiting_rows},
     for_update, inventory, list, notify,
     queue::{Claim, WaitMark, release_leases},
-    reachability::mark_online,
+    reachability::{mark_offline, mark_online},
     rows,
 };
 
@@ -377,29 +377,12 @@ async fn record_reachability(
         .filter(|(item, _)| matches!(item.reach, Reach::Offline { .. }))
         .map(|(item, r)| (item.claim.server_id, r.next_probe_at.unwrap_or(now)))
         .collect();
-    for chunk in offline.chunks(CHUNK / 2) {
-        let next = case(chunk.len());
-        let mut args: Vec<Value> = vec![Reachability::Offline.as_str().into()];
-        for (id, at) in chunk {
-            args.extend([(*id).into(), Value::Int(*at)]);
-        }
-        args.extend(chunk.iter().map(|(id, _)| (*id).into()));
-        tx.execute(
-            &format!(
-                "UPDATE servers SET reachability = ?, \
-                 consecutive_failures = consecutive_failures + 1, next_probe_at = {next} \
-                 WHERE id IN {}",
-                list(chunk.len())
-            ),
-            &args,
-        )
-        .await?;
-    }
-    Ok(())
+    mark_offline(tx, &offline).await
 }
 
-/// The run history, 200 runs per statement. Every run reads the whole inventory: its scopes
-/// are all of them. Returns each run's inventory counts as stored (JSON).
+/// The run history, 200 runs per statement (a skip is not a run and is not kept here). Every
+/// run reads the whole inventory: its scopes are all of them. Returns each run's inventory
+/// counts as stored (JSON).
 async fn record_runs(
     tx: &mut Tx,
     holder: &AgentId,
@@ -415,9 +398,15 @@ async fn record_runs(
         })
         .collect();
     const RUN_COLUMNS: usize = 12;
-    for (chunk, chunk_counts) in stored.chunks(200).zip(counts.chunks(200)) {
+    // A skip is not a run: it stays on its job's row, as the skips made with a job do.
+    let ran: Vec<(&(&Completion, &RunResult), &Option<String>)> = stored
+        .iter()
+        .zip(&counts)
+        .filter(|((_, r), _)| r.outcome != Outcome::SkippedOffline)
+        .collect();
+    for chunk in ran.chunks(200) {
         let mut args: Vec<Value> = Vec::with_capacity(chunk.len() * RUN_COLUMNS);
-        for ((item, r), counts) in chunk.iter().zip(chunk_counts) {
+        for ((item, r), counts) in chunk {
             args.extend([
                 item.claim.server_id.into(),
                 Value::Int(item.claim.token),
@@ -430,7 +419,7 @@ async fn record_runs(
                 r.message.as_str().into(),
                 r.exit_status.into(),
                 Value::Int(r.duration_ms),
-                counts.clone().into(),
+                (*counts).clone().into(),
             ]);
         }
         tx.execute(
@@ -540,17 +529,6 @@ async fn judge(tx: &mut Tx, verdicts: &BTreeMap<AgentId, (i64, i64)>) -> Result<
         .await?;
     }
     Ok(())
-}
-
-/// `CASE id WHEN ? THEN ? ... END` with `n` branches.
-fn case(n: usize) -> String {
-    let mut s = String::with_capacity(n * 16 + 16);
-    s.push_str("CASE id");
-    for _ in 0..n {
-        s.push_str(" WHEN ? THEN ?");
-    }
-    s.push_str(" END");
-    s
 }
 
 /// Releases the leases of `ids`; servers with no row left waiting stop waiting.

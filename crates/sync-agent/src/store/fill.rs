@@ -5,9 +5,10 @@
 //! job-id order, so cursors commit in order without holding agents on one job for long; the
 //! job's outcome counts move with them.
 //!
-//! Job creation writes no outcome: it inserts a new job's rows (invisible until it commits) and
-//! marks their servers as waiting on the lease rows, the first lock a completion and a delete
-//! take. It never waits on a job row, so it closes no cycle with the fillers.
+//! Job creation fills no waiting row: it inserts a new job's rows (invisible until it commits),
+//! those of servers in backoff already filled with `SKIPPED_OFFLINE` ([`skip_in_backoff`]), and
+//! marks the other servers as waiting on the lease rows, the first lock a completion and a
+//! delete take. It never waits on a job row, so it closes no cycle with the fillers.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -16,7 +17,7 @@ use fleetsync_common::{
     sql::{Tx, Value},
 };
 
-use crate::model::{Cause, JobState, Outcome};
+use crate::model::{Cause, JobState, Outcome, Reachability};
 
 use super::{OUTCOMES_CHANNEL, OutcomeCounts, RunResult, db_now, for_update, notify, rows};
 
@@ -194,31 +195,25 @@ pub(super) async fn fill(
             ],
         )
         .await?;
-        let mut seq = finished;
-        for (server_id, name) in servers {
-            seq += 1;
+        for (seq, (server_id, name)) in (finished + 1..).zip(servers) {
             let f = by_server[server_id];
-            values.extend([
-                job_id.as_str().into(),
-                (*server_id).into(),
-                name.as_str().into(),
-                Value::Int(seq),
-                f.result.outcome.as_str().into(),
-                f.result.cause.map(Cause::as_str).into(),
-                f.result.message.as_str().into(),
-                f.result.exit_status.into(),
-                Value::Int(f.result.duration_ms),
-                Value::Int(now),
-                f.result.next_probe_at.into(),
-                f.counts.clone().into(),
-            ]);
+            let row = FilledRow {
+                job_id,
+                server_id: *server_id,
+                name,
+                seq,
+                result: f.result,
+                finished_at: now,
+                counts: f.counts.as_deref(),
+            };
+            row.push_to(&mut values);
             pending_rows += 1;
             report
                 .jobs
                 .entry(*server_id)
                 .or_default()
                 .push(job_id.clone());
-            if pending_rows == 200 {
+            if pending_rows == ROWS_PER_STATEMENT {
                 upsert_rows(tx, &mut values, pending_rows, upsert).await?;
                 pending_rows = 0;
             }
@@ -284,8 +279,91 @@ async fn count_rows(tx: &mut Tx, job_id: &JobId) -> Result<OutcomeCounts, sqlx::
     Ok(counts)
 }
 
+/// One `sync_job_servers` row with its outcome, as [`fill`] and [`skip_in_backoff`] write it.
+struct FilledRow<'a> {
+    job_id: &'a JobId,
+    server_id: ServerId,
+    name: &'a str,
+    seq: i64,
+    result: &'a RunResult,
+    finished_at: i64,
+    counts: Option<&'a str>,
+}
+
+impl FilledRow<'_> {
+    /// Its values, in the order of [`upsert_rows`]' columns.
+    fn push_to(&self, values: &mut Vec<Value>) {
+        let r = self.result;
+        values.extend([
+            self.job_id.as_str().into(),
+            self.server_id.into(),
+            self.name.into(),
+            Value::Int(self.seq),
+            r.outcome.as_str().into(),
+            r.cause.map(Cause::as_str).into(),
+            r.message.as_str().into(),
+            r.exit_status.into(),
+            Value::Int(r.duration_ms),
+            Value::Int(self.finished_at),
+            r.next_probe_at.into(),
+            self.counts.into(),
+        ]);
+    }
+}
+
 /// Columns of one `sync_job_servers` row as [`fill`] writes it.
 const JOB_ROW_COLUMNS: usize = 12;
+
+/// Rows written per statement.
+const ROWS_PER_STATEMENT: usize = 200;
+
+/// A new job's servers that are offline and in backoff by the database's clock (`now`), among
+/// `ids` or all servers: their rows are inserted already filled with `SKIPPED_OFFLINE`, cursors
+/// 1..k in server order, so that a job that is not forced never claims them. One row written per
+/// server, where a skip at run time cost a claim, a completion and a run row. The job is still
+/// invisible (its transaction has not committed), so no other filler can meet these rows; the
+/// caller inserts the job's other rows after them (skipping these) and counts them on the job's
+/// row. Returns k.
+pub(super) async fn skip_in_backoff(
+    tx: &mut Tx,
+    job_id: &JobId,
+    ids: Option<&[ServerId]>,
+    now: i64,
+) -> Result<i64, sqlx::Error> {
+    let sql = "SELECT id, name, consecutive_failures, next_probe_at FROM servers \
+               WHERE next_probe_at > ? AND reachability = ?";
+    let args = [now.into(), Reachability::Offline.as_str().into()];
+    let found = match ids {
+        None => tx.fetch(sql, &args).await?,
+        Some(ids) => {
+            tx.fetch_in(&format!("{sql} AND id IN $ids"), &args, ids)
+                .await?
+        }
+    };
+    let mut skipped: Vec<(ServerId, String, RunResult)> = Vec::with_capacity(found.len());
+    for row in found {
+        let (id, name, failures, until): (ServerId, String, i64, i64) = row.decode()?;
+        skipped.push((id, name, RunResult::skipped_offline(failures, until)));
+    }
+    skipped.sort_unstable_by_key(|(id, _, _)| *id);
+    let mut values = Vec::with_capacity(ROWS_PER_STATEMENT * JOB_ROW_COLUMNS);
+    for (chunk_at, chunk) in skipped.chunks(ROWS_PER_STATEMENT).enumerate() {
+        for (i, (server_id, name, result)) in chunk.iter().enumerate() {
+            FilledRow {
+                job_id,
+                server_id: *server_id,
+                name,
+                seq: (chunk_at * ROWS_PER_STATEMENT + i + 1) as i64,
+                result,
+                finished_at: now,
+                counts: None,
+            }
+            .push_to(&mut values);
+        }
+        upsert_rows(tx, &mut values, chunk.len(), "").await?;
+    }
+    Ok(skipped.len() as i64)
+}
 
 async fn upsert_rows(
     tx: &mut Tx,

@@ -1,5 +1,6 @@
-//! Jobs and their per-server rows: creating a job (idempotent by request id, marking its
-//! servers as waiting on the lease table) and reading jobs with their outcome counts. The
+//! Jobs and their per-server rows: creating a job (idempotent by request id; servers in backoff
+//! skipped at once, unless forced; the others marked as waiting on the lease table) and reading
+//! jobs with their outcome counts. The
 //! outcomes themselves are `outcomes`' reads; the migrations' requests are `outbox`'s.
 //!
 //! A job has one row per server; a run's outcome fills every row of that server that was
@@ -14,7 +15,10 @@ use fleetsync_common::{
 };
 use fleetsync_common::{JobId, RequestId, ServerId};
 
-use super::{Store, WORK_CHANNEL, db_now, notify, outbox::take_request, queue::add_missing_leases};
+use super::{
+    OUTCOMES_CHANNEL, Store, WORK_CHANNEL, db_now, fill::skip_in_backoff, notify,
+    outbox::take_request, queue::add_missing_leases,
+};
 use crate::model::{JobOrigin, JobSelection, JobState, Outcome, Scopes};
 
 /// Which servers a job covers.
@@ -236,40 +240,33 @@ impl Store {
         )
         .await
         .map_err(twin)?;
-        let total = match &job.selection {
-            Selection::All => {
-                tx.execute(
-                    "INSERT INTO sync_job_servers (job_id, server_id, server_name) \
-                     SELECT ?, id, name FROM servers",
-                    &[id.as_str().into()],
-                )
-                .await?
-            }
-            Selection::Ids(ids) => {
-                let inserted = tx
-                    .execute_in(
-                        "INSERT INTO sync_job_servers (job_id, server_id, server_name) \
-                         SELECT ?, id, name FROM servers WHERE id IN $ids",
-                        &[id.as_str().into()],
-                        ids,
-                    )
-                    .await?;
-                if inserted < ids.len() as u64 {
-                    let missing = missing_ids(&mut tx, ids).await?;
-                    return Err(ServiceError::NotFound {
-                        what: "server",
-                        id: describe_ids(&missing),
-                    });
-                }
-                inserted
-            }
+        let ids = match &job.selection {
+            Selection::All => None,
+            Selection::Ids(ids) => Some(ids.as_slice()),
         };
-        if total > 0 {
+        // Servers in backoff first, their rows filled (a forced job tries them all).
+        let skipped = if job.force {
+            0
+        } else {
+            skip_in_backoff(&mut tx, &id, ids, now).await?
+        };
+        let waiting = insert_waiting_rows(&mut tx, &id, ids, skipped > 0).await?;
+        let total = skipped + waiting;
+        if let Some(ids) = ids
+            && total < ids.len() as i64
+        {
+            let missing = missing_ids(&mut tx, ids).await?;
+            return Err(ServiceError::NotFound {
+                what: "server",
+                id: describe_ids(&missing),
+            });
+        }
+        if waiting > 0 {
             // Servers inserted by hand (not through Fleet) may have no lease row yet.
             add_missing_leases(
                 &mut tx,
                 "sync_job_servers js JOIN servers s ON s.id = js.server_id",
-                Some("js.job_id = ?"),
+                Some("js.job_id = ? AND js.outcome IS NULL"),
                 &[id.as_str().into()],
             )
             .await
@@ -278,28 +275,37 @@ impl Store {
             // completion in flight on that server, which then cannot clear the mark after us.
             tx.execute(
                 "UPDATE server_leases SET pending_since = COALESCE(pending_since, ?) \
-                 WHERE server_id IN (SELECT server_id FROM sync_job_servers WHERE job_id = ?)",
+                 WHERE server_id IN (SELECT server_id FROM sync_job_servers \
+                 WHERE job_id = ? AND outcome IS NULL)",
                 &[now.into(), id.as_str().into()],
             )
             .await?;
         }
-        let done = (total == 0).then_some(now);
+        let state = if waiting == 0 {
+            JobState::Done
+        } else if skipped > 0 {
+            JobState::Running
+        } else {
+            JobState::Pending
+        };
+        let mut counts = OutcomeCounts::default();
+        counts.add(Outcome::SkippedOffline, skipped);
         tx.execute(
-            "UPDATE sync_jobs SET total = ?, state = ?, finished_at = ? WHERE id = ?",
+            "UPDATE sync_jobs SET total = ?, finished = ?, state = ?, finished_at = ?, \
+             outcome_counts = ? WHERE id = ?",
             &[
-                (total as i64).into(),
-                if total == 0 {
-                    JobState::Done
-                } else {
-                    JobState::Pending
-                }
-                .as_str()
-                .into(),
-                done.into(),
+                total.into(),
+                skipped.into(),
+                state.as_str().into(),
+                (waiting == 0).then_some(now).into(),
+                counts.encode().into(),
                 id.as_str().into(),
             ],
         )
         .await?;
+        if skipped > 0 {
+            notify(&mut tx, OUTCOMES_CHANNEL).await?;
+        }
         notify(&mut tx, WORK_CHANNEL).await?;
         // A migration's request is taken once its job exists.
         let (sql, args) = take_request(&id, &job.request_id);
@@ -518,6 +524,46 @@ impl Store {
         }
         Ok(jobs)
     }
+}
+
+/// Inserts a new job's rows that wait for a run: of `ids`, or of every server. With `after_skips`,
+/// the servers already given a row (skipped in backoff) are passed over by the row's key, not
+/// by testing their backoff again: a server whose reachability changed between the two
+/// statements is in exactly one of them. Returns the rows inserted.
+async fn insert_waiting_rows(
+    tx: &mut Tx,
+    job_id: &JobId,
+    ids: Option<&[ServerId]>,
+    after_skips: bool,
+) -> Result<i64, sqlx::Error> {
+    let backend = tx.backend();
+    // MySQL has no `ON CONFLICT DO NOTHING`; `IGNORE` also passes over other errors, of which
+    // this statement can have none (every value comes from a `servers` row of the same types).
+    let ignore = if after_skips && backend == Backend::MySql {
+        " IGNORE"
+    } else {
+        ""
+    };
+    let filter = match ids {
+        None => "true",
+        Some(_) => "id IN $ids",
+    };
+    // SQLite reads `ON CONFLICT` after a `SELECT` as its join's unless a `WHERE` comes first.
+    let on_conflict = if after_skips && backend != Backend::MySql {
+        " ON CONFLICT (job_id, server_id) DO NOTHING"
+    } else {
+        ""
+    };
+    let sql = format!(
+        "INSERT{ignore} INTO sync_job_servers (job_id, server_id, server_name) \
+         SELECT ?, id, name FROM servers WHERE {filter}{on_conflict}"
+    );
+    let args = [job_id.as_str().into()];
+    let inserted = match ids {
+        None => tx.execute(&sql, &args).await?,
+        Some(ids) => tx.execute_in(&sql, &args, ids).await?,
+    };
+    Ok(inserted as i64)
 }
 
 async fn missing_ids(tx: &mut Tx, ids: &[ServerId]) -> Result<Vec<ServerId>, sqlx::Error> {

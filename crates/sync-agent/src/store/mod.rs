@@ -105,6 +105,17 @@ pub(crate) fn rows(n: usize, columns: usize) -> String {
     s
 }
 
+/// `CASE id WHEN ? THEN ? ... END` with `n` branches.
+pub(crate) fn case(n: usize) -> String {
+    let mut s = String::with_capacity(n * 16 + 16);
+    s.push_str("CASE id");
+    for _ in 0..n {
+        s.push_str(" WHEN ? THEN ?");
+    }
+    s.push_str(" END");
+    s
+}
+
 /// `(?, ?, ?)` with `n` placeholders.
 pub(crate) use fleetsync_common::sql::in_list as list;
 

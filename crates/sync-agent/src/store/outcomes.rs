@@ -66,6 +66,22 @@ impl RunResult {
             counts: None,
         }
     }
+
+    /// An offline server in backoff, not tried: when it failed and when it is probed next
+    /// (`until`, ms). Made at job creation for the servers in backoff then, and by a run whose
+    /// server went into backoff after its job was made.
+    pub fn skipped_offline(consecutive_failures: i64, until: i64) -> Self {
+        Self {
+            next_probe_at: Some(until),
+            ..Self::new(
+                Outcome::SkippedOffline,
+                format!(
+                    "offline since {consecutive_failures} failed attempt(s); next probe {}",
+                    crate::format_ms(until)
+                ),
+            )
+        }
+    }
 }
 
 fleetsync_common::stored_row! {

@@ -2,11 +2,15 @@
 //! database's clock), claimed in batches under the same fenced leases as syncs, and what a
 //! probe found (back online, or one more failure with the next probe time).
 
-use fleetsync_common::{AgentId, ServerId};
-use fleetsync_common::{Backend, sql::Tx};
+use std::collections::HashMap;
+
+use fleetsync_common::{
+    AgentId, Backend, ServerId,
+    sql::{Tx, Value},
+};
 
 use super::{
-    Registration, Store, Unreadable, db_now,
+    CHUNK, Registration, Store, Unreadable, case, db_now, for_update, list,
     queue::{Claim, WaitMark, release_leases, take_leases},
     servers::{SERVER_COLUMNS, SERVER_FROM, registration},
     services::service_type,
@@ -27,6 +31,33 @@ pub(super) async fn mark_online(
         ids,
     )
     .await?;
+    Ok(())
+}
+
+/// Marks servers offline one failure further, each with its next probe (ms, database clock).
+/// The one place a server goes offline, from a run or a probe.
+pub(super) async fn mark_offline(
+    tx: &mut Tx,
+    servers: &[(ServerId, i64)],
+) -> Result<(), sqlx::Error> {
+    for chunk in servers.chunks(CHUNK / 2) {
+        let next = case(chunk.len());
+        let mut args: Vec<Value> = vec![Reachability::Offline.as_str().into()];
+        for (id, at) in chunk {
+            args.extend([(*id).into(), Value::Int(*at)]);
+        }
+        args.extend(chunk.iter().map(|(id, _)| (*id).into()));
+        tx.execute(
+            &format!(
+                "UPDATE servers SET reachability = ?, \
+                 consecutive_failures = consecutive_failures + 1, next_probe_at = {next} \
+                 WHERE id IN {}",
+                list(chunk.len())
+            ),
+            &args,
+        )
+        .await?;
+    }
     Ok(())
 }
 
@@ -102,46 +133,40 @@ impl Store {
     ) -> Result<Vec<ServerId>, sqlx::Error> {
         let mut tx = self.db.begin().await?;
         let now = db_now(&mut tx).await?;
-        let lock = if self.backend() == Backend::Sqlite {
-            ""
-        } else {
-            " FOR UPDATE"
-        };
-        let (mut back, mut ours) = (Vec::new(), Vec::new());
+        // Fenced like runs: the batch's lease rows locked in server order (every writer of
+        // lease rows locks in that order), one statement per chunk.
+        let mut sorted: Vec<ServerId> = probes.iter().map(|(c, _)| c.server_id).collect();
+        sorted.sort_unstable();
+        let sql = format!(
+            "SELECT server_id, token, holder, expires_at FROM server_leases \
+             WHERE server_id IN $ids ORDER BY server_id{}",
+            for_update(self.backend())
+        );
+        let mut held = HashMap::with_capacity(sorted.len());
+        for row in tx.fetch_in(&sql, &[], &sorted).await? {
+            let (id, token, by, expires): (ServerId, i64, Option<AgentId>, Option<i64>) =
+                row.decode()?;
+            held.insert(id, (token, by, expires));
+        }
+        let (mut back, mut failed, mut ours) = (Vec::new(), Vec::new(), Vec::new());
         for (claim, backoff) in probes {
-            let held = tx
-                .fetch_optional(
-                    &format!(
-                        "SELECT token, holder, expires_at FROM server_leases WHERE server_id = ?{lock}"
-                    ),
-                    &[claim.server_id.into()],
-                )
-                .await?;
-            let held = match &held {
-                Some(row) => {
-                    let (token, by, expires): (i64, Option<AgentId>, Option<i64>) = row.decode()?;
-                    token == claim.token
+            let still_ours = held
+                .get(&claim.server_id)
+                .is_some_and(|(token, by, expires)| {
+                    *token == claim.token
                         && by.as_ref() == Some(holder)
                         && expires.is_some_and(|e| e >= now)
-                }
-                None => false,
-            };
-            if !held {
+                });
+            if !still_ours {
                 continue;
             }
             ours.push(claim.server_id);
             match backoff {
                 None => back.push(claim.server_id),
-                Some(backoff) => {
-                    tx.execute(
-                        "UPDATE servers SET consecutive_failures = consecutive_failures + 1, \
-                         next_probe_at = ? WHERE id = ?",
-                        &[(now + backoff).into(), claim.server_id.into()],
-                    )
-                    .await?;
-                }
+                Some(backoff) => failed.push((claim.server_id, now + backoff)),
             }
         }
+        mark_offline(&mut tx, &failed).await?;
         mark_online(&mut tx, now, &back).await?;
         release_leases(&mut tx, &ours, None, WaitMark::Keep).await?;
         tx.commit().await?;
