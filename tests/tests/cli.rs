@@ -127,7 +127,10 @@ async fn exit_statuses_say_what_happened() {
     exits(&skipped, 1);
     let skipped = document(&skipped);
     assert_eq!(skipped["outcomes"][0]["outcome"], "SKIPPED_OFFLINE");
-    assert_eq!(skipped["job"]["outcomes"]["SKIPPED_OFFLINE"], 2, "{skipped}");
+    assert_eq!(
+        skipped["job"]["outcomes"]["SKIPPED_OFFLINE"], 2,
+        "{skipped}"
+    );
     let listed = document(&cli(&["servers", "-o", "json"]));
     let server = &listed[0];
     assert_eq!(

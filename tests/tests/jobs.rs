@@ -384,7 +384,11 @@ async fn servers_in_backoff_are_skipped_when_the_job_is_made() {
         for (job_id, total) in [(made.id.to_string(), 6), (forced.id.to_string(), 6)] {
             let events = watch(&mut sync, &job_id, 0).await;
             let cursors: Vec<u64> = events.iter().map(|e| e.cursor).collect();
-            assert_eq!(cursors, (1..=total + 1).collect::<Vec<u64>>(), "{backend:?}");
+            assert_eq!(
+                cursors,
+                (1..=total + 1).collect::<Vec<u64>>(),
+                "{backend:?}"
+            );
             let skipped = events
                 .iter()
                 .filter(|e| {
