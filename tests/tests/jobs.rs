@@ -240,7 +240,7 @@ async fn servers_in_backoff_are_skipped_when_the_job_is_made() {
     use fleetsync_common::{ServiceError, clock::now_ms};
     use fleetsync_sync_agent::{
         model::{JobOrigin as Origin, JobState as State, Outcome, Scopes},
-        store::{NewJob, Selection, Store},
+        store::{NewJob, RunResult, Selection, Store},
     };
     use fleetsync_tests::{
         catalog::{count, execute},
@@ -317,14 +317,16 @@ async fn servers_in_backoff_are_skipped_when_the_job_is_made() {
             ],
             "{backend:?}"
         );
+        // The database writes what a run would say: "offline since 3 failed attempt(s); next
+        // probe <UTC to the second>".
+        let said = RunResult::skipped_offline(3, later).message;
         assert!(
-            skipped[0]
-                .result
-                .message
-                .starts_with("offline since 3 failed attempt(s); next probe "),
-            "{}",
-            skipped[0].result.message
+            said.starts_with("offline since 3 failed attempt(s); next probe 20"),
+            "{said}"
         );
+        for row in &skipped {
+            assert_eq!(row.result.message, said, "{backend:?}");
+        }
         // Only the others wait for a run.
         assert_eq!(
             count(

@@ -19,7 +19,9 @@ use fleetsync_common::{
 
 use crate::model::{Cause, JobState, Outcome, Reachability};
 
-use super::{OUTCOMES_CHANNEL, OutcomeCounts, RunResult, db_now, for_update, notify, rows};
+use super::{
+    CHUNK, OUTCOMES_CHANNEL, OutcomeCounts, RunResult, db_now, for_update, list, notify, rows,
+};
 
 /// One server's outcome to give to the job rows waiting for it.
 pub(super) struct Fill<'a> {
@@ -279,7 +281,7 @@ async fn count_rows(tx: &mut Tx, job_id: &JobId) -> Result<OutcomeCounts, sqlx::
     Ok(counts)
 }
 
-/// One `sync_job_servers` row with its outcome, as [`fill`] and [`skip_in_backoff`] write it.
+/// One `sync_job_servers` row with its outcome, as [`fill`] writes it.
 struct FilledRow<'a> {
     job_id: &'a JobId,
     server_id: ServerId,
@@ -320,49 +322,73 @@ const ROWS_PER_STATEMENT: usize = 200;
 /// A new job's servers that are offline and in backoff by the database's clock (`now`), among
 /// `ids` or all servers: their rows are inserted already filled with `SKIPPED_OFFLINE`, cursors
 /// 1..k in server order, so that a job that is not forced never claims them. One row written per
-/// server, where a skip at run time cost a claim, a completion and a run row. The job is still
-/// invisible (its transaction has not committed), so no other filler can meet these rows; the
-/// caller inserts the job's other rows after them (skipping these) and counts them on the job's
-/// row. Returns k.
+/// server, where a skip at run time cost a claim, a completion and a run row; written by the
+/// database from the server rows (`INSERT ... SELECT`), nothing read into the agent. The job is
+/// still invisible (its transaction has not committed), so no other filler can meet these rows;
+/// the caller inserts the job's other rows after them (passing over these) and counts them on
+/// the job's row. Returns k.
 pub(super) async fn skip_in_backoff(
     tx: &mut Tx,
     job_id: &JobId,
     ids: Option<&[ServerId]>,
     now: i64,
 ) -> Result<i64, sqlx::Error> {
-    let sql = "SELECT id, name, consecutive_failures, next_probe_at FROM servers \
-               WHERE next_probe_at > ? AND reachability = ?";
-    let args = [now.into(), Reachability::Offline.as_str().into()];
-    let found = match ids {
-        None => tx.fetch(sql, &args).await?,
-        Some(ids) => {
-            tx.fetch_in(&format!("{sql} AND id IN $ids"), &args, ids)
-                .await?
-        }
+    let message = skip_message_sql(tx.backend());
+    let sql = |filter: &str| {
+        format!(
+            "INSERT INTO sync_job_servers (job_id, server_id, server_name, seq, outcome, message, \
+             duration_ms, finished_at, next_probe_at) \
+             SELECT ?, id, name, ? + ROW_NUMBER() OVER (ORDER BY id), ?, {message}, 0, ?, next_probe_at \
+             FROM servers WHERE next_probe_at > ? AND reachability = ?{filter}"
+        )
     };
-    let mut skipped: Vec<(ServerId, String, RunResult)> = Vec::with_capacity(found.len());
-    for row in found {
-        let (id, name, failures, until): (ServerId, String, i64, i64) = row.decode()?;
-        skipped.push((id, name, RunResult::skipped_offline(failures, until)));
+    let args = |skipped: i64| -> Vec<Value> {
+        vec![
+            job_id.as_str().into(),
+            Value::Int(skipped),
+            Outcome::SkippedOffline.as_str().into(),
+            Value::Int(now),
+            Value::Int(now),
+            Reachability::Offline.as_str().into(),
+        ]
+    };
+    let Some(ids) = ids else {
+        return Ok(tx.execute(&sql(""), &args(0)).await? as i64);
+    };
+    // In server order across chunks: each chunk's cursors follow the last chunk's.
+    let mut sorted = ids.to_vec();
+    sorted.sort_unstable();
+    let mut skipped = 0;
+    for chunk in sorted.chunks(CHUNK) {
+        let mut args = args(skipped);
+        args.extend(chunk.iter().map(|id| (*id).into()));
+        skipped += tx
+            .execute(&sql(&format!(" AND id IN {}", list(chunk.len()))), &args)
+            .await? as i64;
     }
-    skipped.sort_unstable_by_key(|(id, _, _)| *id);
-    let mut values = Vec::with_capacity(ROWS_PER_STATEMENT * JOB_ROW_COLUMNS);
-    for (chunk_at, chunk) in skipped.chunks(ROWS_PER_STATEMENT).enumerate() {
-        for (i, (server_id, name, result)) in chunk.iter().enumerate() {
-            FilledRow {
-                job_id,
-                server_id: *server_id,
-                name,
-                seq: (chunk_at * ROWS_PER_STATEMENT + i + 1) as i64,
-                result,
-                finished_at: now,
-                counts: None,
-            }
-            .push_to(&mut values);
+    Ok(skipped)
+}
+
+/// `RunResult::skipped_offline`'s message, made by the database from a server row: "offline
+/// since N failed attempt(s); next probe 2026-12-07T20:00:00Z" (the next probe in UTC, to the
+/// second, as `format_ms` writes it).
+fn skip_message_sql(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Postgres => {
+            "'offline since ' || consecutive_failures || ' failed attempt(s); next probe ' || \
+             to_char(TIMESTAMP '1970-01-01' + next_probe_at / 1000 * INTERVAL '1 second', \
+             'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
         }
-        upsert_rows(tx, &mut values, chunk.len(), "").await?;
+        Backend::Sqlite => {
+            "'offline since ' || consecutive_failures || ' failed attempt(s); next probe ' || \
+             strftime('%Y-%m-%dT%H:%M:%SZ', next_probe_at / 1000, 'unixepoch')"
+        }
+        Backend::MySql => {
+            "CONCAT('offline since ', consecutive_failures, ' failed attempt(s); next probe ', \
+             DATE_FORMAT(TIMESTAMPADD(SECOND, next_probe_at DIV 1000, '1970-01-01 00:00:00'), \
+             '%Y-%m-%dT%H:%i:%sZ'))"
+        }
     }
-    Ok(skipped.len() as i64)
 }
 
 async fn upsert_rows(
