@@ -136,6 +136,156 @@ async fn jobs_created_at_once_under_one_request_id_are_one_job() {
     }
 }
 
+/// Jobs made while servers go into backoff and out of it under them (as runs and probes record
+/// them), on every backend: each job still has one row per server, its servers skipped when it
+/// was made filled with cursors 1..k and counted, every other row waiting with its server
+/// marked. (The skips are read before the other rows are inserted, which pass over them by key:
+/// a server whose backoff changes in between is in exactly one of the two.)
+#[tokio::test]
+async fn jobs_made_while_backoffs_change_have_one_row_per_server() {
+    use fleetsync_common::{JobId, RequestId, ServerId};
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+    const SERVERS: i64 = 300;
+    for backend in ALL_BACKENDS {
+        let db = TestDb::create(backend).await;
+        migrate(db.url()).await;
+        let conn = db.connect().await;
+        fleetsync_tests::catalog::insert_servers(&conn, SERVERS as usize, 22, |_| {
+            "192.0.2.30".into()
+        })
+        .await;
+        let first = count(&conn, "SELECT MIN(id) FROM servers").await;
+        let store = Store::new(conn.clone());
+        // Flip a seventh of the servers at a time, each flip its own transaction.
+        let stop = Arc::new(AtomicBool::new(false));
+        let flipper = {
+            let (conn, stop) = (conn.clone(), stop.clone());
+            tokio::spawn(async move {
+                let later = fleetsync_common::clock::now_ms() + 86_400_000;
+                let mut flips = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let sql = format!(
+                        // MySQL assigns left to right, each assignment seeing the ones
+                        // before: the reachability is read before it is changed.
+                        "UPDATE servers SET \
+                         next_probe_at = CASE WHEN reachability = 'offline' THEN NULL \
+                         ELSE {later} END, \
+                         reachability = CASE WHEN reachability = 'offline' THEN 'online' \
+                         ELSE 'offline' END, consecutive_failures = 2 WHERE id % 7 = {}",
+                        flips % 7
+                    );
+                    fleetsync_common::sql::retry("flip", || conn.execute(&sql, &[]))
+                        .await
+                        .expect("flip");
+                    flips += 1;
+                }
+                flips
+            })
+        };
+        let some: Vec<ServerId> = (0..SERVERS)
+            .filter(|i| i % 3 != 0)
+            .map(|i| ServerId::stored(first + i))
+            .collect();
+        let makers: Vec<_> = (0..4)
+            .map(|maker| {
+                let (store, some) = (store.clone(), some.clone());
+                tokio::spawn(async move {
+                    let mut made = Vec::new();
+                    for i in 0..6 {
+                        let selection = if i % 2 == 0 {
+                            Selection::All
+                        } else {
+                            Selection::Ids(some.clone())
+                        };
+                        let (job, _) = store
+                            .create_job(&NewJob {
+                                request_id: RequestId::new(format!("flip-{maker}-{i}")),
+                                origin: JobOrigin::Rpc,
+                                selection,
+                                scopes: fleetsync_sync_agent::model::Scopes::ALL,
+                                force: false,
+                                reason: String::new(),
+                            })
+                            .await
+                            .expect("create job");
+                        made.push(job);
+                    }
+                    made
+                })
+            })
+            .collect();
+        let mut jobs = Vec::new();
+        for maker in makers {
+            jobs.extend(maker.await.expect("task"));
+        }
+        stop.store(true, Ordering::Relaxed);
+        let flips = flipper.await.expect("flipper");
+        assert!(flips > 0, "{backend}: the backoffs changed");
+        let mut skipped_somewhere = false;
+        for job in &jobs {
+            let id: &JobId = &job.id;
+            let rows = |filter: &str| {
+                format!("SELECT COUNT(*) FROM sync_job_servers WHERE job_id = '{id}'{filter}")
+            };
+            let expected = if job.total == SERVERS {
+                SERVERS
+            } else {
+                some.len() as i64
+            };
+            assert_eq!(job.total, expected, "{backend}: {job:?}");
+            assert_eq!(count(&conn, &rows("")).await, expected, "{backend}");
+            assert_eq!(
+                count(
+                    &conn,
+                    &format!(
+                        "SELECT COUNT(DISTINCT server_id) FROM sync_job_servers \
+                         WHERE job_id = '{id}'"
+                    )
+                )
+                .await,
+                expected,
+                "{backend}: each server once"
+            );
+            let filled = count(&conn, &rows(" AND outcome = 'SKIPPED_OFFLINE'")).await;
+            assert_eq!(filled, job.finished, "{backend}: {job:?}");
+            assert_eq!(
+                count(&conn, &rows(&format!(" AND seq BETWEEN 1 AND {filled}"))).await,
+                filled,
+                "{backend}: cursors 1..k"
+            );
+            assert_eq!(
+                count(
+                    &conn,
+                    &format!(
+                        "SELECT COUNT(DISTINCT seq) FROM sync_job_servers WHERE job_id = '{id}'"
+                    )
+                )
+                .await,
+                filled,
+                "{backend}: each cursor once"
+            );
+            skipped_somewhere |= filled > 0;
+        }
+        assert!(skipped_somewhere, "{backend}: some servers were skipped");
+        // Every server with a row still waiting is marked as waiting.
+        assert_eq!(
+            count(
+                &conn,
+                "SELECT COUNT(DISTINCT js.server_id) FROM sync_job_servers js \
+                 JOIN server_leases l ON l.server_id = js.server_id \
+                 WHERE js.outcome IS NULL AND l.pending_since IS NULL"
+            )
+            .await,
+            0,
+            "{backend}: a waiting row without its mark"
+        );
+        conn.close().await;
+    }
+}
+
 #[tokio::test]
 async fn streams_past_the_cap_are_refused_and_a_freed_slot_is_reused() {
     use fleetsync_common::proto::sync::v1::{StartSyncRequest, WatchSyncRequest};
