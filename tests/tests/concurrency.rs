@@ -1,5 +1,6 @@
 //! Many callers at once, on every backend: registrations racing each other (distinct names and
-//! the same name), and jobs created at once under one request id. Deadlocks, serialisation
+//! the same name), jobs created at once under one request id, and jobs made while servers go
+//! in and out of backoff under them. Deadlocks, serialisation
 //! failures and unique-key races are retried inside; no caller ever sees them.
 
 use std::collections::BTreeSet;
