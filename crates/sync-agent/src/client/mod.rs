@@ -528,8 +528,9 @@ async fn list_servers(agent: &Agent, args: &ServersArgs) -> Result<Exit, Failure
     Ok(Exit::Ok)
 }
 
-/// A server's last outcome for the table; a skip of an offline server says why it is
-/// offline: "SKIPPED_OFFLINE (refused)", or the last attempt's outcome.
+/// A server's last outcome for the table: its last run, "UNREACHABLE (refused)" for a server
+/// offline since; a skip stored as a run by earlier agents says why with the attempt before it:
+/// "SKIPPED_OFFLINE (refused)".
 fn last_outcome(s: &pb::Server) -> String {
     let Some(last) = &s.last_outcome else {
         return "-".into();
