@@ -237,6 +237,9 @@ struct Reads {
     list_servers: f64,
     /// The page after server N - 200 (a token deep in the fleet).
     list_servers_deep: f64,
+    /// The first page of the servers with a reachability none has (every server is offline
+    /// after a refused job: those online).
+    list_servers_none: f64,
     get_server: f64,
     list_jobs: f64,
     list_jobs_by_server: f64,
@@ -275,8 +278,14 @@ async fn reads(agents: &Agents, job_id: &str, servers: usize) -> Reads {
     );
     let resume_rate = (servers as u64 - half) as f64 / started.elapsed().as_secs_f64();
     let ms = |started: Instant| started.elapsed().as_secs_f64() * 1000.0;
-    let (mut list, mut deep, mut get, mut jobs, mut by_server) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut list, mut deep, mut none, mut get, mut jobs, mut by_server) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
     for i in 0..5 {
         // A page of 100 after `page_token` (empty: the first), timed.
         let page_after = |page_token: String| {
@@ -298,6 +307,18 @@ async fn reads(agents: &Agents, job_id: &str, servers: usize) -> Reads {
         };
         list.push(page_after(String::new()).await);
         deep.push(page_after((servers - 200).to_string()).await);
+        let started = Instant::now();
+        let online = fleet
+            .list_servers(ListServersRequest {
+                reachability: fleetsync_common::proto::sync::v1::Reachability::Online as i32,
+                page_size: 100,
+                ..Default::default()
+            })
+            .await
+            .expect("list online servers")
+            .into_inner();
+        none.push(ms(started));
+        assert!(online.servers.is_empty(), "every server is offline");
         let panel = panel_reads(
             &mut sync,
             &mut fleet,
@@ -314,6 +335,7 @@ async fn reads(agents: &Agents, job_id: &str, servers: usize) -> Reads {
         resume_rate,
         list_servers: median(list),
         list_servers_deep: median(deep),
+        list_servers_none: median(none),
         get_server: median(get),
         list_jobs: median(jobs),
         list_jobs_by_server: median(by_server),
@@ -994,24 +1016,27 @@ async fn main() {
             table,
             "\nReading at size, after the jobs above (refused fleets, one agent): a second watcher \
              of the last job resumes at its middle (cursor N/2) and reads to the summary, every \
-             cursor in order; then the pages a panel reads, medians of 5 calls. Targets: pages \
+             cursor in order; then the pages a panel reads, medians of 5 calls (ListServers also \
+             filtered by a reachability no server has: every server is offline after a refused \
+             job, the page of those online is empty). Targets: pages \
              under 50 ms with 1,000,000 servers stored.\n"
         )
         .unwrap();
         writeln!(
             table,
-            "| backend | servers | WatchSync resumed at N/2 | ListServers (first page) | ListServers (page at N - 200) | GetServer | ListJobs | ListJobs by server |\n|---|---|---|---|---|---|---|---|"
+            "| backend | servers | WatchSync resumed at N/2 | ListServers (first page) | ListServers (page at N - 200) | ListServers online (none is) | GetServer | ListJobs | ListJobs by server |\n|---|---|---|---|---|---|---|---|---|"
         )
         .unwrap();
         for (row, r) in read_rows {
             writeln!(
                 table,
-                "| {} | {} | {:.0} outcomes/s | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms |",
+                "| {} | {} | {:.0} outcomes/s | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms |",
                 row.backend.as_str(),
                 row.servers,
                 r.resume_rate,
                 r.list_servers,
                 r.list_servers_deep,
+                r.list_servers_none,
                 r.get_server,
                 r.list_jobs,
                 r.list_jobs_by_server

@@ -145,7 +145,11 @@ async fn a_rolling_upgrade_across_a_stopping_migration_mid_job_is_exact() {
     // With --stop-agents: applied; the old agents stop claiming and say why.
     let run = migrator(db.url(), &["migrate", "--no-dispatch", "--stop-agents"]).await;
     assert_eq!(run.code(), 0, "{}", run.stderr);
-    assert_eq!(count(&conn, applied).await, AGENT_SCHEMA_RANGES_VERSION);
+    // Through the newest (migrations after the stopping one stop nobody).
+    assert_eq!(
+        count(&conn, applied).await,
+        fleetsync_sync_agent::schema::SCHEMA_MAX
+    );
     for id in &old_ids {
         let idle = format!(
             "SELECT COUNT(*) FROM sync_agents WHERE id = '{id}' AND state = 'incompatible' \
@@ -219,10 +223,12 @@ async fn a_rolling_upgrade_across_a_stopping_migration_mid_job_is_exact() {
         "nothing more by the old agents"
     );
     assert_no_overlaps(fleet, HOSTS, "across the upgrade");
-    let declared =
-        "SELECT COUNT(*) FROM sync_agents WHERE schema_max = 20261209000001 AND state = 'serving'";
+    let declared = format!(
+        "SELECT COUNT(*) FROM sync_agents WHERE schema_max = {} AND state = 'serving'",
+        fleetsync_sync_agent::schema::SCHEMA_MAX
+    );
     assert_eq!(
-        count(&conn, declared).await,
+        count(&conn, &declared).await,
         2,
         "the new agents declare their range"
     );

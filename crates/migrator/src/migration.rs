@@ -371,6 +371,7 @@ const SOURCES: &[Source] = &[
     source!(20261207000001, "create_sync_agents"),
     source!(20261208000001, "zones_and_second_opinions"),
     source!(20261209000001, "agent_schema_ranges"),
+    source!(20261210000001, "servers_by_reachability"),
 ];
 
 /// The version that adds `charset` and `collation` to `databases` (Vito's incident).

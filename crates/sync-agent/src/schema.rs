@@ -16,7 +16,7 @@ use fleetsync_common::{
 pub const SCHEMA_MIN: i64 = 20261209000001;
 /// The newest migration this build knows.
 #[cfg(not(feature = "older-schema-range"))]
-pub const SCHEMA_MAX: i64 = 20261209000001;
+pub const SCHEMA_MAX: i64 = 20261210000001;
 /// The previous release's range (feature `older-schema-range`): the tests build it to play the
 /// agent a rolling upgrade replaces.
 #[cfg(feature = "older-schema-range")]
