@@ -199,16 +199,20 @@ pub(super) async fn fill(
         .await?;
         for (seq, (server_id, name)) in (finished + 1..).zip(servers) {
             let f = by_server[server_id];
-            let row = FilledRow {
-                job_id,
-                server_id: *server_id,
-                name,
-                seq,
-                result: f.result,
-                finished_at: now,
-                counts: f.counts.as_deref(),
-            };
-            row.push_to(&mut values);
+            values.extend([
+                job_id.as_str().into(),
+                (*server_id).into(),
+                name.as_str().into(),
+                Value::Int(seq),
+                f.result.outcome.as_str().into(),
+                f.result.cause.map(Cause::as_str).into(),
+                f.result.message.as_str().into(),
+                f.result.exit_status.into(),
+                Value::Int(f.result.duration_ms),
+                Value::Int(now),
+                f.result.next_probe_at.into(),
+                f.counts.clone().into(),
+            ]);
             pending_rows += 1;
             report
                 .jobs
@@ -279,38 +283,6 @@ async fn count_rows(tx: &mut Tx, job_id: &JobId) -> Result<OutcomeCounts, sqlx::
         counts.add(outcome, n);
     }
     Ok(counts)
-}
-
-/// One `sync_job_servers` row with its outcome, as [`fill`] writes it.
-struct FilledRow<'a> {
-    job_id: &'a JobId,
-    server_id: ServerId,
-    name: &'a str,
-    seq: i64,
-    result: &'a RunResult,
-    finished_at: i64,
-    counts: Option<&'a str>,
-}
-
-impl FilledRow<'_> {
-    /// Its values, in the order of [`upsert_rows`]' columns.
-    fn push_to(&self, values: &mut Vec<Value>) {
-        let r = self.result;
-        values.extend([
-            self.job_id.as_str().into(),
-            self.server_id.into(),
-            self.name.into(),
-            Value::Int(self.seq),
-            r.outcome.as_str().into(),
-            r.cause.map(Cause::as_str).into(),
-            r.message.as_str().into(),
-            r.exit_status.into(),
-            Value::Int(r.duration_ms),
-            Value::Int(self.finished_at),
-            r.next_probe_at.into(),
-            self.counts.into(),
-        ]);
-    }
 }
 
 /// Columns of one `sync_job_servers` row as [`fill`] writes it.
