@@ -115,6 +115,22 @@ impl Scenario {
         process.start(self.dir())
     }
 
+    /// Starts `process` serving metrics on a loopback port of its own, the fleet's gauges read
+    /// at most every `interval` (`--metrics-interval`); returns it with the metrics address.
+    pub fn start_with_metrics(
+        &self,
+        process: AgentProcess<'_>,
+        interval: &str,
+    ) -> (ServeProcess, std::net::SocketAddr) {
+        let agent = self.start_process(
+            &process
+                .flag("--metrics-listen", "127.0.0.1:0")
+                .flag("--metrics-interval", interval),
+        );
+        let metrics = agent.logged("metrics_addr").parse().expect("an address");
+        (agent, metrics)
+    }
+
     /// The scenario's directory, for the processes a test starts.
     pub fn dir(&self) -> &Path {
         self.dir.path()

@@ -99,13 +99,7 @@ async fn a_burst_of_scrapes_reads_the_fleet_once_and_leaves_rpcs_unharmed() {
     let conn = scenario.db.connect().await;
     insert_servers(&conn, 1_000, 1, |_| "127.0.0.1".into()).await;
     add_mariadb_everywhere(&conn, "10.11").await;
-    let agent = scenario.start_process(
-        &scenario
-            .agent_process()
-            .flag("--metrics-listen", "127.0.0.1:0")
-            .flag("--metrics-interval", "30s"),
-    );
-    let metrics = agent.logged("metrics_addr").parse().expect("an address");
+    let (agent, metrics) = scenario.start_with_metrics(scenario.agent_process(), "30s");
     let mut fleet = FleetClient::new(connect(agent.addr).await);
     let list = |mut fleet: FleetClient<tonic::transport::Channel>| async move {
         let started = Instant::now();

@@ -29,15 +29,11 @@ async fn metrics_count_what_a_real_sync_did() {
         .host(0)
         .install_program("sudo", "#!/bin/sh\nsleep 2\nexec /usr/bin/sudo \"$@\"\n");
     fleet.host(3).stop();
-    let agent = scenario.start_process(
-        &scenario
-            .agent_process()
-            .flag("--metrics-listen", "127.0.0.1:0")
-            // Fresh fleet gauges at every scrape: the test follows them step by step.
-            .flag("--metrics-interval", "0s")
-            .flag("--connect-timeout", "2s"),
+    // Fresh fleet gauges at every scrape: the test follows them step by step.
+    let (agent, metrics_addr) = scenario.start_with_metrics(
+        scenario.agent_process().flag("--connect-timeout", "2s"),
+        "0s",
     );
-    let metrics_addr = agent.logged("metrics_addr").parse().expect("an address");
     let channel = connect(agent.addr).await;
     let mut fleet_api = FleetClient::new(channel.clone());
     let mut sync = SyncAgentClient::new(channel);
@@ -254,6 +250,98 @@ async fn metrics_count_what_a_real_sync_did() {
         sample(&after, "fleetsync_db_acquire_wait_seconds_count", "") > Some(0.0),
         "{after}"
     );
+}
+
+/// A server that went into backoff after its job was made is skipped by the run that finds it
+/// so: the job's row says SKIPPED_OFFLINE, as for the skips made with a job, but a skip is no
+/// attempt: no `sync_runs` row and nothing in `fleetsync_syncs_total` (whose sum the agent's
+/// quarantine rule reads as its attempts).
+#[tokio::test]
+async fn a_skip_at_run_time_is_not_counted_as_a_run() {
+    use fleetsync_common::proto::sync::v1::{self as pb, sync_event};
+    use fleetsync_common::{RequestId, clock::now_ms};
+    use fleetsync_sync_agent::{
+        model::{JobOrigin, Scopes},
+        store::{NewJob, RunResult, Selection, Store},
+    };
+    use fleetsync_tests::{
+        catalog::{add_mariadb_everywhere, count, execute, insert_servers},
+        events::watch,
+    };
+
+    let scenario = Scenario::on(Backend::Sqlite).agents(0).start().await;
+    let conn = scenario.db.connect().await;
+    // Refused loopback addresses: a run ends at once.
+    insert_servers(&conn, 2, 1, |_| "127.0.0.1".into()).await;
+    add_mariadb_everywhere(&conn, "").await;
+    execute(&conn, "UPDATE sync_requests SET state = 'taken'").await;
+    let first = count(&conn, "SELECT MIN(id) FROM servers").await;
+    let (job, _) = Store::new(conn.clone())
+        .create_job(&NewJob {
+            request_id: RequestId::new("before-the-backoff"),
+            origin: JobOrigin::Rpc,
+            selection: Selection::All,
+            scopes: Scopes::ALL,
+            force: false,
+            reason: String::new(),
+        })
+        .await
+        .expect("create");
+    assert_eq!((job.total, job.finished), (2, 0), "nothing in backoff yet");
+    // Then the first server fails a probe: in backoff for a day.
+    let until = now_ms() + 86_400_000;
+    execute(
+        &conn,
+        &format!(
+            "UPDATE servers SET reachability = 'offline', consecutive_failures = 2, \
+             next_probe_at = {until} WHERE id = {first}"
+        ),
+    )
+    .await;
+
+    let (agent, metrics_addr) = scenario.start_with_metrics(scenario.agent_process(), "0s");
+    let mut sync = SyncAgentClient::new(connect(agent.addr).await);
+    let events = watch(&mut sync, job.id.as_str(), 0).await;
+    assert_eq!(
+        events.iter().map(|e| e.cursor).collect::<Vec<u64>>(),
+        [1, 2, 3]
+    );
+    let outcomes: Vec<_> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(sync_event::Event::Outcome(o)) => Some(o),
+            _ => None,
+        })
+        .collect();
+    let skipped = outcomes
+        .iter()
+        .find(|o| o.server_id == first)
+        .expect("the first server's outcome");
+    assert_eq!(skipped.outcome(), pb::Outcome::SkippedOffline);
+    assert_eq!(
+        skipped.message,
+        RunResult::skipped_offline(2, until).message
+    );
+    let other = outcomes
+        .iter()
+        .find(|o| o.server_id != first)
+        .expect("the other server's outcome");
+    assert_eq!(other.outcome(), pb::Outcome::Unreachable);
+
+    let after = idle_scrape(metrics_addr).await;
+    assert_eq!(
+        sum(&after, "fleetsync_syncs_total", "SKIPPED_OFFLINE"),
+        0.0,
+        "{after}"
+    );
+    assert_eq!(
+        sum(&after, "fleetsync_syncs_total", "outcome=\"UNREACHABLE\""),
+        1.0,
+        "{after}"
+    );
+    assert_eq!(sum(&after, "fleetsync_syncs_total", ""), 1.0, "{after}");
+    assert_eq!(count(&conn, "SELECT COUNT(*) FROM sync_runs").await, 1);
+    conn.close().await;
 }
 
 #[test]

@@ -758,3 +758,60 @@ fn intervals_that_would_busy_loop_are_refused_at_start() {
         assert!(stderr.contains(says), "{flag} {value}: {stderr}");
     }
 }
+
+/// On SQLite the agent copies the write-ahead log into the database file itself, every 100 ms
+/// from a connection of its own (`Db::checkpoint`): a job's runs reach the file while the agent
+/// runs, long before the log holds the 4,096 pages past which a writer would copy it inside its
+/// own commit. Read here from the file alone, as SQLite opens an immutable database (the log
+/// ignored).
+#[tokio::test]
+async fn the_agent_checkpoints_sqlite_beside_its_writers() {
+    use fleetsync_tests::catalog::{add_mariadb_everywhere, count, execute, insert_servers};
+    use sqlx::{ConnectOptions, Connection, sqlite::SqliteConnectOptions};
+    use std::str::FromStr;
+
+    let mut scenario = Scenario::on(Backend::Sqlite).agents(0).start().await;
+    let conn = scenario.db.connect().await;
+    // Refused loopback addresses: each run ends at once, and is one row of `sync_runs`.
+    insert_servers(&conn, 200, 1, |_| "127.0.0.1".into()).await;
+    add_mariadb_everywhere(&conn, "").await;
+    execute(&conn, "UPDATE sync_requests SET state = 'taken'").await;
+    let mut sync = scenario.add_agent().await.sync();
+    let job = sync
+        .start_sync(StartSyncRequest {
+            all_servers: true,
+            request_id: "checkpointed".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("start sync")
+        .into_inner()
+        .job_id;
+    fleetsync_tests::services::watch_to_end(&mut sync, &job).await;
+    assert_eq!(count(&conn, "SELECT COUNT(*) FROM sync_runs").await, 200);
+
+    let file_alone = SqliteConnectOptions::from_str(scenario.db.url())
+        .expect("url")
+        .read_only(true)
+        .immutable(true);
+    let in_file = fleetsync_tests::poll_until(
+        "the runs never reached the database file (no checkpoint)",
+        Duration::from_secs(5),
+        || async {
+            let mut file = file_alone.connect().await.expect("open the file alone");
+            let runs: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sync_runs")
+                .fetch_one(&mut file)
+                .await
+                .expect("count");
+            file.close().await.ok();
+            if runs == 200 {
+                Ok(runs)
+            } else {
+                Err(format!("{runs} of 200 runs in the file"))
+            }
+        },
+    )
+    .await;
+    assert_eq!(in_file, 200);
+    conn.close().await;
+}

@@ -157,7 +157,11 @@ impl Runner {
             match recorded {
                 Recorded::Stored { result, jobs } => {
                     any |= !jobs.is_empty();
-                    self.metrics.synced(result.outcome, result.cause);
+                    // A skip is not a run (no attempt, no `sync_runs` row): the job's rows
+                    // count it, as they count the skips made with the job.
+                    if result.outcome != Outcome::SkippedOffline {
+                        self.metrics.synced(result.outcome, result.cause);
+                    }
                     tracing::info!(server_id = server_id.get(), outcome = %result.outcome, jobs = jobs.len(), duration_ms = result.duration_ms, "server synced");
                 }
                 Recorded::LeaseLost => {

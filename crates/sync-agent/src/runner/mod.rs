@@ -106,6 +106,9 @@ const COMPLETE_BATCH: usize = 256;
 const COMPLETE_LINGER: Duration = Duration::from_millis(50);
 /// How often finished jobs and runs past the retention are pruned.
 const RETENTION_INTERVAL: Duration = Duration::from_secs(60);
+/// How often SQLite's write-ahead log is copied into the database file, beside the writers
+/// (`common::db::SQLITE_AUTOCHECKPOINT_PAGES`).
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Handles shared by the scheduler and the services.
 #[derive(Debug, Clone)]
@@ -250,6 +253,7 @@ impl Runner {
             tokio::spawn(Arc::clone(&this).listen_forever()),
             tokio::spawn(Arc::clone(&this).heartbeat_forever()),
             tokio::spawn(Arc::clone(&this).prune_forever()),
+            tokio::spawn(Arc::clone(&this).checkpoint_forever()),
         ];
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let completer = tokio::spawn(Arc::clone(&this).complete_forever(done_rx));
@@ -415,6 +419,25 @@ impl Runner {
             tokio::select! {
                 () = self.shutdown.cancelled() => return,
                 () = tokio::time::sleep(RETENTION_INTERVAL) => {}
+            }
+        }
+    }
+
+    /// SQLite: copies the write-ahead log into the database file every
+    /// [`CHECKPOINT_INTERVAL`] from a connection of its own, so that no writer (a completion, a
+    /// job's creation, a retention batch) waits for the copy inside its commit. Returns at
+    /// once on PostgreSQL and MySQL, which checkpoint by themselves.
+    async fn checkpoint_forever(self: Arc<Self>) {
+        if self.store.backend() != fleetsync_common::Backend::Sqlite {
+            return;
+        }
+        loop {
+            if let Err(err) = self.store.db().checkpoint().await {
+                tracing::debug!(error = %err, "could not checkpoint the write-ahead log; retrying");
+            }
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                () = tokio::time::sleep(CHECKPOINT_INTERVAL) => {}
             }
         }
     }
