@@ -155,14 +155,7 @@ impl Store {
             entry.now = Some(wanted);
         }
 
-        // The names whose registration changed, by name: importers racing on the same names
-        // lock them in one order, and never deadlock.
-        let mut changed: Vec<(&str, &Entry<'_>)> = entries
-            .iter()
-            .filter(|(_, e)| e.now.as_ref() != e.stored.as_ref().map(|(_, r)| r))
-            .map(|(name, e)| (*name, e))
-            .collect();
-        changed.sort_unstable_by_key(|(name, _)| *name);
+        let changed = changed_names(&entries);
         let mut ids = write_servers(&mut tx, backend, now, &changed)
             .await
             .map_err(|err| {
@@ -186,18 +179,26 @@ impl Store {
             let (id, name): (ServerId, String) = row.decode()?;
             ids.insert(name, id);
         }
-        // A server read above and deleted since (a DeleteServer between the read and the
-        // write) was inserted again by the upsert, without its lease: start over, and the next
-        // attempt creates it whole.
-        for (name, entry) in &changed {
-            if let Some((id, _)) = &entry.stored
-                && ids.get(*name) != Some(id)
-            {
-                return Err(ServiceError::Aborted(format!(
-                    "server {name:?} was deleted while it was registered again"
-                )));
+        // A server read above and deleted since (a DeleteServer committed between the read
+        // and the write) was inserted again by the upsert, under a new id and with nothing
+        // else: from here on it is a new server, written whole below (its lease, its service),
+        // and the first spec of its name created it. (Starting over instead could lose every
+        // attempt to a stream of deletes.)
+        let reborn: Vec<&str> = changed
+            .iter()
+            .filter(|(name, e)| matches!(&e.stored, Some((id, _)) if ids.get(*name) != Some(id)))
+            .map(|(name, _)| *name)
+            .collect();
+        drop(changed);
+        for name in &reborn {
+            if let Some(entry) = entries.get_mut(name) {
+                entry.stored = None;
+            }
+            if let Some(first) = specs.iter().position(|s| s.name == *name) {
+                actions[first] = Registered::Created;
             }
         }
+        let changed = changed_names(&entries);
         // Lease rows of the new servers, with their zone (the queue's copy).
         let new_leases: Vec<(ServerId, &str)> = changed
             .iter()
@@ -282,6 +283,20 @@ impl Store {
             })
             .collect()
     }
+}
+
+/// The names whose registration the batch changes, by name: importers racing on the same
+/// names lock them in one order, and never deadlock.
+fn changed_names<'e, 'a>(
+    entries: &'e HashMap<&'a str, Entry<'a>>,
+) -> Vec<(&'a str, &'e Entry<'a>)> {
+    let mut changed: Vec<(&str, &Entry<'_>)> = entries
+        .iter()
+        .filter(|(_, e)| e.now.as_ref() != e.stored.as_ref().map(|(_, r)| r))
+        .map(|(name, e)| (*name, e))
+        .collect();
+    changed.sort_unstable_by_key(|(name, _)| *name);
+    changed
 }
 
 /// The zone a batch leaves a name in.
