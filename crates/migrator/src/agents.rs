@@ -84,15 +84,45 @@ impl std::fmt::Display for LiveAgent {
 
 /// The agents whose heartbeat is recent (within two of their lease TTLs, by the database's
 /// clock) and that have not stopped, oldest first. Empty before the registry exists.
+///
+/// Which columns the registry has is read first, and another migrator may move the schema
+/// across the registry's versions between that and the read (on SQLite nothing holds a lock
+/// while a migrator plans, nor while `status` reads): a read that fails where the catalog has
+/// changed since is made again against the catalog as it is now.
 pub async fn live_agents(conn: &mut Conn) -> Result<Vec<LiveAgent>, sqlx::Error> {
+    let mut shape = registry_shape(conn).await?;
+    let mut tries = 1;
+    loop {
+        match read_live_agents(conn, shape).await {
+            Err(err) if tries < 5 => {
+                let now = registry_shape(conn).await?;
+                if now == shape {
+                    return Err(err);
+                }
+                shape = now;
+                tries += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Whether the registry exists, and whether it records the agents' ranges (`schema_max`).
+async fn registry_shape(conn: &mut Conn) -> Result<(bool, bool), sqlx::Error> {
     if !table_exists(conn, AGENTS_TABLE).await? {
+        return Ok((false, false));
+    }
+    Ok((true, column_exists(conn, AGENTS_TABLE, "schema_max").await?))
+}
+
+async fn read_live_agents(
+    conn: &mut Conn,
+    (exists, ranges): (bool, bool),
+) -> Result<Vec<LiveAgent>, sqlx::Error> {
+    if !exists {
         return Ok(Vec::new());
     }
-    let max = if column_exists(conn, AGENTS_TABLE, "schema_max").await? {
-        "schema_max"
-    } else {
-        "NULL"
-    };
+    let max = if ranges { "schema_max" } else { "NULL" };
     let now = now_ms_sql(conn.backend());
     let rows = conn
         .fetch(
